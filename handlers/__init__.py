@@ -1,0 +1,1 @@
+"""Tornado handlers: one WebSocket handler per namespace on a shared base, plus HTTP."""

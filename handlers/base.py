@@ -1,0 +1,482 @@
+"""The base WebSocket handler every namespace shares.
+
+It owns the mechanics once: authentication at connect, role checks,
+connection limits, the envelope, dispatch of ``"room:join"`` to
+``on_room_join`` with the data loaded by the event's marshmallow schema,
+acks and errors, rate limits, bad-frame accounting, heartbeat bookkeeping,
+token expiry, and clean-up on close. A namespace subclass declares its
+``namespace``, ``allowed_roles``, ``schemas`` and ``rate_classes`` and
+implements ``on_<event>`` methods returning the ack data.
+
+Example::
+
+    class EchoHandler(GatewayHandler):
+        namespace = "echo"
+        schemas = {"echo:say": SaySchema}
+
+        async def on_echo_say(self, text: str) -> dict:
+            return {"text": text}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ipaddress
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+from marshmallow import Schema, ValidationError
+from tornado.iostream import StreamClosedError
+from tornado.websocket import WebSocketClosedError, WebSocketHandler
+
+from handlers.schemas import AuthRefresh, Ping
+from models import chat as chat_db
+from server import errors, protocol
+from server.auth import Identity, TokenVerifier
+from server.config import Config
+from server.db import Database
+from server.hub import Hub, Target
+from server.limits import ConnectionLimiter, RateLimiter
+from server.metrics import Metrics
+from server.presence import Presence
+from server.stats import Stats
+from server.tasks import BackgroundTasks
+
+log = logging.getLogger("switchboard.ws")
+
+# A client sending this many bad frames within the window is closed with 4400.
+BAD_FRAME_LIMIT = 20
+BAD_FRAME_WINDOW_SECS = 10.0
+# auth:expiring goes out this long before exp (or at half the remaining time).
+AUTH_EXPIRY_WARNING_SECS = 60.0
+
+
+class NodeState:
+    """Mutable facts about the node that handlers consult (shutting down...)."""
+
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self.started_at = time.time()
+        self.shutting_down = False
+
+
+class GatewayHandler(WebSocketHandler):
+    """Shared mechanics of the gateway's namespaces (see module docstring)."""
+
+    #: Namespace name as it appears in ``system:welcome`` and metrics.
+    namespace: ClassVar[str] = ""
+    #: Roles of which a connection needs at least one; None admits any user.
+    allowed_roles: ClassVar[frozenset[str] | None] = None
+    #: Inbound events of this namespace and the schema loading each one's data.
+    schemas: ClassVar[dict[str, type[Schema]]] = {}
+    #: Rate-limit class per event; unlisted events count as "other".
+    rate_classes: ClassVar[dict[str, str]] = {}
+
+    _base_schemas: ClassVar[dict[str, type[Schema]]] = {
+        "system:ping": Ping,
+        "auth:refresh": AuthRefresh,
+    }
+
+    def initialize(
+        self,
+        config: Config,
+        hub: Hub,
+        db: Database,
+        verifier: TokenVerifier,
+        rate_limiter: RateLimiter,
+        connection_limiter: ConnectionLimiter,
+        presence: Presence,
+        metrics: Metrics,
+        tasks: BackgroundTasks,
+        state: NodeState,
+        stats: Stats,
+    ) -> None:
+        self.config = config
+        self.hub = hub
+        self.db = db
+        self.verifier = verifier
+        self.rate_limiter = rate_limiter
+        self.connection_limiter = connection_limiter
+        self.presence = presence
+        self.metrics = metrics
+        self.tasks = tasks
+        self.state = state
+        self.stats = stats
+        self.conn_id = uuid.uuid4().hex
+        self.user_id = ""
+        self.identity: Identity | None = None
+        self.member_rooms: list[str] = []
+        self.last_seen = time.monotonic()
+        self.client_ip = ""
+        self._registered = False
+        self._limit_held = False
+        self._closing = False
+        self._gone = False
+        self._bad_frames = 0
+        self._bad_window_start = 0.0
+        self._timers: list[asyncio.TimerHandle] = []
+        self._close_reason = "client"
+
+    # -- handshake ------------------------------------------------------------
+
+    def check_origin(self, origin: str) -> bool:
+        allowed = self.config.allowed_origins
+        return "*" in allowed or origin.rstrip("/") in allowed
+
+    def get_compression_options(self) -> dict[str, Any] | None:
+        # Off: broadcasts write one pre-built, uncompressed frame to everyone.
+        return None
+
+    def _token(self) -> str | None:
+        header = self.request.headers.get("Authorization", "")
+        if header[:7].lower() == "bearer ":
+            return header[7:].strip() or None
+        token = self.get_query_argument("token", None)
+        if token:
+            return token
+        return self.get_cookie("access_token")
+
+    def _remote_ip(self) -> str:
+        peer = self.request.remote_ip or ""
+        proxies = self.config.trusted_proxies
+        forwarded = self.request.headers.get("X-Forwarded-For")
+        if not proxies or not forwarded or not _in_networks(peer, proxies):
+            return peer
+        # Walk from the nearest hop outwards; the first untrusted address is the client.
+        hops = [h.strip() for h in forwarded.split(",") if h.strip()]
+        for hop in reversed(hops):
+            if not _in_networks(hop, proxies):
+                return hop
+        return hops[0] if hops else peer
+
+    async def open(self, *args: str, **kwargs: str) -> None:
+        self.set_nodelay(True)
+        self.client_ip = self._remote_ip()
+        try:
+            await self._admit()
+        except errors.GatewayError as exc:
+            self.metrics.auth_failures.labels(exc.code.lower()).inc()
+            log.info(
+                "refused %s connection from %s: %s (%s)",
+                self.namespace, self.client_ip, exc.code, exc.message,
+            )  # fmt: skip
+            self._close_reason = exc.code.lower()
+            self.send_payload(protocol.system_error_payload(exc, None))
+            self.close_with(exc.close_code or 4400, exc.message)
+            await self._release_limit()
+
+    async def _admit(self) -> None:
+        if self.state.shutting_down:
+            raise errors.ServiceUnavailable("Server is shutting down")
+        identity = self.verifier.verify(self._token())
+        if self.allowed_roles is not None and not identity.has_any(self.allowed_roles):
+            raise errors.Forbidden(
+                f"The {self.namespace} namespace needs one of the roles "
+                f"{', '.join(sorted(self.allowed_roles))}"
+            )
+        self.identity = identity
+        self.user_id = identity.user_id
+        exceeded = await self.connection_limiter.acquire(
+            self.user_id, self.namespace, self.client_ip
+        )
+        if exceeded:
+            raise errors.TooManyConnections(
+                f"Too many connections per {exceeded}",
+                {"limit": self.connection_limiter.per_user
+                 if exceeded == "user" else self.connection_limiter.per_ip, "per": exceeded},
+            )  # fmt: skip
+        self._limit_held = True
+        info = await self.db.run(
+            "user.connect", chat_db.upsert_user,
+            identity.user_id, identity.username, identity.display_name, sorted(identity.roles),
+        )  # fmt: skip
+        if info.ban is not None:
+            raise errors.Banned(details=info.ban)
+        if self._gone:
+            # The peer left while we were checking; on_close already ran.
+            await self._release_limit()
+            return
+        self.member_rooms = info.room_ids
+        self.hub.add(self)
+        self._registered = True
+        self.metrics.connections.labels(self.namespace).inc()
+        self.metrics.connections_opened.labels(self.namespace).inc()
+        self._schedule_expiry(identity.expires_at)
+        self.send_event(
+            "system:welcome",
+            {
+                "connectionId": self.conn_id,
+                "userId": self.user_id,
+                "namespace": self.namespace,
+                "node": self.state.node_id,
+                "serverTime": protocol.iso(protocol.now()),
+                "heartbeatInterval": int(self.config.heartbeat_interval * 1000),
+                "user": identity.public(),
+            },
+        )
+        if await self.presence.connect(self.user_id):
+            self.announce_status("online")
+        await self.on_connected()
+
+    async def on_connected(self) -> None:
+        """Hook: runs after the welcome frame; send initial state here."""
+
+    # -- token expiry ---------------------------------------------------------
+
+    def _schedule_expiry(self, expires_at: float) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        loop = asyncio.get_running_loop()
+        remaining = expires_at - time.time()
+        warn_in = remaining - min(AUTH_EXPIRY_WARNING_SECS, remaining / 2)
+        self._timers = [
+            loop.call_later(max(0.0, warn_in), self._warn_expiry, expires_at),
+            loop.call_later(max(0.0, remaining), self._expire),
+        ]
+
+    def _warn_expiry(self, expires_at: float) -> None:
+        expires_in = max(0.0, round(expires_at - time.time(), 3))
+        self.send_event("auth:expiring", {"expiresIn": expires_in})
+
+    def _expire(self) -> None:
+        exc = errors.TokenExpired("Token expired; reconnect with a fresh token")
+        self._close_reason = "token_expired"
+        self.send_payload(protocol.system_error_payload(exc, None))
+        self.close_with(4401, exc.message)
+
+    async def on_auth_refresh(self, token: str) -> dict[str, Any]:
+        identity = self.verifier.verify(token)
+        if identity.user_id != self.user_id:
+            raise errors.Unauthorized("The new token is for another user")
+        if self.allowed_roles is not None and not identity.has_any(self.allowed_roles):
+            raise errors.Forbidden("The new token lacks the roles this namespace needs")
+        self.identity = identity
+        self._schedule_expiry(identity.expires_at)
+        return {"expiresAt": protocol.iso(_from_epoch(identity.expires_at))}
+
+    # -- inbound frames -------------------------------------------------------
+
+    async def on_message(self, message: str | bytes) -> None:
+        self.last_seen = time.monotonic()
+        if not self._registered:
+            return
+        self.metrics.frames_received.inc()
+        self.metrics.bytes_received.inc(len(message))
+        if isinstance(message, bytes):
+            self._answer_bad_frame(errors.BadRequest("Binary frames are not supported"), None)
+            return
+        try:
+            envelope = protocol.decode_envelope(message)
+        except errors.BadRequest as exc:
+            self._answer_bad_frame(exc, protocol.salvage_ack(message))
+            return
+        await self.handle_envelope(envelope)
+
+    async def handle_envelope(self, envelope: protocol.Envelope) -> None:
+        """Dispatch one decoded frame and answer it (ack or ``system:error``)."""
+        event = envelope.event
+        schema = self.schemas.get(event) or self._base_schemas.get(event)
+        label = event if schema is not None else "unknown"
+        self.metrics.events.labels(self.namespace, label).inc()
+        self.stats.events.add()
+        if schema is None:
+            self._answer_bad_frame(
+                errors.UnknownEvent(f"Unknown event {event!r}", {"event": event[:64]}),
+                envelope.ack,
+                event,
+            )
+            return
+        started = time.perf_counter()
+        try:
+            decision = await self.rate_limiter.hit(
+                self.user_id, self.rate_classes.get(event, "other")
+            )
+            if not decision.allowed:
+                self.metrics.rate_limited.labels(self.rate_classes.get(event, "other")).inc()
+                raise errors.RateLimited(details=decision.details())
+            try:
+                kwargs = schema().load(envelope.data)
+            except ValidationError as exc:
+                raise errors.ValidationFailed.from_marshmallow(exc) from None
+            method = getattr(self, "on_" + event.replace(":", "_"))
+            result = await method(**kwargs)
+            if envelope.ack is not None:
+                self.send_payload(protocol.ack_payload(envelope.ack, result or {}))
+        except errors.GatewayError as exc:
+            self._answer_error(exc, envelope.ack, event)
+        except (WebSocketClosedError, StreamClosedError):
+            pass
+        except Exception:
+            log.exception("%s %s failed for user %s", self.namespace, event, self.user_id)
+            self._answer_error(errors.InternalError(), envelope.ack, event)
+        finally:
+            self.metrics.event_duration.labels(self.namespace, label).observe(
+                time.perf_counter() - started
+            )
+
+    def _answer_error(self, exc: errors.GatewayError, ack: int | None, event: str | None) -> None:
+        self.metrics.errors.labels(exc.code).inc()
+        self.stats.errors.add()
+        if ack is not None:
+            self.send_payload(protocol.ack_error_payload(ack, exc))
+        else:
+            self.send_payload(protocol.system_error_payload(exc, event))
+
+    def _answer_bad_frame(
+        self, exc: errors.GatewayError, ack: int | None, event: str | None = None
+    ) -> None:
+        self._answer_error(exc, ack, event)
+        now = time.monotonic()
+        if now - self._bad_window_start > BAD_FRAME_WINDOW_SECS:
+            self._bad_window_start, self._bad_frames = now, 0
+        self._bad_frames += 1
+        if self._bad_frames >= BAD_FRAME_LIMIT:
+            log.warning("closing %s for user %s: repeated bad frames", self.conn_id, self.user_id)
+            self._close_reason = "protocol_abuse"
+            self.close_with(4400, "too many bad frames")
+
+    async def on_system_ping(self, t: float | None) -> dict[str, Any]:
+        now_ms = protocol.epoch_ms()
+        return {
+            "serverTime": protocol.iso(protocol.now()),
+            "latencyMs": max(0, round(now_ms - t)) if t is not None else None,
+        }
+
+    # -- outbound -------------------------------------------------------------
+
+    def send_frame(self, frame: bytes) -> bool:
+        """Queue a pre-built frame, closing the connection if it fell too far behind."""
+        ws = self.ws_connection
+        if ws is None or self._closing:
+            return False
+        stream = ws.stream  # type: ignore[attr-defined]
+        if stream is None or stream.closed():
+            return False
+        # The write buffer is what the peer has not read yet: bounded per connection.
+        if len(stream._write_buffer) + len(frame) > self.config.max_outbound_bytes:
+            self._slow_consumer()
+            return False
+        try:
+            stream.write(frame)
+        except StreamClosedError:
+            return False
+        return True
+
+    def send_payload(self, payload: bytes) -> bool:
+        if self.send_frame(protocol.frame(payload)):
+            self.metrics.frames_sent.inc()
+            return True
+        return False
+
+    def send_event(self, event: str, data: dict[str, Any]) -> bool:
+        return self.send_payload(protocol.event_payload(event, data))
+
+    def _slow_consumer(self) -> None:
+        log.warning(
+            "closing %s (user %s): slow consumer, outbound buffer over %d bytes",
+            self.conn_id, self.user_id, self.config.max_outbound_bytes,
+        )  # fmt: skip
+        self.metrics.slow_consumers.inc()
+        self._close_reason = "slow_consumer"
+        self.close_with(4408, "slow consumer")
+
+    def close_with(self, code: int, reason: str) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        if self._close_reason == "client":
+            self._close_reason = {1001: "shutdown", 4408: "heartbeat_timeout"}.get(code, "server")
+        try:
+            self.close(code, reason)
+        except (WebSocketClosedError, StreamClosedError):
+            pass
+
+    def ping(self) -> None:
+        ws = self.ws_connection
+        if ws is None or self._closing:
+            return
+        try:
+            ws.write_ping(b"")
+        except (WebSocketClosedError, StreamClosedError):
+            pass
+
+    def on_pong(self, data: bytes) -> None:
+        self.last_seen = time.monotonic()
+
+    # -- presence helpers -----------------------------------------------------
+
+    def announce_status(self, status: str) -> None:
+        """Tell everyone sharing a room with this user about a status change."""
+        if self.member_rooms:
+            self.hub.publish_rooms(
+                self.member_rooms, "user:status_changed", {"userId": self.user_id, "status": status}
+            )
+
+    # -- close ------------------------------------------------------------------
+
+    def on_close(self) -> None:
+        if self._gone:
+            return
+        self._gone = True
+        for timer in self._timers:
+            timer.cancel()
+        self._timers = []
+        if not self._registered:
+            return
+        rooms = self.hub.remove(self)
+        self.metrics.connections.labels(self.namespace).dec()
+        self.metrics.connections_closed.labels(self.namespace, self._close_reason).inc()
+        self.tasks.spawn(self._cleanup(rooms), f"cleanup-{self.conn_id}")
+
+    async def _cleanup(self, rooms: set[str]) -> None:
+        try:
+            await self.on_disconnected(rooms)
+        finally:
+            await self._release_limit()
+            if await self.presence.disconnect(self.user_id):
+                self.announce_status("offline")
+
+    async def _release_limit(self) -> None:
+        if self._limit_held:
+            self._limit_held = False
+            await self.connection_limiter.release(self.user_id, self.namespace, self.client_ip)
+
+    async def on_disconnected(self, rooms: set[str]) -> None:
+        """Hook: the connection closed; ``rooms`` are the rooms it was in."""
+
+    # -- helpers for subclasses ---------------------------------------------
+
+    def publish(
+        self,
+        target: Target,
+        event: str,
+        data: dict[str, Any],
+        *,
+        include_self: bool = False,
+        seq: int | None = None,
+    ) -> int:
+        return self.hub.publish(
+            target, event, data, exclude=None if include_self else self.conn_id, seq=seq
+        )
+
+    @property
+    def is_staff(self) -> bool:
+        return self.identity is not None and self.identity.is_staff
+
+
+def _in_networks(
+    address: str, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]
+) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
+
+
+def _from_epoch(ts: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(ts, dt.UTC)

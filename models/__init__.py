@@ -1,0 +1,156 @@
+"""peewee models of what must last: users, rooms, members, messages, bans, ...
+
+Models are unbound here; :class:`server.db.Database` binds them to the
+configured SQLite or PostgreSQL database at start-up. Every query runs in
+the database's worker threads, never on the event loop; the functions that
+belong to a model live beside it (``models/chat.py`` for rooms and messages).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import orjson
+import peewee as pw
+
+
+def utcnow() -> dt.datetime:
+    """Naive UTC (what both SQLite and PostgreSQL store without surprises)."""
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+class JSONField(pw.TextField):
+    """JSON stored as text, portable across SQLite and PostgreSQL."""
+
+    def db_value(self, value: Any) -> str | None:
+        return None if value is None else orjson.dumps(value).decode()
+
+    def python_value(self, value: Any) -> Any:
+        return None if value is None else orjson.loads(value)
+
+
+class BaseModel(pw.Model):
+    class Meta:
+        legacy_table_names = False
+
+
+class User(BaseModel):
+    """Users come from token claims; upserted on every connect."""
+
+    id = pw.CharField(primary_key=True, max_length=128)
+    username = pw.CharField(max_length=64, index=True)
+    display_name = pw.CharField(max_length=128)
+    roles = pw.CharField(max_length=256, default="user")  # comma separated
+    created_at = pw.DateTimeField(default=utcnow)
+    last_seen_at = pw.DateTimeField(default=utcnow)
+
+
+class Room(BaseModel):
+    id = pw.CharField(primary_key=True, max_length=64)
+    name = pw.CharField(max_length=100)
+    type = pw.CharField(max_length=16, default="public")  # public | private
+    description = pw.CharField(max_length=500, default="")
+    password_hash = pw.CharField(max_length=256, null=True)
+    owner_id = pw.CharField(max_length=128)
+    # Highest seq handed out; bumped in the same transaction as the insert.
+    last_seq = pw.BigIntegerField(default=0)
+    created_at = pw.DateTimeField(default=utcnow)
+    last_activity_at = pw.DateTimeField(default=utcnow)
+    deleted_at = pw.DateTimeField(null=True)
+
+
+class RoomMember(BaseModel):
+    room = pw.ForeignKeyField(Room, backref="members", on_delete="CASCADE")
+    user_id = pw.CharField(max_length=128, index=True)
+    role = pw.CharField(max_length=16, default="member")  # owner | moderator | member
+    joined_at = pw.DateTimeField(default=utcnow)
+    last_read_seq = pw.BigIntegerField(default=0)
+    muted_until = pw.DateTimeField(null=True)
+
+    class Meta:
+        indexes = ((("room", "user_id"), True),)
+
+
+class Message(BaseModel):
+    id = pw.BigAutoField()
+    room = pw.ForeignKeyField(Room, backref="messages", on_delete="CASCADE")
+    seq = pw.BigIntegerField()
+    sender_id = pw.CharField(max_length=128)
+    sender_name = pw.CharField(max_length=128)
+    content = pw.TextField()
+    type = pw.CharField(max_length=16, default="text")
+    parent_id = pw.BigIntegerField(null=True)
+    attachments = JSONField(default=list)
+    metadata = JSONField(default=dict)
+    client_msg_id = pw.CharField(max_length=64, null=True)
+    created_at = pw.DateTimeField(default=utcnow)
+    edited_at = pw.DateTimeField(null=True)
+    deleted_at = pw.DateTimeField(null=True)
+
+    class Meta:
+        indexes = (
+            (("room", "seq"), True),
+            (("sender_id", "client_msg_id"), True),
+        )
+
+
+class Reaction(BaseModel):
+    message = pw.ForeignKeyField(Message, backref="reactions", on_delete="CASCADE")
+    user_id = pw.CharField(max_length=128)
+    emoji = pw.CharField(max_length=32)
+    created_at = pw.DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = ((("message", "user_id", "emoji"), True),)
+
+
+class Notification(BaseModel):
+    id = pw.BigAutoField()
+    user_id = pw.CharField(max_length=128, index=True)
+    type = pw.CharField(max_length=32, default="info")
+    category = pw.CharField(max_length=32, default="system")
+    title = pw.CharField(max_length=200)
+    message = pw.TextField(default="")
+    data = JSONField(default=dict)
+    action_url = pw.CharField(max_length=500, null=True)
+    priority = pw.CharField(max_length=16, default="normal")
+    read = pw.BooleanField(default=False)
+    # Coalescing key, e.g. "missed:<roomId>": one live notification per key.
+    group_key = pw.CharField(max_length=200, null=True, index=True)
+    created_at = pw.DateTimeField(default=utcnow)
+
+
+class Ban(BaseModel):
+    user_id = pw.CharField(max_length=128, unique=True)
+    reason = pw.CharField(max_length=500, default="")
+    banned_by = pw.CharField(max_length=128)
+    created_at = pw.DateTimeField(default=utcnow)
+    expires_at = pw.DateTimeField(null=True)
+
+
+class AuditLog(BaseModel):
+    id = pw.BigAutoField()
+    actor_id = pw.CharField(max_length=128)
+    action = pw.CharField(max_length=64)
+    target = pw.CharField(max_length=200)
+    reason = pw.CharField(max_length=500, default="")
+    details = JSONField(default=dict)
+    created_at = pw.DateTimeField(default=utcnow)
+
+
+MODELS: list[type[BaseModel]] = [
+    User, Room, RoomMember, Message, Reaction, Notification, Ban, AuditLog,
+]  # fmt: skip
+
+
+def active_ban(user_id: str) -> Ban | None:
+    """The user's ban in force now, if any (expired bans are ignored)."""
+    now = utcnow()
+    return (
+        Ban.select()
+        .where(
+            (Ban.user_id == user_id) & ((Ban.expires_at.is_null()) | (Ban.expires_at > now))
+        )
+        .first()
+    )

@@ -1,0 +1,449 @@
+"""Rooms, members, messages and reactions: the queries chat needs.
+
+Every function here runs inside one transaction in a database worker
+thread (see :meth:`server.db.Database.run`) and returns plain dicts in the
+wire shape, never model instances, so nothing lazily touches the database
+from the event loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import peewee as pw
+
+from models import Message, Reaction, Room, RoomMember, User, active_ban, utcnow
+from server import errors
+from server.protocol import iso
+
+RECOVERY_LIMIT = 500
+_PASSWORD_ITERATIONS = 120_000
+
+
+# -- users ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConnectInfo:
+    ban: dict[str, Any] | None
+    room_ids: list[str]
+
+
+def upsert_user(
+    user_id: str, username: str, display_name: str, roles: list[str]
+) -> ConnectInfo:
+    """Record the user from token claims; report a ban in force and their rooms."""
+    now = utcnow()
+    (
+        User.insert(
+            id=user_id, username=username, display_name=display_name,
+            roles=",".join(sorted(roles)), created_at=now, last_seen_at=now,
+        )
+        .on_conflict(
+            conflict_target=[User.id],
+            update={
+                User.username: username, User.display_name: display_name,
+                User.roles: ",".join(sorted(roles)), User.last_seen_at: now,
+            },
+        )
+        .execute()
+    )  # fmt: skip
+    ban = active_ban(user_id)
+    ban_info = None
+    if ban is not None:
+        ban_info = {"reason": ban.reason, "expiresAt": iso(ban.expires_at)}
+    return ConnectInfo(ban_info, member_room_ids(user_id))
+
+
+def member_room_ids(user_id: str) -> list[str]:
+    query = (
+        RoomMember.select(RoomMember.room)
+        .join(Room)
+        .where((RoomMember.user_id == user_id) & Room.deleted_at.is_null())
+    )
+    return [m.room_id for m in query]
+
+
+# -- passwords (CPU-bound: call from a thread, never the loop) ---------------
+
+
+def hash_password(password: str) -> str:
+    salt = secrets.token_bytes(16)
+    digest = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, _PASSWORD_ITERATIONS)
+    return f"pbkdf2_sha256${_PASSWORD_ITERATIONS}${salt.hex()}${digest.hex()}"
+
+
+def verify_password(password: str, encoded: str) -> bool:
+    try:
+        _, iterations, salt, digest = encoded.split("$")
+        candidate = hashlib.pbkdf2_hmac(
+            "sha256", password.encode(), bytes.fromhex(salt), int(iterations)
+        )
+    except ValueError:
+        return False
+    return hmac.compare_digest(candidate.hex(), digest)
+
+
+# -- rooms ------------------------------------------------------------------
+
+
+def room_dict(room: Room, member_count: int | None = None) -> dict[str, Any]:
+    out = {
+        "id": room.id,
+        "name": room.name,
+        "type": room.type,
+        "description": room.description,
+        "ownerId": room.owner_id,
+        "hasPassword": room.password_hash is not None,
+        "lastSeq": room.last_seq,
+        "createdAt": iso(room.created_at),
+        "lastActivityAt": iso(room.last_activity_at),
+    }
+    if member_count is not None:
+        out["memberCount"] = member_count
+    return out
+
+
+def _live_room(room_id: str) -> Room:
+    room = Room.get_or_none((Room.id == room_id) & Room.deleted_at.is_null())
+    if room is None:
+        raise errors.RoomNotFound(details={"roomId": room_id})
+    return room
+
+
+def create_room(
+    room_id: str,
+    owner_id: str,
+    name: str,
+    room_type: str,
+    description: str,
+    password_hash: str | None,
+    members: list[str],
+) -> dict[str, Any]:
+    if Room.get_or_none(Room.id == room_id) is not None:
+        raise errors.Conflict("A room with this id exists", {"roomId": room_id})
+    now = utcnow()
+    room = Room.create(
+        id=room_id, name=name, type=room_type, description=description,
+        password_hash=password_hash, owner_id=owner_id, created_at=now, last_activity_at=now,
+    )  # fmt: skip
+    RoomMember.create(room=room, user_id=owner_id, role="owner", joined_at=now)
+    for user_id in dict.fromkeys(members):
+        if user_id != owner_id:
+            RoomMember.create(room=room, user_id=user_id, role="member", joined_at=now)
+    return room_dict(room, member_count=1 + len(set(members) - {owner_id}))
+
+
+def list_rooms(user_id: str, q: str | None, limit: int, offset: int) -> dict[str, Any]:
+    """Public rooms plus the user's own, by most recent activity."""
+    mine = RoomMember.select(RoomMember.room).where(RoomMember.user_id == user_id)
+    where = Room.deleted_at.is_null() & ((Room.type == "public") | Room.id.in_(mine))
+    if q:
+        where &= pw.fn.LOWER(Room.name).contains(q.lower())
+    total = Room.select().where(where).count()
+    rooms = list(
+        Room.select().where(where).order_by(Room.last_activity_at.desc(), Room.id)
+        .limit(limit).offset(offset)
+    )  # fmt: skip
+    counts = _member_counts([r.id for r in rooms])
+    return {"rooms": [room_dict(r, counts.get(r.id, 0)) for r in rooms], "total": total}
+
+
+def _member_counts(room_ids: list[str]) -> dict[str, int]:
+    if not room_ids:
+        return {}
+    query = (
+        RoomMember.select(RoomMember.room, pw.fn.COUNT(RoomMember.id).alias("n"))
+        .where(RoomMember.room.in_(room_ids))
+        .group_by(RoomMember.room)
+    )
+    return {row.room_id: row.n for row in query}
+
+
+@dataclass(frozen=True)
+class RoomAccess:
+    room: dict[str, Any]
+    is_member: bool
+    room_type: str
+    password_hash: str | None
+
+
+def room_access(room_id: str, user_id: str) -> RoomAccess:
+    room = _live_room(room_id)
+    member = RoomMember.get_or_none((RoomMember.room == room) & (RoomMember.user_id == user_id))
+    return RoomAccess(room_dict(room), member is not None, room.type, room.password_hash)
+
+
+def join_room(room_id: str, user_id: str, since_seq: int | None) -> dict[str, Any]:
+    """Make the user a member (idempotent); return members and missed messages."""
+    room = _live_room(room_id)
+    RoomMember.insert(room=room, user_id=user_id, role="member").on_conflict_ignore().execute()
+    result: dict[str, Any] = {
+        "room": room_dict(room),
+        "members": room_members(room_id),
+        "recovered": False,
+        "missed": [],
+    }
+    if since_seq is not None:
+        query = (
+            Message.select()
+            .where((Message.room == room_id) & (Message.seq > since_seq))
+            .order_by(Message.seq)
+            .limit(RECOVERY_LIMIT + 1)
+        )
+        missed = list(query)
+        if len(missed) <= RECOVERY_LIMIT:
+            result["recovered"] = True
+            result["missed"] = _message_dicts(missed)
+    return result
+
+
+def leave_room(room_id: str, user_id: str) -> None:
+    """Leave membership; owners stay members of the room they own."""
+    room = _live_room(room_id)
+    (
+        RoomMember.delete()
+        .where(
+            (RoomMember.room == room) & (RoomMember.user_id == user_id)
+            & (RoomMember.role != "owner")
+        )
+        .execute()
+    )  # fmt: skip
+
+
+def room_members(room_id: str) -> list[dict[str, Any]]:
+    query = (
+        RoomMember.select(RoomMember, User)
+        .join(User, pw.JOIN.LEFT_OUTER, on=(RoomMember.user_id == User.id))
+        .where(RoomMember.room == room_id)
+        .order_by(RoomMember.joined_at, RoomMember.id)
+    )
+    out = []
+    for m in query:
+        user = getattr(m, "user", None)
+        out.append({
+            "userId": m.user_id,
+            "username": user.username if user else m.user_id,
+            "displayName": user.display_name if user else m.user_id,
+            "role": m.role,
+            "lastReadSeq": m.last_read_seq,
+            "joinedAt": iso(m.joined_at),
+        })  # fmt: skip
+    return out
+
+
+def require_member(room_id: str, user_id: str) -> RoomMember:
+    room = _live_room(room_id)
+    member = RoomMember.get_or_none((RoomMember.room == room) & (RoomMember.user_id == user_id))
+    if member is None:
+        if room.type == "private":
+            raise errors.RoomAccessDenied(details={"roomId": room_id})
+        raise errors.NotInRoom(details={"roomId": room_id})
+    return member
+
+
+def members_of(room_id: str, user_id: str) -> list[dict[str, Any]]:
+    """Members of a room; a private room shows them to its members only."""
+    room = _live_room(room_id)
+    if room.type == "private":
+        require_member(room_id, user_id)
+    return room_members(room_id)
+
+
+def mark_read(room_id: str, user_id: str, seq: int) -> dict[str, Any]:
+    member = require_member(room_id, user_id)
+    last_seq = Room.get_by_id(room_id).last_seq
+    new_seq = max(member.last_read_seq, min(seq, last_seq))
+    if new_seq != member.last_read_seq:
+        RoomMember.update(last_read_seq=new_seq).where(RoomMember.id == member.id).execute()
+    return {"roomId": room_id, "lastReadSeq": new_seq, "unread": last_seq - new_seq}
+
+
+def delete_room(room_id: str, user_id: str, is_staff: bool) -> list[str]:
+    """Soft-delete a room (owner or staff); returns its member ids."""
+    room = _live_room(room_id)
+    if room.owner_id != user_id and not is_staff:
+        raise errors.Forbidden("Only the owner, moderators or admins delete rooms")
+    Room.update(deleted_at=utcnow()).where(Room.id == room_id).execute()
+    return [m.user_id for m in RoomMember.select().where(RoomMember.room == room_id)]
+
+
+# -- messages ---------------------------------------------------------------
+
+
+def _message_dicts(messages: list[Message]) -> list[dict[str, Any]]:
+    if not messages:
+        return []
+    reactions: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    query = (
+        Reaction.select()
+        .where(Reaction.message.in_([m.id for m in messages]))
+        .order_by(Reaction.created_at, Reaction.id)
+    )
+    for r in query:
+        reactions[r.message_id][r.emoji].append(r.user_id)
+    return [message_dict(m, reactions.get(m.id, {})) for m in messages]
+
+
+def message_dict(m: Message, reactions: dict[str, list[str]]) -> dict[str, Any]:
+    deleted = m.deleted_at is not None
+    return {
+        "id": str(m.id),
+        "roomId": m.room_id,
+        "seq": m.seq,
+        "senderId": m.sender_id,
+        "senderName": m.sender_name,
+        "content": "" if deleted else m.content,
+        "type": m.type,
+        "parentMessageId": str(m.parent_id) if m.parent_id is not None else None,
+        "attachments": [] if deleted else m.attachments,
+        "metadata": {} if deleted else m.metadata,
+        "reactions": {} if deleted else dict(reactions),
+        "createdAt": iso(m.created_at),
+        "editedAt": iso(m.edited_at),
+        "deleted": deleted,
+    }
+
+
+def _reactions_of(message_id: int) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = defaultdict(list)
+    query = (
+        Reaction.select()
+        .where(Reaction.message == message_id)
+        .order_by(Reaction.created_at, Reaction.id)
+    )
+    for r in query:
+        out[r.emoji].append(r.user_id)
+    return dict(out)
+
+
+@dataclass(frozen=True)
+class Sent:
+    message: dict[str, Any]
+    duplicate: bool
+
+
+def send_message(
+    room_id: str,
+    sender_id: str,
+    sender_name: str,
+    content: str,
+    msg_type: str,
+    parent_id: int | None,
+    attachments: list[str],
+    metadata: dict[str, Any],
+    client_msg_id: str | None,
+) -> Sent:
+    """Store a message with the room's next ``seq`` (one transaction).
+
+    The seq bump and the insert commit together, so seqs have no gaps; the
+    row lock on the room (PostgreSQL) or the single writer (SQLite) makes
+    concurrent senders queue rather than collide.
+    """
+    if client_msg_id is not None:
+        existing = Message.get_or_none(
+            (Message.sender_id == sender_id) & (Message.client_msg_id == client_msg_id)
+        )
+        if existing is not None:
+            return Sent(message_dict(existing, _reactions_of(existing.id)), True)
+    member = require_member(room_id, sender_id)
+    if member.muted_until is not None and member.muted_until > utcnow():
+        raise errors.Muted(details={"roomId": room_id, "until": iso(member.muted_until)})
+    if parent_id is not None:
+        parent = Message.get_or_none((Message.id == parent_id) & (Message.room == room_id))
+        if parent is None:
+            raise errors.MessageNotFound(
+                "Parent message not found in this room", {"parentMessageId": str(parent_id)}
+            )
+    now = utcnow()
+    updated = (
+        Room.update(last_seq=Room.last_seq + 1, last_activity_at=now)
+        .where((Room.id == room_id) & Room.deleted_at.is_null())
+        .execute()
+    )
+    if not updated:
+        raise errors.RoomNotFound(details={"roomId": room_id})
+    seq = Room.select(Room.last_seq).where(Room.id == room_id).scalar()
+    message = Message.create(
+        room=room_id, seq=seq, sender_id=sender_id, sender_name=sender_name,
+        content=content, type=msg_type, parent_id=parent_id, attachments=attachments,
+        metadata=metadata, client_msg_id=client_msg_id, created_at=now,
+    )  # fmt: skip
+    return Sent(message_dict(message, {}), False)
+
+
+def get_messages(
+    room_id: str, user_id: str, limit: int, before_seq: int | None, offset: int | None
+) -> dict[str, Any]:
+    """A newest-first page; ``hasMore`` tells whether older messages exist."""
+    require_member(room_id, user_id)
+    query = Message.select().where(Message.room == room_id)
+    if before_seq is not None:
+        query = query.where(Message.seq < before_seq)
+    query = query.order_by(Message.seq.desc()).limit(limit + 1)
+    if offset:
+        query = query.offset(offset)
+    rows = list(query)
+    return {"messages": _message_dicts(rows[:limit]), "hasMore": len(rows) > limit}
+
+
+def _live_message(message_id: int) -> Message:
+    message = Message.get_or_none((Message.id == message_id) & Message.deleted_at.is_null())
+    if message is None:
+        raise errors.MessageNotFound(details={"messageId": str(message_id)})
+    return message
+
+
+def message_room(message_id: int) -> str:
+    return str(_live_message(message_id).room_id)
+
+
+def edit_message(message_id: int, user_id: str, content: str) -> dict[str, Any]:
+    message = _live_message(message_id)
+    if message.sender_id != user_id:
+        raise errors.Forbidden("Only the author edits a message")
+    message.content = content
+    message.edited_at = utcnow()
+    message.save(only=[Message.content, Message.edited_at])
+    return message_dict(message, _reactions_of(message.id))
+
+
+def delete_message(message_id: int, user_id: str, is_staff: bool) -> dict[str, Any]:
+    """Soft delete by the author, staff, or the room's owner/moderators."""
+    message = _live_message(message_id)
+    if message.sender_id != user_id and not is_staff:
+        member = RoomMember.get_or_none(
+            (RoomMember.room == message.room_id) & (RoomMember.user_id == user_id)
+        )
+        if member is None or member.role not in ("owner", "moderator"):
+            raise errors.Forbidden("Only the author or a moderator deletes a message")
+    message.deleted_at = utcnow()
+    message.save(only=[Message.deleted_at])
+    return message_dict(message, {})
+
+
+def react(message_id: int, user_id: str, emoji: str, action: str) -> dict[str, Any]:
+    message = _live_message(message_id)
+    require_member(message.room_id, user_id)
+    if action == "add":
+        (
+            Reaction.insert(message=message, user_id=user_id, emoji=emoji, created_at=utcnow())
+            .on_conflict_ignore()
+            .execute()
+        )
+    else:
+        Reaction.delete().where(
+            (Reaction.message == message) & (Reaction.user_id == user_id)
+            & (Reaction.emoji == emoji)
+        ).execute()  # fmt: skip
+    return {
+        "messageId": str(message.id),
+        "roomId": message.room_id,
+        "reactions": _reactions_of(message.id),
+    }
+

@@ -1,0 +1,187 @@
+"""Building and running a gateway node.
+
+:func:`make_app` wires the routes to their dependencies (passed through
+each route's ``initialize()`` kwargs); :class:`Node` creates those
+dependencies from a :class:`Config`, starts listening and shuts down
+gracefully.
+
+Example::
+
+    node = Node(Config.from_env(os.environ, port=0))
+    await node.start()
+    print(node.port)
+    ...
+    await node.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+from tornado.web import Application
+
+from handlers.base import NodeState
+from handlers.chat import ChatHandler, TypingTracker
+from handlers.http import (
+    LivenessHandler,
+    MetricsHandler,
+    ReadinessHandler,
+    WebSocketHealthHandler,
+)
+from server import __version__
+from server.auth import TokenVerifier
+from server.config import Config
+from server.db import Database
+from server.health import Health, LoopMonitor
+from server.hub import Hub
+from server.limits import ConnectionLimiter, RateLimiter
+from server.metrics import Metrics
+from server.presence import Presence
+from server.stats import Stats
+from server.tasks import BackgroundTasks
+
+log = logging.getLogger("switchboard")
+
+# How long shutdown waits for clients to acknowledge the close and for
+# in-flight work to finish before it stops waiting.
+SHUTDOWN_GRACE_SECS = 5.0
+
+
+def make_app(
+    config: Config,
+    *,
+    ws_deps: dict[str, Any],
+    chat_deps: dict[str, Any],
+    health: Health,
+    registry: CollectorRegistry,
+) -> Application:
+    """The Tornado application: WebSocket namespaces, health and metrics routes."""
+    routes: list[Any] = [
+        (r"/ws/chat", ChatHandler, {**ws_deps, **chat_deps}),
+        (r"/health", LivenessHandler, {"node_id": config.node_id}),
+        (r"/health/ready", ReadinessHandler, {"health": health}),
+        (r"/health/websocket", WebSocketHealthHandler, {"health": health}),
+        (r"/metrics", MetricsHandler, {"registry": registry}),
+    ]
+    return Application(
+        routes,
+        websocket_max_message_size=config.max_message_bytes,
+        # Pings are sent by the node's single heartbeat sweep, not per connection.
+        websocket_ping_interval=0,
+    )
+
+
+class Node:
+    """One gateway process: components, listener, heartbeat, shutdown."""
+
+    def __init__(self, config: Config, *, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.registry = registry or CollectorRegistry()
+        if registry is None:
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+            GCCollector(registry=self.registry)
+        self.metrics = Metrics(self.registry, config.node_id, __version__)
+        self.state = NodeState(config.node_id)
+        self.stats = Stats()
+        self.tasks = BackgroundTasks()
+        self.hub = Hub(config.node_id, on_delivered=self.metrics.deliveries.inc)
+        self.db = Database(config.database_url, observe=self._observe_db)
+        self.presence = Presence()
+        self.loop_monitor = LoopMonitor(on_lag=self.metrics.event_loop_lag.set)
+        self.health = Health(self.db, self.hub, self.stats, self.loop_monitor)
+        self.typing = TypingTracker(self.hub)
+        ws_deps: dict[str, Any] = {
+            "config": config,
+            "hub": self.hub,
+            "db": self.db,
+            "verifier": TokenVerifier(config),
+            "rate_limiter": RateLimiter(config.rate_limits),
+            "connection_limiter": ConnectionLimiter(
+                config.max_connections_per_user, config.max_connections_per_ip
+            ),
+            "presence": self.presence,
+            "metrics": self.metrics,
+            "tasks": self.tasks,
+            "state": self.state,
+            "stats": self.stats,
+        }
+        chat_deps = {"typing": self.typing, "health": self.health}
+        self.app = make_app(
+            config, ws_deps=ws_deps, chat_deps=chat_deps, health=self.health,
+            registry=self.registry,
+        )  # fmt: skip
+        self.server: HTTPServer | None = None
+        self.sockets: list[socket.socket] = []
+        self.port = 0
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._gauges: asyncio.Task[None] | None = None
+
+    def _observe_db(self, op: str, secs: float) -> None:
+        self.metrics.db_duration.labels(op).observe(secs)
+
+    async def start(self) -> None:
+        """Migrate the database, bind the listener, start periodic work."""
+        await self.db.start()
+        self.sockets = bind_sockets(self.config.port, self.config.host, backlog=2048)
+        self.port = self.sockets[0].getsockname()[1]
+        self.server = HTTPServer(self.app, xheaders=False)
+        self.server.add_sockets(self.sockets)
+        self.loop_monitor.start()
+        loop = asyncio.get_running_loop()
+        self._heartbeat = loop.create_task(self._heartbeat_loop(), name="heartbeat")
+        self._gauges = loop.create_task(self._gauge_loop(), name="gauges")
+
+    @property
+    def urls(self) -> dict[str, str]:
+        host = self.config.host if self.config.host not in ("0.0.0.0", "::") else "127.0.0.1"
+        base = f"{host}:{self.port}"
+        return {"http": f"http://{base}", "chat": f"ws://{base}/ws/chat"}
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.config.heartbeat_interval
+        while True:
+            await asyncio.sleep(interval)
+            closed = self.hub.sweep(time.monotonic(), interval + self.config.heartbeat_timeout)
+            if closed:
+                log.info("heartbeat: closed %d silent connection(s)", closed)
+
+    async def _gauge_loop(self) -> None:
+        while True:
+            rooms = self.hub.active_rooms()
+            self.metrics.rooms_active.set(len(rooms))
+            self.metrics.room_members.set(sum(rooms.values()))
+            await asyncio.sleep(1.0)
+
+    async def stop(self, grace_secs: float = SHUTDOWN_GRACE_SECS) -> None:
+        """Graceful shutdown: stop accepting, say goodbye, close 1001, drain, close DB."""
+        if self.state.shutting_down:
+            return
+        self.state.shutting_down = True
+        if self.server is not None:
+            self.server.stop()
+        for task in (self._heartbeat, self._gauges):
+            if task is not None:
+                task.cancel()
+        conns = list(self.hub.connections.values())
+        for conn in conns:
+            send_event = getattr(conn, "send_event", None)
+            if send_event is not None:
+                send_event("system:disconnect", {"reason": "server_shutdown", "reconnect": True})
+            conn.close_with(1001, "server shutting down")
+        deadline = time.monotonic() + grace_secs
+        while self.hub.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await self.tasks.drain(max(0.1, deadline - time.monotonic()))
+        await self.loop_monitor.stop()
+        await self.db.close()
+        if self.server is not None:
+            await self.server.close_all_connections()
+        log.info("node %s stopped", self.config.node_id)

@@ -1,0 +1,135 @@
+"""JWT verification and minting.
+
+Tokens are checked against exactly the algorithms configured (HS256 with a
+shared secret by default, or RS256/ES256 with a public key), which rules out
+``alg: none`` and the HS/RS confusion attack: a token's own header never
+chooses the key type. ``exp`` and ``sub`` are required; ``iss``/``aud`` are
+checked when configured.
+
+Example::
+
+    verifier = TokenVerifier(config)
+    identity = verifier.verify(token)   # raises Unauthorized / TokenExpired
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+
+from server.config import Config
+from server.errors import TokenExpired, Unauthorized
+
+ROLES = ("user", "moderator", "admin", "service", "logs")
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a connection or request is, from the token's claims."""
+
+    user_id: str
+    username: str
+    display_name: str
+    roles: frozenset[str]
+    expires_at: float
+
+    def has_any(self, roles: Iterable[str]) -> bool:
+        return not self.roles.isdisjoint(roles)
+
+    @property
+    def is_staff(self) -> bool:
+        return self.has_any(("admin", "moderator"))
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "userId": self.user_id,
+            "username": self.username,
+            "displayName": self.display_name,
+            "roles": sorted(self.roles),
+        }
+
+
+class TokenVerifier:
+    """Checks tokens with the configured key, algorithms, issuer and audience."""
+
+    def __init__(self, config: Config) -> None:
+        self._algorithms = list(config.jwt_algorithms)
+        self._key = config.jwt_public_key or config.jwt_secret
+        self._issuer = config.jwt_issuer
+        self._audience = config.jwt_audience
+
+    def verify(self, token: str | None) -> Identity:
+        if not token:
+            raise Unauthorized("Missing token")
+        options: dict[str, Any] = {"require": ["exp", "sub"], "verify_aud": bool(self._audience)}
+        try:
+            claims = jwt.decode(
+                token,
+                self._key,
+                algorithms=self._algorithms,
+                issuer=self._issuer,
+                audience=self._audience,
+                options=options,
+            )
+        except jwt.ExpiredSignatureError:
+            raise TokenExpired() from None
+        except jwt.InvalidTokenError as exc:
+            # The reason class name is safe to show; the token itself never is.
+            raise Unauthorized("Invalid token", {"reason": type(exc).__name__}) from None
+        return identity_from_claims(claims)
+
+
+def identity_from_claims(claims: dict[str, Any]) -> Identity:
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not sub or len(sub) > 128:
+        raise Unauthorized("Invalid token", {"reason": "InvalidSubject"})
+    raw_roles = claims.get("roles") or ["user"]
+    if isinstance(raw_roles, str):
+        raw_roles = [raw_roles]
+    roles = frozenset(str(r) for r in raw_roles if isinstance(r, str)) or frozenset({"user"})
+    name = claims.get("name")
+    username = name if isinstance(name, str) and name else sub
+    display = claims.get("displayName")
+    return Identity(
+        user_id=sub,
+        username=username[:64],
+        display_name=(display if isinstance(display, str) and display else username)[:128],
+        roles=roles,
+        expires_at=float(claims["exp"]),
+    )
+
+
+def mint_token(
+    config: Config,
+    user_id: str,
+    *,
+    roles: Iterable[str] = ("user",),
+    ttl_secs: float = 3600,
+    name: str | None = None,
+    display_name: str | None = None,
+    private_key: str | None = None,
+    algorithm: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """Sign a token for ``user_id`` with the configured secret (or ``private_key``)."""
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "sub": user_id,
+        "name": name or user_id,
+        "displayName": display_name or name or user_id,
+        "roles": list(roles),
+        "iat": now,
+        "exp": now + ttl_secs,
+    }
+    if config.jwt_issuer:
+        claims["iss"] = config.jwt_issuer
+    if config.jwt_audience:
+        claims["aud"] = config.jwt_audience
+    claims.update(extra or {})
+    if private_key is not None:
+        return jwt.encode(claims, private_key, algorithm=algorithm or "RS256")
+    return jwt.encode(claims, config.jwt_secret, algorithm=algorithm or "HS256")

@@ -1,0 +1,166 @@
+"""Database set-up and the one way the event loop talks to it.
+
+Sync peewee runs in a small thread pool; every :meth:`Database.run` call is
+one executor job that wraps the given function in one transaction, so the
+loop never waits on a database call and a transaction never spans two
+loop turns. Why not ``playhouse.pwasyncio``: measured in bench/db.py (see
+README): the thread pool is as fast for our short transactions, supports
+the same code on SQLite and PostgreSQL, and keeps peewee's well-trodden
+sync API; the async driver bought nothing we needed.
+
+SQLite gets one worker (it has one writer anyway, and one thread means
+no ``database is locked`` retries); PostgreSQL gets a pool of workers, each
+holding a pooled connection.
+
+Example::
+
+    db = Database("sqlite:///switchboard.db")
+    await db.start()
+    room = await db.run("room.get", chat.get_room, "general")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ParamSpec, TypeVar
+
+import peewee as pw
+from playhouse.db_url import parse
+from playhouse.migrations import Runner
+from playhouse.pool import PooledPostgresqlDatabase
+
+import models
+from models import MODELS
+
+log = logging.getLogger("switchboard.db")
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+MIGRATIONS_DIR = os.path.join(os.path.dirname(models.__file__), "migrations")
+POSTGRES_WORKERS = 8
+_SQLITE_PRAGMAS = {
+    "journal_mode": "wal",
+    # WAL + NORMAL: a commit survives a process crash; only an OS crash can
+    # lose the last transactions. FULL would cost an fsync per message.
+    "synchronous": "normal",
+    "foreign_keys": 1,
+    "busy_timeout": 5000,
+}
+
+
+def open_database(url: str) -> pw.Database:
+    """A peewee database for ``sqlite:///path`` or ``postgresql://...`` URLs."""
+    scheme = url.split(":", 1)[0].lower()
+    params = parse(url)
+    if scheme == "sqlite":
+        path = params.pop("database")
+        return pw.SqliteDatabase(path, pragmas=_SQLITE_PRAGMAS)
+    if scheme in ("postgres", "postgresql"):
+        name = params.pop("database")
+        return PooledPostgresqlDatabase(
+            name, max_connections=POSTGRES_WORKERS + 2, stale_timeout=300, **params
+        )
+    raise ValueError(f"unsupported database URL scheme {scheme!r} (sqlite or postgresql)")
+
+
+class Database:
+    """The application's database: models bound, a thread pool, migrations."""
+
+    def __init__(
+        self, url: str, *, observe: Callable[[str, float], None] | None = None
+    ) -> None:
+        self.url = url
+        self.db = open_database(url)
+        self.is_sqlite = isinstance(self.db, pw.SqliteDatabase)
+        self.db.bind(MODELS)
+        workers = 1 if self.is_sqlite else POSTGRES_WORKERS
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="db")
+        self._observe = observe
+        self._closed = False
+
+    async def start(self) -> None:
+        """Apply pending migrations (creating the tables on first start)."""
+        await self.run("migrate", self._migrate, transaction=False)
+
+    def _migrate(self) -> None:
+        applied = Runner(self.db, directory=MIGRATIONS_DIR).up()
+        if applied:
+            log.info("applied migrations: %s", ", ".join(str(m) for m in applied))
+
+    async def run(
+        self,
+        op: str,
+        fn: Callable[P, T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """Run ``fn(*args)`` in a worker thread inside one transaction.
+
+        ``op`` names the operation for metrics and logs. Pass
+        ``transaction=False`` for work that manages its own.
+        """
+        if self._closed:
+            raise RuntimeError("database is closed")
+        transaction = bool(kwargs.pop("transaction", True))
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            return await loop.run_in_executor(
+                self._executor, self._call, fn, args, kwargs, transaction
+            )
+        finally:
+            if self._observe is not None:
+                self._observe(op, time.perf_counter() - started)
+
+    def _call(
+        self,
+        fn: Callable[..., T],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        transaction: bool,
+    ) -> T:
+        db = self.db
+        db.connect(reuse_if_open=True)
+        try:
+            if not transaction:
+                return fn(*args, **kwargs)
+            with db.atomic():
+                return fn(*args, **kwargs)
+        finally:
+            if not self.is_sqlite:
+                # Hand the connection back to the pool between jobs.
+                db.close()
+
+    async def ping(self) -> bool:
+        """Really ask the database (``SELECT 1``); False when it does not answer."""
+        try:
+            await asyncio.wait_for(self.run("ping", self._ping, transaction=False), 2.0)
+            return True
+        except Exception as exc:
+            log.warning("database ping failed: %s", exc)
+            return False
+
+    def _ping(self) -> None:
+        self.db.execute_sql("SELECT 1").fetchone()
+
+    async def close(self) -> None:
+        """Finish queued work, then close; called at shutdown."""
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        # Queued after every pending job: runs once in-flight writes are done.
+        await loop.run_in_executor(self._executor, self._close_connections)
+        await loop.run_in_executor(None, self._executor.shutdown, True)
+
+    def _close_connections(self) -> None:
+        if not self.db.is_closed():
+            self.db.close()
+        if isinstance(self.db, PooledPostgresqlDatabase):
+            self.db.close_all()

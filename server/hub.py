@@ -1,0 +1,318 @@
+"""The connection hub: who is connected, where, and delivery to them.
+
+The hub indexes live connections by id, user, room and namespace in plain
+``dict[str, set]`` maps that drop keys as they empty, and delivers events
+to a :class:`Target`. A broadcast is serialised and framed once; the same
+bytes are written to every recipient's stream, which is what makes fan-out
+cheap (no per-recipient JSON, compression or Future wrapping).
+
+The hub knows nothing about chat. A cluster mirror subclasses it and
+implements the ``_remote_*`` hooks; the plain :class:`Hub` is the
+single-node backend with the same interface.
+
+Example::
+
+    hub = Hub(node_id="n1")
+    hub.add(conn)
+    hub.join(conn, "general")
+    hub.publish(Target.room("general"), "message:new", {"message": m}, seq=m["seq"])
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple, Protocol
+
+from server import protocol
+
+log = logging.getLogger("switchboard.hub")
+
+
+class Connection(Protocol):
+    """What the hub needs from a connection (handlers implement it)."""
+
+    conn_id: str
+    user_id: str
+    namespace: str
+    last_seen: float
+
+    def send_frame(self, frame: bytes) -> bool:
+        """Queue a pre-built frame; False if the connection is gone or too slow."""
+
+    def close_with(self, code: int, reason: str) -> None:
+        """Start closing the connection with a WebSocket close code."""
+
+    def ping(self) -> None:
+        """Send a WebSocket ping."""
+
+
+class Target(NamedTuple):
+    """Where an event goes: a room, a user, a namespace, everyone or one connection.
+
+    ``namespace`` narrows user and all targets (e.g. a user's chat connections only).
+    """
+
+    kind: str
+    key: str = ""
+    namespace: str | None = None
+
+    @classmethod
+    def room(cls, room_id: str) -> Target:
+        return cls("room", room_id)
+
+    @classmethod
+    def user(cls, user_id: str, namespace: str | None = None) -> Target:
+        return cls("user", user_id, namespace)
+
+    @classmethod
+    def ns(cls, namespace: str) -> Target:
+        return cls("namespace", namespace)
+
+    @classmethod
+    def all(cls) -> Target:
+        return cls("all")
+
+    @classmethod
+    def connection(cls, conn_id: str) -> Target:
+        return cls("connection", conn_id)
+
+
+def _discard(index: dict[str, set[Any]], key: str, item: Any) -> bool:
+    """Remove ``item`` from ``index[key]``; drop the key when empty. True if it emptied."""
+    members = index.get(key)
+    if members is None:
+        return False
+    members.discard(item)
+    if not members:
+        del index[key]
+        return True
+    return False
+
+
+class Hub:
+    """Single-node hub; also the base of the Redis-mirrored hub."""
+
+    def __init__(self, node_id: str, *, on_delivered: Callable[[int], None] | None = None) -> None:
+        self.node_id = node_id
+        self.connections: dict[str, Connection] = {}
+        self._by_user: dict[str, set[Connection]] = {}
+        self._by_room: dict[str, set[Connection]] = {}
+        self._by_namespace: dict[str, set[Connection]] = {}
+        self._rooms_of: dict[str, set[str]] = {}
+        # Joins whose recovery query is in flight: room -> conn -> buffered (seq, frame).
+        self._pending: dict[str, dict[Connection, list[tuple[int | None, bytes]]]] = {}
+        self._on_delivered = on_delivered
+
+    # -- membership -------------------------------------------------------
+
+    def add(self, conn: Connection) -> bool:
+        """Register a connection. True if it is the user's first on this node."""
+        self.connections[conn.conn_id] = conn
+        first = conn.user_id not in self._by_user
+        self._by_user.setdefault(conn.user_id, set()).add(conn)
+        if first:
+            self._remote_interest("user", conn.user_id, True)
+        if conn.namespace not in self._by_namespace:
+            self._remote_interest("namespace", conn.namespace, True)
+        self._by_namespace.setdefault(conn.namespace, set()).add(conn)
+        return first
+
+    def remove(self, conn: Connection) -> set[str]:
+        """Forget a connection; returns the rooms it was in (already left)."""
+        if self.connections.pop(conn.conn_id, None) is None:
+            return set()
+        rooms = self._rooms_of.pop(conn.conn_id, set())
+        for room in rooms:
+            self._drop_from_room(conn, room)
+        if _discard(self._by_user, conn.user_id, conn):
+            self._remote_interest("user", conn.user_id, False)
+        if _discard(self._by_namespace, conn.namespace, conn):
+            self._remote_interest("namespace", conn.namespace, False)
+        return rooms
+
+    def join(self, conn: Connection, room: str, *, buffer: bool = False) -> None:
+        """Subscribe ``conn`` to ``room``.
+
+        With ``buffer=True`` room frames for this connection are held back
+        until :meth:`finish_join`, so a recovery query and live traffic can be
+        stitched together without a gap or a duplicate.
+        """
+        if room not in self._by_room:
+            self._remote_interest("room", room, True)
+        self._by_room.setdefault(room, set()).add(conn)
+        self._rooms_of.setdefault(conn.conn_id, set()).add(room)
+        if buffer:
+            self._pending.setdefault(room, {})[conn] = []
+
+    def finish_join(self, conn: Connection, room: str, after_seq: int | None) -> int:
+        """Release frames buffered since :meth:`join`, skipping ``seq <= after_seq``."""
+        pending = self._pending.get(room)
+        frames = pending.pop(conn, []) if pending is not None else []
+        if pending is not None and not pending:
+            del self._pending[room]
+        sent = 0
+        for seq, frame in frames:
+            if seq is not None and after_seq is not None and seq <= after_seq:
+                continue
+            conn.send_frame(frame)
+            sent += 1
+        return sent
+
+    def leave(self, conn: Connection, room: str) -> bool:
+        """Unsubscribe; False if the connection was not in the room."""
+        rooms = self._rooms_of.get(conn.conn_id)
+        if rooms is None or room not in rooms:
+            return False
+        _discard(self._rooms_of, conn.conn_id, room)
+        self._drop_from_room(conn, room)
+        return True
+
+    def _drop_from_room(self, conn: Connection, room: str) -> None:
+        pending = self._pending.get(room)
+        if pending is not None:
+            pending.pop(conn, None)
+            if not pending:
+                del self._pending[room]
+        if _discard(self._by_room, room, conn):
+            self._remote_interest("room", room, False)
+
+    def clear_room(self, room: str) -> list[Connection]:
+        """Unsubscribe everyone from ``room`` (deleted); returns who was in it."""
+        conns = list(self._by_room.get(room, ()))
+        for conn in conns:
+            self.leave(conn, room)
+        return conns
+
+    # -- queries ----------------------------------------------------------
+
+    def rooms_of(self, conn: Connection) -> frozenset[str]:
+        return frozenset(self._rooms_of.get(conn.conn_id, ()))
+
+    def in_room(self, conn: Connection, room: str) -> bool:
+        return room in self._rooms_of.get(conn.conn_id, ())
+
+    def room_connections(self, room: str) -> set[Connection]:
+        return set(self._by_room.get(room, ()))
+
+    def user_in_room(self, user_id: str, room: str, *, besides: Connection | None = None) -> bool:
+        """Whether ``user_id`` has a connection in ``room`` here other than ``besides``."""
+        return any(c.user_id == user_id and c is not besides for c in self._by_room.get(room, ()))
+
+    def user_connections(self, user_id: str, namespace: str | None = None) -> list[Connection]:
+        conns = self._by_user.get(user_id, ())
+        return [c for c in conns if namespace is None or c.namespace == namespace]
+
+    def online_users(self) -> set[str]:
+        return set(self._by_user)
+
+    def count_by_namespace(self) -> dict[str, int]:
+        return {ns: len(conns) for ns, conns in self._by_namespace.items()}
+
+    def active_rooms(self) -> dict[str, int]:
+        """Room → number of local connections subscribed."""
+        return {room: len(conns) for room, conns in self._by_room.items()}
+
+    # -- delivery ---------------------------------------------------------
+
+    def publish(
+        self,
+        target: Target,
+        event: str,
+        data: dict[str, Any],
+        *,
+        exclude: str | None = None,
+        seq: int | None = None,
+    ) -> int:
+        """Deliver here, then to other nodes. Returns the local delivery count.
+
+        ``exclude`` is a connection id that must not receive it (the sender,
+        who gets an ack instead); ``seq`` lets joins in flight deduplicate.
+        """
+        payload = protocol.event_payload(event, data)
+        delivered = self.deliver(target, protocol.frame(payload), exclude=exclude, seq=seq)
+        self._remote_publish(target, payload, exclude, seq)
+        return delivered
+
+    def publish_rooms(self, rooms: Iterable[str], event: str, data: dict[str, Any]) -> int:
+        """Deliver once per connection to everyone in any of ``rooms``."""
+        payload = protocol.event_payload(event, data)
+        seen: set[Connection] = set()
+        for room in rooms:
+            seen.update(self._by_room.get(room, ()))
+            self._remote_publish(Target.room(room), payload, None, None)
+        return self._write(seen, protocol.frame(payload), None)
+
+    def deliver(
+        self,
+        target: Target,
+        frame: bytes,
+        *,
+        exclude: str | None = None,
+        seq: int | None = None,
+    ) -> int:
+        """Write a pre-built frame to the local connections of ``target``."""
+        kind = target.kind
+        conns: Iterable[Connection]
+        if kind == "room":
+            conns = self._by_room.get(target.key, ())
+            pending = self._pending.get(target.key)
+            if pending:
+                for conn, held in pending.items():
+                    if conn.conn_id != exclude:
+                        held.append((seq, frame))
+                conns = [c for c in conns if c not in pending]
+        elif kind == "user":
+            conns = self.user_connections(target.key, target.namespace)
+        elif kind == "namespace":
+            conns = self._by_namespace.get(target.key, ())
+        elif kind == "all":
+            if target.namespace is not None:
+                conns = self._by_namespace.get(target.namespace, ())
+            else:
+                conns = self.connections.values()
+        elif kind == "connection":
+            conn = self.connections.get(target.key)
+            conns = (conn,) if conn is not None else ()
+        else:
+            raise ValueError(f"unknown target kind {kind!r}")
+        return self._write(conns, frame, exclude)
+
+    def _write(self, conns: Iterable[Connection], frame: bytes, exclude: str | None) -> int:
+        delivered = 0
+        # Iterate over a snapshot: a write may close a slow consumer, which
+        # removes it from these very sets.
+        for conn in tuple(conns):
+            if conn.conn_id != exclude and conn.send_frame(frame):
+                delivered += 1
+        if self._on_delivered is not None and delivered:
+            self._on_delivered(delivered)
+        return delivered
+
+    # -- liveness -----------------------------------------------------------
+
+    def sweep(self, now: float, timeout: float) -> int:
+        """Ping every connection; close those silent for longer than ``timeout``.
+
+        One timer for the whole node instead of one per connection keeps idle
+        connections cheap. Returns the number closed.
+        """
+        closed = 0
+        for conn in tuple(self.connections.values()):
+            if now - conn.last_seen > timeout:
+                conn.close_with(4408, "heartbeat timeout")
+                closed += 1
+            else:
+                conn.ping()
+        return closed
+
+    # -- cluster hooks (no-ops on a single node) ----------------------------
+
+    def _remote_publish(
+        self, target: Target, payload: bytes, exclude: str | None, seq: int | None
+    ) -> None:
+        """Send to the other nodes. The single-node hub has none."""
+
+    def _remote_interest(self, kind: str, key: str, interested: bool) -> None:
+        """The first local subscriber of a channel arrived (or the last left)."""
+
