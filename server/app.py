@@ -81,7 +81,13 @@ def make_app(
 class Node:
     """One gateway process: components, listener, heartbeat, shutdown."""
 
-    def __init__(self, config: Config, *, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        registry: CollectorRegistry | None = None,
+        hub_class: type[Hub] = Hub,
+    ) -> None:
         self.config = config
         self.registry = registry or CollectorRegistry()
         if registry is None:
@@ -92,7 +98,7 @@ class Node:
         self.state = NodeState(config.node_id)
         self.stats = Stats()
         self.tasks = BackgroundTasks()
-        self.hub = Hub(config.node_id, on_delivered=self.metrics.deliveries.inc)
+        self.hub = hub_class(config.node_id, on_delivered=self.metrics.deliveries.inc)
         self.db = Database(config.database_url, observe=self._observe_db)
         self.presence = Presence()
         self.loop_monitor = LoopMonitor(on_lag=self.metrics.event_loop_lag.set)
