@@ -395,12 +395,13 @@ class GatewayHandler(WebSocketHandler):
         except (WebSocketClosedError, StreamClosedError):
             pass
 
-    def ping(self) -> None:
+    def ping(self, data: str | bytes = b"") -> None:
+        """Send a WebSocket ping; a no-op once the connection is closing."""
         ws = self.ws_connection
         if ws is None or self._closing:
             return
         try:
-            ws.write_ping(b"")
+            ws.write_ping(data.encode() if isinstance(data, str) else data)
         except (WebSocketClosedError, StreamClosedError):
             pass
 

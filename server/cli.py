@@ -26,6 +26,9 @@ from server.config import Config, ConfigError
 
 log = logging.getLogger("switchboard")
 
+# The token printed at development start-up lasts a working day.
+DEV_TOKEN_TTL_SECS = 12 * 3600
+
 
 class JSONFormatter(logging.Formatter):
     """One JSON object per line, with the node and any connection context."""
@@ -127,6 +130,11 @@ async def _serve(config: Config) -> int:
     for name, url in urls.items():
         print(f"  listening  {name:<5} {url}", flush=True)
     print(f"  config     {orjson.dumps(config.public_view()).decode()}", flush=True)
+    if config.env == "development":
+        token = mint_token(config, "dev", roles=["user", "admin"], ttl_secs=DEV_TOKEN_TTL_SECS,
+                           name="dev", display_name="Developer")  # fmt: skip
+        print(f"  dev token  {token}", flush=True)
+        print(f"  try        {urls['chat']}?token=<dev token>", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

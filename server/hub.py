@@ -34,8 +34,11 @@ class Connection(Protocol):
 
     conn_id: str
     user_id: str
-    namespace: str
     last_seen: float
+
+    @property
+    def namespace(self) -> str:
+        """The namespace the connection belongs to (``chat``, ``admin``...)."""
 
     def send_frame(self, frame: bytes) -> bool:
         """Queue a pre-built frame; False if the connection is gone or too slow."""
