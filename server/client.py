@@ -1,0 +1,1184 @@
+"""Async Python client for the Switchboard WebSocket gateway.
+
+Used by the test suite, the benchmarks and ``switchboard tail``. It speaks the
+wire protocol of SPEC §2 on top of tornado's own WebSocket client:
+
+* client → server ``{"event": name, "data": {...}, "ack": n}`` (``ack`` optional);
+* server → client ack ``{"ack": n, "ok": true, "data": {...}}`` or
+  ``{"ack": n, "ok": false, "error": {"code", "message", "details"}}``;
+* server → client event ``{"event": name, "data": {...}}``.
+
+Every server event frame is appended to an in-memory buffer (consumed by
+:meth:`Client.next_event`, never discarded when it does not match), to the
+:attr:`Client.events` history, and passed to callbacks registered with
+:meth:`Client.on`.
+
+With ``reconnect=True`` the client survives dropped connections: it retries
+with capped, jittered exponential backoff, re-joins every room it joined
+through :meth:`Client.emit` with ``sinceSeq`` set to the highest ``seq`` it has
+seen, and replays the missed messages as ``message:new`` frames flagged
+``"recovered": True``. Local pseudo-events (all prefixed ``client:``):
+
+* ``client:disconnected`` ``{code, reason, willReconnect}`` — connection lost;
+* ``client:reconnected`` ``{attempts, welcome, rooms}`` — back, rooms re-joined;
+* ``client:rejoin_failed`` ``{roomId, error}`` — a room could not be re-joined;
+* ``client:reconnect_failed`` ``{code, message, closeCode, attempts}`` — the
+  server refused the reconnection for good (4401/4403/4429).
+
+Example::
+
+    async with Client("ws://127.0.0.1:8080/ws/chat", token) as client:
+        room = (await client.emit("room:create", {"name": "general", "type": "public"}))["room"]
+        await client.emit("room:join", {"roomId": room["id"]})
+        await client.emit("message:send", {"roomId": room["id"], "content": "hi"})
+        frame = await client.next_event("message:new")
+        print(frame["data"]["message"]["seq"])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import inspect
+import json
+import logging
+import random
+from collections.abc import AsyncIterator, Callable, Mapping
+from types import TracebackType
+from typing import Any, Final, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from tornado.httpclient import HTTPClientError, HTTPRequest
+from tornado.httputil import HTTPHeaders
+from tornado.iostream import StreamClosedError
+from tornado.simple_httpclient import HTTPTimeoutError
+from tornado.websocket import (
+    WebSocketClientConnection,
+    WebSocketClosedError,
+    WebSocketError,
+    websocket_connect,
+)
+
+try:
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - orjson is a declared dependency
+    _orjson = None  # type: ignore[assignment]
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "FATAL_CLOSE_CODES",
+    "Client",
+    "ClientError",
+    "ConnectionClosed",
+    "EventCallback",
+    "Frame",
+    "HandshakeError",
+    "TokenLocation",
+    "connect",
+]
+
+log = logging.getLogger("switchboard.client")
+
+Frame = dict[str, Any]
+"""A decoded frame, e.g. ``{"event": "message:new", "data": {...}}``."""
+EventCallback = Callable[[Frame], Any]
+"""Callback for :meth:`Client.on`: gets the whole frame; may return an awaitable."""
+Predicate = Callable[[Frame], bool]
+TokenLocation = Literal["header", "query", "cookie"]
+
+DEFAULT_MAX_MESSAGE_SIZE: Final = 16 * 1024 * 1024
+FATAL_CLOSE_CODES: Final = frozenset({4401, 4403, 4429})
+"""Close codes after which a reconnecting client gives up (auth, ban, limits)."""
+
+_BACKOFF_START: Final = 0.1
+_HISTORY_PAGE: Final = 100
+_MAX_RECOVERED: Final = 5000
+_SEEN_KEEP: Final = 1024
+_CLOSE_WAIT: Final = 5.0
+_LOG_PREVIEW: Final = 200
+
+
+def _dumps(obj: Any) -> bytes:
+    if _orjson is not None:
+        return _orjson.dumps(obj)
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _loads(raw: str | bytes) -> Any:
+    if _orjson is not None:
+        return _orjson.loads(raw)
+    return json.loads(raw)
+
+
+def _preview(raw: str | bytes) -> str:
+    text = raw if isinstance(raw, str) else raw.decode("utf-8", "replace")
+    return text if len(text) <= _LOG_PREVIEW else text[:_LOG_PREVIEW] + "…"
+
+
+def _as_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class ClientError(Exception):
+    """An error reported by the server (failed ack or ``system:error``).
+
+    Attributes: ``code`` (e.g. ``"VALIDATION_ERROR"``), ``message``,
+    ``details`` (dict), ``event`` (the event that failed, if known),
+    ``close_code`` (the WebSocket close code when the server closed the
+    connection because of this error, e.g. 4401, else ``None``) and
+    ``close_reason``.
+
+    Example::
+
+        try:
+            await client.emit("room:join", {"roomId": "nope"})
+        except ClientError as exc:
+            assert exc.code == "ROOM_NOT_FOUND"
+    """
+
+    def __init__(
+        self,
+        code: str,
+        message: str = "",
+        details: Mapping[str, Any] | None = None,
+        *,
+        event: str | None = None,
+        close_code: int | None = None,
+    ) -> None:
+        super().__init__(f"{code}: {message}" if message else code)
+        self.code: str = code
+        self.message: str = message
+        self.details: dict[str, Any] = dict(details or {})
+        self.event: str | None = event
+        self.close_code: int | None = close_code
+        self.close_reason: str | None = None
+
+    @classmethod
+    def from_payload(
+        cls, payload: Any, *, event: str | None = None, close_code: int | None = None
+    ) -> ClientError:
+        """Build an error from an ack ``error`` object or ``system:error`` data."""
+        body: Mapping[str, Any] = payload if isinstance(payload, Mapping) else {}
+        details = body.get("details")
+        reported = body.get("event")
+        return cls(
+            str(body.get("code") or "UNKNOWN_ERROR"),
+            str(body.get("message") or ""),
+            details if isinstance(details, Mapping) else {},
+            event=reported if isinstance(reported, str) else event,
+            close_code=close_code,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(code={self.code!r}, message={self.message!r}, "
+            f"details={self.details!r}, event={self.event!r}, close_code={self.close_code!r})"
+        )
+
+
+class HandshakeError(ClientError):
+    """The HTTP upgrade itself was refused (e.g. 403 for a bad ``Origin``).
+
+    ``code`` is ``"HANDSHAKE_FAILED"`` and ``status`` the HTTP status, if any.
+
+    Example::
+
+        with pytest.raises(HandshakeError) as info:
+            await connect(url, token, origin="https://evil.example")
+        assert info.value.status == 403
+    """
+
+    def __init__(self, status: int | None, message: str = "") -> None:
+        super().__init__("HANDSHAKE_FAILED", message, {"status": status})
+        self.status: int | None = status
+
+
+class ConnectionClosed(Exception):
+    """The connection is (or got) closed; ``code``/``reason`` are the close frame's.
+
+    Example::
+
+        with pytest.raises(ConnectionClosed) as info:
+            await client.emit("system:ping")
+        print(info.value.code)
+    """
+
+    def __init__(self, code: int | None = None, reason: str | None = None) -> None:
+        super().__init__(f"connection closed (code={code}, reason={reason!r})")
+        self.code: int | None = code
+        self.reason: str | None = reason
+
+
+class Client:
+    """One WebSocket connection to a Switchboard namespace.
+
+    ``token_in`` chooses how the token travels: ``"header"`` (``Authorization:
+    Bearer``), ``"query"`` (``?token=``) or ``"cookie"`` (``access_token``).
+    ``keep_history=False`` stops filling :attr:`events`; ``buffer_events=False``
+    stops buffering for :meth:`next_event` (callbacks only) — both are for
+    long-running consumers such as benchmarks and ``switchboard tail``.
+
+    Example::
+
+        client = Client("ws://127.0.0.1:8080/ws/chat", token, reconnect=True)
+        welcome = await client.connect()
+        pong = await client.emit("system:ping", {"t": 1})
+        client.close()
+        await client.wait_closed()
+    """
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        *,
+        token_in: TokenLocation = "header",
+        headers: Mapping[str, str] | None = None,
+        origin: str | None = None,
+        reconnect: bool = False,
+        max_backoff: float = 10.0,
+        ack_timeout: float = 10.0,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        connect_timeout: float = 10.0,
+        ping_interval: float | None = None,
+        keep_history: bool = True,
+        buffer_events: bool = True,
+    ) -> None:
+        if token_in not in ("header", "query", "cookie"):
+            raise ValueError(f"token_in must be 'header', 'query' or 'cookie', not {token_in!r}")
+        if url.startswith("http://") or url.startswith("https://"):
+            url = "ws" + url[4:]
+        self.url: str = url
+        self.token: str | None = token
+        self.token_in: TokenLocation = token_in
+        self.headers: dict[str, str] = dict(headers or {})
+        self.origin: str | None = origin
+        self.reconnect: bool = reconnect
+        self.max_backoff: float = max_backoff
+        self.ack_timeout: float = ack_timeout
+        self.max_message_size: int = max_message_size
+        self.connect_timeout: float = connect_timeout
+        self.ping_interval: float | None = ping_interval
+        self.keep_history: bool = keep_history
+        self.buffer_events: bool = buffer_events
+
+        self.welcome: dict[str, Any] | None = None
+        """``data`` of the latest ``system:welcome`` (updated on reconnect)."""
+        self.events: list[Frame] = []
+        """Every event frame received (and local ``client:*`` ones), in order."""
+        self.reconnects: int = 0
+        """Number of successful reconnections so far."""
+
+        self._buffer: list[Frame] = []
+        self._waiters: list[asyncio.Future[None]] = []
+        self._handlers: dict[str, list[EventCallback]] = {}
+        self._handler_tasks: set[asyncio.Future[Any]] = set()
+        self._conn: WebSocketClientConnection | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._pending: dict[int, tuple[str, asyncio.Future[Any]]] = {}
+        self._last_ack_id = 0
+        self._started = False
+        self._closing = False
+        self._finished = False
+        self._sent_close: tuple[int, str | None] | None = None
+        self._close_code: int | None = None
+        self._close_reason: str | None = None
+        self._rooms: dict[str, dict[str, Any]] = {}
+        self._last_seq: dict[str, int] = {}
+        self._seen: dict[str, set[int]] = {}
+        self._recovered_keys: set[tuple[str, int]] = set()
+        self._rng = random.Random()
+
+    def __repr__(self) -> str:
+        state = "connected" if self.connected else ("closed" if self.closed else "idle")
+        return f"<Client {self.url} {state}>"
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def connected(self) -> bool:
+        """True while a socket is open and :meth:`close` has not been called."""
+        return self._conn is not None and not self._closing
+
+    @property
+    def closed(self) -> bool:
+        """True once the client is closed for good (no reconnection pending)."""
+        return self._finished
+
+    @property
+    def close_code(self) -> int | None:
+        """Close code of the most recent connection loss (e.g. 4401), else ``None``."""
+        return self._close_code
+
+    @property
+    def close_reason(self) -> str | None:
+        """Close reason of the most recent connection loss, if the server sent one."""
+        return self._close_reason
+
+    @property
+    def rooms(self) -> list[Any]:
+        """Room ids joined through :meth:`emit` (re-joined after a reconnect)."""
+        return [payload["roomId"] for payload in self._rooms.values()]
+
+    def last_seq(self, room_id: Any) -> int | None:
+        """Highest message ``seq`` seen in ``room_id`` (events and acks), or ``None``.
+
+        Example::
+
+            await client.emit("room:join", {"roomId": rid, "sinceSeq": client.last_seq(rid) or 0})
+        """
+        return self._last_seq.get(str(room_id))
+
+    # -------------------------------------------------------------- lifecycle
+
+    async def connect(self) -> dict[str, Any]:
+        """Open the socket and return the ``system:welcome`` data.
+
+        Raises :class:`ClientError` (with ``close_code``) when the server
+        answers with ``system:error`` and closes (bad token: ``UNAUTHORIZED``,
+        4401), :class:`HandshakeError` when the upgrade is refused,
+        :class:`ConnectionClosed` when the socket closes without a frame,
+        :class:`TimeoutError` when no welcome arrives within ``connect_timeout``
+        and :class:`OSError` when nothing listens.
+
+        Example::
+
+            welcome = await Client(url, token).connect()
+            print(welcome["connectionId"], welcome["userId"])
+        """
+        if self._started:
+            raise RuntimeError("Client.connect() can only be called once per Client")
+        self._started = True
+        try:
+            conn, welcome, early = await self._open()
+        except ClientError as exc:
+            self._finish(exc.close_code, exc.close_reason)
+            raise
+        except ConnectionClosed as exc:
+            self._finish(exc.code, exc.reason)
+            raise
+        except BaseException:
+            self._finish(None, None)
+            raise
+        self._attach(conn, welcome, early)
+        return welcome
+
+    def close(self, code: int = 1000, reason: str | None = None) -> None:
+        """Start closing the connection (and stop reconnecting); idempotent.
+
+        Pair with :meth:`wait_closed`, or use :meth:`aclose`.
+
+        Example::
+
+            client.close()
+            code, reason = await client.wait_closed()
+        """
+        if self._finished or self._closing:
+            return
+        self._closing = True
+        self._sent_close = (code, reason)
+        if self._reconnect_task is not None and not self._reconnect_task.done():
+            self._reconnect_task.cancel()
+        conn = self._conn
+        if conn is None:
+            self._finish(code if self._started else None, reason)
+            return
+        try:
+            conn.close(code, reason)
+        except Exception:
+            log.exception("switchboard client %s: error while closing", self.url)
+            self._connection_lost(conn)
+
+    async def wait_closed(
+        self,
+        timeout: float | None = 5.0,
+    ) -> tuple[int | None, str | None]:
+        """Wait until the client is closed for good; return ``(close_code, close_reason)``.
+
+        Raises :class:`TimeoutError` if that does not happen within ``timeout``.
+
+        Example::
+
+            code, _ = await client.wait_closed()   # e.g. after the server kicked us
+            assert code == 4403
+        """
+        async with asyncio.timeout(timeout):
+            while not self._finished and self._started:
+                await self._wait_for_change()
+            tasks = {
+                task
+                for task in (self._reader_task, self._reconnect_task)
+                if task is not None and not task.done() and task is not asyncio.current_task()
+            }
+            if tasks:
+                await asyncio.wait(tasks)
+        return self._close_code, self._close_reason
+
+    async def aclose(
+        self,
+        code: int = 1000,
+        reason: str | None = None,
+        timeout: float | None = 5.0,
+    ) -> tuple[int | None, str | None]:
+        """:meth:`close`, :meth:`wait_closed`, then cancel leftover async callbacks.
+
+        Example::
+
+            await client.aclose()
+        """
+        self.close(code, reason)
+        try:
+            return await self.wait_closed(timeout)
+        finally:
+            for task in list(self._handler_tasks):
+                task.cancel()
+            if self._handler_tasks:
+                await asyncio.wait(list(self._handler_tasks), timeout=1.0)
+
+    async def __aenter__(self) -> Client:
+        if not self._started:
+            await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # ---------------------------------------------------------------- sending
+
+    async def emit(
+        self,
+        event: str,
+        data: Any = None,
+        *,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Send ``event`` with a fresh ack id and return the ack's ``data``.
+
+        Raises :class:`ClientError` for ``ok: false`` acks,
+        :class:`ConnectionClosed` if the socket closes first and
+        :class:`TimeoutError` after ``timeout`` (default ``ack_timeout``).
+        Successful ``room:join``/``room:leave`` calls are remembered for
+        reconnection, and message ``seq`` numbers in acks are tracked.
+
+        Example::
+
+            ack = await client.emit("message:send", {"roomId": rid, "content": "hi"})
+            print(ack["message"]["seq"])
+        """
+        payload = {} if data is None else data
+        result = await self._request(self._require_conn(), event, payload, timeout)
+        self._track_ack(event, payload, result)
+        return result
+
+    async def send(self, event: str, data: Any = None) -> None:
+        """Send ``event`` without an ack id (errors come back as ``system:error``).
+
+        Example::
+
+            await client.send("typing:start", {"roomId": rid})
+        """
+        conn = self._require_conn()
+        await self._write(conn, {"event": event, "data": {} if data is None else data})
+
+    async def send_raw(self, payload: str | bytes, *, binary: bool = False) -> None:
+        """Send ``payload`` verbatim as one text (or, with ``binary``, binary) frame.
+
+        Example::
+
+            await client.send_raw("{not json")
+            error = await client.next_event("system:error")
+        """
+        conn = self._require_conn()
+        try:
+            await conn.write_message(payload, binary=binary)
+        except (WebSocketClosedError, StreamClosedError) as exc:
+            raise ConnectionClosed(conn.close_code, conn.close_reason) from exc
+
+    async def refresh_token(
+        self,
+        token: str,
+        *,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Send ``auth:refresh`` and, on success, use ``token`` for reconnections too.
+
+        Example::
+
+            await client.next_event("auth:expiring")
+            await client.refresh_token(new_token)
+        """
+        result = await self.emit("auth:refresh", {"token": token}, timeout=timeout)
+        self.token = token
+        return result
+
+    # ----------------------------------------------------------------- events
+
+    def on(self, event: str, callback: EventCallback) -> EventCallback:
+        """Call ``callback(frame)`` for each ``event`` frame (``"*"``: every event).
+
+        ``callback`` may be sync or async; exceptions are logged, not raised.
+        Returns ``callback`` so it can be passed to :meth:`off` later.
+
+        Example::
+
+            client.on("message:new", lambda frame: print(frame["data"]["message"]))
+        """
+        self._handlers.setdefault(event, []).append(callback)
+        return callback
+
+    def off(self, event: str, callback: EventCallback | None = None) -> None:
+        """Remove ``callback`` (or, without one, every callback) for ``event``.
+
+        Example::
+
+            client.off("message:new", printer)
+        """
+        if callback is None:
+            self._handlers.pop(event, None)
+            return
+        callbacks = self._handlers.get(event, [])
+        with contextlib.suppress(ValueError):
+            callbacks.remove(callback)
+        if not callbacks:
+            self._handlers.pop(event, None)
+
+    async def next_event(
+        self,
+        name: str | None = None,
+        timeout: float | None = 5.0,
+        predicate: Predicate | None = None,
+    ) -> Frame:
+        """Remove and return the oldest buffered event frame matching ``name``/``predicate``.
+
+        Non-matching frames stay buffered for later calls. Waits up to
+        ``timeout`` seconds (:class:`TimeoutError`); raises
+        :class:`ConnectionClosed` once the client is closed for good and no
+        buffered frame matches.
+
+        Example::
+
+            frame = await client.next_event(
+                "message:new", predicate=lambda f: f["data"]["message"]["roomId"] == rid
+            )
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    frame = self._take(name, predicate)
+                    if frame is not None:
+                        return frame
+                    if self._finished:
+                        raise ConnectionClosed(self._close_code, self._close_reason)
+                    await self._wait_for_change()
+        except TimeoutError:
+            buffered = [frame.get("event") for frame in self._buffer]
+            raise TimeoutError(
+                f"no {name or 'event'!r} frame{' matching predicate' if predicate else ''} "
+                f"within {timeout}s on {self.url}; buffered: {buffered}"
+            ) from None
+
+    async def expect_no_event(
+        self,
+        name: str | None = None,
+        within: float = 0.3,
+        predicate: Predicate | None = None,
+    ) -> None:
+        """Raise :class:`AssertionError` if a matching event is buffered or arrives
+        within ``within`` seconds. Nothing is consumed.
+
+        Example::
+
+            await outsider.expect_no_event("message:new", within=0.3)
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while True:
+            frame = self._find(name, predicate)
+            if frame is not None:
+                raise AssertionError(f"unexpected {name or 'event'!r} frame on {self.url}: {frame}")
+            remaining = deadline - loop.time()
+            if remaining <= 0 or self._finished:
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._wait_for_change()
+
+    def drain_events(self, name: str | None = None) -> list[Frame]:
+        """Remove and return every buffered frame (or every ``name`` frame).
+
+        Example::
+
+            client.drain_events()   # forget the join noise before the real test
+        """
+        taken = [f for f in self._buffer if name is None or f.get("event") == name]
+        self._buffer = [f for f in self._buffer if not (name is None or f.get("event") == name)]
+        return taken
+
+    async def iter_events(self, name: str | None = None) -> AsyncIterator[Frame]:
+        """Yield buffered event frames as they arrive until the client closes for good.
+
+        Example::
+
+            async for frame in client.iter_events():
+                print(frame["event"], frame["data"])
+        """
+        while True:
+            try:
+                frame = await self.next_event(name, timeout=None)
+            except ConnectionClosed:
+                return
+            yield frame
+
+    # ---------------------------------------------------------------- internals
+
+    def _require_conn(self) -> WebSocketClientConnection:
+        conn = self._conn
+        if conn is None or self._closing:
+            raise ConnectionClosed(self._close_code, self._close_reason)
+        return conn
+
+    def _build_request(self) -> HTTPRequest:
+        url = self.url
+        headers = HTTPHeaders()
+        for key, value in self.headers.items():
+            headers[key] = value
+        if self.origin is not None:
+            headers["Origin"] = self.origin
+        token = self.token
+        if token:
+            if self.token_in == "header":
+                headers["Authorization"] = f"Bearer {token}"
+            elif self.token_in == "query":
+                parts = urlsplit(url)
+                query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+                query = [(k, v) for k, v in query if k != "token"] + [("token", token)]
+                url = urlunsplit(parts._replace(query=urlencode(query)))
+            else:
+                cookie = f"access_token={token}"
+                existing = headers.get("Cookie")
+                headers["Cookie"] = f"{existing}; {cookie}" if existing else cookie
+        return HTTPRequest(
+            url,
+            headers=headers,
+            connect_timeout=self.connect_timeout,
+            request_timeout=self.connect_timeout,
+        )
+
+    async def _open(self) -> tuple[WebSocketClientConnection, dict[str, Any], list[Frame]]:
+        """Connect and read up to the welcome frame (nothing is attached yet)."""
+        request = self._build_request()
+        try:
+            conn = await websocket_connect(
+                request,
+                max_message_size=self.max_message_size,
+                ping_interval=self.ping_interval,
+            )
+        except StreamClosedError as exc:
+            raise ConnectionClosed(None, "connection lost during handshake") from exc
+        except HTTPTimeoutError as exc:
+            raise TimeoutError(f"WebSocket handshake with {self.url} timed out") from exc
+        except HTTPClientError as exc:
+            raise HandshakeError(exc.code, str(exc)) from exc
+        except WebSocketError as exc:
+            raise HandshakeError(None, str(exc)) from exc
+        try:
+            welcome, early = await self._await_welcome(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn, welcome, early
+
+    async def _await_welcome(
+        self, conn: WebSocketClientConnection
+    ) -> tuple[dict[str, Any], list[Frame]]:
+        early: list[Frame] = []
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                while True:
+                    raw = await conn.read_message()
+                    if raw is None:
+                        raise ConnectionClosed(conn.close_code, conn.close_reason)
+                    frame = self._parse(raw)
+                    if frame is None:
+                        continue
+                    name = frame.get("event")
+                    if name == "system:welcome":
+                        data = frame.get("data")
+                        return (data if isinstance(data, dict) else {}), early
+                    if name == "system:error":
+                        error = ClientError.from_payload(frame.get("data"))
+                        break
+                    if isinstance(name, str):
+                        early.append(frame)
+                    else:
+                        log.warning(
+                            "switchboard client %s: unexpected frame before welcome: %s",
+                            self.url,
+                            _preview(raw),
+                        )
+        except TimeoutError:
+            raise TimeoutError(
+                f"no system:welcome from {self.url} within {self.connect_timeout}s"
+            ) from None
+        # A system:error during the handshake precedes a close; report its code.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(min(self.connect_timeout, _CLOSE_WAIT)):
+                while await conn.read_message() is not None:
+                    pass
+        error.close_code, error.close_reason = conn.close_code, conn.close_reason
+        raise error
+
+    def _attach(
+        self, conn: WebSocketClientConnection, welcome: dict[str, Any], early: list[Frame]
+    ) -> None:
+        if conn.protocol is not None:
+            conn.protocol.set_nodelay(True)  # small interactive frames: no Nagle delay
+        self._conn = conn
+        self.welcome = welcome
+        for frame in early:
+            self._on_event(frame)
+        self._reader_task = asyncio.get_running_loop().create_task(
+            self._read_loop(conn), name=f"switchboard-client-reader {self.url}"
+        )
+
+    async def _read_loop(self, conn: WebSocketClientConnection) -> None:
+        try:
+            while True:
+                raw = await conn.read_message()
+                if raw is None:
+                    break
+                try:
+                    self._handle_raw(raw)
+                except Exception:
+                    log.exception(
+                        "switchboard client %s: failed to handle frame %s", self.url, _preview(raw)
+                    )
+        except asyncio.CancelledError:
+            conn.close()
+            raise
+        except Exception:
+            log.exception("switchboard client %s: reader crashed; dropping connection", self.url)
+        try:
+            self._connection_lost(conn)
+        except Exception:
+            log.exception("switchboard client %s: error handling connection loss", self.url)
+
+    def _parse(self, raw: str | bytes) -> Frame | None:
+        try:
+            frame = _loads(raw)
+        except ValueError:
+            log.warning("switchboard client %s: non-JSON frame: %s", self.url, _preview(raw))
+            return None
+        if not isinstance(frame, dict):
+            log.warning("switchboard client %s: non-object frame: %s", self.url, _preview(raw))
+            return None
+        return frame
+
+    def _handle_raw(self, raw: str | bytes) -> None:
+        frame = self._parse(raw)
+        if frame is None:
+            return
+        if isinstance(frame.get("event"), str):
+            self._on_event(frame)
+        elif "ack" in frame:
+            self._on_ack(frame)
+        else:
+            log.warning("switchboard client %s: unrecognised frame: %s", self.url, _preview(raw))
+
+    def _on_ack(self, frame: Frame) -> None:
+        ack_id = _as_int(frame.get("ack"))
+        entry = self._pending.get(ack_id) if ack_id is not None else None
+        if entry is None:
+            log.debug("switchboard client %s: ack %r matches no pending request", self.url, ack_id)
+            return
+        event, future = entry
+        if future.done():
+            return
+        if frame.get("ok") is True:
+            data = frame.get("data")
+            future.set_result({} if data is None else data)
+        else:
+            future.set_exception(ClientError.from_payload(frame.get("error"), event=event))
+
+    def _on_event(self, frame: Frame) -> None:
+        name = frame["event"]
+        data = frame.get("data")
+        if name == "message:new" and isinstance(data, dict):
+            message = data.get("message")
+            if isinstance(message, dict):
+                key = self._message_key(message)
+                if key is not None and key in self._recovered_keys:
+                    # Already delivered by recovery after a reconnect.
+                    self._recovered_keys.discard(key)
+                    return
+                self._note_message(message)
+        elif name == "room:deleted" and isinstance(data, dict) and "roomId" in data:
+            self._rooms.pop(str(data["roomId"]), None)
+        self._deliver(frame)
+
+    def _deliver(self, frame: Frame) -> None:
+        if self.keep_history:
+            self.events.append(frame)
+        if self.buffer_events:
+            self._buffer.append(frame)
+            self._notify()
+        name = frame["event"]
+        for callback in [*self._handlers.get(name, ()), *self._handlers.get("*", ())]:
+            try:
+                result = callback(frame)
+            except Exception:
+                log.exception(
+                    "switchboard client %s: %r callback %r failed", self.url, name, callback
+                )
+                continue
+            if inspect.isawaitable(result):
+                task = asyncio.ensure_future(result)
+                self._handler_tasks.add(task)
+                task.add_done_callback(
+                    functools.partial(self._handler_done, event=name, callback=callback)
+                )
+
+    def _handler_done(
+        self, task: asyncio.Future[Any], *, event: str, callback: EventCallback
+    ) -> None:
+        self._handler_tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error(
+                "switchboard client %s: async %r callback %r failed",
+                self.url,
+                event,
+                callback,
+                exc_info=exc,
+            )
+
+    def _emit_local(self, name: str, data: dict[str, Any]) -> None:
+        self._deliver({"event": name, "data": data})
+
+    def _take(self, name: str | None, predicate: Predicate | None) -> Frame | None:
+        for index, frame in enumerate(self._buffer):
+            if self._matches(frame, name, predicate):
+                del self._buffer[index]
+                return frame
+        return None
+
+    def _find(self, name: str | None, predicate: Predicate | None) -> Frame | None:
+        for frame in self._buffer:
+            if self._matches(frame, name, predicate):
+                return frame
+        return None
+
+    @staticmethod
+    def _matches(frame: Frame, name: str | None, predicate: Predicate | None) -> bool:
+        if name is not None and frame.get("event") != name:
+            return False
+        return predicate is None or bool(predicate(frame))
+
+    async def _wait_for_change(self) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        try:
+            await future
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(future)
+
+    def _notify(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for future in waiters:
+            if not future.done():
+                future.set_result(None)
+
+    async def _write(self, conn: WebSocketClientConnection, frame: Frame) -> None:
+        try:
+            await conn.write_message(_dumps(frame))
+        except (WebSocketClosedError, StreamClosedError) as exc:
+            raise ConnectionClosed(conn.close_code, conn.close_reason) from exc
+
+    async def _request(
+        self,
+        conn: WebSocketClientConnection,
+        event: str,
+        data: Any,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        self._last_ack_id += 1
+        ack_id = self._last_ack_id
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[ack_id] = (event, future)
+        limit = self.ack_timeout if timeout is None else timeout
+        try:
+            await self._write(conn, {"event": event, "data": data, "ack": ack_id})
+            async with asyncio.timeout(limit):
+                result: dict[str, Any] = await future
+            return result
+        except TimeoutError:
+            raise TimeoutError(
+                f"no ack for {event!r} (ack {ack_id}) from {self.url} within {limit}s"
+            ) from None
+        finally:
+            self._pending.pop(ack_id, None)
+            if future.done() and not future.cancelled():
+                future.exception()  # mark retrieved
+            else:
+                future.cancel()
+
+    # ------------------------------------------------------- rooms and seq numbers
+
+    @staticmethod
+    def _message_key(message: Mapping[str, Any]) -> tuple[str, int] | None:
+        room_id = message.get("roomId")
+        seq = _as_int(message.get("seq"))
+        if room_id is None or seq is None:
+            return None
+        return str(room_id), seq
+
+    def _note_message(self, message: Mapping[str, Any]) -> bool:
+        """Record a message's (roomId, seq); False if it was already seen."""
+        key = self._message_key(message)
+        if key is None:
+            return True
+        room, seq = key
+        seen = self._seen.setdefault(room, set())
+        if seq in seen:
+            return False
+        seen.add(seq)
+        if len(seen) > 2 * _SEEN_KEEP:
+            self._seen[room] = set(sorted(seen)[-_SEEN_KEEP:])
+        if seq > self._last_seq.get(room, -1):
+            self._last_seq[room] = seq
+        return True
+
+    def _track_ack(self, event: str, request: Any, result: Any) -> None:
+        if not isinstance(result, dict):
+            return
+        if isinstance(request, dict) and request.get("roomId") is not None:
+            room_key = str(request["roomId"])
+            if event == "room:join":
+                self._rooms[room_key] = {k: v for k, v in request.items() if k != "sinceSeq"}
+                room = result.get("room")
+                hint = _as_int(room.get("lastSeq")) if isinstance(room, dict) else None
+                if hint is not None and hint > self._last_seq.get(room_key, -1):
+                    self._last_seq[room_key] = hint
+            elif event == "room:leave":
+                self._rooms.pop(room_key, None)
+        for field in ("missed", "messages"):
+            items = result.get(field)
+            if isinstance(items, list):
+                for item in items:
+                    if isinstance(item, dict):
+                        self._note_message(item)
+        message = result.get("message")
+        if isinstance(message, dict):
+            self._note_message(message)
+
+    # ------------------------------------------------------------- reconnection
+
+    def _connection_lost(self, conn: WebSocketClientConnection) -> None:
+        conn.close()  # releases tornado's protocol object (no-op on the wire by now)
+        if conn is not self._conn:
+            return
+        self._conn = None
+        code, reason = conn.close_code, conn.close_reason
+        if self._closing and self._sent_close is not None:
+            # Servers echo our close code but usually not the reason.
+            sent_code, sent_reason = self._sent_close
+            code = sent_code if code is None else code
+            reason = sent_reason if reason is None else reason
+        self._close_code, self._close_reason = code, reason
+        error = ConnectionClosed(code, reason)
+        for _event, future in list(self._pending.values()):
+            if not future.done():
+                future.set_exception(error)
+        will_reconnect = self.reconnect and not self._closing and code not in FATAL_CLOSE_CODES
+        if self.reconnect and not self._closing:
+            log.info(
+                "switchboard client %s: connection lost (code=%s, reason=%r)%s",
+                self.url,
+                code,
+                reason,
+                "; reconnecting" if will_reconnect else "",
+            )
+            self._emit_local(
+                "client:disconnected",
+                {"code": code, "reason": reason, "willReconnect": will_reconnect},
+            )
+        if self._finished:
+            return  # a client:disconnected callback closed the client
+        if not will_reconnect or self._closing:
+            self._finish(code, reason)
+        elif self._reconnect_task is None or self._reconnect_task.done():
+            self._reconnect_task = asyncio.get_running_loop().create_task(
+                self._reconnect_loop(), name=f"switchboard-client-reconnect {self.url}"
+            )
+        else:
+            self._notify()  # the running reconnect loop will retry
+
+    def _finish(self, code: int | None, reason: str | None) -> None:
+        self._finished = True
+        self._conn = None
+        if code is not None or reason is not None:
+            self._close_code, self._close_reason = code, reason
+        task = self._reconnect_task
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()
+        self._notify()
+
+    def _backoff(self, attempt: int) -> float:
+        ceiling = min(self.max_backoff, _BACKOFF_START * (2 ** min(attempt, 30)))
+        return self._rng.uniform(ceiling / 2, ceiling)
+
+    async def _reconnect_loop(self) -> None:
+        attempt = 0
+        while not self._closing and not self._finished:
+            await asyncio.sleep(self._backoff(attempt))
+            attempt += 1
+            if self._closing or self._finished:
+                return
+            try:
+                conn, welcome, early = await self._open()
+            except ClientError as exc:
+                if exc.close_code in FATAL_CLOSE_CODES:
+                    log.warning(
+                        "switchboard client %s: reconnection refused (%s, close %s); giving up",
+                        self.url,
+                        exc.code,
+                        exc.close_code,
+                    )
+                    self._emit_local(
+                        "client:reconnect_failed",
+                        {
+                            "code": exc.code,
+                            "message": exc.message,
+                            "closeCode": exc.close_code,
+                            "attempts": attempt,
+                        },
+                    )
+                    self._finish(exc.close_code, exc.close_reason)
+                    return
+                log.info("switchboard client %s: reconnect attempt %d: %s", self.url, attempt, exc)
+                continue
+            except (OSError, ConnectionClosed, TimeoutError) as exc:
+                log.info("switchboard client %s: reconnect attempt %d: %r", self.url, attempt, exc)
+                continue
+            except Exception:
+                log.exception(
+                    "switchboard client %s: reconnect attempt %d failed", self.url, attempt
+                )
+                continue
+            if self._closing or self._finished:
+                conn.close()
+                return
+            self._attach(conn, welcome, early)
+            try:
+                report = await self._rejoin(conn)
+            except ConnectionClosed:
+                continue
+            except TimeoutError as exc:
+                log.warning("switchboard client %s: re-joining rooms: %s", self.url, exc)
+                report = {}
+            if self._conn is not conn:
+                continue  # lost again while re-joining; the reader already reported it
+            self.reconnects += 1
+            log.info("switchboard client %s: reconnected after %d attempt(s)", self.url, attempt)
+            self._emit_local(
+                "client:reconnected",
+                {"attempts": attempt, "welcome": welcome, "rooms": report},
+            )
+            return
+
+    async def _rejoin(self, conn: WebSocketClientConnection) -> dict[str, Any]:
+        report: dict[str, Any] = {}
+        for room_key, payload in list(self._rooms.items()):
+            since = self._last_seq.get(room_key, 0)
+            try:
+                result = await self._request(conn, "room:join", {**payload, "sinceSeq": since})
+            except ClientError as exc:
+                log.warning(
+                    "switchboard client %s: could not re-join room %s: %s", self.url, room_key, exc
+                )
+                self._rooms.pop(room_key, None)
+                self._emit_local(
+                    "client:rejoin_failed",
+                    {
+                        "roomId": payload["roomId"],
+                        "error": {"code": exc.code, "message": exc.message, "details": exc.details},
+                    },
+                )
+                report[room_key] = {"rejoined": False, "error": exc.code}
+                continue
+            missed = [m for m in result.get("missed") or [] if isinstance(m, dict)]
+            complete = result.get("recovered") is not False
+            if not complete:
+                try:
+                    missed += await self._page_history(conn, payload["roomId"], since)
+                    complete = True
+                except ClientError as exc:
+                    log.warning(
+                        "switchboard client %s: paging history of room %s: %s",
+                        self.url,
+                        room_key,
+                        exc,
+                    )
+            delivered = self._feed_recovered(missed)
+            report[room_key] = {"rejoined": True, "recovered": complete, "missed": delivered}
+        return report
+
+    async def _page_history(
+        self, conn: WebSocketClientConnection, room_id: Any, since: int
+    ) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+        before: int | None = None
+        while len(found) < _MAX_RECOVERED:
+            request: dict[str, Any] = {"roomId": room_id, "limit": _HISTORY_PAGE}
+            if before is not None:
+                request["beforeSeq"] = before
+            page = await self._request(conn, "room:get_messages", request)
+            messages = [
+                m
+                for m in page.get("messages") or []
+                if isinstance(m, dict) and _as_int(m.get("seq")) is not None
+            ]
+            if not messages:
+                break
+            found.extend(m for m in messages if m["seq"] > since)
+            lowest = min(m["seq"] for m in messages)
+            if lowest <= since + 1 or not page.get("hasMore"):
+                break
+            before = lowest
+        return found
+
+    def _feed_recovered(self, messages: list[dict[str, Any]]) -> int:
+        delivered = 0
+        for message in sorted(messages, key=lambda m: _as_int(m.get("seq")) or 0):
+            if not self._note_message(message):
+                continue  # already seen live or in another page
+            key = self._message_key(message)
+            if key is not None:
+                if len(self._recovered_keys) > 4 * _MAX_RECOVERED:
+                    self._recovered_keys.clear()
+                self._recovered_keys.add(key)
+            self._deliver({"event": "message:new", "data": {"message": message}, "recovered": True})
+            delivered += 1
+        return delivered
+
+
+async def connect(url: str, token: str | None = None, **kwargs: Any) -> Client:
+    """Create a :class:`Client` with ``kwargs`` and connect it.
+
+    Example::
+
+        client = await connect("ws://127.0.0.1:8080/ws/chat", token, reconnect=True)
+    """
+    client = Client(url, token, **kwargs)
+    await client.connect()
+    return client
