@@ -183,7 +183,7 @@ class Node:
                 send_event("system:disconnect", {"reason": "server_shutdown", "reconnect": True})
             conn.close_with(1001, "server shutting down")
         deadline = time.monotonic() + grace_secs
-        while self.hub.connections and time.monotonic() < deadline:
+        while self.hub.connections and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         await self.tasks.drain(max(0.1, deadline - time.monotonic()))
         await self.loop_monitor.stop()

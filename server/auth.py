@@ -65,7 +65,7 @@ class TokenVerifier:
     def verify(self, token: str | None) -> Identity:
         if not token:
             raise Unauthorized("Missing token")
-        options: dict[str, Any] = {"require": ["exp", "sub"], "verify_aud": bool(self._audience)}
+        options: Any = {"require": ["exp", "sub"], "verify_aud": bool(self._audience)}
         try:
             claims = jwt.decode(
                 token,

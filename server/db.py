@@ -63,9 +63,10 @@ def open_database(url: str) -> pw.Database:
         return pw.SqliteDatabase(path, pragmas=_SQLITE_PRAGMAS)
     if scheme in ("postgres", "postgresql"):
         name = params.pop("database")
-        return PooledPostgresqlDatabase(
+        pool: pw.Database = PooledPostgresqlDatabase(
             name, max_connections=POSTGRES_WORKERS + 2, stale_timeout=300, **params
         )
+        return pool
     raise ValueError(f"unsupported database URL scheme {scheme!r} (sqlite or postgresql)")
 
 
@@ -86,28 +87,35 @@ class Database:
 
     async def start(self) -> None:
         """Apply pending migrations (creating the tables on first start)."""
-        await self.run("migrate", self._migrate, transaction=False)
+        await self.run_bare("migrate", self._migrate)
 
     def _migrate(self) -> None:
         applied = Runner(self.db, directory=MIGRATIONS_DIR).up()
         if applied:
             log.info("applied migrations: %s", ", ".join(str(m) for m in applied))
 
-    async def run(
+    async def run(self, op: str, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``fn(*args, **kwargs)`` in a worker thread inside one transaction.
+
+        ``op`` names the operation for metrics and logs.
+        """
+        return await self._submit(op, fn, args, kwargs, transaction=True)
+
+    async def run_bare(self, op: str, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Like :meth:`run` without the transaction, for work that manages its own."""
+        return await self._submit(op, fn, args, kwargs, transaction=False)
+
+    async def _submit(
         self,
         op: str,
-        fn: Callable[P, T],
-        *args: P.args,
-        **kwargs: P.kwargs,
+        fn: Callable[..., T],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        transaction: bool,
     ) -> T:
-        """Run ``fn(*args)`` in a worker thread inside one transaction.
-
-        ``op`` names the operation for metrics and logs. Pass
-        ``transaction=False`` for work that manages its own.
-        """
         if self._closed:
             raise RuntimeError("database is closed")
-        transaction = bool(kwargs.pop("transaction", True))
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
@@ -140,14 +148,14 @@ class Database:
     async def ping(self) -> bool:
         """Really ask the database (``SELECT 1``); False when it does not answer."""
         try:
-            await asyncio.wait_for(self.run("ping", self._ping, transaction=False), 2.0)
+            await asyncio.wait_for(self.run_bare("ping", self._ping), 2.0)
             return True
         except Exception as exc:
             log.warning("database ping failed: %s", exc)
             return False
 
     def _ping(self) -> None:
-        self.db.execute_sql("SELECT 1").fetchone()
+        self.db.execute_sql("SELECT 1").fetchone()  # type: ignore[no-untyped-call]
 
     async def close(self) -> None:
         """Finish queued work, then close; called at shutdown."""

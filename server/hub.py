@@ -275,8 +275,8 @@ class Hub:
             else:
                 conns = self.connections.values()
         elif kind == "connection":
-            conn = self.connections.get(target.key)
-            conns = (conn,) if conn is not None else ()
+            one = self.connections.get(target.key)
+            conns = (one,) if one is not None else ()
         else:
             raise ValueError(f"unknown target kind {kind!r}")
         return self._write(conns, frame, exclude)
