@@ -168,6 +168,11 @@ class GatewayHandler(WebSocketHandler):
             self.send_payload(protocol.system_error_payload(exc, None))
             self.close_with(exc.close_code or 4400, exc.message)
             await self._release_limit()
+        except Exception:
+            log.exception("admitting %s connection from %s failed", self.namespace, self.client_ip)
+            self.send_payload(protocol.system_error_payload(errors.InternalError(), None))
+            self.close_with(1011, "internal error")
+            await self._release_limit()
 
     async def _admit(self) -> None:
         if self.state.shutting_down:
@@ -353,7 +358,7 @@ class GatewayHandler(WebSocketHandler):
         ws = self.ws_connection
         if ws is None or self._closing:
             return False
-        stream = ws.stream  # type: ignore[attr-defined]
+        stream = ws.stream
         if stream is None or stream.closed():
             return False
         # The write buffer is what the peer has not read yet: bounded per connection.

@@ -91,7 +91,7 @@ class MetricsHandler(RequestHandler):
         accept = self.request.headers.get("Accept", "")
         if "application/openmetrics-text" in accept:
             self.set_header("Content-Type", OPENMETRICS_CONTENT_TYPE)
-            self.finish(generate_openmetrics(self.registry))
+            self.finish(generate_openmetrics(self.registry))  # type: ignore[no-untyped-call]
         else:
             self.set_header("Content-Type", CONTENT_TYPE_LATEST)
             self.finish(generate_latest(self.registry))

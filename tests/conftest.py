@@ -85,7 +85,7 @@ class Gateway:
         for client in self.clients:
             try:
                 await client.aclose(timeout=2.0)
-            except Exception:  # noqa: BLE001 - best-effort teardown
+            except Exception:  # best-effort teardown
                 pass
 
 
