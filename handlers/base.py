@@ -395,10 +395,18 @@ class GatewayHandler(WebSocketHandler):
         self._closing = True
         if self._close_reason == "client":
             self._close_reason = {1001: "shutdown", 4408: "heartbeat_timeout"}.get(code, "server")
+        ws = self.ws_connection
         try:
             self.close(code, reason)
         except (WebSocketClosedError, StreamClosedError):
             pass
+        if code == 4408:
+            # A silent or stalled peer will not answer the closing handshake:
+            # drop the socket now instead of holding its rooms, presence and
+            # limit slot through tornado's 5 s wait for the reply.
+            stream = getattr(ws, "stream", None)
+            if stream is not None and not stream.closed():
+                stream.close()
 
     def ping(self, data: str | bytes = b"") -> None:
         """Send a WebSocket ping; a no-op once the connection is closing."""

@@ -14,7 +14,8 @@ from typing import Any
 import orjson
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
 
-ROOM_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# \Z, not $: "$" also matches before a trailing newline ("general\n").
+ROOM_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 # Control characters other than tab and newline are stripped from text.
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 MAX_CONTENT_CHARS = 4000
@@ -51,7 +52,8 @@ class MessageIdField(fields.Field[int]):
 def room_id(**kwargs: Any) -> fields.String:
     return fields.String(
         data_key="roomId",
-        validate=validate.Regexp(ROOM_ID_RE, error="Must match ^[A-Za-z0-9_-]{1,64}$."),
+        # marshmallow str.format()s the message: the braces must be doubled.
+        validate=validate.Regexp(ROOM_ID_RE, error="Must match ^[A-Za-z0-9_-]{{1,64}}$."),
         **kwargs,
     )
 
@@ -151,7 +153,7 @@ class MessageReact(MessageRef):
         required=True,
         validate=[
             validate.Length(1, 32),
-            validate.Regexp(r"^\S+$", error="Must not contain whitespace."),
+            validate.Regexp(r"^\S+\Z", error="Must not contain whitespace."),
         ],
     )
     action = fields.String(load_default="add", validate=validate.OneOf(["add", "remove"]))

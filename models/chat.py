@@ -361,19 +361,32 @@ def send_message(
                 "Parent message not found in this room", {"parentMessageId": str(parent_id)}
             )
     now = utcnow()
-    updated = (
-        Room.update(last_seq=Room.last_seq + 1, last_activity_at=now)
-        .where((Room.id == room_id) & Room.deleted_at.is_null())
-        .execute()
-    )
-    if not updated:
-        raise errors.RoomNotFound(details={"roomId": room_id})
-    seq = Room.select(Room.last_seq).where(Room.id == room_id).scalar()
-    message = Message.create(
-        room=room_id, seq=seq, sender_id=sender_id, sender_name=sender_name,
-        content=content, type=msg_type, parent_id=parent_id, attachments=attachments,
-        metadata=metadata, client_msg_id=client_msg_id, created_at=now,
-    )  # fmt: skip
+    try:
+        # A savepoint: a retry racing its original (PostgreSQL, two connections)
+        # loses on the unique (sender, clientMsgId) index; undo its seq bump too.
+        with Message._meta.database.atomic():
+            updated = (
+                Room.update(last_seq=Room.last_seq + 1, last_activity_at=now)
+                .where((Room.id == room_id) & Room.deleted_at.is_null())
+                .execute()
+            )
+            if not updated:
+                raise errors.RoomNotFound(details={"roomId": room_id})
+            seq = Room.select(Room.last_seq).where(Room.id == room_id).scalar()
+            message = Message.create(
+                room=room_id, seq=seq, sender_id=sender_id, sender_name=sender_name,
+                content=content, type=msg_type, parent_id=parent_id, attachments=attachments,
+                metadata=metadata, client_msg_id=client_msg_id, created_at=now,
+            )  # fmt: skip
+    except pw.IntegrityError:
+        if client_msg_id is None:
+            raise
+        original = Message.get_or_none(
+            (Message.sender_id == sender_id) & (Message.client_msg_id == client_msg_id)
+        )
+        if original is None:
+            raise
+        return Sent(message_dict(original, _reactions_of(original.id)), True)
     return Sent(message_dict(message, {}), False)
 
 

@@ -117,13 +117,16 @@ def mint_token(
 ) -> str:
     """Sign a token for ``user_id`` with the configured secret (or ``private_key``)."""
     now = int(time.time())
+    exp = now + ttl_secs
     claims: dict[str, Any] = {
         "sub": user_id,
         "name": name or user_id,
         "displayName": display_name or name or user_id,
         "roles": list(roles),
         "iat": now,
-        "exp": now + ttl_secs,
+        # An integer NumericDate when the ttl is whole (``--ttl 60`` arrives as
+        # 60.0): "exp": 1700000060.0 breaks consumers that parse it as int64.
+        "exp": int(exp) if float(exp).is_integer() else exp,
     }
     if config.jwt_issuer:
         claims["iss"] = config.jwt_issuer

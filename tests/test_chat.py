@@ -1,0 +1,1088 @@
+"""The ``/ws/chat`` namespace, event by event, as clients see it.
+
+Every test runs a real gateway node and real WebSocket clients. Nothing here
+names a database: ``tests/test_chat_postgres.py`` re-runs this module with
+``DATABASE = "postgres"`` (read by the ``gateway_factory`` fixture).
+
+Conventions: ``alice`` usually owns the room; ``await settle(...)`` is a
+barrier (a ping round trip per client, then the event buffers are emptied),
+used after set-up so that join noise does not leak into the assertions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+import orjson
+import pytest
+
+from server.client import Client, ClientError
+
+pytestmark = pytest.mark.asyncio
+
+ISO_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+ROOM_KEYS = {
+    "id", "name", "type", "description", "ownerId", "hasPassword", "lastSeq",
+    "createdAt", "lastActivityAt",
+}  # fmt: skip
+MESSAGE_KEYS = {
+    "id", "roomId", "seq", "senderId", "senderName", "content", "type", "parentMessageId",
+    "attachments", "metadata", "reactions", "createdAt", "editedAt", "deleted",
+}  # fmt: skip
+MEMBER_KEYS = {"userId", "username", "displayName", "role", "lastReadSeq", "joinedAt", "status"}
+USER_KEYS = {"userId", "username", "displayName"}
+
+
+# -- helpers ------------------------------------------------------------------
+
+
+async def users(gw: Any, *names: str, **kw: Any) -> list[Client]:
+    """Connect one chat client per user name."""
+    return [await gw.connect(name, **kw) for name in names]
+
+
+async def room(owner: Client, room_id: str, *, join: bool = True, **fields: Any) -> dict[str, Any]:
+    """Create a room owned by ``owner`` (and join it unless ``join=False``)."""
+    data = {"roomId": room_id, "name": fields.pop("name", room_id.title()), **fields}
+    created = (await owner.emit("room:create", data))["room"]
+    if join:
+        await owner.emit("room:join", {"roomId": room_id})
+    return created
+
+
+async def join(client: Client, room_id: str, **fields: Any) -> dict[str, Any]:
+    return await client.emit("room:join", {"roomId": room_id, **fields})
+
+
+async def send(client: Client, room_id: str, content: str = "hi", **fields: Any) -> dict[str, Any]:
+    """Send a message; return the stored message from the ack."""
+    ack = await client.emit("message:send", {"roomId": room_id, "content": content, **fields})
+    assert ack["duplicate"] is False
+    return ack["message"]
+
+
+async def error(client: Client, event: str, data: dict[str, Any], code: str) -> ClientError:
+    """Emit ``event`` and assert it fails with ``code``; return the error."""
+    with pytest.raises(ClientError) as info:
+        await client.emit(event, data)
+    assert info.value.code == code, info.value
+    return info.value
+
+
+async def invalid(client: Client, event: str, data: dict[str, Any], field: str) -> None:
+    """Assert a VALIDATION_ERROR whose details name ``field`` (or ``field.N`` inside it)."""
+    exc = await error(client, event, data, "VALIDATION_ERROR")
+    assert any(key == field or key.startswith(field + ".") for key in exc.details), exc.details
+
+
+async def settle(*clients: Client) -> None:
+    """Barrier: everything sent to these clients so far has arrived; then forget it."""
+    for client in clients:
+        await client.emit("system:ping")
+        client.drain_events()
+
+
+async def history(client: Client, room_id: str, **fields: Any) -> dict[str, Any]:
+    return await client.emit("room:get_messages", {"roomId": room_id, **fields})
+
+
+def seqs(messages: list[dict[str, Any]]) -> list[int]:
+    return [m["seq"] for m in messages]
+
+
+def member(members: list[dict[str, Any]], user_id: str) -> dict[str, Any]:
+    found = [m for m in members if m["userId"] == user_id]
+    assert len(found) == 1, members
+    return found[0]
+
+
+def in_room(room_id: str) -> Any:
+    return lambda frame: frame["data"].get("roomId") == room_id
+
+
+def went_offline(user_id: str) -> Any:
+    return lambda frame: frame["data"] == {"userId": user_id, "status": "offline"}
+
+
+def new_in(room_id: str) -> Any:
+    return lambda frame: frame["data"]["message"]["roomId"] == room_id
+
+
+async def collect_new(
+    client: Client, room_id: str, until_seq: int, already: list[int] = ()
+) -> list[int]:
+    """``message:new`` seqs of ``room_id`` until ``until_seq`` is known, then a quiet spell.
+
+    ``already``: seqs the client has from elsewhere (a join's ``missed``).
+    """
+    got: list[int] = []
+    while until_seq not in got and until_seq not in already:
+        frame = await client.next_event("message:new", predicate=new_in(room_id))
+        got.append(frame["data"]["message"]["seq"])
+    # Anything still in flight (a duplicate, say) shows up here.
+    await asyncio.sleep(0.2)
+    got += [f["data"]["message"]["seq"] for f in client.drain_events("message:new")]
+    return got
+
+
+def assert_message(message: dict[str, Any]) -> None:
+    assert MESSAGE_KEYS <= set(message), message
+    assert isinstance(message["id"], str) and message["id"].isdigit()
+    assert ISO_RE.match(message["createdAt"])
+
+
+# -- room:create ----------------------------------------------------------------
+
+
+async def test_create_public_room(gateway):
+    alice = await gateway.connect("alice", token=gateway.token("alice", display_name="Alice L."))
+    created = await alice.emit(
+        "room:create",
+        {"roomId": "general", "name": "General", "type": "public", "description": "Talk"},
+    )
+    r = created["room"]
+    assert ROOM_KEYS <= set(r)
+    assert r["id"] == "general" and r["name"] == "General" and r["type"] == "public"
+    assert r["description"] == "Talk" and r["ownerId"] == "alice"
+    assert r["hasPassword"] is False and r["lastSeq"] == 0 and r["memberCount"] == 1
+    assert ISO_RE.match(r["createdAt"]) and ISO_RE.match(r["lastActivityAt"])
+    members = (await alice.emit("room:members", {"roomId": "general"}))["members"]
+    assert [(m["userId"], m["role"], m["displayName"]) for m in members] == [
+        ("alice", "owner", "Alice L.")
+    ]
+
+
+async def test_create_room_defaults_generate_an_id(gateway):
+    alice = await gateway.connect("alice")
+    r = (await alice.emit("room:create", {"name": "Anything"}))["room"]
+    assert re.fullmatch(r"[A-Za-z0-9_-]{1,64}", r["id"])
+    assert r["type"] == "public" and r["description"] == ""
+    other = (await alice.emit("room:create", {"name": "Anything"}))["room"]
+    assert other["id"] != r["id"]
+
+
+async def test_create_private_room_with_members(gateway):
+    alice, bob = await users(gateway, "alice", "bob")
+    r = await room(alice, "secret", type="private", members=["bob", "carol", "bob", "alice"])
+    assert r["type"] == "private" and r["memberCount"] == 3
+    members = (await alice.emit("room:members", {"roomId": "secret"}))["members"]
+    assert {m["userId"]: m["role"] for m in members} == {
+        "alice": "owner", "bob": "member", "carol": "member",
+    }  # fmt: skip
+    # A listed member sees it in their list and may join without an invitation step.
+    listed = (await bob.emit("room:list"))["rooms"]
+    assert [x["id"] for x in listed] == ["secret"]
+    assert (await join(bob, "secret"))["room"]["id"] == "secret"
+
+
+async def test_create_room_with_password(gateway):
+    alice = await gateway.connect("alice")
+    r = await room(alice, "vault", password="s3cret!")
+    assert r["hasPassword"] is True
+    assert not {k for k in r if "password" in k.lower() and k != "hasPassword"}
+    assert "s3cret!" not in orjson.dumps(r).decode()
+    listed = (await alice.emit("room:list"))["rooms"]
+    assert listed[0]["hasPassword"] is True
+
+
+@pytest.mark.parametrize("bad_id", ["has space", "a/b", "x" * 65, "", "émoji", "a.b", "general\n"])
+async def test_create_room_id_must_match_pattern(gateway, bad_id):
+    alice = await gateway.connect("alice")
+    await invalid(alice, "room:create", {"roomId": bad_id, "name": "X"}, "roomId")
+    assert (await alice.emit("room:list"))["total"] == 0
+
+
+async def test_create_room_validation(gateway):
+    alice = await gateway.connect("alice")
+    await invalid(alice, "room:create", {"roomId": "r"}, "name")
+    await invalid(alice, "room:create", {"roomId": "r", "name": ""}, "name")
+    await invalid(alice, "room:create", {"roomId": "r", "name": "x" * 101}, "name")
+    await invalid(alice, "room:create", {"roomId": "r", "name": "R", "type": "secret"}, "type")
+    await invalid(alice, "room:create", {"roomId": "r", "name": "R", "password": ""}, "password")
+    await invalid(alice, "room:create", {"roomId": "r", "name": "R", "members": "bob"}, "members")
+    ok = await alice.emit("room:create", {"roomId": "x" * 64, "name": "Longest id"})
+    assert ok["room"]["id"] == "x" * 64
+
+
+async def test_create_duplicate_room_id_conflicts(gateway):
+    alice, bob = await users(gateway, "alice", "bob")
+    await room(alice, "general", name="First")
+    exc = await error(bob, "room:create", {"roomId": "general", "name": "Second"}, "CONFLICT")
+    assert exc.details.get("roomId") == "general"
+    await error(alice, "room:create", {"roomId": "general", "name": "Again"}, "CONFLICT")
+    listed = (await bob.emit("room:list"))["rooms"]
+    assert [(x["id"], x["name"], x["ownerId"]) for x in listed] == [("general", "First", "alice")]
+
+
+# -- room:list ------------------------------------------------------------------
+
+
+async def test_list_shows_public_and_own_private_rooms(gateway):
+    alice, bob = await users(gateway, "alice", "bob")
+    await room(alice, "lobby", join=False)
+    await room(alice, "alice-only", type="private", join=False)
+    await room(bob, "bob-only", type="private", join=False)
+    await room(bob, "bob-and-alice", type="private", members=["alice"], join=False)
+    mine = await alice.emit("room:list")
+    assert sorted(r["id"] for r in mine["rooms"]) == ["alice-only", "bob-and-alice", "lobby"]
+    assert mine["total"] == 3
+    theirs = await bob.emit("room:list")
+    assert sorted(r["id"] for r in theirs["rooms"]) == ["bob-and-alice", "bob-only", "lobby"]
+    assert theirs["total"] == 3
+    counts = {r["id"]: r["memberCount"] for r in theirs["rooms"]}
+    assert counts == {"bob-and-alice": 2, "bob-only": 1, "lobby": 1}
+    carol = await gateway.connect("carol")
+    assert [r["id"] for r in (await carol.emit("room:list"))["rooms"]] == ["lobby"]
+
+
+async def test_list_filters_by_name(gateway):
+    alice = await gateway.connect("alice")
+    await room(alice, "g1", name="General Chat", join=False)
+    await room(alice, "g2", name="not-so-general", join=False)
+    await room(alice, "r1", name="Random", join=False)
+    found = await alice.emit("room:list", {"q": "GENERAL"})
+    assert sorted(r["id"] for r in found["rooms"]) == ["g1", "g2"] and found["total"] == 2
+    found = await alice.emit("room:list", {"q": "ndo"})
+    assert [r["id"] for r in found["rooms"]] == ["r1"] and found["total"] == 1
+    found = await alice.emit("room:list", {"q": "nothing like it"})
+    assert found == {"rooms": [], "total": 0}
+
+
+async def test_list_pages_with_limit_offset_and_total(gateway):
+    alice = await gateway.connect("alice")
+    for i in range(5):
+        await room(alice, f"room{i}", join=i == 1)
+    # Most recently active first: a message makes room1 the most recent.
+    await send(alice, "room1")
+    first = await alice.emit("room:list", {"limit": 2})
+    assert [r["id"] for r in first["rooms"]] == ["room1", "room4"] and first["total"] == 5
+    second = await alice.emit("room:list", {"limit": 2, "offset": 2})
+    assert [r["id"] for r in second["rooms"]] == ["room3", "room2"] and second["total"] == 5
+    last = await alice.emit("room:list", {"limit": 2, "offset": 4})
+    assert [r["id"] for r in last["rooms"]] == ["room0"] and last["total"] == 5
+    beyond = await alice.emit("room:list", {"limit": 2, "offset": 10})
+    assert beyond == {"rooms": [], "total": 5}
+    assert first["rooms"][0]["lastSeq"] == 1
+    await invalid(alice, "room:list", {"limit": 101}, "limit")
+    await invalid(alice, "room:list", {"limit": 0}, "limit")
+    await invalid(alice, "room:list", {"offset": -1}, "offset")
+
+
+# -- room:join --------------------------------------------------------------------
+
+
+async def test_join_public_room(gateway):
+    alice, bob = await users(gateway, "alice", "bob")
+    await room(alice, "general")
+    await settle(alice)
+    joined = await join(bob, "general")
+    assert joined["room"]["id"] == "general" and ROOM_KEYS <= set(joined["room"])
+    assert joined["recovered"] is False and joined["missed"] == []
+    assert [m["userId"] for m in joined["members"]] == ["alice", "bob"]
+    assert all(MEMBER_KEYS <= set(m) for m in joined["members"])
+    ev = await alice.next_event("room:user_joined")
+    assert ev["data"] == {
+        "roomId": "general", "user": {"userId": "bob", "username": "bob", "displayName": "bob"},
+    }  # fmt: skip
+    await bob.expect_no_event("room:user_joined", within=0.2)
+    # Joining is membership: bob now lists the room and is counted.
+    listed = (await bob.emit("room:list"))["rooms"]
+    assert listed[0]["memberCount"] == 2
+    # A second join on the same connection is harmless and announces nothing.
+    again = await join(bob, "general")
+    assert [m["userId"] for m in again["members"]] == ["alice", "bob"]
+    await alice.expect_no_event("room:user_joined", within=0.2)
+
+
+async def test_join_private_room(gateway):
+    alice, bob, carol = await users(gateway, "alice", "bob", "carol")
+    await room(alice, "secret", type="private", members=["bob"])
+    exc = await error(carol, "room:join", {"roomId": "secret"}, "ROOM_ACCESS_DENIED")
+    assert exc.details.get("roomId") == "secret"
+    await alice.expect_no_event("room:user_joined", within=0.1)
+    assert (await join(bob, "secret"))["room"]["type"] == "private"
+    ev = await alice.next_event("room:user_joined")
+    assert ev["data"]["user"]["userId"] == "bob"
+    # The outsider cannot send there either.
+    await error(carol, "message:send", {"roomId": "secret", "content": "x"}, "NOT_IN_ROOM")
+
+
+async def test_join_password_room(gateway):
+    alice, bob, carol = await users(gateway, "alice", "bob", "carol")
+    await room(alice, "vault", password="open sesame")
+    await error(bob, "room:join", {"roomId": "vault"}, "ROOM_ACCESS_DENIED")
+    await error(bob, "room:join", {"roomId": "vault", "password": "open says me"},
+                "ROOM_ACCESS_DENIED")  # fmt: skip
+    await alice.expect_no_event("room:user_joined", within=0.1)
+    await send(alice, "vault", "members only")
+    joined = await join(bob, "vault", password="open sesame")
+    assert joined["room"]["hasPassword"] is True
+    await alice.next_event("room:user_joined")
+    # Membership lasts: a new connection joins without the password...
+    await bob.aclose()
+    bob2 = await gateway.connect("bob")
+    assert (await join(bob2, "vault"))["room"]["id"] == "vault"
+    assert [m["content"] for m in (await history(bob2, "vault"))["messages"]] == ["members only"]
+    # ...while non-members still need it.
+    await error(carol, "room:join", {"roomId": "vault"}, "ROOM_ACCESS_DENIED")
+
+
+async def test_join_unknown_room(gateway):
+    alice = await gateway.connect("alice")
+    exc = await error(alice, "room:join", {"roomId": "nowhere"}, "ROOM_NOT_FOUND")
+    assert exc.details.get("roomId") == "nowhere"
+    await invalid(alice, "room:join", {}, "roomId")
+    await invalid(alice, "room:join", {"roomId": "bad id"}, "roomId")
+    await invalid(alice, "room:join", {"roomId": "r", "sinceSeq": -1}, "sinceSeq")
+
+
+async def test_members_carry_presence_status(gateway):
+    alice, bob = await users(gateway, "alice", "bob")
+    await room(alice, "general", members=["carol"])
+    await join(bob, "general")
+    await bob.emit("user:status_update", {"status": "busy"})
+    dave = await gateway.connect("dave")
+    joined = await join(dave, "general")
+    status = {m["userId"]: m["status"] for m in joined["members"]}
+    assert status == {"alice": "online", "carol": "offline", "bob": "busy", "dave": "online"}
+    assert member(joined["members"], "alice")["role"] == "owner"
+    assert member(joined["members"], "carol")["role"] == "member"
+    await bob.aclose()
+    await alice.next_event("user:status_changed", predicate=went_offline("bob"))
+    members = (await alice.emit("room:members", {"roomId": "general"}))["members"]
+    assert member(members, "bob")["status"] == "offline"
+
+
+# -- room:leave -------------------------------------------------------------------
+
+
+async def test_leave_room(gateway):
+    alice, bob = await users(gateway, "alice", "bob")
+    await room(alice, "general")
+    await join(bob, "general")
+    await settle(alice, bob)
+    assert await bob.emit("room:leave", {"roomId": "general"}) == {"roomId": "general"}
+    ev = await alice.next_event("room:user_left")
+    assert ev["data"]["roomId"] == "general" and ev["data"]["user"]["userId"] == "bob"
+    assert ev["data"].get("reason") != "disconnect"
+    await bob.expect_no_event("room:user_left", within=0.1)
+    # No more traffic for bob, no more membership, no more sending.
+    await send(alice, "general", "after bob left")
+    await bob.expect_no_event("message:new", within=0.2)
+    members = (await alice.emit("room:members", {"roomId": "general"}))["members"]
+    assert [m["userId"] for m in members] == ["alice"]
+    await error(bob, "message:send", {"roomId": "general", "content": "x"}, "NOT_IN_ROOM")
+    await error(bob, "room:leave", {"roomId": "general"}, "NOT_IN_ROOM")
+
+
+async def test_leave_requires_having_joined(gateway):
+    alice, bob = await users(gateway, "alice", "bob")
+    await room(alice, "general")
+    exc = await error(bob, "room:leave", {"roomId": "general"}, "NOT_IN_ROOM")
+    assert exc.details.get("roomId") == "general"
+    await error(bob, "room:leave", {"roomId": "nowhere"}, "NOT_IN_ROOM")
+    await alice.expect_no_event("room:user_left", within=0.1)
+
+
+async def test_owner_leaving_stays_a_member(gateway):
+    alice, bob = await users(gateway, "alice", "bob")
+    await room(alice, "general")
+    await join(bob, "general")
+    await settle(bob)
+    await alice.emit("room:leave", {"roomId": "general"})
+    assert (await bob.next_event("room:user_left"))["data"]["user"]["userId"] == "alice"
+    members = (await bob.emit("room:members", {"roomId": "general"}))["members"]
+    assert member(members, "alice")["role"] == "owner"
+
+
+async def test_disconnect_announces_user_left(gateway):
+    alice, bob = await users(gateway, "alice", "bob")
+    bob_tab2 = await gateway.connect("bob")
+    await room(alice, "general")
+    await join(bob, "general")
+    await join(bob_tab2, "general")
+    await settle(alice)
+    # Bob is still there on his other connection: nobody left.
+    await bob.aclose()
+    await alice.expect_no_event("room:user_left", within=0.3)
+    await bob_tab2.aclose()
+    ev = await alice.next_event("room:user_left")
+    assert ev["data"]["roomId"] == "general" and ev["data"]["reason"] == "disconnect"
+    assert ev["data"]["user"]["userId"] == "bob"
+    await alice.next_event("user:status_changed", predicate=went_offline("bob"))
+    # Disconnecting is not leaving: bob is still a member.
+    members = (await alice.emit("room:members", {"roomId": "general"}))["members"]
+    assert member(members, "bob")["status"] == "offline"
+
+
+# -- room:members -----------------------------------------------------------------
+
+
+async def test_room_members(gateway):
+    alice, bob, carol = await users(gateway, "alice", "bob", "carol")
+    await room(alice, "general")
+    await join(bob, "general")
+    got = await carol.emit("room:members", {"roomId": "general"})
+    assert got["roomId"] == "general"
+    assert [(m["userId"], m["role"], m["status"]) for m in got["members"]] == [
+        ("alice", "owner", "online"), ("bob", "member", "online"),
+    ]  # fmt: skip
+    for m in got["members"]:
+        assert MEMBER_KEYS <= set(m) and ISO_RE.match(m["joinedAt"]) and m["lastReadSeq"] == 0
+    await room(alice, "secret", type="private")
+    await error(carol, "room:members", {"roomId": "secret"}, "ROOM_ACCESS_DENIED")
+    await error(carol, "room:members", {"roomId": "nowhere"}, "ROOM_NOT_FOUND")
+    await invalid(carol, "room:members", {}, "roomId")
+
+
+# -- room:get_messages ----------------------------------------------------------------
+
+
+async def test_history_pages_newest_first_with_before_seq(gateway):
+    alice, bob = await users(gateway, "alice", "bob")
+    await room(alice, "general")
+    await join(bob, "general")
+    for i in range(1, 8):
+        await send(alice if i % 2 else bob, "general", f"m{i}")
+    page = await history(bob, "general", limit=3)
+    assert seqs(page["messages"]) == [7, 6, 5] and page["hasMore"] is True
+    assert [m["content"] for m in page["messages"]] == ["m7", "m6", "m5"]
+    for m in page["messages"]:
+        assert_message(m)
+    page = await history(bob, "general", limit=3, beforeSeq=5)
+    assert seqs(page["messages"]) == [4, 3, 2] and page["hasMore"] is True
+    page = await history(bob, "general", limit=3, beforeSeq=2)
+    assert seqs(page["messages"]) == [1] and page["hasMore"] is False
+    page = await history(bob, "general", limit=3, beforeSeq=4)
+    assert seqs(page["messages"]) == [3, 2, 1] and page["hasMore"] is False
+    page = await history(bob, "general")  # default limit 50
+    assert seqs(page["messages"]) == [7, 6, 5, 4, 3, 2, 1] and page["hasMore"] is False
+    page = await history(bob, "general", limit=100, beforeSeq=1)
+    assert page == {"messages": [], "hasMore": False}
+
+
+async def test_history_pages_with_offset(gateway):
+    alice = await gateway.connect("alice")
+    await room(alice, "general")
+    for i in range(1, 8):
+        await send(alice, "general", f"m{i}")
+    page = await history(alice, "general", limit=3, offset=0)
+    assert seqs(page["messages"]) == [7, 6, 5] and page["hasMore"] is True
+    page = await history(alice, "general", limit=3, offset=3)
+    assert seqs(page["messages"]) == [4, 3, 2] and page["hasMore"] is True
+    page = await history(alice, "general", limit=3, offset=6)
+    assert seqs(page["messages"]) == [1] and page["hasMore"] is False
+    page = await history(alice, "general", limit=4, offset=3)
+    assert seqs(page["messages"]) == [4, 3, 2, 1] and page["hasMore"] is False
+    page = await history(alice, "general", limit=3, offset=7)
+    assert page == {"messages": [], "hasMore": False}
+
+
+async def test_history_errors(gateway):
+    alice, bob = await users(gateway, "alice", "bob")
+    await room(alice, "general")
+    await room(alice, "secret", type="private")
+    await send(alice, "secret", "private words")
+    await invalid(alice, "room:get_messages", {"roomId": "general", "limit": 101}, "limit")
+    await invalid(alice, "room:get_messages", {"roomId": "general", "limit": 0}, "limit")
+    await invalid(alice, "room:get_messages", {"roomId": "general", "beforeSeq": 0}, "beforeSeq")
+    exc = await error(
+        alice, "room:get_messages", {"roomId": "general", "beforeSeq": 5, "offset": 1},
+        "VALIDATION_ERROR",
+    )  # fmt: skip
+    assert exc.details
+    exc = await error(bob, "room:get_messages", {"roomId": "secret"}, "ROOM_ACCESS_DENIED")
+    assert exc.details.get("roomId") == "secret"
+    await error(bob, "room:get_messages", {"roomId": "nowhere"}, "ROOM_NOT_FOUND")
+    assert (await history(alice, "general", limit=100))["messages"] == []
+
+
+# -- room:read ----------------------------------------------------------------------
+
+
+async def test_read_marker(gateway):
+    alice, bob, carol = await users(gateway, "alice", "bob", "carol")
+    await room(alice, "general")
+    await join(bob, "general")
+    for i in range(3):
+        await send(alice, "general", f"m{i}")
+    assert await bob.emit("room:read", {"roomId": "general", "seq": 2}) == {
+        "roomId": "general", "lastReadSeq": 2, "unread": 1,
+    }  # fmt: skip
+    members = (await alice.emit("room:members", {"roomId": "general"}))["members"]
+    assert member(members, "bob")["lastReadSeq"] == 2
+    assert member(members, "alice")["lastReadSeq"] == 0
+    # Clamped to the last seq...
+    ack = await bob.emit("room:read", {"roomId": "general", "seq": 99})
+    assert ack["lastReadSeq"] == 3 and ack["unread"] == 0
+    # ...and it never moves back.
+    ack = await bob.emit("room:read", {"roomId": "general", "seq": 1})
+    assert ack["lastReadSeq"] == 3 and ack["unread"] == 0
+    members = (await bob.emit("room:members", {"roomId": "general"}))["members"]
+    assert member(members, "bob")["lastReadSeq"] == 3
+    await send(alice, "general", "one more")
+    ack = await bob.emit("room:read", {"roomId": "general", "seq": 0})
+    assert ack["lastReadSeq"] == 3 and ack["unread"] == 1
+    await invalid(bob, "room:read", {"roomId": "general"}, "seq")
+    await invalid(bob, "room:read", {"roomId": "general", "seq": -1}, "seq")
+    await room(alice, "secret", type="private")
+    await error(carol, "room:read", {"roomId": "secret", "seq": 1}, "ROOM_ACCESS_DENIED")
+    await error(carol, "room:read", {"roomId": "nowhere", "seq": 1}, "ROOM_NOT_FOUND")
+
+
+# -- room:delete ----------------------------------------------------------------------
+
+
+async def test_owner_deletes_room(gateway):
+    alice, bob, carol = await users(gateway, "alice", "bob", "carol")
+    await room(alice, "general")
+    await join(bob, "general")
+    await send(bob, "general", "soon gone")
+    await settle(alice, bob)
+    assert await alice.emit("room:delete", {"roomId": "general"}) == {"roomId": "general"}
+    for client in (alice, bob):
+        ev = await client.next_event("room:deleted")
+        assert ev["data"] == {"roomId": "general", "deletedBy": "alice"}
+    await carol.expect_no_event("room:deleted", within=0.1)
+    for client in (alice, bob, carol):
+        await error(client, "room:join", {"roomId": "general"}, "ROOM_NOT_FOUND")
+    await error(bob, "message:send", {"roomId": "general", "content": "x"}, "NOT_IN_ROOM")
+    await error(bob, "room:get_messages", {"roomId": "general"}, "ROOM_NOT_FOUND")
+    await error(bob, "room:members", {"roomId": "general"}, "ROOM_NOT_FOUND")
+    await error(alice, "room:delete", {"roomId": "general"}, "ROOM_NOT_FOUND")
+    assert (await bob.emit("room:list"))["total"] == 0
+
+
+async def test_only_owner_or_staff_delete_rooms(gateway):
+    alice, bob = await users(gateway, "alice", "bob")
+    mod = await gateway.connect("mod", roles=("moderator",))
+    await room(alice, "general")
+    await join(bob, "general")
+    await settle(alice)
+    await error(bob, "room:delete", {"roomId": "general"}, "FORBIDDEN")
+    await alice.expect_no_event("room:deleted", within=0.1)
+    assert bob.connected
+    assert (await send(bob, "general", "still here"))["seq"] == 1
+    await mod.emit("room:delete", {"roomId": "general"})
+    ev = await alice.next_event("room:deleted")
+    assert ev["data"] == {"roomId": "general", "deletedBy": "mod"}
+    await error(bob, "room:delete", {"roomId": "nowhere"}, "ROOM_NOT_FOUND")
+
+
+# -- message:send --------------------------------------------------------------------
+
+
+async def test_send_message(gateway):
+    alice = await gateway.connect("alice", token=gateway.token("alice", display_name="Alice L."))
+    bob, carol = await users(gateway, "bob", "carol")
+    await room(alice, "general")
+    await join(bob, "general")
+    await settle(alice, bob)
+    ack = await alice.emit("message:send", {"roomId": "general", "content": "hello"})
+    m = ack["message"]
+    assert ack["duplicate"] is False
+    assert_message(m)
+    assert m["roomId"] == "general" and m["seq"] == 1 and m["senderId"] == "alice"
+    assert m["senderName"] == "Alice L." and m["content"] == "hello" and m["type"] == "text"
+    assert m["parentMessageId"] is None and m["attachments"] == [] and m["metadata"] == {}
+    assert m["reactions"] == {} and m["editedAt"] is None and m["deleted"] is False
+    ev = await bob.next_event("message:new")
+    assert ev["data"] == {"message": m}
+    await alice.expect_no_event("message:new", within=0.2)
+    await carol.expect_no_event("message:new", within=0.01)
+    assert (await history(bob, "general"))["messages"] == [m]
+
+
+async def test_send_content_length(gateway):
+    alice = await gateway.connect("alice")
+    await room(alice, "general")
+    longest = "é" * 4000
+    assert (await send(alice, "general", longest))["content"] == longest
+    await invalid(alice, "message:send", {"roomId": "general", "content": "x" * 4001}, "content")
+    await invalid(alice, "message:send", {"roomId": "general", "content": ""}, "content")
+    await invalid(alice, "message:send", {"roomId": "general"}, "content")
+    await invalid(alice, "message:send", {"roomId": "general", "content": 5}, "content")
+    # Nothing left once control characters go: empty.
+    await invalid(alice, "message:send", {"roomId": "general", "content": "\x00\x07"}, "content")
+    assert seqs((await history(alice, "general"))["messages"]) == [1]
+
+
+async def test_send_strips_control_characters_but_keeps_html(gateway):
+    alice, bob = await users(gateway, "alice", "bob")
+    await room(alice, "general")
+    await join(bob, "general")
+    await settle(bob)
+    m = await send(alice, "general", "a\x00b\x07c\td\ne\x1bf\x7fg\r")
+    assert m["content"] == "abc\td\nefg"
+    assert (await bob.next_event("message:new"))["data"]["message"]["content"] == "abc\td\nefg"
+    html = "<script>alert('x')</script> &amp; <b>bold</b> \"quoted\""
+    m = await send(alice, "general", html)
+    assert m["content"] == html
+    assert (await bob.next_event("message:new"))["data"]["message"]["content"] == html
+    assert [x["content"] for x in (await history(bob, "general"))["messages"]] == [
+        html, "abc\td\nefg",
+    ]  # fmt: skip
+
+
+async def test_send_types_attachments_and_metadata(gateway):
+    alice, bob = await users(gateway, "alice", "bob")
+    await room(alice, "general")
+    await join(bob, "general")
+    await settle(bob)
+    urls = [f"https://cdn.example.com/f/{i}.png" for i in range(10)]
+    meta = {"width": 640, "tags": ["a", "b"], "nested": {"ok": True}}
+    m = await send(alice, "general", "pics", type="image", attachments=urls, metadata=meta)
+    assert m["type"] == "image" and m["attachments"] == urls and m["metadata"] == meta
+    assert (await bob.next_event("message:new"))["data"]["message"] == m
+    f = await send(alice, "general", "doc", type="file", attachments=["http://files.local/a.pdf"])
+    assert f["type"] == "file" and f["attachments"] == ["http://files.local/a.pdf"]
+    # Exactly 4096 bytes of JSON metadata is allowed.
+    big = {"k": "x" * (4096 - len(b'{"k":""}'))}
+    assert len(orjson.dumps(big)) == 4096
+    assert (await send(alice, "general", "big", metadata=big))["metadata"] == big
+    assert [x["type"] for x in (await history(alice, "general"))["messages"]] == [
+        "text", "file", "image",
+    ]  # fmt: skip
+
+
+async def test_send_validation(gateway):
+    alice = await gateway.connect("alice")
+    await room(alice, "general")
+
+    async def bad(field: str, **data: Any) -> None:
+        await invalid(alice, "message:send", {"roomId": "general", "content": "x", **data}, field)
+
+    await bad("type", type="video")
+    await bad("attachments", attachments=[f"https://cdn.example.com/{i}" for i in range(11)])
+    await bad("attachments", attachments=["not a url"])
+    await bad("attachments", attachments=["https://ok.example.com/a", "javascript:alert(1)"])
+    await bad("attachments", attachments="https://example.com/a")
+    await bad("metadata", metadata={"k": "x" * (4097 - len(b'{"k":""}'))})
+    await bad("metadata", metadata=["not", "an", "object"])
+    await bad("parentMessageId", parentMessageId="abc")
+    await bad("clientMsgId", clientMsgId="x" * 65)
+    await invalid(alice, "message:send", {"content": "x"}, "roomId")
+    assert (await history(alice, "general"))["messages"] == []
+
+
+async def test_send_requires_joining(gateway):
+    alice, bob = await users(gateway, "alice", "bob")
+    await room(alice, "general")
+    await settle(alice)
+    exc = await error(bob, "message:send", {"roomId": "general", "content": "x"}, "NOT_IN_ROOM")
+    assert exc.details.get("roomId") == "general"
+    await error(bob, "message:send", {"roomId": "nowhere", "content": "x"}, "NOT_IN_ROOM")
+    await alice.expect_no_event("message:new", within=0.2)
+    # Without an ack the failure comes back as system:error naming the event.
+    await bob.send("message:send", {"roomId": "general", "content": "x"})
+    ev = await bob.next_event("system:error")
+    assert ev["data"]["code"] == "NOT_IN_ROOM" and ev["data"]["event"] == "message:send"
+    assert (await history(alice, "general"))["messages"] == []
+
+
+async def test_threads(gateway):
+    alice, bob = await users(gateway, "alice", "bob")
+    await room(alice, "general")
+    await room(alice, "other")
+    await join(bob, "general")
+    await settle(bob)
+    parent = await send(alice, "general", "question?")
+    await bob.next_event("message:new")
+    reply = await send(bob, "general", "answer", parentMessageId=parent["id"])
+    assert reply["parentMessageId"] == parent["id"]
+    ev = await alice.next_event("message:new")
+    assert ev["data"]["message"]["parentMessageId"] == parent["id"]
+    # Integer ids are accepted too.
+    again = await send(alice, "general", "more", parentMessageId=int(parent["id"]))
+    assert again["parentMessageId"] == parent["id"]
+    exc = await error(
+        alice, "message:send",
+        {"roomId": "general", "content": "x", "parentMessageId": str(int(again["id"]) + 1000)},
+        "MESSAGE_NOT_FOUND",
+    )  # fmt: skip
+    assert exc.details
+    # A parent in another room is not a parent here.
+    elsewhere = await send(alice, "other", "elsewhere")
+    await error(
+        alice, "message:send",
+        {"roomId": "general", "content": "x", "parentMessageId": elsewhere["id"]},
+        "MESSAGE_NOT_FOUND",
+    )  # fmt: skip
+    assert seqs((await history(alice, "general"))["messages"]) == [3, 2, 1]
+
+
+async def test_seq_has_no_gaps_across_senders(gateway):
+    alice, bob = await users(gateway, "alice", "bob")
+    await room(alice, "general")
+    await join(bob, "general")
+    sends = [send(c, "general", f"{c is alice}-{i}") for i in range(15) for c in (alice, bob)]
+    messages = await asyncio.gather(*sends)
+    assert sorted(m["seq"] for m in messages) == list(range(1, 31))
+    assert len({m["id"] for m in messages}) == 30
+    page = await history(alice, "general", limit=100)
+    assert seqs(page["messages"]) == list(range(30, 0, -1))
+    assert (await join(alice, "general"))["room"]["lastSeq"] == 30
+    # Seqs are per room.
+    await room(bob, "other")
+    assert (await send(bob, "other"))["seq"] == 1
+
+
+async def test_client_msg_id_makes_send_idempotent(gateway):
+    alice, bob = await users(gateway, "alice", "bob")
+    await room(alice, "general")
+    await join(bob, "general")
+    await settle(alice, bob)
+    data = {"roomId": "general", "content": "once", "clientMsgId": "c-1"}
+    first = await alice.emit("message:send", data)
+    assert first["duplicate"] is False
+    await bob.next_event("message:new")
+    again = await alice.emit("message:send", data)
+    assert again["duplicate"] is True and again["message"] == first["message"]
+    await bob.expect_no_event("message:new", within=0.3)
+    assert seqs((await history(bob, "general"))["messages"]) == [1]
+    # Per sender: bob's clientMsgId "c-1" is a different message.
+    theirs = await bob.emit("message:send", {**data, "content": "bob's"})
+    assert theirs["duplicate"] is False and theirs["message"]["seq"] == 2
+    # A retry over a new connection is still recognised.
+    await alice.aclose()
+    alice2 = await gateway.connect("alice")
+    await join(alice2, "general")
+    retry = await alice2.emit("message:send", data)
+    assert retry["duplicate"] is True and retry["message"]["id"] == first["message"]["id"]
+    await bob.expect_no_event("message:new", within=0.2)
+    assert seqs((await history(bob, "general"))["messages"]) == [2, 1]
+
+
+async def test_client_msg_id_retry_racing_the_original(gateway):
+    """A retry sent on a second connection while the first send is in flight."""
+    alice1, alice2, bob = await users(gateway, "alice", "alice", "bob")
+    await room(alice1, "general")
+    await join(alice2, "general")
+    await join(bob, "general")
+    await settle(bob)
+    for n in range(5):
+        data = {"roomId": "general", "content": f"m{n}", "clientMsgId": f"race-{n}"}
+        acks = await asyncio.gather(
+            alice1.emit("message:send", data), alice2.emit("message:send", data)
+        )
+        assert acks[0]["message"] == acks[1]["message"]
+        assert sorted(a["duplicate"] for a in acks) == [False, True]
+    got = await collect_new(bob, "general", 5)
+    assert sorted(got) == [1, 2, 3, 4, 5]
+    assert seqs((await history(bob, "general"))["messages"]) == [5, 4, 3, 2, 1]
+
+
+async def test_send_rate_limited(gateway_factory):
+    gw = await gateway_factory(rate_limits="messages=3/1m")
+    alice = await gw.connect("alice")
+    await room(alice, "general")
+    for i in range(3):
+        await send(alice, "general", f"m{i}")
+    exc = await error(alice, "message:send", {"roomId": "general", "content": "x"}, "RATE_LIMITED")
+    assert exc.details["limit"] == 3 and exc.details["window"] == 60_000
+    assert exc.details["retryAfter"] > 0
+    assert seqs((await history(alice, "general"))["messages"]) == [3, 2, 1]
+
+
+# -- message:edit -------------------------------------------------------------------
+
+
+async def test_edit_message(gateway):
+    alice, bob = await users(gateway, "alice", "bob")
+    await room(alice, "general")
+    await join(bob, "general")
+    await settle(bob)
+    m = await send(alice, "general", "frist")
+    await bob.next_event("message:new")
+    edited = await alice.emit("message:edit", {"messageId": m["id"], "content": "first\x00"})
+    e = edited["message"]
+    assert e["id"] == m["id"] and e["seq"] == m["seq"] and e["content"] == "first"
+    assert ISO_RE.match(e["editedAt"]) and e["editedAt"] >= m["createdAt"]
+    assert e["createdAt"] == m["createdAt"] and e["deleted"] is False
+    ev = await bob.next_event("message:updated")
+    assert ev["data"] == {"message": e}
+    await alice.expect_no_event("message:updated", within=0.2)
+    assert (await history(bob, "general"))["messages"] == [e]
+
+
+async def test_edit_errors(gateway):
+    alice, bob = await users(gateway, "alice", "bob")
+    await room(alice, "general")
+    await join(bob, "general")
+    m = await send(alice, "general", "mine")
+    await settle(alice, bob)
+    await error(bob, "message:edit", {"messageId": m["id"], "content": "yours"}, "FORBIDDEN")
+    await alice.expect_no_event("message:updated", within=0.2)
+    assert bob.connected
+    exc = await error(
+        alice, "message:edit", {"messageId": "987654321", "content": "x"}, "MESSAGE_NOT_FOUND"
+    )
+    assert exc.details.get("messageId") == "987654321"
+    await invalid(alice, "message:edit", {"messageId": m["id"], "content": ""}, "content")
+    await invalid(alice, "message:edit", {"messageId": m["id"], "content": "x" * 4001}, "content")
+    await invalid(alice, "message:edit", {"messageId": "12a", "content": "x"}, "messageId")
+    await invalid(alice, "message:edit", {"content": "x"}, "messageId")
+    page = (await history(alice, "general"))["messages"]
+    assert page[0]["content"] == "mine" and page[0]["editedAt"] is None
+
+
+# -- message:delete -------------------------------------------------------------------
+
+
+async def test_author_deletes_message(gateway):
+    alice, bob = await users(gateway, "alice", "bob")
+    await room(alice, "general")
+    await join(bob, "general")
+    m = await send(bob, "general", "oops", attachments=["https://x.example.com/a"],
+                   metadata={"k": 1})  # fmt: skip
+    await alice.emit("message:react", {"messageId": m["id"], "emoji": "👍"})
+    await send(bob, "general", "kept")
+    await settle(alice, bob)
+    ack = await bob.emit("message:delete", {"messageId": m["id"], "reason": "typo"})
+    assert ack["messageId"] == m["id"] and ack["roomId"] == "general"
+    ev = await alice.next_event("message:deleted")
+    assert ev["data"]["messageId"] == m["id"] and ev["data"]["roomId"] == "general"
+    await bob.expect_no_event("message:deleted", within=0.2)
+    tomb, kept = (await history(alice, "general"))["messages"][::-1]
+    assert tomb["id"] == m["id"] and tomb["seq"] == 1 and tomb["deleted"] is True
+    assert tomb["content"] == "" and tomb["attachments"] == [] and tomb["metadata"] == {}
+    assert tomb["reactions"] == {} and kept["deleted"] is False and kept["content"] == "kept"
+    for event, data in (
+        ("message:edit", {"messageId": m["id"], "content": "again"}),
+        ("message:delete", {"messageId": m["id"]}),
+        ("message:react", {"messageId": m["id"], "emoji": "👍"}),
+    ):
+        await error(bob, event, data, "MESSAGE_NOT_FOUND")
+    await error(bob, "message:send",
+                {"roomId": "general", "content": "x", "parentMessageId": "99999"},
+                "MESSAGE_NOT_FOUND")  # fmt: skip
+    await alice.expect_no_event("message:updated", within=0.1)
+
+
+async def test_delete_message_permissions(gateway):
+    alice, bob = await users(gateway, "alice", "bob")
+    mod = await gateway.connect("mod", roles=("moderator",))
+    await room(alice, "general")
+    await join(bob, "general")
+    m = await send(alice, "general", "alice's")
+    await settle(alice, bob)
+    await error(bob, "message:delete", {"messageId": m["id"]}, "FORBIDDEN")
+    await alice.expect_no_event("message:deleted", within=0.2)
+    assert (await history(alice, "general"))["messages"][0]["deleted"] is False
+    # A moderator (token role) may delete anyone's message, without joining.
+    ack = await mod.emit("message:delete", {"messageId": m["id"], "reason": "spam"})
+    assert ack["messageId"] == m["id"] and ack["deletedBy"] == "mod"
+    for client in (alice, bob):
+        ev = await client.next_event("message:deleted")
+        assert ev["data"]["messageId"] == m["id"] and ev["data"]["roomId"] == "general"
+    assert (await history(alice, "general"))["messages"][0]["deleted"] is True
+    await error(alice, "message:delete", {"messageId": "123456789"}, "MESSAGE_NOT_FOUND")
+    await invalid(alice, "message:delete", {"messageId": "-1"}, "messageId")
+
+
+# -- message:react ---------------------------------------------------------------------
+
+
+async def test_reactions(gateway):
+    alice, bob = await users(gateway, "alice", "bob")
+    await room(alice, "general")
+    await join(bob, "general")
+    m = await send(alice, "general", "react to me")
+    await settle(alice, bob)
+
+    async def react(client: Client, emoji: str, action: str | None = None) -> dict[str, Any]:
+        data = {"messageId": m["id"], "emoji": emoji}
+        if action is not None:
+            data["action"] = action
+        ack = await client.emit("message:react", data)
+        other = bob if client is alice else alice
+        ev = await other.next_event("message:reaction")
+        assert ev["data"] == ack
+        await client.expect_no_event("message:reaction", within=0.01)
+        return ack
+
+    ack = await react(alice, "👍")  # action defaults to add
+    assert ack == {
+        "messageId": m["id"], "roomId": "general", "emoji": "👍", "userId": "alice",
+        "action": "add", "reactions": {"👍": ["alice"]},
+    }  # fmt: skip
+    assert (await react(bob, "👍", "add"))["reactions"] == {"👍": ["alice", "bob"]}
+    # Adding twice changes nothing.
+    assert (await react(alice, "👍", "add"))["reactions"] == {"👍": ["alice", "bob"]}
+    assert (await react(alice, ":tada:"))["reactions"] == {
+        "👍": ["alice", "bob"], ":tada:": ["alice"],
+    }  # fmt: skip
+    ack = await react(alice, "👍", "remove")
+    assert ack["action"] == "remove" and ack["userId"] == "alice"
+    assert ack["reactions"] == {"👍": ["bob"], ":tada:": ["alice"]}
+    # Removing what is not there is harmless too.
+    assert (await react(alice, "👍", "remove"))["reactions"] == {"👍": ["bob"], ":tada:": ["alice"]}
+    assert (await react(alice, ":tada:", "remove"))["reactions"] == {"👍": ["bob"]}
+    stored = (await history(alice, "general"))["messages"][0]
+    assert stored["reactions"] == {"👍": ["bob"]}
+
+
+async def test_reaction_errors(gateway):
+    alice, bob = await users(gateway, "alice", "bob")
+    await room(alice, "general")
+    m = await send(alice, "general", "x")
+
+    async def bad(field: str, **data: Any) -> None:
+        await invalid(alice, "message:react", {"messageId": m["id"], **data}, field)
+
+    await bad("emoji", emoji="thumbs up")
+    await bad("emoji", emoji=" 👍")
+    await bad("emoji", emoji="👍\n")
+    await bad("emoji", emoji="")
+    await bad("emoji", emoji="x" * 33)
+    await bad("emoji")
+    await bad("action", emoji="👍", action="toggle")
+    await error(alice, "message:react", {"messageId": "424242", "emoji": "👍"},
+                "MESSAGE_NOT_FOUND")  # fmt: skip
+    # Reacting is for members.
+    await error(bob, "message:react", {"messageId": m["id"], "emoji": "👍"}, "NOT_IN_ROOM")
+    assert (await history(alice, "general"))["messages"][0]["reactions"] == {}
+
+
+# -- typing, status, ping, health ---------------------------------------------------------
+
+
+async def test_typing_indicators(gateway):
+    alice, bob = await users(gateway, "alice", "bob")
+    await room(alice, "general")
+    await join(bob, "general")
+    await settle(alice, bob)
+    assert await bob.emit("typing:start", {"roomId": "general"}) == {"roomId": "general"}
+    ev = await alice.next_event("user:typing")
+    assert ev["data"] == {"roomId": "general", "userId": "bob", "username": "bob",
+                          "displayName": "bob"}  # fmt: skip
+    await bob.emit("typing:start", {"roomId": "general"})  # still typing: no repeat
+    await bob.emit("typing:stop", {"roomId": "general"})
+    ev = await alice.next_event("user:stopped_typing")
+    assert ev["data"]["userId"] == "bob"
+    await alice.expect_no_event("user:typing", within=0.1)
+    await bob.expect_no_event("user:typing", within=0.01)
+    # Sending a message stops typing.
+    await bob.emit("typing:start", {"roomId": "general"})
+    await alice.next_event("user:typing")
+    await send(bob, "general", "done typing")
+    assert (await alice.next_event("user:stopped_typing"))["data"]["userId"] == "bob"
+    await error(bob, "typing:start", {"roomId": "elsewhere"}, "NOT_IN_ROOM")
+    await error(bob, "typing:stop", {"roomId": "elsewhere"}, "NOT_IN_ROOM")
+
+
+async def test_typing_stops_by_itself(gateway):
+    alice, bob = await users(gateway, "alice", "bob")
+    await room(alice, "general")
+    await join(bob, "general")
+    await settle(alice)
+    loop = asyncio.get_running_loop()
+    await bob.emit("typing:start", {"roomId": "general"})
+    started = loop.time()
+    await alice.next_event("user:typing")
+    ev = await alice.next_event("user:stopped_typing", timeout=5)
+    assert ev["data"]["userId"] == "bob"
+    assert 2.5 <= loop.time() - started <= 4.5
+
+
+async def test_status_update(gateway):
+    alice, bob, carol = await users(gateway, "alice", "bob", "carol")
+    await room(alice, "general")
+    await join(bob, "general")
+    await settle(alice, bob, carol)
+    assert await bob.emit("user:status_update", {"status": "away"}) == {"status": "away"}
+    ev = await alice.next_event("user:status_changed")
+    assert ev["data"] == {"userId": "bob", "status": "away"}
+    await carol.expect_no_event("user:status_changed", within=0.2)
+    members = (await alice.emit("room:members", {"roomId": "general"}))["members"]
+    assert member(members, "bob")["status"] == "away"
+    await invalid(bob, "user:status_update", {"status": "offline"}, "status")
+    await invalid(bob, "user:status_update", {}, "status")
+
+
+async def test_ping_and_health(gateway):
+    alice = await gateway.connect("alice")
+    pong = await alice.emit("system:ping", {"t": 0})
+    assert ISO_RE.match(pong["serverTime"]) and pong["latencyMs"] > 0
+    assert (await alice.emit("system:ping"))["latencyMs"] is None
+    health = await alice.emit("system:get_health")
+    assert health["status"] in ("healthy", "degraded", "unhealthy")
+    assert {"database", "websocket"} <= set(health["services"])
+    assert health["metrics"]["activeConnections"] >= 1
+
+
+# -- recovery ------------------------------------------------------------------------
+
+
+async def test_recovery_after_reconnect(gateway):
+    alice, bob = await users(gateway, "alice", "bob")
+    await room(alice, "general")
+    await join(bob, "general")
+    await settle(alice, bob)
+    for i in (1, 2):
+        await send(bob, "general", f"seen {i}")
+        await alice.next_event("message:new")
+    last_seen = alice.last_seq("general")
+    assert last_seen == 2
+    await alice.aclose()
+    assert (await bob.next_event("room:user_left"))["data"]["reason"] == "disconnect"
+    sent = [await send(bob, "general", f"missed {i}") for i in range(3)]
+    alice = await gateway.connect("alice")
+    joined = await join(alice, "general", sinceSeq=last_seen)
+    assert joined["recovered"] is True
+    assert seqs(joined["missed"]) == [3, 4, 5]
+    assert joined["missed"] == sent
+    assert (await bob.next_event("room:user_joined"))["data"]["user"]["userId"] == "alice"
+    await alice.expect_no_event("message:new", within=0.2)
+    # Caught up: nothing missed.
+    again = await gateway.connect("alice")
+    caught_up = await join(again, "general", sinceSeq=5)
+    assert caught_up["recovered"] is True and caught_up["missed"] == []
+
+
+async def test_recovery_limit(gateway):
+    alice = await gateway.connect("alice")
+    await room(alice, "big")
+    await asyncio.gather(*(send(alice, "big", f"m{i}") for i in range(500)))
+    reader = await gateway.connect("bob")
+    joined = await join(reader, "big", sinceSeq=0)
+    assert joined["recovered"] is True and seqs(joined["missed"]) == list(range(1, 501))
+    await send(alice, "big", "one too many")
+    reader2 = await gateway.connect("carol")
+    joined = await join(reader2, "big", sinceSeq=0)
+    assert joined["recovered"] is False and joined["missed"] == []
+    joined = await join(reader2, "big", sinceSeq=1)
+    assert joined["recovered"] is True and seqs(joined["missed"]) == list(range(2, 502))
+    # Beyond the limit the client pages instead.
+    page = await history(reader2, "big", limit=100)
+    assert seqs(page["messages"]) == list(range(501, 401, -1)) and page["hasMore"] is True
+
+
+async def test_join_with_since_seq_while_messages_flow(gateway):
+    """Recovery and live traffic stitched together: no gap, no duplicate."""
+    alice = await gateway.connect("alice")
+    await room(alice, "general")
+    for i in range(5):
+        await send(alice, "general", f"before {i}")
+    senders = await users(gateway, "s1", "s2", "s3")
+    for s in senders:
+        await join(s, "general")
+    total = 5 + 30
+    tasks = [asyncio.create_task(send(senders[i % 3], "general", f"live {i}")) for i in range(30)]
+    joiners: list[tuple[Client, int, dict[str, Any]]] = []
+    for n, since in enumerate((0, 2, 5, 3, 4, 1)):
+        # Join at different points of the stream: after 0, 5, 10, ... acks.
+        while sum(t.done() for t in tasks) < 5 * n:
+            await asyncio.wait([t for t in tasks if not t.done()],
+                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        joiner = await gateway.connect(f"joiner{n}")
+        joiners.append((joiner, since, await join(joiner, "general", sinceSeq=since)))
+    await asyncio.gather(*tasks)
+    for joiner, since, joined in joiners:
+        assert joined["recovered"] is True
+        live = await collect_new(joiner, "general", total, seqs(joined["missed"]))
+        union = seqs(joined["missed"]) + live
+        expected = list(range(since + 1, total + 1))
+        assert sorted(union) == expected, (since, seqs(joined["missed"]), live)
