@@ -240,16 +240,19 @@ class ChatHandler(GatewayHandler):
         return await self.db.run("room.read", chat_db.mark_read, room_id, self.user_id, seq)
 
     async def on_room_delete(self, room_id: str) -> dict[str, Any]:
-        await self.db.run(
+        members = await self.db.run(
             "room.delete", chat_db.delete_room, room_id, self.user_id, self.is_staff
         )
-        self.publish(
-            Target.room(room_id), "room:deleted",
-            {"roomId": room_id, "deletedBy": self.user_id}, include_self=True,
-        )  # fmt: skip
-        for conn in self.hub.clear_room(room_id):
-            if isinstance(conn, ChatHandler) and room_id in conn.member_rooms:
-                conn.member_rooms.remove(room_id)
+        # Every member hears of it, whether or not they have the room open.
+        targets = [Target.room(room_id), *(Target.user(m, "chat") for m in members)]
+        self.hub.publish_many(
+            targets, "room:deleted", {"roomId": room_id, "deletedBy": self.user_id}
+        )
+        for user_id in members:
+            for conn in self.hub.user_connections(user_id, "chat"):
+                if isinstance(conn, ChatHandler) and room_id in conn.member_rooms:
+                    conn.member_rooms.remove(room_id)
+        self.hub.clear_room(room_id)
         return {"roomId": room_id}
 
     # -- messages -----------------------------------------------------------------

@@ -237,14 +237,18 @@ class Hub:
         self._remote_publish(target, payload, exclude, seq)
         return delivered
 
-    def publish_rooms(self, rooms: Iterable[str], event: str, data: dict[str, Any]) -> int:
-        """Deliver once per connection to everyone in any of ``rooms``."""
+    def publish_many(self, targets: Iterable[Target], event: str, data: dict[str, Any]) -> int:
+        """Deliver once per connection to everyone any of ``targets`` reaches."""
         payload = protocol.event_payload(event, data)
         seen: set[Connection] = set()
-        for room in rooms:
-            seen.update(self._by_room.get(room, ()))
-            self._remote_publish(Target.room(room), payload, None, None)
+        for target in targets:
+            seen.update(self._local(target))
+            self._remote_publish(target, payload, None, None)
         return self._write(seen, protocol.frame(payload), None)
+
+    def publish_rooms(self, rooms: Iterable[str], event: str, data: dict[str, Any]) -> int:
+        """Deliver once per connection to everyone in any of ``rooms``."""
+        return self.publish_many((Target.room(r) for r in rooms), event, data)
 
     def deliver(
         self,
@@ -255,16 +259,21 @@ class Hub:
         seq: int | None = None,
     ) -> int:
         """Write a pre-built frame to the local connections of ``target``."""
-        kind = target.kind
-        conns: Iterable[Connection]
-        if kind == "room":
-            conns = self._by_room.get(target.key, ())
+        conns = self._local(target)
+        if target.kind == "room":
             pending = self._pending.get(target.key)
             if pending:
                 for conn, held in pending.items():
                     if conn.conn_id != exclude:
                         held.append((seq, frame))
                 conns = [c for c in conns if c not in pending]
+        return self._write(conns, frame, exclude)
+
+    def _local(self, target: Target) -> Iterable[Connection]:
+        kind = target.kind
+        conns: Iterable[Connection]
+        if kind == "room":
+            conns = self._by_room.get(target.key, ())
         elif kind == "user":
             conns = self.user_connections(target.key, target.namespace)
         elif kind == "namespace":
@@ -279,7 +288,7 @@ class Hub:
             conns = (one,) if one is not None else ()
         else:
             raise ValueError(f"unknown target kind {kind!r}")
-        return self._write(conns, frame, exclude)
+        return conns
 
     def _write(self, conns: Iterable[Connection], frame: bytes, exclude: str | None) -> int:
         delivered = 0
@@ -318,4 +327,3 @@ class Hub:
 
     def _remote_interest(self, kind: str, key: str, interested: bool) -> None:
         """The first local subscriber of a channel arrived (or the last left)."""
-

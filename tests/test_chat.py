@@ -555,6 +555,19 @@ async def test_owner_deletes_room(gateway):
     assert (await bob.emit("room:list"))["total"] == 0
 
 
+async def test_room_deleted_reaches_members_without_the_room_open(gateway):
+    alice, bob = await users(gateway, "alice", "bob")
+    await room(alice, "general")
+    await join(bob, "general")
+    bob_phone = await gateway.connect("bob")  # a second device that never joined
+    await alice.emit("room:delete", {"roomId": "general"})
+    ev = await bob_phone.next_event("room:deleted")
+    assert ev["data"] == {"roomId": "general", "deletedBy": "alice"}
+    # Member and in the room: still exactly one copy per connection.
+    await bob.next_event("room:deleted")
+    await bob.expect_no_event("room:deleted", within=0.2)
+
+
 async def test_only_owner_or_staff_delete_rooms(gateway):
     alice, bob = await users(gateway, "alice", "bob")
     mod = await gateway.connect("mod", roles=("moderator",))
