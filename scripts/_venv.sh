@@ -98,10 +98,17 @@ ensure_venv() {
 
     if [ "$current" = 0 ]; then
         _venv_say "Installing switchboard ($spec, editable) into .venv"
-        if ! PIP_DISABLE_PIP_VERSION_CHECK=1 .venv/bin/python -m pip install -q -e "$spec"; then
+        local log
+        log="$(mktemp -t switchboard-pip.XXXXXX)"
+        if ! PIP_DISABLE_PIP_VERSION_CHECK=1 .venv/bin/python -m pip install -q -e "$spec" \
+            >"$log" 2>&1; then
+            # Leave out pip's notes about unusable local index locations.
+            grep -v "^WARNING: Location '.*' is ignored" "$log" >&2 || true
+            rm -f "$log"
             _venv_say "error: pip install -e '$spec' failed"
             return 1
         fi
+        rm -f "$log"
         printf '%s %s\n' "$want" "$extra" >"$stamp"
     fi
 

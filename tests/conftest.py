@@ -19,7 +19,7 @@ from server.app import Node
 from server.auth import mint_token
 from server.client import Client
 from server.config import Config
-from tests.services import PostgresServer
+from tests.services import PostgresServer, require_binary
 
 #: Generous limits for tests that are not about limits (test-env defaults are low).
 ROOMY_RATE_LIMITS = "messages=1000/1m,joins=1000/1m,typing=1000/1m,other=5000/1m"
@@ -92,6 +92,8 @@ class Gateway:
 @pytest.fixture(scope="session")
 def postgres() -> Any:
     """One throwaway PostgreSQL cluster for the session (started on demand)."""
+    require_binary("initdb", "PostgreSQL (initdb/pg_ctl) is not installed")
+    require_binary("pg_ctl", "PostgreSQL (initdb/pg_ctl) is not installed")
     server = PostgresServer()
     server.start()
     yield server
