@@ -71,6 +71,9 @@ class Config:
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
     database_url: str = "sqlite:///switchboard.db"
+    # PostgreSQL worker threads (each with a pooled connection); 0 = one per core,
+    # at least 2. More threads than cores adds event-loop lag (bench/db.py).
+    db_workers: int = 0
     redis_url: str | None = None
     redis_prefix: str = "switchboard"
     allowed_origins: tuple[str, ...] = ("*",)
@@ -125,6 +128,7 @@ class Config:
                 values[attr] = value
         numbers: dict[str, tuple[str, type]] = {
             "port": ("PORT", int),
+            "db_workers": ("DB_WORKERS", int),
             "max_connections_per_user": ("MAX_CONNECTIONS_PER_USER", int),
             "max_connections_per_ip": ("MAX_CONNECTIONS_PER_IP", int),
             "max_message_bytes": ("MAX_MESSAGE_BYTES", int),

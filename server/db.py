@@ -9,8 +9,8 @@ the same code on SQLite and PostgreSQL, and keeps peewee's well-trodden
 sync API; the async driver bought nothing we needed.
 
 SQLite gets one worker (it has one writer anyway, and one thread means
-no ``database is locked`` retries); PostgreSQL gets a pool of workers, each
-holding a pooled connection.
+no ``database is locked`` retries); PostgreSQL gets ``SWITCHBOARD_DB_WORKERS``
+workers (default one per core, at least two), each with a pooled connection.
 
 Example::
 
@@ -43,7 +43,6 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 MIGRATIONS_DIR = os.path.join(os.path.dirname(models.__file__), "migrations")
-POSTGRES_WORKERS = 8
 _SQLITE_PRAGMAS = {
     "journal_mode": "wal",
     # WAL + NORMAL: a commit survives a process crash; only an OS crash can
@@ -54,7 +53,11 @@ _SQLITE_PRAGMAS = {
 }
 
 
-def open_database(url: str) -> pw.Database:
+def default_workers() -> int:
+    return max(2, os.cpu_count() or 2)
+
+
+def open_database(url: str, workers: int = 0) -> pw.Database:
     """A peewee database for ``sqlite:///path`` or ``postgresql://...`` URLs."""
     scheme = url.split(":", 1)[0].lower()
     params = parse(url)
@@ -64,7 +67,7 @@ def open_database(url: str) -> pw.Database:
     if scheme in ("postgres", "postgresql"):
         name = params.pop("database")
         pool: pw.Database = PooledPostgresqlDatabase(
-            name, max_connections=POSTGRES_WORKERS + 2, stale_timeout=300, **params
+            name, max_connections=(workers or default_workers()) + 2, stale_timeout=300, **params
         )
         return pool
     raise ValueError(f"unsupported database URL scheme {scheme!r} (sqlite or postgresql)")
@@ -74,13 +77,17 @@ class Database:
     """The application's database: models bound, a thread pool, migrations."""
 
     def __init__(
-        self, url: str, *, observe: Callable[[str, float], None] | None = None
+        self,
+        url: str,
+        *,
+        workers: int = 0,
+        observe: Callable[[str, float], None] | None = None,
     ) -> None:
         self.url = url
-        self.db = open_database(url)
+        self.db = open_database(url, workers)
         self.is_sqlite = isinstance(self.db, pw.SqliteDatabase)
         self.db.bind(MODELS)
-        workers = 1 if self.is_sqlite else POSTGRES_WORKERS
+        workers = 1 if self.is_sqlite else (workers or default_workers())
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="db")
         self._observe = observe
         self._closed = False
