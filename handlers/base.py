@@ -120,6 +120,7 @@ class GatewayHandler(WebSocketHandler):
         self._bad_window_start = 0.0
         self._timers: list[asyncio.TimerHandle] = []
         self._close_reason = "client"
+        self.event_started = time.perf_counter()
 
     # -- handshake ------------------------------------------------------------
 
@@ -296,6 +297,8 @@ class GatewayHandler(WebSocketHandler):
             )
             return
         started = time.perf_counter()
+        # Handlers measure publish-to-deliver latency from here.
+        self.event_started = started
         try:
             decision = await self.rate_limiter.hit(
                 self.user_id, self.rate_classes.get(event, "other")
@@ -319,9 +322,10 @@ class GatewayHandler(WebSocketHandler):
             log.exception("%s %s failed for user %s", self.namespace, event, self.user_id)
             self._answer_error(errors.InternalError(), envelope.ack, event)
         finally:
-            self.metrics.event_duration.labels(self.namespace, label).observe(
-                time.perf_counter() - started
-            )
+            elapsed = time.perf_counter() - started
+            self.metrics.event_duration.labels(self.namespace, label).observe(elapsed)
+            # For p50/p95 in the admin namespace's metrics:update.
+            self.stats.latency.add(elapsed)
 
     def _answer_error(self, exc: errors.GatewayError, ack: int | None, event: str | None) -> None:
         self.metrics.errors.labels(exc.code).inc()
@@ -369,13 +373,13 @@ class GatewayHandler(WebSocketHandler):
             stream.write(frame)
         except StreamClosedError:
             return False
+        # Counted here so broadcasts (written by the hub) count as well as direct sends.
+        self.metrics.frames_sent.inc()
+        self.metrics.bytes_sent.inc(len(frame))
         return True
 
     def send_payload(self, payload: bytes) -> bool:
-        if self.send_frame(protocol.frame(payload)):
-            self.metrics.frames_sent.inc()
-            return True
-        return False
+        return self.send_frame(protocol.frame(payload))
 
     def send_event(self, event: str, data: dict[str, Any]) -> bool:
         return self.send_payload(protocol.event_payload(event, data))
@@ -423,6 +427,20 @@ class GatewayHandler(WebSocketHandler):
 
     # -- presence helpers -----------------------------------------------------
 
+    async def refresh_member_rooms(self) -> None:
+        """Re-read the user's rooms before announcing presence.
+
+        ``member_rooms`` is loaded at connect; the user's other devices (or
+        other users, adding members) may have changed the memberships since.
+        """
+        try:
+            self.member_rooms = await self.db.run(
+                "user.rooms", chat_db.member_room_ids, self.user_id
+            )
+        except Exception:
+            log.warning("could not re-read the rooms of %s; using the list from connect",
+                        self.user_id, exc_info=True)  # fmt: skip
+
     def announce_status(self, status: str) -> None:
         """Tell everyone sharing a room with this user about a status change."""
         if self.member_rooms:
@@ -452,6 +470,7 @@ class GatewayHandler(WebSocketHandler):
         finally:
             await self._release_limit()
             if await self.presence.disconnect(self.user_id):
+                await self.refresh_member_rooms()
                 self.announce_status("offline")
 
     async def _release_limit(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from typing import Any, ClassVar
 
 from marshmallow import Schema
@@ -19,6 +20,7 @@ from handlers.base import GatewayHandler
 from models import chat as chat_db
 from server import errors
 from server.hub import Hub, Target
+from server.notify import NotificationService
 
 # Typing indicators stop on their own this long after the last typing:start.
 TYPING_TIMEOUT_SECS = 3.0
@@ -44,7 +46,7 @@ class TypingTracker:
         if timer is not None:
             timer.cancel()
         loop = asyncio.get_running_loop()
-        self._timers[key] = loop.call_later(self._timeout, self._auto_stop, room_id, user)
+        self._timers[key] = loop.call_later(self._timeout, self._auto_stop, room_id, user, conn_id)
         if timer is None:
             self._hub.publish(Target.room(room_id), "user:typing", {"roomId": room_id, **user},
                               exclude=conn_id)  # fmt: skip
@@ -61,11 +63,13 @@ class TypingTracker:
         )  # fmt: skip
         return True
 
-    def _auto_stop(self, room_id: str, user: dict[str, Any]) -> None:
+    def _auto_stop(self, room_id: str, user: dict[str, Any], conn_id: str | None = None) -> None:
         if self._timers.pop((room_id, user["userId"]), None) is not None:
+            # Like typing:stop, it goes to the others, not to the typist's connection.
             self._hub.publish(
-                Target.room(room_id), "user:stopped_typing", {"roomId": room_id, **user}
-            )
+                Target.room(room_id), "user:stopped_typing", {"roomId": room_id, **user},
+                exclude=conn_id,
+            )  # fmt: skip
 
     def __len__(self) -> int:
         return len(self._timers)
@@ -107,12 +111,14 @@ class ChatHandler(GatewayHandler):
         self,
         typing: TypingTracker,
         health: Any,
+        notifications: NotificationService,
         **kwargs: Any,
     ) -> None:
         super().initialize(**kwargs)
         self._release_after_ack: tuple[str, int | None] | None = None
         self.typing = typing
         self.health = health
+        self.notifications = notifications
 
     @property
     def user_info(self) -> dict[str, Any]:
@@ -189,8 +195,12 @@ class ChatHandler(GatewayHandler):
             # The ack must precede the held frames; they carry later seqs.
             self._release_after_ack = (room_id, last)
         if first_here and not already:
+            # O(room) like user_in_room above; only on a user's first local join.
+            users_here = {c.user_id for c in self.hub.room_connections(room_id)}
+            self.stats.rooms.users(room_id, len(users_here))
             joined = {"roomId": room_id, "user": self.user_info}
             self.publish(Target.room(room_id), "room:user_joined", joined)
+        self._room_seen(room_id)
         return result
 
     async def handle_envelope(self, envelope: Any) -> None:
@@ -237,7 +247,15 @@ class ChatHandler(GatewayHandler):
         )
 
     async def on_room_read(self, room_id: str, seq: int) -> dict[str, Any]:
-        return await self.db.run("room.read", chat_db.mark_read, room_id, self.user_id, seq)
+        result = await self.db.run("room.read", chat_db.mark_read, room_id, self.user_id, seq)
+        self._room_seen(room_id)
+        return result
+
+    def _room_seen(self, room_id: str) -> None:
+        # After the ack (the task first runs once this handler yields).
+        self.tasks.spawn(
+            self.notifications.room_seen(self.user_id, room_id), f"room-seen-{room_id}"
+        )
 
     async def on_room_delete(self, room_id: str) -> dict[str, Any]:
         members = await self.db.run(
@@ -253,6 +271,11 @@ class ChatHandler(GatewayHandler):
                 if isinstance(conn, ChatHandler) and room_id in conn.member_rooms:
                     conn.member_rooms.remove(room_id)
         self.hub.clear_room(room_id)
+        self.stats.rooms.forget(room_id)
+        self.tasks.spawn(
+            self.notifications.room_deleted(room_id, members, self.user_id),
+            f"notify-room-deleted-{room_id}",
+        )
         return {"roomId": room_id}
 
     # -- messages -----------------------------------------------------------------
@@ -282,11 +305,19 @@ class ChatHandler(GatewayHandler):
         if not sent.duplicate:
             self.metrics.messages_persisted.inc()
             self.stats.messages.add()
+            self.stats.rooms.message(room_id)
             self.typing.stop(room_id, self.user_info, self.conn_id)
             self.publish(
                 Target.room(message["roomId"]), "message:new", {"message": message},
                 seq=message["seq"],
             )  # fmt: skip
+            self.metrics.publish_latency.labels(self.namespace).observe(
+                time.perf_counter() - self.event_started
+            )
+            # Mentions and missed messages: in the background, after ack and broadcast.
+            self.tasks.spawn(
+                self.notifications.message_sent(message), f"notify-message-{message['id']}"
+            )
         return {"message": message, "duplicate": sent.duplicate}
 
     async def on_message_edit(self, message_id: int, content: str) -> dict[str, Any]:
@@ -326,6 +357,7 @@ class ChatHandler(GatewayHandler):
 
     async def on_user_status_update(self, status: str) -> dict[str, Any]:
         await self.presence.set_status(self.user_id, status)
+        await self.refresh_member_rooms()
         self.announce_status(status)
         return {"status": status}
 

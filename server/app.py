@@ -27,6 +27,8 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 from tornado.web import Application
 
+from handlers.admin import AdminFeed, AdminHandler
+from handlers.api import api_routes
 from handlers.base import NodeState
 from handlers.chat import ChatHandler, TypingTracker
 from handlers.http import (
@@ -35,14 +37,20 @@ from handlers.http import (
     ReadinessHandler,
     WebSocketHealthHandler,
 )
+from handlers.logs import logs_routes
+from handlers.notifications import NotificationsHandler
+from handlers.web import web_routes
 from server import __version__
 from server.auth import TokenVerifier
 from server.config import Config
 from server.db import Database
-from server.health import Health, LoopMonitor
+from server.health import Health, LoopMonitor, RedisPing
 from server.hub import Hub
 from server.limits import ConnectionLimiter, RateLimiter
+from server.logstream import LogStream
 from server.metrics import Metrics
+from server.moderation import Moderation
+from server.notify import NotificationService
 from server.presence import Presence
 from server.stats import Stats
 from server.tasks import BackgroundTasks
@@ -59,17 +67,26 @@ def make_app(
     *,
     ws_deps: dict[str, Any],
     chat_deps: dict[str, Any],
+    admin_deps: dict[str, Any],
+    notify_deps: dict[str, Any],
     health: Health,
     registry: CollectorRegistry,
+    logstream: LogStream | None = None,
 ) -> Application:
     """The Tornado application: WebSocket namespaces, health and metrics routes."""
     routes: list[Any] = [
         (r"/ws/chat", ChatHandler, {**ws_deps, **chat_deps}),
+        (r"/ws/admin", AdminHandler, {**ws_deps, **admin_deps}),
+        (r"/ws/notifications", NotificationsHandler, {**ws_deps, **notify_deps}),
+        *(logs_routes(ws_deps, logstream) if logstream is not None else ()),
+        *api_routes({**ws_deps, **notify_deps}),
         (r"/health", LivenessHandler, {"node_id": config.node_id}),
         (r"/health/ready", ReadinessHandler, {"health": health}),
         (r"/health/websocket", WebSocketHealthHandler, {"health": health}),
         (r"/metrics", MetricsHandler, {"registry": registry}),
     ]
+    # The web app last: its static pattern is narrow, but it is rooted at "/".
+    routes += web_routes(config)
     return Application(
         routes,
         websocket_max_message_size=config.max_message_bytes,
@@ -94,16 +111,34 @@ class Node:
             ProcessCollector(registry=self.registry)
             PlatformCollector(registry=self.registry)
             GCCollector(registry=self.registry)
-        self.metrics = Metrics(self.registry, config.node_id, __version__)
+        self.metrics = Metrics(
+            self.registry, config.node_id, __version__, redis_enabled=config.redis_url is not None
+        )
         self.state = NodeState(config.node_id)
         self.stats = Stats()
         self.tasks = BackgroundTasks()
         self.hub = hub_class(config.node_id, on_delivered=self.metrics.deliveries.inc)
-        self.db = Database(config.database_url, observe=self._observe_db)
+        self.db = Database(
+            config.database_url, workers=config.db_workers, observe=self._observe_db
+        )
         self.presence = Presence()
         self.loop_monitor = LoopMonitor(on_lag=self.metrics.event_loop_lag.set)
-        self.health = Health(self.db, self.hub, self.stats, self.loop_monitor)
+        self.redis_ping = RedisPing(config.redis_url) if config.redis_url else None
+        self.health = Health(
+            self.db, self.hub, self.stats, self.loop_monitor, redis_check=self.redis_ping
+        )
         self.typing = TypingTracker(self.hub)
+        self.logstream = LogStream(config.node_id, config.log_buffer_size)
+        # Notifications (server/notify.py) plug in as ``self.moderation.notifier``.
+        self.moderation = Moderation(self.hub, self.db, self.stats, self.tasks)
+        self.notifications = NotificationService(
+            self.db, self.hub, config.max_notifications_per_user
+        )
+        self.moderation.notifier = self.notifications
+        notify_deps: dict[str, Any] = {"notifications": self.notifications}
+        self.admin_feed = AdminFeed(
+            self.hub, self.stats, self.health, self.state, config.metrics_interval
+        )
         ws_deps: dict[str, Any] = {
             "config": config,
             "hub": self.hub,
@@ -119,10 +154,14 @@ class Node:
             "state": self.state,
             "stats": self.stats,
         }
-        chat_deps = {"typing": self.typing, "health": self.health}
+        chat_deps = {"typing": self.typing, "health": self.health, **notify_deps}
+        admin_deps = {"moderation": self.moderation, "feed": self.admin_feed}
         self.app = make_app(
-            config, ws_deps=ws_deps, chat_deps=chat_deps, health=self.health,
+            config, ws_deps=ws_deps, chat_deps=chat_deps, admin_deps=admin_deps,
+            notify_deps=notify_deps,
+            health=self.health,
             registry=self.registry,
+            logstream=self.logstream,
         )  # fmt: skip
         self.server: HTTPServer | None = None
         self.sockets: list[socket.socket] = []
@@ -135,6 +174,8 @@ class Node:
 
     async def start(self) -> None:
         """Migrate the database, bind the listener, start periodic work."""
+        # First, so that start-up records reach /ws/logs and the ring buffer too.
+        self.logstream.install(asyncio.get_running_loop())
         await self.db.start()
         self.sockets = bind_sockets(self.config.port, self.config.host, backlog=2048)
         self.port = self.sockets[0].getsockname()[1]
@@ -144,12 +185,13 @@ class Node:
         loop = asyncio.get_running_loop()
         self._heartbeat = loop.create_task(self._heartbeat_loop(), name="heartbeat")
         self._gauges = loop.create_task(self._gauge_loop(), name="gauges")
+        self.admin_feed.start()
 
     @property
     def urls(self) -> dict[str, str]:
         host = self.config.host if self.config.host not in ("0.0.0.0", "::") else "127.0.0.1"
         base = f"{host}:{self.port}"
-        return {"http": f"http://{base}", "chat": f"ws://{base}/ws/chat"}
+        return {"http": f"http://{base}", "chat": f"ws://{base}/ws/chat", "web": f"http://{base}/"}
 
     async def _heartbeat_loop(self) -> None:
         interval = self.config.heartbeat_interval
@@ -162,8 +204,7 @@ class Node:
     async def _gauge_loop(self) -> None:
         while True:
             rooms = self.hub.active_rooms()
-            self.metrics.rooms_active.set(len(rooms))
-            self.metrics.room_members.set(sum(rooms.values()))
+            self.metrics.set_room_gauges(rooms, self.config.metrics_room_series)
             await asyncio.sleep(1.0)
 
     async def stop(self, grace_secs: float = SHUTDOWN_GRACE_SECS) -> None:
@@ -187,7 +228,11 @@ class Node:
             await asyncio.sleep(0.05)
         await self.tasks.drain(max(0.1, deadline - time.monotonic()))
         await self.loop_monitor.stop()
+        if self.redis_ping is not None:
+            await self.redis_ping.close()
+        await self.admin_feed.stop()
         await self.db.close()
         if self.server is not None:
             await self.server.close_all_connections()
         log.info("node %s stopped", self.config.node_id)
+        self.logstream.uninstall()

@@ -1,9 +1,10 @@
-"""The ``switchboard`` command: ``serve`` and ``token``.
+"""The ``switchboard`` command: ``serve``, ``token`` and ``tail``.
 
 Example::
 
     switchboard serve --port 8080
     switchboard token alice --role admin --ttl 600
+    switchboard tail --level WARNING --service billing
 """
 
 from __future__ import annotations
@@ -92,11 +93,14 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", type=float, default=3600.0, help="seconds (default 3600)")
     token.add_argument("--name", help="username (default: the user id)")
     token.add_argument("--display-name", dest="display_name")
+    _add_tail_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "tail":
+        return tail(args, os.environ)
     overrides = {k: v for k, v in vars(args).items() if k not in ("command",)}
     try:
         if args.command == "token":
@@ -119,6 +123,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _serve(config: Config) -> int:
     from server.app import Node
 
+    # Handle signals before announcing anything: a SIGTERM/SIGINT sent as soon
+    # as the listening line appears must shut down gracefully, not kill us.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     node = Node(config)
     try:
         await node.start()
@@ -135,11 +145,160 @@ async def _serve(config: Config) -> int:
                            name="dev", display_name="Developer")  # fmt: skip
         print(f"  dev token  {token}", flush=True)
         print(f"  try        {urls['chat']}?token=<dev token>", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down: closing %d connection(s)", len(node.hub.connections))
     await node.stop()
     return 0
+
+
+# -- switchboard tail -------------------------------------------------------------
+
+DEFAULT_TAIL_URL = "ws://127.0.0.1:8080/ws/logs"
+# First connection attempts back off up to this long between tries.
+TAIL_MAX_BACKOFF_SECS = 10.0
+_TAIL_COLORS = {
+    "DEBUG": "\x1b[2m",
+    "INFO": "",
+    "WARNING": "\x1b[33m",
+    "ERROR": "\x1b[31m",
+    "CRITICAL": "\x1b[1;31m",
+}
+_RESET = "\x1b[0m"
+
+
+def _add_tail_parser(sub: Any) -> None:
+    tail_cmd = sub.add_parser("tail", help="print live log entries from /ws/logs")
+    tail_cmd.add_argument("--url", default=DEFAULT_TAIL_URL, help=f"default {DEFAULT_TAIL_URL}")
+    tail_cmd.add_argument(
+        "--token", help="JWT with role admin or logs (default $SWITCHBOARD_TOKEN)"
+    )
+    tail_cmd.add_argument("--level", help="minimum level: DEBUG, INFO, WARNING, ERROR, CRITICAL")
+    tail_cmd.add_argument("--service", action="append", dest="services", help="repeatable")
+    tail_cmd.add_argument("--context", action="append", dest="contexts", help="repeatable")
+    tail_cmd.add_argument("--contains", help="only messages containing this (any case)")
+    tail_cmd.add_argument("--json", action="store_true", help="one JSON entry per line")
+
+
+def format_entry(entry: dict[str, Any], *, color: bool) -> str:
+    """One human line per entry (plus the stack, indented), colored by level on a TTY."""
+    level = str(entry.get("level", "INFO"))
+    context = entry.get("context") or "-"
+    line = (
+        f"{entry.get('timestamp', '')} {level:<8} {entry.get('service', '?')} "
+        f"[{entry.get('node', '?')}] {context}: {entry.get('message', '')}"
+    )
+    metadata = entry.get("metadata")
+    if metadata:
+        line += " " + orjson.dumps(metadata).decode()
+    stack = entry.get("stack")
+    if stack:
+        line += "\n" + "\n".join("    " + part for part in str(stack).splitlines())
+    prefix = _TAIL_COLORS.get(level, "") if color else ""
+    return f"{prefix}{line}{_RESET}" if prefix else line
+
+
+def tail(args: argparse.Namespace, environ: Any) -> int:
+    """``switchboard tail``: exit 0 on Ctrl-C, 1 when refused for good, 2 on bad usage."""
+    token = args.token or environ.get("SWITCHBOARD_TOKEN")
+    if not token:
+        print("switchboard tail: a token is needed (--token or SWITCHBOARD_TOKEN)", file=sys.stderr)
+        return 2
+    subscription: dict[str, Any] = {}
+    if args.level:
+        subscription["level"] = args.level
+    if args.services:
+        subscription["services"] = args.services
+    if args.contexts:
+        subscription["contexts"] = args.contexts
+    if args.contains:
+        subscription["contains"] = args.contains
+    try:
+        return asyncio.run(_tail(args.url, token, subscription, as_json=args.json))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def _tail(url: str, token: str, subscription: dict[str, Any], *, as_json: bool) -> int:
+    from server.client import FATAL_CLOSE_CODES, Client, ClientError, ConnectionClosed
+
+    color = sys.stdout.isatty() and not as_json
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    def say(text: str) -> None:
+        print(f"switchboard tail: {text}", file=sys.stderr, flush=True)
+
+    def show(frame: dict[str, Any]) -> None:
+        entry = frame.get("data") or {}
+        try:
+            if as_json:
+                print(orjson.dumps(entry).decode(), flush=True)
+            else:
+                print(format_entry(entry, color=color), flush=True)
+        except BrokenPipeError:
+            stop.set()  # the reader went away (| head): finish quietly
+
+    async def subscribe() -> None:
+        try:
+            await client.emit("logs:subscribe", subscription)
+        except ClientError as exc:
+            say(f"subscription refused: {exc.code} {exc.message}")
+            stop.set()
+            return
+        except (ConnectionClosed, TimeoutError):
+            return  # lost again: the next reconnect subscribes again
+        say(f"subscribed to {url}")
+
+    def lost(frame: dict[str, Any]) -> None:
+        data = frame["data"]
+        more = "; reconnecting" if data.get("willReconnect") else ""
+        say(f"connection lost (code {data.get('code')}){more}")
+
+    def failed(frame: dict[str, Any]) -> None:
+        data = frame["data"]
+        say(f"reconnection refused: {data.get('code')} {data.get('message')}")
+        stop.set()
+
+    async def reconnected(frame: dict[str, Any]) -> None:
+        say(f"reconnected after {frame['data'].get('attempts')} attempt(s)")
+        await subscribe()
+
+    def dropped(frame: dict[str, Any]) -> None:
+        say(f"{frame['data'].get('count')} entries dropped (this terminal fell behind)")
+
+    client = Client(url, token, reconnect=True, keep_history=False, buffer_events=False)
+    for event in ("log:entry", "log:warning", "log:error"):
+        client.on(event, show)
+    client.on("log:dropped", dropped)
+    client.on("client:disconnected", lost)
+    client.on("client:reconnected", reconnected)
+    client.on("client:reconnect_failed", failed)
+
+    attempt = 0
+    while not stop.is_set():
+        try:
+            await client.connect()
+            break
+        except ClientError as exc:
+            if exc.close_code in FATAL_CLOSE_CODES:
+                say(f"refused: {exc.code} {exc.message}")
+                return 1
+            error: str = f"{exc.code} {exc.message}"
+        except (OSError, ConnectionClosed, TimeoutError) as exc:
+            error = str(exc) or type(exc).__name__
+        delay = min(TAIL_MAX_BACKOFF_SECS, 0.25 * 2**attempt)
+        attempt += 1
+        say(f"cannot connect to {url} ({error}); retrying in {delay:.1f}s")
+        try:
+            await asyncio.wait_for(stop.wait(), delay)
+        except TimeoutError:
+            pass
+    if stop.is_set():
+        return 0
+    await subscribe()
+    await stop.wait()
+    refused = client.closed and client.close_code in FATAL_CLOSE_CODES
+    await client.aclose(timeout=2.0)
+    return 1 if refused else 0

@@ -87,6 +87,8 @@ class Config:
     heartbeat_interval: float = 25.0
     heartbeat_timeout: float = 20.0
     metrics_interval: float = 5.0
+    # Per-room metric series for the busiest N rooms only (0: none; keeps label sets bounded).
+    metrics_room_series: int = 0
     log_buffer_size: int = 1000
     max_notifications_per_user: int = 100
     log_format: str = "text"
@@ -136,6 +138,7 @@ class Config:
             "heartbeat_interval": ("HEARTBEAT_INTERVAL", float),
             "heartbeat_timeout": ("HEARTBEAT_TIMEOUT", float),
             "metrics_interval": ("METRICS_INTERVAL", float),
+            "metrics_room_series": ("METRICS_ROOM_SERIES", int),
             "log_buffer_size": ("LOG_BUFFER_SIZE", int),
             "max_notifications_per_user": ("MAX_NOTIFICATIONS_PER_USER", int),
         }

@@ -92,6 +92,10 @@ class MessageNotFound(GatewayError):
     code, status, default_message = "MESSAGE_NOT_FOUND", 404, "Message not found"
 
 
+class NotificationNotFound(GatewayError):
+    code, status, default_message = "NOTIFICATION_NOT_FOUND", 404, "Notification not found"
+
+
 class Conflict(GatewayError):
     code, status, default_message = "CONFLICT", 409, "Already exists"
 

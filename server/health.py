@@ -15,12 +15,16 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import redis.asyncio as aioredis
+
 from server.db import Database
 from server.hub import Hub
 from server.stats import Stats
 
 LOOP_LAG_DEGRADED_SECS = 0.5
 ERROR_RATE_DEGRADED = 0.05
+# A health probe must answer quickly even when Redis hangs.
+REDIS_PING_TIMEOUT_SECS = 2.0
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -64,6 +68,49 @@ class LoopMonitor:
             except asyncio.CancelledError:
                 pass
             self._task = None
+
+
+class RedisPing:
+    """A real ``PING`` to Redis for readiness: ``await ping()`` → ``(ok, why)``.
+
+    One small client, created on first use in the running loop; redis-py
+    reconnects on the next call after Redis comes back.
+
+    Example::
+
+        ping = RedisPing("redis://127.0.0.1:6379/0")
+        ok, why = await ping()
+        await ping.close()
+    """
+
+    def __init__(self, url: str, timeout_secs: float = REDIS_PING_TIMEOUT_SECS) -> None:
+        self.url = url
+        self.timeout_secs = timeout_secs
+        self._client: aioredis.Redis | None = None
+
+    async def __call__(self) -> tuple[bool, str | None]:
+        if self._client is None:
+            self._client = aioredis.Redis.from_url(
+                self.url,
+                socket_timeout=self.timeout_secs,
+                socket_connect_timeout=self.timeout_secs,
+                single_connection_client=True,
+            )
+        try:
+            await asyncio.wait_for(self._client.ping(), self.timeout_secs)
+        except (OSError, TimeoutError, aioredis.RedisError) as exc:
+            # Drop the connection so the next probe starts afresh.
+            await self.close()
+            return False, type(exc).__name__
+        return True, None
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                await client.aclose()
+            except (OSError, aioredis.RedisError):
+                pass  # the connection is already broken; nothing left to release
 
 
 class Health:

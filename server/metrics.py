@@ -10,9 +10,20 @@ Example::
     registry = CollectorRegistry()
     metrics = Metrics(registry, node_id="n1")
     metrics.events.labels("chat", "message:send").inc()
+
+Families fed by other components (attribute → metric):
+
+- ``notifications_created`` → ``switchboard_notifications_created_total{category}``
+- ``log_entries_streamed`` → ``switchboard_log_entries_streamed_total``
+- ``log_entries_dropped`` → ``switchboard_log_entries_dropped_total``
+- ``redis_up``, ``redis_published``, ``redis_received``, ``redis_reconnects``,
+  ``redis_pubsub_lag`` → the ``switchboard_redis_*`` families (cluster mirror)
 """
 
 from __future__ import annotations
+
+import heapq
+from collections.abc import Mapping
 
 from prometheus_client import (
     CollectorRegistry,
@@ -21,6 +32,19 @@ from prometheus_client import (
     Histogram,
     Info,
 )
+
+from server.config import RATE_LIMIT_CLASSES
+
+#: The notification categories of the product contract (SPEC §3), a bounded label.
+NOTIFICATION_CATEGORIES = (
+    "chat", "mention", "moderation", "security", "system", "event", "user",
+    "resource", "reservation", "limit", "error",
+)  # fmt: skip
+
+# Publish-to-deliver spans the database commit as well, so it reaches further.
+_DELIVERY_BUCKETS_SECS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
 
 # Latency buckets in seconds, from 0.5 ms to 5 s: gateway events are fast.
 _LATENCY_BUCKETS_SECS = (
@@ -31,11 +55,20 @@ _LATENCY_BUCKETS_SECS = (
 class Metrics:
     """All of the gateway's metric families on one registry."""
 
-    def __init__(self, registry: CollectorRegistry, node_id: str, version: str = "0") -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        node_id: str,
+        version: str = "0",
+        *,
+        redis_enabled: bool = False,
+    ) -> None:
         self.registry = registry
         p = "switchboard"
         self.build_info = Info(f"{p}_build", "Build and node information", registry=registry)
-        self.build_info.info({"version": version, "node": node_id})
+        # ``redis`` tells alerts whether switchboard_redis_up == 0 means "down" or "not used".
+        redis = "enabled" if redis_enabled else "disabled"
+        self.build_info.info({"version": version, "node": node_id, "redis": redis})
         self.connections = Gauge(
             f"{p}_connections", "Open WebSocket connections", ["namespace"], registry=registry
         )
@@ -101,7 +134,69 @@ class Metrics:
             f"{p}_room_subscriptions", "Local room subscriptions (connection x room)",
             registry=registry,
         )  # fmt: skip
+        self.room_subscribers = Gauge(
+            f"{p}_room_subscribers", "Local subscribers of the busiest rooms (opt-in, top N)",
+            ["room"], registry=registry,
+        )  # fmt: skip
         self.event_loop_lag = Gauge(
             f"{p}_event_loop_lag_seconds", "Delay of a periodic timer behind schedule",
             registry=registry,
         )  # fmt: skip
+        self.publish_latency = Histogram(
+            f"{p}_publish_deliver_seconds",
+            "From receiving a message to its delivery to local subscribers",
+            ["namespace"], buckets=_DELIVERY_BUCKETS_SECS, registry=registry,
+        )  # fmt: skip
+        self.notifications_created = Counter(
+            f"{p}_notifications_created_total", "Notifications stored, by category",
+            ["category"], registry=registry,
+        )  # fmt: skip
+        self.log_entries_streamed = Counter(
+            f"{p}_log_entries_streamed_total", "Log entries sent to live log subscribers",
+            registry=registry,
+        )  # fmt: skip
+        self.log_entries_dropped = Counter(
+            f"{p}_log_entries_dropped_total",
+            "Log entries not delivered to a live subscriber (buffer full or too slow)",
+            registry=registry,
+        )  # fmt: skip
+        # Known label values start at zero so rate() sees their first increase
+        # and dashboards show 0 rather than "no data".
+        for category in NOTIFICATION_CATEGORIES:
+            self.notifications_created.labels(category)
+        for bucket in RATE_LIMIT_CLASSES:
+            self.rate_limited.labels(bucket)
+        # The Redis mirror (cluster) feeds these; a single node leaves them at zero.
+        self.redis_up = Gauge(
+            f"{p}_redis_up", "1 while the Redis mirror is connected", registry=registry
+        )
+        self.redis_published = Counter(
+            f"{p}_redis_published_total", "Messages published to the Redis mirror",
+            registry=registry,
+        )  # fmt: skip
+        self.redis_received = Counter(
+            f"{p}_redis_received_total", "Messages received from the Redis mirror",
+            registry=registry,
+        )  # fmt: skip
+        self.redis_reconnects = Counter(
+            f"{p}_redis_reconnects_total", "Reconnections of the Redis mirror", registry=registry
+        )
+        self.redis_pubsub_lag = Histogram(
+            f"{p}_redis_pubsub_lag_seconds", "From publish on one node to receipt on another",
+            buckets=_LATENCY_BUCKETS_SECS, registry=registry,
+        )  # fmt: skip
+
+    def set_room_gauges(self, rooms: Mapping[str, int], top_n: int = 0) -> None:
+        """Refresh the room gauges from ``room id -> local subscribers``.
+
+        Per-room series exist only for the ``top_n`` busiest rooms (none when
+        0): every room as a label would grow without bound. Rooms that drop
+        out of the top N lose their series.
+        """
+        self.rooms_active.set(len(rooms))
+        self.room_members.set(sum(rooms.values()))
+        if top_n <= 0:
+            return
+        self.room_subscribers.clear()
+        for room, count in heapq.nlargest(top_n, rooms.items(), key=lambda item: item[1]):
+            self.room_subscribers.labels(room).set(count)

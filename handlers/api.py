@@ -1,0 +1,361 @@
+"""The REST API under ``/api/v1``: notifications, history, and the server API.
+
+User endpoints take ``Authorization: Bearer <jwt>`` (checked by the same
+:class:`~server.auth.TokenVerifier` as the sockets); the server API needs
+the ``service`` role. Bodies and query strings are loaded with marshmallow
+schemas; every failure is a :class:`~server.errors.GatewayError` rendered
+once, as ``{"error": {code, message, details}}`` with its HTTP status.
+
+REST and socket views stay one: a change made here goes through the same
+:class:`~server.notify.NotificationService`, which pushes it live to the
+user's ``/ws/notifications`` connections.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+import orjson
+from marshmallow import Schema, ValidationError, fields, validate, validates_schema
+from tornado.web import HTTPError
+
+from handlers.base import NodeState
+from handlers.http import JSONHandler
+from handlers.notifications import DEFAULT_PAGE, MAX_PAGE, NotificationIdField
+from handlers.schemas import EventSchema, Text, room_id
+from models import chat as chat_db
+from models import notifications as store
+from server import errors
+from server.auth import Identity, TokenVerifier
+from server.config import Config
+from server.db import Database
+from server.hub import Hub, Target
+from server.limits import RateLimiter
+from server.notify import NotificationService
+
+log = logging.getLogger("switchboard.api")
+
+NAMESPACES = ("chat", "notifications", "admin", "logs")
+# Events a service may not publish: clients trust these to come from the gateway itself.
+RESERVED_EVENT_PREFIXES = ("system:", "auth:")
+MAX_NOTIFY_USERS = 1000
+# History pages over HTTP mirror room:get_messages.
+DEFAULT_HISTORY_PAGE = 50
+MAX_HISTORY_PAGE = 100
+
+
+# -- schemas ------------------------------------------------------------------
+
+
+class NotificationQuery(EventSchema):
+    unread_only = fields.Boolean(data_key="unreadOnly", load_default=False)
+    limit = fields.Integer(load_default=DEFAULT_PAGE, validate=validate.Range(1, MAX_PAGE))
+    before = NotificationIdField(load_default=None)
+
+
+class NotificationPath(EventSchema):
+    notification_id = NotificationIdField(data_key="id", required=True)
+
+
+class HistoryQuery(EventSchema):
+    room_id = room_id(required=True)
+    limit = fields.Integer(
+        load_default=DEFAULT_HISTORY_PAGE, validate=validate.Range(1, MAX_HISTORY_PAGE)
+    )
+    before_seq = fields.Integer(data_key="beforeSeq", load_default=None, validate=validate.Range(1))
+
+
+class PublishTarget(Schema):
+    user_id = fields.String(data_key="userId", validate=validate.Length(1, 128))
+    room_id = room_id()
+    namespace = fields.String(validate=validate.OneOf(NAMESPACES))
+    all = fields.Boolean()
+
+    @validates_schema
+    def _one_target(self, data: dict[str, Any], **kwargs: Any) -> None:
+        chosen = [k for k in ("user_id", "room_id") if k in data] + (
+            ["all"] if data.get("all") else []
+        )
+        if len(chosen) > 1 or (not chosen and "namespace" not in data):
+            raise ValidationError(
+                "Give exactly one of userId, roomId, namespace or all (namespace may "
+                "narrow userId or all).",
+                "target",
+            )
+        if "room_id" in data and "namespace" in data:
+            raise ValidationError("roomId cannot be narrowed by namespace.", "namespace")
+
+
+class Publish(EventSchema):
+    target = fields.Nested(PublishTarget, required=True)
+    event = fields.String(
+        required=True,
+        validate=[
+            validate.Length(1, 64),
+            validate.Regexp(r"^[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)*\Z", error="Not an event name."),
+        ],
+    )
+    data = fields.Dict(keys=fields.String(), load_default=dict)
+
+    @validates_schema
+    def _not_reserved(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if str(data.get("event", "")).startswith(RESERVED_EVENT_PREFIXES):
+            raise ValidationError("system: and auth: events are the gateway's own.", "event")
+
+
+class NotificationCreate(EventSchema):
+    user_ids = fields.List(
+        fields.String(validate=validate.Length(1, 128)),
+        data_key="userIds",
+        required=True,
+        validate=validate.Length(1, MAX_NOTIFY_USERS),
+    )
+    type = fields.String(load_default="info", validate=validate.OneOf(store.TYPES))
+    category = fields.String(load_default="system", validate=validate.OneOf(store.CATEGORIES))
+    title = Text(required=True, validate=validate.Length(1, store.TITLE_MAX_CHARS))
+    message = Text(load_default="", validate=validate.Length(0, 4000))
+    data = fields.Dict(keys=fields.String(), load_default=dict)
+    action_url = fields.String(
+        data_key="actionUrl", load_default=None, allow_none=True, validate=validate.Length(1, 500)
+    )
+    priority = fields.String(load_default="normal", validate=validate.OneOf(store.PRIORITIES))
+
+
+# -- base ---------------------------------------------------------------------
+
+
+class APIHandler(JSONHandler):
+    """Base of the ``/api/v1`` handlers: auth, roles, limits, JSON in and out.
+
+    ``prepare()`` runs before every method: it refuses new work while the
+    node shuts down (503), checks the Bearer token (401) and the class's
+    ``allowed_roles`` (403), the body size (413) and the caller's ``other``
+    rate limit (429). Methods then read ``self.identity`` and use
+    :meth:`load` / :meth:`body` for validated input.
+
+    Example::
+
+        class Hello(APIHandler):
+            async def get(self) -> None:
+                self.write_json({"hello": self.identity.user_id})
+    """
+
+    #: Roles of which the caller needs one; None admits any authenticated user.
+    allowed_roles: ClassVar[frozenset[str] | None] = None
+
+    def initialize(
+        self,
+        config: Config,
+        hub: Hub,
+        db: Database,
+        verifier: TokenVerifier,
+        rate_limiter: RateLimiter,
+        state: NodeState,
+        notifications: NotificationService,
+        **_unused: Any,
+    ) -> None:
+        self.config = config
+        self.hub = hub
+        self.db = db
+        self.verifier = verifier
+        self.rate_limiter = rate_limiter
+        self.state = state
+        self.notifications = notifications
+        self._identity: Identity | None = None
+
+    @property
+    def identity(self) -> Identity:
+        assert self._identity is not None, "prepare() authenticates first"
+        return self._identity
+
+    @property
+    def user_id(self) -> str:
+        return self.identity.user_id
+
+    async def prepare(self) -> None:
+        if self.state.shutting_down:
+            raise errors.ServiceUnavailable("Server is shutting down")
+        header = self.request.headers.get("Authorization", "")
+        token = header[7:].strip() if header[:7].lower() == "bearer " else None
+        self._identity = self.verifier.verify(token)
+        self.require_roles(self.allowed_roles)
+        declared = self.request.headers.get("Content-Length")
+        size = int(declared) if declared and declared.isdigit() else len(self.request.body or b"")
+        if size > self.config.max_message_bytes:
+            raise errors.PayloadTooLarge(
+                details={"limit": self.config.max_message_bytes, "size": size}
+            )
+        decision = await self.rate_limiter.hit(self.user_id, "other")
+        if not decision.allowed:
+            raise errors.RateLimited(details=decision.details())
+
+    def require_roles(self, roles: frozenset[str] | None) -> None:
+        if roles is not None and not self.identity.has_any(roles):
+            raise errors.Forbidden(f"Needs one of the roles {', '.join(sorted(roles))}")
+
+    def load(self, schema: type[Schema], data: Any) -> dict[str, Any]:
+        try:
+            loaded: dict[str, Any] = schema().load(data)
+        except ValidationError as exc:
+            raise errors.ValidationFailed.from_marshmallow(exc) from None
+        return loaded
+
+    def query(self) -> dict[str, str]:
+        """Query arguments, the last value of each (``?limit=5``)."""
+        return {
+            k: v[-1].decode("utf-8", "replace") for k, v in self.request.query_arguments.items()
+        }
+
+    def body(self) -> Any:
+        try:
+            return orjson.loads(self.request.body or b"{}")
+        except orjson.JSONDecodeError:
+            raise errors.BadRequest("Body is not JSON") from None
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, errors.GatewayError):
+            self.set_status(exc.status)
+            if exc.status == 401:
+                self.set_header("WWW-Authenticate", 'Bearer realm="switchboard"')
+            retry_ms = exc.details.get("retryAfter")
+            if isinstance(exc, errors.RateLimited) and isinstance(retry_ms, int):
+                self.set_header("Retry-After", str(max(1, -(-retry_ms // 1000))))
+        elif exc is not None and not isinstance(exc, HTTPError):
+            # The cause is already logged by log_exception; the client sees only this.
+            kwargs["exc_info"] = (None, errors.InternalError(), None)
+        super().write_error(status_code, **kwargs)
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, errors.GatewayError):
+            # A client error, not a server fault: one line, no traceback.
+            log.info(
+                "%s %s -> %s %s", self.request.method, self.request.path, value.code, value.message
+            )
+            return
+        super().log_exception(typ, value, tb)
+
+
+# -- notifications ------------------------------------------------------------
+
+
+class NotificationsAPI(APIHandler):
+    """``GET /api/v1/notifications`` (a page); ``POST`` creates them (role ``service``)."""
+
+    async def get(self) -> None:
+        args = self.load(NotificationQuery, self.query())
+        page = await self.notifications.page(
+            self.user_id, unread_only=args["unread_only"], limit=args["limit"],
+            before=args["before"],
+        )  # fmt: skip
+        self.write_json(page)
+
+    async def post(self) -> None:
+        self.require_roles(frozenset({"service"}))
+        args = self.load(NotificationCreate, self.body())
+        created = await self.notifications.notify(
+            args.pop("user_ids"), **args,
+        )  # fmt: skip
+        self.write_json({"notifications": created, "count": len(created)}, 201)
+
+
+class UnreadCountAPI(APIHandler):
+    """``GET /api/v1/notifications/unread/count`` → ``{count}``."""
+
+    async def get(self) -> None:
+        self.write_json({"count": await self.notifications.unread_count(self.user_id)})
+
+
+class ReadAllAPI(APIHandler):
+    """``POST /api/v1/notifications/read-all`` → ``{updated, unreadCount}``."""
+
+    async def post(self) -> None:
+        change = await self.notifications.mark_all_read(self.user_id)
+        self.write_json({"updated": len(change.read), "unreadCount": change.unread})
+
+
+class NotificationReadAPI(APIHandler):
+    """``POST /api/v1/notifications/{id}/read`` → ``{notificationId, unreadCount}``."""
+
+    async def post(self, raw_id: str) -> None:
+        notification_id = self.load(NotificationPath, {"id": raw_id})["notification_id"]
+        change = await self.notifications.mark_read(self.user_id, notification_id)
+        self.write_json({"notificationId": str(notification_id), "unreadCount": change.unread})
+
+
+class NotificationAPI(APIHandler):
+    """``DELETE /api/v1/notifications/{id}`` → ``{notificationId, unreadCount}``."""
+
+    async def delete(self, raw_id: str) -> None:
+        notification_id = self.load(NotificationPath, {"id": raw_id})["notification_id"]
+        change = await self.notifications.delete(self.user_id, notification_id)
+        self.write_json({"notificationId": str(notification_id), "unreadCount": change.unread})
+
+
+# -- history ------------------------------------------------------------------
+
+
+class RoomMessagesAPI(APIHandler):
+    """``GET /api/v1/rooms/{roomId}/messages?limit=&beforeSeq=`` (members only)."""
+
+    async def get(self, raw_room_id: str) -> None:
+        args = self.load(HistoryQuery, {**self.query(), "roomId": raw_room_id})
+        page = await self.db.run(
+            "message.page", chat_db.get_messages,
+            args["room_id"], self.user_id, args["limit"], args["before_seq"], None,
+        )  # fmt: skip
+        self.write_json(page)
+
+
+# -- server API ---------------------------------------------------------------
+
+
+class PublishAPI(APIHandler):
+    """``POST /api/v1/publish {target, event, data}`` (role ``service``) → ``{delivered}``.
+
+    ``delivered`` counts the connections reached on this node; with the Redis
+    mirror the event also goes to the other nodes' matching connections.
+    """
+
+    allowed_roles = frozenset({"service"})
+
+    async def post(self) -> None:
+        args = self.load(Publish, self.body())
+        where = args["target"]
+        namespace = where.get("namespace")
+        if "user_id" in where:
+            target = Target.user(where["user_id"], namespace)
+        elif "room_id" in where:
+            target = Target.room(where["room_id"])
+        elif where.get("all"):
+            target = Target("all", "", namespace)
+        else:
+            target = Target.ns(namespace)
+        delivered = self.hub.publish(target, args["event"], args["data"])
+        self.write_json({"delivered": delivered})
+
+
+class APINotFound(JSONHandler):
+    """Any other ``/api/v1`` path: a JSON 404 rather than the web app's HTML one."""
+
+    def prepare(self) -> None:
+        raise HTTPError(404, reason="No such API endpoint")
+
+
+def api_routes(deps: dict[str, Any]) -> list[tuple[str, type[JSONHandler], dict[str, Any]]]:
+    """The ``/api/v1`` routes, each given ``deps`` (the shared handler dependencies).
+
+    The last one answers every other ``/api/v1`` path with a JSON 404, so
+    further API routes must be listed before these.
+    """
+    return [
+        (r"/api/v1/notifications", NotificationsAPI, deps),
+        (r"/api/v1/notifications/unread/count", UnreadCountAPI, deps),
+        (r"/api/v1/notifications/read-all", ReadAllAPI, deps),
+        (r"/api/v1/notifications/([^/]+)/read", NotificationReadAPI, deps),
+        (r"/api/v1/notifications/([^/]+)", NotificationAPI, deps),
+        (r"/api/v1/rooms/([^/]+)/messages", RoomMessagesAPI, deps),
+        (r"/api/v1/publish", PublishAPI, deps),
+        (r"/api/v1/.*", APINotFound, {}),
+    ]

@@ -1,0 +1,446 @@
+"""Live logs: the ``/ws/logs`` namespace and the ``/api/v1/logs`` endpoints.
+
+``/ws/logs`` (roles admin or ``logs``) subscribes to the node's
+:class:`~server.logstream.LogStream` with a filter and receives entries as
+``log:error`` / ``log:warning`` / ``log:entry``; ``logs:recent`` reads the
+ring buffer. Over HTTP, services (role ``service``) ingest their own
+entries with ``POST /api/v1/logs``, and operators read
+``GET /api/v1/logs/recent`` and ``GET /api/v1/logs/stats``.
+
+A subscriber that cannot keep up loses entries, not the server's memory:
+each connection has its own backlog of log frames bounded in bytes (half
+the connection's outbound limit, ``SWITCHBOARD_MAX_OUTBOUND_BYTES``), and
+only one log frame at a time sits in the socket's write buffer — the next
+is written when the previous one has been flushed to the kernel. Entries
+that arrive while the backlog is full are counted, and once the backlog
+has drained to half its size the subscriber gets ``log:dropped {count}``
+before the next entry. Log traffic therefore never trips the slow-consumer
+close (4408) that other namespaces use.
+
+Example (client side)::
+
+    await client.emit("logs:subscribe", {"level": "WARNING", "services": ["billing"]})
+    frame = await client.next_event("log:error")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import re
+from collections import deque
+from typing import Any, ClassVar
+
+import orjson
+from marshmallow import Schema, ValidationError, fields, validate, validates
+from tornado.iostream import StreamClosedError
+from tornado.web import stream_request_body
+from tornado.websocket import WebSocketClosedError
+
+from handlers.base import GatewayHandler
+from handlers.http import JSONHandler
+from handlers.schemas import EventSchema, Text
+from server import errors, protocol
+from server.auth import Identity, TokenVerifier
+from server.logstream import (
+    LEVELS,
+    MAX_MESSAGE_CHARS,
+    MAX_STACK_CHARS,
+    OWN_SERVICE,
+    LogEntry,
+    LogFilter,
+    LogStream,
+    normalize_level,
+)
+
+#: Roles that may read logs (socket and HTTP).
+READER_ROLES = frozenset({"admin", "logs"})
+#: Roles that may ingest entries over HTTP.
+WRITER_ROLES = frozenset({"service"})
+
+MAX_RECENT = 1000
+DEFAULT_RECENT = 100
+MAX_FILTER_ITEMS = 50
+# One ingest request: enough for a service flushing a few seconds of logs,
+# small enough that validating it does not stall the loop noticeably.
+MAX_INGEST_ENTRIES = 500
+MAX_INGEST_BODY_BYTES = 1024 * 1024
+# Bodies up to this size are read and discarded to answer 413 cleanly; a
+# larger one makes tornado drop the connection.
+INGEST_DISCARD_LIMIT_BYTES = 8 * MAX_INGEST_BODY_BYTES
+MAX_ENTRY_METADATA_BYTES = 4096
+SERVICE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}\Z")
+
+
+# -- schemas ------------------------------------------------------------------
+
+
+class LevelField(fields.String):
+    """A level name (any case; ``warn``/``fatal``/``log``/``verbose`` accepted) → ``"WARNING"``."""
+
+    default_error_messages = {"invalid_level": f"Must be one of {', '.join(LEVELS)}."}
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            return normalize_level(text)
+        except ValueError:
+            raise self.make_error("invalid_level") from None
+
+
+def _names(max_chars: int) -> fields.List[str]:
+    return fields.List(
+        fields.String(validate=validate.Length(1, max_chars)),
+        validate=validate.Length(1, MAX_FILTER_ITEMS),
+        load_default=None,
+    )
+
+
+class Subscribe(EventSchema):
+    level = LevelField(load_default=None)
+    services = _names(64)
+    contexts = _names(200)
+    contains = fields.String(validate=validate.Length(1, 200), load_default=None)
+
+
+class Recent(EventSchema):
+    limit = fields.Integer(validate=validate.Range(1, MAX_RECENT), load_default=DEFAULT_RECENT)
+    level = LevelField(load_default=None)
+    service = fields.String(validate=validate.Length(1, 64), load_default=None)
+
+
+class IngestEntry(EventSchema):
+    timestamp = fields.DateTime(load_default=None)
+    level = LevelField(required=True)
+    service = fields.String(
+        validate=validate.Regexp(SERVICE_RE, error="Must match ^[A-Za-z0-9_.:-]{{1,64}}$."),
+        load_default=None,
+    )
+    context = Text(validate=validate.Length(0, 200), load_default="")
+    message = Text(required=True, validate=validate.Length(1, MAX_MESSAGE_CHARS))
+    metadata = fields.Dict(keys=fields.String(), load_default=dict)
+    stack = fields.String(validate=validate.Length(1, MAX_STACK_CHARS), load_default=None)
+
+    @validates("service")
+    def _not_ours(self, value: str | None, **kwargs: Any) -> None:
+        if value == OWN_SERVICE:
+            raise ValidationError(f"{OWN_SERVICE!r} is reserved for the gateway's own entries.")
+
+    @validates("metadata")
+    def _small_metadata(self, value: dict[str, Any], **kwargs: Any) -> None:
+        if len(orjson.dumps(value)) > MAX_ENTRY_METADATA_BYTES:
+            raise ValidationError(f"At most {MAX_ENTRY_METADATA_BYTES} bytes as JSON.")
+
+
+class IngestBody(EventSchema):
+    entries = fields.List(
+        fields.Nested(IngestEntry), required=True, validate=validate.Length(1, MAX_INGEST_ENTRIES)
+    )
+
+
+def log_filter(
+    level: str | None, services: list[str] | None, contexts: list[str] | None, contains: str | None
+) -> LogFilter:
+    return LogFilter(
+        min_level=LEVELS[level] if level else 0,
+        services=frozenset(services) if services else None,
+        contexts=frozenset(contexts) if contexts else None,
+        contains=contains,
+    )
+
+
+def ingested_entry(loaded: dict[str, Any], default_service: str, node_id: str) -> LogEntry:
+    """A loaded :class:`IngestEntry` → a wire entry like our own."""
+    stamp: dt.datetime = loaded["timestamp"] or protocol.now()
+    entry: LogEntry = {
+        "timestamp": protocol.iso(stamp),
+        "level": loaded["level"],
+        "service": loaded["service"] or default_service,
+        "context": loaded["context"],
+        "message": loaded["message"],
+        "metadata": loaded["metadata"],
+        "node": node_id,
+    }
+    if loaded["stack"]:
+        entry["stack"] = loaded["stack"]
+    return entry
+
+
+def fit_entries(entries: list[LogEntry], budget_bytes: int) -> tuple[list[LogEntry], bool]:
+    """The newest entries whose JSON fits ``budget_bytes``; True if some were left out."""
+    kept: list[LogEntry] = []
+    used = 0
+    for entry in reversed(entries):
+        used += len(orjson.dumps(entry)) + 1
+        if used > budget_bytes:
+            kept.reverse()
+            return kept, True
+        kept.append(entry)
+    kept.reverse()
+    return kept, False
+
+
+# -- /ws/logs -----------------------------------------------------------------
+
+
+class LogsHandler(GatewayHandler):
+    """The live logs namespace (roles admin or ``logs``)."""
+
+    namespace = "logs"
+    allowed_roles = READER_ROLES
+    schemas: ClassVar[dict[str, type[Schema]]] = {
+        "logs:subscribe": Subscribe,
+        "logs:unsubscribe": EventSchema,
+        "logs:recent": Recent,
+    }
+
+    def initialize(self, logstream: LogStream, **kwargs: Any) -> None:  # type: ignore[override]
+        super().initialize(**kwargs)
+        self.logstream = logstream
+        #: Byte bound of this subscriber's pending log frames.
+        self.backlog_cap = max(1, self.config.max_outbound_bytes // 2)
+        #: Highest ``backlog_bytes`` seen (for tests and diagnostics).
+        self.backlog_peak = 0
+        self.backlog_bytes = 0
+        self._backlog: deque[bytes] = deque()
+        #: Entries lost since the last ``log:dropped`` was queued.
+        self.dropped = 0
+        self._dropping = False
+        self._pump: asyncio.Task[None] | None = None
+
+    async def on_logs_subscribe(
+        self,
+        level: str | None,
+        services: list[str] | None,
+        contexts: list[str] | None,
+        contains: str | None,
+    ) -> dict[str, Any]:
+        wanted = log_filter(level, services, contexts, contains)
+        self.logstream.subscribe(self.conn_id, wanted, self._on_log)
+        return {"subscribed": True, "filter": wanted.public()}
+
+    async def on_logs_unsubscribe(self) -> dict[str, Any]:
+        self.logstream.unsubscribe(self.conn_id)
+        return {"subscribed": False}
+
+    async def on_logs_recent(
+        self, limit: int, level: str | None, service: str | None
+    ) -> dict[str, Any]:
+        entries = self.logstream.recent(
+            limit, min_level=LEVELS[level] if level else 0, service=service
+        )
+        # Keep the ack well inside the outbound limit, or it would close us as slow.
+        entries, truncated = fit_entries(entries, self.config.max_outbound_bytes // 2)
+        return {"entries": entries, "truncated": truncated}
+
+    async def on_disconnected(self, rooms: set[str]) -> None:
+        self.logstream.unsubscribe(self.conn_id)
+        self._backlog.clear()
+        self.backlog_bytes = 0
+        if self._pump is not None:
+            self._pump.cancel()
+
+    # -- delivery (loop thread, called by LogStream.publish) ------------------
+
+    def _on_log(self, entry: LogEntry, frame: bytes) -> None:
+        if self._gone or self._closing:
+            return
+        if self._dropping:
+            if self.backlog_bytes > self.backlog_cap // 2:
+                self.dropped += 1
+                return
+            self._flush_dropped()
+        if self.backlog_bytes + len(frame) > self.backlog_cap:
+            self._dropping = True
+            self.dropped += 1
+            return
+        self._enqueue(frame)
+
+    def _flush_dropped(self) -> None:
+        """Caught up: queue ``log:dropped`` where the gap is."""
+        self._dropping = False
+        if self.dropped:
+            self._enqueue(protocol.event_frame("log:dropped", {"count": self.dropped}))
+            self.dropped = 0
+
+    def _enqueue(self, frame: bytes) -> None:
+        self._backlog.append(frame)
+        self.backlog_bytes += len(frame)
+        self.backlog_peak = max(self.backlog_peak, self.backlog_bytes)
+        if self._pump is None:
+            self._pump = asyncio.get_running_loop().create_task(
+                self._run_pump(), name=f"logs-pump-{self.conn_id}"
+            )
+
+    async def _run_pump(self) -> None:
+        """Write queued frames one at a time, each after the previous one flushed."""
+        try:
+            while True:
+                if not self._backlog and self._dropping:
+                    self._flush_dropped()
+                if not self._backlog:
+                    return
+                frame = self._backlog.popleft()
+                self.backlog_bytes -= len(frame)
+                written = self._write_now(frame)
+                if written is None:
+                    return
+                await written
+        except (StreamClosedError, WebSocketClosedError):
+            pass  # the connection went away; on_disconnected clears the rest
+        finally:
+            self._pump = None
+
+    def _write_now(self, frame: bytes) -> asyncio.Future[None] | None:
+        ws = self.ws_connection
+        if ws is None or self._closing or ws.is_closing():
+            return None
+        stream = ws.stream
+        if stream is None or stream.closed():
+            return None
+        written = stream.write(frame)
+        self.metrics.frames_sent.inc()
+        self.metrics.bytes_sent.inc(len(frame))
+        return written
+
+
+# -- HTTP -----------------------------------------------------------------------
+
+
+class _LogsHTTPHandler(JSONHandler):
+    def initialize(self, logstream: LogStream, verifier: TokenVerifier, node_id: str) -> None:
+        self.logstream = logstream
+        self.verifier = verifier
+        self.node_id = node_id
+
+    def authorize(self, roles: frozenset[str]) -> Identity:
+        """The caller's identity from ``Authorization: Bearer``, if it has one of ``roles``."""
+        header = self.request.headers.get("Authorization", "")
+        token = header[7:].strip() if header[:7].lower() == "bearer " else None
+        identity = self.verifier.verify(token)
+        if not identity.has_any(roles):
+            raise errors.Forbidden(f"Needs one of the roles {', '.join(sorted(roles))}")
+        return identity
+
+
+@stream_request_body
+class LogIngestHandler(_LogsHTTPHandler):
+    """``POST /api/v1/logs {entries: [...]}`` (role ``service``) → ``{accepted}``.
+
+    Each entry: ``{level, message, service?, context?, timestamp?, metadata?,
+    stack?}``; ``service`` defaults to the token's ``name``. The request is
+    all or nothing: one invalid entry fails it with ``VALIDATION_ERROR``.
+    """
+
+    def prepare(self) -> None:
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._refusal: errors.GatewayError | None = None
+        self._identity: Identity | None = None
+        self.request.connection.set_max_body_size(INGEST_DISCARD_LIMIT_BYTES)  # type: ignore[union-attr]
+        try:
+            self._identity = self.authorize(WRITER_ROLES)
+        except errors.GatewayError as exc:
+            self._refusal = exc  # answered once the body is read, so the client sees it
+            return
+        length = self.request.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > MAX_INGEST_BODY_BYTES:
+            self._refusal = self._too_large()
+
+    def _too_large(self) -> errors.GatewayError:
+        return errors.PayloadTooLarge(
+            f"At most {MAX_INGEST_BODY_BYTES} bytes per request",
+            {"limit": MAX_INGEST_BODY_BYTES},
+        )
+
+    def data_received(self, chunk: bytes) -> None:
+        if self._refusal is not None:
+            return  # discard: memory stays bounded whatever the client sends
+        self._size += len(chunk)
+        if self._size > MAX_INGEST_BODY_BYTES:
+            self._refusal = self._too_large()
+            self._chunks = []
+            return
+        self._chunks.append(chunk)
+
+    def post(self) -> None:
+        try:
+            if self._refusal is not None:
+                raise self._refusal
+            assert self._identity is not None
+            try:
+                body = orjson.loads(b"".join(self._chunks))
+            except orjson.JSONDecodeError:
+                raise errors.BadRequest("Body is not valid JSON") from None
+            if not isinstance(body, dict):
+                raise errors.BadRequest("Body must be a JSON object")
+            try:
+                loaded = IngestBody().load(body)
+            except ValidationError as exc:
+                raise errors.ValidationFailed.from_marshmallow(exc) from None
+        except errors.GatewayError as exc:
+            self.send_error_for(exc)
+            return
+        service = self._identity.username
+        for item in loaded["entries"]:
+            self.logstream.publish(ingested_entry(item, service, self.node_id))
+        self.write_json({"accepted": len(loaded["entries"])})
+
+
+class RecentQuery(Schema):
+    limit = fields.Integer(validate=validate.Range(1, MAX_RECENT), load_default=DEFAULT_RECENT)
+    level = LevelField(load_default=None)
+    service = fields.String(validate=validate.Length(1, 64), load_default=None)
+
+
+class LogRecentHandler(_LogsHTTPHandler):
+    """``GET /api/v1/logs/recent?level=&service=&limit=`` (admin or ``logs``) → ``{entries}``."""
+
+    def get(self) -> None:
+        try:
+            self.authorize(READER_ROLES)
+            query = {k: self.get_query_argument(k) for k in ("limit", "level", "service")
+                     if self.get_query_argument(k, "")}  # fmt: skip
+            try:
+                loaded = RecentQuery().load(query)
+            except ValidationError as exc:
+                raise errors.ValidationFailed.from_marshmallow(exc) from None
+        except errors.GatewayError as exc:
+            self.send_error_for(exc)
+            return
+        entries = self.logstream.recent(
+            loaded["limit"],
+            min_level=LEVELS[loaded["level"]] if loaded["level"] else 0,
+            service=loaded["service"],
+        )
+        self.write_json({"entries": entries})
+
+
+class LogStatsHandler(_LogsHTTPHandler):
+    """``GET /api/v1/logs/stats`` (admin or ``logs``).
+
+    Answers ``{total, buffered, byLevel, byService, recentErrors, subscribers}``.
+    """
+
+    def get(self) -> None:
+        try:
+            self.authorize(READER_ROLES)
+        except errors.GatewayError as exc:
+            self.send_error_for(exc)
+            return
+        self.write_json(self.logstream.stats())
+
+
+def logs_routes(ws_deps: dict[str, Any], logstream: LogStream) -> list[Any]:
+    """The routes of this module, for :func:`server.app.make_app`."""
+    http = {
+        "logstream": logstream,
+        "verifier": ws_deps["verifier"],
+        "node_id": ws_deps["config"].node_id,
+    }
+    return [
+        (r"/ws/logs", LogsHandler, {**ws_deps, "logstream": logstream}),
+        (r"/api/v1/logs", LogIngestHandler, http),
+        (r"/api/v1/logs/recent", LogRecentHandler, http),
+        (r"/api/v1/logs/stats", LogStatsHandler, http),
+    ]

@@ -1,0 +1,149 @@
+"""Bans, mutes, the audit log and the figures the admin namespace reports.
+
+Like ``models/chat.py``: every function runs in one transaction in a
+database worker thread and returns plain dicts in the wire shape.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import peewee as pw
+
+from models import AuditLog, Ban, Message, Room, RoomMember, User, active_ban, utcnow
+from server import errors
+from server.protocol import iso
+
+
+def audit(
+    actor_id: str, action: str, target: str, reason: str = "", details: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Append one row to the audit log."""
+    row = AuditLog.create(
+        actor_id=actor_id, action=action, target=target[:200], reason=reason[:500],
+        details=details or {}, created_at=utcnow(),
+    )  # fmt: skip
+    return audit_dict(row)
+
+
+def audit_dict(row: AuditLog) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "actorId": row.actor_id,
+        "action": row.action,
+        "target": row.target,
+        "reason": row.reason,
+        "details": row.details,
+        "createdAt": iso(row.created_at),
+    }
+
+
+def recent_audit(limit: int = 50, action: str | None = None) -> list[dict[str, Any]]:
+    query = AuditLog.select()
+    if action is not None:
+        query = query.where(AuditLog.action == action)
+    return [audit_dict(r) for r in query.order_by(AuditLog.id.desc()).limit(limit)]
+
+
+def ban_dict(ban: Ban) -> dict[str, Any]:
+    return {
+        "userId": ban.user_id,
+        "reason": ban.reason,
+        "bannedBy": ban.banned_by,
+        "createdAt": iso(ban.created_at),
+        "expiresAt": iso(ban.expires_at),
+    }
+
+
+def ban_user(user_id: str, actor_id: str, reason: str, duration_secs: int | None) -> dict[str, Any]:
+    """Ban (or re-ban, replacing the previous terms) and audit it."""
+    now = utcnow()
+    expires = now + dt.timedelta(seconds=duration_secs) if duration_secs else None
+    (
+        Ban.insert(
+            user_id=user_id, reason=reason, banned_by=actor_id, created_at=now, expires_at=expires
+        )
+        .on_conflict(
+            conflict_target=[Ban.user_id],
+            update={Ban.reason: reason, Ban.banned_by: actor_id, Ban.created_at: now,
+                    Ban.expires_at: expires},
+        )
+        .execute()
+    )  # fmt: skip
+    ban = ban_dict(Ban.get(Ban.user_id == user_id))
+    audit(actor_id, "ban", f"user:{user_id}", reason, {"durationSeconds": duration_secs})
+    return ban
+
+
+def unban_user(user_id: str, actor_id: str) -> bool:
+    """Lift the user's ban; False if none was in force. Audited either way."""
+    in_force = active_ban(user_id) is not None
+    Ban.delete().where(Ban.user_id == user_id).execute()
+    audit(actor_id, "unban", f"user:{user_id}", "", {"wasBanned": in_force})
+    return in_force
+
+
+def mute_member(
+    room_id: str, user_id: str, actor_id: str, duration_secs: int, reason: str
+) -> dict[str, Any]:
+    """Mute a member of a room until now + ``duration_secs``; audited."""
+    room = Room.get_or_none((Room.id == room_id) & Room.deleted_at.is_null())
+    if room is None:
+        raise errors.RoomNotFound(details={"roomId": room_id})
+    until = utcnow() + dt.timedelta(seconds=duration_secs)
+    updated = (
+        RoomMember.update(muted_until=until)
+        .where((RoomMember.room == room_id) & (RoomMember.user_id == user_id))
+        .execute()
+    )
+    if not updated:
+        raise errors.NotInRoom(
+            "That user is not a member of the room", {"roomId": room_id, "userId": user_id}
+        )
+    audit(actor_id, "mute", f"user:{user_id}", reason,
+          {"roomId": room_id, "durationSeconds": duration_secs})  # fmt: skip
+    return {"roomId": room_id, "userId": user_id, "mutedUntil": iso(until)}
+
+
+def totals() -> dict[str, int]:
+    """Database-wide counts for ``admin:stats``."""
+    now = utcnow()
+    return {
+        "users": User.select().count(),
+        "rooms": Room.select().where(Room.deleted_at.is_null()).count(),
+        "messages": Message.select().where(Message.deleted_at.is_null()).count(),
+        "activeBans": Ban.select().where(Ban.expires_at.is_null() | (Ban.expires_at > now)).count(),
+    }
+
+
+def room_rows(limit: int, offset: int) -> dict[str, Any]:
+    """Live rooms by recent activity, with what the database knows of each."""
+    where = Room.deleted_at.is_null()
+    total = Room.select().where(where).count()
+    rooms = list(
+        Room.select().where(where).order_by(Room.last_activity_at.desc(), Room.id)
+        .limit(limit).offset(offset)
+    )  # fmt: skip
+    counts: dict[str, int] = {}
+    if rooms:
+        query = (
+            RoomMember.select(RoomMember.room, pw.fn.COUNT(RoomMember.id).alias("n"))
+            .where(RoomMember.room.in_([r.id for r in rooms]))
+            .group_by(RoomMember.room)
+        )
+        counts = {row.room_id: row.n for row in query}
+    return {
+        "rooms": [
+            {
+                "roomId": r.id,
+                "name": r.name,
+                "type": r.type,
+                "members": counts.get(r.id, 0),
+                "totalMessages": r.last_seq,
+                "lastActivity": iso(r.last_activity_at),
+            }
+            for r in rooms
+        ],
+        "total": total,
+    }

@@ -1,0 +1,262 @@
+"""Moderation: kick, ban, unban, mute, delete rooms and messages, broadcast.
+
+The operations are transport-free so the admin namespace, the HTTP API and
+the cluster layer share them: each checks the actor's role, persists what
+lasts (bans, mutes) and an audit row, tells the people concerned over the
+hub, logs one line, and (when a :class:`~server.notify.Notifier` is set)
+leaves them a notification.
+
+Who may do what (SPEC §3): moderators and admins kick, mute and delete
+messages; only admins ban, unban and delete rooms.
+
+Example::
+
+    moderation = Moderation(hub, db, stats, tasks)
+    await moderation.ban(admin_identity, "mallory", "spam", duration_secs=3600)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from models import chat as chat_db
+from models import moderation as mod_db
+from server import errors, protocol
+from server.auth import Identity
+from server.db import Database
+from server.hub import Hub, Target
+from server.notify import Notifier
+from server.stats import Stats
+from server.tasks import BackgroundTasks
+
+log = logging.getLogger("switchboard.moderation")
+
+STAFF_ROLES = frozenset({"admin", "moderator"})
+ADMIN_ROLES = frozenset({"admin"})
+#: Actions only admins may take; the rest are open to moderators too.
+ADMIN_ONLY_ACTIONS = frozenset({"ban", "unban", "delete_room"})
+NAMESPACES = ("chat", "notifications", "admin", "logs")
+#: Close code for kicked and banned connections (SPEC: forbidden / banned / kicked).
+CLOSE_FORBIDDEN = 4403
+
+
+def require_role(actor: Identity, action: str) -> None:
+    """Raise FORBIDDEN unless ``actor`` may take ``action``."""
+    needed = ADMIN_ROLES if action in ADMIN_ONLY_ACTIONS else STAFF_ROLES
+    if not actor.has_any(needed):
+        raise errors.Forbidden(
+            f"Only {' or '.join(sorted(needed))}s may {action.replace('_', ' ')}",
+            {"action": action},
+        )
+
+
+class Moderation:
+    """The moderation operations of one node (see module docstring).
+
+    ``notifier`` may be set after construction; without one, nobody gets a
+    stored notification but everything else happens.
+    """
+
+    def __init__(
+        self,
+        hub: Hub,
+        db: Database,
+        stats: Stats,
+        tasks: BackgroundTasks,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.hub = hub
+        self.db = db
+        self.stats = stats
+        self.tasks = tasks
+        self.notifier = notifier
+
+    # -- people ---------------------------------------------------------------
+
+    async def kick(self, actor: Identity, user_id: str, reason: str) -> dict[str, Any]:
+        """Close every connection of ``user_id`` (4403) after ``system:kicked``."""
+        require_role(actor, "kick")
+        await self.db.run(
+            "moderation.audit", mod_db.audit, actor.user_id, "kick", f"user:{user_id}", reason
+        )
+        closed = self.disconnect_user(
+            user_id, "system:kicked", {"reason": reason, "kickedBy": actor.user_id},
+            errors.Forbidden(f"You were disconnected by a moderator: {reason}",
+                             {"reason": reason, "kicked": True}),
+        )  # fmt: skip
+        log.info("kick: %s kicked %s (%s): %d connection(s)", actor.user_id, user_id, reason,
+                 closed)  # fmt: skip
+        return {"userId": user_id, "reason": reason, "connectionsClosed": closed}
+
+    async def ban(
+        self, actor: Identity, user_id: str, reason: str, duration_secs: int | None
+    ) -> dict[str, Any]:
+        """Persist a ban (until ``duration_secs`` from now, or for good); close the user."""
+        require_role(actor, "ban")
+        if user_id == actor.user_id:
+            raise errors.Forbidden("You cannot ban yourself", {"userId": user_id})
+        ban = await self.db.run(
+            "moderation.ban", mod_db.ban_user, user_id, actor.user_id, reason, duration_secs
+        )
+        closed = self.disconnect_user(
+            user_id, None, None,
+            errors.Banned(f"You are banned: {reason}",
+                          {"reason": reason, "expiresAt": ban["expiresAt"]}),
+        )  # fmt: skip
+        log.info("ban: %s banned %s until %s (%s): %d connection(s)", actor.user_id, user_id,
+                 ban["expiresAt"] or "revoked", reason, closed)  # fmt: skip
+        until = f" until {ban['expiresAt']}" if ban["expiresAt"] else ""
+        self._notify([user_id], type="error", category="system", title="You were banned",
+                     message=f"You were banned{until}: {reason}", priority="high",
+                     data={"reason": reason, "expiresAt": ban["expiresAt"]})  # fmt: skip
+        return {"ban": ban, "connectionsClosed": closed}
+
+    async def unban(self, actor: Identity, user_id: str) -> dict[str, Any]:
+        require_role(actor, "unban")
+        was_banned = await self.db.run(
+            "moderation.unban", mod_db.unban_user, user_id, actor.user_id
+        )
+        log.info("unban: %s lifted the ban on %s (was banned: %s)", actor.user_id, user_id,
+                 was_banned)  # fmt: skip
+        return {"userId": user_id, "wasBanned": was_banned}
+
+    async def mute(
+        self, actor: Identity, user_id: str, room_id: str, duration_secs: int, reason: str
+    ) -> dict[str, Any]:
+        """Mute a member of a room; ``message:send`` answers MUTED until it ends."""
+        require_role(actor, "mute")
+        muted = await self.db.run(
+            "moderation.mute", mod_db.mute_member,
+            room_id, user_id, actor.user_id, duration_secs, reason,
+        )  # fmt: skip
+        event = {**muted, "mutedBy": actor.user_id, "reason": reason}
+        self.hub.publish_many(
+            [Target.room(room_id), Target.user(user_id, "chat")], "room:user_muted", event
+        )
+        log.info("mute: %s muted %s in %s until %s (%s)", actor.user_id, user_id, room_id,
+                 muted["mutedUntil"], reason)  # fmt: skip
+        self._notify([user_id], type="warning", category="moderation",
+                     title="You were muted",
+                     message=f"You are muted in {room_id} until {muted['mutedUntil']}"
+                             + (f": {reason}" if reason else ""),
+                     data={"roomId": room_id, "mutedUntil": muted["mutedUntil"],
+                           "reason": reason})  # fmt: skip
+        return muted
+
+    # -- content ----------------------------------------------------------------
+
+    async def delete_room(self, actor: Identity, room_id: str) -> dict[str, Any]:
+        """Soft-delete a room; every member's chat connections get ``room:deleted``."""
+        require_role(actor, "delete_room")
+        members: list[str] = await self.db.run(
+            "room.delete", chat_db.delete_room, room_id, actor.user_id, True
+        )
+        await self.db.run(
+            "moderation.audit", mod_db.audit, actor.user_id, "delete_room", f"room:{room_id}", "",
+            {"members": len(members)},
+        )  # fmt: skip
+        targets = [Target.room(room_id), *(Target.user(m, "chat") for m in members)]
+        self.hub.publish_many(
+            targets, "room:deleted", {"roomId": room_id, "deletedBy": actor.user_id}
+        )
+        for user_id in members:
+            for conn in self.hub.user_connections(user_id, "chat"):
+                # Chat connections track their rooms for presence announcements.
+                rooms = getattr(conn, "member_rooms", None)
+                if isinstance(rooms, list) and room_id in rooms:
+                    rooms.remove(room_id)
+        self.hub.clear_room(room_id)
+        self.stats.rooms.forget(room_id)
+        log.info("delete_room: %s deleted room %s (%d members)", actor.user_id, room_id,
+                 len(members))  # fmt: skip
+        return {"roomId": room_id, "members": len(members)}
+
+    async def delete_message(self, actor: Identity, message_id: int, reason: str) -> dict[str, Any]:
+        """Soft-delete a message; its room gets ``message:deleted``, its author a notice."""
+        require_role(actor, "delete_message")
+        message = await self.db.run(
+            "message.delete", chat_db.delete_message, message_id, actor.user_id, True
+        )
+        await self.db.run(
+            "moderation.audit", mod_db.audit, actor.user_id, "delete_message",
+            f"message:{message['id']}", reason,
+            {"roomId": message["roomId"], "senderId": message["senderId"]},
+        )  # fmt: skip
+        data = {
+            "messageId": message["id"],
+            "roomId": message["roomId"],
+            "deletedBy": actor.user_id,
+            "reason": reason,
+        }
+        self.hub.publish(Target.room(message["roomId"]), "message:deleted", data)
+        log.info("delete_message: %s removed message %s in %s (%s)", actor.user_id,
+                 message["id"], message["roomId"], reason)  # fmt: skip
+        if message["senderId"] != actor.user_id:
+            self._notify([message["senderId"]], type="warning", category="moderation",
+                         title="Message removed",
+                         message="Your message was removed" + (f": {reason}" if reason else ""),
+                         data={"roomId": message["roomId"], "messageId": message["id"],
+                               "reason": reason})  # fmt: skip
+        return data
+
+    async def broadcast(
+        self, actor: Identity, message: str, type: str, namespaces: Iterable[str] | None
+    ) -> dict[str, Any]:
+        """Send ``admin:broadcast`` to every connection of the chosen namespaces."""
+        require_role(actor, "broadcast")
+        chosen = sorted(set(namespaces)) if namespaces else list(NAMESPACES)
+        data = {
+            "message": message,
+            "type": type,
+            "from": actor.user_id,
+            "sentAt": protocol.iso(protocol.now()),
+            "namespaces": chosen,
+        }
+        await self.db.run(
+            "moderation.audit", mod_db.audit, actor.user_id, "broadcast", ",".join(chosen),
+            "", {"message": message[:200], "type": type},
+        )  # fmt: skip
+        delivered = self.hub.publish_many((Target.ns(ns) for ns in chosen), "admin:broadcast", data)
+        log.info("broadcast: %s to %s (%d local connections): %s", actor.user_id,
+                 ",".join(chosen), delivered, message[:80])  # fmt: skip
+        return {**data, "delivered": delivered}
+
+    # -- mechanics ----------------------------------------------------------------
+
+    def disconnect_user(
+        self,
+        user_id: str,
+        notice_event: str | None,
+        notice: dict[str, Any] | None,
+        error: errors.GatewayError,
+    ) -> int:
+        """Tell every local connection of ``user_id`` why, then close it with 4403.
+
+        CLUSTER INTEGRATION POINT: this acts on this node's connections only.
+        The cluster layer should carry kick/ban to the other nodes and call
+        this method there with the same arguments.
+        """
+        conns = self.hub.user_connections(user_id)
+        frames = []
+        if notice_event is not None:
+            frames.append(protocol.frame(protocol.event_payload(notice_event, notice or {})))
+        frames.append(protocol.frame(protocol.system_error_payload(error, None)))
+        for conn in conns:
+            for frame in frames:
+                conn.send_frame(frame)
+            conn.close_with(CLOSE_FORBIDDEN, error.code.lower())
+        return len(conns)
+
+    def _notify(self, user_ids: list[str], **fields: Any) -> None:
+        # Node sets ``self.notifier`` (server/notify.py); without one (a bare
+        # Moderation in a tool or test) the action still happens, silently.
+        notifier = self.notifier
+        if notifier is None:
+            return
+        # In the background: a slow notification store must not delay the ack;
+        # BackgroundTasks logs a failure with the task name.
+        self.tasks.spawn(
+            notifier.notify(user_ids, **fields), f"notify-{fields.get('title', 'moderation')}"
+        )

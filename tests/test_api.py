@@ -1,0 +1,319 @@
+"""The REST API under ``/api/v1``, over real HTTP against a real node.
+
+Requests go through tornado's ``AsyncHTTPClient``; live effects are watched
+on real WebSocket clients, so REST and socket views are checked together.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from tornado.httpclient import AsyncHTTPClient
+
+from server.client import Client
+
+pytestmark = pytest.mark.asyncio
+
+
+# -- helpers ------------------------------------------------------------------
+
+
+async def call(
+    gw: Any,
+    method: str,
+    path: str,
+    body: Any = None,
+    *,
+    user: str = "bob",
+    roles: tuple[str, ...] = ("user",),
+    token: str | None = None,
+    auth: bool = True,
+    raw: bytes | None = None,
+) -> tuple[int, dict[str, Any], Any]:
+    """One request; returns (status, JSON body, response)."""
+    headers = {"Content-Type": "application/json"}
+    if auth:
+        headers["Authorization"] = f"Bearer {token or gw.token(user, roles)}"
+    payload = raw if raw is not None else (orjson.dumps(body) if body is not None else None)
+    if payload is None and method in ("POST", "PUT"):
+        payload = b""
+    response = await AsyncHTTPClient().fetch(
+        gw.http + path, method=method, headers=headers, body=payload, raise_error=False,
+        allow_nonstandard_methods=True,
+    )  # fmt: skip
+    return response.code, orjson.loads(response.body), response
+
+
+async def ok(gw: Any, method: str, path: str, body: Any = None, **kw: Any) -> dict[str, Any]:
+    status, data, _ = await call(gw, method, path, body, **kw)
+    assert status in (200, 201), (status, data)
+    return data
+
+
+async def fails(
+    gw: Any, method: str, path: str, status: int, code: str, body: Any = None, **kw: Any
+) -> dict[str, Any]:
+    got, data, _ = await call(gw, method, path, body, **kw)
+    assert (got, data["error"]["code"]) == (status, code), data
+    assert set(data["error"]) == {"code", "message", "details"}
+    details: dict[str, Any] = data["error"]["details"]
+    return details
+
+
+async def inbox(gw: Any, user: str) -> Client:
+    client = await gw.connect(user, namespace="notifications")
+    await client.next_event("notification:recent")
+    client.drain_events()
+    return client
+
+
+async def notify(gw: Any, user: str, title: str = "Hello") -> dict[str, Any]:
+    [made] = await gw.node.notifications.notify([user], title=title)
+    return dict(made)
+
+
+SERVICE = {"user": "billing", "roles": ("service",)}
+
+
+# -- auth and errors ----------------------------------------------------------
+
+
+async def test_missing_or_bad_token_is_401_json(gateway):
+    _, _, response = await call(gateway, "GET", "/api/v1/notifications", auth=False)
+    assert response.code == 401
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    await fails(gateway, "GET", "/api/v1/notifications", 401, "UNAUTHORIZED", auth=False)
+    await fails(gateway, "GET", "/api/v1/notifications", 401, "UNAUTHORIZED", token="nope")
+    expired = gateway.token("bob", ttl_secs=-10)
+    await fails(gateway, "GET", "/api/v1/notifications/unread/count", 401, "TOKEN_EXPIRED",
+                token=expired)  # fmt: skip
+
+
+async def test_body_must_be_json_and_small(gateway_factory):
+    gw = await gateway_factory(max_message_bytes=1024)
+    await fails(gw, "POST", "/api/v1/publish", 400, "BAD_REQUEST", raw=b"{not json", **SERVICE)
+    big = {"target": {"all": True}, "event": "x:y", "data": {"blob": "x" * 2000}}
+    details = await fails(gw, "POST", "/api/v1/publish", 413, "PAYLOAD_TOO_LARGE", big, **SERVICE)
+    assert details["limit"] == 1024
+
+
+async def test_rate_limited_is_429_with_retry_after(gateway_factory):
+    gw = await gateway_factory(rate_limits="other=2/1m")
+    for _ in range(2):
+        await ok(gw, "GET", "/api/v1/notifications/unread/count")
+    status, data, response = await call(gw, "GET", "/api/v1/notifications/unread/count")
+    assert (status, data["error"]["code"]) == (429, "RATE_LIMITED")
+    assert data["error"]["details"]["limit"] == 2
+    assert int(response.headers["Retry-After"]) >= 1
+    await ok(gw, "GET", "/api/v1/notifications/unread/count", user="carol")
+
+
+async def test_shutting_down_is_503(gateway):
+    gateway.node.state.shutting_down = True
+    try:
+        await fails(gateway, "GET", "/api/v1/notifications", 503, "SERVICE_UNAVAILABLE")
+    finally:
+        gateway.node.state.shutting_down = False
+
+
+# -- notifications ------------------------------------------------------------
+
+
+async def test_list_count_and_pages(gateway):
+    made = [await notify(gateway, "bob", f"n{i}") for i in range(5)]
+    await notify(gateway, "carol", "not bob's")
+    page = await ok(gateway, "GET", "/api/v1/notifications?limit=2")
+    assert [n["title"] for n in page["notifications"]] == ["n4", "n3"] and page["hasMore"] is True
+    assert page["notifications"][0] == made[4]
+    rest = await ok(gateway, "GET", f"/api/v1/notifications?before={made[3]['id']}")
+    assert [n["title"] for n in rest["notifications"]] == ["n2", "n1", "n0"]
+    assert rest["hasMore"] is False
+    await ok(gateway, "POST", f"/api/v1/notifications/{made[0]['id']}/read")
+    unread = await ok(gateway, "GET", "/api/v1/notifications?unreadOnly=true")
+    assert [n["title"] for n in unread["notifications"]] == ["n4", "n3", "n2", "n1"]
+    assert await ok(gateway, "GET", "/api/v1/notifications/unread/count") == {"count": 4}
+
+
+async def test_list_validates_its_query(gateway):
+    bad = [
+        ("limit=0", "limit"), ("limit=101", "limit"), ("limit=x", "limit"),
+        ("before=abc", "before"), ("unreadOnly=perhaps", "unreadOnly"),
+    ]  # fmt: skip
+    for query, field in bad:
+        details = await fails(
+            gateway, "GET", f"/api/v1/notifications?{query}", 400, "VALIDATION_ERROR"
+        )
+        assert field in details
+
+
+async def test_rest_read_read_all_and_delete_push_live(gateway):
+    a, b, c = [await notify(gateway, "bob", t) for t in ("a", "b", "c")]
+    bob = await inbox(gateway, "bob")
+    body = await ok(gateway, "POST", f"/api/v1/notifications/{a['id']}/read")
+    assert body == {"notificationId": a["id"], "unreadCount": 2}
+    assert (await bob.next_event("notification:read"))["data"] == {"notificationId": a["id"]}
+    assert (await bob.next_event("notification:unread_count"))["data"] == {"count": 2}
+
+    body = await ok(gateway, "DELETE", f"/api/v1/notifications/{b['id']}")
+    assert body == {"notificationId": b["id"], "unreadCount": 1}
+    assert (await bob.next_event("notification:deleted"))["data"] == {"notificationId": b["id"]}
+    assert (await bob.next_event("notification:unread_count"))["data"] == {"count": 1}
+
+    assert await ok(gateway, "POST", "/api/v1/notifications/read-all") == {
+        "updated": 1, "unreadCount": 0,
+    }  # fmt: skip
+    frame = await bob.next_event("notification:read")
+    assert frame["data"] == {"all": True, "notificationIds": [c["id"]]}
+    # The socket sees what REST did.
+    page = await bob.emit("notifications:get")
+    assert [(n["id"], n["read"]) for n in page["notifications"]] == [
+        (c["id"], True),
+        (a["id"], True),
+    ]
+
+
+async def test_socket_changes_show_in_rest(gateway):
+    a = await notify(gateway, "bob")
+    bob = await inbox(gateway, "bob")
+    await bob.emit("notifications:read", {"notificationId": a["id"]})
+    assert await ok(gateway, "GET", "/api/v1/notifications/unread/count") == {"count": 0}
+    await bob.emit("notifications:delete", {"notificationId": a["id"]})
+    assert (await ok(gateway, "GET", "/api/v1/notifications"))["notifications"] == []
+
+
+async def test_unknown_foreign_or_malformed_ids(gateway):
+    carols = await notify(gateway, "carol")
+    for nid in ("424242", carols["id"]):
+        await fails(gateway, "POST", f"/api/v1/notifications/{nid}/read", 404,
+                    "NOTIFICATION_NOT_FOUND")  # fmt: skip
+        await fails(gateway, "DELETE", f"/api/v1/notifications/{nid}", 404,
+                    "NOTIFICATION_NOT_FOUND")  # fmt: skip
+    await fails(gateway, "DELETE", "/api/v1/notifications/abc", 400, "VALIDATION_ERROR")
+    await fails(gateway, "GET", "/api/v1/nowhere", 404, "NOT_FOUND")
+
+
+async def test_service_creates_notifications(gateway):
+    bob, carol = await inbox(gateway, "bob"), await inbox(gateway, "carol")
+    body = {
+        "userIds": ["bob", "carol"], "type": "action_required", "category": "reservation",
+        "title": "Confirm your booking", "message": "Room 4, 10:00", "data": {"booking": 7},
+        "actionUrl": "/bookings/7", "priority": "high",
+    }  # fmt: skip
+    status, data, _ = await call(gateway, "POST", "/api/v1/notifications", body, **SERVICE)
+    assert status == 201 and data["count"] == 2
+    for client, made in zip((bob, carol), data["notifications"], strict=True):
+        live = (await client.next_event("notification:created"))["data"]["notification"]
+        assert live == made
+        assert (live["type"], live["category"], live["actionUrl"], live["data"]) == (
+            "action_required", "reservation", "/bookings/7", {"booking": 7},
+        )  # fmt: skip
+        assert (await client.next_event("notification:unread_count"))["data"] == {"count": 1}
+
+
+async def test_create_needs_the_service_role_and_valid_fields(gateway):
+    body = {"userIds": ["bob"], "title": "hi"}
+    await fails(gateway, "POST", "/api/v1/notifications", 403, "FORBIDDEN", body, user="carol")
+    await fails(gateway, "POST", "/api/v1/notifications", 403, "FORBIDDEN", body,
+                user="root", roles=("admin",))  # fmt: skip
+    for bad, field in (({"category": "gossip"}, "category"), ({"type": "loud"}, "type"),
+                       ({"priority": "asap"}, "priority"), ({"userIds": []}, "userIds"),
+                       ({"title": ""}, "title")):  # fmt: skip
+        details = await fails(gateway, "POST", "/api/v1/notifications", 400, "VALIDATION_ERROR",
+                              {**body, **bad}, **SERVICE)  # fmt: skip
+        assert field in details
+    assert await ok(gateway, "GET", "/api/v1/notifications/unread/count") == {"count": 0}
+
+
+# -- history ------------------------------------------------------------------
+
+
+async def test_room_messages_for_members_only(gateway):
+    alice = await gateway.connect("alice")
+    await alice.emit("room:create", {"roomId": "general", "name": "General"})
+    await alice.emit("room:create", {"roomId": "secret", "name": "Secret", "type": "private"})
+    await alice.emit("room:join", {"roomId": "general"})
+    for i in range(3):
+        await alice.emit("message:send", {"roomId": "general", "content": f"m{i}"})
+    page = await ok(gateway, "GET", "/api/v1/rooms/general/messages?limit=2", user="alice")
+    assert [m["content"] for m in page["messages"]] == ["m2", "m1"] and page["hasMore"] is True
+    older = await ok(gateway, "GET", "/api/v1/rooms/general/messages?beforeSeq=2", user="alice")
+    assert [m["seq"] for m in older["messages"]] == [1] and older["hasMore"] is False
+    await fails(gateway, "GET", "/api/v1/rooms/general/messages", 403, "NOT_IN_ROOM")
+    await fails(gateway, "GET", "/api/v1/rooms/secret/messages", 403, "ROOM_ACCESS_DENIED")
+    await fails(gateway, "GET", "/api/v1/rooms/nope/messages", 404, "ROOM_NOT_FOUND")
+    await fails(gateway, "GET", "/api/v1/rooms/general/messages?limit=500", 400,
+                "VALIDATION_ERROR", user="alice")  # fmt: skip
+    await fails(gateway, "GET", "/api/v1/rooms/bad%20id/messages", 400, "VALIDATION_ERROR")
+
+
+# -- publish ------------------------------------------------------------------
+
+
+async def publish(gw: Any, target: dict[str, Any], event: str = "deploy:done") -> int:
+    body = await ok(gw, "POST", "/api/v1/publish",
+                    {"target": target, "event": event, "data": {"v": 2}}, **SERVICE)  # fmt: skip
+    delivered: int = body["delivered"]
+    return delivered
+
+
+async def who_got(clients: dict[str, Client], event: str = "deploy:done") -> set[str]:
+    """Names of the clients that received ``event`` (after a ping barrier on each)."""
+    got = set()
+    for name, client in clients.items():
+        await client.emit("system:ping")
+        frames = client.drain_events(event)
+        assert len(frames) <= 1, frames
+        if frames:
+            assert frames[0]["data"] == {"v": 2}
+            got.add(name)
+    return got
+
+
+async def test_publish_reaches_exactly_the_targeted_connections(gateway):
+    clients = {
+        "alice_chat": await gateway.connect("alice"),
+        "alice_notes": await gateway.connect("alice", namespace="notifications"),
+        "bob_chat": await gateway.connect("bob"),
+        "carol_notes": await gateway.connect("carol", namespace="notifications"),
+        "root_admin": await gateway.connect("root", namespace="admin", roles=("admin",)),
+    }
+    await clients["alice_chat"].emit("room:create", {"roomId": "ops", "name": "Ops"})
+    await clients["alice_chat"].emit("room:join", {"roomId": "ops"})
+    await clients["bob_chat"].emit("room:join", {"roomId": "ops"})
+    await who_got(clients, "")  # drain set-up noise
+
+    cases = [
+        ({"userId": "alice"}, {"alice_chat", "alice_notes"}),
+        ({"userId": "alice", "namespace": "notifications"}, {"alice_notes"}),
+        ({"roomId": "ops"}, {"alice_chat", "bob_chat"}),
+        ({"namespace": "notifications"}, {"alice_notes", "carol_notes"}),
+        ({"all": True, "namespace": "admin"}, {"root_admin"}),
+        ({"all": True}, set(clients)),
+        ({"userId": "nobody"}, set()),
+    ]
+    for target, expected in cases:
+        delivered = await publish(gateway, target)
+        assert await who_got(clients) == expected, target
+        assert delivered == len(expected), target
+
+
+async def test_publish_needs_service_and_a_valid_target(gateway):
+    body = {"target": {"all": True}, "event": "deploy:done"}
+    for who in ({"user": "bob"}, {"user": "root", "roles": ("admin",)}):
+        await fails(gateway, "POST", "/api/v1/publish", 403, "FORBIDDEN", body, **who)
+    for bad, field in (
+        ({"target": {}}, "target"),
+        ({"target": {"userId": "a", "roomId": "b"}}, "target"),
+        ({"target": {"roomId": "b", "namespace": "chat"}}, "target.namespace"),
+        ({"target": {"namespace": "nowhere"}}, "target.namespace"),
+        ({"event": "system:welcome"}, "event"),
+        ({"event": "auth:expiring"}, "event"),
+        ({"event": "has space"}, "event"),
+        ({"event": None}, "event"),
+        ({"data": [1]}, "data"),
+    ):
+        details = await fails(gateway, "POST", "/api/v1/publish", 400, "VALIDATION_ERROR",
+                              {**body, **bad}, **SERVICE)  # fmt: skip
+        assert any(k == field or k.startswith(field + ".") for k in details), (bad, details)

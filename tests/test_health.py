@@ -1,0 +1,128 @@
+"""Health endpoints follow the real database and Redis: down, then back.
+
+Each test starts its own PostgreSQL or Redis server (not the session's
+shared one, which other tests keep using), points a node at it, stops the
+server and watches ``/health/ready`` and ``/health/websocket`` flip, then
+starts it again and watches them recover.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import orjson
+import pytest
+from tornado.httpclient import AsyncHTTPClient
+
+from server.health import RedisPing
+from tests.services import PostgresServer, RedisServer, require_binary
+
+pytestmark = pytest.mark.asyncio
+
+
+async def get(gw: Any, path: str) -> tuple[int, dict[str, Any]]:
+    resp = await AsyncHTTPClient().fetch(f"{gw.http}{path}", raise_error=False, request_timeout=10)
+    return resp.code, orjson.loads(resp.body)
+
+
+async def until(gw: Any, path: str, want: Callable[[int, dict[str, Any]], bool]) -> dict[str, Any]:
+    """Poll ``path`` until ``want(status, body)``; return the body."""
+    deadline = time.monotonic() + 20
+    while True:
+        status, body = await get(gw, path)
+        if want(status, body):
+            return body
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} stayed {status} {body}")
+        await asyncio.sleep(0.1)
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    require_binary("initdb", "PostgreSQL (initdb/pg_ctl) is not installed")
+    with PostgresServer() as pg:
+        yield pg
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    require_binary("redis-server", "redis-server is not installed")
+    with RedisServer() as server:
+        yield server
+
+
+async def test_liveness_answers(gateway: Any) -> None:
+    status, body = await get(gateway, "/health")
+    assert status == 200 and body == {"status": "ok", "node": gateway.config.node_id}
+
+
+async def test_ready_and_healthy_on_sqlite_without_redis(gateway: Any) -> None:
+    status, body = await get(gateway, "/health/ready")
+    assert status == 200
+    assert body["checks"] == {"database": "up", "redis": "disabled"}
+    status, body = await get(gateway, "/health/websocket")
+    assert status == 200 and body["status"] == "healthy"
+    assert body["services"] == {"database": "up", "redis": "disabled", "websocket": "up"}
+
+
+async def test_database_down_then_back(
+    gateway_factory: Callable[..., Any], own_postgres: PostgresServer
+) -> None:
+    url = await asyncio.to_thread(own_postgres.create_database, "health")
+    gw = await gateway_factory(database_url=url)
+    await gw.connect("alice")
+    status, body = await get(gw, "/health/ready")
+    assert status == 200 and body["checks"]["database"] == "up"
+
+    await asyncio.to_thread(own_postgres.kill)
+    body = await until(gw, "/health/ready", lambda s, b: s == 503)
+    assert body["status"] == "not_ready"
+    assert body["checks"]["database"] == "down"
+    assert "database unreachable" in body["reasons"]
+    status, health = await get(gw, "/health/websocket")
+    assert status == 503 and health["status"] == "unhealthy"
+    assert health["services"]["database"] == "down"
+    assert health["metrics"]["activeConnections"] == 1
+    # Liveness is about the process, not its dependencies.
+    assert (await get(gw, "/health"))[0] == 200
+
+    await asyncio.to_thread(own_postgres.restart)
+    body = await until(gw, "/health/ready", lambda s, b: s == 200)
+    assert body["checks"]["database"] == "up" and body["reasons"] == []
+    await until(gw, "/health/websocket", lambda s, b: b["status"] == "healthy")
+
+
+async def test_redis_down_then_back(
+    gateway_factory: Callable[..., Any], own_redis: RedisServer
+) -> None:
+    gw = await gateway_factory(redis_url=own_redis.url)
+    status, body = await get(gw, "/health/ready")
+    assert status == 200 and body["checks"] == {"database": "up", "redis": "up"}
+
+    await asyncio.to_thread(own_redis.kill)
+    body = await until(gw, "/health/ready", lambda s, b: s == 503)
+    assert body["checks"]["redis"] == "down"
+    assert any(r.startswith("redis:") for r in body["reasons"])
+    # Without Redis a node still serves its own clients: degraded, not unhealthy.
+    status, health = await get(gw, "/health/websocket")
+    assert status == 200 and health["status"] == "degraded"
+    assert health["services"]["redis"] == "down"
+
+    await asyncio.to_thread(own_redis.start)
+    body = await until(gw, "/health/ready", lambda s, b: s == 200)
+    assert body["checks"]["redis"] == "up"
+    await until(gw, "/health/websocket", lambda s, b: b["status"] == "healthy")
+
+
+async def test_redis_ping_reports_why(own_redis: RedisServer) -> None:
+    ping = RedisPing(own_redis.url, timeout_secs=1.0)
+    try:
+        assert await ping() == (True, None)
+        await asyncio.to_thread(own_redis.kill)
+        ok, why = await ping()
+        assert not ok and why
+    finally:
+        await ping.close()

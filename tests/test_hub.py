@@ -1,0 +1,574 @@
+"""Unit tests of :mod:`server.hub`: indexes, targets, framing, buffered joins, sweep.
+
+The hub is driven directly with :class:`FakeConn`, a minimal stand-in for a
+handler that records the frames written to it and the close/ping calls.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import orjson
+import pytest
+
+from server import protocol
+from server.hub import Hub, Target
+
+
+class FakeConn:
+    """Implements the hub's ``Connection`` protocol and records what it gets."""
+
+    def __init__(self, conn_id: str, user_id: str, namespace: str = "chat") -> None:
+        self.conn_id = conn_id
+        self.user_id = user_id
+        self._namespace = namespace
+        self.last_seen = 0.0
+        self.frames: list[bytes] = []
+        self.closed: list[tuple[int, str]] = []
+        self.pings = 0
+        self.accept = True  # False: behave like a gone/too slow connection
+
+    @property
+    def namespace(self) -> str:
+        return self._namespace
+
+    def send_frame(self, frame: bytes) -> bool:
+        if not self.accept:
+            return False
+        self.frames.append(frame)
+        return True
+
+    def close_with(self, code: int, reason: str) -> None:
+        self.closed.append((code, reason))
+
+    def ping(self) -> None:
+        self.pings += 1
+
+    def __repr__(self) -> str:
+        return f"<FakeConn {self.conn_id}>"
+
+    def events(self) -> list[dict[str, Any]]:
+        return [orjson.loads(decode_frame(f)) for f in self.frames]
+
+    def names(self) -> list[str]:
+        return [e["event"] for e in self.events()]
+
+
+def decode_frame(frame: bytes) -> bytes:
+    """Check ``frame`` is exactly one final, unmasked text frame; return its payload."""
+    assert len(frame) >= 2
+    b0, b1 = frame[0], frame[1]
+    assert b0 & 0x80, "FIN bit not set"
+    assert b0 & 0x70 == 0, "reserved bits set (no extensions are negotiated)"
+    assert b0 & 0x0F == 0x1, "not a text frame"
+    assert not b1 & 0x80, "server frames must not be masked"
+    length = b1 & 0x7F
+    offset = 2
+    if length == 126:
+        (length,) = struct.unpack("!H", frame[2:4])
+        offset = 4
+        assert length >= 126, "16-bit length used for a short payload"
+    elif length == 127:
+        (length,) = struct.unpack("!Q", frame[2:10])
+        offset = 10
+        assert length > 0xFFFF and not length >> 63, "64-bit length misused"
+    payload = frame[offset:]
+    assert len(payload) == length, (len(payload), length)
+    payload.decode("utf-8")  # text frames carry UTF-8
+    return payload
+
+
+class RecordingHub(Hub):
+    """Records the cluster hooks a mirror would act on."""
+
+    def __init__(self) -> None:
+        super().__init__("n1")
+        self.interest: list[tuple[str, str, bool]] = []
+        self.remote: list[tuple[Target, bytes, str | None, int | None]] = []
+
+    def _remote_interest(self, kind: str, key: str, interested: bool) -> None:
+        self.interest.append((kind, key, interested))
+
+    def _remote_publish(
+        self, target: Target, payload: bytes, exclude: str | None, seq: int | None
+    ) -> None:
+        self.remote.append((target, payload, exclude, seq))
+
+
+def assert_indexes_clean(hub: Hub) -> None:
+    for name in ("_by_room", "_by_user", "_by_namespace", "_rooms_of", "_pending"):
+        index = getattr(hub, name)
+        assert all(index.values()), f"{name} holds an empty entry: {index}"
+
+
+def assert_hub_empty(hub: Hub) -> None:
+    assert hub.connections == {}
+    for name in ("_by_room", "_by_user", "_by_namespace", "_rooms_of", "_pending"):
+        assert getattr(hub, name) == {}, name
+
+
+@pytest.fixture
+def hub() -> Hub:
+    return Hub("n1")
+
+
+def populate(hub: Hub) -> dict[str, FakeConn]:
+    """alice has two chat connections and an admin one; bob and carol one chat each."""
+    conns = {
+        "a1": FakeConn("a1", "alice"),
+        "a2": FakeConn("a2", "alice"),
+        "a_admin": FakeConn("a_admin", "alice", "admin"),
+        "b1": FakeConn("b1", "bob"),
+        "c1": FakeConn("c1", "carol"),
+    }
+    for conn in conns.values():
+        hub.add(conn)
+    hub.join(conns["a1"], "general")
+    hub.join(conns["b1"], "general")
+    hub.join(conns["c1"], "random")
+    hub.join(conns["a2"], "random")
+    return conns
+
+
+def recipients(conns: dict[str, FakeConn]) -> set[str]:
+    return {cid for cid, c in conns.items() if c.frames}
+
+
+def clear(conns: dict[str, FakeConn]) -> None:
+    for c in conns.values():
+        c.frames.clear()
+
+
+# -- membership and indexes --------------------------------------------------------
+
+
+def test_add_reports_first_connection_of_user(hub):
+    assert hub.add(FakeConn("a1", "alice")) is True
+    assert hub.add(FakeConn("a2", "alice")) is False
+    assert hub.add(FakeConn("a3", "alice", "admin")) is False
+    assert hub.add(FakeConn("b1", "bob")) is True
+    assert hub.online_users() == {"alice", "bob"}
+    assert hub.count_by_namespace() == {"chat": 3, "admin": 1}
+
+
+def test_indexes_drop_empty_keys_after_leave_and_remove(hub):
+    conns = populate(hub)
+    assert hub.active_rooms() == {"general": 2, "random": 2}
+    assert hub.leave(conns["b1"], "general") is True
+    assert_indexes_clean(hub)
+    assert hub.leave(conns["b1"], "general") is False  # not in it any more
+    assert hub.leave(conns["b1"], "nowhere") is False
+    assert "b1" not in hub._rooms_of  # its only room: the key is gone
+    assert hub.leave(conns["a1"], "general") is True
+    assert "general" not in hub._by_room
+    assert_indexes_clean(hub)
+
+    assert hub.remove(conns["c1"]) == {"random"}
+    assert "carol" not in hub._by_user and "c1" not in hub._rooms_of
+    assert_indexes_clean(hub)
+    assert hub.remove(conns["c1"]) == set()  # twice is harmless
+    assert hub.remove(conns["a_admin"]) == set()
+    assert "admin" not in hub._by_namespace
+    assert_indexes_clean(hub)
+    assert set(hub.user_connections("alice")) == {conns["a1"], conns["a2"]}
+
+    for cid in ("a1", "a2", "b1"):
+        hub.remove(conns[cid])
+    assert_hub_empty(hub)
+    assert hub.online_users() == set() and hub.active_rooms() == {}
+
+
+def test_remove_returns_rooms_and_leaves_them(hub):
+    a = FakeConn("a1", "alice")
+    b = FakeConn("b1", "bob")
+    hub.add(a)
+    hub.add(b)
+    for room in ("r1", "r2", "r3"):
+        hub.join(a, room)
+    hub.join(b, "r2")
+    assert hub.rooms_of(a) == {"r1", "r2", "r3"}
+    assert hub.remove(a) == {"r1", "r2", "r3"}
+    assert hub.rooms_of(a) == frozenset()
+    assert not hub.in_room(a, "r2")
+    assert hub.active_rooms() == {"r2": 1}
+    assert hub.publish(Target.room("r1"), "x", {}) == 0
+    assert a.frames == []
+    assert_indexes_clean(hub)
+
+
+def test_remove_while_join_is_buffered_drops_the_buffer(hub):
+    a = FakeConn("a1", "alice")
+    b = FakeConn("b1", "bob")
+    hub.add(a)
+    hub.add(b)
+    hub.join(b, "general")
+    hub.join(a, "general", buffer=True)
+    hub.publish(Target.room("general"), "message:new", {"n": 1}, seq=1)
+    hub.remove(a)
+    assert hub.finish_join(a, "general", None) == 0
+    assert a.frames == []
+    assert_indexes_clean(hub)
+    assert hub._pending == {}
+
+
+def test_leave_while_join_is_buffered_drops_the_buffer(hub):
+    a = FakeConn("a1", "alice")
+    hub.add(a)
+    hub.join(a, "general", buffer=True)
+    hub.publish(Target.room("general"), "message:new", {"n": 1}, seq=1)
+    assert hub.leave(a, "general") is True
+    assert hub._pending == {}
+    assert hub.finish_join(a, "general", None) == 0
+    assert a.frames == []
+    hub.remove(a)
+    assert_hub_empty(hub)
+
+
+def test_clear_room(hub):
+    conns = populate(hub)
+    gone = hub.clear_room("general")
+    assert {c.conn_id for c in gone} == {"a1", "b1"}
+    assert "general" not in hub._by_room
+    assert not hub.in_room(conns["a1"], "general")
+    assert "a1" not in hub._rooms_of and "b1" not in hub._rooms_of
+    assert hub.in_room(conns["a2"], "random")
+    assert hub.clear_room("general") == []
+    assert_indexes_clean(hub)
+
+
+def test_queries(hub):
+    conns = populate(hub)
+    assert hub.in_room(conns["a1"], "general") and not hub.in_room(conns["a2"], "general")
+    assert hub.room_connections("general") == {conns["a1"], conns["b1"]}
+    hub.room_connections("general").clear()  # a copy, not the index
+    assert hub.active_rooms()["general"] == 2
+    assert hub.user_in_room("alice", "general")
+    assert not hub.user_in_room("alice", "general", besides=conns["a1"])
+    hub.join(conns["a2"], "general")
+    assert hub.user_in_room("alice", "general", besides=conns["a1"])
+    assert not hub.user_in_room("carol", "general")
+    assert set(hub.user_connections("alice")) == {conns["a1"], conns["a2"], conns["a_admin"]}
+    assert hub.user_connections("alice", "admin") == [conns["a_admin"]]
+    assert hub.user_connections("nobody") == []
+
+
+# -- delivery -----------------------------------------------------------------------
+
+
+def test_publish_reaches_exactly_the_target(hub):
+    conns = populate(hub)
+    cases = [
+        (Target.room("general"), {"a1", "b1"}),
+        (Target.room("random"), {"a2", "c1"}),
+        (Target.room("empty"), set()),
+        (Target.user("alice"), {"a1", "a2", "a_admin"}),
+        (Target.user("alice", "chat"), {"a1", "a2"}),
+        (Target.user("alice", "admin"), {"a_admin"}),
+        (Target.user("alice", "logs"), set()),
+        (Target.user("nobody"), set()),
+        (Target.ns("chat"), {"a1", "a2", "b1", "c1"}),
+        (Target.ns("admin"), {"a_admin"}),
+        (Target.ns("logs"), set()),
+        (Target.all(), set(conns)),
+        (Target("all", "", "admin"), {"a_admin"}),
+        (Target.connection("b1"), {"b1"}),
+        (Target.connection("gone"), set()),
+    ]
+    for target, expected in cases:
+        clear(conns)
+        count = hub.publish(target, "test:event", {"target": target.kind})
+        assert recipients(conns) == expected, target
+        assert count == len(expected), target
+        for cid in expected:
+            assert conns[cid].events() == [{"event": "test:event", "data": {"target": target.kind}}]
+
+
+def test_publish_unknown_target_kind(hub):
+    populate(hub)
+    with pytest.raises(ValueError):
+        hub.publish(Target("planet", "mars"), "x", {})
+
+
+def test_exclude_skips_one_connection(hub):
+    conns = populate(hub)
+    assert hub.publish(Target.room("general"), "x", {}, exclude="a1") == 1
+    assert recipients(conns) == {"b1"}
+    clear(conns)
+    assert hub.publish(Target.user("alice"), "x", {}, exclude="a2") == 2
+    assert recipients(conns) == {"a1", "a_admin"}
+    clear(conns)
+    assert hub.publish(Target.all(), "x", {}, exclude="c1") == 4
+    assert recipients(conns) == set(conns) - {"c1"}
+    clear(conns)
+    assert hub.publish(Target.connection("b1"), "x", {}, exclude="b1") == 0
+    assert recipients(conns) == set()
+
+
+def test_failed_writes_are_not_counted(hub):
+    conns = populate(hub)
+    delivered: list[int] = []
+    hub._on_delivered = delivered.append
+    conns["b1"].accept = False
+    assert hub.publish(Target.room("general"), "x", {}) == 1
+    assert delivered == [1]
+    conns["a1"].accept = False
+    assert hub.publish(Target.room("general"), "x", {}) == 0
+    assert delivered == [1]  # nothing delivered: no callback
+
+
+def test_a_write_that_removes_the_connection_does_not_break_the_loop(hub):
+    """A slow consumer is removed from the hub from inside send_frame."""
+
+    class Dropping(FakeConn):
+        def send_frame(self, frame: bytes) -> bool:
+            hub.remove(self)
+            return False
+
+    hub.add(Dropping("slow", "sam"))
+    hub.join(hub.connections["slow"], "general")
+    others = [FakeConn(f"c{i}", f"u{i}") for i in range(5)]
+    for c in others:
+        hub.add(c)
+        hub.join(c, "general")
+    assert hub.publish(Target.room("general"), "x", {}) == 5
+    assert all(len(c.frames) == 1 for c in others)
+    assert "slow" not in hub.connections and hub.active_rooms() == {"general": 5}
+
+
+def test_broadcast_writes_the_same_bytes_object_to_everyone(hub):
+    conns = [FakeConn(f"c{i}", f"u{i}") for i in range(10)]
+    for c in conns:
+        hub.add(c)
+        hub.join(c, "big")
+    hub.publish(Target.room("big"), "message:new", {"content": "x" * 500})
+    first = conns[0].frames[0]
+    assert all(c.frames[0] is first for c in conns)
+    # Also for the multi-target and namespace broadcasts.
+    hub.publish_rooms(["big", "other"], "user:status_changed", {"userId": "u1"})
+    assert all(c.frames[1] is conns[0].frames[1] for c in conns)
+    hub.publish(Target.ns("chat"), "system:notice", {})
+    assert all(c.frames[2] is conns[0].frames[2] for c in conns)
+
+
+@pytest.mark.parametrize("size", [100, 1024, 70 * 1024])
+def test_frames_are_valid_websocket_text_frames(hub, size):
+    conn = FakeConn("c1", "u1")
+    hub.add(conn)
+    hub.join(conn, "r")
+    text = "é" * (size // 4) + "x" * (size - 2 * (size // 4))  # multi-byte UTF-8 inside
+    hub.publish(Target.room("r"), "message:new", {"content": text})
+    (frame,) = conn.frames
+    payload = decode_frame(frame)
+    assert orjson.loads(payload) == {"event": "message:new", "data": {"content": text}}
+    assert len(payload) >= size
+    expected_header = 2 if len(payload) < 126 else 4 if len(payload) <= 0xFFFF else 10
+    assert len(frame) == expected_header + len(payload)
+
+
+@pytest.mark.parametrize("n", [0, 1, 125, 126, 127, 0xFFFF, 0x10000])
+def test_frame_length_boundaries(n):
+    payload = b"a" * n
+    frame = protocol.frame(payload)
+    if n:
+        assert decode_frame(frame) == payload
+    else:
+        assert frame == b"\x81\x00"
+
+
+# -- buffered joins -------------------------------------------------------------------
+
+
+def test_buffered_join_holds_frames_and_releases_the_rest_in_order(hub):
+    sender = FakeConn("s1", "sender")
+    joiner = FakeConn("j1", "joiner")
+    hub.add(sender)
+    hub.add(joiner)
+    hub.join(sender, "general")
+    hub.join(joiner, "general", buffer=True)
+    assert hub.in_room(joiner, "general")
+    for seq in range(1, 6):
+        hub.publish(Target.room("general"), "message:new", {"seq": seq}, seq=seq)
+    hub.publish(Target.room("general"), "room:user_joined", {"u": "x"})  # no seq
+    hub.publish(Target.room("general"), "message:new", {"seq": 6}, seq=6, exclude="j1")
+    # Held while the recovery query runs; other room members are not held up.
+    assert joiner.frames == []
+    assert len(sender.frames) == 7
+    # Frames to the joiner through other targets are not room traffic: not held.
+    hub.publish(Target.user("joiner"), "notification:new", {})
+    assert joiner.names() == ["notification:new"]
+    joiner.frames.clear()
+
+    # Recovery returned seqs up to 3: those are dropped, the rest released in order.
+    assert hub.finish_join(joiner, "general", 3) == 3
+    events = joiner.events()
+    assert [e["data"] for e in events] == [{"seq": 4}, {"seq": 5}, {"u": "x"}]
+    assert hub._pending == {}
+    # Live from now on.
+    hub.publish(Target.room("general"), "message:new", {"seq": 7}, seq=7)
+    assert joiner.events()[-1]["data"] == {"seq": 7}
+    assert hub.finish_join(joiner, "general", None) == 0  # nothing pending any more
+    assert_indexes_clean(hub)
+
+
+def test_finish_join_without_after_seq_releases_everything(hub):
+    joiner = FakeConn("j1", "joiner")
+    hub.add(joiner)
+    hub.join(joiner, "general", buffer=True)
+    for seq in (1, 2):
+        hub.publish(Target.room("general"), "message:new", {"seq": seq}, seq=seq)
+    assert hub.finish_join(joiner, "general", None) == 2
+    assert [e["data"]["seq"] for e in joiner.events()] == [1, 2]
+
+
+def test_two_buffered_joins_in_one_room(hub):
+    j1, j2 = FakeConn("j1", "u1"), FakeConn("j2", "u2")
+    hub.add(j1)
+    hub.add(j2)
+    hub.join(j1, "general", buffer=True)
+    hub.join(j2, "general", buffer=True)
+    for seq in (1, 2, 3):
+        hub.publish(Target.room("general"), "message:new", {"seq": seq}, seq=seq)
+    assert hub.finish_join(j1, "general", 2) == 1
+    assert "general" in hub._pending  # j2 still waiting
+    hub.publish(Target.room("general"), "message:new", {"seq": 4}, seq=4)
+    assert [e["data"]["seq"] for e in j1.events()] == [3, 4]
+    assert hub.finish_join(j2, "general", 0) == 4
+    assert [e["data"]["seq"] for e in j2.events()] == [1, 2, 3, 4]
+    assert hub._pending == {}
+
+
+def test_buffered_frames_keep_shared_identity(hub):
+    live, joiner = FakeConn("l1", "u1"), FakeConn("j1", "u2")
+    hub.add(live)
+    hub.add(joiner)
+    hub.join(live, "general")
+    hub.join(joiner, "general", buffer=True)
+    hub.publish(Target.room("general"), "message:new", {"seq": 1}, seq=1)
+    hub.finish_join(joiner, "general", None)
+    assert joiner.frames[0] is live.frames[0]
+
+
+# -- liveness ---------------------------------------------------------------------------
+
+
+def test_sweep_pings_live_and_closes_silent(hub):
+    fresh, stale, edge = FakeConn("f", "u1"), FakeConn("s", "u2"), FakeConn("e", "u3")
+    fresh.last_seen, stale.last_seen, edge.last_seen = 95.0, 40.0, 55.0
+    for c in (fresh, stale, edge):
+        hub.add(c)
+    assert hub.sweep(now=100.0, timeout=45.0) == 1
+    assert stale.closed == [(4408, "heartbeat timeout")] and stale.pings == 0
+    assert fresh.closed == [] and fresh.pings == 1
+    assert edge.closed == [] and edge.pings == 1  # exactly at the limit: still alive
+    assert hub.sweep(now=100.0, timeout=45.0) == 1  # until the handler removes it
+    hub.remove(stale)
+    assert hub.sweep(now=100.0, timeout=45.0) == 0
+    assert fresh.pings == 3
+
+
+def test_sweep_survives_connections_removing_themselves(hub):
+    class Closing(FakeConn):
+        def close_with(self, code: int, reason: str) -> None:
+            super().close_with(code, reason)
+            hub.remove(self)
+
+    conns = [Closing(f"c{i}", f"u{i}") for i in range(5)]
+    for c in conns:
+        hub.add(c)
+    assert hub.sweep(now=1000.0, timeout=1.0) == 5
+    assert_hub_empty(hub)
+
+
+# -- multi-target delivery ----------------------------------------------------------------
+
+
+def test_publish_rooms_delivers_once_per_connection(hub):
+    conns = populate(hub)
+    hub.join(conns["a1"], "random")  # a1 is in both rooms
+    hub.join(conns["b1"], "third")
+    n = hub.publish_rooms(["general", "random", "third", "nowhere"], "user:status_changed", {})
+    assert n == 4
+    assert recipients(conns) == {"a1", "a2", "b1", "c1"}
+    assert all(len(conns[c].frames) == 1 for c in ("a1", "a2", "b1", "c1"))
+    clear(conns)
+    assert hub.publish_rooms([], "x", {}) == 0
+    assert recipients(conns) == set()
+
+
+def test_publish_many_mixes_target_kinds_once_per_connection(hub):
+    conns = populate(hub)
+    targets = [Target.room("general"), Target.user("alice", "chat"), Target.user("bob")]
+    assert hub.publish_many(targets, "room:deleted", {"roomId": "general"}) == 3
+    assert recipients(conns) == {"a1", "a2", "b1"}
+    assert all(len(conns[c].frames) == 1 for c in ("a1", "a2", "b1"))
+
+
+# -- cluster hooks ---------------------------------------------------------------------
+
+
+def test_remote_interest_on_first_and_last_subscriber():
+    hub = RecordingHub()
+    a1, a2 = FakeConn("a1", "alice"), FakeConn("a2", "alice", "admin")
+    b1 = FakeConn("b1", "bob")
+    hub.add(a1)
+    assert hub.interest == [("user", "alice", True), ("namespace", "chat", True)]
+    hub.interest.clear()
+    hub.add(a2)
+    assert hub.interest == [("namespace", "admin", True)]  # alice already known
+    hub.interest.clear()
+    hub.add(b1)
+    assert hub.interest == [("user", "bob", True)]
+    hub.interest.clear()
+
+    hub.join(a1, "general")
+    hub.join(b1, "general")
+    hub.join(a1, "general")  # again: no news
+    hub.join(b1, "random", buffer=True)
+    assert hub.interest == [("room", "general", True), ("room", "random", True)]
+    hub.interest.clear()
+
+    hub.leave(a1, "general")
+    assert hub.interest == []  # bob is still there
+    hub.leave(a1, "general")
+    assert hub.interest == []
+    hub.remove(a1)
+    assert hub.interest == []  # alice still has a2, chat still has b1
+    hub.remove(b1)
+    assert sorted(hub.interest) == sorted([
+        ("room", "general", False),
+        ("room", "random", False),
+        ("user", "bob", False),
+        ("namespace", "chat", False),
+    ])  # fmt: skip
+    hub.interest.clear()
+    hub.remove(a2)
+    assert sorted(hub.interest) == [("namespace", "admin", False), ("user", "alice", False)]
+    assert_hub_empty(hub)
+
+
+def test_remote_interest_on_clear_room():
+    hub = RecordingHub()
+    conns = [FakeConn(f"c{i}", f"u{i}") for i in range(3)]
+    for c in conns:
+        hub.add(c)
+        hub.join(c, "doomed")
+    hub.interest.clear()
+    hub.clear_room("doomed")
+    assert hub.interest == [("room", "doomed", False)]
+
+
+def test_remote_publish_gets_the_payload_once_per_target():
+    hub = RecordingHub()
+    conn = FakeConn("a1", "alice")
+    hub.add(conn)
+    hub.join(conn, "general")
+    hub.publish(Target.room("general"), "message:new", {"seq": 9}, exclude="a1", seq=9)
+    assert conn.frames == []
+    ((target, payload, exclude, seq),) = hub.remote
+    assert target == Target.room("general") and exclude == "a1" and seq == 9
+    assert orjson.loads(payload) == {"event": "message:new", "data": {"seq": 9}}
+    hub.remote.clear()
+    hub.publish_rooms(["general", "random"], "x", {})
+    assert [t for t, *_ in hub.remote] == [Target.room("general"), Target.room("random")]
+    assert hub.remote[0][1] is hub.remote[1][1]

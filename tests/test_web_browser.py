@@ -1,0 +1,218 @@
+"""The web app in a real browser: Debian's Chromium driven by Playwright.
+
+Two browser contexts sign in as two users (one at phone width), join a room,
+see each other's presence and typing, exchange, react to, edit and delete
+messages; markup in a message stays text; both pages survive a gateway
+restart. A mention lights the other user's bell; an admin watches live
+figures, kicks a user and sees the kick in the live log page. Screenshots of
+the main views go to tests/artifacts/ (git-ignored).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.services import require_binary
+from tests.web.gateway import REPO_ROOT, GatewayProcess
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]  # fmt: skip
+ARTIFACTS = REPO_ROOT / "tests" / "artifacts"
+XSS = "<img src=x onerror=alert(1)>"
+WAIT_MS = 10_000
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+expect = sync_api.expect
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[GatewayProcess]:
+    # metrics:update every second, so the admin page's figures move quickly.
+    with GatewayProcess(tmp_path, SWITCHBOARD_METRICS_INTERVAL="1") as gw:
+        yield gw
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    require_binary(CHROMIUM, "Chromium (/usr/bin/chromium) is not installed")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def open_page(browser: Any, base: str, dialogs: list[str], **context: Any) -> Any:
+    page = browser.new_context(**context).new_page()
+    page.set_default_timeout(WAIT_MS)
+
+    def on_dialog(dialog: Any) -> None:
+        dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    page.on("dialog", on_dialog)
+    page.goto(base + "/")
+    return page
+
+
+def sign_in(page: Any, user: str, name: str, role: str = "user") -> None:
+    page.fill("#signin-user", user)
+    page.fill("#signin-name", name)
+    page.select_option("#signin-role", role)
+    page.click("#signin-dev")
+    expect(page.locator("#conn-state")).to_have_attribute("data-state", "connected")
+    expect(page.locator("#me")).to_have_text(name)
+
+
+def message(page: Any, text: str) -> Any:
+    return page.locator("#messages li.message", has=page.locator(".content", has_text=text))
+
+
+def test_two_users_chat_in_the_browser(gateway: GatewayProcess, browser: Any) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    dialogs: list[str] = []
+    alice = open_page(browser, gateway.http, dialogs, viewport={"width": 1280, "height": 800})
+    alice.screenshot(path=str(ARTIFACTS / "web-signin.png"))
+    sign_in(alice, "alice", "Alice")
+    alice.click("text=Create a room")
+    alice.fill("#new-room-name", "Lobby")
+    alice.click("#create-room")
+    expect(alice.locator("#room-title")).to_have_text("Lobby")
+    room_id = alice.locator("#room-id").inner_text()
+    assert re.fullmatch(r"[A-Za-z0-9_-]{1,64}", room_id)
+
+    # Bob on a phone-width screen: the room list is a drawer.
+    bob = open_page(
+        browser, gateway.http, dialogs,
+        viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True,
+    )  # fmt: skip
+    sign_in(bob, "bob", "Bob")
+    bob.click("#toggle-rooms")
+    bob.click(f"#room-list li[data-room='{room_id}'] button")
+    expect(bob.locator("#room-title")).to_have_text("Lobby")
+
+    # Presence: alice's member list shows bob online.
+    expect(alice.locator("#members li[data-user='bob'] .presence")).to_have_attribute(
+        "data-status", "online"
+    )
+
+    # Typing, then the message itself.
+    bob.locator("#composer-input").press_sequentially("hel")
+    expect(alice.locator("#typing")).to_have_text("Bob is typing…")
+    bob.locator("#composer-input").press_sequentially("lo alice")
+    bob.press("#composer-input", "Enter")
+    expect(message(alice, "hello alice")).to_have_count(1)
+    expect(alice.locator("#typing")).to_have_text("")
+
+    # Markup is text: no <img> element, no dialog.
+    alice.fill("#composer-input", XSS)
+    alice.click("#send")
+    expect(message(bob, XSS)).to_have_count(1)
+    assert message(bob, XSS).locator(".content").inner_text() == XSS
+    assert bob.locator("#messages img").count() == 0
+    assert alice.locator("#messages img").count() == 0
+
+    # Reactions both ways.
+    message(bob, XSS).locator("button.react[data-emoji='👍']").click()
+    expect(message(alice, XSS).locator(".reaction[data-emoji='👍']")).to_have_text("👍 1")
+
+    # Reply, edit, delete (own messages only offer edit/delete).
+    assert message(alice, "hello alice").locator("button.edit").count() == 0
+    message(alice, "hello alice").locator("button.reply").click()
+    alice.fill("#composer-input", "hi bob")
+    alice.press("#composer-input", "Enter")
+    expect(message(bob, "hi bob").locator(".quote")).to_contain_text("Bob: hello alice")
+    message(alice, "hi bob").locator("button.edit").click()
+    alice.fill("#messages .edit-input", "hi bob (edited text)")
+    alice.click("#messages .edit-form button.save")
+    expect(message(bob, "hi bob (edited text)").locator(".edited")).to_have_count(1)
+    bob.screenshot(path=str(ARTIFACTS / "web-chat-phone.png"))
+    alice.screenshot(path=str(ARTIFACTS / "web-chat-desktop.png"))
+    message(alice, "hi bob (edited text)").locator("button.delete").click()
+    expect(message(bob, "hi bob (edited text)")).to_have_count(0)
+    expect(bob.locator("#messages li.message.deleted .content")).to_have_text("(message deleted)")
+
+    # A gateway restart: both pages reconnect and carry on, nothing doubled.
+    count = alice.locator("#messages li.message").count()
+    gateway.restart()
+    for page in (alice, bob):
+        expect(page.locator("#conn-state")).to_have_attribute("data-state", "connected")
+    bob.fill("#composer-input", "after the restart")
+    bob.press("#composer-input", "Enter")
+    expect(message(alice, "after the restart")).to_have_count(1)
+    assert alice.locator("#messages li.message").count() == count + 1
+    seqs = alice.locator("#messages li.message").evaluate_all("els => els.map(e => e.dataset.seq)")
+    assert len(seqs) == len(set(seqs))
+
+    assert dialogs == [], f"a dialog fired: {dialogs}"
+
+
+def test_bell_admin_page_kick_and_live_logs(gateway: GatewayProcess, browser: Any) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    dialogs: list[str] = []
+    root = open_page(browser, gateway.http, dialogs, viewport={"width": 1280, "height": 900})
+    sign_in(root, "root", "Root", role="admin")
+    expect(root.locator("#nav button[data-view='admin']")).to_be_visible()
+    root.click("text=Create a room")
+    root.fill("#new-room-name", "Ops")
+    root.click("#create-room")
+    expect(root.locator("#room-title")).to_have_text("Ops")
+    room_id = root.locator("#room-id").inner_text()
+
+    bob = open_page(browser, gateway.http, dialogs, viewport={"width": 1024, "height": 768})
+    sign_in(bob, "bob", "Bob")
+    expect(bob.locator("#nav button[data-view='admin']")).to_be_hidden()
+    bob.click("text=Join by id")
+    bob.fill("#join-room-id", room_id)
+    bob.click("#join-room")
+    expect(bob.locator("#room-title")).to_have_text("Ops")
+
+    # A mention shows up in bob's bell.
+    root.fill("#composer-input", "@bob please look at this")
+    root.press("#composer-input", "Enter")
+    expect(bob.locator("#bell-count")).to_have_text("1")
+    bob.click("#bell")
+    entry = bob.locator("#notification-list li.notification.unread")
+    expect(entry.locator(".title")).to_contain_text("mentioned you")
+    expect(entry.locator(".body")).to_have_text("@bob please look at this")
+    bob.screenshot(path=str(ARTIFACTS / "web-notifications.png"))
+    entry.locator("button.open").click()
+    expect(bob.locator("#bell-count")).to_be_hidden()
+
+    # The live log page, subscribed before the kick happens.
+    root.click("#nav button[data-view='logs']")
+    expect(root.locator("#logs-view")).to_be_visible()
+    root.fill("#log-contains", "kick")
+    root.click("#log-apply")
+
+    # The admin page: live figures, charts, online users; kick bob.
+    root.click("#nav button[data-view='admin']")
+    updates = root.locator("#admin-figures [data-figure='updates'] .value")
+    expect(updates).to_have_text(re.compile(r"^[3-9]|\d\d"), timeout=15_000)
+    assert int(root.locator("[data-figure='connections'] .value").inner_text()) >= 4
+    points = root.locator("#chart-connections polyline").get_attribute("points") or ""
+    assert len(points.split()) >= 3
+    row = root.locator("#online-users tr[data-user='bob']")
+    expect(row).to_be_visible()
+    assert root.locator("#online-users tr[data-user='root'] button.kick").is_disabled()
+    root.fill("#mod-reason", "testing the kick")
+    root.screenshot(path=str(ARTIFACTS / "web-admin.png"))
+    row.locator("button.kick").click()
+    expect(root.locator("#admin-status")).to_have_text("Kick: bob done")
+    expect(bob.locator("#conn-state")).to_have_attribute("data-state", "offline")
+    expect(bob.locator("#banner")).to_have_text("You were removed by root: testing the kick.")
+    expect(row).to_have_count(0)
+
+    root.click("#nav button[data-view='logs']")
+    line = root.locator("#log-list li.log", has_text="kicked bob")
+    expect(line).to_have_count(1)
+    expect(line.locator(".level")).to_have_text("INFO")
+    root.screenshot(path=str(ARTIFACTS / "web-logs.png"))
+    assert dialogs == []

@@ -1,0 +1,1 @@
+"""Helpers for the web client and browser tests (tests/test_web_*.py)."""

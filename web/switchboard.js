@@ -1,0 +1,797 @@
+// Switchboard browser client: one WebSocket connection to a gateway namespace.
+//
+// Plain ES module, no dependencies. Mirrors server/client.py (the Python
+// client): acks as Promises, capped jittered exponential backoff, re-joining
+// rooms with `sinceSeq` after a reconnect and replaying the missed messages as
+// `message:new` (deduplicated by roomId + seq), token refresh on
+// `auth:expiring`, and `message:send` queued while offline with a
+// `clientMsgId` so a retry is answered `duplicate: true` instead of storing
+// the message twice.
+//
+// Example:
+//
+//   import { Switchboard } from "./switchboard.js";
+//   const sb = new Switchboard({ url: "ws://127.0.0.1:8080/ws/chat", token });
+//   sb.on("state", ({ state }) => console.log(state));
+//   sb.on("message:new", ({ message }) => console.log(message.seq, message.content));
+//   await sb.connect();
+//   await sb.emit("room:join", { roomId: "general" });
+//   const { message } = await sb.emit("message:send", { roomId: "general", content: "hi" });
+//
+// Local events (besides the server's own): `state` {state, previous};
+// `error` (a SwitchboardError: system:error frames without an ack, refused
+// reconnections); `client:disconnected` {code, reason, willReconnect};
+// `client:reconnected` {attempts, welcome, rooms}; `client:rejoin_failed`
+// {roomId, error}; `client:reconnect_failed` {code, message, closeCode, attempts}.
+
+/** Close codes after which reconnecting is pointless: auth, ban/kick, limits. */
+export const FATAL_CLOSE_CODES = Object.freeze(new Set([4401, 4403, 4429]));
+
+/** Events that are queued while offline and retried after a reconnect. */
+const QUEUED_EVENTS = new Set(["message:send"]);
+
+const DEFAULT_ACK_TIMEOUT_MS = 10_000;
+const DEFAULT_CONNECT_TIMEOUT_MS = 10_000;
+const DEFAULT_MIN_DELAY_MS = 250;
+const DEFAULT_MAX_DELAY_MS = 10_000;
+const DEFAULT_MAX_QUEUE = 200;
+// Recovery beyond the server's 500-message window pages history; stop
+// somewhere so a long outage in a busy room cannot loop for ever.
+const HISTORY_PAGE = 100;
+const MAX_RECOVERED = 5000;
+// Seq numbers remembered per room for deduplication.
+const SEEN_KEEP = 1024;
+// Browsers answer the server's WebSocket pings without telling the page, so
+// a silently dead network is only noticed by asking: a system:ping every
+// heartbeat interval, and a reconnect when its ack does not come back.
+const DEFAULT_LIVENESS_TIMEOUT_MS = 10_000;
+/** Local close code for "the connection stopped answering" (never sent by the server). */
+export const CLIENT_TIMEOUT_CLOSE = 4000;
+
+/**
+ * @typedef {"idle"|"connecting"|"connected"|"reconnecting"|"offline"} ConnectionState
+ * @typedef {{minDelayMs?: number, maxDelayMs?: number, maxAttempts?: number}} ReconnectOptions
+ * @typedef {{
+ *   url: string,
+ *   token?: string,
+ *   getToken?: () => string | Promise<string>,
+ *   reconnect?: boolean | ReconnectOptions,
+ *   onTokenExpiring?: (info: {expiresIn: number}) => (string | null | undefined | Promise<string | null | undefined>),
+ *   ackTimeoutMs?: number,
+ *   connectTimeoutMs?: number,
+ *   maxQueue?: number,
+ *   livenessIntervalMs?: number,
+ *   livenessTimeoutMs?: number,
+ *   WebSocket?: typeof WebSocket,
+ * }} SwitchboardOptions
+ * @typedef {(data: any, frame: {event: string, data: any}) => void} Listener
+ */
+
+/** An error reported by the server (failed ack, system:error) or by the client. */
+export class SwitchboardError extends Error {
+  /**
+   * @param {string} code e.g. "VALIDATION_ERROR", or client-side "OFFLINE", "TIMEOUT",
+   *   "CONNECTION_LOST", "CLOSED", "QUEUE_FULL", "CONNECT_FAILED"
+   * @param {string} [message]
+   * @param {{details?: object, event?: string|null, closeCode?: number|null}} [extra]
+   */
+  constructor(code, message = "", { details = {}, event = null, closeCode = null } = {}) {
+    super(message ? `${code}: ${message}` : code);
+    this.name = "SwitchboardError";
+    /** @type {string} */ this.code = code;
+    /** @type {object} */ this.details = details || {};
+    /** @type {string|null} */ this.event = event;
+    /** @type {number|null} */ this.closeCode = closeCode;
+  }
+
+  /** @param {any} body an ack `error` object or `system:error` data */
+  static from(body, event = null, closeCode = null) {
+    const b = body && typeof body === "object" ? body : {};
+    return new SwitchboardError(String(b.code || "UNKNOWN_ERROR"), String(b.message || ""), {
+      details: b.details && typeof b.details === "object" ? b.details : {},
+      event: typeof b.event === "string" ? b.event : event,
+      closeCode,
+    });
+  }
+}
+
+/** @returns {string} a random id, unique enough for clientMsgId (1–64 chars). */
+export function newClientMsgId() {
+  const c = globalThis.crypto;
+  if (c && typeof c.randomUUID === "function") return c.randomUUID();
+  return `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}-${Math.random().toString(36).slice(2)}`;
+}
+
+const isInt = (v) => typeof v === "number" && Number.isInteger(v);
+
+export class Switchboard {
+  /** @param {SwitchboardOptions} options */
+  constructor(options) {
+    const { url, token, getToken, reconnect = true, onTokenExpiring } = options;
+    if (!url) throw new TypeError("Switchboard: url is required");
+    /** @type {string} */
+    this.url = url.replace(/^http/, "ws");
+    /** @type {string|undefined} */
+    this.token = token;
+    this.getToken = getToken;
+    this.onTokenExpiring = onTokenExpiring;
+    const rc = typeof reconnect === "object" && reconnect !== null ? reconnect : {};
+    /** @type {boolean} */
+    this.reconnect = reconnect !== false;
+    this.minDelayMs = rc.minDelayMs ?? DEFAULT_MIN_DELAY_MS;
+    this.maxDelayMs = rc.maxDelayMs ?? DEFAULT_MAX_DELAY_MS;
+    this.maxAttempts = rc.maxAttempts ?? Infinity;
+    this.ackTimeoutMs = options.ackTimeoutMs ?? DEFAULT_ACK_TIMEOUT_MS;
+    this.connectTimeoutMs = options.connectTimeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS;
+    this.maxQueue = options.maxQueue ?? DEFAULT_MAX_QUEUE;
+    /** Ping period; default: the welcome's heartbeatInterval. 0 turns it off. */
+    this.livenessIntervalMs = options.livenessIntervalMs ?? null;
+    this.livenessTimeoutMs = options.livenessTimeoutMs ?? DEFAULT_LIVENESS_TIMEOUT_MS;
+    /** Round trip of the latest liveness ping, in ms. */
+    this.latencyMs = null;
+    this._liveness = null;
+    this._abortOpen = null;
+    this._WebSocket = options.WebSocket || globalThis.WebSocket;
+    if (!this._WebSocket) throw new TypeError("Switchboard: no WebSocket implementation available");
+
+    /** @type {ConnectionState} */
+    this.state = "idle";
+    /** `data` of the latest system:welcome. */
+    this.welcome = null;
+    /** Successful reconnections so far. */
+    this.reconnects = 0;
+    /** Close code of the latest connection loss. */
+    this.closeCode = null;
+
+    /** @type {Map<string, Set<Listener>>} */
+    this._listeners = new Map();
+    /** @type {WebSocket|null} */
+    this._ws = null;
+    this._ackId = 0;
+    /** @type {Map<number, {event: string, resolve: Function, reject: Function, timer: any, onResult?: Function, entry?: object}>} */
+    this._pending = new Map();
+    /** Queued message:send entries: {data, resolve, reject}. */
+    this._queue = [];
+    /** @type {Map<string, object>} room join payloads (without sinceSeq) for re-joining */
+    this._rooms = new Map();
+    /** @type {Map<string, number>} */
+    this._lastSeq = new Map();
+    /** @type {Map<string, Set<number>>} */
+    this._seen = new Map();
+    this._closing = false;
+    this._reconnectTimer = null;
+    this._looping = false;
+    this._wakeReconnect = null;
+    this._onOnline = () => this._wakeReconnect && this._wakeReconnect();
+  }
+
+  // ------------------------------------------------------------------ events
+
+  /**
+   * Call `listener(data, frame)` for each `event` ("*" for every event).
+   * @param {string} event
+   * @param {Listener} listener
+   * @returns {() => void} a function that removes the listener
+   */
+  on(event, listener) {
+    let set = this._listeners.get(event);
+    if (!set) this._listeners.set(event, (set = new Set()));
+    set.add(listener);
+    return () => this.off(event, listener);
+  }
+
+  /**
+   * Remove `listener` (or every listener) for `event`.
+   * @param {string} event
+   * @param {Listener} [listener]
+   */
+  off(event, listener) {
+    if (!listener) {
+      this._listeners.delete(event);
+      return;
+    }
+    const set = this._listeners.get(event);
+    if (set) {
+      set.delete(listener);
+      if (set.size === 0) this._listeners.delete(event);
+    }
+  }
+
+  /**
+   * Resolve with the data of the next `event` matching `predicate`.
+   * @param {string} event
+   * @param {{timeoutMs?: number, predicate?: (data: any) => boolean}} [opts]
+   * @returns {Promise<any>}
+   */
+  once(event, { timeoutMs = 5000, predicate } = {}) {
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        off();
+        reject(new SwitchboardError("TIMEOUT", `no ${event} within ${timeoutMs} ms`));
+      }, timeoutMs);
+      const off = this.on(event, (data) => {
+        if (predicate && !predicate(data)) return;
+        clearTimeout(timer);
+        off();
+        resolve(data);
+      });
+    });
+  }
+
+  /** @param {string} event @param {any} data */
+  _dispatch(event, data) {
+    const frame = { event, data };
+    for (const key of [event, "*"]) {
+      const set = this._listeners.get(key);
+      if (!set) continue;
+      for (const listener of [...set]) {
+        try {
+          listener(data, frame);
+        } catch (err) {
+          // A broken listener must not break the connection or its siblings.
+          console.error(`switchboard: ${event} listener failed`, err);
+        }
+      }
+    }
+  }
+
+  /** @param {ConnectionState} state */
+  _setState(state) {
+    if (state === this.state) return;
+    const previous = this.state;
+    this.state = state;
+    this._dispatch("state", { state, previous });
+  }
+
+  // --------------------------------------------------------------- lifecycle
+
+  /** True while a socket is open and welcomed. */
+  get connected() {
+    return this.state === "connected";
+  }
+
+  /** Room ids joined through emit("room:join"), re-joined after a reconnect. */
+  get rooms() {
+    return [...this._rooms.keys()];
+  }
+
+  /**
+   * Highest message seq seen in `roomId` (events, acks, history), or null.
+   * @param {string} roomId
+   */
+  lastSeq(roomId) {
+    return this._lastSeq.has(roomId) ? this._lastSeq.get(roomId) : null;
+  }
+
+  /**
+   * Open the connection; resolves with the system:welcome data. Rejects with a
+   * SwitchboardError (closeCode 4401 for a bad token, …) if the first attempt fails.
+   * @returns {Promise<object>}
+   */
+  async connect() {
+    if (this.state !== "idle" && this.state !== "offline") {
+      throw new Error(`Switchboard.connect() while ${this.state}`);
+    }
+    this._closing = false;
+    this._setState("connecting");
+    let opened;
+    try {
+      opened = await this._open();
+    } catch (err) {
+      this._setState("offline");
+      this._failQueue(err);
+      throw err;
+    }
+    if (this._closing) {
+      opened.ws.close(1000);
+      throw new SwitchboardError("CLOSED", "closed while connecting");
+    }
+    this._attach(opened.ws, opened.welcome);
+    if (globalThis.addEventListener) globalThis.addEventListener("online", this._onOnline);
+    this._setState("connected");
+    this._flushQueue();
+    return opened.welcome;
+  }
+
+  /** Close for good (no reconnection); pending and queued requests reject with CLOSED. */
+  close(code = 1000, reason = "") {
+    this._closing = true;
+    clearTimeout(this._reconnectTimer);
+    clearInterval(this._liveness);
+    if (this._wakeReconnect) this._wakeReconnect();
+    if (this._abortOpen) this._abortOpen();
+    if (globalThis.removeEventListener) globalThis.removeEventListener("online", this._onOnline);
+    const ws = this._ws;
+    this._ws = null;
+    const err = new SwitchboardError("CLOSED", "client closed");
+    this._failPending(err);
+    this._failQueue(err);
+    if (ws) {
+      try {
+        ws.close(code, reason);
+      } catch {
+        ws.close();
+      }
+    }
+    this._setState("offline");
+  }
+
+  // ----------------------------------------------------------------- sending
+
+  /**
+   * Send `event` and resolve with the ack's data; reject with a SwitchboardError.
+   *
+   * `message:send` gets a `clientMsgId` when it has none and is queued while
+   * offline (and retried after a reconnect if the ack was lost); other events
+   * reject with code OFFLINE while not connected.
+   * @param {string} event
+   * @param {object} [data]
+   * @param {{timeoutMs?: number}} [opts]
+   * @returns {Promise<any>}
+   */
+  emit(event, data = {}, { timeoutMs } = {}) {
+    if (QUEUED_EVENTS.has(event)) {
+      const payload = { ...data, clientMsgId: data.clientMsgId || newClientMsgId() };
+      return new Promise((resolve, reject) => {
+        const entry = { event, data: payload, resolve, reject, timeoutMs };
+        if (this.state === "connected") {
+          this._queue.push(entry);
+          this._flushQueue();
+        } else if (this._closing || this.state === "idle" || this.state === "offline") {
+          reject(new SwitchboardError("OFFLINE", "not connected", { event }));
+        } else if (this._queue.length >= this.maxQueue) {
+          reject(new SwitchboardError("QUEUE_FULL", "too many messages waiting", { event }));
+        } else {
+          this._queue.push(entry);
+        }
+      });
+    }
+    if (this.state !== "connected" || !this._ws) {
+      return Promise.reject(new SwitchboardError("OFFLINE", "not connected", { event }));
+    }
+    return this._request(this._ws, event, data, {
+      timeoutMs,
+      onResult: (result) => this._trackAck(event, data, result),
+    });
+  }
+
+  /**
+   * Fire and forget (no ack): failures come back as an `error` event. For
+   * typing indicators; dropped silently while not connected.
+   * @param {string} event
+   * @param {object} [data]
+   */
+  send(event, data = {}) {
+    if (this.state !== "connected" || !this._ws) return false;
+    this._ws.send(JSON.stringify({ event, data }));
+    return true;
+  }
+
+  /**
+   * Send auth:refresh and use `token` for later reconnections too.
+   * @param {string} token
+   */
+  async refreshToken(token) {
+    const result = await this.emit("auth:refresh", { token });
+    this.token = token;
+    return result;
+  }
+
+  /** Number of message:send requests waiting for a connection. */
+  get queued() {
+    return this._queue.length;
+  }
+
+  _sendQueued(entry) {
+    const ws = this._ws;
+    this._request(ws, entry.event, entry.data, {
+      timeoutMs: entry.timeoutMs,
+      entry,
+      onResult: (result) => this._trackAck(entry.event, entry.data, result),
+    }).then(entry.resolve, (err) => {
+      if (err instanceof SwitchboardError && err.code === "CONNECTION_LOST" && !this._closing && this.reconnect) {
+        // The server may or may not have stored it: the retry after the
+        // reconnect carries the same clientMsgId, so it is never doubled.
+        this._queue.unshift(entry);
+      } else {
+        entry.reject(err);
+      }
+    });
+  }
+
+  _flushQueue() {
+    const queue = this._queue;
+    this._queue = [];
+    for (const entry of queue) this._sendQueued(entry);
+  }
+
+  _failQueue(err) {
+    const queue = this._queue;
+    this._queue = [];
+    for (const entry of queue) entry.reject(err);
+  }
+
+  _failPending(err) {
+    const pending = [...this._pending.values()];
+    this._pending.clear();
+    for (const p of pending) {
+      clearTimeout(p.timer);
+      p.reject(err);
+    }
+  }
+
+  /**
+   * @param {WebSocket} ws
+   * @param {string} event
+   * @param {any} data
+   * @param {{timeoutMs?: number, onResult?: (result: any) => void, entry?: object}} opts
+   *   onResult runs synchronously when the ack frame is handled, before any
+   *   later frame, so seq bookkeeping sees the ack before the next message:new.
+   */
+  _request(ws, event, data, { timeoutMs, onResult, entry } = {}) {
+    const ack = ++this._ackId;
+    const limit = timeoutMs ?? this.ackTimeoutMs;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this._pending.delete(ack);
+        reject(new SwitchboardError("TIMEOUT", `no ack for ${event} within ${limit} ms`, { event }));
+      }, limit);
+      this._pending.set(ack, { event, resolve, reject, timer, onResult, entry });
+      try {
+        ws.send(JSON.stringify({ event, data, ack }));
+      } catch (err) {
+        clearTimeout(timer);
+        this._pending.delete(ack);
+        reject(new SwitchboardError("CONNECTION_LOST", String(err && err.message), { event }));
+      }
+    });
+  }
+
+  // ---------------------------------------------------------------- receiving
+
+  /** Open a socket and wait for system:welcome (or the refusal). */
+  async _open() {
+    const token = this.getToken ? await this.getToken() : this.token;
+    if (this.getToken) this.token = token;
+    const url = new URL(this.url);
+    if (token) url.searchParams.set("token", token);
+    const WS = this._WebSocket;
+    return new Promise((resolve, reject) => {
+      let ws;
+      try {
+        ws = new WS(url.toString());
+      } catch (err) {
+        reject(new SwitchboardError("CONNECT_FAILED", String(err && err.message)));
+        return;
+      }
+      let refusal = null;
+      let done = false;
+      const finish = (fn, value) => {
+        if (done) return;
+        done = true;
+        clearTimeout(timer);
+        if (this._abortOpen === abort) this._abortOpen = null;
+        fn(value);
+      };
+      // close() during the handshake ends it now rather than at the timeout.
+      const abort = () => {
+        try {
+          ws.close();
+        } catch {
+          /* not open yet */
+        }
+        finish(reject, new SwitchboardError("CLOSED", "closed while connecting"));
+      };
+      this._abortOpen = abort;
+      const timer = setTimeout(() => {
+        try {
+          ws.close();
+        } catch {
+          /* already closing */
+        }
+        finish(reject, new SwitchboardError("TIMEOUT", `no system:welcome within ${this.connectTimeoutMs} ms`));
+      }, this.connectTimeoutMs);
+      ws.onmessage = (ev) => {
+        const frame = parse(ev.data);
+        if (!frame) return;
+        if (frame.event === "system:welcome") {
+          ws.onmessage = ws.onclose = ws.onerror = null;
+          finish(resolve, { ws, welcome: frame.data || {} });
+        } else if (frame.event === "system:error") {
+          refusal = frame.data;
+        }
+      };
+      ws.onerror = () => {};
+      ws.onclose = (ev) => {
+        const err = refusal
+          ? SwitchboardError.from(refusal, null, ev.code)
+          : new SwitchboardError("CONNECT_FAILED", ev.reason || `connection closed (${ev.code})`, {
+              closeCode: ev.code,
+            });
+        finish(reject, err);
+      };
+    });
+  }
+
+  _attach(ws, welcome) {
+    this._ws = ws;
+    this.welcome = welcome;
+    ws.onmessage = (ev) => this._onRaw(ev.data);
+    ws.onerror = () => {};
+    ws.onclose = (ev) => this._lost(ws, ev.code, ev.reason);
+    const interval = this.livenessIntervalMs ?? welcome.heartbeatInterval;
+    clearInterval(this._liveness);
+    if (interval > 0) this._liveness = setInterval(() => this._checkAlive(ws), interval);
+  }
+
+  async _checkAlive(ws) {
+    if (ws !== this._ws) return;
+    const sent = Date.now();
+    try {
+      await this._request(ws, "system:ping", { t: sent }, { timeoutMs: this.livenessTimeoutMs });
+      this.latencyMs = Date.now() - sent;
+    } catch (err) {
+      if (err.code !== "TIMEOUT" || ws !== this._ws) return;
+      // A dead TCP connection can take minutes to report its close: drop it now.
+      ws.onmessage = ws.onclose = null;
+      try {
+        ws.close(CLIENT_TIMEOUT_CLOSE, "no answer");
+      } catch {
+        /* already closing */
+      }
+      this._lost(ws, CLIENT_TIMEOUT_CLOSE, "no answer to system:ping");
+    }
+  }
+
+  _onRaw(raw) {
+    const frame = parse(raw);
+    if (!frame) return;
+    if (typeof frame.event === "string") {
+      this._onEvent(frame.event, frame.data ?? {});
+    } else if (isInt(frame.ack)) {
+      const p = this._pending.get(frame.ack);
+      if (!p) return;
+      this._pending.delete(frame.ack);
+      clearTimeout(p.timer);
+      if (frame.ok === true) {
+        const result = frame.data ?? {};
+        if (p.onResult) p.onResult(result);
+        p.resolve(result);
+      } else {
+        p.reject(SwitchboardError.from(frame.error, p.event));
+      }
+    }
+  }
+
+  _onEvent(event, data) {
+    if (event === "message:new" && data && data.message) {
+      if (!this._note(data.message)) return; // already seen (recovery or history)
+    } else if (event === "room:deleted" && data && data.roomId != null) {
+      this._rooms.delete(String(data.roomId));
+    } else if (event === "auth:expiring") {
+      this._refreshOnExpiring(data);
+    } else if (event === "system:error") {
+      this._dispatch("error", SwitchboardError.from(data));
+    }
+    this._dispatch(event, data);
+  }
+
+  async _refreshOnExpiring(data) {
+    let token = null;
+    try {
+      if (this.onTokenExpiring) token = await this.onTokenExpiring({ expiresIn: data.expiresIn });
+      else if (this.getToken) token = await this.getToken();
+      if (token) await this.refreshToken(token);
+    } catch (err) {
+      this._dispatch("error", err instanceof SwitchboardError ? err : new SwitchboardError("REFRESH_FAILED", String(err)));
+    }
+  }
+
+  // ----------------------------------------------------- rooms and seq numbers
+
+  /** Record a message's (roomId, seq); false if it was seen before. */
+  _note(message) {
+    if (!message || message.roomId == null || !isInt(message.seq)) return true;
+    const room = String(message.roomId);
+    let seen = this._seen.get(room);
+    if (!seen) this._seen.set(room, (seen = new Set()));
+    if (seen.has(message.seq)) return false;
+    seen.add(message.seq);
+    if (seen.size > 2 * SEEN_KEEP) {
+      this._seen.set(room, new Set([...seen].sort((a, b) => a - b).slice(-SEEN_KEEP)));
+    }
+    if (message.seq > (this._lastSeq.get(room) ?? -1)) this._lastSeq.set(room, message.seq);
+    return true;
+  }
+
+  _trackAck(event, request, result) {
+    if (!result || typeof result !== "object") return;
+    if (request && request.roomId != null) {
+      const room = String(request.roomId);
+      if (event === "room:join") {
+        const { sinceSeq, ...payload } = request;
+        this._rooms.set(room, payload);
+        const hint = result.room && result.room.lastSeq;
+        // Messages before the join are history, not "missed" on a reconnect.
+        if (isInt(hint) && hint > (this._lastSeq.get(room) ?? -1)) this._lastSeq.set(room, hint);
+      } else if (event === "room:leave" || event === "room:delete") {
+        this._rooms.delete(room);
+      }
+    }
+    for (const field of ["missed", "messages"]) {
+      if (Array.isArray(result[field])) for (const m of result[field]) this._note(m);
+    }
+    if (result.message) this._note(result.message);
+  }
+
+  // ------------------------------------------------------------- reconnection
+
+  _lost(ws, code, reason) {
+    if (ws !== this._ws) return;
+    this._ws = null;
+    clearInterval(this._liveness);
+    this.closeCode = code;
+    this._failPending(new SwitchboardError("CONNECTION_LOST", `connection closed (${code})`, { closeCode: code }));
+    if (this._closing) return;
+    const fatal = FATAL_CLOSE_CODES.has(code);
+    const willReconnect = this.reconnect && !fatal;
+    this._dispatch("client:disconnected", { code, reason, willReconnect });
+    if (fatal) {
+      this._dispatch("error", new SwitchboardError("CONNECTION_CLOSED", reason || `closed with ${code}`, { closeCode: code }));
+    }
+    if (!willReconnect) {
+      this._giveUp(new SwitchboardError("OFFLINE", `connection closed (${code})`, { closeCode: code }));
+      return;
+    }
+    this._setState("reconnecting");
+    // Lost while a reconnect loop was re-joining: that loop notices and retries.
+    if (!this._looping) this._reconnectLoop();
+  }
+
+  _giveUp(err) {
+    this._closing = true;
+    this._failQueue(err);
+    if (globalThis.removeEventListener) globalThis.removeEventListener("online", this._onOnline);
+    this._setState("offline");
+  }
+
+  _backoff(attempt) {
+    const ceiling = Math.min(this.maxDelayMs, this.minDelayMs * 2 ** Math.min(attempt, 30));
+    return ceiling / 2 + Math.random() * (ceiling / 2);
+  }
+
+  _sleep(ms) {
+    return new Promise((resolve) => {
+      const wake = () => {
+        clearTimeout(this._reconnectTimer);
+        this._wakeReconnect = null;
+        resolve();
+      };
+      this._wakeReconnect = wake;
+      this._reconnectTimer = setTimeout(wake, ms);
+    });
+  }
+
+  async _reconnectLoop() {
+    this._looping = true;
+    try {
+      await this._reconnectAttempts();
+    } finally {
+      this._looping = false;
+    }
+  }
+
+  async _reconnectAttempts() {
+    let attempt = 0;
+    while (!this._closing) {
+      await this._sleep(this._backoff(attempt));
+      attempt += 1;
+      if (this._closing) return;
+      let opened;
+      try {
+        opened = await this._open();
+      } catch (err) {
+        if (err instanceof SwitchboardError && FATAL_CLOSE_CODES.has(err.closeCode)) {
+          this._dispatch("client:reconnect_failed", {
+            code: err.code, message: err.message, closeCode: err.closeCode, attempts: attempt,
+          });
+          this._dispatch("error", err);
+          this._giveUp(err);
+          return;
+        }
+        if (attempt >= this.maxAttempts) {
+          this._giveUp(new SwitchboardError("OFFLINE", "gave up reconnecting"));
+          return;
+        }
+        continue;
+      }
+      if (this._closing) {
+        opened.ws.close(1000);
+        return;
+      }
+      const { ws, welcome } = opened;
+      this._attach(ws, welcome);
+      let rooms;
+      try {
+        rooms = await this._rejoin(ws);
+      } catch {
+        if (this._ws !== ws) continue; // lost again while re-joining; _lost started no loop
+        rooms = {};
+      }
+      if (this._ws !== ws) continue;
+      this.reconnects += 1;
+      this._setState("connected");
+      this._flushQueue();
+      this._dispatch("client:reconnected", { attempts: attempt, welcome, rooms });
+      return;
+    }
+  }
+
+  async _rejoin(ws) {
+    const report = {};
+    for (const [room, payload] of [...this._rooms]) {
+      const since = this._lastSeq.get(room) ?? 0;
+      let result;
+      try {
+        result = await this._request(ws, "room:join", { ...payload, sinceSeq: since }, {
+          // Synchronously, before any later frame: live message:new frames
+          // that follow the ack are then deduplicated against `missed`.
+          onResult: (r) => {
+            if (r.recovered !== false) report[room] = { rejoined: true, recovered: true, missed: this._feed(r.missed || []) };
+          },
+        });
+      } catch (err) {
+        if (err.code === "CONNECTION_LOST" || err.code === "TIMEOUT") throw err;
+        this._rooms.delete(room);
+        const error = { code: err.code, message: err.message, details: err.details };
+        this._dispatch("client:rejoin_failed", { roomId: payload.roomId, error });
+        report[room] = { rejoined: false, error: err.code };
+        continue;
+      }
+      if (result.recovered === false) {
+        // More missed than the server replays: page back through history.
+        const found = await this._pageHistory(ws, payload.roomId, since);
+        report[room] = { rejoined: true, recovered: true, missed: this._feed(found) };
+      }
+    }
+    return report;
+  }
+
+  async _pageHistory(ws, roomId, since) {
+    const found = [];
+    let before = null;
+    while (found.length < MAX_RECOVERED) {
+      const request = { roomId, limit: HISTORY_PAGE };
+      if (before !== null) request.beforeSeq = before;
+      const page = await this._request(ws, "room:get_messages", request);
+      const messages = (page.messages || []).filter((m) => isInt(m.seq));
+      if (!messages.length) break;
+      found.push(...messages.filter((m) => m.seq > since));
+      const lowest = Math.min(...messages.map((m) => m.seq));
+      if (lowest <= since + 1 || !page.hasMore) break;
+      before = lowest;
+    }
+    return found;
+  }
+
+  /** Deliver recovered messages oldest first as message:new; returns how many. */
+  _feed(messages) {
+    let delivered = 0;
+    for (const message of [...messages].sort((a, b) => a.seq - b.seq)) {
+      if (!this._note(message)) continue;
+      this._dispatch("message:new", { message, recovered: true });
+      delivered += 1;
+    }
+    return delivered;
+  }
+}
+
+function parse(raw) {
+  if (typeof raw !== "string") return null;
+  try {
+    const frame = JSON.parse(raw);
+    return frame && typeof frame === "object" && !Array.isArray(frame) ? frame : null;
+  } catch {
+    return null;
+  }
+}
