@@ -24,9 +24,10 @@ from handlers.base import GatewayHandler, NodeState
 from models import moderation as mod_db
 from server import protocol
 from server.auth import Identity
+from server.cluster_state import RedisPresence
 from server.health import Health, rss_bytes
 from server.hub import Hub, Target
-from server.moderation import NAMESPACES, Moderation
+from server.moderation import AUDIT_ACTIONS, NAMESPACES, Moderation
 from server.stats import Stats
 
 log = logging.getLogger("switchboard.admin")
@@ -85,6 +86,10 @@ class Broadcast(s.EventSchema):
 class Page(s.EventSchema):
     limit = fields.Integer(load_default=50, validate=validate.Range(1, 500))
     offset = fields.Integer(load_default=0, validate=validate.Range(0, 1_000_000))
+
+
+class AuditQuery(Page):
+    action = fields.String(load_default=None, validate=validate.OneOf(AUDIT_ACTIONS))
 
 
 def local_room_users(hub: Hub, room_id: str) -> int:
@@ -227,6 +232,7 @@ class AdminHandler(GatewayHandler):
         "admin:online_users": Page,
         "admin:stats": s.Empty,
         "admin:rooms": Page,
+        "admin:audit": AuditQuery,
     }
 
     def initialize(  # type: ignore[override]
@@ -277,12 +283,18 @@ class AdminHandler(GatewayHandler):
     ) -> dict[str, Any]:
         return await self.moderation.broadcast(self.actor, message, type, namespaces)
 
+    async def on_admin_audit(self, limit: int, offset: int, action: str | None) -> dict[str, Any]:
+        return await self.moderation.audit_log(self.actor, limit, offset, action)
+
     # -- figures ----------------------------------------------------------------
 
     async def on_admin_online_users(self, limit: int, offset: int) -> dict[str, Any]:
-        user_ids = sorted(self.hub.online_users())
+        cluster = self.presence if isinstance(self.presence, RedisPresence) else None
+        # In a cluster: everyone online on any node, with connections per node.
+        user_ids = await cluster.online_users() if cluster else sorted(self.hub.online_users())
         page = user_ids[offset : offset + limit]
         statuses = await self.presence.statuses(page)
+        by_node = await cluster.connections_by_node(page) if cluster else {}
         users = []
         for user_id in page:
             conns = self.hub.user_connections(user_id)
@@ -297,6 +309,12 @@ class AdminHandler(GatewayHandler):
                 "status": statuses[user_id],
                 "connections": {"total": len(conns), "byNamespace": by_ns},
             })  # fmt: skip
+            if cluster:
+                # byNamespace stays this node's; the totals are the cluster's.
+                nodes = by_node.get(user_id, {})
+                users[-1]["connections"] = {
+                    "total": sum(nodes.values()), "byNamespace": by_ns, "byNode": nodes,
+                }  # fmt: skip
         return {"users": users, "total": len(user_ids), "node": self.state.node_id}
 
     async def on_admin_stats(self) -> dict[str, Any]:
@@ -304,12 +322,17 @@ class AdminHandler(GatewayHandler):
         by_ns = self.hub.count_by_namespace()
         messages = self.stats.messages
         node = self.feed.node_info(sum(by_ns.values()))
+        nodes, online = [node], len(self.hub.online_users())
+        if isinstance(self.presence, RedisPresence):
+            # The live nodes of the cluster (this one with fresh figures); users anywhere.
+            others = [n for n in await self.presence.nodes() if not n["self"]]
+            nodes, online = [node, *others], len(await self.presence.online_users())
         return {
             "node": self.state.node_id,
-            "nodes": [node],
+            "nodes": nodes,
             "uptimeSeconds": node["uptimeSeconds"],
             "connections": {"total": sum(by_ns.values()), "byNamespace": by_ns},
-            "users": {"online": len(self.hub.online_users()), "total": totals["users"]},
+            "users": {"online": online, "total": totals["users"]},
             "rooms": {"active": len(self.hub.active_rooms()), "total": totals["rooms"]},
             "messages": {
                 "total": totals["messages"],

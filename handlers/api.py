@@ -33,6 +33,7 @@ from server.db import Database
 from server.hub import Hub, Target
 from server.limits import RateLimiter
 from server.notify import NotificationService
+from server.security import SecurityMonitor
 
 log = logging.getLogger("switchboard.api")
 
@@ -153,6 +154,7 @@ class APIHandler(JSONHandler):
         rate_limiter: RateLimiter,
         state: NodeState,
         notifications: NotificationService,
+        security: SecurityMonitor,
         **_unused: Any,
     ) -> None:
         self.config = config
@@ -162,6 +164,7 @@ class APIHandler(JSONHandler):
         self.rate_limiter = rate_limiter
         self.state = state
         self.notifications = notifications
+        self.security = security
         self._identity: Identity | None = None
 
     @property
@@ -178,7 +181,11 @@ class APIHandler(JSONHandler):
             raise errors.ServiceUnavailable("Server is shutting down")
         header = self.request.headers.get("Authorization", "")
         token = header[7:].strip() if header[:7].lower() == "bearer " else None
-        self._identity = self.verifier.verify(token)
+        try:
+            self._identity = self.verifier.verify(token)
+        except (errors.Unauthorized, errors.TokenExpired) as exc:
+            self.security.auth_failed(token, exc.code)
+            raise
         self.require_roles(self.allowed_roles)
         declared = self.request.headers.get("Content-Length")
         size = int(declared) if declared and declared.isdigit() else len(self.request.body or b"")
@@ -188,6 +195,7 @@ class APIHandler(JSONHandler):
             )
         decision = await self.rate_limiter.hit(self.user_id, "other")
         if not decision.allowed:
+            self.security.rate_limited(self.user_id, "other")
             raise errors.RateLimited(details=decision.details())
 
     def require_roles(self, roles: frozenset[str] | None) -> None:

@@ -30,7 +30,7 @@ from collections.abc import Iterable
 from typing import Any, ClassVar
 
 from marshmallow import Schema, ValidationError
-from tornado.iostream import StreamClosedError
+from tornado.iostream import IOStream, StreamClosedError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from handlers.schemas import AuthRefresh, Ping
@@ -43,6 +43,7 @@ from server.hub import Hub, Target
 from server.limits import ConnectionLimiter, RateLimiter
 from server.metrics import Metrics
 from server.presence import Presence
+from server.security import SecurityMonitor
 from server.stats import Stats
 from server.tasks import BackgroundTasks
 
@@ -53,6 +54,28 @@ BAD_FRAME_LIMIT = 20
 BAD_FRAME_WINDOW_SECS = 10.0
 # auth:expiring goes out this long before exp (or at half the remaining time).
 AUTH_EXPIRY_WARNING_SECS = 60.0
+
+
+class ConnectionLog(logging.LoggerAdapter[logging.Logger]):
+    """The handler's logger: records carry ``connection_id`` and ``user_id``.
+
+    Pass the event, when there is one, as ``extra={"event": name}``; the JSON
+    log format (``SWITCHBOARD_LOG_FORMAT=json``) prints all three as fields.
+
+    Example::
+
+        self.log.info("joined %s", room_id, extra={"event": "room:join"})
+    """
+
+    def __init__(self, logger: logging.Logger, handler: GatewayHandler) -> None:
+        super().__init__(logger)
+        self.handler = handler
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        # Read at each call: the user id is known only once the token is checked.
+        context = {"connection_id": self.handler.conn_id, "user_id": self.handler.user_id}
+        kwargs["extra"] = {**context, **(kwargs.get("extra") or {})}
+        return msg, kwargs
 
 
 class NodeState:
@@ -94,6 +117,7 @@ class GatewayHandler(WebSocketHandler):
         tasks: BackgroundTasks,
         state: NodeState,
         stats: Stats,
+        security: SecurityMonitor,
     ) -> None:
         self.config = config
         self.hub = hub
@@ -106,8 +130,11 @@ class GatewayHandler(WebSocketHandler):
         self.tasks = tasks
         self.state = state
         self.stats = stats
+        self.security = security
         self.conn_id = uuid.uuid4().hex
         self.user_id = ""
+        self.log = ConnectionLog(log, self)
+        self.connected_at = time.monotonic()
         self.identity: Identity | None = None
         self.member_rooms: list[str] = []
         self.last_seen = time.monotonic()
@@ -161,16 +188,20 @@ class GatewayHandler(WebSocketHandler):
             await self._admit()
         except errors.GatewayError as exc:
             self.metrics.auth_failures.labels(exc.code.lower()).inc()
-            log.info(
+            self.log.info(
                 "refused %s connection from %s: %s (%s)",
                 self.namespace, self.client_ip, exc.code, exc.message,
             )  # fmt: skip
             self._close_reason = exc.code.lower()
+            if isinstance(exc, errors.Unauthorized | errors.TokenExpired):
+                # Counted per (unverified) sub: repeated failures raise an alert.
+                self.security.auth_failed(self._token(), exc.code)
             self.send_payload(protocol.system_error_payload(exc, None))
             self.close_with(exc.close_code or 4400, exc.message)
             await self._release_limit()
         except Exception:
-            log.exception("admitting %s connection from %s failed", self.namespace, self.client_ip)
+            self.log.exception("admitting %s connection from %s failed",
+                               self.namespace, self.client_ip)  # fmt: skip
             self.send_payload(protocol.system_error_payload(errors.InternalError(), None))
             self.close_with(1011, "internal error")
             await self._release_limit()
@@ -211,6 +242,7 @@ class GatewayHandler(WebSocketHandler):
         self._registered = True
         self.metrics.connections.labels(self.namespace).inc()
         self.metrics.connections_opened.labels(self.namespace).inc()
+        self.log.info("accepted %s connection from %s", self.namespace, self.client_ip)
         self._schedule_expiry(identity.expires_at)
         self.send_event(
             "system:welcome",
@@ -304,7 +336,9 @@ class GatewayHandler(WebSocketHandler):
                 self.user_id, self.rate_classes.get(event, "other")
             )
             if not decision.allowed:
-                self.metrics.rate_limited.labels(self.rate_classes.get(event, "other")).inc()
+                bucket = self.rate_classes.get(event, "other")
+                self.metrics.rate_limited.labels(bucket).inc()
+                self.security.rate_limited(self.user_id, bucket)
                 raise errors.RateLimited(details=decision.details())
             try:
                 kwargs = schema().load(envelope.data)
@@ -319,7 +353,8 @@ class GatewayHandler(WebSocketHandler):
         except (WebSocketClosedError, StreamClosedError):
             pass
         except Exception:
-            log.exception("%s %s failed for user %s", self.namespace, event, self.user_id)
+            self.log.exception("%s %s failed for user %s", self.namespace, event, self.user_id,
+                               extra={"event": event})  # fmt: skip
             self._answer_error(errors.InternalError(), envelope.ack, event)
         finally:
             elapsed = time.perf_counter() - started
@@ -344,7 +379,8 @@ class GatewayHandler(WebSocketHandler):
             self._bad_window_start, self._bad_frames = now, 0
         self._bad_frames += 1
         if self._bad_frames >= BAD_FRAME_LIMIT:
-            log.warning("closing %s for user %s: repeated bad frames", self.conn_id, self.user_id)
+            self.log.warning("closing %s for user %s: repeated bad frames",
+                             self.conn_id, self.user_id, extra={"event": event})  # fmt: skip
             self._close_reason = "protocol_abuse"
             self.close_with(4400, "too many bad frames")
 
@@ -366,11 +402,25 @@ class GatewayHandler(WebSocketHandler):
         if stream is None or stream.closed():
             return False
         # The write buffer is what the peer has not read yet: bounded per connection.
-        if len(stream._write_buffer) + len(frame) > self.config.max_outbound_bytes:
+        buffered = len(stream._write_buffer)
+        if buffered + len(frame) > self.config.max_outbound_bytes:
             self._slow_consumer()
             return False
         try:
-            stream.write(frame)
+            if not buffered and type(stream) is IOStream:
+                # Nothing queued: send() now. stream.write() would make the same
+                # send() but also create, queue and resolve a Future for every
+                # recipient of every broadcast (~45% of the broadcast loop's CPU, see
+                # bench/README.md). What the socket does not take (or a send
+                # error) goes through write() as before. TLS streams skip this.
+                try:
+                    sent = stream.socket.send(frame)
+                except OSError:
+                    sent = 0
+                if sent < len(frame):
+                    stream.write(frame[sent:])
+            else:
+                stream.write(frame)
         except StreamClosedError:
             return False
         # Counted here so broadcasts (written by the hub) count as well as direct sends.
@@ -385,13 +435,23 @@ class GatewayHandler(WebSocketHandler):
         return self.send_payload(protocol.event_payload(event, data))
 
     def _slow_consumer(self) -> None:
-        log.warning(
+        self.log.warning(
             "closing %s (user %s): slow consumer, outbound buffer over %d bytes",
             self.conn_id, self.user_id, self.config.max_outbound_bytes,
         )  # fmt: skip
         self.metrics.slow_consumers.inc()
         self._close_reason = "slow_consumer"
         self.close_with(4408, "slow consumer")
+
+    def close_as(self, cause: str, code: int, reason: str) -> None:
+        """Close like :meth:`close_with`, counted under ``cause`` in ``connections_closed``.
+
+        For closes decided elsewhere (moderation: ``"kicked"``, ``"banned"``);
+        a connection already closing keeps its first reason.
+        """
+        if not self._closing:
+            self._close_reason = cause
+        self.close_with(code, reason)
 
     def close_with(self, code: int, reason: str) -> None:
         if self._closing:
@@ -438,7 +498,7 @@ class GatewayHandler(WebSocketHandler):
                 "user.rooms", chat_db.member_room_ids, self.user_id
             )
         except Exception:
-            log.warning("could not re-read the rooms of %s; using the list from connect",
+            self.log.warning("could not re-read the rooms of %s; using the list from connect",
                         self.user_id, exc_info=True)  # fmt: skip
 
     def announce_status(self, status: str) -> None:
@@ -460,6 +520,11 @@ class GatewayHandler(WebSocketHandler):
         if not self._registered:
             return
         rooms = self.hub.remove(self)
+        self.log.info(
+            "closed %s connection from %s: %s (code %s) after %.1f s",
+            self.namespace, self.client_ip, self._close_reason, self.close_code,
+            time.monotonic() - self.connected_at,
+        )  # fmt: skip
         self.metrics.connections.labels(self.namespace).dec()
         self.metrics.connections_closed.labels(self.namespace, self._close_reason).inc()
         self.tasks.spawn(self._cleanup(rooms), f"cleanup-{self.conn_id}")

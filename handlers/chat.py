@@ -176,6 +176,8 @@ class ChatHandler(GatewayHandler):
             # nothing sent meanwhile falls between the query and the stream.
             self.hub.join(self, room_id, buffer=True)
         try:
+            # In a cluster, hear other nodes' traffic before reading history.
+            await self.hub.wait_subscribed("room", room_id)
             result = await self.db.run(
                 "room.join", chat_db.join_room, room_id, self.user_id, since_seq
             )
@@ -200,6 +202,8 @@ class ChatHandler(GatewayHandler):
             self.stats.rooms.users(room_id, len(users_here))
             joined = {"roomId": room_id, "user": self.user_info}
             self.publish(Target.room(room_id), "room:user_joined", joined)
+            # Cluster: the record a dead node's room:user_left is announced from.
+            await self.presence.joined(self.user_info, room_id)
         self._room_seen(room_id)
         return result
 
@@ -223,14 +227,18 @@ class ChatHandler(GatewayHandler):
         self.typing.stop(room_id, self.user_info)
         if room_id in self.member_rooms:
             self.member_rooms.remove(room_id)
-        self._announce_left(room_id)
+        if self._announce_left(room_id):
+            await self.presence.left(self.user_id, room_id)
         return {"roomId": room_id}
 
-    def _announce_left(self, room_id: str) -> None:
-        if not self.hub.user_in_room(self.user_id, room_id, besides=self):
-            self.hub.publish(
-                Target.room(room_id), "room:user_left", {"roomId": room_id, "user": self.user_info}
-            )
+    def _announce_left(self, room_id: str) -> bool:
+        """Announce the leave unless another of the user's connections here stays in the room."""
+        if self.hub.user_in_room(self.user_id, room_id, besides=self):
+            return False
+        self.hub.publish(
+            Target.room(room_id), "room:user_left", {"roomId": room_id, "user": self.user_info}
+        )
+        return True
 
     async def on_room_members(self, room_id: str) -> dict[str, Any]:
         members = await self.db.run("room.members", chat_db.members_of, room_id, self.user_id)
@@ -373,3 +381,4 @@ class ChatHandler(GatewayHandler):
                     Target.room(room_id), "room:user_left",
                     {"roomId": room_id, "user": self.user_info, "reason": "disconnect"},
                 )  # fmt: skip
+                await self.presence.left(self.user_id, room_id)

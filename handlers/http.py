@@ -1,4 +1,4 @@
-"""Plain HTTP handlers: health, readiness, metrics.
+"""Plain HTTP handlers: health, readiness, metrics, WebSocket statistics.
 
 JSON errors everywhere use the socket protocol's codes:
 ``{"error": {"code", "message", "details"}}`` with the matching status.
@@ -6,18 +6,33 @@ JSON errors everywhere use the socket protocol's codes:
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import heapq
+import logging
+import time
+from typing import Any, ClassVar
 
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from prometheus_client.openmetrics.exposition import (
     CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE,
 )
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from tornado.web import RequestHandler
 
-from server import errors
-from server.health import Health
+from handlers.base import NodeState
+from server import errors, protocol
+from server.auth import TokenVerifier
+from server.config import Config
+from server.health import Health, rss_bytes
+from server.hub import Hub
+from server.metrics import Metrics
+from server.stats import Stats
+
+log = logging.getLogger("switchboard.http")
+
+# /websocket/stats lists this many rooms, by local subscriptions.
+STATS_TOP_ROOMS = 10
 
 
 class JSONHandler(RequestHandler):
@@ -41,8 +56,20 @@ class JSONHandler(RequestHandler):
             exc = errors.GatewayError(message)
             body = {"error": {"code": code, "message": message, "details": {}}}
         else:
+            self.set_status(exc.status)
+            if exc.status == 401:
+                self.set_header("WWW-Authenticate", 'Bearer realm="switchboard"')
             body = {"error": exc.to_dict()}
         self.finish(orjson.dumps(body))
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, errors.GatewayError):
+            # A client error, not a server fault: one line, no traceback.
+            log.info(
+                "%s %s -> %s %s", self.request.method, self.request.path, value.code, value.message
+            )
+            return
+        super().log_exception(typ, value, tb)
 
     def send_error_for(self, exc: errors.GatewayError) -> None:
         self.set_status(exc.status)
@@ -95,3 +122,121 @@ class MetricsHandler(RequestHandler):
         else:
             self.set_header("Content-Type", CONTENT_TYPE_LATEST)
             self.finish(generate_latest(self.registry))
+
+
+class WebSocketStatsHandler(JSONHandler):
+    """``GET /websocket/stats``: this node's detailed figures, for admins.
+
+    Needs ``Authorization: Bearer <jwt>`` with a role in :attr:`allowed_roles`
+    (401 without a valid token, 403 without the role). Figures are this
+    node's own, read from the hub, the sliding-window stats and the metric
+    counters; the configuration comes from :meth:`Config.public_view`, so
+    secrets are masked.
+    """
+
+    #: Roles of which the caller needs one.
+    allowed_roles: ClassVar[frozenset[str]] = frozenset({"admin"})
+
+    def initialize(
+        self,
+        config: Config,
+        hub: Hub,
+        verifier: TokenVerifier,
+        metrics: Metrics,
+        stats: Stats,
+        state: NodeState,
+        health: Health,
+        **_unused: Any,
+    ) -> None:
+        self.config = config
+        self.hub = hub
+        self.verifier = verifier
+        self.metrics = metrics
+        self.stats = stats
+        self.state = state
+        self.health = health
+
+    def prepare(self) -> None:
+        header = self.request.headers.get("Authorization", "")
+        token = header[7:].strip() if header[:7].lower() == "bearer " else None
+        identity = self.verifier.verify(token)
+        if not identity.has_any(self.allowed_roles):
+            roles = ", ".join(sorted(self.allowed_roles))
+            raise errors.Forbidden(f"Needs one of the roles {roles}")
+
+    async def get(self) -> None:
+        now = time.time()
+        by_ns = self.hub.count_by_namespace()
+        rooms = self.hub.active_rooms()
+        top = heapq.nlargest(STATS_TOP_ROOMS, rooms.items(), key=lambda item: (item[1], item[0]))
+        messages, events = self.stats.messages, self.stats.events
+        p50, p95, p99 = self.stats.latency.percentiles(50, 95, 99)
+        memory = await asyncio.get_running_loop().run_in_executor(None, rss_bytes)
+        m = self.metrics
+        self.write_json(
+            {
+                "node": self.state.node_id,
+                "uptimeSeconds": round(now - self.state.started_at, 3),
+                "shuttingDown": self.state.shutting_down,
+                "connections": {
+                    "total": sum(by_ns.values()),
+                    "byNamespace": by_ns,
+                    "uniqueUsers": len(self.hub.online_users()),
+                    "opened": _by_label(m.connections_opened, "namespace"),
+                    "closedByReason": _by_label(m.connections_closed, "reason"),
+                    "authFailuresByReason": _by_label(m.auth_failures, "reason"),
+                },
+                "rooms": {
+                    "active": len(rooms),
+                    "subscriptions": sum(rooms.values()),
+                    "top": [
+                        {
+                            "roomId": room_id,
+                            "subscriptions": count,
+                            "messagesPerMinute": self.stats.rooms.per_minute(room_id, now),
+                        }
+                        for room_id, count in top
+                    ],
+                },
+                "messages": {
+                    "total": messages.total,
+                    "perSecond": messages.per_second(now),
+                    "perMinute": messages.count(59, now),
+                },
+                "events": {
+                    "total": events.total,
+                    "perSecond": events.per_second(now),
+                    "p50Ms": round(p50 * 1000, 3),
+                    "p95Ms": round(p95 * 1000, 3),
+                    "p99Ms": round(p99 * 1000, 3),
+                    "errorRate": round(self.stats.error_ratio(), 4),
+                },
+                "rateLimitViolations": _by_label(m.rate_limited, "bucket"),
+                "slowConsumers": int(_total(m.slow_consumers)),
+                "errorsByCode": _by_label(m.errors, "code"),
+                "eventLoopLagMs": round(self.health.loop_monitor.lag_secs * 1000, 2),
+                "memoryBytes": memory,
+                "config": self.config.public_view(),
+                "timestamp": protocol.iso(protocol.now()),
+            }
+        )
+
+
+def _by_label(counter: Counter, label: str) -> dict[str, int]:
+    """A labelled counter's current values by one label (summed over the others)."""
+    out: dict[str, int] = {}
+    for family in counter.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                key = sample.labels[label]
+                out[key] = out.get(key, 0) + int(sample.value)
+    return out
+
+
+def _total(counter: Counter) -> float:
+    return sum(
+        sample.value
+        for family in counter.collect()
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    )

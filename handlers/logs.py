@@ -52,6 +52,7 @@ from server.logstream import (
     LogStream,
     normalize_level,
 )
+from server.security import SecurityMonitor
 
 #: Roles that may read logs (socket and HTTP).
 READER_ROLES = frozenset({"admin", "logs"})
@@ -202,7 +203,9 @@ class LogsHandler(GatewayHandler):
         #: Highest ``backlog_bytes`` seen (for tests and diagnostics).
         self.backlog_peak = 0
         self.backlog_bytes = 0
-        self._backlog: deque[bytes] = deque()
+        # Frames waiting for the socket, each with the entries it carries
+        # (1 for a log:* frame, 0 for log:dropped) for the streamed/dropped metrics.
+        self._backlog: deque[tuple[bytes, int]] = deque()
         #: Entries lost since the last ``log:dropped`` was queued.
         self.dropped = 0
         self._dropping = False
@@ -235,6 +238,10 @@ class LogsHandler(GatewayHandler):
 
     async def on_disconnected(self, rooms: set[str]) -> None:
         self.logstream.unsubscribe(self.conn_id)
+        # Entries still queued never reach this subscriber.
+        lost = sum(entries for _, entries in self._backlog)
+        if lost:
+            self.metrics.log_entries_dropped.inc(lost)
         self._backlog.clear()
         self.backlog_bytes = 0
         if self._pump is not None:
@@ -248,23 +255,25 @@ class LogsHandler(GatewayHandler):
         if self._dropping:
             if self.backlog_bytes > self.backlog_cap // 2:
                 self.dropped += 1
+                self.metrics.log_entries_dropped.inc()
                 return
             self._flush_dropped()
         if self.backlog_bytes + len(frame) > self.backlog_cap:
             self._dropping = True
             self.dropped += 1
+            self.metrics.log_entries_dropped.inc()
             return
-        self._enqueue(frame)
+        self._enqueue(frame, 1)
 
     def _flush_dropped(self) -> None:
         """Caught up: queue ``log:dropped`` where the gap is."""
         self._dropping = False
         if self.dropped:
-            self._enqueue(protocol.event_frame("log:dropped", {"count": self.dropped}))
+            self._enqueue(protocol.event_frame("log:dropped", {"count": self.dropped}), 0)
             self.dropped = 0
 
-    def _enqueue(self, frame: bytes) -> None:
-        self._backlog.append(frame)
+    def _enqueue(self, frame: bytes, entries: int) -> None:
+        self._backlog.append((frame, entries))
         self.backlog_bytes += len(frame)
         self.backlog_peak = max(self.backlog_peak, self.backlog_bytes)
         if self._pump is None:
@@ -280,11 +289,13 @@ class LogsHandler(GatewayHandler):
                     self._flush_dropped()
                 if not self._backlog:
                     return
-                frame = self._backlog.popleft()
+                frame, entries = self._backlog.popleft()
                 self.backlog_bytes -= len(frame)
                 written = self._write_now(frame)
                 if written is None:
+                    self.metrics.log_entries_dropped.inc(entries)
                     return
+                self.metrics.log_entries_streamed.inc(entries)
                 await written
         except (StreamClosedError, WebSocketClosedError):
             pass  # the connection went away; on_disconnected clears the rest
@@ -308,16 +319,23 @@ class LogsHandler(GatewayHandler):
 
 
 class _LogsHTTPHandler(JSONHandler):
-    def initialize(self, logstream: LogStream, verifier: TokenVerifier, node_id: str) -> None:
+    def initialize(
+        self, logstream: LogStream, verifier: TokenVerifier, node_id: str, security: SecurityMonitor
+    ) -> None:
         self.logstream = logstream
         self.verifier = verifier
         self.node_id = node_id
+        self.security = security
 
     def authorize(self, roles: frozenset[str]) -> Identity:
         """The caller's identity from ``Authorization: Bearer``, if it has one of ``roles``."""
         header = self.request.headers.get("Authorization", "")
         token = header[7:].strip() if header[:7].lower() == "bearer " else None
-        identity = self.verifier.verify(token)
+        try:
+            identity = self.verifier.verify(token)
+        except (errors.Unauthorized, errors.TokenExpired) as exc:
+            self.security.auth_failed(token, exc.code)
+            raise
         if not identity.has_any(roles):
             raise errors.Forbidden(f"Needs one of the roles {', '.join(sorted(roles))}")
         return identity
@@ -437,6 +455,7 @@ def logs_routes(ws_deps: dict[str, Any], logstream: LogStream) -> list[Any]:
         "logstream": logstream,
         "verifier": ws_deps["verifier"],
         "node_id": ws_deps["config"].node_id,
+        "security": ws_deps["security"],
     }
     return [
         (r"/ws/logs", LogsHandler, {**ws_deps, "logstream": logstream}),

@@ -39,11 +39,31 @@ def audit_dict(row: AuditLog) -> dict[str, Any]:
     }
 
 
-def recent_audit(limit: int = 50, action: str | None = None) -> list[dict[str, Any]]:
+def recent_audit(
+    limit: int = 50, action: str | None = None, offset: int = 0
+) -> list[dict[str, Any]]:
+    """Audit rows, newest first, optionally of one ``action``."""
     query = AuditLog.select()
     if action is not None:
         query = query.where(AuditLog.action == action)
-    return [audit_dict(r) for r in query.order_by(AuditLog.id.desc()).limit(limit)]
+    rows = query.order_by(AuditLog.id.desc()).limit(limit).offset(offset)
+    return [audit_dict(r) for r in rows]
+
+
+def audit_page(limit: int, offset: int, action: str | None = None) -> dict[str, Any]:
+    """``{entries, total}`` for ``admin:audit``: a page of :func:`recent_audit` and the count."""
+    query = AuditLog.select()
+    if action is not None:
+        query = query.where(AuditLog.action == action)
+    return {"entries": recent_audit(limit, action, offset), "total": query.count()}
+
+
+def user_roles(user_id: str) -> frozenset[str] | None:
+    """The roles of the user's last token as stored at connect; None for an unknown user."""
+    user = User.get_or_none(User.id == user_id)
+    if user is None:
+        return None
+    return frozenset(r for r in (user.roles or "").split(",") if r)
 
 
 def ban_dict(ban: Ban) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import socket
 import time
 from typing import Any
 
+import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
@@ -36,15 +37,18 @@ from handlers.http import (
     MetricsHandler,
     ReadinessHandler,
     WebSocketHealthHandler,
+    WebSocketStatsHandler,
 )
 from handlers.logs import logs_routes
 from handlers.notifications import NotificationsHandler
 from handlers.web import web_routes
 from server import __version__
 from server.auth import TokenVerifier
+from server.cluster import RedisHub, relay_disconnects
+from server.cluster_state import ClusterState
 from server.config import Config
 from server.db import Database
-from server.health import Health, LoopMonitor, RedisPing
+from server.health import Health, LoopMonitor
 from server.hub import Hub
 from server.limits import ConnectionLimiter, RateLimiter
 from server.logstream import LogStream
@@ -52,6 +56,7 @@ from server.metrics import Metrics
 from server.moderation import Moderation
 from server.notify import NotificationService
 from server.presence import Presence
+from server.security import SecurityMonitor
 from server.stats import Stats
 from server.tasks import BackgroundTasks
 
@@ -84,6 +89,7 @@ def make_app(
         (r"/health/ready", ReadinessHandler, {"health": health}),
         (r"/health/websocket", WebSocketHealthHandler, {"health": health}),
         (r"/metrics", MetricsHandler, {"registry": registry}),
+        (r"/websocket/stats", WebSocketStatsHandler, {**ws_deps, "health": health}),
     ]
     # The web app last: its static pattern is narrow, but it is rooted at "/".
     routes += web_routes(config)
@@ -117,25 +123,50 @@ class Node:
         self.state = NodeState(config.node_id)
         self.stats = Stats()
         self.tasks = BackgroundTasks()
-        self.hub = hub_class(config.node_id, on_delivered=self.metrics.deliveries.inc)
+        # One Redis client for the cluster components; None on a single node.
+        self.redis = aioredis.Redis.from_url(config.redis_url) if config.redis_url else None
+        self.hub: Hub
+        if self.redis is not None:
+            self.hub = RedisHub(
+                config.node_id, self.redis, prefix=config.redis_prefix, metrics=self.metrics,
+                on_delivered=self.metrics.deliveries.inc,
+            )  # fmt: skip
+        else:
+            self.hub = hub_class(config.node_id, on_delivered=self.metrics.deliveries.inc)
         self.db = Database(
             config.database_url, workers=config.db_workers, observe=self._observe_db
         )
-        self.presence = Presence()
+        self.presence: Presence = Presence()
+        self.rate_limiter: RateLimiter = RateLimiter(config.rate_limits)
+        self.connection_limiter: ConnectionLimiter = ConnectionLimiter(
+            config.max_connections_per_user, config.max_connections_per_ip
+        )
+        # With Redis: cluster-wide presence and limits, node registry and reaper.
+        self.cluster_state: ClusterState | None = None
+        if self.redis is not None:
+            self.cluster_state = ClusterState(self.redis, config, self.hub, self.db)
+            self.presence = self.cluster_state.presence
+            self.rate_limiter = self.cluster_state.rate_limiter
+            self.connection_limiter = self.cluster_state.connection_limiter
         self.loop_monitor = LoopMonitor(on_lag=self.metrics.event_loop_lag.set)
-        self.redis_ping = RedisPing(config.redis_url) if config.redis_url else None
+        # Redis health is the mirror's own state (subscribed and hearing itself).
+        redis_check = self.hub.check if isinstance(self.hub, RedisHub) else None
         self.health = Health(
-            self.db, self.hub, self.stats, self.loop_monitor, redis_check=self.redis_ping
+            self.db, self.hub, self.stats, self.loop_monitor, redis_check=redis_check
         )
         self.typing = TypingTracker(self.hub)
         self.logstream = LogStream(config.node_id, config.log_buffer_size)
         # Notifications (server/notify.py) plug in as ``self.moderation.notifier``.
         self.moderation = Moderation(self.hub, self.db, self.stats, self.tasks)
         self.notifications = NotificationService(
-            self.db, self.hub, config.max_notifications_per_user
+            self.db, self.hub, config.max_notifications_per_user, metrics=self.metrics
         )
         self.moderation.notifier = self.notifications
+        if isinstance(self.hub, RedisHub):
+            relay_disconnects(self.hub, self.moderation)  # kick/ban reach every node
         notify_deps: dict[str, Any] = {"notifications": self.notifications}
+        # Security alerts (auth failures, rate-limit abuse) for sockets and REST alike.
+        self.security = SecurityMonitor(self.notifications, self.db, self.tasks, self.metrics)
         self.admin_feed = AdminFeed(
             self.hub, self.stats, self.health, self.state, config.metrics_interval
         )
@@ -144,15 +175,14 @@ class Node:
             "hub": self.hub,
             "db": self.db,
             "verifier": TokenVerifier(config),
-            "rate_limiter": RateLimiter(config.rate_limits),
-            "connection_limiter": ConnectionLimiter(
-                config.max_connections_per_user, config.max_connections_per_ip
-            ),
+            "rate_limiter": self.rate_limiter,
+            "connection_limiter": self.connection_limiter,
             "presence": self.presence,
             "metrics": self.metrics,
             "tasks": self.tasks,
             "state": self.state,
             "stats": self.stats,
+            "security": self.security,
         }
         chat_deps = {"typing": self.typing, "health": self.health, **notify_deps}
         admin_deps = {"moderation": self.moderation, "feed": self.admin_feed}
@@ -177,6 +207,10 @@ class Node:
         # First, so that start-up records reach /ws/logs and the ring buffer too.
         self.logstream.install(asyncio.get_running_loop())
         await self.db.start()
+        if self.cluster_state is not None:
+            await self.cluster_state.start()
+        if isinstance(self.hub, RedisHub):
+            await self.hub.start()  # waits briefly for Redis; starts degraded without it
         self.sockets = bind_sockets(self.config.port, self.config.host, backlog=2048)
         self.port = self.sockets[0].getsockname()[1]
         self.server = HTTPServer(self.app, xheaders=False)
@@ -228,11 +262,15 @@ class Node:
             await asyncio.sleep(0.05)
         await self.tasks.drain(max(0.1, deadline - time.monotonic()))
         await self.loop_monitor.stop()
-        if self.redis_ping is not None:
-            await self.redis_ping.close()
+        if isinstance(self.hub, RedisHub):
+            await self.hub.stop()
         await self.admin_feed.stop()
+        if self.cluster_state is not None:
+            await self.cluster_state.stop()
         await self.db.close()
         if self.server is not None:
             await self.server.close_all_connections()
+        if self.redis is not None:
+            await self.redis.aclose()
         log.info("node %s stopped", self.config.node_id)
         self.logstream.uninstall()

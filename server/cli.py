@@ -31,8 +31,18 @@ log = logging.getLogger("switchboard")
 DEV_TOKEN_TTL_SECS = 12 * 3600
 
 
+#: Record attributes (``extra=``) a JSON log line carries when a record has them.
+CONTEXT_FIELDS = ("connection_id", "user_id", "event")
+
+
 class JSONFormatter(logging.Formatter):
-    """One JSON object per line, with the node and any connection context."""
+    """One JSON object per line, with the node and any connection context.
+
+    Every line has ``timestamp`` (UTC, ms), ``level``, ``logger``, ``message``
+    and ``node``; the :data:`CONTEXT_FIELDS` follow when the record carries
+    them (the WebSocket handlers log through an adapter that adds them), and
+    ``stack`` when it has an exception.
+    """
 
     def __init__(self, node_id: str) -> None:
         super().__init__()
@@ -40,15 +50,17 @@ class JSONFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "timestamp": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{record.msecs:03.0f}Z",
+            # UTC whatever the host's zone: the "Z" says so.
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
             "node": self.node_id,
         }
-        for key in ("conn_id", "user_id", "event"):
+        for key in CONTEXT_FIELDS:
             value = getattr(record, key, None)
-            if value is not None:
+            if value:
                 entry[key] = value
         if record.exc_info:
             entry["stack"] = self.formatException(record.exc_info)

@@ -179,6 +179,8 @@ class Config:
             values["allowed_origins"] = _split(values["allowed_origins"])
         if isinstance(values.get("jwt_algorithms"), str):
             values["jwt_algorithms"] = _split(values["jwt_algorithms"])
+        if isinstance(values.get("trusted_proxies"), str):
+            values["trusted_proxies"] = _parse_networks(values["trusted_proxies"])
         key_path = values.get("jwt_public_key")
         if key_path and not str(key_path).lstrip().startswith("-----BEGIN"):
             try:

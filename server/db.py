@@ -155,7 +155,11 @@ class Database:
     async def ping(self) -> bool:
         """Really ask the database (``SELECT 1``); False when it does not answer."""
         try:
-            await asyncio.wait_for(self.run_bare("ping", self._ping), 2.0)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that
+            # lands as the ping completes, and the cancelled caller (a periodic
+            # health task being stopped) would carry on and never finish.
+            async with asyncio.timeout(2.0):
+                await self.run_bare("ping", self._ping)
             return True
         except Exception as exc:
             log.warning("database ping failed: %s", exc)

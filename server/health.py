@@ -133,10 +133,16 @@ class Health:
         self.room_count = room_count or (lambda: len(hub.active_rooms()))
 
     async def ready(self) -> tuple[bool, dict[str, Any]]:
-        """Really ping the database and Redis; not ready when either fails."""
+        """Really ping the database and Redis.
+
+        Not ready (503) without the database: nothing acknowledged could be
+        stored. Without Redis the node still serves its own clients, so it
+        stays in service and reports ``degraded`` with the reason (200).
+        """
         db_ok = await self.db.ping()
         checks: dict[str, Any] = {"database": "up" if db_ok else "down"}
         reasons = [] if db_ok else ["database unreachable"]
+        redis_ok = True
         if self.redis_check is not None:
             redis_ok, why = await self.redis_check()
             checks["redis"] = "up" if redis_ok else "down"
@@ -144,8 +150,8 @@ class Health:
                 reasons.append(f"redis: {why or 'unreachable'}")
         else:
             checks["redis"] = "disabled"
-        ok = not reasons
-        return ok, {"status": "ready" if ok else "not_ready", "checks": checks, "reasons": reasons}
+        status = "not_ready" if not db_ok else "degraded" if not redis_ok else "ready"
+        return db_ok, {"status": status, "checks": checks, "reasons": reasons}
 
     async def __call__(self) -> dict[str, Any]:
         """The ``/health/websocket`` document."""

@@ -148,6 +148,13 @@ class Hub:
         if buffer:
             self._pending.setdefault(room, {})[conn] = []
 
+    async def wait_subscribed(self, kind: str, key: str) -> bool:
+        """Wait until other nodes' traffic for a channel reaches this node.
+
+        Hook for the cluster mirror; a single node hears everything at once.
+        """
+        return True
+
     def finish_join(self, conn: Connection, room: str, after_seq: int | None) -> int:
         """Release frames buffered since :meth:`join`, skipping ``seq <= after_seq``."""
         pending = self._pending.get(room)

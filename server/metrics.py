@@ -16,8 +16,10 @@ Families fed by other components (attribute → metric):
 - ``notifications_created`` → ``switchboard_notifications_created_total{category}``
 - ``log_entries_streamed`` → ``switchboard_log_entries_streamed_total``
 - ``log_entries_dropped`` → ``switchboard_log_entries_dropped_total``
+- ``security_alerts``, ``security_alerts_suppressed`` →
+  ``switchboard_security_alerts_total{kind}``, ``…_suppressed_total{kind}``
 - ``redis_up``, ``redis_published``, ``redis_received``, ``redis_reconnects``,
-  ``redis_pubsub_lag`` → the ``switchboard_redis_*`` families (cluster mirror)
+  ``redis_dropped``, ``redis_pubsub_lag`` → the ``switchboard_redis_*`` families (cluster mirror)
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ NOTIFICATION_CATEGORIES = (
     "chat", "mention", "moderation", "security", "system", "event", "user",
     "resource", "reservation", "limit", "error",
 )  # fmt: skip
+
+#: What server/security.py alerts on, a bounded label.
+SECURITY_ALERT_KINDS = ("auth_failures", "rate_limit_abuse")
 
 # Publish-to-deliver spans the database commit as well, so it reaches further.
 _DELIVERY_BUCKETS_SECS = (
@@ -160,12 +165,25 @@ class Metrics:
             "Log entries not delivered to a live subscriber (buffer full or too slow)",
             registry=registry,
         )  # fmt: skip
+        self.security_alerts = Counter(
+            f"{p}_security_alerts_total",
+            "Security alerts raised (server/security.py), by kind",
+            ["kind"], registry=registry,
+        )  # fmt: skip
+        self.security_alerts_suppressed = Counter(
+            f"{p}_security_alerts_suppressed_total",
+            "Security alerts only logged because the node-wide alert budget was spent",
+            ["kind"], registry=registry,
+        )  # fmt: skip
         # Known label values start at zero so rate() sees their first increase
         # and dashboards show 0 rather than "no data".
         for category in NOTIFICATION_CATEGORIES:
             self.notifications_created.labels(category)
         for bucket in RATE_LIMIT_CLASSES:
             self.rate_limited.labels(bucket)
+        for kind in SECURITY_ALERT_KINDS:
+            self.security_alerts.labels(kind)
+            self.security_alerts_suppressed.labels(kind)
         # The Redis mirror (cluster) feeds these; a single node leaves them at zero.
         self.redis_up = Gauge(
             f"{p}_redis_up", "1 while the Redis mirror is connected", registry=registry
@@ -180,6 +198,11 @@ class Metrics:
         )  # fmt: skip
         self.redis_reconnects = Counter(
             f"{p}_redis_reconnects_total", "Reconnections of the Redis mirror", registry=registry
+        )
+        self.redis_dropped = Counter(
+            f"{p}_redis_dropped_total",
+            "Publishes for other nodes dropped (Redis down or the publish queue full)",
+            registry=registry,
         )
         self.redis_pubsub_lag = Histogram(
             f"{p}_redis_pubsub_lag_seconds", "From publish on one node to receipt on another",

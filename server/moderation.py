@@ -7,7 +7,8 @@ hub, logs one line, and (when a :class:`~server.notify.Notifier` is set)
 leaves them a notification.
 
 Who may do what (SPEC §3): moderators and admins kick, mute and delete
-messages; only admins ban, unban and delete rooms.
+messages; only admins ban, unban and delete rooms. A moderator may not kick
+or mute an admin (FORBIDDEN); an admin may.
 
 Example::
 
@@ -18,7 +19,7 @@ Example::
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from models import chat as chat_db
@@ -36,7 +37,9 @@ log = logging.getLogger("switchboard.moderation")
 STAFF_ROLES = frozenset({"admin", "moderator"})
 ADMIN_ROLES = frozenset({"admin"})
 #: Actions only admins may take; the rest are open to moderators too.
-ADMIN_ONLY_ACTIONS = frozenset({"ban", "unban", "delete_room"})
+ADMIN_ONLY_ACTIONS = frozenset({"ban", "unban", "delete_room", "read_audit"})
+#: The ``action`` values audit rows carry.
+AUDIT_ACTIONS = ("kick", "ban", "unban", "mute", "delete_room", "delete_message", "broadcast")
 NAMESPACES = ("chat", "notifications", "admin", "logs")
 #: Close code for kicked and banned connections (SPEC: forbidden / banned / kicked).
 CLOSE_FORBIDDEN = 4403
@@ -72,12 +75,18 @@ class Moderation:
         self.stats = stats
         self.tasks = tasks
         self.notifier = notifier
+        #: Set on a cluster (server/cluster.py: relay_disconnects): carries
+        #: disconnect_user to the other nodes, which run it there.
+        self.cluster_relay: (
+            Callable[[str, str | None, dict[str, Any] | None, errors.GatewayError], None] | None
+        ) = None
 
     # -- people ---------------------------------------------------------------
 
     async def kick(self, actor: Identity, user_id: str, reason: str) -> dict[str, Any]:
         """Close every connection of ``user_id`` (4403) after ``system:kicked``."""
         require_role(actor, "kick")
+        await self._protect_admins(actor, user_id, "kick")
         await self.db.run(
             "moderation.audit", mod_db.audit, actor.user_id, "kick", f"user:{user_id}", reason
         )
@@ -127,6 +136,7 @@ class Moderation:
     ) -> dict[str, Any]:
         """Mute a member of a room; ``message:send`` answers MUTED until it ends."""
         require_role(actor, "mute")
+        await self._protect_admins(actor, user_id, "mute")
         muted = await self.db.run(
             "moderation.mute", mod_db.mute_member,
             room_id, user_id, actor.user_id, duration_secs, reason,
@@ -223,6 +233,18 @@ class Moderation:
                  ",".join(chosen), delivered, message[:80])  # fmt: skip
         return {**data, "delivered": delivered}
 
+    # -- records ------------------------------------------------------------------
+
+    async def audit_log(
+        self, actor: Identity, limit: int, offset: int, action: str | None
+    ) -> dict[str, Any]:
+        """``{entries, total}``: audit rows newest first, optionally of one action (admins)."""
+        require_role(actor, "read_audit")
+        page: dict[str, Any] = await self.db.run(
+            "moderation.audit_page", mod_db.audit_page, limit, offset, action
+        )
+        return page
+
     # -- mechanics ----------------------------------------------------------------
 
     def disconnect_user(
@@ -231,23 +253,53 @@ class Moderation:
         notice_event: str | None,
         notice: dict[str, Any] | None,
         error: errors.GatewayError,
+        *,
+        relay: bool = True,
     ) -> int:
         """Tell every local connection of ``user_id`` why, then close it with 4403.
 
-        CLUSTER INTEGRATION POINT: this acts on this node's connections only.
-        The cluster layer should carry kick/ban to the other nodes and call
-        this method there with the same arguments.
+        Returns how many connections of this node were closed. On a cluster
+        ``cluster_relay`` carries the call to the other nodes, which run it
+        with ``relay=False``.
         """
+        if relay and self.cluster_relay is not None:
+            self.cluster_relay(user_id, notice_event, notice, error)
         conns = self.hub.user_connections(user_id)
         frames = []
         if notice_event is not None:
             frames.append(protocol.frame(protocol.event_payload(notice_event, notice or {})))
         frames.append(protocol.frame(protocol.system_error_payload(error, None)))
+        # Counted as connections_closed{reason="banned"|"kicked"}.
+        cause = "banned" if isinstance(error, errors.Banned) else "kicked"
         for conn in conns:
             for frame in frames:
                 conn.send_frame(frame)
-            conn.close_with(CLOSE_FORBIDDEN, error.code.lower())
+            # Gateway handlers record why they close; other connections just close.
+            close_as = getattr(conn, "close_as", None)
+            if close_as is not None:
+                close_as(cause, CLOSE_FORBIDDEN, error.code.lower())
+            else:
+                conn.close_with(CLOSE_FORBIDDEN, error.code.lower())
         return len(conns)
+
+    async def _protect_admins(self, actor: Identity, user_id: str, action: str) -> None:
+        """Raise FORBIDDEN when a non-admin ``actor`` acts on an admin.
+
+        An admin is a user whose stored roles (from their last token) or any
+        live connection on this node carries ``admin``: a second, lesser
+        token must not make an admin fair game.
+        """
+        if actor.has_any(ADMIN_ROLES):
+            return
+        identities = (getattr(c, "identity", None) for c in self.hub.user_connections(user_id))
+        is_admin = any(isinstance(i, Identity) and i.has_any(ADMIN_ROLES) for i in identities)
+        if not is_admin:
+            stored = await self.db.run("moderation.target_roles", mod_db.user_roles, user_id)
+            is_admin = stored is not None and not stored.isdisjoint(ADMIN_ROLES)
+        if is_admin:
+            raise errors.Forbidden(
+                f"Only admins may {action} an admin", {"action": action, "userId": user_id}
+            )
 
     def _notify(self, user_ids: list[str], **fields: Any) -> None:
         # Node sets ``self.notifier`` (server/notify.py); without one (a bare

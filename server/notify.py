@@ -28,6 +28,7 @@ from models import notifications as store
 from server import errors
 from server.db import Database
 from server.hub import Hub, Target
+from server.metrics import Metrics
 
 #: The namespace live notification events go to.
 NAMESPACE = "notifications"
@@ -94,14 +95,20 @@ class NotificationService:
 
     Example::
 
-        service = NotificationService(db, hub, max_per_user=100)
+        service = NotificationService(db, hub, max_per_user=100, metrics=metrics)
         await service.notify(["bob"], title="Welcome")
+
+    With ``metrics``, every stored notification counts in
+    ``switchboard_notifications_created_total{category}``.
     """
 
-    def __init__(self, db: Database, hub: Hub, max_per_user: int) -> None:
+    def __init__(
+        self, db: Database, hub: Hub, max_per_user: int, *, metrics: Metrics | None = None
+    ) -> None:
         self.db = db
         self.hub = hub
         self.max_per_user = max_per_user
+        self.metrics = metrics
         # One missed-messages update per room at a time: two concurrent bumps
         # would otherwise both create the room's coalesced notification.
         self._rooms: dict[str, _RoomWork] = {}
@@ -128,6 +135,7 @@ class NotificationService:
         changes = await self.db.run(
             "notification.create", store.create, ids, fields, self.max_per_user
         )
+        self._count_created(changes)
         self.push(changes)
         return [n for c in changes for n in c.created]
 
@@ -246,6 +254,7 @@ class NotificationService:
                 "notification.missed", store.bump_missed,
                 away, room_id, audience.name, first, last, self.max_per_user,
             )  # fmt: skip
+            self._count_created(changes)
             self.push(changes)
 
     @contextlib.asynccontextmanager
@@ -281,6 +290,13 @@ class NotificationService:
         )  # fmt: skip
 
     # -- delivery ---------------------------------------------------------------
+
+    def _count_created(self, changes: Iterable[store.Change]) -> None:
+        if self.metrics is None:
+            return
+        for change in changes:
+            for notification in change.created:
+                self.metrics.notifications_created.labels(notification["category"]).inc()
 
     def push(self, changes: Iterable[store.Change]) -> None:
         """Tell each user's notifications connections what changed, then the unread count."""

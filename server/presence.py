@@ -13,7 +13,8 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 STATUSES = ("online", "away", "busy", "offline")
 
@@ -50,3 +51,11 @@ class Presence:
 
     async def online_users(self) -> list[str]:
         return sorted(self._connections)
+
+    async def joined(self, user: Mapping[str, Any], room_id: str) -> None:
+        """Hook: ``user`` (``userId``, ``username``, ``displayName``) is now in
+        ``room_id`` on this node. The cluster version records it so the users of
+        a dead node can be announced as having left; here it is a no-op."""
+
+    async def left(self, user_id: str, room_id: str) -> None:
+        """Hook: ``user_id`` has no connection in ``room_id`` on this node any more."""

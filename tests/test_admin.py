@@ -561,3 +561,110 @@ async def test_moderated_users_are_notified(gateway):
         assert time.monotonic() < deadline, "no ban notification stored"
         await asyncio.sleep(0.05)
     assert found == [("system", "high", "again")]
+
+
+# -- moderators and admins ---------------------------------------------------------------
+
+
+async def test_moderator_may_not_kick_or_mute_an_admin(gateway):
+    alice = await gateway.connect("alice")
+    boss = await gateway.connect("boss", roles=ADMIN)
+    await room_with(gateway, "general", alice, boss)
+    mod = await admin(gateway, "mod", MODERATOR)
+    exc = await error(mod, "admin:kick", {"userId": "boss", "reason": "x"}, "FORBIDDEN")
+    assert exc.details == {"action": "kick", "userId": "boss"}
+    mute = {"userId": "boss", "roomId": "general", "durationSeconds": 60}
+    exc = await error(mod, "admin:mute", mute, "FORBIDDEN")
+    assert exc.details == {"action": "mute", "userId": "boss"}
+    assert boss.connected
+    assert await audit_rows(gateway, "kick") == [] and await audit_rows(gateway, "mute") == []
+    # Offline, the admin is still known as one (roles stored at their last connect).
+    await boss.aclose()
+    await eventually(lambda: gateway.node.hub.user_connections("boss") == [])
+    await error(mod, "admin:mute", mute, "FORBIDDEN")
+    # Moderators still act on everyone else; the connection stays usable.
+    await mod.emit("admin:mute", {**mute, "userId": "alice"})
+    # An admin may mute and kick another admin.
+    boss = await gateway.connect("boss", roles=ADMIN)
+    root = await admin(gateway)
+    await root.emit("admin:mute", mute)
+    ack = await root.emit("admin:kick", {"userId": "boss", "reason": "ops"})
+    assert ack["connectionsClosed"] == 1
+    assert (await boss.wait_closed())[0] == 4403
+    assert [r["actor"] for r in await audit_rows(gateway, "mute")] == ["mod", "root"]
+
+
+async def test_kicked_and_banned_connections_are_counted_by_reason(gateway):
+    registry = gateway.node.registry
+
+    def closed(namespace: str, reason: str) -> float:
+        labels = {"namespace": namespace, "reason": reason}
+        return registry.get_sample_value("switchboard_connections_closed_total", labels) or 0.0
+
+    chat, inbox = (
+        await gateway.connect("mallory"),
+        await gateway.connect("mallory", "notifications"),
+    )
+    root = await admin(gateway)
+    await root.emit("admin:kick", {"userId": "mallory", "reason": "x"})
+    await chat.wait_closed()
+    await inbox.wait_closed()
+    await eventually(
+        lambda: closed("chat", "kicked") == 1 and closed("notifications", "kicked") == 1
+    )
+    chat = await gateway.connect("mallory")
+    await root.emit("admin:ban", {"userId": "mallory", "reason": "y", "durationSeconds": 60})
+    await chat.wait_closed()
+    await eventually(lambda: closed("chat", "banned") == 1)
+    # Neither was counted as a generic server close.
+    assert closed("chat", "server") == 0
+
+
+# -- audit log ---------------------------------------------------------------------------
+
+
+async def test_admin_audit_pages_the_log_newest_first(gateway):
+    alice, mallory = await gateway.connect("alice"), await gateway.connect("mallory")
+    await room_with(gateway, "general", alice, mallory)
+    root = await admin(gateway)
+    mod = await admin(gateway, "mod", MODERATOR)
+    mute = {"userId": "mallory", "roomId": "general", "durationSeconds": 60, "reason": "calm"}
+    await mod.emit("admin:mute", mute)
+    await root.emit("admin:broadcast", {"message": "maintenance at noon"})
+    await root.emit("admin:kick", {"userId": "mallory", "reason": "flood"})
+    await root.emit("admin:ban", {"userId": "mallory", "reason": "spam"})
+    await root.emit("admin:unban", {"userId": "mallory"})
+
+    page = await root.emit("admin:audit")
+    assert page["total"] == 5
+    assert [e["action"] for e in page["entries"]] == ["unban", "ban", "kick", "broadcast", "mute"]
+    newest_mute = page["entries"][-1]
+    assert set(newest_mute) == {"id", "actorId", "action", "target", "reason", "details",
+                                "createdAt"}  # fmt: skip
+    assert (newest_mute["actorId"], newest_mute["target"], newest_mute["reason"]) == (
+        "mod", "user:mallory", "calm",
+    )  # fmt: skip
+    assert newest_mute["details"] == {"roomId": "general", "durationSeconds": 60}
+    assert newest_mute["createdAt"].endswith("Z")
+
+    page = await root.emit("admin:audit", {"limit": 2, "offset": 1})
+    assert [e["action"] for e in page["entries"]] == ["ban", "kick"]
+    assert page["total"] == 5
+    page = await root.emit("admin:audit", {"action": "ban"})
+    assert page["total"] == 1 and page["entries"][0]["reason"] == "spam"
+    page = await root.emit("admin:audit", {"action": "delete_room"})
+    assert page == {"entries": [], "total": 0}
+    page = await root.emit("admin:audit", {"offset": 10})
+    assert page == {"entries": [], "total": 5}
+
+
+async def test_admin_audit_is_for_admins_and_validates(gateway):
+    root = await admin(gateway)
+    mod = await admin(gateway, "mod", MODERATOR)
+    exc = await error(mod, "admin:audit", {}, "FORBIDDEN")
+    assert exc.details == {"action": "read_audit"}
+    for data, field in (
+        ({"action": "explode"}, "action"), ({"limit": 0}, "limit"), ({"offset": -1}, "offset"),
+    ):  # fmt: skip
+        exc = await error(root, "admin:audit", data, "VALIDATION_ERROR")
+        assert field in exc.details

@@ -330,7 +330,9 @@ async def test_recent_over_socket_and_http(gateway_factory: Any) -> None:
     # Only the newest 8 entries are kept (oldest first in answers).
     everything = (await client.emit("logs:recent", {"limit": 1000}))["entries"]
     assert len(everything) == 8
-    assert [e["message"] for e in everything[-5:]] == ["old 9", "e1", "w1", "i1", "e2"]
+    # The newest is the reader's own connection line (one INFO per accepted connection).
+    assert everything[-1]["message"] == "accepted logs connection from 127.0.0.1"
+    assert [e["message"] for e in everything[-6:-1]] == ["old 9", "e1", "w1", "i1", "e2"]
     ack = await client.emit("logs:recent", {"limit": 2, "level": "WARNING"})
     assert [e["message"] for e in ack["entries"]] == ["w1", "e2"]
     ack = await client.emit("logs:recent", {"level": "error", "service": "billing"})
@@ -472,6 +474,10 @@ async def test_slow_subscriber_loses_entries_not_server_memory(gateway_factory: 
             dropped_counts.append(frame["data"]["count"])
     assert delivered + sum(dropped_counts) == produced
     assert dropped_counts and all(count > 0 for count in dropped_counts)
+    # The metrics tell an operator the same story.
+    registry = gateway.node.registry
+    assert registry.get_sample_value("switchboard_log_entries_dropped_total") == sum(dropped_counts)
+    assert registry.get_sample_value("switchboard_log_entries_streamed_total") == delivered
     assert delivered > 0
     assert handler.backlog_bytes == 0 and handler.dropped == 0
     # After catching up the subscriber gets live entries again.

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 from tornado.httpclient import AsyncHTTPClient
@@ -232,3 +233,57 @@ async def test_node_publishes_per_room_series_when_enabled(
     gw = await gateway_factory(metrics_room_series=1)
     await chat_pair(gw, "busy")
     await eventually(lambda: value(gw, "switchboard_room_subscribers", room="busy") == 2)
+
+
+async def test_notifications_created_by_category(gateway: Any) -> None:
+    def created(category: str) -> float:
+        return value(gateway, "switchboard_notifications_created_total", category=category)
+
+    inbox = await gateway.connect("bob", "notifications")
+    alice, bob = await chat_pair(gateway, "notes")
+    # A mention (one per mentioned member) through real chat.
+    await alice.emit("message:send", {"roomId": "notes", "content": "hi @bob"})
+    await inbox.next_event("notification:created")
+    assert created("mention") == 1
+    # The server API, to two users at once.
+    response = await AsyncHTTPClient().fetch(
+        f"{gateway.http}/api/v1/notifications",
+        method="POST",
+        headers={"Authorization": f"Bearer {gateway.token('billing', ('service',))}"},
+        body=b'{"userIds": ["bob", "carol"], "title": "Invoice", "category": "event"}',
+    )
+    assert response.code == 201
+    assert created("event") == 2
+    # A missed message for a member with no chat connection: one created, then updated.
+    await bob.aclose()
+    await eventually(lambda: not gateway.node.hub.user_connections("bob", "chat"))
+    await alice.emit("message:send", {"roomId": "notes", "content": "one"})
+    await eventually(lambda: created("chat") == 1)
+    await alice.emit("message:send", {"roomId": "notes", "content": "two"})
+    await inbox.next_event("notification:updated")
+    assert created("chat") == 1  # coalesced: updated in place, not created again
+    assert created("system") == 0
+
+
+async def test_log_entries_streamed_to_subscribers(gateway: Any) -> None:
+    streamed = lambda: value(gateway, "switchboard_log_entries_streamed_total")  # noqa: E731
+    ops = await gateway.connect("ops", "logs", roles=("logs",))
+    other = await gateway.connect("ops2", "logs", roles=("logs",))
+    await ops.emit("logs:subscribe", {"services": ["billing"]})
+    await other.emit("logs:subscribe", {"services": ["billing"], "contains": "paid"})
+    entries = [{"level": "info", "message": f"invoice {i} paid"} for i in range(3)]
+    entries.append({"level": "info", "message": "invoice 3 sent"})
+    response = await AsyncHTTPClient().fetch(
+        f"{gateway.http}/api/v1/logs",
+        method="POST",
+        headers={"Authorization": f"Bearer {gateway.token('billing', ('service',))}"},
+        body=orjson.dumps({"entries": entries}),
+    )
+    assert response.code == 200
+    for _ in range(4):
+        await ops.next_event("log:entry")
+    for _ in range(3):
+        await other.next_event("log:entry")
+    # One per entry per subscriber that received it.
+    await eventually(lambda: streamed() == 7)
+    assert value(gateway, "switchboard_log_entries_dropped_total") == 0

@@ -1,0 +1,398 @@
+"""A lean WebSocket client for the load tools (not a general client).
+
+The benchmarks need thousands of connections whose per-frame cost is far
+below the server's, so this is a bare :class:`asyncio.Protocol`: the HTTP
+upgrade is written by hand, server frames are split by reading their 2-10
+byte headers only, and a ``message:new`` payload is not JSON-decoded at all:
+the receiver finds ``"bt":`` (the publisher's ``time.time()`` put in the
+message metadata) with ``bytes.find`` and parses that one number. Acks and
+``system:welcome`` are decoded (orjson) because setup needs them.
+
+Client frames are masked as RFC 6455 requires (tornado's C mask helper).
+Pings are answered with pongs and a close frame is echoed, so connections
+held for a while (``bench/idle.py``) survive the server's heartbeat sweep.
+
+Example::
+
+    tally = Tally()
+    ws = await LeanWS.connect("127.0.0.1", port, "/ws/chat", token, tally)
+    await ws.welcome
+    ack = await ws.request("room:join", {"roomId": room})
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import os
+import resource
+import selectors
+import struct
+import time
+from array import array
+from typing import Any
+
+import orjson
+from tornado.util import _websocket_mask
+
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+# Found near the start of the payload: the baseline hub's json.dumps puts a
+# space after the colon, orjson does not.
+_MESSAGE_NEW = b'"message:new"'
+_WELCOME = b'{"event":"system:welcome"'
+_ACK = b'{"ack":'
+_BT = b'"bt":'
+
+
+def raise_nofile() -> int:
+    """Raise this process's open-file soft limit to the hard limit; return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def cpu_secs() -> float:
+    """CPU seconds (user + system) this process has used so far."""
+    t = os.times()
+    return t.user + t.system
+
+
+class LazySelector(selectors.EpollSelector):
+    """An epoll selector that waits ``interval`` seconds before each blocking poll.
+
+    Frames pile up in the kernel meanwhile, so one wake-up serves many
+    sockets and one ``recv`` returns several frames: the receivers' CPU per
+    frame drops, at the price of up to ``interval`` of extra latency (which is
+    why latency comes from the eager probe process). ``interval = 0`` is a
+    plain epoll selector (used during set-up).
+    """
+
+    interval = 0.0
+
+    def select(self, timeout: float | None = None) -> list[Any]:
+        if self.interval and (timeout is None or timeout > 0):
+            nap = self.interval if timeout is None else min(self.interval, timeout)
+            time.sleep(nap)
+            if timeout is not None:
+                timeout = max(0.0, timeout - nap)
+        return super().select(timeout)
+
+
+def run_lazy(main: Any) -> tuple[Any, LazySelector]:
+    """``asyncio.run(main(selector))`` on a loop built on a :class:`LazySelector`."""
+    selector = LazySelector()
+    with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(selector)) as runner:
+        return runner.run(main(selector)), selector
+
+
+class Tally:
+    """What every connection of one process received (shared by its connections).
+
+    ``count`` is the number of frames carrying a benchmark timestamp;
+    ``latencies`` holds ``receive time - send time`` for each of them (seconds).
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.count = 0
+        self.other = 0
+        self.first_rx = 0.0
+        self.last_rx = 0.0
+        self.latencies = array("d")
+        self.target = 0
+        self.reached: asyncio.Future[None] | None = None
+
+    def expect(self, target: int) -> asyncio.Future[None]:
+        """Future that resolves once ``count`` reaches ``target``."""
+        self.target = target
+        self.reached = asyncio.get_running_loop().create_future()
+        if self.count >= target:
+            self.reached.set_result(None)
+        return self.reached
+
+
+def encode_frame(payload: bytes, opcode: int = 0x1) -> bytes:
+    """One final, masked client frame."""
+    n = len(payload)
+    if n < 126:
+        header = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
+    elif n <= 0xFFFF:
+        header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
+    else:
+        header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
+    key = os.urandom(4)
+    return header + key + _websocket_mask(key, payload)
+
+
+class LeanWS(asyncio.Protocol):
+    """One client connection; see the module docstring."""
+
+    def __init__(self, host: str, port: int, path: str, token: str, tally: Tally) -> None:
+        loop = asyncio.get_running_loop()
+        self.tally = tally
+        self.transport: asyncio.Transport | None = None
+        self._buf = b""
+        self._request = (
+            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            f"Authorization: Bearer {token}\r\n"
+        )
+        self._key = base64.b64encode(os.urandom(16))
+        self._upgraded = False
+        self.handshake: asyncio.Future[None] = loop.create_future()
+        self.welcome: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self.closed: asyncio.Future[int | None] = loop.create_future()
+        self._acks: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._next_ack = 0
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        path: str,
+        token: str,
+        tally: Tally,
+        *,
+        source: str | None = None,
+        timeout: float = 30.0,
+    ) -> LeanWS:
+        loop = asyncio.get_running_loop()
+        local = (source, 0) if source else None
+        _, proto = await asyncio.wait_for(
+            loop.create_connection(
+                lambda: cls(host, port, path, token, tally), host, port, local_addr=local
+            ),
+            timeout,
+        )
+        await asyncio.wait_for(proto.handshake, timeout)
+        return proto
+
+    # -- asyncio.Protocol ------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        key = self._key.decode()
+        transport.write(f"{self._request}Sec-WebSocket-Key: {key}\r\n\r\n".encode())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for fut in (self.handshake, self.welcome):
+            if not fut.done():
+                fut.set_exception(ConnectionError("connection lost"))
+        for fut in self._acks.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError("connection lost"))
+        self._acks.clear()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if self._buf:
+            data = self._buf + data
+            self._buf = b""
+        if not self._upgraded:
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                self._buf = data
+                return
+            self._check_upgrade(data[:end])
+            data = data[end + 4 :]
+            if not self._upgraded:
+                return
+        i, n = 0, len(data)
+        now = 0.0
+        tally = self.tally
+        while n - i >= 2:
+            b1 = data[i + 1] & 0x7F  # server frames are never masked
+            if b1 < 126:
+                start = i + 2
+                end = start + b1
+            elif b1 == 126:
+                if n - i < 4:
+                    break
+                start = i + 4
+                end = start + ((data[i + 2] << 8) | data[i + 3])
+            else:
+                if n - i < 10:
+                    break
+                start = i + 10
+                end = start + int.from_bytes(data[i + 2 : i + 10], "big")
+            if end > n:
+                break
+            opcode = data[i] & 0x0F
+            if opcode == 0x1:
+                if data.find(_MESSAGE_NEW, start + 9, start + 24) >= 0:
+                    p = data.find(_BT, start, end)
+                    if p >= 0:
+                        if not now:
+                            now = time.time()
+                        q = data.find(b"}", p, end)
+                        tally.latencies.append(now - float(data[p + 5 : q]))
+                        tally.count += 1
+                        if not tally.first_rx:
+                            tally.first_rx = now
+                        tally.last_rx = now
+                        if tally.count == tally.target and tally.reached is not None:
+                            if not tally.reached.done():
+                                tally.reached.set_result(None)
+                    else:
+                        tally.other += 1
+                elif data.startswith(_ACK, start):
+                    self._ack(data[start:end])
+                elif data.startswith(_WELCOME, start):
+                    if not self.welcome.done():
+                        self.welcome.set_result(orjson.loads(data[start:end])["data"])
+                else:
+                    tally.other += 1
+            elif opcode == 0x9:  # ping -> pong
+                self._send(data[start:end], 0xA)
+            elif opcode == 0x8:  # close: echo the code and hang up
+                code = int.from_bytes(data[start : start + 2], "big") if end - start >= 2 else None
+                if not self.closed.done():
+                    self.closed.set_result(code)
+                self._send(data[start : start + 2], 0x8)
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            i = end
+        if i < n:
+            self._buf = data[i:]
+
+    # -- protocol helpers --------------------------------------------------------
+
+    def _check_upgrade(self, head: bytes) -> None:
+        status = head.split(b"\r\n", 1)[0]
+        expected = base64.b64encode(hashlib.sha1(self._key + _GUID).digest())
+        if b" 101 " not in status or expected not in head:
+            if not self.handshake.done():
+                self.handshake.set_exception(ConnectionError(f"upgrade refused: {status!r}"))
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self._upgraded = True
+        self.handshake.set_result(None)
+
+    def _ack(self, raw: bytes) -> None:
+        frame = orjson.loads(raw)
+        ack = frame.get("ack")
+        fut = self._acks.pop(ack, None)
+        if fut is not None and not fut.done():
+            fut.set_result(frame)
+
+    def _send(self, payload: bytes, opcode: int = 0x1) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(encode_frame(payload, opcode))
+
+    # -- API ------------------------------------------------------------------------
+
+    def send(self, event: str, data: dict[str, Any], *, ack: bool = False) -> int | None:
+        """Send one event; with ``ack=True`` returns the ack id (see :meth:`request`)."""
+        frame: dict[str, Any] = {"event": event, "data": data}
+        ack_id = None
+        if ack:
+            self._next_ack += 1
+            ack_id = frame["ack"] = self._next_ack
+        self._send(orjson.dumps(frame))
+        return ack_id
+
+    def request_future(self, event: str, data: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
+        """Send with an ack id; the future resolves to the ack frame (ok or not)."""
+        ack_id = self.send(event, data, ack=True)
+        assert ack_id is not None
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        if self.transport is None or self.transport.is_closing():
+            fut.set_exception(ConnectionError("connection closed"))
+        else:
+            self._acks[ack_id] = fut
+        return fut
+
+    async def request(
+        self, event: str, data: dict[str, Any], timeout: float = 60.0
+    ) -> dict[str, Any]:
+        """Send with an ack id and return the ack frame; raises if ``ok`` is false."""
+        frame = await asyncio.wait_for(self.request_future(event, data), timeout)
+        if not frame.get("ok"):
+            raise RuntimeError(f"{event} failed: {frame.get('error')}")
+        return frame
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+async def open_many(
+    host: str,
+    port: int,
+    path: str,
+    tokens: list[str],
+    tally: Tally,
+    *,
+    sources: list[str],
+    concurrency: int = 64,
+    join_room: str | None = None,
+) -> tuple[list[LeanWS], list[str]]:
+    """Open one connection per token (each waits for ``system:welcome``).
+
+    With ``join_room`` each connection also joins that room (ack awaited).
+    Returns the open connections and the errors of those that failed.
+    """
+    sem = asyncio.Semaphore(concurrency)
+    conns: list[LeanWS] = []
+    errors: list[str] = []
+
+    async def one(i: int, token: str) -> None:
+        async with sem:
+            try:
+                ws = await LeanWS.connect(
+                    host, port, path, token, tally, source=sources[i % len(sources)]
+                )
+                await asyncio.wait_for(ws.welcome, 60)
+                if join_room is not None:
+                    await ws.request("room:join", {"roomId": join_room})
+                conns.append(ws)
+            except Exception as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+    await asyncio.gather(*(one(i, t) for i, t in enumerate(tokens)))
+    return conns, errors
+
+
+class Pipe:
+    """The child's end of a ``multiprocessing`` pipe, readable from asyncio.
+
+    Messages land in :attr:`queue`; when the parent goes away (pipe closed,
+    or this process re-parented) ``("exit",)`` is queued instead, so a child
+    never outlives a parent that died without cleaning up.
+    """
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+        self._parent = os.getppid()
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(conn.fileno(), self._readable)
+        self._watch = self._loop.create_task(self._watch_parent())
+
+    def _readable(self) -> None:
+        try:
+            while self.conn.poll():
+                self.queue.put_nowait(self.conn.recv())
+        except (EOFError, OSError):
+            self._loop.remove_reader(self.conn.fileno())
+            self.queue.put_nowait(("exit",))
+
+    async def _watch_parent(self) -> None:
+        while os.getppid() == self._parent:  # noqa: ASYNC110 - polling another process
+            await asyncio.sleep(1.0)
+        self.queue.put_nowait(("exit",))
+
+    async def get(self) -> tuple[Any, ...]:
+        return await self.queue.get()
+
+    def send(self, obj: Any) -> None:
+        self.conn.send(obj)

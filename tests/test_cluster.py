@@ -1,0 +1,618 @@
+"""A real cluster: three gateway processes mirrored through one redis-server.
+
+One cluster per module (tests/cluster.py: redis-server, PostgreSQL, nodes
+``a``, ``b``, ``c`` as ``python -m server serve`` processes with a 0.5 s
+heartbeat); each test uses its own users and rooms. The tests that kill a
+node or Redis run last and put things back for whatever follows.
+
+What is checked is what clients and operators see: frames on real WebSocket
+connections, ``/metrics`` and ``/health/websocket`` of each node, Redis'
+own ``PUBSUB NUMSUB`` and the rows in the shared PostgreSQL database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import redis.asyncio as aioredis
+
+from server.client import Client, ClientError
+from tests.cluster import (
+    CLUSTER_MAX_CONNECTIONS_PER_USER,
+    Clients,
+    Cluster,
+    eventually,
+)
+from tests.services import require_binary
+
+# Presence bound: a killed node's users are reaped within 2 heartbeat
+# intervals; the margin covers the reaper's own period and a busy 2-core box.
+REAP_MARGIN_SECS = 1.0
+DELIVERY_TIMEOUT_SECS = 10.0
+# After Redis comes back the mirror retries with backoff capped at 5 s (+ jitter).
+REDIS_RECOVERY_TIMEOUT_SECS = 20.0
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    require_binary("redis-server", "redis-server is not installed")
+    require_binary("initdb", "PostgreSQL (initdb/pg_ctl) is not installed")
+    with Cluster(("a", "b", "c")) as running:
+        yield running
+
+
+@pytest_asyncio.fixture
+async def clients(cluster: Cluster) -> AsyncIterator[Clients]:
+    # A test that killed a node or Redis and failed half-way must not take
+    # the following tests down with it.
+    cluster.ensure_running()
+    opened = Clients(cluster)
+    yield opened
+    await opened.aclose()
+
+
+def uid(prefix: str) -> str:
+    """A user or room id no other test (or run) uses."""
+    return f"{prefix}-{secrets.token_hex(4)}"
+
+
+async def make_room(owner: Client, prefix: str = "room") -> str:
+    room_id = uid(prefix)
+    await owner.emit("room:create", {"roomId": room_id, "name": room_id, "type": "public"})
+    return room_id
+
+
+async def join(room_id: str, *members: Client) -> None:
+    for member in members:
+        await member.emit("room:join", {"roomId": room_id})
+
+
+async def numsub(cluster: Cluster, channel: str) -> int:
+    client = aioredis.from_url(cluster.redis.url)
+    try:
+        reply = await client.pubsub_numsub(channel)
+    finally:
+        await client.aclose()
+    return int(reply[0][1])
+
+
+async def room_subscribers(cluster: Cluster, room_id: str) -> int:
+    return await numsub(cluster, cluster.redis_key("room", room_id))
+
+
+def seqs_of(frames: list[dict[str, Any]]) -> list[int]:
+    return [f["data"]["message"]["seq"] for f in frames]
+
+
+async def collect_messages(
+    client: Client, room_id: str, count: int, timeout: float = DELIVERY_TIMEOUT_SECS
+) -> list[int]:
+    """The seqs of the next ``count`` ``message:new`` frames of ``room_id``."""
+    got = []
+    deadline = time.monotonic() + timeout
+    for _ in range(count):
+        frame = await client.next_event(
+            "message:new",
+            timeout=max(0.05, deadline - time.monotonic()),
+            predicate=lambda f: f["data"]["message"]["roomId"] == room_id,
+        )
+        got.append(frame["data"]["message"]["seq"])
+    return got
+
+
+async def history_seqs(client: Client, room_id: str) -> list[int]:
+    """Every seq in the room's history, paging with ``beforeSeq`` (ascending)."""
+    seqs: list[int] = []
+    before: int | None = None
+    while True:
+        request: dict[str, Any] = {"roomId": room_id, "limit": 100}
+        if before is not None:
+            request["beforeSeq"] = before
+        page = await client.emit("room:get_messages", request)
+        batch = [m["seq"] for m in page["messages"]]
+        seqs.extend(batch)
+        if not page["hasMore"] or not batch:
+            return sorted(seqs)
+        before = min(batch)
+
+
+def node_ids(stats: dict[str, Any]) -> set[str]:
+    return {n["id"] if isinstance(n, dict) else str(n) for n in stats.get("nodes", [])}
+
+
+# ---------------------------------------------------------------------------
+# Delivery
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_message_sent_on_a_reaches_members_on_b_and_c_exactly_once(
+    cluster: Cluster, clients: Clients
+) -> None:
+    alice_id = uid("alice")
+    alice = await clients.connect("a", alice_id)
+    alice_elsewhere = await clients.connect("c", alice_id)
+    bob = await clients.connect("b", uid("bob"))
+    dora = await clients.connect("b", uid("dora"))
+    carol = await clients.connect("c", uid("carol"))
+    room = await make_room(alice)
+    await join(room, alice, alice_elsewhere, bob, dora, carol)
+    # Subscriptions are made asynchronously; this test is about delivery, not
+    # that race (test_message_right_after_a_remote_join is).
+    await eventually(
+        lambda: _equals(room_subscribers(cluster, room), 3), timeout=5,
+        what="three nodes subscribed to the room",
+    )  # fmt: skip
+    for client in (alice, alice_elsewhere, bob, dora, carol):
+        client.drain_events()
+
+    count = 20
+    acked = [
+        (await alice.emit("message:send", {"roomId": room, "content": f"m{i}"}))["message"]["seq"]
+        for i in range(count)
+    ]
+    assert acked == list(range(1, count + 1))
+    for member in (bob, dora, carol, alice_elsewhere):
+        assert await collect_messages(member, room, count) == acked, member.url
+    # Exactly once: nothing more arrives, on any node; the sender gets acks only.
+    for member in (bob, dora, carol, alice_elsewhere, alice):
+        await member.expect_no_event("message:new", within=0.5 if member is bob else 0.05)
+
+
+async def _equals(value: Any, expected: Any) -> bool:
+    return bool((await value) == expected)
+
+
+@pytest.mark.asyncio
+async def test_message_right_after_a_remote_join_is_delivered(
+    cluster: Cluster, clients: Clients
+) -> None:
+    """A member whose join was acked gets the next message, even from another node."""
+    sender = await clients.connect("a", uid("sender"))
+    member = await clients.connect("b", uid("member"))
+    for attempt in range(5):
+        room = await make_room(sender, f"race{attempt}")
+        await join(room, sender)
+        await member.emit("room:join", {"roomId": room})
+        sent = await sender.emit("message:send", {"roomId": room, "content": "right away"})
+        got = await collect_messages(member, room, 1, timeout=5)
+        assert got == [sent["message"]["seq"]]
+
+
+@pytest.mark.asyncio
+async def test_node_without_members_of_a_room_gets_none_of_its_traffic(
+    cluster: Cluster, clients: Clients
+) -> None:
+    u1 = await clients.connect("a", uid("u1"))
+    u2 = await clients.connect("b", uid("u2"))
+    room = await make_room(u1)
+    await join(room, u1, u2)
+    await eventually(
+        lambda: _equals(room_subscribers(cluster, room), 2), timeout=5,
+        what="nodes a and b subscribed to the room",
+    )  # fmt: skip
+    received_c = await cluster.metric("c", "switchboard_redis_received_total")
+    received_b = await cluster.metric("b", "switchboard_redis_received_total")
+    published_a = await cluster.metric("a", "switchboard_redis_published_total")
+
+    count = 30
+    for i in range(count):
+        await u1.emit("message:send", {"roomId": room, "content": f"m{i}"})
+    assert len(await collect_messages(u2, room, count)) == count
+    assert await room_subscribers(cluster, room) == 2  # a and b; c never subscribed
+
+    delta_c = await cluster.metric("c", "switchboard_redis_received_total") - received_c
+    delta_b = await cluster.metric("b", "switchboard_redis_received_total") - received_b
+    delta_a = await cluster.metric("a", "switchboard_redis_published_total") - published_a
+    assert delta_b >= count, f"b received {delta_b} from Redis for {count} messages"
+    assert delta_a >= count, f"a published {delta_a} for {count} messages"
+    # Node c's Redis traffic does not grow with this room's (it may hear its
+    # own liveness pings, a handful over the test, never one per message).
+    assert delta_c < count / 3, f"node c received {delta_c} for {count} messages it has no use for"
+
+    # Interest follows the audience: a member on c subscribes c, the last one
+    # leaving unsubscribes it.
+    u3 = await clients.connect("c", uid("u3"))
+    await join(room, u3)
+    await eventually(
+        lambda: _equals(room_subscribers(cluster, room), 3), timeout=5, what="c subscribed"
+    )
+    await u3.aclose()
+    await eventually(
+        lambda: _equals(room_subscribers(cluster, room), 2), timeout=5, what="c unsubscribed"
+    )
+
+
+# ---------------------------------------------------------------------------
+# Cluster-wide limits and admin actions
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_connection_limit_per_user_counts_every_node(
+    cluster: Cluster, clients: Clients
+) -> None:
+    user = uid("many")
+    limit = CLUSTER_MAX_CONNECTIONS_PER_USER
+    held = [await clients.connect(node, user) for node in ("a", "b", "c")[:limit]]
+    assert len(held) == limit
+    for node in ("a", "b", "c"):
+        with pytest.raises(ClientError) as info:
+            await clients.connect(node, user)
+        assert info.value.code == "TOO_MANY_CONNECTIONS", node
+        assert info.value.close_code == 4429
+    # A slot freed on b can be taken on c.
+    await held[1].aclose()
+
+    async def connect_on_c() -> Client | None:
+        try:
+            return await clients.connect("c", user)
+        except ClientError as exc:
+            assert exc.code == "TOO_MANY_CONNECTIONS"
+            return None
+
+    await eventually(connect_on_c, timeout=5, what="the slot freed on b usable on c")
+
+
+@pytest.mark.asyncio
+async def test_rate_limit_is_shared_by_the_users_connections_on_all_nodes(
+    cluster: Cluster, clients: Clients
+) -> None:
+    limit = cluster.config.rate_limit("typing").count  # 10/1m (tests/cluster.py)
+    user = uid("typist")
+    on_a = await clients.connect("a", user)
+    on_b = await clients.connect("b", user)
+    room = await make_room(on_a)
+    await join(room, on_a, on_b)
+    on_a_share = limit // 2 + 1
+    for _ in range(on_a_share):
+        await on_a.emit("typing:start", {"roomId": room})
+    for _ in range(limit - on_a_share):
+        await on_b.emit("typing:start", {"roomId": room})
+    # b alone has seen fewer than ``limit`` events; the bucket is the cluster's.
+    for client in (on_b, on_a):
+        with pytest.raises(ClientError) as info:
+            await client.emit("typing:start", {"roomId": room})
+        assert info.value.code == "RATE_LIMITED"
+        assert info.value.details["retryAfter"] > 0
+        assert info.value.details["limit"] == limit
+
+
+@pytest.mark.asyncio
+async def test_ban_on_node_a_closes_the_users_connection_on_node_b(
+    cluster: Cluster, clients: Clients
+) -> None:
+    troll = uid("troll")
+    victim_b = await clients.connect("b", troll)
+    victim_c = await clients.connect("c", troll, namespace="notifications")
+    admin = await clients.connect("a", uid("boss"), namespace="admin", roles=("admin",))
+    await admin.emit("admin:ban", {"userId": troll, "reason": "spam"})
+    for victim in (victim_b, victim_c):
+        error = await victim.next_event("system:error", timeout=5)
+        assert error["data"]["code"] == "BANNED"
+        code, _ = await victim.wait_closed(timeout=5)
+        assert code == 4403, victim.url
+    with pytest.raises(ClientError) as info:
+        await clients.connect("c", troll)
+    assert info.value.code == "BANNED"
+
+
+@pytest.mark.asyncio
+async def test_kick_broadcast_and_typing_reach_every_node(
+    cluster: Cluster, clients: Clients
+) -> None:
+    admin = await clients.connect("a", uid("boss"), namespace="admin", roles=("admin",))
+    listeners = [await clients.connect(node, uid(f"l{node}")) for node in ("a", "b", "c")]
+    sent = await admin.emit("admin:broadcast", {"message": "maintenance at noon"})
+    for listener in listeners:
+        frame = await listener.next_event("admin:broadcast", timeout=5)
+        assert frame["data"]["message"] == "maintenance at noon"
+        assert frame["data"]["sentAt"] == sent["sentAt"]
+    for listener in listeners:
+        await listener.expect_no_event("admin:broadcast", within=0.3)
+
+    typist_id = uid("typist")
+    typist = await clients.connect("b", typist_id)
+    room = await make_room(listeners[0])
+    await join(room, listeners[0], typist)
+    await typist.emit("typing:start", {"roomId": room})
+    typing = await listeners[0].next_event("user:typing", timeout=5)
+    assert (typing["data"]["roomId"], typing["data"]["userId"]) == (room, typist_id)
+
+    victim = listeners[2]
+    assert victim.welcome is not None
+    await admin.emit("admin:kick", {"userId": victim.welcome["userId"], "reason": "cool off"})
+    kicked = await victim.next_event("system:kicked", timeout=5)
+    assert kicked["data"]["reason"] == "cool off"
+    code, _ = await victim.wait_closed(timeout=5)
+    assert code == 4403
+
+
+# ---------------------------------------------------------------------------
+# Ordering and recovery across nodes
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_concurrent_sends_from_two_nodes_get_gapless_unique_seqs(
+    cluster: Cluster, clients: Clients
+) -> None:
+    s1 = await clients.connect("a", uid("s1"))
+    s2 = await clients.connect("b", uid("s2"))
+    watcher = await clients.connect("c", uid("watcher"))
+    room = await make_room(s1)
+    await join(room, s1, s2, watcher)
+    await eventually(
+        lambda: _equals(room_subscribers(cluster, room), 3), timeout=5, what="subscribed"
+    )
+    per_sender = 100
+
+    async def burst(client: Client, tag: str) -> list[int]:
+        acks = await asyncio.gather(*(
+            client.emit("message:send", {"roomId": room, "content": f"{tag}{i}"}, timeout=60)
+            for i in range(per_sender)
+        ))  # fmt: skip
+        return [ack["message"]["seq"] for ack in acks]
+
+    seq1, seq2 = await asyncio.gather(burst(s1, "a"), burst(s2, "b"))
+    total = 2 * per_sender
+    assert sorted(seq1 + seq2) == list(range(1, total + 1))
+    assert await history_seqs(watcher, room) == list(range(1, total + 1))
+    rows = await cluster.asql(
+        "SELECT count(*), count(DISTINCT seq), min(seq), max(seq) FROM message WHERE room_id = %s",
+        room,
+    )
+    assert rows == [(total, total, 1, total)]
+    # The watcher on the third node got each of them once.
+    assert sorted(await collect_messages(watcher, room, total)) == list(range(1, total + 1))
+    await watcher.expect_no_event("message:new", within=0.3)
+
+
+@pytest.mark.asyncio
+async def test_client_moving_to_another_node_recovers_without_gap_or_duplicate(
+    cluster: Cluster, clients: Clients
+) -> None:
+    talker = await clients.connect("c", uid("talker"))
+    mover_id = uid("mover")
+    first = await clients.connect("a", mover_id)
+    room = await make_room(talker)
+    await join(room, talker, first)
+    await eventually(
+        lambda: _equals(room_subscribers(cluster, room), 2), timeout=5, what="subscribed"
+    )
+    total = 150
+    acked: list[int] = []
+
+    async def talk() -> None:
+        for i in range(total):
+            ack = await talker.emit("message:send", {"roomId": room, "content": f"t{i}"})
+            acked.append(ack["message"]["seq"])
+            await asyncio.sleep(0.005)
+
+    sending = asyncio.create_task(talk())
+    try:
+        seen_first = await collect_messages(first, room, 40)
+        await first.aclose()
+        await asyncio.sleep(0.1)  # messages keep flowing while the client is away
+        second = await clients.connect("b", mover_id)
+        since = seen_first[-1]
+        ack = await second.emit("room:join", {"roomId": room, "sinceSeq": since})
+        assert ack["recovered"] is True
+        missed = [m["seq"] for m in ack["missed"]]
+        await sending
+    finally:
+        sending.cancel()
+    assert acked == list(range(1, total + 1))
+    live_expected = total - (missed[-1] if missed else since)
+    live = await collect_messages(second, room, live_expected)
+    await second.expect_no_event("message:new", within=0.3)
+    everything = seen_first + missed + live
+    assert len(everything) == len(set(everything)), "a message arrived twice"
+    assert sorted(everything) == list(range(1, total + 1)), "a message is missing"
+    assert everything == sorted(everything)
+
+
+# ---------------------------------------------------------------------------
+# Failures: a node killed, Redis killed
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_killed_node_users_go_offline_and_leave_their_rooms_in_time(
+    cluster: Cluster, clients: Clients
+) -> None:
+    watcher = await clients.connect("a", uid("watcher"))
+    victim_id = uid("victim")
+    limit = CLUSTER_MAX_CONNECTIONS_PER_USER
+    victims = [await clients.connect("c", victim_id) for _ in range(limit)]
+    room = await make_room(watcher)
+    await join(room, watcher, victims[0])
+    members = (await watcher.emit("room:members", {"roomId": room}))["members"]
+    assert {m["userId"]: m["status"] for m in members}[victim_id] == "online"
+    watcher.drain_events()
+
+    cluster.node("c").kill()
+    killed_at = time.monotonic()
+    bound = 2 * cluster.heartbeat_interval + REAP_MARGIN_SECS
+    left = await watcher.next_event(
+        "room:user_left", timeout=bound + 5,
+        predicate=lambda f: f["data"]["user"]["userId"] == victim_id,
+    )  # fmt: skip
+    left_after = time.monotonic() - killed_at
+    # One live node reaps (the others see it done): announced once, not once per node.
+    await watcher.expect_no_event(
+        "room:user_left", within=0.5, predicate=lambda f: f["data"]["user"]["userId"] == victim_id
+    )
+    offline = await watcher.next_event(
+        "user:status_changed", timeout=bound + 5,
+        predicate=lambda f: f["data"]["userId"] == victim_id,
+    )  # fmt: skip
+    offline_after = time.monotonic() - killed_at
+    assert left["data"]["roomId"] == room
+    assert left["data"].get("reason") == "node_lost"
+    assert offline["data"]["status"] == "offline"
+    assert left_after <= bound, f"room:user_left {left_after:.2f}s after kill -9 (bound {bound}s)"
+    assert offline_after <= bound, f"offline {offline_after:.2f}s after kill -9 (bound {bound}s)"
+    members = (await watcher.emit("room:members", {"roomId": room}))["members"]
+    assert {m["userId"]: m["status"] for m in members}[victim_id] == "offline"
+    # The dead node's connection slots are released: the user gets the full quota back.
+    for node in ("a", "b", "a")[:limit]:
+        await clients.connect(node, victim_id)
+    with pytest.raises(ClientError) as info:
+        await clients.connect("b", victim_id)
+    assert info.value.code == "TOO_MANY_CONNECTIONS"
+
+    cluster.node("c").start()
+
+
+@pytest.mark.asyncio
+async def test_admin_stats_lists_the_live_nodes(cluster: Cluster, clients: Clients) -> None:
+    admin = await clients.connect("a", uid("ops"), namespace="admin", roles=("admin",))
+    await eventually(
+        lambda: _node_set_is(admin, {"a", "b", "c"}), timeout=5, what="a, b and c listed"
+    )
+    cluster.node("b").kill()
+    bound = 2 * cluster.heartbeat_interval + REAP_MARGIN_SECS
+    await eventually(lambda: _node_set_is(admin, {"a", "c"}), timeout=bound, what="b unlisted")
+    cluster.node("b").start()
+    await eventually(lambda: _node_set_is(admin, {"a", "b", "c"}), timeout=5, what="b back")
+
+
+async def _node_set_is(admin: Client, expected: set[str]) -> bool:
+    return node_ids(await admin.emit("admin:stats")) == expected
+
+
+@pytest.mark.asyncio
+async def test_redis_killed_mid_traffic_and_restarted(cluster: Cluster, clients: Clients) -> None:
+    sender = await clients.connect("a", uid("sender"))
+    local = await clients.connect("a", uid("local"))
+    remote = await clients.connect("b", uid("remote"))
+    room = await make_room(sender)
+    await join(room, sender, local, remote)
+    await eventually(
+        lambda: _equals(room_subscribers(cluster, room), 2), timeout=5, what="subscribed"
+    )
+    reconnects_before = await cluster.metric("a", "switchboard_redis_reconnects_total")
+    acked: dict[int, int] = {}  # seq -> message id
+    failures: list[str] = []
+    stop = asyncio.Event()
+
+    async def traffic() -> None:
+        i = 0
+        while not stop.is_set():
+            try:
+                ack = await sender.emit("message:send", {"roomId": room, "content": f"x{i}"})
+                acked[ack["message"]["seq"]] = int(ack["message"]["id"])
+            except ClientError as exc:
+                failures.append(exc.code)
+            i += 1
+            await asyncio.sleep(0.02)
+
+    sending = asyncio.create_task(traffic())
+    try:
+        await eventually(lambda: len(acked) >= 10, timeout=5, what="traffic flowing")
+        # Cross-node delivery works before the outage.
+        await collect_messages(remote, room, 5)
+
+        cluster.redis.kill()
+        seq_at_kill = max(acked)
+        down = await eventually(
+            lambda: _status(cluster, "a", "degraded"), timeout=10, what="a degraded"
+        )
+        assert any("redis" in reason.lower() for reason in down["reasons"]), down
+        assert down["httpStatus"] == 200
+        await eventually(lambda: _status(cluster, "b", "degraded"), timeout=10, what="b degraded")
+        await eventually(
+            lambda: _metric_is(cluster, "a", "switchboard_redis_up", 0.0), timeout=10,
+            what="redis_up 0 on a",
+        )  # fmt: skip
+        # Local delivery goes on: the member on a gets messages sent after the kill.
+        local.drain_events()
+        fresh = await collect_messages(local, room, 10)
+        assert min(fresh) > seq_at_kill
+
+        cluster.redis.start()  # same port, empty
+        seq_at_restart = max(acked)
+        for name in ("a", "b", "c"):
+            await eventually(
+                functools.partial(_status, cluster, name, "healthy"),
+                timeout=REDIS_RECOVERY_TIMEOUT_SECS, what=f"{name} healthy again",
+            )  # fmt: skip
+        # Cross-node delivery resumed, both ways.
+        await eventually(
+            lambda: _got_after(remote, room, seq_at_restart), timeout=REDIS_RECOVERY_TIMEOUT_SECS,
+            what="a's messages reaching b again",
+        )  # fmt: skip
+        reply = await remote.emit("message:send", {"roomId": room, "content": "back"})
+        back = await local.next_event(
+            "message:new", timeout=5,
+            predicate=lambda f: f["data"]["message"]["id"] == reply["message"]["id"],
+        )  # fmt: skip
+        assert back["data"]["message"]["content"] == "back"
+        acked[reply["message"]["seq"]] = int(reply["message"]["id"])
+    finally:
+        stop.set()
+        await sending
+    assert failures == [], f"sends refused during the outage: {failures}"
+    assert cluster.alive() == {"a": True, "b": True, "c": True}, cluster.logs()
+    for name, node in cluster.nodes.items():
+        assert "Traceback" not in node.log_text(), (
+            f"node {name} logged a traceback:\n{node.log_tail()}"
+        )
+    assert await cluster.metric("a", "switchboard_redis_reconnects_total") > reconnects_before
+    assert await cluster.metric("a", "switchboard_redis_up") == 1.0
+    # Every acknowledged message is in the database, once.
+    rows = await cluster.asql("SELECT seq, id FROM message WHERE room_id = %s ORDER BY seq", room)
+    assert dict(rows) == acked
+    assert sorted(acked) == list(range(1, len(acked) + 1))
+
+
+@pytest.mark.asyncio
+async def test_readiness_reports_degraded_with_the_reason_while_redis_is_down(
+    cluster: Cluster, clients: Clients
+) -> None:
+    """A node without Redis still serves its own clients: degraded, not taken out of service."""
+    assert (await cluster.health("a", "/health/ready"))["httpStatus"] == 200
+    cluster.redis.kill()
+    try:
+        down = await eventually(
+            lambda: _status(cluster, "a", "degraded"), timeout=10, what="a degraded"
+        )
+        ready = await cluster.health("a", "/health/ready")
+        assert any("redis" in reason.lower() for reason in ready["reasons"]), ready
+        assert ready["httpStatus"] == 200, ready
+        assert ready["status"] == "degraded", ready
+        assert down["services"]["redis"] == "down"
+    finally:
+        cluster.redis.start()
+    await eventually(lambda: _status(cluster, "a", "healthy"), timeout=REDIS_RECOVERY_TIMEOUT_SECS,
+                     what="a healthy again")  # fmt: skip
+    ready = await cluster.health("a", "/health/ready")
+    assert (ready["httpStatus"], ready["status"]) == (200, "ready"), ready
+
+
+async def _status(cluster: Cluster, node: str, status: str) -> dict[str, Any] | None:
+    doc = await cluster.health(node)
+    return doc if doc.get("status") == status else None
+
+
+async def _metric_is(cluster: Cluster, node: str, name: str, value: float) -> bool:
+    return await cluster.metric(node, name) == value
+
+
+def _got_after(client: Client, room: str, seq: int) -> bool:
+    return any(
+        f["event"] == "message:new"
+        and f["data"]["message"]["roomId"] == room
+        and f["data"]["message"]["seq"] > seq
+        for f in client.events
+    )
