@@ -136,7 +136,7 @@ class _WriteMessage(Hub):
             if conn.conn_id != exclude and _write_message(conn, payload):
                 delivered += 1
         if self._on_delivered is not None and delivered:
-            self._on_delivered(delivered)
+            self._on_delivered(delivered, delivered * len(frame))
         return delivered
 
 

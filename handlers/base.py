@@ -395,6 +395,14 @@ class GatewayHandler(WebSocketHandler):
 
     def send_frame(self, frame: bytes) -> bool:
         """Queue a pre-built frame, closing the connection if it fell too far behind."""
+        if not self.write_frame(frame):
+            return False
+        self.metrics.frames_sent.inc()
+        self.metrics.bytes_sent.inc(len(frame))
+        return True
+
+    def write_frame(self, frame: bytes) -> bool:
+        """:meth:`send_frame` without the metrics: the hub counts broadcasts in bulk."""
         ws = self.ws_connection
         if ws is None or self._closing:
             return False
@@ -423,9 +431,6 @@ class GatewayHandler(WebSocketHandler):
                 stream.write(frame)
         except StreamClosedError:
             return False
-        # Counted here so broadcasts (written by the hub) count as well as direct sends.
-        self.metrics.frames_sent.inc()
-        self.metrics.bytes_sent.inc(len(frame))
         return True
 
     def send_payload(self, payload: bytes) -> bool:

@@ -129,10 +129,10 @@ class Node:
         if self.redis is not None:
             self.hub = RedisHub(
                 config.node_id, self.redis, prefix=config.redis_prefix, metrics=self.metrics,
-                on_delivered=self.metrics.deliveries.inc,
+                on_delivered=self._count_deliveries,
             )  # fmt: skip
         else:
-            self.hub = hub_class(config.node_id, on_delivered=self.metrics.deliveries.inc)
+            self.hub = hub_class(config.node_id, on_delivered=self._count_deliveries)
         self.db = Database(
             config.database_url, workers=config.db_workers, observe=self._observe_db
         )
@@ -198,6 +198,12 @@ class Node:
         self.port = 0
         self._heartbeat: asyncio.Task[None] | None = None
         self._gauges: asyncio.Task[None] | None = None
+
+    def _count_deliveries(self, count: int, nbytes: int) -> None:
+        """One broadcast reached ``count`` local connections with ``nbytes`` in all."""
+        self.metrics.deliveries.inc(count)
+        self.metrics.frames_sent.inc(count)
+        self.metrics.bytes_sent.inc(nbytes)
 
     def _observe_db(self, op: str, secs: float) -> None:
         self.metrics.db_duration.labels(op).observe(secs)

@@ -137,7 +137,7 @@ class RedisHub(Hub):
         *,
         prefix: str = "switchboard",
         metrics: Metrics | None = None,
-        on_delivered: Callable[[int], None] | None = None,
+        on_delivered: Callable[[int, int], None] | None = None,
     ) -> None:
         super().__init__(node_id, on_delivered=on_delivered)
         self.prefix = prefix

@@ -39,6 +39,8 @@ class FakeConn:
         self.frames.append(frame)
         return True
 
+    write_frame = send_frame
+
     def close_with(self, code: int, reason: str) -> None:
         self.closed.append((code, reason))
 
@@ -307,14 +309,24 @@ def test_exclude_skips_one_connection(hub):
 
 def test_failed_writes_are_not_counted(hub):
     conns = populate(hub)
-    delivered: list[int] = []
-    hub._on_delivered = delivered.append
+    delivered: list[tuple[int, int]] = []
+    hub._on_delivered = lambda count, nbytes: delivered.append((count, nbytes))
     conns["b1"].accept = False
     assert hub.publish(Target.room("general"), "x", {}) == 1
-    assert delivered == [1]
+    size = len(conns["a1"].frames[-1])
+    assert delivered == [(1, size)]
     conns["a1"].accept = False
     assert hub.publish(Target.room("general"), "x", {}) == 0
-    assert delivered == [1]  # nothing delivered: no callback
+    assert delivered == [(1, size)]  # nothing delivered: no callback
+
+
+def test_a_broadcast_is_counted_once_with_its_bytes(hub):
+    conns = populate(hub)
+    calls: list[tuple[int, int]] = []
+    hub._on_delivered = lambda count, nbytes: calls.append((count, nbytes))
+    assert hub.publish(Target.all(), "x", {"n": 1}) == len(conns)
+    size = len(next(iter(conns.values())).frames[-1])
+    assert calls == [(len(conns), len(conns) * size)]
 
 
 def test_a_write_that_removes_the_connection_does_not_break_the_loop(hub):
@@ -324,6 +336,8 @@ def test_a_write_that_removes_the_connection_does_not_break_the_loop(hub):
         def send_frame(self, frame: bytes) -> bool:
             hub.remove(self)
             return False
+
+        write_frame = send_frame
 
     hub.add(Dropping("slow", "sam"))
     hub.join(hub.connections["slow"], "general")

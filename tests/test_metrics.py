@@ -17,7 +17,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 from tornado.httpclient import AsyncHTTPClient
 
+from server import protocol
 from server.client import ClientError, ConnectionClosed, HandshakeError
+from server.hub import Target
 from server.metrics import Metrics
 
 pytestmark = pytest.mark.asyncio
@@ -115,6 +117,21 @@ async def test_broadcast_persisted_publish_latency_and_db_duration(gateway: Any)
     assert value(gateway, "switchboard_publish_deliver_seconds_sum", namespace="chat") > 0
     assert value(gateway, "switchboard_db_query_duration_seconds_count",
                  operation="message.send") == db_before + 1  # fmt: skip
+
+
+async def test_a_broadcast_counts_one_frame_and_its_bytes_per_recipient(gateway: Any) -> None:
+    alice, bob = await chat_pair(gateway)
+    frames_before = value(gateway, "switchboard_frames_sent_total")
+    bytes_before = value(gateway, "switchboard_sent_bytes_total")
+    deliveries_before = value(gateway, "switchboard_broadcast_deliveries_total")
+    data = {"note": "n" * 100}
+    assert gateway.node.hub.publish(Target.room("metrics"), "test:note", data) == 2
+    size = len(protocol.frame(protocol.event_payload("test:note", data)))
+    for client in (alice, bob):
+        assert (await client.next_event("test:note", timeout=5))["data"] == data
+    assert value(gateway, "switchboard_frames_sent_total") == frames_before + 2
+    assert value(gateway, "switchboard_sent_bytes_total") == bytes_before + 2 * size
+    assert value(gateway, "switchboard_broadcast_deliveries_total") == deliveries_before + 2
 
 
 async def test_rooms_active_and_subscriptions(gateway: Any) -> None:
