@@ -159,8 +159,9 @@ class Node:
         # Notifications (server/notify.py) plug in as ``self.moderation.notifier``.
         self.moderation = Moderation(self.hub, self.db, self.stats, self.tasks)
         self.notifications = NotificationService(
-            self.db, self.hub, config.max_notifications_per_user, metrics=self.metrics
-        )
+            self.db, self.hub, config.max_notifications_per_user, metrics=self.metrics,
+            connections=self.connection_limiter,
+        )  # fmt: skip
         self.moderation.notifier = self.notifications
         if isinstance(self.hub, RedisHub):
             relay_disconnects(self.hub, self.moderation)  # kick/ban reach every node

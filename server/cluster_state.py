@@ -576,6 +576,21 @@ class RedisConnectionLimiter(ConnectionLimiter):
         except RedisUnavailable:
             pass
 
+    async def connected(self, namespace: str, user_ids: Iterable[str]) -> set[str]:
+        """Users with a ``namespace`` connection on any live node (this node's alone
+        while Redis is unreachable)."""
+        ids = list(user_ids)
+        if not ids:
+            return set()
+        try:
+            async with self.link.redis.pipeline(transaction=False) as pipe:
+                for uid in ids:
+                    pipe.hvals(self.link.key("conns", "user", namespace, uid))
+                rows = await self.link.run("connection_limit.connected", pipe.execute())
+        except RedisUnavailable:
+            return await super().connected(namespace, ids)
+        return {uid for uid, row in zip(ids, rows, strict=True) if sum(map(int, row)) > 0}
+
     async def resync(self) -> None:
         """Write this node's share back to Redis."""
         k, node = self.link.key, self.link.node_id

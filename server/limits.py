@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +104,10 @@ class ConnectionLimiter:
     async def release(self, user_id: str, namespace: str, ip: str) -> None:
         _decrement(self._users, (user_id, namespace))
         _decrement(self._ips, ip)
+
+    async def connected(self, namespace: str, user_ids: Iterable[str]) -> set[str]:
+        """Which of ``user_ids`` hold at least one ``namespace`` connection."""
+        return {u for u in user_ids if self._users.get((u, namespace), 0) > 0}
 
 
 def _decrement(counts: dict[Any, int], key: Any) -> None:

@@ -28,6 +28,7 @@ from models import notifications as store
 from server import errors
 from server.db import Database
 from server.hub import Hub, Target
+from server.limits import ConnectionLimiter
 from server.metrics import Metrics
 
 #: The namespace live notification events go to.
@@ -103,10 +104,19 @@ class NotificationService:
     """
 
     def __init__(
-        self, db: Database, hub: Hub, max_per_user: int, *, metrics: Metrics | None = None
+        self,
+        db: Database,
+        hub: Hub,
+        max_per_user: int,
+        *,
+        metrics: Metrics | None = None,
+        connections: ConnectionLimiter | None = None,
     ) -> None:
         self.db = db
         self.hub = hub
+        # Who holds a chat connection anywhere: the cluster-wide connection
+        # counts with Redis, this node's own otherwise.
+        self.connections = connections
         self.max_per_user = max_per_user
         self.metrics = metrics
         # One missed-messages update per room at a time: two concurrent bumps
@@ -243,12 +253,13 @@ class NotificationService:
     async def _bump_missed(
         self, room_id: str, sender_id: str, audience: store.RoomAudience, first: int, last: int
     ) -> None:
-        # Local connections only: with the Redis mirror a user whose chat
-        # socket is on another node still counts as away here.
-        away = [
-            u for u in audience.members
-            if u != sender_id and not self.hub.user_connections(u, "chat")
-        ]  # fmt: skip
+        others = [u for u in audience.members if u != sender_id]
+        if self.connections is not None:
+            # Cluster-wide: a chat socket on another node means "not away".
+            present = await self.connections.connected("chat", others)
+        else:
+            present = {u for u in others if self.hub.user_connections(u, "chat")}
+        away = [u for u in others if u not in present]
         if away:
             changes = await self.db.run(
                 "notification.missed", store.bump_missed,

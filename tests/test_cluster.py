@@ -238,6 +238,46 @@ async def test_node_without_members_of_a_room_gets_none_of_its_traffic(
 
 
 @pytest.mark.asyncio
+async def test_missed_message_notices_go_only_to_members_away_from_every_node(
+    cluster: Cluster, clients: Clients
+) -> None:
+    """A member whose chat socket is on another node is not "away" (issue 3's notices)."""
+    alice = await clients.connect("a", uid("alice"))
+    bob = await clients.connect("b", uid("bob"))
+    carol_id = uid("carol")
+    carol = await clients.connect("c", carol_id)
+    room = await make_room(alice)
+    await join(room, alice, bob, carol)
+    carol.close()
+    await carol.wait_closed()
+    # Carol stays a member with no chat connection on any node.
+    key = cluster.redis_key("conns", "user", "chat", carol_id)
+    await eventually(lambda: _equals(redis_exists(cluster, key), False), timeout=5,
+                     what="carol's chat connection released cluster-wide")  # fmt: skip
+    inbox = await clients.connect("c", carol_id, "notifications")
+
+    await alice.emit("message:send", {"roomId": room, "content": "while you were out"})
+    frame = await inbox.next_event(
+        "notification:created", timeout=DELIVERY_TIMEOUT_SECS,
+        predicate=lambda f: f["data"]["notification"]["data"].get("roomId") == room,
+    )  # fmt: skip
+    assert frame["data"]["notification"]["data"]["count"] == 1
+    await collect_messages(bob, room, 1)
+    rows = await cluster.asql(
+        "SELECT user_id FROM notification WHERE group_key = %s", f"missed:{room}"
+    )
+    assert rows == [(carol_id,)]  # not bob (online on node b), not alice (the sender)
+
+
+async def redis_exists(cluster: Cluster, key: str) -> bool:
+    client = aioredis.from_url(cluster.redis.url)
+    try:
+        return bool(await client.exists(key))
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.asyncio
 async def test_connection_limit_per_user_counts_every_node(
     cluster: Cluster, clients: Clients
 ) -> None:

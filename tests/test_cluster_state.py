@@ -184,6 +184,21 @@ async def test_connection_limit_counts_every_node(cluster: StartCluster) -> None
     await eventually(third_admitted)
 
 
+async def test_chat_connections_are_known_on_every_node(cluster: StartCluster) -> None:
+    a, b = await cluster()
+    alice = await a.connect("alice")
+    await b.connect("bob", namespace="notifications")
+    for gw in (a, b):
+        limiter = gw.node.connection_limiter
+        assert await limiter.connected("chat", ["alice", "bob", "carol"]) == {"alice"}
+    await alice.aclose()
+
+    async def alice_gone() -> bool:
+        return await b.node.connection_limiter.connected("chat", ["alice"]) == set()
+
+    await eventually(alice_gone)
+
+
 async def test_rate_limit_bucket_is_shared_by_all_nodes(cluster: StartCluster) -> None:
     a, b = await cluster(rate_limits=ROOMY_RATE_LIMITS.replace("messages=1000/1m", "messages=3/1m"))
     alice_a = await a.connect("alice")

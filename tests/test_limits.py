@@ -321,3 +321,14 @@ async def test_connection_limiter_refusal_takes_no_slot():
     assert limiter._users == {} and limiter._ips == {}
     assert await limiter.acquire("a", "chat", "ip") is None
     assert await limiter.acquire("a", "chat", "ip") == "user"
+
+
+@pytest.mark.asyncio
+async def test_connection_limiter_tells_who_is_connected_per_namespace():
+    limiter = ConnectionLimiter(per_user=5, per_ip=10)
+    await limiter.acquire("alice", "chat", "ip")
+    await limiter.acquire("bob", "notifications", "ip")
+    assert await limiter.connected("chat", ["alice", "bob", "carol"]) == {"alice"}
+    assert await limiter.connected("notifications", ["alice", "bob"]) == {"bob"}
+    await limiter.release("alice", "chat", "ip")
+    assert await limiter.connected("chat", ["alice"]) == set()
