@@ -763,6 +763,11 @@ class NodeRegistry:
                 room_id = raw.decode()
                 if self.presence.in_room_here(user_id, room_id):
                     continue  # still here (a resync of this node's own records)
+                # The dead node's typing timers died with it: clear any indicator
+                # (harmless for someone who was not typing).
+                self.hub.publish(
+                    Target.room(room_id), "user:stopped_typing", {"roomId": room_id, **who}
+                )
                 self.hub.publish(
                     Target.room(room_id),
                     "room:user_left",

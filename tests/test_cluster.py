@@ -478,6 +478,8 @@ async def test_killed_node_users_go_offline_and_leave_their_rooms_in_time(
     await join(room, watcher, victims[0])
     members = (await watcher.emit("room:members", {"roomId": room}))["members"]
     assert {m["userId"]: m["status"] for m in members}[victim_id] == "online"
+    await victims[0].emit("typing:start", {"roomId": room})
+    await watcher.next_event("user:typing", predicate=lambda f: f["data"]["userId"] == victim_id)
     watcher.drain_events()
 
     cluster.node("c").kill()
@@ -488,6 +490,10 @@ async def test_killed_node_users_go_offline_and_leave_their_rooms_in_time(
         predicate=lambda f: f["data"]["user"]["userId"] == victim_id,
     )  # fmt: skip
     left_after = time.monotonic() - killed_at
+    # The typing indicator of the dead node's typist is cleared, before the leave.
+    typing_stops = watcher.drain_events("user:stopped_typing")
+    assert [f["data"]["userId"] for f in typing_stops] == [victim_id]
+    assert typing_stops[0]["data"]["roomId"] == room
     # One live node reaps (the others see it done): announced once, not once per node.
     await watcher.expect_no_event(
         "room:user_left", within=0.5, predicate=lambda f: f["data"]["user"]["userId"] == victim_id
