@@ -21,6 +21,7 @@ from marshmallow import Schema, fields, validate
 
 from handlers import schemas as s
 from handlers.base import GatewayHandler, NodeState
+from models import chat as chat_db
 from models import moderation as mod_db
 from server import protocol
 from server.auth import Identity
@@ -295,6 +296,9 @@ class AdminHandler(GatewayHandler):
         page = user_ids[offset : offset + limit]
         statuses = await self.presence.statuses(page)
         by_node = await cluster.connections_by_node(page) if cluster else {}
+        # Users connected only to other nodes: their names come from the database.
+        remote = [u for u in page if not self.hub.user_connections(u)]
+        names = await self.db.run("user.names", chat_db.user_names, remote) if remote else {}
         users = []
         for user_id in page:
             conns = self.hub.user_connections(user_id)
@@ -302,10 +306,11 @@ class AdminHandler(GatewayHandler):
             for conn in conns:
                 by_ns[conn.namespace] = by_ns.get(conn.namespace, 0) + 1
             identity = getattr(conns[0], "identity", None) if conns else None
+            username, display_name = names.get(user_id, (user_id, user_id))
             users.append({
                 "userId": user_id,
-                "username": getattr(identity, "username", user_id),
-                "displayName": getattr(identity, "display_name", user_id),
+                "username": getattr(identity, "username", username),
+                "displayName": getattr(identity, "display_name", display_name),
                 "status": statuses[user_id],
                 "connections": {"total": len(conns), "byNamespace": by_ns},
             })  # fmt: skip

@@ -69,6 +69,14 @@ def member_room_ids(user_id: str) -> list[str]:
     return [m.room_id for m in query]
 
 
+def user_names(user_ids: list[str]) -> dict[str, tuple[str, str]]:
+    """``{userId: (username, displayName)}`` of the known users among ``user_ids``."""
+    if not user_ids:
+        return {}
+    query = User.select(User.id, User.username, User.display_name).where(User.id.in_(user_ids))
+    return {u.id: (u.username, u.display_name) for u in query}
+
+
 # -- passwords (CPU-bound: call from a thread, never the loop) ---------------
 
 

@@ -165,6 +165,8 @@ class Node:
         self.moderation.notifier = self.notifications
         if isinstance(self.hub, RedisHub):
             relay_disconnects(self.hub, self.moderation)  # kick/ban reach every node
+        if self.cluster_state is not None:
+            self.moderation.cluster_connections = self.cluster_state.presence.user_connections
         notify_deps: dict[str, Any] = {"notifications": self.notifications}
         # Security alerts (auth failures, rate-limit abuse) for sockets and REST alike.
         self.security = SecurityMonitor(self.notifications, self.db, self.tasks, self.metrics)

@@ -415,6 +415,11 @@ class RedisPresence(Presence):
             for uid, row in zip(ids, rows, strict=True)
         }
 
+    async def user_connections(self, user_id: str) -> int:
+        """The user's open connections on every node, all namespaces."""
+        by_node = await self.connections_by_node([user_id])
+        return sum(by_node[user_id].values())
+
     async def joined(self, user: Mapping[str, Any], room_id: str) -> None:
         user_id = str(user["userId"])
         self._rooms.setdefault(user_id, set()).add(room_id)

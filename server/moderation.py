@@ -19,7 +19,7 @@ Example::
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from models import chat as chat_db
@@ -80,6 +80,9 @@ class Moderation:
         self.cluster_relay: (
             Callable[[str, str | None, dict[str, Any] | None, errors.GatewayError], None] | None
         ) = None
+        #: Set on a cluster: a user's open connections on every node, so kick
+        #: and ban acks count what the relay closes elsewhere too.
+        self.cluster_connections: Callable[[str], Awaitable[int]] | None = None
 
     # -- people ---------------------------------------------------------------
 
@@ -90,6 +93,7 @@ class Moderation:
         await self.db.run(
             "moderation.audit", mod_db.audit, actor.user_id, "kick", f"user:{user_id}", reason
         )
+        elsewhere = await self._cluster_count(user_id)
         closed = self.disconnect_user(
             user_id, "system:kicked", {"reason": reason, "kickedBy": actor.user_id},
             errors.Forbidden(f"You were disconnected by a moderator: {reason}",
@@ -97,7 +101,7 @@ class Moderation:
         )  # fmt: skip
         log.info("kick: %s kicked %s (%s): %d connection(s)", actor.user_id, user_id, reason,
                  closed)  # fmt: skip
-        return {"userId": user_id, "reason": reason, "connectionsClosed": closed}
+        return {"userId": user_id, "reason": reason, "connectionsClosed": max(closed, elsewhere)}
 
     async def ban(
         self, actor: Identity, user_id: str, reason: str, duration_secs: int | None
@@ -109,6 +113,7 @@ class Moderation:
         ban = await self.db.run(
             "moderation.ban", mod_db.ban_user, user_id, actor.user_id, reason, duration_secs
         )
+        elsewhere = await self._cluster_count(user_id)
         closed = self.disconnect_user(
             user_id, None, None,
             errors.Banned(f"You are banned: {reason}",
@@ -120,7 +125,7 @@ class Moderation:
         self._notify([user_id], type="error", category="system", title="You were banned",
                      message=f"You were banned{until}: {reason}", priority="high",
                      data={"reason": reason, "expiresAt": ban["expiresAt"]})  # fmt: skip
-        return {"ban": ban, "connectionsClosed": closed}
+        return {"ban": ban, "connectionsClosed": max(closed, elsewhere)}
 
     async def unban(self, actor: Identity, user_id: str) -> dict[str, Any]:
         require_role(actor, "unban")
@@ -246,6 +251,12 @@ class Moderation:
         return page
 
     # -- mechanics ----------------------------------------------------------------
+
+    async def _cluster_count(self, user_id: str) -> int:
+        """The user's connections on every node (0 on a single node: count locally)."""
+        if self.cluster_connections is None:
+            return 0
+        return await self.cluster_connections(user_id)
 
     def disconnect_user(
         self,

@@ -335,7 +335,8 @@ async def test_ban_on_node_a_closes_the_users_connection_on_node_b(
     victim_b = await clients.connect("b", troll)
     victim_c = await clients.connect("c", troll, namespace="notifications")
     admin = await clients.connect("a", uid("boss"), namespace="admin", roles=("admin",))
-    await admin.emit("admin:ban", {"userId": troll, "reason": "spam"})
+    ack = await admin.emit("admin:ban", {"userId": troll, "reason": "spam"})
+    assert ack["connectionsClosed"] == 2  # one on node B, one on node C; none on A
     for victim in (victim_b, victim_c):
         error = await victim.next_event("system:error", timeout=5)
         assert error["data"]["code"] == "BANNED"

@@ -251,12 +251,15 @@ async def test_admin_lists_online_users_and_live_nodes_of_the_cluster(
 ) -> None:
     a, b = await cluster()
     await a.connect("alice")
-    await b.connect("bob")
-    await b.connect("bob", namespace="notifications")
+    bob_token = b.token("bob", name="bobby", display_name="Bob Builder")
+    await b.connect("bob", token=bob_token)
+    await b.connect("bob", namespace="notifications", token=bob_token)
     root = await a.connect("root", namespace="admin", roles=("admin",))
     result = await root.emit("admin:online_users", {"limit": 10, "offset": 0})
     by_user = {u["userId"]: u for u in result["users"]}
     assert result["total"] == 3 and set(by_user) == {"alice", "bob", "root"}
+    # Bob is only on node B: his names come from the shared database.
+    assert (by_user["bob"]["username"], by_user["bob"]["displayName"]) == ("bobby", "Bob Builder")
     assert by_user["bob"]["connections"]["total"] == 2
     assert by_user["bob"]["connections"]["byNode"] == {"node-b": 2}
     assert by_user["alice"]["connections"]["byNode"] == {"node-a": 1}
