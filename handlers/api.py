@@ -179,14 +179,7 @@ class APIHandler(JSONHandler):
     async def prepare(self) -> None:
         if self.state.shutting_down:
             raise errors.ServiceUnavailable("Server is shutting down")
-        header = self.request.headers.get("Authorization", "")
-        token = header[7:].strip() if header[:7].lower() == "bearer " else None
-        try:
-            self._identity = self.verifier.verify(token)
-        except (errors.Unauthorized, errors.TokenExpired) as exc:
-            self.security.auth_failed(token, exc.code)
-            raise
-        self.require_roles(self.allowed_roles)
+        self._identity = self.bearer_identity(self.verifier, self.allowed_roles, self.security)
         declared = self.request.headers.get("Content-Length")
         size = int(declared) if declared and declared.isdigit() else len(self.request.body or b"")
         if size > self.config.max_message_bytes:

@@ -22,11 +22,12 @@ from tornado.web import RequestHandler
 
 from handlers.base import NodeState
 from server import errors, protocol
-from server.auth import TokenVerifier
+from server.auth import Identity, TokenVerifier
 from server.config import Config
 from server.health import Health, rss_bytes
 from server.hub import Hub
 from server.metrics import Metrics
+from server.security import SecurityMonitor
 from server.stats import Stats
 
 log = logging.getLogger("switchboard.http")
@@ -74,6 +75,30 @@ class JSONHandler(RequestHandler):
     def send_error_for(self, exc: errors.GatewayError) -> None:
         self.set_status(exc.status)
         self.finish(orjson.dumps({"error": exc.to_dict()}))
+
+    def bearer_identity(
+        self,
+        verifier: TokenVerifier,
+        roles: frozenset[str] | None,
+        security: SecurityMonitor | None = None,
+    ) -> Identity:
+        """The caller from ``Authorization: Bearer <jwt>``, holding one of ``roles``.
+
+        UNAUTHORIZED/TOKEN_EXPIRED (401) without a valid token, reported to
+        ``security`` (repeated failures alert the user and the admins);
+        FORBIDDEN (403) without one of ``roles`` (None: any role will do).
+        """
+        header = self.request.headers.get("Authorization", "")
+        token = header[7:].strip() if header[:7].lower() == "bearer " else None
+        try:
+            identity = verifier.verify(token)
+        except (errors.Unauthorized, errors.TokenExpired) as exc:
+            if security is not None:
+                security.auth_failed(token, exc.code)
+            raise
+        if roles is not None and not identity.has_any(roles):
+            raise errors.Forbidden(f"Needs one of the roles {', '.join(sorted(roles))}")
+        return identity
 
 
 class LivenessHandler(JSONHandler):
@@ -146,6 +171,7 @@ class WebSocketStatsHandler(JSONHandler):
         stats: Stats,
         state: NodeState,
         health: Health,
+        security: SecurityMonitor,
         **_unused: Any,
     ) -> None:
         self.config = config
@@ -155,14 +181,10 @@ class WebSocketStatsHandler(JSONHandler):
         self.stats = stats
         self.state = state
         self.health = health
+        self.security = security
 
     def prepare(self) -> None:
-        header = self.request.headers.get("Authorization", "")
-        token = header[7:].strip() if header[:7].lower() == "bearer " else None
-        identity = self.verifier.verify(token)
-        if not identity.has_any(self.allowed_roles):
-            roles = ", ".join(sorted(self.allowed_roles))
-            raise errors.Forbidden(f"Needs one of the roles {roles}")
+        self.bearer_identity(self.verifier, self.allowed_roles, self.security)
 
     async def get(self) -> None:
         now = time.time()

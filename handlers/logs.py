@@ -329,16 +329,7 @@ class _LogsHTTPHandler(JSONHandler):
 
     def authorize(self, roles: frozenset[str]) -> Identity:
         """The caller's identity from ``Authorization: Bearer``, if it has one of ``roles``."""
-        header = self.request.headers.get("Authorization", "")
-        token = header[7:].strip() if header[:7].lower() == "bearer " else None
-        try:
-            identity = self.verifier.verify(token)
-        except (errors.Unauthorized, errors.TokenExpired) as exc:
-            self.security.auth_failed(token, exc.code)
-            raise
-        if not identity.has_any(roles):
-            raise errors.Forbidden(f"Needs one of the roles {', '.join(sorted(roles))}")
-        return identity
+        return self.bearer_identity(self.verifier, roles, self.security)
 
 
 @stream_request_body
