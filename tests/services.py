@@ -747,15 +747,16 @@ class PostgresServer(_Service):
 # --------------------------------------------------------------------------
 
 
-def _redis_server_pid(port: int, timeout: float = 0.5) -> int | None:
+def _redis_server_pid(port: int, timeout: float = 0.5, password: str | None = None) -> int | None:
     """PID of the Redis server answering on 127.0.0.1:*port*, or ``None``.
 
     Asking for the PID (``INFO server``) rather than just sending PING tells
     our server apart from another one already holding the port.
     """
+    auth = f"AUTH {password}\r\n".encode() if password else b""
     try:
         with socket.create_connection((_LOOPBACK, port), timeout=timeout) as sock:
-            sock.sendall(b"INFO server\r\n")
+            sock.sendall(auth + b"INFO server\r\n")
             reply = b""
             while b"process_id:" not in reply or not reply.endswith(b"\r\n"):
                 chunk = sock.recv(65536)
@@ -776,6 +777,11 @@ class RedisServer(_Service):
     connection drop); ``start()`` or ``restart()`` brings a new, empty
     server up on the same port. *extra_args* are appended to the command
     line, e.g. ``["--maxmemory", "64mb"]``.
+
+    *password* sets ``requirepass``; *tls* adds a TLS listener on
+    :attr:`tls_port` with a throwaway self-signed certificate for 127.0.0.1
+    (:attr:`ca_path`; clients need no certificate of their own).
+    :attr:`tls_url` is the ``rediss://`` URL with both.
     """
 
     def __init__(
@@ -784,10 +790,15 @@ class RedisServer(_Service):
         port: int | None = None,
         extra_args: Sequence[str] = (),
         startup_timeout: float = 10.0,
+        password: str | None = None,
+        tls: bool = False,
     ) -> None:
         self.host = _LOOPBACK
         self._fixed_port = port is not None
         self.port: int = port if port is not None else free_port()
+        self.password = password
+        self.tls = tls
+        self.tls_port: int | None = free_port() if tls else None
         self.extra_args: list[str] = list(extra_args)
         self.startup_timeout = startup_timeout
         self.root: Path | None = None
@@ -801,7 +812,42 @@ class RedisServer(_Service):
 
     def url_for(self, db: int) -> str:
         """URL of logical database *db*."""
-        return f"redis://{self.host}:{self.port}/{db}"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/{db}"
+
+    @property
+    def ca_path(self) -> Path:
+        """The self-signed certificate clients trust (``tls=True``)."""
+        if self.root is None:
+            raise ServiceError("RedisServer has not been started")
+        return self.root / "tls" / "cert.pem"
+
+    @property
+    def tls_url(self) -> str:
+        """``rediss://[:password@]127.0.0.1:TLS_PORT/0?ssl_ca_certs=...``."""
+        if not self.tls:
+            raise ServiceError("RedisServer was not started with tls=True")
+        auth = f":{self.password}@" if self.password else ""
+        return f"rediss://{auth}{self.host}:{self.tls_port}/0?ssl_ca_certs={self.ca_path}"
+
+    def _tls_args(self) -> list[str]:
+        if not self.tls:
+            return []
+        cert, key = self.ca_path, self.ca_path.with_name("key.pem")
+        if not cert.exists():
+            openssl = find_binary("openssl")
+            if openssl is None:
+                raise ServiceError("openssl is not installed (needed for a TLS redis-server)")
+            cert.parent.mkdir(exist_ok=True)
+            subprocess.run(
+                [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                 "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                 "-keyout", str(key), "-out", str(cert)],
+                check=True, capture_output=True, timeout=60,
+            )  # fmt: skip
+        return ["--tls-port", str(self.tls_port), "--tls-cert-file", str(cert),
+                "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
+                "--tls-auth-clients", "no"]  # fmt: skip
 
     @property
     def log_path(self) -> Path:
@@ -867,6 +913,8 @@ class RedisServer(_Service):
             "no",
             "--logfile",
             "",
+            *(["--requirepass", self.password] if self.password else []),
+            *self._tls_args(),
             *self.extra_args,
         ]
         with self.log_path.open("ab") as log:
@@ -883,7 +931,7 @@ class RedisServer(_Service):
             if self._proc.poll() is not None:
                 self._reap()
                 return _tail(self.log_path)
-            if _redis_server_pid(self.port) == self._proc.pid:
+            if _redis_server_pid(self.port, password=self.password) == self._proc.pid:
                 return None
             time.sleep(0.02)
         self._terminate(signal.SIGKILL)
