@@ -43,6 +43,8 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 MIGRATIONS_DIR = os.path.join(os.path.dirname(models.__file__), "migrations")
+#: PostgreSQL advisory lock held while migrating (any constant unique to us).
+MIGRATION_LOCK_KEY = 0x5B_0A_2D_01
 _SQLITE_PRAGMAS = {
     "journal_mode": "wal",
     # WAL + NORMAL: a commit survives a process crash; only an OS crash can
@@ -97,7 +99,20 @@ class Database:
         await self.run_bare("migrate", self._migrate)
 
     def _migrate(self) -> None:
-        applied = Runner(self.db, directory=MIGRATIONS_DIR).up()
+        if self.is_sqlite:
+            applied = Runner(self.db, directory=MIGRATIONS_DIR).up()
+        else:
+            # Nodes starting together on a fresh database would race each other's
+            # CREATE TABLEs (PostgreSQL raises on concurrent IF NOT EXISTS): one
+            # migrates at a time, the others then find nothing left to apply. A
+            # session lock on this thread's connection, which the Runner uses too.
+            lock = "SELECT pg_advisory_lock(%s)"
+            self.db.execute_sql(lock, (MIGRATION_LOCK_KEY,))  # type: ignore[no-untyped-call]
+            try:
+                applied = Runner(self.db, directory=MIGRATIONS_DIR).up()
+            finally:
+                unlock = "SELECT pg_advisory_unlock(%s)"
+                self.db.execute_sql(unlock, (MIGRATION_LOCK_KEY,))  # type: ignore[no-untyped-call]
         if applied:
             log.info("applied migrations: %s", ", ".join(str(m) for m in applied))
 

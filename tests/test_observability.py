@@ -119,14 +119,20 @@ def wait_for_scrapes(stack: Stack, count: int = 2) -> None:
 # -- traffic ------------------------------------------------------------------------
 
 
-async def drive_traffic(url: str, config: Config, phase: str) -> None:
-    """Connections, a broadcast, an unknown event, a refused token, a rate-limit hit."""
+async def drive_traffic(url: str, peer_url: str, config: Config, phase: str, tag: str) -> None:
+    """Connections, a broadcast, an unknown event, a refused token, a rate-limit hit.
+
+    Alice is on this node, bob on its peer: the broadcast crosses the Redis
+    mirror (this node publishes, the peer receives). Users and rooms are
+    ``tag``-ged so the two nodes' runs do not share rooms or rate limits.
+    """
     ws = url.replace("http://", "ws://") + "/ws/chat"
-    alice = Client(ws, mint_token(config, "alice"))
-    bob = Client(ws, mint_token(config, "bob"))
+    peer_ws = peer_url.replace("http://", "ws://") + "/ws/chat"
+    alice = Client(ws, mint_token(config, f"alice-{tag}"))
+    bob = Client(peer_ws, mint_token(config, f"bob-{tag}"))
     await alice.connect()
     await bob.connect()
-    room_id = f"obs-{phase}"
+    room_id = f"obs-{phase}-{tag}"
     await alice.emit("room:create", {"roomId": room_id, "name": "Observability"})
     await alice.emit("room:join", {"roomId": room_id})
     await bob.emit("room:join", {"roomId": room_id})
@@ -161,7 +167,11 @@ _KEEP: list[Client] = []
 
 
 async def _drive_all(stack: Stack, config: Config, phase: str) -> None:
-    await asyncio.gather(*(drive_traffic(url, config, phase) for url in stack.gateway_urls))
+    urls = stack.gateway_urls
+    await asyncio.gather(*(
+        drive_traffic(url, urls[(i + 1) % len(urls)], config, phase, str(i))
+        for i, url in enumerate(urls)
+    ))  # fmt: skip
 
 
 def _run_phase(loop: asyncio.AbstractEventLoop, stack: Stack, config: Config, phase: str) -> None:
@@ -175,9 +185,10 @@ def stack() -> Iterator[Stack]:
     # One event loop for the whole module, so the kept-open clients stay usable.
     loop = asyncio.new_event_loop()
     with Stack(
+        # The compose topology: two nodes sharing PostgreSQL and Redis.
         nodes=2,
-        postgres=False,
-        redis=False,
+        postgres=True,
+        redis=True,
         prometheus=True,
         scrape_interval=f"{SCRAPE_INTERVAL_SECS:g}s",
         # Opt in to per-room series so their family and panel are checked too.
@@ -271,6 +282,10 @@ def test_traffic_shows_up_on_both_instances(stack: Stack) -> None:
         'switchboard_connections{namespace="chat"} == 1',
         'switchboard_publish_deliver_seconds_count{namespace="chat"} >= 2',
         'switchboard_db_query_duration_seconds_count{operation="message.send"} >= 2',
+        "switchboard_redis_up == 1",
+        "switchboard_redis_published_total >= 2",
+        "switchboard_redis_received_total >= 2",
+        "switchboard_redis_pubsub_lag_seconds_count >= 2",
     ):
         instances = {s["metric"]["instance"] for s in query(base, expr)}
         assert instances == set(stack.gateway_targets), expr
