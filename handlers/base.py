@@ -142,6 +142,9 @@ class GatewayHandler(WebSocketHandler):
         self._registered = False
         self._limit_held = False
         self._closing = False
+        # (stream, socket) of a plain-TCP connection, for write_frame's fast path.
+        self._raw: tuple[IOStream, Any] | None = None
+        self._max_out = self.config.max_outbound_bytes
         self._gone = False
         self._bad_frames = 0
         self._bad_window_start = 0.0
@@ -183,6 +186,10 @@ class GatewayHandler(WebSocketHandler):
 
     async def open(self, *args: str, **kwargs: str) -> None:
         self.set_nodelay(True)
+        ws = self.ws_connection
+        stream = ws.stream if ws is not None else None
+        if type(stream) is IOStream and stream.socket is not None:
+            self._raw = (stream, stream.socket)  # TLS (SSLIOStream) never takes it
         self.client_ip = self._remote_ip()
         try:
             await self._admit()
@@ -403,6 +410,22 @@ class GatewayHandler(WebSocketHandler):
 
     def write_frame(self, frame: bytes) -> bool:
         """:meth:`send_frame` without the metrics: the hub counts broadcasts in bulk."""
+        raw = self._raw
+        if raw is not None and not self._closing:
+            # The hot path of every broadcast: nothing queued on a plain TCP
+            # stream, so send() now. stream.write() would make the same send()
+            # but also create, queue and resolve a Future per recipient (~45% of
+            # the broadcast loop's CPU, see bench/README.md). What the socket
+            # does not take, or any send error, goes the general way below.
+            fast, sock = raw
+            if not fast._write_buffer._size and not fast._closed and len(frame) <= self._max_out:
+                try:
+                    sent = sock.send(frame)
+                except OSError:
+                    sent = 0
+                if sent == len(frame):
+                    return True
+                frame = frame[sent:]
         ws = self.ws_connection
         if ws is None or self._closing:
             return False
@@ -415,20 +438,7 @@ class GatewayHandler(WebSocketHandler):
             self._slow_consumer()
             return False
         try:
-            if not buffered and type(stream) is IOStream:
-                # Nothing queued: send() now. stream.write() would make the same
-                # send() but also create, queue and resolve a Future for every
-                # recipient of every broadcast (~45% of the broadcast loop's CPU, see
-                # bench/README.md). What the socket does not take (or a send
-                # error) goes through write() as before. TLS streams skip this.
-                try:
-                    sent = stream.socket.send(frame)
-                except OSError:
-                    sent = 0
-                if sent < len(frame):
-                    stream.write(frame[sent:])
-            else:
-                stream.write(frame)
+            stream.write(frame)
         except StreamClosedError:
             return False
         return True
