@@ -3,9 +3,10 @@
 Two browser contexts sign in as two users (one at phone width), join a room,
 see each other's presence and typing, exchange, react to, edit and delete
 messages; markup in a message stays text; both pages survive a gateway
-restart and recover, exactly once, a message sent while they were away. A mention lights the other user's bell; an admin watches live
-figures, kicks a user and sees the kick in the live log page. Screenshots of
-the main views go to tests/artifacts/ (git-ignored).
+restart and recover, exactly once, a message sent while they were away. A
+mention lights the other user's bell; an admin watches live figures, kicks a
+user and sees the kick in the live log page. Screenshots of the main views go
+to tests/artifacts/ (git-ignored).
 """
 
 from __future__ import annotations
