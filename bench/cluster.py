@@ -61,7 +61,7 @@ import psutil
 import redis
 
 from bench._wsclient import raise_nofile
-from bench.fanout import _publisher_proc, _subscriber_proc
+from bench.fanout import _percentile, _publisher_proc, _recv, _subscriber_proc
 from tests.cluster import Cluster, parse_metrics
 
 TARGET_RATIO = 0.8  # cross-node / local deliveries/s at 1,000 subscribers
@@ -181,22 +181,6 @@ def _metrics(port: int) -> dict[str, float]:
 
 def _delta(before: dict[str, float], after: dict[str, float], series: str) -> float:
     return after.get(series, 0.0) - before.get(series, 0.0)
-
-
-def _recv(conn: Any, timeout: float, what: str) -> tuple[Any, ...]:
-    if not conn.poll(timeout):
-        raise TimeoutError(f"no {what} within {timeout:.0f}s")
-    msg: tuple[Any, ...] = conn.recv()
-    if msg[0] == "error":
-        raise RuntimeError(f"client process failed: {msg[1]}")
-    return msg
-
-
-def _percentile(values: array[float], q: float) -> float:
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
 def _cpu_secs(proc: psutil.Process) -> float:

@@ -296,12 +296,12 @@ class AdminHandler(GatewayHandler):
         page = user_ids[offset : offset + limit]
         statuses = await self.presence.statuses(page)
         by_node = await cluster.connections_by_node(page) if cluster else {}
+        local = {u: self.hub.user_connections(u) for u in page}
         # Users connected only to other nodes: their names come from the database.
-        remote = [u for u in page if not self.hub.user_connections(u)]
+        remote = [u for u, conns in local.items() if not conns]
         names = await self.db.run("user.names", chat_db.user_names, remote) if remote else {}
         users = []
-        for user_id in page:
-            conns = self.hub.user_connections(user_id)
+        for user_id, conns in local.items():
             by_ns: dict[str, int] = {}
             for conn in conns:
                 by_ns[conn.namespace] = by_ns.get(conn.namespace, 0) + 1

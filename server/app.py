@@ -159,8 +159,8 @@ class Node:
         # Notifications (server/notify.py) plug in as ``self.moderation.notifier``.
         self.moderation = Moderation(self.hub, self.db, self.stats, self.tasks)
         self.notifications = NotificationService(
-            self.db, self.hub, config.max_notifications_per_user, metrics=self.metrics,
-            connections=self.connection_limiter,
+            self.db, self.hub, self.connection_limiter, config.max_notifications_per_user,
+            metrics=self.metrics,
         )  # fmt: skip
         self.moderation.notifier = self.notifications
         if isinstance(self.hub, RedisHub):

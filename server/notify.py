@@ -96,7 +96,7 @@ class NotificationService:
 
     Example::
 
-        service = NotificationService(db, hub, max_per_user=100, metrics=metrics)
+        service = NotificationService(db, hub, limiter, max_per_user=100, metrics=metrics)
         await service.notify(["bob"], title="Welcome")
 
     With ``metrics``, every stored notification counts in
@@ -107,10 +107,10 @@ class NotificationService:
         self,
         db: Database,
         hub: Hub,
+        connections: ConnectionLimiter,
         max_per_user: int,
         *,
         metrics: Metrics | None = None,
-        connections: ConnectionLimiter | None = None,
     ) -> None:
         self.db = db
         self.hub = hub
@@ -254,11 +254,7 @@ class NotificationService:
         self, room_id: str, sender_id: str, audience: store.RoomAudience, first: int, last: int
     ) -> None:
         others = [u for u in audience.members if u != sender_id]
-        if self.connections is not None:
-            # Cluster-wide: a chat socket on another node means "not away".
-            present = await self.connections.connected("chat", others)
-        else:
-            present = {u for u in others if self.hub.user_connections(u, "chat")}
+        present = await self.connections.connected("chat", others)
         away = [u for u in others if u not in present]
         if away:
             changes = await self.db.run(

@@ -8,17 +8,14 @@ PostgreSQL database, real WebSocket clients.
 
 from __future__ import annotations
 
-import asyncio
 import os
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import orjson
 import pytest
-from tornado.httpclient import AsyncHTTPClient
 
 from tests.services import RedisServer, require_binary
+from tests.test_health import until
 
 pytestmark = pytest.mark.asyncio
 
@@ -34,20 +31,8 @@ def tls_redis() -> Iterator[RedisServer]:
         yield server
 
 
-async def get_json(gw: Any, path: str) -> tuple[int, dict[str, Any]]:
-    resp = await AsyncHTTPClient().fetch(f"{gw.http}{path}", raise_error=False, request_timeout=10)
-    return resp.code, orjson.loads(resp.body)
-
-
-async def wait_ready(gw: Any, want: str, timeout: float = 15.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        _, body = await get_json(gw, "/health/ready")
-        if body["status"] == want:
-            return body
-        if time.monotonic() > deadline:
-            raise AssertionError(f"/health/ready stayed {body}")
-        await asyncio.sleep(0.1)
+async def wait_ready(gw: Any, want: str) -> dict[str, Any]:
+    return await until(gw, "/health/ready", lambda status, body: body["status"] == want)
 
 
 async def test_nodes_mirror_over_tls_with_a_password(
@@ -72,9 +57,7 @@ async def test_nodes_mirror_over_tls_with_a_password(
     # Cluster state (presence) goes over the same TLS connection.
     statuses = await b.node.presence.statuses(["alice", "bob"])
     assert statuses == {"alice": "online", "bob": "online"}
-    # The join above may not have reached node A's subscription yet: wait for
-    # B's SUBSCRIBE to be confirmed, as room:join does, then send.
-    assert await b.node.hub.wait_subscribed("room", "secure")
+    # Bob's join ack means node B's room subscription is confirmed: send now.
     sent = await alice.emit("message:send", {"roomId": "secure", "content": "over TLS"})
     frame = await bob.next_event("message:new", timeout=10)
     assert frame["data"]["message"]["seq"] == sent["message"]["seq"]
