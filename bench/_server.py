@@ -67,17 +67,23 @@ BENCH_SECRET = "switchboard-bench-secret-not-for-production"
 
 
 class TimedWrites(Hub):
-    """Counts the CPU (this thread's) and wall time spent inside ``_write``.
+    """Counts the CPU (this thread's) and wall time spent in ``_write`` and ``flush``.
 
-    ``_write`` is the broadcast loop itself: a delivery's cost without the
-    chat path around it (envelope, schema, database, ack). Two clock reads
-    per broadcast, not per recipient. The ``stats`` command reports the sums.
+    Together they are the broadcast loop itself: a delivery's cost without
+    the chat path around it (envelope, schema, database, ack). With the
+    node's coalescing hub ``_write`` queues and ``flush`` (once per loop
+    iteration) makes one write per connection; ``flushes`` and
+    ``flush_writes`` tell how many broadcasts shared a write. Two clock reads
+    per broadcast or flush, not per recipient. The ``stats`` command reports
+    the sums.
     """
 
     write_calls = 0
     write_deliveries = 0
     write_cpu = 0.0
     write_wall = 0.0
+    flushes = 0
+    flush_writes = 0
 
     def _write(self, conns: Any, frame: bytes, exclude: str | None) -> int:
         cpu, wall = time.thread_time(), time.perf_counter()
@@ -88,17 +94,35 @@ class TimedWrites(Hub):
         self.write_deliveries += delivered
         return delivered
 
+    def flush(self) -> None:
+        cpu, wall = time.thread_time(), time.perf_counter()
+        self.flushes += 1
+        self.flush_writes += len(self._queued)
+        super().flush()
+        self.write_cpu += time.thread_time() - cpu
+        self.write_wall += time.perf_counter() - wall
+
     def counters(self) -> dict[str, Any]:
         return {
             "calls": self.write_calls,
             "deliveries": self.write_deliveries,
             "cpu": self.write_cpu,
             "wall": self.write_wall,
+            "flushes": self.flushes,
+            "flush_writes": self.flush_writes,
         }
 
 
 class BuiltOnceHub(TimedWrites, Hub):
-    """The project's hub, unchanged, with :class:`TimedWrites`' counters."""
+    """The project's hub as the node builds it (coalescing), with :class:`TimedWrites`."""
+
+
+class DirectHub(TimedWrites, Hub):
+    """The project's hub with ``coalesce`` off: every broadcast written at once."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["coalesce"] = False
+        super().__init__(*args, **kwargs)
 
 
 class _WriteMessage(Hub):
@@ -159,7 +183,11 @@ class WriteMessageHub(TimedWrites, _WriteMessage):
     """
 
 
-HUBS: dict[str, type[Hub]] = {"builtonce": BuiltOnceHub, "write_message": WriteMessageHub}
+HUBS: dict[str, type[Hub]] = {
+    "builtonce": BuiltOnceHub,
+    "direct": DirectHub,
+    "write_message": WriteMessageHub,
+}
 
 
 def raise_nofile() -> int:

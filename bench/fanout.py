@@ -111,7 +111,9 @@ from bench._wsclient import (
 )
 from server.auth import mint_token
 
-HUBS = ("write_message", "builtonce")
+HUBS = ("write_message", "builtonce")  # the default run
+#: Also accepted by --hubs: the project's hub with write coalescing off.
+EXTRA_HUBS = ("direct",)
 TARGET_DELIVERIES = 100_000  # per second, at 1,000 subscribers, built-once hub
 TARGET_RATIO = 2.5  # built-once / write_message
 CONTENT = "fan-out benchmark: a chat message of ordinary length, sixty-odd chars"
@@ -284,6 +286,7 @@ class Phase:
     hub_cpu_us: float = math.nan  # loop-thread CPU inside Hub._write, per delivery
     hub_wall_us: float = math.nan  # wall time inside Hub._write, per delivery
     loop_cpu_us: float = math.nan  # all loop-thread CPU, per delivery
+    per_write: float = math.nan  # frames per socket write (coalescing hub; else 1)
 
     @property
     def per_s(self) -> float:
@@ -303,7 +306,8 @@ class Phase:
             f"({self.msgs_per_s:,.0f} msg/s)  latency p50 {self.p50_ms:7.1f} ms "
             f"p99 {self.p99_ms:7.1f} ms  server CPU {self.server_cpu:3.0f}% "
             f"(loop {self.loop_cpu:3.0f}%)  clients {clients} pub {self.publisher_cpu:.0f}%"
-            f"\n{'':<31}per delivery: hub._write {self.hub_cpu_us:.1f} us CPU "
+            f"\n{'':<31}frames per write {self.per_write:.2f}; "
+            f"per delivery: hub._write {self.hub_cpu_us:.1f} us CPU "
             f"({self.hub_wall_us:.1f} us wall) = {1e6 / self.hub_cpu_us:,.0f}/s per core; "
             f"loop thread {self.loop_cpu_us:.1f} us = {1e6 / self.loop_cpu_us:,.0f}/s per core; "
             f"machine {self.box_cpu:.0f}% of {100 * (os.cpu_count() or 1)}%, "
@@ -457,6 +461,8 @@ def run_one(hub: str, n: int, args: argparse.Namespace, steady_rate: float | Non
                 ph.hub_cpu_us = 1e6 * (w1["cpu"] - w0["cpu"]) / ph.server_deliveries
                 ph.hub_wall_us = 1e6 * (w1["wall"] - w0["wall"]) / ph.server_deliveries
                 ph.loop_cpu_us = 1e6 * (after.loop - before.loop) / ph.server_deliveries
+                writes = w1["flush_writes"] - w0["flush_writes"]
+                ph.per_write = ph.server_deliveries / writes if writes else 1.0
             ph.failed = sent["failed"]
             ph.closed = sum(d["closed"] for d in done)
             if sent["errors"]:
@@ -565,8 +571,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.ns = [int(x) for x in args.subscribers.split(",") if x.strip()]
     args.hub_list = [h.strip() for h in args.hubs.split(",") if h.strip()]
     for hub in args.hub_list:
-        if hub not in HUBS:
-            parser.error(f"unknown hub {hub!r} (one of {', '.join(HUBS)})")
+        if hub not in HUBS + EXTRA_HUBS:
+            parser.error(f"unknown hub {hub!r} (one of {', '.join(HUBS + EXTRA_HUBS)})")
     args.users_for = lambda n: min(n, args.users) if args.users > 0 else n
     fixed = args.messages
     args.messages_for = lambda n: fixed or max(100, min(3000, math.ceil(150_000 / n)))

@@ -402,6 +402,7 @@ class GatewayHandler(WebSocketHandler):
 
     def send_frame(self, frame: bytes) -> bool:
         """Queue a pre-built frame, closing the connection if it fell too far behind."""
+        self.hub.flush_to(self)  # broadcasts queued for this iteration go first
         if not self.write_frame(frame):
             return False
         self.metrics.frames_sent.inc()
@@ -474,6 +475,8 @@ class GatewayHandler(WebSocketHandler):
         self._closing = True
         if self._close_reason == "client":
             self._close_reason = {1001: "shutdown", 4408: "heartbeat_timeout"}.get(code, "server")
+        if code != 4408:  # a stalled peer would not read them anyway
+            self.hub.flush_to(self)
         ws = self.ws_connection
         try:
             self.close(code, reason)

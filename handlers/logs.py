@@ -309,6 +309,7 @@ class LogsHandler(GatewayHandler):
         stream = ws.stream
         if stream is None or stream.closed():
             return None
+        self.hub.flush_to(self)  # keep frame order with queued broadcasts
         written = stream.write(frame)
         self.metrics.frames_sent.inc()
         self.metrics.bytes_sent.inc(len(frame))

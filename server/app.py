@@ -129,10 +129,12 @@ class Node:
         if self.redis is not None:
             self.hub = RedisHub(
                 config.node_id, self.redis, prefix=config.redis_prefix, metrics=self.metrics,
-                on_delivered=self._count_deliveries,
+                on_delivered=self._count_deliveries, coalesce=True,
             )  # fmt: skip
         else:
-            self.hub = hub_class(config.node_id, on_delivered=self._count_deliveries)
+            self.hub = hub_class(
+                config.node_id, on_delivered=self._count_deliveries, coalesce=True
+            )
         self.db = Database(
             config.database_url, workers=config.db_workers, observe=self._observe_db
         )

@@ -138,8 +138,9 @@ class RedisHub(Hub):
         prefix: str = "switchboard",
         metrics: Metrics | None = None,
         on_delivered: Callable[[int, int], None] | None = None,
+        coalesce: bool = False,
     ) -> None:
-        super().__init__(node_id, on_delivered=on_delivered)
+        super().__init__(node_id, on_delivered=on_delivered, coalesce=coalesce)
         self.prefix = prefix
         self.metrics = metrics
         self.self_check_interval_secs = SELF_CHECK_INTERVAL_SECS

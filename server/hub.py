@@ -6,6 +6,16 @@ to a :class:`Target`. A broadcast is serialised and framed once; the same
 bytes are written to every recipient's stream, which is what makes fan-out
 cheap (no per-recipient JSON, compression or Future wrapping).
 
+With ``coalesce=True`` (what the node uses) broadcasts are not written at
+once: each recipient's frames are queued and written by :meth:`Hub.flush`,
+which runs once per event-loop iteration. A recipient that gets several
+broadcasts in the same iteration (busy rooms, several senders) then gets
+them in one ``send()`` instead of one each -- the system call is most of a
+delivery's cost -- and the delay is one loop iteration, not a timer. A
+direct write to a connection (:meth:`Hub.flush_to`, called by the handlers
+before every ``send_frame``) sends that connection's queued frames first,
+so a connection sees frames in the order they were produced.
+
 The hub knows nothing about chat. A cluster mirror subclasses it and
 implements the ``_remote_*`` hooks; the plain :class:`Hub` is the
 single-node backend with the same interface.
@@ -20,6 +30,7 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple, Protocol
@@ -100,9 +111,17 @@ class Hub:
     """Single-node hub; also the base of the Redis-mirrored hub."""
 
     def __init__(
-        self, node_id: str, *, on_delivered: Callable[[int, int], None] | None = None
+        self,
+        node_id: str,
+        *,
+        on_delivered: Callable[[int, int], None] | None = None,
+        coalesce: bool = False,
     ) -> None:
-        """``on_delivered(count, nbytes)`` is called once per broadcast that reached anyone."""
+        """``on_delivered(count, nbytes)`` is called once per write pass that reached anyone.
+
+        That is once per broadcast, or with ``coalesce`` once per :meth:`flush`
+        (the frames and bytes of every broadcast it wrote).
+        """
         self.node_id = node_id
         self.connections: dict[str, Connection] = {}
         self._by_user: dict[str, set[Connection]] = {}
@@ -112,6 +131,10 @@ class Hub:
         # Joins whose recovery query is in flight: room -> conn -> buffered (seq, frame).
         self._pending: dict[str, dict[Connection, list[tuple[int | None, bytes]]]] = {}
         self._on_delivered = on_delivered
+        self.coalesce = coalesce
+        # coalesce: frames waiting for this loop iteration's flush, per connection.
+        self._queued: dict[Connection, list[bytes]] = {}
+        self._flush_scheduled = False
 
     # -- membership -------------------------------------------------------
 
@@ -129,6 +152,7 @@ class Hub:
 
     def remove(self, conn: Connection) -> set[str]:
         """Forget a connection; returns the rooms it was in (already left)."""
+        self._queued.pop(conn, None)
         if self.connections.pop(conn.conn_id, None) is None:
             return set()
         rooms = self._rooms_of.pop(conn.conn_id, set())
@@ -304,6 +328,8 @@ class Hub:
         return conns
 
     def _write(self, conns: Iterable[Connection], frame: bytes, exclude: str | None) -> int:
+        if self.coalesce:
+            return self._queue(conns, frame, exclude)
         delivered = 0
         # Iterate over a snapshot: a write may close a slow consumer, which
         # removes it from these very sets.
@@ -315,6 +341,48 @@ class Hub:
         if self._on_delivered is not None and delivered:
             self._on_delivered(delivered, delivered * len(frame))
         return delivered
+
+    def _queue(self, conns: Iterable[Connection], frame: bytes, exclude: str | None) -> int:
+        """``_write`` with ``coalesce``: queue for this iteration's :meth:`flush`."""
+        outbox = self._queued
+        queued = 0
+        # Nothing is written here, so nothing can close a connection and
+        # change ``conns`` under the loop: no snapshot needed.
+        for conn in conns:
+            if conn.conn_id != exclude:
+                frames = outbox.get(conn)
+                if frames is None:
+                    outbox[conn] = [frame]
+                else:
+                    frames.append(frame)
+                queued += 1
+        if queued and not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+        return queued
+
+    def flush(self) -> None:
+        """Write every connection's queued frames, one write per connection."""
+        self._flush_scheduled = False
+        outbox, self._queued = self._queued, {}
+        count = nbytes = 0
+        for conn, frames in outbox.items():
+            data = frames[0] if len(frames) == 1 else b"".join(frames)
+            # A write may close a slow consumer; it is already out of the outbox.
+            if conn.write_frame(data):
+                count += len(frames)
+                nbytes += len(data)
+        if self._on_delivered is not None and count:
+            self._on_delivered(count, nbytes)
+
+    def flush_to(self, conn: Connection) -> None:
+        """Write ``conn``'s queued frames now, ahead of a direct write to it."""
+        frames = self._queued.pop(conn, None) if self._queued else None
+        if frames is None:
+            return
+        data = b"".join(frames)
+        if conn.write_frame(data) and self._on_delivered is not None:
+            self._on_delivered(len(frames), len(data))
 
     # -- liveness -----------------------------------------------------------
 

@@ -742,6 +742,29 @@ async def test_seq_has_no_gaps_across_senders(gateway):
     assert (await send(bob, "other"))["seq"] == 1
 
 
+async def test_concurrent_senders_reach_every_member_once(gateway):
+    """Several senders at once, so the hub writes each member the broadcasts of a
+    loop iteration together: every member still gets every message once
+    (senders all but their own). The frame order of coalesced writes is
+    covered in tests/test_hub.py."""
+    clients = await users(gateway, "alice", "bob", "carol", "dave", "erin")
+    senders = clients[:3]
+    await room(clients[0], "general")
+    for client in clients[1:]:
+        await join(client, "general")
+    await settle(*clients)
+    sends = [send(c, "general", f"{n}-{i}") for i in range(20) for n, c in enumerate(senders)]
+    messages = await asyncio.gather(*sends)
+    every = sorted(m["seq"] for m in messages)
+    assert every == list(range(1, 61))
+    for k, client in enumerate(clients):
+        own = {m["seq"] for j, m in enumerate(messages) if j % 3 == k}
+        await client.emit("system:ping")  # barrier: the broadcasts were written long before
+        got = [f["data"]["message"]["seq"] for f in client.drain_events("message:new")]
+        assert sorted(got) == [seq for seq in every if seq not in own], client
+        assert len(got) == len(set(got))
+
+
 async def test_client_msg_id_makes_send_idempotent(gateway):
     alice, bob = await users(gateway, "alice", "bob")
     await room(alice, "general")

@@ -6,6 +6,7 @@ handler that records the frames written to it and the close/ping calls.
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from typing import Any
 
@@ -586,3 +587,147 @@ def test_remote_publish_gets_the_payload_once_per_target():
     hub.publish_rooms(["general", "random"], "x", {})
     assert [t for t, *_ in hub.remote] == [Target.room("general"), Target.room("random")]
     assert hub.remote[0][1] is hub.remote[1][1]
+
+
+# -- write coalescing (the node's hub) --------------------------------------------------
+
+
+def split_frames(data: bytes) -> list[bytes]:
+    """Cut one socket write into its WebSocket frames, checking each one."""
+    frames = []
+    while data:
+        length, offset = data[1] & 0x7F, 2
+        if length == 126:
+            (length,), offset = struct.unpack("!H", data[2:4]), 4
+        elif length == 127:
+            (length,), offset = struct.unpack("!Q", data[2:10]), 10
+        frames.append(data[: offset + length])
+        data = data[offset + length :]
+    for frame in frames:
+        decode_frame(frame)
+    return frames
+
+
+class HandlerConn(FakeConn):
+    """Like the handlers: a direct send first writes what the hub queued for it.
+
+    ``frames`` records socket writes, which may each hold several frames.
+    """
+
+    def __init__(self, hub: Hub, conn_id: str, user_id: str) -> None:
+        super().__init__(conn_id, user_id)
+        self.hub = hub
+
+    def send_frame(self, frame: bytes) -> bool:
+        self.hub.flush_to(self)
+        return self.write_frame(frame)
+
+    def write_frame(self, frame: bytes) -> bool:
+        if not self.accept:
+            return False
+        self.frames.append(frame)
+        return True
+
+    def seqs(self) -> list[list[int]]:
+        """Per write, the ``seq`` of each frame in it."""
+        return [
+            [orjson.loads(decode_frame(f))["data"]["seq"] for f in split_frames(w)]
+            for w in self.frames
+        ]
+
+
+class CountingHub(Hub):
+    def __init__(self) -> None:
+        super().__init__("n1", coalesce=True)
+        self.flushes = 0
+        self.delivered: list[tuple[int, int]] = []
+        self._on_delivered = lambda count, nbytes: self.delivered.append((count, nbytes))
+
+    def flush(self) -> None:
+        self.flushes += 1
+        super().flush()
+
+
+def coalescing_room(size: int = 3) -> tuple[CountingHub, list[HandlerConn]]:
+    hub = CountingHub()
+    conns = [HandlerConn(hub, f"c{i}", f"u{i}") for i in range(size)]
+    for c in conns:
+        hub.add(c)
+        hub.join(c, "general")
+    return hub, conns
+
+
+async def next_iteration() -> None:
+    await asyncio.sleep(0)
+
+
+@pytest.mark.asyncio
+async def test_coalescing_writes_an_iterations_broadcasts_in_one_write():
+    hub, conns = coalescing_room()
+    for seq in (1, 2, 3):
+        assert hub.publish(Target.room("general"), "message:new", {"seq": seq}, seq=seq) == 3
+    assert hub.publish(Target.user("u0"), "message:new", {"seq": 99}) == 1
+    assert all(c.frames == [] for c in conns)  # nothing written yet
+    await next_iteration()
+    assert hub.flushes == 1
+    assert conns[0].seqs() == [[1, 2, 3, 99]]  # one write, frames in publish order
+    assert conns[1].seqs() == conns[2].seqs() == [[1, 2, 3]]
+    assert hub.delivered == [(10, sum(len(w) for c in conns for w in c.frames))]
+    # The next iteration's broadcast is a write of its own.
+    hub.publish(Target.room("general"), "message:new", {"seq": 4}, seq=4, exclude="c1")
+    await next_iteration()
+    assert hub.flushes == 2
+    assert conns[0].seqs() == [[1, 2, 3, 99], [4]] and conns[1].seqs() == [[1, 2, 3]]
+    await next_iteration()
+    assert hub.flushes == 2  # nothing queued: no flush scheduled
+
+
+@pytest.mark.asyncio
+async def test_a_direct_send_writes_the_queued_broadcasts_first():
+    hub, conns = coalescing_room()
+    hub.publish(Target.room("general"), "message:new", {"seq": 1}, seq=1)
+    direct = protocol.frame(protocol.event_payload("ack", {"seq": 2}))
+    assert conns[0].send_frame(direct)
+    assert conns[0].seqs() == [[1], [2]]
+    assert conns[1].frames == []  # the others still wait for the flush
+    await next_iteration()
+    assert conns[0].seqs() == [[1], [2]]  # not written twice
+    assert conns[1].seqs() == conns[2].seqs() == [[1]]
+    size = len(conns[1].frames[0])
+    assert hub.delivered == [(1, size), (2, 2 * size)]
+
+
+@pytest.mark.asyncio
+async def test_coalescing_skips_removed_and_failing_connections():
+    hub, conns = coalescing_room(4)
+    gone, slow = conns[0], conns[1]
+
+    def drop(frame: bytes) -> bool:  # a slow consumer closes from inside its write
+        hub.remove(slow)
+        return False
+
+    slow.write_frame = drop  # type: ignore[method-assign]
+    hub.publish(Target.room("general"), "message:new", {"seq": 1}, seq=1)
+    hub.remove(gone)
+    await next_iteration()
+    assert gone.frames == [] and slow.frames == []
+    assert conns[2].seqs() == conns[3].seqs() == [[1]]
+    assert hub.delivered == [(2, 2 * len(conns[2].frames[0]))]
+    assert hub.active_rooms() == {"general": 2} and hub._queued == {}
+
+
+@pytest.mark.asyncio
+async def test_coalescing_keeps_buffered_joins_in_order():
+    hub, (live,) = coalescing_room(1)
+    joiner = HandlerConn(hub, "j1", "joiner")
+    hub.add(joiner)
+    hub.join(joiner, "general", buffer=True)
+    for seq in (1, 2, 3):
+        hub.publish(Target.room("general"), "message:new", {"seq": seq}, seq=seq)
+    hub.publish(Target.user("joiner"), "message:new", {"seq": 50})  # not room traffic
+    # The recovery query returned seq 1; the rest is released after what was queued.
+    assert hub.finish_join(joiner, "general", 1) == 2
+    hub.publish(Target.room("general"), "message:new", {"seq": 4}, seq=4)
+    await next_iteration()
+    assert [seq for write in joiner.seqs() for seq in write] == [50, 2, 3, 4]
+    assert live.seqs() == [[1, 2, 3, 4]]
