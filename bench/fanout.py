@@ -11,17 +11,30 @@ For each subscriber count N (``--subscribers 100,1000``) and each hub
   10 connections per user; fan-out cost is per connection, and with one user
   per connection every ``room:join`` returns the whole member list, which
   makes set-up O(N^2)) and over the client processes (below);
-* a publisher process (``--publishers`` connections, same room) sending
-  ``message:send`` frames over its WebSocket. Each message takes the whole
-  chat path: envelope, rate limit, schema, SQLite commit in the DB worker
-  thread, then ``hub.publish`` of ``message:new`` to the room, the ack, and
-  the notification service's follow-up. The publisher puts ``time.time()``
-  in ``metadata.bt``.
+* a publisher process (``--publishers`` connections, default 4, same room)
+  sending ``message:send`` frames over its WebSockets. Each message takes the
+  whole chat path: envelope, rate limit, schema, SQLite commit in the DB
+  worker thread, then ``hub.publish`` of ``message:new`` to the room, the
+  ack, and the notification service's follow-up. The publisher puts
+  ``time.time()`` in ``metadata.bt``.
+
+Why several publishing connections: the server handles one connection's
+frames in order, one at a time (tornado delivers the next message when
+``on_message`` is done; clients rely on that order), so a single sender's
+rate is 1 / (its message's whole round through the chat path, database
+included), whatever the hub does. A room with 1,000 members has many
+senders; with four, database commits and broadcasts overlap, and broadcasts
+that finish in the same loop iteration share a socket write (below).
+``--publishers 1`` measures the single-sender case.
 
 Hubs compared in the same run:
 
-* ``builtonce`` -- the project's hub: one ``orjson`` encode and one frame
-  per broadcast, the same bytes written to every recipient's stream;
+* ``builtonce`` -- the project's hub as the node runs it: one ``orjson``
+  encode and one frame per broadcast, the same bytes for every recipient,
+  and write coalescing: each recipient's frames of one event-loop iteration
+  go out in one ``send()`` (``frames per write`` says how many on average);
+* ``direct`` (only when asked for in ``--hubs``) -- the same hub with
+  coalescing off: one ``send()`` per recipient per broadcast;
 * ``write_message`` -- baseline, :class:`bench._server.WriteMessageHub`:
   ``conn.write_message(json.dumps(payload))`` per recipient (JSON and
   framing per recipient, tornado's normal path with its Future + Task).
@@ -41,8 +54,8 @@ Latency is measured by receivers from the embedded send time (one machine,
 one clock). Server CPU is psutil's cpu_times delta of the server process over
 the phase's wall time, in % of one core; "loop" is the event-loop thread
 alone (the rest is mostly the DB thread). Per delivery, the CPU the loop
-thread spent inside ``Hub._write`` (the broadcast loop: ``send_frame`` per
-recipient, measured with ``time.thread_time`` around each call by the
+thread spent in the hub's writes (``Hub._write`` + ``Hub.flush``: the
+broadcast loop, measured with ``time.thread_time`` around each call by the
 ``bench._server`` hubs) and the loop thread's CPU overall are printed too:
 unlike deliveries/s they do not depend on how much CPU the shared machine
 left to the server. Each phase also prints the whole machine's busy CPU and
@@ -283,8 +296,8 @@ class Phase:
     failed: int = 0
     closed: int = 0
     server_deliveries: int = 0
-    hub_cpu_us: float = math.nan  # loop-thread CPU inside Hub._write, per delivery
-    hub_wall_us: float = math.nan  # wall time inside Hub._write, per delivery
+    hub_cpu_us: float = math.nan  # loop-thread CPU in Hub._write + flush, per delivery
+    hub_wall_us: float = math.nan  # wall time in Hub._write + flush, per delivery
     loop_cpu_us: float = math.nan  # all loop-thread CPU, per delivery
     per_write: float = math.nan  # frames per socket write (coalescing hub; else 1)
 
@@ -307,7 +320,7 @@ class Phase:
             f"p99 {self.p99_ms:7.1f} ms  server CPU {self.server_cpu:3.0f}% "
             f"(loop {self.loop_cpu:3.0f}%)  clients {clients} pub {self.publisher_cpu:.0f}%"
             f"\n{'':<31}frames per write {self.per_write:.2f}; "
-            f"per delivery: hub._write {self.hub_cpu_us:.1f} us CPU "
+            f"per delivery: hub writes {self.hub_cpu_us:.1f} us CPU "
             f"({self.hub_wall_us:.1f} us wall) = {1e6 / self.hub_cpu_us:,.0f}/s per core; "
             f"loop thread {self.loop_cpu_us:.1f} us = {1e6 / self.loop_cpu_us:,.0f}/s per core; "
             f"machine {self.box_cpu:.0f}% of {100 * (os.cpu_count() or 1)}%, "
@@ -524,7 +537,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "all measure latency, no probe process)",
     )
     parser.add_argument(
-        "--publishers", type=int, default=1, help="publishing connections, one process (default 1)"
+        "--publishers",
+        type=int,
+        default=4,
+        help="publishing connections, one process (default 4; see the module docstring)",
     )
     parser.add_argument(
         "--window",
@@ -613,7 +629,7 @@ def _summary(results: dict[tuple[str, int, str], list[Phase]], args: argparse.Na
     print(
         f"  {'N':>5}  {'hub':<13} {'deliveries/s':>12} {'msg/s':>6} {'p50 ms':>7} "
         f"{'p99 ms':>7} {'steady p50/p99 ms':>20} {'server':>6} {'loop':>5} "
-        f"{'_write us':>9} {'loop us':>7}  clients"
+        f"{'write us':>9} {'loop us':>7}  clients"
     )
     for n in args.ns:
         for hub in args.hub_list:
@@ -643,7 +659,16 @@ def _summary(results: dict[tuple[str, int, str], list[Phase]], args: argparse.Na
             print(
                 f"  {n:>5}  ratio built-once / write_message: deliveries/s {ratio:.2f}x "
                 f"(target >= {TARGET_RATIO}x: {'met' if ratio >= TARGET_RATIO else 'NOT met'}); "
-                f"CPU per delivery in _write {hub:.2f}x, in the loop thread {loop:.2f}x"
+                f"CPU per delivery in hub writes {hub:.2f}x, in the loop thread {loop:.2f}x"
+            )
+        direct = results.get(("direct", n, "max"))
+        if built and direct:
+            ratio = _median(built, "per_s") / max(1e-9, _median(direct, "per_s"))
+            hub = _median(direct, "hub_cpu_us") / max(1e-9, _median(built, "hub_cpu_us"))
+            print(
+                f"  {n:>5}  ratio coalescing (builtonce) / direct: deliveries/s {ratio:.2f}x, "
+                f"CPU per delivery in hub writes {hub:.2f}x at "
+                f"{_median(built, 'per_write'):.2f} frames per write"
             )
         if built and n == 1000:
             rate = _median(built, "per_s")
@@ -651,7 +676,7 @@ def _summary(results: dict[tuple[str, int, str], list[Phase]], args: argparse.Na
             print(
                 f"  {n:>5}  built-once deliveries/s {rate:,.0f} (target >= "
                 f"{TARGET_DELIVERIES:,}/s: {'met' if rate >= TARGET_DELIVERIES else 'NOT met'}); "
-                f"broadcast path alone (_write CPU): {per_core:,.0f}/s per core"
+                f"broadcast path alone (hub writes CPU): {per_core:,.0f}/s per core"
             )
 
 
