@@ -624,6 +624,10 @@ def _median(phases: list[Phase], attr: str) -> float:
     return float(statistics.median(getattr(p, attr) for p in phases))
 
 
+def _ratio(top: list[Phase], bottom: list[Phase], attr: str) -> float:
+    return _median(top, attr) / max(1e-9, _median(bottom, attr))
+
+
 def _summary(results: dict[tuple[str, int, str], list[Phase]], args: argparse.Namespace) -> None:
     print("\nsummary (median of runs; max phase unless noted; us = CPU microseconds per delivery)")
     print(
@@ -653,21 +657,19 @@ def _summary(results: dict[tuple[str, int, str], list[Phase]], args: argparse.Na
             )
         built, base = results.get(("builtonce", n, "max")), results.get(("write_message", n, "max"))
         if built and base:
-            ratio = _median(built, "per_s") / max(1e-9, _median(base, "per_s"))
-            hub = _median(base, "hub_cpu_us") / max(1e-9, _median(built, "hub_cpu_us"))
-            loop = _median(base, "loop_cpu_us") / max(1e-9, _median(built, "loop_cpu_us"))
+            ratio = _ratio(built, base, "per_s")
             print(
                 f"  {n:>5}  ratio built-once / write_message: deliveries/s {ratio:.2f}x "
                 f"(target >= {TARGET_RATIO}x: {'met' if ratio >= TARGET_RATIO else 'NOT met'}); "
-                f"CPU per delivery in hub writes {hub:.2f}x, in the loop thread {loop:.2f}x"
+                f"CPU per delivery in hub writes {_ratio(base, built, 'hub_cpu_us'):.2f}x, "
+                f"in the loop thread {_ratio(base, built, 'loop_cpu_us'):.2f}x"
             )
         direct = results.get(("direct", n, "max"))
         if built and direct:
-            ratio = _median(built, "per_s") / max(1e-9, _median(direct, "per_s"))
-            hub = _median(direct, "hub_cpu_us") / max(1e-9, _median(built, "hub_cpu_us"))
             print(
-                f"  {n:>5}  ratio coalescing (builtonce) / direct: deliveries/s {ratio:.2f}x, "
-                f"CPU per delivery in hub writes {hub:.2f}x at "
+                f"  {n:>5}  ratio coalescing (builtonce) / direct: deliveries/s "
+                f"{_ratio(built, direct, 'per_s'):.2f}x, CPU per delivery in hub writes "
+                f"{_ratio(direct, built, 'hub_cpu_us'):.2f}x at "
                 f"{_median(built, 'per_write'):.2f} frames per write"
             )
         if built and n == 1000:
