@@ -107,6 +107,38 @@ def _discard(index: dict[str, set[Any]], key: str, item: Any) -> bool:
     return False
 
 
+#: The most bytes one coalesced write joins. A write is held to the
+#: connection's outbound budget (MAX_OUTBOUND_BYTES) as a whole, so a burst
+#: of frames that each fit must not be refused for being joined; frames are
+#: joined up to this size (well under any workable budget), a bigger frame
+#: goes alone, exactly as it would without coalescing.
+COALESCE_MAX_BYTES = 64 * 1024
+
+
+def _write_batches(conn: Connection, frames: list[bytes]) -> tuple[int, int]:
+    """Write ``frames`` in order, joined up to :data:`COALESCE_MAX_BYTES` a write.
+
+    Returns the frames and bytes written; stops at the first refused write.
+    """
+    data = b"".join(frames)
+    if len(data) <= COALESCE_MAX_BYTES:  # the usual case: one write
+        return (len(frames), len(data)) if conn.write_frame(data) else (0, 0)
+    count = nbytes = 0
+    start, size = 0, 0
+    for end, frame in enumerate(frames):
+        if end > start and size + len(frame) > COALESCE_MAX_BYTES:
+            data = b"".join(frames[start:end])
+            if not conn.write_frame(data):
+                return count, nbytes
+            count, nbytes = count + end - start, nbytes + len(data)
+            start, size = end, 0
+        size += len(frame)
+    data = frames[start] if len(frames) - start == 1 else b"".join(frames[start:])
+    if conn.write_frame(data):
+        count, nbytes = count + len(frames) - start, nbytes + len(data)
+    return count, nbytes
+
+
 class Hub:
     """Single-node hub; also the base of the Redis-mirrored hub."""
 
@@ -367,11 +399,15 @@ class Hub:
         outbox, self._queued = self._queued, {}
         count = nbytes = 0
         for conn, frames in outbox.items():
-            data = frames[0] if len(frames) == 1 else b"".join(frames)
             # A write may close a slow consumer; it is already out of the outbox.
-            if conn.write_frame(data):
-                count += len(frames)
-                nbytes += len(data)
+            if len(frames) == 1:
+                if conn.write_frame(frames[0]):
+                    count += 1
+                    nbytes += len(frames[0])
+            else:
+                written, size = _write_batches(conn, frames)
+                count += written
+                nbytes += size
         if self._on_delivered is not None and count:
             self._on_delivered(count, nbytes)
 
@@ -380,9 +416,9 @@ class Hub:
         frames = self._queued.pop(conn, None) if self._queued else None
         if frames is None:
             return
-        data = b"".join(frames)
-        if conn.write_frame(data) and self._on_delivered is not None:
-            self._on_delivered(len(frames), len(data))
+        count, nbytes = _write_batches(conn, frames)
+        if self._on_delivered is not None and count:
+            self._on_delivered(count, nbytes)
 
     # -- liveness -----------------------------------------------------------
 

@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from server import protocol
-from server.hub import Hub, Target
+from server.hub import COALESCE_MAX_BYTES, Hub, Target
 
 
 class FakeConn:
@@ -731,3 +731,34 @@ async def test_coalescing_keeps_buffered_joins_in_order():
     await next_iteration()
     assert [seq for write in joiner.seqs() for seq in write] == [50, 2, 3, 4]
     assert live.seqs() == [[1, 2, 3, 4]]
+
+
+@pytest.mark.asyncio
+async def test_coalesced_writes_stay_within_a_write_size_cap():
+    """Joined writes are capped, so a burst of frames that each fit the outbound
+    budget is not refused for being joined; a bigger frame goes alone."""
+    hub, (conn,) = coalescing_room(1)
+    sizes = [20_000, 20_000, 20_000, 20_000, 100_000, 300, 300]
+    for seq, size in enumerate(sizes, 1):
+        hub.publish(Target.room("general"), "message:new", {"seq": seq, "x": "y" * size}, seq=seq)
+    await next_iteration()
+    assert conn.seqs() == [[1, 2, 3], [4], [5], [6, 7]]
+    assert all(len(w) <= COALESCE_MAX_BYTES for w in conn.frames if len(split_frames(w)) > 1)
+    assert hub.delivered == [(7, sum(len(w) for w in conn.frames))]
+
+
+@pytest.mark.asyncio
+async def test_a_refused_coalesced_write_stops_the_connections_writes():
+    hub, (conn,) = coalescing_room(1)
+    writes: list[bytes] = []
+
+    def first_only(data: bytes) -> bool:  # the second write finds the connection closed
+        writes.append(data)
+        return len(writes) == 1
+
+    conn.write_frame = first_only  # type: ignore[method-assign]
+    for seq in (1, 2, 3):
+        hub.publish(Target.room("general"), "message:new", {"seq": seq, "x": "y" * 40_000})
+    await next_iteration()
+    assert len(writes) == 2  # [1], then [2] refused: [3] is not tried
+    assert hub.delivered == [(1, len(writes[0]))]
