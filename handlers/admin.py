@@ -30,6 +30,7 @@ from server.health import Health, rss_bytes
 from server.hub import Hub, Target
 from server.moderation import AUDIT_ACTIONS, NAMESPACES, Moderation
 from server.stats import Stats
+from server.tasks import cancel_and_wait
 
 log = logging.getLogger("switchboard.admin")
 
@@ -128,13 +129,8 @@ class AdminFeed:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="admin-feed")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:

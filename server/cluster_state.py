@@ -62,6 +62,7 @@ from server.db import Database
 from server.hub import Hub, Target
 from server.limits import ConnectionLimiter, Decision, RateLimiter
 from server.presence import Presence
+from server.tasks import cancel_and_wait
 
 log = logging.getLogger("switchboard.cluster")
 
@@ -664,13 +665,8 @@ class NodeRegistry:
 
     async def stop(self) -> None:
         """Stop ticking and leave the registry (connections are closed by then)."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self.link.down:
             return
         try:

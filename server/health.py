@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 from server.db import Database
 from server.hub import Hub
 from server.stats import Stats
+from server.tasks import cancel_and_wait
 
 LOOP_LAG_DEGRADED_SECS = 0.5
 ERROR_RATE_DEGRADED = 0.05
@@ -61,13 +62,8 @@ class LoopMonitor:
                 self._on_lag(self.lag_secs)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
 
 class RedisPing:
