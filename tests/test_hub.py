@@ -58,6 +58,16 @@ class FakeConn:
         return [e["event"] for e in self.events()]
 
 
+def frame_header(data: bytes) -> tuple[int, int]:
+    """(payload length, header length) of the unmasked frame ``data`` starts with."""
+    length = data[1] & 0x7F
+    if length == 126:
+        return struct.unpack("!H", data[2:4])[0], 4
+    if length == 127:
+        return struct.unpack("!Q", data[2:10])[0], 10
+    return length, 2
+
+
 def decode_frame(frame: bytes) -> bytes:
     """Check ``frame`` is exactly one final, unmasked text frame; return its payload."""
     assert len(frame) >= 2
@@ -66,15 +76,10 @@ def decode_frame(frame: bytes) -> bytes:
     assert b0 & 0x70 == 0, "reserved bits set (no extensions are negotiated)"
     assert b0 & 0x0F == 0x1, "not a text frame"
     assert not b1 & 0x80, "server frames must not be masked"
-    length = b1 & 0x7F
-    offset = 2
-    if length == 126:
-        (length,) = struct.unpack("!H", frame[2:4])
-        offset = 4
+    length, offset = frame_header(frame)
+    if offset == 4:
         assert length >= 126, "16-bit length used for a short payload"
-    elif length == 127:
-        (length,) = struct.unpack("!Q", frame[2:10])
-        offset = 10
+    elif offset == 10:
         assert length > 0xFFFF and not length >> 63, "64-bit length misused"
     payload = frame[offset:]
     assert len(payload) == length, (len(payload), length)
@@ -596,11 +601,7 @@ def split_frames(data: bytes) -> list[bytes]:
     """Cut one socket write into its WebSocket frames, checking each one."""
     frames = []
     while data:
-        length, offset = data[1] & 0x7F, 2
-        if length == 126:
-            (length,), offset = struct.unpack("!H", data[2:4]), 4
-        elif length == 127:
-            (length,), offset = struct.unpack("!Q", data[2:10]), 10
+        length, offset = frame_header(data)
         frames.append(data[: offset + length])
         data = data[offset + length :]
     for frame in frames:
