@@ -43,12 +43,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import multiprocessing as mp
 import os
 import sys
 import threading
 import time
-from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +59,7 @@ import psutil
 import redis
 
 from bench._wsclient import raise_nofile
-from bench.fanout import _percentile, _publisher_proc, _recv, _subscriber_proc
+from bench.fanout import _recv, collect_phase, start_clients, stop_clients
 from tests.cluster import Cluster, parse_metrics
 
 TARGET_RATIO = 0.8  # cross-node / local deliveries/s at 1,000 subscribers
@@ -202,53 +200,20 @@ def run_mode(
 ) -> list[Phase]:
     """N subscribers on the mode's node, the publisher on a: max phase, then steady."""
     pub_node, sub_node = (cluster.node(x) for x in MODES[mode])
-    ctx = mp.get_context("spawn")
     tag = f"{mode}{n}-{os.getpid()}"
     users = [cluster.token(f"sub-{tag}-{u}", ttl_secs=3600) for u in range(min(n, args.users))]
     tokens = [users[i % len(users)] for i in range(n)]
     pub_tokens = [cluster.token(f"pub-{tag}-{k}", ttl_secs=3600) for k in range(args.publishers)]
-    sources = ["127.0.0.1"]
     procs: list[Any] = []
     pipes: list[Any] = []
     phases: list[Phase] = []
     try:
-        parent, child = ctx.Pipe()
-        pub = ctx.Process(
-            target=_publisher_proc,
-            args=(child, pub_node.port, pub_tokens, sources),
-            daemon=True,
-        )
-        pub.start()
-        procs.append(pub)
-        pipes.append(parent)
-        pub_pipe = parent
-        room = _recv(pub_pipe, 60, "publisher ready")[1]
         probes = min(args.probes, n)
-        chunks = [(tokens[:probes], 0.0)] if probes else []
-        chunks += [(tokens[probes + i :: args.procs], args.lazy_ms) for i in range(args.procs)]
-        t_setup = time.monotonic()
-        for chunk, lazy_ms in chunks:
-            if not chunk:
-                continue
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(
-                target=_subscriber_proc,
-                args=(child, sub_node.port, chunk, room, sources, lazy_ms),
-                daemon=True,
-            )
-            proc.start()
-            procs.append(proc)
-            pipes.append(parent)
-        sub_pipes = pipes[1:]
-        ready = 0
-        for p in sub_pipes:
-            msg = _recv(p, args.timeout, "subscribers ready")
-            ready += msg[1]
-            if msg[2]:
-                print(f"    subscriber errors: {msg[2]}", file=sys.stderr)
-        setup = time.monotonic() - t_setup
-        if ready < n:
-            print(f"    [!] only {ready}/{n} subscribers connected", file=sys.stderr)
+        ready, setup = start_clients(
+            procs, pipes, pub_port=pub_node.port, sub_port=sub_node.port, pub_tokens=pub_tokens,
+            tokens=tokens, sources=["127.0.0.1"], probes=probes, args=args,
+        )  # fmt: skip
+        pub_pipe, sub_pipes = pipes[0], pipes[1:]
         pub_pipe.send(("warmup", args.warmup))
         _recv(pub_pipe, args.timeout, "warm-up")
         time.sleep(0.5)  # let the warm-up fan-out (and its notifications) drain
@@ -256,7 +221,7 @@ def run_mode(
             "node a": psutil.Process(cluster.node("a").pid),
             "node b": psutil.Process(cluster.node("b").pid),
             "redis": psutil.Process(cluster.redis.pid),
-            "pub": psutil.Process(pub.pid),
+            "pub": psutil.Process(procs[0].pid),
         }
         for i, proc in enumerate(procs[1:]):
             watched[f"sub{i}{'(probe)' if probes and i == 0 else ''}"] = psutil.Process(proc.pid)
@@ -275,8 +240,7 @@ def run_mode(
             cpu0 = {k: _cpu_secs(p) for k, p in watched.items()}
             wall0 = time.monotonic()
             pub_pipe.send(("go", messages, rate, args.window))
-            sent = _recv(pub_pipe, args.timeout + 30, "publisher result")[1]
-            done = [_recv(p, args.timeout + 30, "subscriber result")[1] for p in sub_pipes]
+            collect_phase(ph, pipes, messages, probes, args.timeout)
             wall = time.monotonic() - wall0
             cpu1 = {k: _cpu_secs(p) for k, p in watched.items()}
             time.sleep(0.3)  # background work of the last messages (notifications) lands
@@ -296,28 +260,10 @@ def run_mode(
             if sends:
                 send_secs = _delta(m_a0, m_a1, f'{DB_SERIES}_sum{{operation="message.send"}}')
                 ph.db_send_ms = 1000 * send_secs / sends
-            lat = array("d")
-            for d in done[:1] if probes else done:
-                lat.frombytes(d["latencies"])
-            last_rx = max((d["last_rx"] for d in done), default=0.0)
-            ph.deliveries = sum(d["count"] for d in done)
-            ph.secs = max(1e-9, last_rx - sent["t_first"])
-            ph.msgs_per_s = messages / max(1e-9, sent["t_last_ack"] - sent["t_first"])
-            ph.p50_ms, ph.p99_ms = _percentile(lat, 0.50), _percentile(lat, 0.99)
-            ph.failed = sent["failed"]
-            if sent["errors"]:
-                print(f"    send errors: {sent['errors']}", file=sys.stderr)
             phases.append(ph)
             print(ph.line() + (f"  (setup {setup:.1f}s)" if name == "max" else ""), flush=True)
     finally:
-        for p in pipes:
-            with contextlib.suppress(OSError):
-                p.send(("close",))
-        for proc in procs:
-            proc.join(10)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(5)
+        stop_clients(procs, pipes, join_secs=10)
     return phases
 
 

@@ -372,9 +372,100 @@ def _percentile(values: array[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
+def start_clients(
+    procs: list[Any],
+    pipes: list[Any],
+    *,
+    pub_port: int,
+    sub_port: int,
+    pub_tokens: list[str],
+    tokens: list[str],
+    sources: list[str],
+    probes: int,
+    args: argparse.Namespace,
+) -> tuple[int, float]:
+    """Start the publisher, then the probe and bulk subscriber processes.
+
+    Each process and its pipe is appended to ``procs``/``pipes`` as it starts
+    (the publisher first), so :func:`stop_clients` can end them whatever
+    happens. The probe process holds the first ``probes`` tokens and reads
+    eagerly (the latency source); the ``args.procs`` bulk ones read lazily
+    (cheap). Returns (subscribers connected, set-up seconds).
+    """
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    pub = ctx.Process(
+        target=_publisher_proc, args=(child, pub_port, pub_tokens, sources), daemon=True
+    )
+    pub.start()
+    procs.append(pub)
+    pipes.append(parent)
+    room = _recv(parent, 60, "publisher ready")[1]
+    t_setup = time.monotonic()
+    chunks = [(tokens[:probes], 0.0)] if probes else []
+    chunks += [(tokens[probes + i :: args.procs], args.lazy_ms) for i in range(args.procs)]
+    for chunk, lazy_ms in chunks:
+        if not chunk:
+            continue
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(
+            target=_subscriber_proc,
+            args=(child, sub_port, chunk, room, sources, lazy_ms),
+            daemon=True,
+        )
+        proc.start()
+        procs.append(proc)
+        pipes.append(parent)
+    ready = 0
+    for p in pipes[1:]:
+        msg = _recv(p, args.timeout, "subscribers ready")
+        ready += msg[1]
+        if msg[2]:
+            print(f"    subscriber errors: {msg[2]}", file=sys.stderr)
+    if ready < len(tokens):
+        print(f"    [!] only {ready}/{len(tokens)} subscribers connected", file=sys.stderr)
+    return ready, time.monotonic() - t_setup
+
+
+def collect_phase(
+    ph: Any, pipes: list[Any], messages: int, probes: int, timeout: float
+) -> tuple[dict[str, Any], list[dict[str, Any]], array[float]]:
+    """After ``go``: the publisher's and subscribers' results of one phase.
+
+    Fills ``ph`` (either benchmark's Phase) with deliveries, secs, msgs/s,
+    p50/p99 and failed sends; returns (publisher result, subscriber results,
+    latencies) for the figures only the caller keeps.
+    """
+    sent = _recv(pipes[0], timeout + 30, "publisher result")[1]
+    done = [_recv(p, timeout + 30, "subscriber result")[1] for p in pipes[1:]]
+    lat = array("d")
+    for d in done[:1] if probes else done:
+        lat.frombytes(d["latencies"])
+    last_rx = max((d["last_rx"] for d in done), default=0.0)
+    ph.deliveries = sum(d["count"] for d in done)
+    ph.secs = max(1e-9, last_rx - sent["t_first"])
+    ph.msgs_per_s = messages / max(1e-9, sent["t_last_ack"] - sent["t_first"])
+    ph.p50_ms, ph.p99_ms = _percentile(lat, 0.50), _percentile(lat, 0.99)
+    ph.failed = sent["failed"]
+    if sent["errors"]:
+        print(f"    send errors: {sent['errors']}", file=sys.stderr)
+    return sent, done, lat
+
+
+def stop_clients(procs: list[Any], pipes: list[Any], join_secs: float = 5.0) -> None:
+    """Tell every client process to close, then end it (terminate if it lingers)."""
+    for p in pipes:
+        with contextlib.suppress(OSError):
+            p.send(("close",))
+    for proc in procs:
+        proc.join(join_secs)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(5)
+
+
 def run_one(hub: str, n: int, args: argparse.Namespace, steady_rate: float | None) -> list[Phase]:
     """One server, N subscribers: the max phase, then (optionally) the steady phase."""
-    ctx = mp.get_context("spawn")
     config = bench_config()
     tag = f"{hub[:2]}{n}"
     users = [mint_token(config, f"sub-{tag}-{u}", ttl_secs=3600) for u in range(args.users_for(n))]
@@ -390,40 +481,13 @@ def run_one(hub: str, n: int, args: argparse.Namespace, steady_rate: float | Non
     try:
         server.start()
         sproc = psutil.Process(server.pid)
-        parent, child = ctx.Pipe()
-        pub = ctx.Process(
-            target=_publisher_proc, args=(child, server.port, pub_tokens, sources), daemon=True
-        )
-        pub.start()
-        procs.append(pub)
-        pipes.append(parent)
-        pub_pipe = parent
-        room = _recv(pub_pipe, 60, "publisher ready")[1]
-        t_setup = time.monotonic()
-        # The probe process reads eagerly (latency); the bulk ones lazily (cheap).
+        # Without lazy bulk readers every subscriber is eager: no probe process.
         probes = min(args.probes, n) if args.lazy_ms > 0 else 0
-        chunks = [(tokens[:probes], 0.0)] if probes else []
-        chunks += [(tokens[probes + i :: args.procs], args.lazy_ms) for i in range(args.procs)]
-        for chunk, lazy_ms in chunks:
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(
-                target=_subscriber_proc,
-                args=(child, server.port, chunk, room, sources, lazy_ms),
-                daemon=True,
-            )
-            proc.start()
-            procs.append(proc)
-            pipes.append(parent)
-        ready = 0
-        sub_pipes = pipes[1:]
-        for p in sub_pipes:
-            msg = _recv(p, args.timeout, "subscribers ready")
-            ready += msg[1]
-            if msg[2]:
-                print(f"    subscriber errors: {msg[2]}", file=sys.stderr)
-        setup = time.monotonic() - t_setup
-        if ready < n:
-            print(f"    [!] only {ready}/{n} subscribers connected", file=sys.stderr)
+        ready, setup = start_clients(
+            procs, pipes, pub_port=server.port, sub_port=server.port, pub_tokens=pub_tokens,
+            tokens=tokens, sources=sources, probes=probes, args=args,
+        )  # fmt: skip
+        pub_pipe, sub_pipes = pipes[0], pipes[1:]
         pub_pipe.send(("warmup", args.warmup))
         _recv(pub_pipe, args.timeout, "warm-up")
         time.sleep(0.3)  # let the warm-up fan-out drain
@@ -444,25 +508,13 @@ def run_one(hub: str, n: int, args: argparse.Namespace, steady_rate: float | Non
             w0 = server.command("stats")["writes"]
             before = Snap(sproc, clients)
             pub_pipe.send(("go", messages, rate, args.window))
-            sent = _recv(pub_pipe, args.timeout + 30, "publisher result")[1]
-            done = [_recv(p, args.timeout + 30, "subscriber result")[1] for p in sub_pipes]
+            _, done, lat = collect_phase(ph, pipes, messages, probes, args.timeout)
             after = Snap(sproc, clients)
             w1 = server.command("stats")["writes"]
             if spy is not None:
                 print(f"    profile: {spy.stop()}", flush=True)
             wall = after.wall - before.wall
-            lat = array("d")
-            for d in done[:1] if probes else done:
-                lat.frombytes(d["latencies"])
-            last_rx = max((d["last_rx"] for d in done), default=0.0)
-            ph.deliveries = sum(d["count"] for d in done)
-            ph.secs = max(1e-9, last_rx - sent["t_first"])
-            ph.msgs_per_s = messages / max(1e-9, sent["t_last_ack"] - sent["t_first"])
-            ph.p50_ms, ph.p99_ms, ph.max_ms = (
-                _percentile(lat, 0.50),
-                _percentile(lat, 0.99),
-                _percentile(lat, 1.0),
-            )
+            ph.max_ms = _percentile(lat, 1.0)
             ph.server_cpu = 100 * (after.server - before.server) / wall
             ph.loop_cpu = 100 * (after.loop - before.loop) / wall
             cpu = [100 * (a - b) / wall for a, b in zip(after.clients, before.clients, strict=True)]
@@ -476,22 +528,12 @@ def run_one(hub: str, n: int, args: argparse.Namespace, steady_rate: float | Non
                 ph.loop_cpu_us = 1e6 * (after.loop - before.loop) / ph.server_deliveries
                 writes = w1["flush_writes"] - w0["flush_writes"]
                 ph.per_write = ph.server_deliveries / writes if writes else 1.0
-            ph.failed = sent["failed"]
             ph.closed = sum(d["closed"] for d in done)
-            if sent["errors"]:
-                print(f"    send errors: {sent['errors']}", file=sys.stderr)
             phases.append(ph)
             print(ph.line() + (f"  (setup {setup:.1f}s)" if name == "max" else ""), flush=True)
     finally:
         server.stop()
-        for p in pipes:
-            with contextlib.suppress(OSError):
-                p.send(("close",))
-        for proc in procs:
-            proc.join(5)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(5)
+        stop_clients(procs, pipes)
     return phases
 
 
