@@ -1,7 +1,9 @@
-# The switchboard gateway image: one node per container, listening on 8080.
+# The switchboard gateway image: one node per container, listening on 8080,
+# in production mode (a 32+ byte secret and explicit browser origins required).
 #
 #   docker build -t switchboard .
-#   docker run -e SWITCHBOARD_JWT_SECRET=... -p 8080:8080 switchboard
+#   docker run -e SWITCHBOARD_JWT_SECRET=$(openssl rand -hex 32) \
+#       -e SWITCHBOARD_ALLOWED_ORIGINS=https://chat.example.com -p 8080:8080 switchboard
 #
 # docker-compose.yml runs two of these behind Redis and PostgreSQL.
 FROM python:3.11-slim
@@ -10,6 +12,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    SWITCHBOARD_ENV=production \
     SWITCHBOARD_HOST=0.0.0.0 \
     SWITCHBOARD_PORT=8080 \
     SWITCHBOARD_LOG_FORMAT=json \

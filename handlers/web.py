@@ -92,11 +92,13 @@ class DevTokenHandler(JSONHandler):
         for key, value in names.items():
             if value is not None and (not isinstance(value, str) or not 1 <= len(value) <= 64):
                 problems[key] = ["1-64 characters"]
-        ttl = body.get("ttl", DEV_TOKEN_TTL_SECS)
+        # Never longer than the gateway accepts (SWITCHBOARD_JWT_MAX_TTL).
+        max_ttl = min(DEV_TOKEN_MAX_TTL_SECS, self.config.jwt_max_ttl or DEV_TOKEN_MAX_TTL_SECS)
+        ttl = body.get("ttl", min(DEV_TOKEN_TTL_SECS, max_ttl))
         if not isinstance(ttl, int | float) or isinstance(ttl, bool):
             problems["ttl"] = ["seconds, a number"]
-        elif not 1 <= ttl <= DEV_TOKEN_MAX_TTL_SECS:
-            problems["ttl"] = [f"between 1 and {DEV_TOKEN_MAX_TTL_SECS} seconds"]
+        elif not 1 <= ttl <= max_ttl:
+            problems["ttl"] = [f"between 1 and {max_ttl:g} seconds"]
         if problems or not isinstance(user_id, str):
             raise errors.ValidationFailed(details=problems)
         token = mint_token(

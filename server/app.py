@@ -226,6 +226,15 @@ class Node:
         self.port = self.sockets[0].getsockname()[1]
         self.server = HTTPServer(self.app, xheaders=False)
         self.server.add_sockets(self.sockets)
+        if self.config.exposed and not self.config.is_production:
+            # Only an explicit SWITCHBOARD_ENV gets here: without one, an exposed
+            # host means production (Config.from_env).
+            log.warning(
+                "%s mode is exposed beyond loopback (listening on %s:%s): its permissive "
+                "defaults%s are meant for one machine; set SWITCHBOARD_ENV=production",
+                self.config.env, self.config.host, self.port,
+                " and POST /dev/token" if self.config.env == "development" else "",
+            )  # fmt: skip
         self.loop_monitor.start()
         loop = asyncio.get_running_loop()
         self._heartbeat = loop.create_task(self._heartbeat_loop(), name="heartbeat")

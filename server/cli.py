@@ -95,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--database-url", dest="database_url")
     serve.add_argument("--redis-url", dest="redis_url")
     serve.add_argument("--allowed-origins", dest="allowed_origins")
+    serve.add_argument("--jwt-max-ttl", dest="jwt_max_ttl", type=float,
+                       help="seconds; refuse tokens whose exp - iat is longer")  # fmt: skip
     serve.add_argument("--heartbeat-interval", dest="heartbeat_interval", type=float)
     serve.add_argument("--log-format", dest="log_format", choices=["text", "json"])
     serve.add_argument("--log-level", dest="log_level")
@@ -152,8 +154,10 @@ async def _serve(config: Config) -> int:
     for name, url in urls.items():
         print(f"  listening  {name:<5} {url}", flush=True)
     print(f"  config     {orjson.dumps(config.public_view()).decode()}", flush=True)
+    # Development only: test and production never print a usable credential.
     if config.env == "development":
-        token = mint_token(config, "dev", roles=["user", "admin"], ttl_secs=DEV_TOKEN_TTL_SECS,
+        ttl = min(DEV_TOKEN_TTL_SECS, config.jwt_max_ttl or DEV_TOKEN_TTL_SECS)
+        token = mint_token(config, "dev", roles=["user", "admin"], ttl_secs=ttl,
                            name="dev", display_name="Developer")  # fmt: skip
         print(f"  dev token  {token}", flush=True)
         print(f"  try        {urls['chat']}?token=<dev token>", flush=True)

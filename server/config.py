@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import socket
 from collections.abc import Mapping
@@ -24,6 +25,15 @@ ENVIRONMENTS = ("development", "test", "production")
 
 #: The secret development and test use when none is given. Production refuses it.
 DEFAULT_JWT_SECRET = "switchboard-development-secret-change-me"
+
+#: Shortest HS* secret production accepts, in bytes of its UTF-8 encoding
+#: (RFC 7518 §3.2: a key at least as long as the hash output, 256 bits for HS256).
+MIN_JWT_SECRET_BYTES = 32
+
+#: Host names that count as loopback without resolving anything. Any other
+#: name, "0.0.0.0", "::" and every non-loopback address count as exposed:
+#: a name may resolve to a public address, so only literals are trusted.
+LOOPBACK_NAMES = frozenset({"localhost"})
 
 #: Rate-limit classes every inbound event falls into.
 RATE_LIMIT_CLASSES = ("messages", "joins", "typing", "other")
@@ -70,6 +80,8 @@ class Config:
     jwt_algorithms: tuple[str, ...] = ("HS256",)
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
+    # Longest token lifetime (exp - iat) accepted, in seconds; None: no bound.
+    jwt_max_ttl: float | None = None
     database_url: str = "sqlite:///switchboard.db"
     # PostgreSQL worker threads (each with a pooled connection); 0 = one per core,
     # at least 2. More threads than cores adds event-loop lag (bench/db.py).
@@ -99,6 +111,11 @@ class Config:
     def is_production(self) -> bool:
         return self.env == "production"
 
+    @property
+    def exposed(self) -> bool:
+        """True when the listener is reachable beyond this machine (see :func:`is_loopback`)."""
+        return not is_loopback(self.host)
+
     def rate_limit(self, bucket: str) -> RateLimit:
         return self.rate_limits[bucket]
 
@@ -108,13 +125,23 @@ class Config:
 
         ``overrides`` use field names (``port=0``); ``None`` values are ignored so
         argparse defaults can be passed straight through.
+
+        Without ``SWITCHBOARD_ENV``/``env``, the environment is ``development``
+        on a loopback host and ``production`` on any other: a node reachable
+        from the network never gets development's public secret, wildcard
+        origin and ``POST /dev/token`` unless the operator asks for them.
         """
 
         def get(name: str) -> str | None:
             value = environ.get(f"SWITCHBOARD_{name}")
             return value if value not in (None, "") else None
 
-        env = overrides.get("env") or get("ENV") or "development"
+        host = overrides.get("host")
+        if host is None:
+            host = get("HOST") or cls.host
+        env = overrides.get("env") or get("ENV")
+        if env is None:
+            env = "development" if is_loopback(host) else "production"
         if env not in ENVIRONMENTS:
             raise ConfigError(f"SWITCHBOARD_ENV must be one of {', '.join(ENVIRONMENTS)}")
         values: dict[str, Any] = {"env": env}
@@ -135,6 +162,7 @@ class Config:
             "max_connections_per_ip": ("MAX_CONNECTIONS_PER_IP", int),
             "max_message_bytes": ("MAX_MESSAGE_BYTES", int),
             "max_outbound_bytes": ("MAX_OUTBOUND_BYTES", int),
+            "jwt_max_ttl": ("JWT_MAX_TTL", float),
             "heartbeat_interval": ("HEARTBEAT_INTERVAL", float),
             "heartbeat_timeout": ("HEARTBEAT_TIMEOUT", float),
             "metrics_interval": ("METRICS_INTERVAL", float),
@@ -211,11 +239,19 @@ class Config:
             raise ConfigError("SWITCHBOARD_LOG_FORMAT must be text or json")
         if self.heartbeat_interval <= 0 or self.heartbeat_timeout <= 0:
             raise ConfigError("heartbeat interval and timeout must be positive")
+        if self.jwt_max_ttl is not None and not 0 < self.jwt_max_ttl < math.inf:
+            raise ConfigError("SWITCHBOARD_JWT_MAX_TTL must be a positive number of seconds")
         if self.is_production:
             if not asymmetric and (not self.jwt_secret or self.jwt_secret == DEFAULT_JWT_SECRET):
                 raise ConfigError(
                     "production refuses to start without SWITCHBOARD_JWT_SECRET "
                     "(the development default is public); set a long random secret"
+                )
+            if not asymmetric and len(self.jwt_secret.encode()) < MIN_JWT_SECRET_BYTES:
+                raise ConfigError(
+                    f"production refuses a SWITCHBOARD_JWT_SECRET shorter than "
+                    f"{MIN_JWT_SECRET_BYTES} bytes; set a long random secret "
+                    f"(e.g. openssl rand -hex 32)"
                 )
             if "*" in self.allowed_origins:
                 raise ConfigError(
@@ -242,6 +278,20 @@ class Config:
                 value = list(value)
             out[f.name] = value
         return out
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is "localhost" or a literal loopback address (127.0.0.0/8, ::1).
+
+    Nothing is resolved: a name other than "localhost" may point anywhere,
+    and "0.0.0.0", "::" or "" listen on every interface, so all count as exposed.
+    """
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _split(raw: str) -> tuple[str, ...]:

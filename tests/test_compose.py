@@ -1,5 +1,10 @@
 """Static checks of the deployment files: Prometheus, Grafana, compose, Dockerfile.
 
+The image and every gateway service must run in production: their
+environments (Dockerfile ``ENV`` plus the compose ``environment``, or the
+``docker run`` line the Dockerfile documents) are fed to the real
+:class:`Config` to show they start, and refuse to without a secret.
+
 ``promtool`` checks the Prometheus config and rules and runs the alert unit
 tests; the Grafana dashboard is checked for the schema essentials Grafana
 relies on; ``docker-compose.yml`` is checked structurally (and by Debian's
@@ -13,6 +18,7 @@ import json
 import os
 import re
 import runpy
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -21,6 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
+from server.config import Config, ConfigError
 from tests.services import require_binary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +36,11 @@ GRAFANA = ROOT / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "switchboard.json"
 COMPOSE = ROOT / "docker-compose.yml"
 # Values the compose file requires from the environment (no defaults on purpose).
-COMPOSE_ENV = {"SWITCHBOARD_JWT_SECRET": "test-secret", "GRAFANA_ADMIN_PASSWORD": "test-password"}
+COMPOSE_ENV = {
+    # Production refuses HS secrets under 32 bytes, so the stand-in is that long.
+    "SWITCHBOARD_JWT_SECRET": "compose-test-secret-0123456789abcdef",
+    "GRAFANA_ADMIN_PASSWORD": "test-password",
+}
 STACK_SERVICES = {"redis", "postgres", "gw1", "gw2", "prometheus", "grafana"}
 DASHBOARD_ROWS = [
     "Overview",
@@ -258,3 +269,73 @@ def test_dockerfile_runs_as_non_root_with_a_healthcheck() -> None:
     for source in re.findall(r"^COPY\s+(.+?)\s+\S+$", text, re.M):
         for path in source.split():
             assert (ROOT / path).exists(), f"COPY source {path} missing"
+
+
+# -- production by default ------------------------------------------------------------
+
+
+def dockerfile_env() -> dict[str, str]:
+    """Every ``ENV`` of the Dockerfile, continuation lines joined, later ones winning."""
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    env: dict[str, str] = {}
+    for line in re.findall(r"^ENV\s+(.+)$", text, re.M):
+        for pair in shlex.split(line):
+            name, _, value = pair.partition("=")
+            env[name] = value
+    return env
+
+
+def documented_docker_run_env() -> dict[str, str]:
+    """The ``-e`` settings of the ``docker run`` line in the Dockerfile's header comment."""
+    comment = "".join(
+        line.lstrip("#").strip() + " " for line in (ROOT / "Dockerfile").read_text().splitlines()
+        if line.startswith("#")
+    )  # fmt: skip
+    run = re.search(r"docker run (.+?) switchboard\b", comment.replace("\\ ", ""))
+    assert run, "the Dockerfile documents a docker run line"
+    env = dict(re.findall(r"-e\s+(\w+)=(\$\([^)]*\)|\S+)", run.group(1)))
+    # $(openssl rand -hex 32) is 64 hex characters once the shell has run it.
+    return {k: ("f" * 64 if v == "$(openssl rand -hex 32)" else v) for k, v in env.items()}
+
+
+def compose_value(raw: Any) -> str:
+    """``${VAR:?msg}`` / ``${VAR:-default}`` as compose substitutes them with COMPOSE_ENV."""
+
+    def substitute(match: re.Match[str]) -> str:
+        name, op, rest = match.group(1), match.group(2), match.group(3)
+        if name in COMPOSE_ENV:
+            return COMPOSE_ENV[name]
+        assert op == ":-", f"{name} is required but not in COMPOSE_ENV"
+        return rest
+
+    return re.sub(r"\$\{(\w+)(:[?-])?([^}]*)\}", substitute, str(raw))
+
+
+def test_dockerfile_sets_production_explicitly() -> None:
+    env = dockerfile_env()
+    assert env["SWITCHBOARD_ENV"] == "production"
+    assert env["SWITCHBOARD_HOST"] == "0.0.0.0"
+    # On its own the image refuses to start: no secret, no origins.
+    with pytest.raises(ConfigError) as info:
+        Config.from_env(env)
+    assert "SWITCHBOARD_JWT_SECRET" in str(info.value)
+
+
+def test_documented_docker_run_line_starts_a_production_node() -> None:
+    extra = documented_docker_run_env()
+    assert {"SWITCHBOARD_JWT_SECRET", "SWITCHBOARD_ALLOWED_ORIGINS"} <= set(extra)
+    config = Config.from_env({**dockerfile_env(), **extra})
+    assert config.is_production and config.exposed
+    assert "*" not in config.allowed_origins
+
+
+def test_every_gateway_service_runs_production() -> None:
+    services = load_yaml(COMPOSE)["services"]
+    gateways = {name: svc for name, svc in services.items() if svc.get("build")}
+    assert set(gateways) == {"gw1", "gw2"}
+    for name, svc in gateways.items():
+        compose_env = {k: compose_value(v) for k, v in svc["environment"].items()}
+        assert compose_env["SWITCHBOARD_ENV"] == "production", name
+        config = Config.from_env({**dockerfile_env(), **compose_env})
+        assert config.is_production, name
+        assert "*" not in config.allowed_origins, name

@@ -19,9 +19,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from server.config import (
     DEFAULT_JWT_SECRET,
+    MIN_JWT_SECRET_BYTES,
     Config,
     ConfigError,
     RateLimit,
+    is_loopback,
     mask_url,
     parse_rate_limits,
 )
@@ -124,7 +126,8 @@ def test_empty_variables_count_as_unset():
 
 
 def test_overrides_win_and_none_is_ignored():
-    env = {"SWITCHBOARD_PORT": "9001", "SWITCHBOARD_HOST": "0.0.0.0"}
+    # An explicit environment: without one, 0.0.0.0 would mean production.
+    env = {"SWITCHBOARD_PORT": "9001", "SWITCHBOARD_HOST": "0.0.0.0", "SWITCHBOARD_ENV": "test"}
     config = Config.from_env(env, port=0, host=None)
     assert config.port == 0
     assert config.host == "0.0.0.0"
@@ -181,6 +184,79 @@ def test_public_key_file_is_read_and_selects_asymmetric_algorithms(ec_public_key
         {"SWITCHBOARD_JWT_PUBLIC_KEY": ec_public_key_file, "SWITCHBOARD_JWT_ALGORITHMS": "ES256"}
     )
     assert config.jwt_algorithms == ("ES256",)
+
+
+# -- the environment follows the host unless given ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True), ("127.8.9.10", True), ("::1", True), ("localhost", True),
+        ("LocalHost", True), ("0.0.0.0", False), ("::", False), ("", False),
+        ("192.168.1.20", False), ("2001:db8::1", False), ("gateway.internal", False),
+        ("localhost.example.com", False), ("[::1]", False), ("::ffff:127.0.0.1", False),
+    ],
+)  # fmt: skip
+def test_is_loopback_resolves_nothing(host, loopback):
+    assert is_loopback(host) is loopback
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost"])
+def test_loopback_host_without_env_is_development(host):
+    config = Config.from_env({"SWITCHBOARD_HOST": host})
+    assert config.env == "development" and not config.exposed
+    assert config.jwt_secret == DEFAULT_JWT_SECRET
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "gateway.internal"])
+def test_exposed_host_without_env_is_production(host):
+    secured = {k: v for k, v in PROD_OK.items() if k != "SWITCHBOARD_ENV"}
+    config = Config.from_env({**secured, "SWITCHBOARD_HOST": host})
+    assert config.env == "production" and config.exposed
+    assert config.max_connections_per_ip == 20  # production's defaults follow
+    # ... so the public default secret and a wildcard origin are refused.
+    with pytest.raises(ConfigError) as info:
+        Config.from_env({"SWITCHBOARD_HOST": host})
+    assert "production" in str(info.value) and "SWITCHBOARD_JWT_SECRET" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        Config.from_env({"SWITCHBOARD_HOST": host, "SWITCHBOARD_JWT_SECRET": SECRET})
+    assert "SWITCHBOARD_ALLOWED_ORIGINS" in str(info.value)
+
+
+def test_host_flag_counts_like_the_variable():
+    # --host 0.0.0.0 on the command line, nothing in the environment.
+    with pytest.raises(ConfigError) as info:
+        Config.from_env({"SWITCHBOARD_HOST": "127.0.0.1"}, host="0.0.0.0")
+    assert "production" in str(info.value)
+    config = Config.from_env({"SWITCHBOARD_HOST": "0.0.0.0"}, host="127.0.0.1")
+    assert config.env == "development"
+
+
+@pytest.mark.parametrize("how", ["variable", "flag"])
+def test_explicit_development_beyond_loopback_is_allowed(how):
+    if how == "variable":
+        config = Config.from_env({"SWITCHBOARD_ENV": "development", "SWITCHBOARD_HOST": "0.0.0.0"})
+    else:
+        config = Config.from_env({"SWITCHBOARD_HOST": "0.0.0.0"}, env="development")
+    assert config.env == "development" and config.exposed
+    assert config.allowed_origins == ("*",)
+
+
+# -- JWT maximum lifetime ---------------------------------------------------------------------
+
+
+def test_jwt_max_ttl_is_unset_by_default_and_read_in_seconds():
+    assert Config.from_env({}).jwt_max_ttl is None
+    assert Config.from_env({"SWITCHBOARD_JWT_MAX_TTL": "3600"}).jwt_max_ttl == 3600.0
+    assert Config.from_env({}, jwt_max_ttl=90.5).jwt_max_ttl == 90.5
+
+
+@pytest.mark.parametrize("raw", ["0", "-60", "inf", "nan", "an hour"])
+def test_bad_jwt_max_ttl_names_the_variable(raw):
+    with pytest.raises(ConfigError) as info:
+        Config.from_env({"SWITCHBOARD_JWT_MAX_TTL": raw})
+    assert "SWITCHBOARD_JWT_MAX_TTL" in str(info.value)
 
 
 # -- rate limits ------------------------------------------------------------------------------
@@ -300,6 +376,31 @@ def test_production_refuses_wildcard_origin(origins):
     assert "production" in text and "SWITCHBOARD_ALLOWED_ORIGINS" in text
 
 
+@pytest.mark.parametrize(
+    "secret",
+    ["s" * (MIN_JWT_SECRET_BYTES - 1), "Q", "é" * 15],  # "é" * 15: 15 characters, 30 bytes
+    ids=["31-bytes", "1-byte", "30-utf8-bytes"],
+)
+def test_production_refuses_a_short_secret_naming_the_variable_and_minimum(secret):
+    with pytest.raises(ConfigError) as info:
+        Config.from_env({**PROD_OK, "SWITCHBOARD_JWT_SECRET": secret})
+    text = str(info.value)
+    assert "SWITCHBOARD_JWT_SECRET" in text and f"{MIN_JWT_SECRET_BYTES} bytes" in text
+    assert secret not in text  # never echo the secret itself
+
+
+@pytest.mark.parametrize("secret", ["s" * MIN_JWT_SECRET_BYTES, "é" * 16])
+def test_production_accepts_a_32_byte_secret(secret):
+    config = Config.from_env({**PROD_OK, "SWITCHBOARD_JWT_SECRET": secret})
+    assert config.is_production and config.jwt_secret == secret
+
+
+@pytest.mark.parametrize("env", ["development", "test"])
+def test_short_secrets_stay_usable_outside_production(env):
+    config = Config.from_env({"SWITCHBOARD_ENV": env, "SWITCHBOARD_JWT_SECRET": "short"})
+    assert config.jwt_secret == "short"
+
+
 def test_production_with_public_key_needs_no_secret(ec_public_key_file):
     env = dict(PROD_OK)
     del env["SWITCHBOARD_JWT_SECRET"]
@@ -323,7 +424,7 @@ def test_public_view_masks_secrets(ec_public_key_file):
     view = config.public_view()
     text = orjson.dumps(view).decode()  # JSON-able as a whole
     for secret in (SECRET, "db-password-42", "redis-password-42"):
-        assert secret not in text
+        assert secret not in text  # never echo the secret itself
     assert view["jwt_secret"] == "***"
     assert view["database_url"] == "postgresql://sb:***@db:5432/sb"
     assert view["redis_url"] == "redis://:***@redis:6379/0"
