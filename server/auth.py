@@ -4,7 +4,11 @@ Tokens are checked against exactly the algorithms configured (HS256 with a
 shared secret by default, or RS256/ES256 with a public key), which rules out
 ``alg: none`` and the HS/RS confusion attack: a token's own header never
 chooses the key type. ``exp`` and ``sub`` are required; ``iss``/``aud`` are
-checked when configured.
+checked when configured. Claims are then checked for shape and range:
+``exp``/``iat``/``nbf`` are finite numbers no further than
+:data:`MAX_TOKEN_HORIZON_SECS` ahead, the lifetime is bounded by
+``SWITCHBOARD_JWT_MAX_TTL`` when set, and ``roles`` is a string or a list of
+strings; anything else is ``Unauthorized`` with a ``reason``.
 
 Example::
 
@@ -14,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,6 +30,13 @@ from server.config import Config
 from server.errors import TokenExpired, Unauthorized
 
 ROLES = ("user", "moderator", "admin", "service", "logs")
+
+#: Furthest into the future a time claim may lie. A later ``exp`` is no real
+#: expiry, and past year 9999 it overflows datetime and the event loop's timers.
+MAX_TOKEN_HORIZON_SECS = 10 * 365 * 24 * 3600
+
+# Time claims checked for range, with the reason a client sees when one is out of it.
+_TIME_CLAIMS = {"exp": "InvalidExpiry", "iat": "InvalidIssuedAt", "nbf": "InvalidNotBefore"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +73,7 @@ class TokenVerifier:
         self._key = config.jwt_public_key or config.jwt_secret
         self._issuer = config.jwt_issuer
         self._audience = config.jwt_audience
+        self._max_ttl = config.jwt_max_ttl
 
     def verify(self, token: str | None) -> Identity:
         if not token:
@@ -80,17 +93,62 @@ class TokenVerifier:
         except jwt.InvalidTokenError as exc:
             # The reason class name is safe to show; the token itself never is.
             raise Unauthorized("Invalid token", {"reason": type(exc).__name__}) from None
+        now = time.time()
+        check_time_claims(claims, now)
+        if self._max_ttl is not None:
+            lifetime = claims["exp"] - claims.get("iat", now)
+            if lifetime > self._max_ttl:
+                raise Unauthorized(
+                    f"Token lifetime exceeds the maximum of {self._max_ttl:g} s",
+                    {"reason": "TokenLifetimeTooLong"},
+                )
         return identity_from_claims(claims)
+
+
+def check_time_claims(claims: dict[str, Any], now: float) -> None:
+    """``exp`` (and ``iat``/``nbf`` when present) are finite numbers from 1970 to now + 10 years.
+
+    pyjwt accepts anything ``int()`` takes (``"123"``, ``1e20``); the rest of
+    the gateway turns ``exp`` into timers and ISO dates, which need a sane number.
+    """
+    latest = now + MAX_TOKEN_HORIZON_SECS
+    for claim, reason in _TIME_CLAIMS.items():
+        if claim not in claims:
+            continue
+        value = claims[claim]
+        if (
+            not isinstance(value, int | float)
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+            or not 0 <= value <= latest
+        ):
+            raise Unauthorized("Invalid token", {"reason": reason})
+
+
+def parse_roles(raw: Any) -> frozenset[str]:
+    """The known roles a ``roles`` claim grants: a list of strings, or one string.
+
+    A missing/null claim, an empty list or only unknown names mean ``user``.
+    Unknown names are dropped (they grant nothing and would only bloat the
+    stored user row). Any other shape, such as a map ``{"admin": false}``
+    whose keys must not count as roles, refuses the token.
+    """
+    if raw is None:
+        names: list[Any] = []
+    elif isinstance(raw, str):
+        names = [raw]
+    elif isinstance(raw, list) and all(isinstance(r, str) for r in raw):
+        names = raw
+    else:
+        raise Unauthorized("Invalid token", {"reason": "InvalidRoles"})
+    return frozenset(r for r in names if r in ROLES) or frozenset({"user"})
 
 
 def identity_from_claims(claims: dict[str, Any]) -> Identity:
     sub = claims.get("sub")
     if not isinstance(sub, str) or not sub or len(sub) > 128:
         raise Unauthorized("Invalid token", {"reason": "InvalidSubject"})
-    raw_roles = claims.get("roles") or ["user"]
-    if isinstance(raw_roles, str):
-        raw_roles = [raw_roles]
-    roles = frozenset(str(r) for r in raw_roles if isinstance(r, str)) or frozenset({"user"})
+    roles = parse_roles(claims.get("roles"))
     name = claims.get("name")
     username = name if isinstance(name, str) and name else sub
     display = claims.get("displayName")
