@@ -17,7 +17,8 @@ from typing import Any
 
 import peewee as pw
 
-from models import Message, Reaction, Room, RoomMember, User, active_ban, utcnow
+from models import Message, Reaction, Room, RoomMember, User, utcnow
+from models.moderation import ban_in_force
 from server import errors
 from server.protocol import iso
 
@@ -53,11 +54,7 @@ def upsert_user(
         )
         .execute()
     )  # fmt: skip
-    ban = active_ban(user_id)
-    ban_info = None
-    if ban is not None:
-        ban_info = {"reason": ban.reason, "expiresAt": iso(ban.expires_at)}
-    return ConnectInfo(ban_info, member_room_ids(user_id))
+    return ConnectInfo(ban_in_force(user_id), member_room_ids(user_id))
 
 
 def member_room_ids(user_id: str) -> list[str]:
