@@ -179,7 +179,9 @@ class APIHandler(JSONHandler):
     async def prepare(self) -> None:
         if self.state.shutting_down:
             raise errors.ServiceUnavailable("Server is shutting down")
-        self._identity = self.bearer_identity(self.verifier, self.allowed_roles, self.security)
+        self._identity = await self.bearer_identity(
+            self.verifier, self.allowed_roles, self.security, db=self.db
+        )
         declared = self.request.headers.get("Content-Length")
         size = int(declared) if declared and declared.isdigit() else len(self.request.body or b"")
         if size > self.config.max_message_bytes:

@@ -20,6 +20,7 @@ from handlers.base import GatewayHandler
 from models import chat as chat_db
 from server import errors
 from server.hub import Hub, Target
+from server.moderation import Moderation
 from server.notify import NotificationService
 
 # Typing indicators stop on their own this long after the last typing:start.
@@ -112,6 +113,7 @@ class ChatHandler(GatewayHandler):
         typing: TypingTracker,
         health: Any,
         notifications: NotificationService,
+        moderation: Moderation,
         **kwargs: Any,
     ) -> None:
         super().initialize(**kwargs)
@@ -119,6 +121,7 @@ class ChatHandler(GatewayHandler):
         self.typing = typing
         self.health = health
         self.notifications = notifications
+        self.moderation = moderation
 
     @property
     def user_info(self) -> dict[str, Any]:
@@ -266,24 +269,10 @@ class ChatHandler(GatewayHandler):
         )
 
     async def on_room_delete(self, room_id: str) -> dict[str, Any]:
-        members = await self.db.run(
-            "room.delete", chat_db.delete_room, room_id, self.user_id, self.is_staff
-        )
-        # Every member hears of it, whether or not they have the room open.
-        targets = [Target.room(room_id), *(Target.user(m, "chat") for m in members)]
-        self.hub.publish_many(
-            targets, "room:deleted", {"roomId": room_id, "deletedBy": self.user_id}
-        )
-        for user_id in members:
-            for conn in self.hub.user_connections(user_id, "chat"):
-                if isinstance(conn, ChatHandler) and room_id in conn.member_rooms:
-                    conn.member_rooms.remove(room_id)
-        self.hub.clear_room(room_id)
-        self.stats.rooms.forget(room_id)
-        self.tasks.spawn(
-            self.notifications.room_deleted(room_id, members, self.user_id),
-            f"notify-room-deleted-{room_id}",
-        )
+        # The same deletion as admin:delete_room (members told, notified,
+        # audited); here the room's owner may too, not only an admin.
+        assert self.identity is not None
+        await self.moderation.delete_room(self.identity, room_id, owner_may=True)
         return {"roomId": room_id}
 
     # -- messages -----------------------------------------------------------------
@@ -355,6 +344,8 @@ class ChatHandler(GatewayHandler):
 
     async def on_typing_start(self, room_id: str) -> dict[str, Any]:
         self._require_joined(room_id)
+        # Typing is speaking: a muted member is refused (MUTED) and nobody hears it.
+        await self.db.run("room.voice", chat_db.require_voice, room_id, self.user_id)
         self.typing.start(room_id, self.user_info, self.conn_id)
         return {"roomId": room_id}
 

@@ -21,9 +21,11 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from tornado.web import RequestHandler
 
 from handlers.base import NodeState
+from models import moderation as mod_db
 from server import errors, protocol
 from server.auth import Identity, TokenVerifier
 from server.config import Config
+from server.db import Database
 from server.health import Health, rss_bytes
 from server.hub import Hub
 from server.metrics import Metrics
@@ -76,17 +78,22 @@ class JSONHandler(RequestHandler):
         self.set_status(exc.status)
         self.finish(orjson.dumps({"error": exc.to_dict()}))
 
-    def bearer_identity(
+    async def bearer_identity(
         self,
         verifier: TokenVerifier,
         roles: frozenset[str] | None,
         security: SecurityMonitor | None = None,
+        *,
+        db: Database,
     ) -> Identity:
         """The caller from ``Authorization: Bearer <jwt>``, holding one of ``roles``.
 
+        Every HTTP endpoint that takes a token authenticates here.
         UNAUTHORIZED/TOKEN_EXPIRED (401) without a valid token, reported to
         ``security`` (repeated failures alert the user and the admins);
-        FORBIDDEN (403) without one of ``roles`` (None: any role will do).
+        FORBIDDEN (403) without one of ``roles`` (None: any role will do);
+        BANNED (403, details ``{reason, expiresAt}``) while the token's user
+        has a ban in force, as at a socket's admission.
         """
         header = self.request.headers.get("Authorization", "")
         token = header[7:].strip() if header[:7].lower() == "bearer " else None
@@ -98,6 +105,10 @@ class JSONHandler(RequestHandler):
             raise
         if roles is not None and not identity.has_any(roles):
             raise errors.Forbidden(f"Needs one of the roles {', '.join(sorted(roles))}")
+        # Read per request (no cache): a ban or unban made on any node counts at once.
+        ban = await db.run("user.ban", mod_db.ban_in_force, identity.user_id)
+        if ban is not None:
+            raise errors.Banned(details=ban)
         return identity
 
 
@@ -172,10 +183,12 @@ class WebSocketStatsHandler(JSONHandler):
         state: NodeState,
         health: Health,
         security: SecurityMonitor,
+        db: Database,
         **_unused: Any,
     ) -> None:
         self.config = config
         self.hub = hub
+        self.db = db
         self.verifier = verifier
         self.metrics = metrics
         self.stats = stats
@@ -183,8 +196,8 @@ class WebSocketStatsHandler(JSONHandler):
         self.health = health
         self.security = security
 
-    def prepare(self) -> None:
-        self.bearer_identity(self.verifier, self.allowed_roles, self.security)
+    async def prepare(self) -> None:
+        await self.bearer_identity(self.verifier, self.allowed_roles, self.security, db=self.db)
 
     async def get(self) -> None:
         now = time.time()

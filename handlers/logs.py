@@ -42,6 +42,7 @@ from handlers.http import JSONHandler
 from handlers.schemas import EventSchema, Text
 from server import errors, protocol
 from server.auth import Identity, TokenVerifier
+from server.db import Database
 from server.logstream import (
     LEVELS,
     MAX_MESSAGE_CHARS,
@@ -321,16 +322,22 @@ class LogsHandler(GatewayHandler):
 
 class _LogsHTTPHandler(JSONHandler):
     def initialize(
-        self, logstream: LogStream, verifier: TokenVerifier, node_id: str, security: SecurityMonitor
+        self,
+        logstream: LogStream,
+        verifier: TokenVerifier,
+        node_id: str,
+        security: SecurityMonitor,
+        db: Database,
     ) -> None:
         self.logstream = logstream
         self.verifier = verifier
         self.node_id = node_id
         self.security = security
+        self.db = db
 
-    def authorize(self, roles: frozenset[str]) -> Identity:
+    async def authorize(self, roles: frozenset[str]) -> Identity:
         """The caller's identity from ``Authorization: Bearer``, if it has one of ``roles``."""
-        return self.bearer_identity(self.verifier, roles, self.security)
+        return await self.bearer_identity(self.verifier, roles, self.security, db=self.db)
 
 
 @stream_request_body
@@ -342,14 +349,15 @@ class LogIngestHandler(_LogsHTTPHandler):
     all or nothing: one invalid entry fails it with ``VALIDATION_ERROR``.
     """
 
-    def prepare(self) -> None:
+    async def prepare(self) -> None:
+        # A coroutine: tornado reads the body only once it is done.
         self._chunks: list[bytes] = []
         self._size = 0
         self._refusal: errors.GatewayError | None = None
         self._identity: Identity | None = None
         self.request.connection.set_max_body_size(INGEST_DISCARD_LIMIT_BYTES)  # type: ignore[union-attr]
         try:
-            self._identity = self.authorize(WRITER_ROLES)
+            self._identity = await self.authorize(WRITER_ROLES)
         except errors.GatewayError as exc:
             self._refusal = exc  # answered once the body is read, so the client sees it
             return
@@ -406,9 +414,9 @@ class RecentQuery(Schema):
 class LogRecentHandler(_LogsHTTPHandler):
     """``GET /api/v1/logs/recent?level=&service=&limit=`` (admin or ``logs``) → ``{entries}``."""
 
-    def get(self) -> None:
+    async def get(self) -> None:
         try:
-            self.authorize(READER_ROLES)
+            await self.authorize(READER_ROLES)
             query = {k: self.get_query_argument(k) for k in ("limit", "level", "service")
                      if self.get_query_argument(k, "")}  # fmt: skip
             try:
@@ -432,9 +440,9 @@ class LogStatsHandler(_LogsHTTPHandler):
     Answers ``{total, buffered, byLevel, byService, recentErrors, subscribers}``.
     """
 
-    def get(self) -> None:
+    async def get(self) -> None:
         try:
-            self.authorize(READER_ROLES)
+            await self.authorize(READER_ROLES)
         except errors.GatewayError as exc:
             self.send_error_for(exc)
             return
@@ -448,6 +456,7 @@ def logs_routes(ws_deps: dict[str, Any], logstream: LogStream) -> list[Any]:
         "verifier": ws_deps["verifier"],
         "node_id": ws_deps["config"].node_id,
         "security": ws_deps["security"],
+        "db": ws_deps["db"],
     }
     return [
         (r"/ws/logs", LogsHandler, {**ws_deps, "logstream": logstream}),

@@ -17,7 +17,8 @@ from typing import Any
 
 import peewee as pw
 
-from models import Message, Reaction, Room, RoomMember, User, active_ban, utcnow
+from models import Message, Reaction, Room, RoomMember, User, utcnow
+from models.moderation import ban_in_force
 from server import errors
 from server.protocol import iso
 
@@ -53,11 +54,7 @@ def upsert_user(
         )
         .execute()
     )  # fmt: skip
-    ban = active_ban(user_id)
-    ban_info = None
-    if ban is not None:
-        ban_info = {"reason": ban.reason, "expiresAt": iso(ban.expires_at)}
-    return ConnectInfo(ban_info, member_room_ids(user_id))
+    return ConnectInfo(ban_in_force(user_id), member_room_ids(user_id))
 
 
 def member_room_ids(user_id: str) -> list[str]:
@@ -255,6 +252,24 @@ def require_member(room_id: str, user_id: str) -> RoomMember:
     return member
 
 
+def _require_unmuted(member: RoomMember) -> None:
+    """MUTED while the member's mute (``models.moderation.mute_member``) is in force.
+
+    A mute is read-only membership: the member still reads, marks read and
+    deletes their own messages, but does not send, edit, react or type.
+    """
+    if member.muted_until is not None and member.muted_until > utcnow():
+        raise errors.Muted(details={"roomId": member.room_id, "until": iso(member.muted_until)})
+
+
+def require_voice(room_id: str, user_id: str) -> None:
+    """Raise unless the user may speak in the room now (``typing:start``).
+
+    The errors of :func:`require_member`, or MUTED.
+    """
+    _require_unmuted(require_member(room_id, user_id))
+
+
 def members_of(room_id: str, user_id: str) -> list[dict[str, Any]]:
     """Members of a room; a private room shows them to its members only."""
     room = _live_room(room_id)
@@ -272,11 +287,11 @@ def mark_read(room_id: str, user_id: str, seq: int) -> dict[str, Any]:
     return {"roomId": room_id, "lastReadSeq": new_seq, "unread": last_seq - new_seq}
 
 
-def delete_room(room_id: str, user_id: str, is_staff: bool) -> list[str]:
-    """Soft-delete a room (owner or staff); returns its member ids."""
+def delete_room(room_id: str, user_id: str, is_admin: bool) -> list[str]:
+    """Soft-delete a room (its owner or an admin); returns its member ids."""
     room = _live_room(room_id)
-    if room.owner_id != user_id and not is_staff:
-        raise errors.Forbidden("Only the owner, moderators or admins delete rooms")
+    if room.owner_id != user_id and not is_admin:
+        raise errors.Forbidden("Only the room's owner or an admin deletes a room")
     Room.update(deleted_at=utcnow()).where(Room.id == room_id).execute()
     return [m.user_id for m in RoomMember.select().where(RoomMember.room == room_id)]
 
@@ -359,9 +374,7 @@ def send_message(
         )
         if existing is not None:
             return Sent(message_dict(existing, _reactions_of(existing.id)), True)
-    member = require_member(room_id, sender_id)
-    if member.muted_until is not None and member.muted_until > utcnow():
-        raise errors.Muted(details={"roomId": room_id, "until": iso(member.muted_until)})
+    _require_unmuted(require_member(room_id, sender_id))
     if parent_id is not None:
         parent = Message.get_or_none((Message.id == parent_id) & (Message.room == room_id))
         if parent is None:
@@ -413,11 +426,48 @@ def get_messages(
     return {"messages": _message_dicts(rows[:limit]), "hasMore": len(rows) > limit}
 
 
+def _message_not_found(message_id: int) -> errors.MessageNotFound:
+    # The one shape of this error: "missing" and "not yours to see" must not differ.
+    return errors.MessageNotFound(details={"messageId": str(message_id)})
+
+
 def _live_message(message_id: int) -> Message:
     message = Message.get_or_none((Message.id == message_id) & Message.deleted_at.is_null())
     if message is None:
-        raise errors.MessageNotFound(details={"messageId": str(message_id)})
+        raise _message_not_found(message_id)
     return message
+
+
+def _visible_message(
+    message_id: int, user_id: str, *, staff: bool = False
+) -> tuple[Message, RoomMember | None]:
+    """The live message and the caller's membership of its room (None: not a member).
+
+    A message the caller may not read (its room is deleted, or private or
+    password-protected and the caller is no member) answers exactly like a
+    missing one: message ids are sequential, so anything else would let
+    anyone enumerate private rooms. A public room without a password is
+    open to all, so its non-members get the membership back as None and
+    each action decides (``NOT_IN_ROOM`` names no room). ``staff`` (token
+    role moderator/admin) sees every live room.
+    """
+    message = _live_message(message_id)
+    room = Room.get_by_id(message.room_id)
+    member = RoomMember.get_or_none((RoomMember.room == room) & (RoomMember.user_id == user_id))
+    if room.deleted_at is not None:
+        raise _message_not_found(message_id)
+    if member is None and not staff and (
+        room.type == "private" or room.password_hash is not None
+    ):
+        raise _message_not_found(message_id)
+    return message, member
+
+
+def _member_or_not_in_room(message_id: int, member: RoomMember | None) -> RoomMember:
+    if member is None:
+        # Only for open rooms (see _visible_message); the room id is not repeated.
+        raise errors.NotInRoom("Join the message's room first", {"messageId": str(message_id)})
+    return member
 
 
 def message_room(message_id: int) -> str:
@@ -425,9 +475,11 @@ def message_room(message_id: int) -> str:
 
 
 def edit_message(message_id: int, user_id: str, content: str) -> dict[str, Any]:
-    message = _live_message(message_id)
+    """The author, still a member and not muted there, edits their message."""
+    message, member = _visible_message(message_id, user_id)
     if message.sender_id != user_id:
         raise errors.Forbidden("Only the author edits a message")
+    _require_unmuted(_member_or_not_in_room(message_id, member))
     message.content = content
     message.edited_at = utcnow()
     message.save(only=[Message.content, Message.edited_at])
@@ -435,12 +487,12 @@ def edit_message(message_id: int, user_id: str, content: str) -> dict[str, Any]:
 
 
 def delete_message(message_id: int, user_id: str, is_staff: bool) -> dict[str, Any]:
-    """Soft delete by the author, staff, or the room's owner/moderators."""
-    message = _live_message(message_id)
+    """Soft delete by the author, staff, or the room's owner/moderators.
+
+    A mute does not stop it: removing one's own words is not speaking.
+    """
+    message, member = _visible_message(message_id, user_id, staff=is_staff)
     if message.sender_id != user_id and not is_staff:
-        member = RoomMember.get_or_none(
-            (RoomMember.room == message.room_id) & (RoomMember.user_id == user_id)
-        )
         if member is None or member.role not in ("owner", "moderator"):
             raise errors.Forbidden("Only the author or a moderator deletes a message")
     message.deleted_at = utcnow()
@@ -449,8 +501,9 @@ def delete_message(message_id: int, user_id: str, is_staff: bool) -> dict[str, A
 
 
 def react(message_id: int, user_id: str, emoji: str, action: str) -> dict[str, Any]:
-    message = _live_message(message_id)
-    require_member(message.room_id, user_id)
+    """A member who is not muted there adds or removes a reaction."""
+    message, member = _visible_message(message_id, user_id)
+    _require_unmuted(_member_or_not_in_room(message_id, member))
     if action == "add":
         (
             Reaction.insert(message=message, user_id=user_id, emoji=emoji, created_at=utcnow())

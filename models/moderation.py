@@ -96,6 +96,19 @@ def ban_user(user_id: str, actor_id: str, reason: str, duration_secs: int | None
     return ban
 
 
+def ban_in_force(user_id: str) -> dict[str, Any] | None:
+    """``{reason, expiresAt}`` of the user's ban in force now, else None.
+
+    What every surface refuses a banned user with (``BANNED`` details): the
+    socket admission and every REST request (``JSONHandler.bearer_identity``).
+    An expired ban does not count.
+    """
+    ban = active_ban(user_id)
+    if ban is None:
+        return None
+    return {"reason": ban.reason, "expiresAt": iso(ban.expires_at)}
+
+
 def unban_user(user_id: str, actor_id: str) -> bool:
     """Lift the user's ban; False if none was in force. Audited either way."""
     in_force = active_ban(user_id) is not None

@@ -189,7 +189,10 @@ class Node:
             "stats": self.stats,
             "security": self.security,
         }
-        chat_deps = {"typing": self.typing, "health": self.health, **notify_deps}
+        chat_deps = {
+            "typing": self.typing, "health": self.health, "moderation": self.moderation,
+            **notify_deps,
+        }  # fmt: skip
         admin_deps = {"moderation": self.moderation, "feed": self.admin_feed}
         self.app = make_app(
             config, ws_deps=ws_deps, chat_deps=chat_deps, admin_deps=admin_deps,

@@ -7,8 +7,9 @@ hub, logs one line, and (when a :class:`~server.notify.Notifier` is set)
 leaves them a notification.
 
 Who may do what (SPEC §3): moderators and admins kick, mute and delete
-messages; only admins ban, unban and delete rooms. A moderator may not kick
-or mute an admin (FORBIDDEN); an admin may.
+messages; only admins ban, unban and delete rooms (and a room's owner
+deletes their own room, through ``/ws/chat``). A moderator may not kick or
+mute an admin (FORBIDDEN); an admin may.
 
 Example::
 
@@ -162,11 +163,21 @@ class Moderation:
 
     # -- content ----------------------------------------------------------------
 
-    async def delete_room(self, actor: Identity, room_id: str) -> dict[str, Any]:
-        """Soft-delete a room; every member's chat connections get ``room:deleted``."""
-        require_role(actor, "delete_room")
+    async def delete_room(
+        self, actor: Identity, room_id: str, *, owner_may: bool = False
+    ) -> dict[str, Any]:
+        """Soft-delete a room for its owner or an admin; tell and notify every member.
+
+        Every member's chat connections get ``room:deleted`` (whether or not
+        they have the room open), the room's missed-messages notices go and
+        the other members get a notification. ``/ws/admin`` calls it as is
+        (admins only); ``/ws/chat`` ``room:delete`` with ``owner_may=True``,
+        which lets the room's owner delete it as well.
+        """
+        if not owner_may:
+            require_role(actor, "delete_room")
         members: list[str] = await self.db.run(
-            "room.delete", chat_db.delete_room, room_id, actor.user_id, True
+            "room.delete", chat_db.delete_room, room_id, actor.user_id, actor.has_any(ADMIN_ROLES)
         )
         await self.db.run(
             "moderation.audit", mod_db.audit, actor.user_id, "delete_room", f"room:{room_id}", "",
@@ -186,6 +197,11 @@ class Moderation:
         self.stats.rooms.forget(room_id)
         log.info("delete_room: %s deleted room %s (%d members)", actor.user_id, room_id,
                  len(members))  # fmt: skip
+        if self.notifier is not None:
+            self.tasks.spawn(
+                self.notifier.room_deleted(room_id, members, actor.user_id),
+                f"notify-room-deleted-{room_id}",
+            )
         return {"roomId": room_id, "members": len(members)}
 
     async def delete_message(self, actor: Identity, message_id: int, reason: str) -> dict[str, Any]:

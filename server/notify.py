@@ -64,6 +64,9 @@ class Notifier(Protocol):
     ) -> list[dict[str, Any]]:
         """The same, to every user whose last token carried the ``admin`` role."""
 
+    async def room_deleted(self, room_id: str, member_ids: list[str], deleted_by: str) -> None:
+        """The room is gone: drop its missed-messages notices, tell the other members."""
+
 
 #: Notifications a fresh ``/ws/notifications`` connection receives.
 RECENT_ON_CONNECT = 20

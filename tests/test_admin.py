@@ -312,6 +312,40 @@ async def test_delete_room_tells_every_member(gateway):
     assert [r["target"] for r in await audit_rows(gateway, "delete_room")] == ["room:general"]
 
 
+async def test_room_deletion_is_one_operation_on_both_surfaces(gateway):
+    """admin:delete_room and the owner's room:delete tell, notify and audit alike."""
+    alice, bob = await gateway.connect("alice"), await gateway.connect("bob")
+    await room_with(gateway, "general", alice, bob)
+    await room_with(gateway, "other", alice, bob)
+    inbox = await gateway.connect("bob", "notifications")
+    await inbox.next_event("notification:recent")
+    root = await admin(gateway)
+    await root.emit("admin:delete_room", {"roomId": "general"})
+    await alice.emit("room:delete", {"roomId": "other"})
+    notes = []
+    for room_id, by in (("general", "root"), ("other", "alice")):
+        deleted = await bob.next_event("room:deleted")
+        assert deleted["data"] == {"roomId": room_id, "deletedBy": by}
+        notes.append((await inbox.next_event("notification:created"))["data"]["notification"])
+    # Notifications are stored in the background: in either order.
+    assert sorted((n["title"], n["data"]["deletedBy"]) for n in notes) == [
+        ("Room #general was deleted", "root"), ("Room #other was deleted", "alice"),
+    ]  # fmt: skip
+    assert [(r["actor"], r["target"]) for r in await audit_rows(gateway, "delete_room")] == [
+        ("root", "room:general"), ("alice", "room:other"),
+    ]  # fmt: skip
+
+
+async def test_admin_delete_room_stays_admin_only_even_for_the_owner(gateway):
+    mod = await gateway.connect("mod", roles=MODERATOR)
+    await room_with(gateway, "mine", mod)
+    mod_admin = await admin(gateway, "mod", MODERATOR)
+    exc = await error(mod_admin, "admin:delete_room", {"roomId": "mine"}, "FORBIDDEN")
+    assert exc.details == {"action": "delete_room"}
+    # Through /ws/chat the owner may.
+    assert await mod.emit("room:delete", {"roomId": "mine"}) == {"roomId": "mine"}
+
+
 async def test_delete_message_reaches_the_room(gateway):
     alice, mallory = await gateway.connect("alice"), await gateway.connect("mallory")
     await room_with(gateway, "general", alice, mallory)

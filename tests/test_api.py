@@ -6,13 +6,16 @@ on real WebSocket clients, so REST and socket views are checked together.
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 import orjson
 import pytest
 from tornado.httpclient import AsyncHTTPClient
 
+from models import Ban, utcnow
 from server.client import Client
+from tests.conftest import ROOMY_RATE_LIMITS
 
 pytestmark = pytest.mark.asyncio
 
@@ -116,6 +119,73 @@ async def test_shutting_down_is_503(gateway):
         await fails(gateway, "GET", "/api/v1/notifications", 503, "SERVICE_UNAVAILABLE")
     finally:
         gateway.node.state.shutting_down = False
+
+
+# -- bans -----------------------------------------------------------------------
+
+
+async def production(gateway_factory: Any) -> Any:
+    return await gateway_factory(
+        env="production", jwt_secret="x" * 40, allowed_origins="http://app.test",
+        rate_limits=ROOMY_RATE_LIMITS,
+    )  # fmt: skip
+
+
+# One user id, every role an endpoint may ask for: the ban is the user's, not the token's.
+MALLORY = {"user": "mallory", "roles": ("user", "admin", "logs", "service")}
+
+
+def every_endpoint(notification_id: str) -> list[tuple[str, str, Any]]:
+    """(method, path, body) of every HTTP endpoint that takes a user's bearer token."""
+    return [
+        ("GET", "/api/v1/rooms/hideout/messages", None),
+        ("GET", "/api/v1/notifications", None),
+        ("GET", "/api/v1/notifications/unread/count", None),
+        ("POST", f"/api/v1/notifications/{notification_id}/read", None),
+        ("POST", "/api/v1/notifications/read-all", None),
+        ("GET", "/api/v1/logs/recent", None),
+        ("GET", "/api/v1/logs/stats", None),
+        ("GET", "/websocket/stats", None),
+        ("POST", "/api/v1/publish", {"target": {"userId": "mallory"}, "event": "x:y"}),
+        ("POST", "/api/v1/notifications", {"userIds": ["mallory"], "title": "hi"}),
+        ("POST", "/api/v1/logs", {"entries": [{"level": "info", "message": "hi"}]}),
+        ("DELETE", f"/api/v1/notifications/{notification_id}", None),
+    ]
+
+
+async def test_banned_user_gets_403_banned_on_every_endpoint(gateway_factory):
+    gw = await production(gateway_factory)
+    chat = await gw.connect("mallory")
+    await chat.emit("room:create", {"roomId": "hideout", "name": "Hideout"})
+    note = await notify(gw, "mallory")
+    root = await gw.connect("root", "admin", ("admin",))
+    await root.emit("admin:ban", {"userId": "mallory", "reason": "spam", "durationSeconds": 600})
+    # A ban still closes the user's sockets (kept as it was).
+    assert (await chat.wait_closed())[0] == 4403
+    for method, path, body in every_endpoint(note["id"]):
+        details = await fails(gw, method, path, 403, "BANNED", body, **MALLORY)
+        assert details["reason"] == "spam" and details["expiresAt"], (method, path)
+    # Someone else is not affected; the ban is read per request, so unban counts at once.
+    await ok(gw, "GET", "/api/v1/notifications/unread/count", user="bob")
+    await root.emit("admin:unban", {"userId": "mallory"})
+    for method, path, body in every_endpoint(note["id"]):
+        await ok(gw, method, path, body, **MALLORY)
+
+
+async def test_an_expired_ban_does_not_block_rest(gateway_factory):
+    gw = await production(gateway_factory)
+    chat = await gw.connect("mallory")
+    await chat.emit("room:create", {"roomId": "hideout", "name": "Hideout"})
+    note = await notify(gw, "mallory")
+
+    def expired_ban() -> None:
+        past = utcnow() - dt.timedelta(seconds=1)
+        Ban.create(user_id="mallory", reason="old", banned_by="root", created_at=past,
+                   expires_at=past)  # fmt: skip
+
+    await gw.node.db.run("test.ban", expired_ban)
+    for method, path, body in every_endpoint(note["id"]):
+        await ok(gw, method, path, body, **MALLORY)
 
 
 # -- notifications ------------------------------------------------------------

@@ -12,13 +12,18 @@ used after set-up so that join noise does not leak into the assertions.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import re
 from typing import Any
 
 import orjson
 import pytest
+from tornado.httpclient import HTTPRequest
+from tornado.websocket import websocket_connect
 
+from models import RoomMember, utcnow
 from server.client import Client, ClientError
+from tests.conftest import ROOMY_RATE_LIMITS
 
 pytestmark = pytest.mark.asyncio
 
@@ -36,6 +41,41 @@ USER_KEYS = {"userId", "username", "displayName"}
 
 
 # -- helpers ------------------------------------------------------------------
+
+
+async def production(gateway_factory: Any) -> Any:
+    """A node in production mode, for the authorization rules."""
+    return await gateway_factory(
+        env="production", jwt_secret="x" * 40, allowed_origins="http://app.test",
+        rate_limits=ROOMY_RATE_LIMITS,
+    )  # fmt: skip
+
+
+async def raw_acks(gw: Any, user: str, requests: list[tuple[str, dict[str, Any]]]) -> list[bytes]:
+    """The answers to ``requests`` exactly as sent on the wire, ack numbers set to 0.
+
+    A plain WebSocket connection, not :class:`Client`: the bytes are compared.
+    """
+    request = HTTPRequest(gw.url(), headers={"Authorization": f"Bearer {gw.token(user)}"})
+    conn = await websocket_connect(request)
+    try:
+        welcome = orjson.loads(await conn.read_message())
+        assert welcome["event"] == "system:welcome"
+        answers = []
+        for ack, (event, data) in enumerate(requests, 1):
+            await conn.write_message(orjson.dumps({"event": event, "data": data, "ack": ack}))
+            while True:
+                raw = await conn.read_message()
+                assert isinstance(raw, bytes | str), "connection closed"
+                raw = raw.encode() if isinstance(raw, str) else raw
+                if orjson.loads(raw).get("ack") == ack:
+                    break
+            prefix = b'{"ack":%d,' % ack
+            assert raw.startswith(prefix), raw
+            answers.append(b'{"ack":0,' + raw[len(prefix) :])
+        return answers
+    finally:
+        conn.close()
 
 
 async def users(gw: Any, *names: str, **kw: Any) -> list[Client]:
@@ -82,6 +122,14 @@ async def settle(*clients: Client) -> None:
     for client in clients:
         await client.emit("system:ping")
         client.drain_events()
+
+
+async def nothing_arrived(clients: Any, *events: str) -> None:
+    """Barrier: a ping round trip per client, then none of ``events`` may be buffered."""
+    for client in clients:
+        await client.emit("system:ping")
+        for event in events:
+            await client.expect_no_event(event, within=0)
 
 
 async def history(client: Client, room_id: str, **fields: Any) -> dict[str, Any]:
@@ -568,19 +616,29 @@ async def test_room_deleted_reaches_members_without_the_room_open(gateway):
     await bob.expect_no_event("room:deleted", within=0.2)
 
 
-async def test_only_owner_or_staff_delete_rooms(gateway):
-    alice, bob = await users(gateway, "alice", "bob")
-    mod = await gateway.connect("mod", roles=("moderator",))
+async def test_only_owner_or_admin_delete_rooms(gateway_factory):
+    gw = await production(gateway_factory)
+    alice, bob = await users(gw, "alice", "bob")
+    mod = await gw.connect("mod", roles=("moderator",))
+    root = await gw.connect("root", roles=("admin",))
     await room(alice, "general")
     await join(bob, "general")
-    await settle(alice)
-    await error(bob, "room:delete", {"roomId": "general"}, "FORBIDDEN")
-    await alice.expect_no_event("room:deleted", within=0.1)
-    assert bob.connected
+    await join(mod, "general")
+    await settle(alice, bob, mod)
+    # A member and a moderator (token role, even in the room) may not.
+    for client in (bob, mod):
+        exc = await error(client, "room:delete", {"roomId": "general"}, "FORBIDDEN")
+        assert client.connected and "roomId" not in exc.details
+    await nothing_arrived((alice, bob, mod), "room:deleted")
     assert (await send(bob, "general", "still here"))["seq"] == 1
-    await mod.emit("room:delete", {"roomId": "general"})
-    ev = await alice.next_event("room:deleted")
-    assert ev["data"] == {"roomId": "general", "deletedBy": "mod"}
+    # An admin may, without being a member.
+    assert await root.emit("room:delete", {"roomId": "general"}) == {"roomId": "general"}
+    for client in (alice, bob, mod):
+        ev = await client.next_event("room:deleted", predicate=in_room("general"))
+        assert ev["data"] == {"roomId": "general", "deletedBy": "root"}
+    # And the owner, of their own room.
+    await room(bob, "bobs")
+    assert await bob.emit("room:delete", {"roomId": "bobs"}) == {"roomId": "bobs"}
     await error(bob, "room:delete", {"roomId": "nowhere"}, "ROOM_NOT_FOUND")
 
 
@@ -1047,6 +1105,134 @@ async def test_ping_and_health(gateway):
     assert health["status"] in ("healthy", "degraded", "unhealthy")
     assert {"database", "websocket"} <= set(health["services"])
     assert health["metrics"]["activeConnections"] >= 1
+
+
+# -- mute: read-only in that room --------------------------------------------------------
+
+
+async def mute(gw: Any, user: str, room_id: str) -> dict[str, Any]:
+    """Mute ``user`` in ``room_id`` for ten minutes, as a moderator on /ws/admin."""
+    mod = await gw.connect("mod", "admin", ("moderator",))
+    ack: dict[str, Any] = await mod.emit(
+        "admin:mute", {"userId": user, "roomId": room_id, "durationSeconds": 600}
+    )
+    return ack
+
+
+async def test_a_muted_member_reads_but_does_not_speak(gateway_factory):
+    gw = await production(gateway_factory)
+    alice, bob = await users(gw, "alice", "bob")
+    await room(alice, "general")
+    await room(alice, "other")
+    for room_id in ("general", "other"):
+        await join(bob, room_id)
+    mine = await send(bob, "general", "before the mute")
+    theirs = await send(alice, "general", "alice speaks")
+    muted = await mute(gw, "bob", "general")
+    await settle(alice, bob)
+    refused = {"roomId": "general", "until": muted["mutedUntil"]}
+    for event, data in (
+        ("message:send", {"roomId": "general", "content": "x"}),
+        ("message:edit", {"messageId": mine["id"], "content": "edited"}),
+        ("message:react", {"messageId": theirs["id"], "emoji": "👍"}),
+        ("message:react", {"messageId": mine["id"], "emoji": "👍", "action": "remove"}),
+        ("typing:start", {"roomId": "general"}),
+    ):
+        exc = await error(bob, event, data, "MUTED")
+        assert exc.details == refused, event
+    await nothing_arrived(
+        (alice,), "message:new", "message:updated", "message:reaction", "user:typing"
+    )
+    page = (await history(alice, "general"))["messages"]
+    assert [(m["content"], m["editedAt"], m["reactions"]) for m in page] == [
+        ("alice speaks", None, {}), ("before the mute", None, {}),
+    ]  # fmt: skip
+    # Reading is allowed: history, read markers, typing:stop.
+    assert len((await history(bob, "general"))["messages"]) == 2
+    assert (await bob.emit("room:read", {"roomId": "general", "seq": 2}))["unread"] == 0
+    await bob.emit("typing:stop", {"roomId": "general"})
+    # So is deleting one's own message (deleting is not speaking).
+    await bob.emit("message:delete", {"messageId": mine["id"]})
+    assert (await alice.next_event("message:deleted"))["data"]["messageId"] == mine["id"]
+    # Only in that room.
+    await bob.emit("typing:start", {"roomId": "other"})
+    assert (await alice.next_event("user:typing"))["data"]["roomId"] == "other"
+    await send(bob, "other", "elsewhere I speak")
+
+
+async def test_an_expired_mute_no_longer_silences(gateway_factory):
+    gw = await production(gateway_factory)
+    alice, bob = await users(gw, "alice", "bob")
+    await room(alice, "general")
+    await join(bob, "general")
+    mine = await send(bob, "general", "first")
+    await mute(gw, "bob", "general")
+    await error(bob, "typing:start", {"roomId": "general"}, "MUTED")
+
+    def expire() -> None:
+        past = utcnow() - dt.timedelta(seconds=1)
+        RoomMember.update(muted_until=past).where(RoomMember.user_id == "bob").execute()
+
+    await gw.node.db.run("test.expire_mute", expire)
+    await settle(alice)
+    await bob.emit("typing:start", {"roomId": "general"})
+    assert (await alice.next_event("user:typing"))["data"]["userId"] == "bob"
+    await bob.emit("message:edit", {"messageId": mine["id"], "content": "edited"})
+    await bob.emit("message:react", {"messageId": mine["id"], "emoji": "👍"})
+    await send(bob, "general", "back")
+
+
+# -- who may see a message ------------------------------------------------------------
+
+
+async def test_no_existence_oracle_for_messages_of_closed_rooms(gateway_factory):
+    gw = await production(gateway_factory)
+    alice, carol = await users(gw, "alice", "carol")
+    await room(alice, "secret", type="private")
+    await room(alice, "vault", password="hunter22")  # public, but closed to non-members
+    hidden = [(await send(alice, r, "hidden"))["id"] for r in ("secret", "vault")]
+    await room(carol, "mine")
+
+    def probes(message_id: str) -> list[tuple[str, dict[str, Any]]]:
+        return [
+            ("room:join", {"roomId": "mine"}),  # so that message:send gets to the parent
+            ("message:edit", {"messageId": message_id, "content": "x"}),
+            ("message:delete", {"messageId": message_id}),
+            ("message:react", {"messageId": message_id, "emoji": "👍"}),
+            ("message:send", {"roomId": "mine", "content": "x", "parentMessageId": message_id}),
+        ]
+
+    # Ids are sequential: the next unused one stands for "no such message".
+    missing = str(int(hidden[-1]) + 1000)
+    for message_id in hidden:
+        real = await raw_acks(gw, "carol", probes(message_id))
+        none = await raw_acks(gw, "carol", probes(missing))
+        for got, expected in zip(real[1:], none[1:], strict=True):
+            assert got == expected.replace(missing.encode(), message_id.encode())
+            assert b"MESSAGE_NOT_FOUND" in got
+            assert b"secret" not in got and b"vault" not in got
+    # Members still act on them, and nothing changed meanwhile.
+    page = (await history(alice, "secret"))["messages"]
+    assert [(m["content"], m["reactions"], m["deleted"]) for m in page] == [("hidden", {}, False)]
+
+
+async def test_open_rooms_tell_non_members_to_join_without_naming_the_room(gateway_factory):
+    gw = await production(gateway_factory)
+    alice, carol = await users(gw, "alice", "carol")
+    mod = await gw.connect("mod", roles=("moderator",))
+    await room(alice, "lobby")
+    m = await send(alice, "lobby", "open to all")
+    exc = await error(carol, "message:react", {"messageId": m["id"], "emoji": "👍"}, "NOT_IN_ROOM")
+    assert exc.details == {"messageId": m["id"]}
+    exc = await error(carol, "message:edit", {"messageId": m["id"], "content": "x"}, "FORBIDDEN")
+    assert "roomId" not in exc.details
+    exc = await error(carol, "message:delete", {"messageId": m["id"]}, "FORBIDDEN")
+    assert "roomId" not in exc.details
+    # Moderators (token role) still remove any message, also in a private room.
+    await room(alice, "secret", type="private")
+    s = await send(alice, "secret", "spam")
+    ack = await mod.emit("message:delete", {"messageId": s["id"]})
+    assert ack["roomId"] == "secret"
 
 
 # -- recovery ------------------------------------------------------------------------
