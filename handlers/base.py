@@ -30,7 +30,7 @@ from collections.abc import Iterable
 from typing import Any, ClassVar
 
 from marshmallow import Schema, ValidationError
-from tornado.iostream import IOStream, StreamClosedError
+from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from handlers.schemas import AuthRefresh, Ping
@@ -188,8 +188,10 @@ class GatewayHandler(WebSocketHandler):
         self.set_nodelay(True)
         ws = self.ws_connection
         stream = ws.stream if ws is not None else None
-        if type(stream) is IOStream and stream.socket is not None:
-            self._raw = (stream, stream.socket)  # TLS (SSLIOStream) never takes it
+        # Plain TCP only (the node's accept loop uses an IOStream subclass); TLS never.
+        plain = isinstance(stream, IOStream) and not isinstance(stream, SSLIOStream)
+        if plain and stream is not None and stream.socket is not None:
+            self._raw = (stream, stream.socket)
         self.client_ip = self._remote_ip()
         try:
             await self._admit()

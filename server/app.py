@@ -51,6 +51,7 @@ from server.db import Database
 from server.health import Health, LoopMonitor
 from server.hub import Hub
 from server.limits import ConnectionLimiter, RateLimiter
+from server.listener import Listener
 from server.logstream import LogStream
 from server.metrics import Metrics
 from server.moderation import Moderation
@@ -202,6 +203,7 @@ class Node:
             logstream=self.logstream,
         )  # fmt: skip
         self.server: HTTPServer | None = None
+        self.listener: Listener | None = None
         self.sockets: list[socket.socket] = []
         self.port = 0
         self._heartbeat: asyncio.Task[None] | None = None
@@ -227,8 +229,19 @@ class Node:
             await self.hub.start()  # waits briefly for Redis; starts degraded without it
         self.sockets = bind_sockets(self.config.port, self.config.host, backlog=2048)
         self.port = self.sockets[0].getsockname()[1]
-        self.server = HTTPServer(self.app, xheaders=False)
-        self.server.add_sockets(self.sockets)
+        # One timeout for headers and body: REST bodies are small JSON, and a
+        # slow-drip body holds a descriptor as long as slow-drip headers do.
+        self.server = HTTPServer(
+            self.app, xheaders=False,
+            idle_connection_timeout=self.config.header_timeout,
+            body_timeout=self.config.header_timeout,
+        )  # fmt: skip
+        # Our accept loop instead of add_sockets(): per-address bound, fd exhaustion.
+        self.listener = Listener(
+            self.server, self.metrics,
+            max_per_ip=self.config.tcp_connections_per_ip, exempt=self.config.trusted_proxies,
+        )  # fmt: skip
+        self.listener.start(self.sockets)
         if self.config.exposed and not self.config.is_production:
             # Only an explicit SWITCHBOARD_ENV gets here: without one, an exposed
             # host means production (Config.from_env).
@@ -269,8 +282,8 @@ class Node:
         if self.state.shutting_down:
             return
         self.state.shutting_down = True
-        if self.server is not None:
-            self.server.stop()
+        if self.listener is not None:
+            self.listener.stop()
         for task in (self._heartbeat, self._gauges):
             if task is not None:
                 task.cancel()

@@ -98,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--jwt-max-ttl", dest="jwt_max_ttl", type=float,
                        help="seconds; refuse tokens whose exp - iat is longer")  # fmt: skip
     serve.add_argument("--heartbeat-interval", dest="heartbeat_interval", type=float)
+    serve.add_argument("--header-timeout", dest="header_timeout", type=float,
+                       help="seconds to send a request's headers, and its body (default 10)")
     serve.add_argument("--log-format", dest="log_format", choices=["text", "json"])
     serve.add_argument("--log-level", dest="log_level")
 
@@ -136,6 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def _serve(config: Config) -> int:
     from server.app import Node
+    from server.listener import raise_fd_limit
+
+    raise_fd_limit()  # every connection is a descriptor; the soft limit is often 1024
 
     # Handle signals before announcing anything: a SIGTERM/SIGINT sent as soon
     # as the listening line appears must shut down gracefully, not kill us.

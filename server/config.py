@@ -47,6 +47,12 @@ _DEFAULT_RATE_LIMITS_PER_MIN = {
 }
 _DEFAULT_MAX_CONNECTIONS_PER_IP = {"production": 20, "development": 1000, "test": 1000}
 
+#: TCP connections one address may hold on a node beyond its WebSockets
+#: (``max_connections_per_ip``), for REST calls and their keep-alives: a browser
+#: keeps up to 6 HTTP/1.1 connections per origin, so 32 covers several browsers
+#: behind one address at once, and idle ones close after the header timeout.
+TCP_HEADROOM_PER_IP = 32
+
 
 class ConfigError(ValueError):
     """The configuration is unusable; the message says which setting and why."""
@@ -93,6 +99,14 @@ class Config:
     max_connections_per_user: int = 5
     max_connections_per_ip: int = 1000
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    # Open TCP connections per peer address on one node, checked at accept (before
+    # any HTTP); 0: max_connections_per_ip + TCP_HEADROOM_PER_IP. Trusted proxies
+    # are exempt. See tcp_connections_per_ip.
+    max_tcp_connections_per_ip: int = 0
+    # Seconds a connection gets to send a request's headers (from accept, or from
+    # the previous response on keep-alive; idle connections close then) and again
+    # to send its body. WebSockets, once upgraded, are governed by the heartbeat.
+    header_timeout: float = 10.0
     max_message_bytes: int = 64 * 1024
     # Bytes queued for one connection before it counts as a slow consumer (4408).
     max_outbound_bytes: int = 1024 * 1024
@@ -115,6 +129,13 @@ class Config:
     def exposed(self) -> bool:
         """True when the listener is reachable beyond this machine (see :func:`is_loopback`)."""
         return not is_loopback(self.host)
+
+    @property
+    def tcp_connections_per_ip(self) -> int:
+        """The per-address TCP bound in force (``max_tcp_connections_per_ip`` or derived)."""
+        return self.max_tcp_connections_per_ip or (
+            self.max_connections_per_ip + TCP_HEADROOM_PER_IP
+        )
 
     def rate_limit(self, bucket: str) -> RateLimit:
         return self.rate_limits[bucket]
@@ -160,6 +181,8 @@ class Config:
             "db_workers": ("DB_WORKERS", int),
             "max_connections_per_user": ("MAX_CONNECTIONS_PER_USER", int),
             "max_connections_per_ip": ("MAX_CONNECTIONS_PER_IP", int),
+            "max_tcp_connections_per_ip": ("MAX_TCP_CONNECTIONS_PER_IP", int),
+            "header_timeout": ("HEADER_TIMEOUT", float),
             "max_message_bytes": ("MAX_MESSAGE_BYTES", int),
             "max_outbound_bytes": ("MAX_OUTBOUND_BYTES", int),
             "jwt_max_ttl": ("JWT_MAX_TTL", float),
@@ -241,6 +264,18 @@ class Config:
             raise ConfigError("heartbeat interval and timeout must be positive")
         if self.jwt_max_ttl is not None and not 0 < self.jwt_max_ttl < math.inf:
             raise ConfigError("SWITCHBOARD_JWT_MAX_TTL must be a positive number of seconds")
+        if not self.header_timeout > 0:
+            raise ConfigError("SWITCHBOARD_HEADER_TIMEOUT must be a positive number of seconds")
+        if self.max_tcp_connections_per_ip < 0:
+            raise ConfigError("SWITCHBOARD_MAX_TCP_CONNECTIONS_PER_IP must be 0 (derived) or more")
+        if self.max_tcp_connections_per_ip and (
+            self.max_tcp_connections_per_ip < self.max_connections_per_ip
+        ):
+            raise ConfigError(
+                "SWITCHBOARD_MAX_TCP_CONNECTIONS_PER_IP must be at least "
+                f"SWITCHBOARD_MAX_CONNECTIONS_PER_IP ({self.max_connections_per_ip}): "
+                "every WebSocket is a TCP connection too"
+            )
         if self.is_production:
             if not asymmetric and (not self.jwt_secret or self.jwt_secret == DEFAULT_JWT_SECRET):
                 raise ConfigError(
@@ -274,6 +309,8 @@ class Config:
                 value = {k: str(v) for k, v in value.items()}
             elif f.name == "trusted_proxies":
                 value = [str(n) for n in value]
+            elif f.name == "max_tcp_connections_per_ip":
+                value = self.tcp_connections_per_ip  # the bound in force, even when derived
             elif isinstance(value, tuple):
                 value = list(value)
             out[f.name] = value

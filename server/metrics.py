@@ -18,6 +18,9 @@ Families fed by other components (attribute → metric):
 - ``log_entries_dropped`` → ``switchboard_log_entries_dropped_total``
 - ``security_alerts``, ``security_alerts_suppressed`` →
   ``switchboard_security_alerts_total{kind}``, ``…_suppressed_total{kind}``
+- ``tcp_connections``, ``tcp_refused``, ``accept_errors`` → ``switchboard_tcp_connections``,
+  ``switchboard_tcp_refused_total{reason}``, ``switchboard_accept_errors_total{errno}``
+  (the accept loop, server/listener.py)
 - ``redis_up``, ``redis_published``, ``redis_received``, ``redis_reconnects``,
   ``redis_dropped``, ``redis_pubsub_lag`` → the ``switchboard_redis_*`` families (cluster mirror)
 """
@@ -42,6 +45,12 @@ NOTIFICATION_CATEGORIES = (
     "chat", "mention", "moderation", "security", "system", "event", "user",
     "resource", "reservation", "limit", "error",
 )  # fmt: skip
+
+#: Why server/listener.py closed a TCP connection at accept, a bounded label.
+TCP_REFUSAL_REASONS = ("ip_limit",)
+#: The accept() errors server/listener.py backs off from, a bounded label ("other":
+#: any error of the listening socket that is not about one queued connection).
+ACCEPT_ERRNOS = ("EMFILE", "ENFILE", "ENOBUFS", "ENOMEM", "other")
 
 #: What server/security.py alerts on, a bounded label.
 SECURITY_ALERT_KINDS = ("auth_failures", "rate_limit_abuse")
@@ -84,6 +93,21 @@ class Metrics:
         self.connections_closed = Counter(
             f"{p}_connections_closed_total", "Closed connections by reason",
             ["namespace", "reason"], registry=registry,
+        )  # fmt: skip
+        self.tcp_connections = Gauge(
+            f"{p}_tcp_connections",
+            "Open TCP connections accepted by this node (HTTP, keep-alive and WebSocket)",
+            registry=registry,
+        )  # fmt: skip
+        self.tcp_refused = Counter(
+            f"{p}_tcp_refused_total",
+            "TCP connections closed at accept, before any HTTP, by reason",
+            ["reason"], registry=registry,
+        )  # fmt: skip
+        self.accept_errors = Counter(
+            f"{p}_accept_errors_total",
+            "accept() failures: out of descriptors or memory, or other (accepting pauses briefly)",
+            ["errno"], registry=registry,
         )  # fmt: skip
         self.auth_failures = Counter(
             f"{p}_auth_failures_total", "Refused handshakes and authentications by reason",
@@ -181,6 +205,10 @@ class Metrics:
             self.notifications_created.labels(category)
         for bucket in RATE_LIMIT_CLASSES:
             self.rate_limited.labels(bucket)
+        for reason in TCP_REFUSAL_REASONS:
+            self.tcp_refused.labels(reason)
+        for name in ACCEPT_ERRNOS:
+            self.accept_errors.labels(name)
         for kind in SECURITY_ALERT_KINDS:
             self.security_alerts.labels(kind)
             self.security_alerts_suppressed.labels(kind)

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from server.config import (
     DEFAULT_JWT_SECRET,
     MIN_JWT_SECRET_BYTES,
+    TCP_HEADROOM_PER_IP,
     Config,
     ConfigError,
     RateLimit,
@@ -156,6 +157,16 @@ def test_explicit_heartbeat_timeout_is_kept():
         ({"SWITCHBOARD_JWT_ALGORITHMS": "RS256"}, "SWITCHBOARD_JWT_PUBLIC_KEY"),
         ({"SWITCHBOARD_JWT_PUBLIC_KEY": "/nonexistent/key.pem"}, "/nonexistent/key.pem"),
         ({"SWITCHBOARD_RATE_LIMITS": "messages=lots"}, "SWITCHBOARD_RATE_LIMITS"),
+        ({"SWITCHBOARD_HEADER_TIMEOUT": "soon"}, "SWITCHBOARD_HEADER_TIMEOUT"),
+        ({"SWITCHBOARD_HEADER_TIMEOUT": "0"}, "SWITCHBOARD_HEADER_TIMEOUT"),
+        ({"SWITCHBOARD_MAX_TCP_CONNECTIONS_PER_IP": "-1"}, "MAX_TCP_CONNECTIONS_PER_IP"),
+        (
+            {
+                "SWITCHBOARD_MAX_CONNECTIONS_PER_IP": "50",
+                "SWITCHBOARD_MAX_TCP_CONNECTIONS_PER_IP": "4",
+            },
+            "SWITCHBOARD_MAX_TCP_CONNECTIONS_PER_IP",
+        ),
     ],
 )
 def test_bad_settings_name_the_variable(env, message):
@@ -285,6 +296,25 @@ def test_default_connections_per_ip_per_environment(env, expected):
     config = Config.from_env({**PROD_OK, "SWITCHBOARD_ENV": env})
     assert config.max_connections_per_ip == expected
     assert config.max_connections_per_user == 5
+
+
+def test_tcp_bound_per_ip_is_the_websocket_limit_plus_headroom_unless_set():
+    production = Config.from_env(PROD_OK)
+    assert production.max_tcp_connections_per_ip == 0  # derived
+    assert production.tcp_connections_per_ip == 20 + TCP_HEADROOM_PER_IP
+    # Operators see the bound in force, not the 0 that means "derived".
+    assert production.public_view()["max_tcp_connections_per_ip"] == 20 + TCP_HEADROOM_PER_IP
+    raised = Config.from_env({**PROD_OK, "SWITCHBOARD_MAX_CONNECTIONS_PER_IP": "100"})
+    assert raised.tcp_connections_per_ip == 100 + TCP_HEADROOM_PER_IP
+    explicit = Config.from_env({**PROD_OK, "SWITCHBOARD_MAX_TCP_CONNECTIONS_PER_IP": "400"})
+    assert explicit.tcp_connections_per_ip == 400
+
+
+def test_header_timeout_defaults_to_ten_seconds_and_is_read():
+    assert Config.from_env({}).header_timeout == 10.0
+    assert Config.from_env({"SWITCHBOARD_HEADER_TIMEOUT": "2.5"}).header_timeout == 2.5
+    flag = Config.from_env({"SWITCHBOARD_HEADER_TIMEOUT": "2.5"}, header_timeout=4.0)
+    assert flag.header_timeout == 4.0
 
 
 def test_explicit_connections_per_ip_wins_in_production():

@@ -14,7 +14,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,14 +52,18 @@ class ServerProcess:
         self._pumps: list[asyncio.Task[None]] = []
 
     @classmethod
-    async def start(cls, tmp_path: Path) -> ServerProcess:
+    async def start(
+        cls, tmp_path: Path, *, preexec_fn: Callable[[], Any] | None = None, **switchboard: str
+    ) -> ServerProcess:
+        """Start a test-env node; ``switchboard`` adds SWITCHBOARD_* settings."""
         db_path = tmp_path / "x.db"
         proc = await asyncio.create_subprocess_exec(
             PYTHON, "-m", "server", "serve", "--port", "0", "--host", "127.0.0.1",
             cwd=ROOT,
-            env=clean_env(env="test", database_url=f"sqlite:///{db_path}"),
+            env=clean_env(env="test", database_url=f"sqlite:///{db_path}", **switchboard),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            preexec_fn=preexec_fn,
         )  # fmt: skip
         server = cls(proc, db_path)
         assert proc.stderr is not None
