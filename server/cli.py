@@ -96,6 +96,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--redis-url", dest="redis_url")
     serve.add_argument("--allowed-origins", dest="allowed_origins")
     serve.add_argument("--heartbeat-interval", dest="heartbeat_interval", type=float)
+    serve.add_argument(
+        "--auth-timeout", dest="auth_timeout", type=float,
+        help="seconds a connection without a token has to send auth:connect (default 5)",
+    )  # fmt: skip
     serve.add_argument("--log-format", dest="log_format", choices=["text", "json"])
     serve.add_argument("--log-level", dest="log_level")
 
