@@ -1,6 +1,7 @@
 """The base WebSocket handler every namespace shares.
 
-It owns the mechanics once: authentication at connect, role checks,
+It owns the mechanics once: authentication at connect (a handshake token,
+or an ``auth:connect`` first frame when the handshake has none), role checks,
 connection limits, the envelope, dispatch of ``"room:join"`` to
 ``on_room_join`` with the data loaded by the event's marshmallow schema,
 acks and errors, rate limits, bad-frame accounting, heartbeat bookkeeping,
@@ -54,6 +55,11 @@ BAD_FRAME_LIMIT = 20
 BAD_FRAME_WINDOW_SECS = 10.0
 # auth:expiring goes out this long before exp (or at half the remaining time).
 AUTH_EXPIRY_WARNING_SECS = 60.0
+#: The first frame of a connection whose handshake carried no token.
+AUTH_CONNECT_EVENT = "auth:connect"
+# An auth frame is a token in an envelope; a first frame larger than this is
+# refused unparsed (4401) rather than decoded for a peer nobody knows yet.
+MAX_AUTH_FRAME_BYTES = 16 * 1024
 
 
 class ConnectionLog(logging.LoggerAdapter[logging.Logger]):
@@ -150,6 +156,8 @@ class GatewayHandler(WebSocketHandler):
         self._bad_window_start = 0.0
         self._timers: list[asyncio.TimerHandle] = []
         self._close_reason = "client"
+        # True from a token-less handshake until its first frame (auth:connect).
+        self._awaiting_auth = False
         self.event_started = time.perf_counter()
 
     # -- handshake ------------------------------------------------------------
@@ -193,20 +201,23 @@ class GatewayHandler(WebSocketHandler):
         if plain and stream is not None and stream.socket is not None:
             self._raw = (stream, stream.socket)
         self.client_ip = self._remote_ip()
+        token = self._token()
+        if token is None:
+            # Browsers cannot set headers, and a URL token ends up in access
+            # logs: the token comes in the first frame instead (on_message).
+            # Until then the connection is in no hub, presence or limit.
+            self._awaiting_auth = True
+            loop = asyncio.get_running_loop()
+            self._timers.append(loop.call_later(self.config.auth_timeout, self._auth_timed_out))
+            return
+        await self._authenticate(token, None)
+
+    async def _authenticate(self, token: str, ack: int | None) -> None:
+        """Admit the connection with ``token``, or refuse it (``system:error``, close)."""
         try:
-            await self._admit()
+            await self._admit(token, ack)
         except errors.GatewayError as exc:
-            self.metrics.auth_failures.labels(exc.code.lower()).inc()
-            self.log.info(
-                "refused %s connection from %s: %s (%s)",
-                self.namespace, self.client_ip, exc.code, exc.message,
-            )  # fmt: skip
-            self._close_reason = exc.code.lower()
-            if isinstance(exc, errors.Unauthorized | errors.TokenExpired):
-                # Counted per (unverified) sub: repeated failures raise an alert.
-                self.security.auth_failed(self._token(), exc.code)
-            self.send_payload(protocol.system_error_payload(exc, None))
-            self.close_with(exc.close_code or 4400, exc.message)
+            self._refuse(exc, token, ack)
             await self._release_limit()
         except Exception:
             self.log.exception("admitting %s connection from %s failed",
@@ -215,10 +226,61 @@ class GatewayHandler(WebSocketHandler):
             self.close_with(1011, "internal error")
             await self._release_limit()
 
-    async def _admit(self) -> None:
+    def _refuse(self, exc: errors.GatewayError, token: str | None, ack: int | None) -> None:
+        self.metrics.auth_failures.labels(exc.code.lower()).inc()
+        self.log.info(
+            "refused %s connection from %s: %s (%s)",
+            self.namespace, self.client_ip, exc.code, exc.message,
+        )  # fmt: skip
+        self._close_reason = exc.code.lower()
+        if isinstance(exc, errors.Unauthorized | errors.TokenExpired):
+            # Counted per (unverified) sub: repeated failures raise an alert.
+            self.security.auth_failed(token, exc.code)
+        if ack is not None:
+            self.send_payload(protocol.ack_error_payload(ack, exc))
+        self.send_payload(protocol.system_error_payload(exc, None))
+        self.close_with(exc.close_code or 4400, exc.message)
+
+    def _auth_timed_out(self) -> None:
+        if self._awaiting_auth:
+            self._awaiting_auth = False
+            self._refuse(errors.Unauthorized("Authentication timed out"), None, None)
+
+    async def _on_auth_frame(self, message: str | bytes) -> None:
+        """The first frame after a token-less handshake: ``auth:connect {token}`` or 4401.
+
+        There is one attempt: whatever this frame is, the connection is
+        either admitted or refused and closed.
+        """
+        self._awaiting_auth = False
+        for timer in self._timers:
+            timer.cancel()
+        self._timers = []
+        if isinstance(message, bytes) or len(message) > MAX_AUTH_FRAME_BYTES:
+            what = "binary" if isinstance(message, bytes) else f"over {MAX_AUTH_FRAME_BYTES} bytes"
+            self._refuse(errors.Unauthorized(f"Authentication frame is {what}"), None, None)
+            return
+        try:
+            envelope = protocol.decode_envelope(message)
+        except errors.BadRequest:
+            self._refuse(errors.Unauthorized("Expected an auth:connect frame"), None,
+                         protocol.salvage_ack(message))  # fmt: skip
+            return
+        token = envelope.data.get("token")
+        if envelope.event != AUTH_CONNECT_EVENT:
+            exc = errors.Unauthorized(f"Expected {AUTH_CONNECT_EVENT} as the first frame")
+        elif not isinstance(token, str) or not token:
+            exc = errors.Unauthorized(f"{AUTH_CONNECT_EVENT} needs data.token (a string)")
+        else:
+            await self._authenticate(token, envelope.ack)
+            return
+        self._refuse(exc, None, envelope.ack)
+
+    async def _admit(self, token: str, ack: int | None) -> None:
+        """Verify ``token`` and register the connection; ``ack`` also gets the welcome."""
         if self.state.shutting_down:
             raise errors.ServiceUnavailable("Server is shutting down")
-        identity = self.verifier.verify(self._token())
+        identity = self.verifier.verify(token)
         if self.allowed_roles is not None and not identity.has_any(self.allowed_roles):
             raise errors.Forbidden(
                 f"The {self.namespace} namespace needs one of the roles "
@@ -253,18 +315,18 @@ class GatewayHandler(WebSocketHandler):
         self.metrics.connections_opened.labels(self.namespace).inc()
         self.log.info("accepted %s connection from %s", self.namespace, self.client_ip)
         self._schedule_expiry(identity.expires_at)
-        self.send_event(
-            "system:welcome",
-            {
-                "connectionId": self.conn_id,
-                "userId": self.user_id,
-                "namespace": self.namespace,
-                "node": self.state.node_id,
-                "serverTime": protocol.iso(protocol.now()),
-                "heartbeatInterval": int(self.config.heartbeat_interval * 1000),
-                "user": identity.public(),
-            },
-        )
+        welcome = {
+            "connectionId": self.conn_id,
+            "userId": self.user_id,
+            "namespace": self.namespace,
+            "node": self.state.node_id,
+            "serverTime": protocol.iso(protocol.now()),
+            "heartbeatInterval": int(self.config.heartbeat_interval * 1000),
+            "user": identity.public(),
+        }
+        self.send_event("system:welcome", welcome)
+        if ack is not None:
+            self.send_payload(protocol.ack_payload(ack, welcome))
         if await self.presence.connect(self.user_id):
             self.announce_status("online")
         await self.on_connected()
@@ -310,6 +372,8 @@ class GatewayHandler(WebSocketHandler):
     async def on_message(self, message: str | bytes) -> None:
         self.last_seen = time.monotonic()
         if not self._registered:
+            if self._awaiting_auth:
+                await self._on_auth_frame(message)
             return
         self.metrics.frames_received.inc()
         self.metrics.bytes_received.inc(len(message))

@@ -53,6 +53,7 @@ from server.logstream import (
     LogStream,
     normalize_level,
 )
+from server.redaction import redact
 from server.security import SecurityMonitor
 
 #: Roles that may read logs (socket and HTTP).
@@ -159,12 +160,13 @@ def ingested_entry(loaded: dict[str, Any], default_service: str, node_id: str) -
         "level": loaded["level"],
         "service": loaded["service"] or default_service,
         "context": loaded["context"],
-        "message": loaded["message"],
+        # Another service's line may quote a URL with ?token=: redacted like ours.
+        "message": redact(loaded["message"]),
         "metadata": loaded["metadata"],
         "node": node_id,
     }
     if loaded["stack"]:
-        entry["stack"] = loaded["stack"]
+        entry["stack"] = redact(loaded["stack"])
     return entry
 
 

@@ -57,6 +57,7 @@ from server.metrics import Metrics
 from server.moderation import Moderation
 from server.notify import NotificationService
 from server.presence import Presence
+from server.redaction import log_request
 from server.security import SecurityMonitor
 from server.stats import Stats
 from server.tasks import BackgroundTasks
@@ -99,6 +100,8 @@ def make_app(
         websocket_max_message_size=config.max_message_bytes,
         # Pings are sent by the node's single heartbeat sweep, not per connection.
         websocket_ping_interval=0,
+        # tornado's access line, with ?token= / ?access_token= values redacted.
+        log_function=log_request,
     )
 
 

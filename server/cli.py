@@ -17,13 +17,14 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TextIO
 
 import orjson
 
 from server import __version__
 from server.auth import mint_token
 from server.config import Config, ConfigError
+from server.redaction import RedactionFilter
 
 log = logging.getLogger("switchboard")
 
@@ -62,13 +63,18 @@ class JSONFormatter(logging.Formatter):
             value = getattr(record, key, None)
             if value:
                 entry[key] = value
-        if record.exc_info:
-            entry["stack"] = self.formatException(record.exc_info)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            # Cached like logging.Formatter does, so RedactionFilter's text is used.
+            entry["stack"] = record.exc_text
         return orjson.dumps(entry).decode()
 
 
-def setup_logging(config: Config) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def setup_logging(config: Config, stream: TextIO | None = None) -> None:
+    """One handler on the root logger, to ``stream`` (stderr), credentials redacted."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.addFilter(RedactionFilter())
     if config.log_format == "json":
         handler.setFormatter(JSONFormatter(config.node_id))
     else:
@@ -100,6 +106,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--heartbeat-interval", dest="heartbeat_interval", type=float)
     serve.add_argument("--header-timeout", dest="header_timeout", type=float,
                        help="seconds to send a request's headers, and its body (default 10)")
+    serve.add_argument(
+        "--auth-timeout", dest="auth_timeout", type=float,
+        help="seconds a connection without a token has to send auth:connect (default 5)",
+    )  # fmt: skip
     serve.add_argument("--log-format", dest="log_format", choices=["text", "json"])
     serve.add_argument("--log-level", dest="log_level")
 

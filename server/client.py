@@ -85,7 +85,7 @@ Frame = dict[str, Any]
 EventCallback = Callable[[Frame], Any]
 """Callback for :meth:`Client.on`: gets the whole frame; may return an awaitable."""
 Predicate = Callable[[Frame], bool]
-TokenLocation = Literal["header", "query", "cookie"]
+TokenLocation = Literal["header", "query", "cookie", "frame"]
 
 DEFAULT_MAX_MESSAGE_SIZE: Final = 16 * 1024 * 1024
 FATAL_CLOSE_CODES: Final = frozenset({4401, 4403, 4429})
@@ -214,7 +214,9 @@ class Client:
     """One WebSocket connection to a Switchboard namespace.
 
     ``token_in`` chooses how the token travels: ``"header"`` (``Authorization:
-    Bearer``), ``"query"`` (``?token=``) or ``"cookie"`` (``access_token``).
+    Bearer``), ``"query"`` (``?token=``), ``"cookie"`` (``access_token``) or
+    ``"frame"`` (an ``auth:connect {token}`` frame sent right after the
+    upgrade, the way a browser authenticates without a URL token).
     ``keep_history=False`` stops filling :attr:`events`; ``buffer_events=False``
     stops buffering for :meth:`next_event` (callbacks only) — both are for
     long-running consumers such as benchmarks and ``switchboard tail``.
@@ -245,8 +247,10 @@ class Client:
         keep_history: bool = True,
         buffer_events: bool = True,
     ) -> None:
-        if token_in not in ("header", "query", "cookie"):
-            raise ValueError(f"token_in must be 'header', 'query' or 'cookie', not {token_in!r}")
+        if token_in not in ("header", "query", "cookie", "frame"):
+            raise ValueError(
+                f"token_in must be 'header', 'query', 'cookie' or 'frame', not {token_in!r}"
+            )
         if url.startswith("http://") or url.startswith("https://"):
             url = "ws" + url[4:]
         self.url: str = url
@@ -655,6 +659,8 @@ class Client:
         if token:
             if self.token_in == "header":
                 headers["Authorization"] = f"Bearer {token}"
+            elif self.token_in == "frame":
+                pass  # sent by _open once the socket is up
             elif self.token_in == "query":
                 parts = urlsplit(url)
                 query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
@@ -689,6 +695,8 @@ class Client:
         except WebSocketError as exc:
             raise HandshakeError(None, str(exc)) from exc
         try:
+            if self.token and self.token_in == "frame":
+                await self._write(conn, {"event": "auth:connect", "data": {"token": self.token}})
             welcome, early = await self._await_welcome(conn)
         except BaseException:
             conn.close()

@@ -45,6 +45,10 @@ _DEFAULT_RATE_LIMITS_PER_MIN = {
     "development": {"messages": 60, "joins": 20, "typing": 120, "other": 300},
     "test": {"messages": 10, "joins": 5, "typing": 20, "other": 100},
 }
+# Bounds of SWITCHBOARD_AUTH_TIMEOUT: below half a second a slow mobile link
+# cannot make it; above a minute an unauthenticated socket is held too long.
+AUTH_TIMEOUT_MIN_SECS = 0.5
+AUTH_TIMEOUT_MAX_SECS = 60.0
 _DEFAULT_MAX_CONNECTIONS_PER_IP = {"production": 20, "development": 1000, "test": 1000}
 
 #: TCP connections one address may hold on a node beyond its WebSockets
@@ -110,6 +114,8 @@ class Config:
     max_message_bytes: int = 64 * 1024
     # Bytes queued for one connection before it counts as a slow consumer (4408).
     max_outbound_bytes: int = 1024 * 1024
+    # Seconds a handshake without a token may take to send its auth:connect frame.
+    auth_timeout: float = 5.0
     heartbeat_interval: float = 25.0
     heartbeat_timeout: float = 20.0
     metrics_interval: float = 5.0
@@ -186,6 +192,7 @@ class Config:
             "max_message_bytes": ("MAX_MESSAGE_BYTES", int),
             "max_outbound_bytes": ("MAX_OUTBOUND_BYTES", int),
             "jwt_max_ttl": ("JWT_MAX_TTL", float),
+            "auth_timeout": ("AUTH_TIMEOUT", float),
             "heartbeat_interval": ("HEARTBEAT_INTERVAL", float),
             "heartbeat_timeout": ("HEARTBEAT_TIMEOUT", float),
             "metrics_interval": ("METRICS_INTERVAL", float),
@@ -260,6 +267,11 @@ class Config:
             raise ConfigError(f"{', '.join(asymmetric)} needs SWITCHBOARD_JWT_PUBLIC_KEY")
         if self.log_format not in ("text", "json"):
             raise ConfigError("SWITCHBOARD_LOG_FORMAT must be text or json")
+        if not AUTH_TIMEOUT_MIN_SECS <= self.auth_timeout <= AUTH_TIMEOUT_MAX_SECS:
+            raise ConfigError(
+                f"SWITCHBOARD_AUTH_TIMEOUT must be between {AUTH_TIMEOUT_MIN_SECS:g} and "
+                f"{AUTH_TIMEOUT_MAX_SECS:g} seconds, got {self.auth_timeout:g}"
+            )
         if self.heartbeat_interval <= 0 or self.heartbeat_timeout <= 0:
             raise ConfigError("heartbeat interval and timeout must be positive")
         if self.jwt_max_ttl is not None and not 0 < self.jwt_max_ttl < math.inf:

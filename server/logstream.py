@@ -14,6 +14,11 @@ An entry is a plain dict, already in wire shape::
      "service": "switchboard", "context": "switchboard.ws",
      "message": "...", "metadata": {...}, "stack": "Traceback ...", "node": "n1"}
 
+Credentials: the capture handler carries a
+:class:`~server.redaction.RedactionFilter`, so token query values and
+JWT-shaped strings are redacted before an entry is buffered or delivered;
+ingested entries get the same treatment (``handlers/logs.py``).
+
 Threading: records are emitted on any thread (the database runs in worker
 threads), so the handler only builds the entry there and passes it to the
 event loop with ``call_soon_threadsafe``; buffering and delivery happen on
@@ -47,6 +52,7 @@ from typing import Any, ClassVar
 import orjson
 
 from server import protocol
+from server.redaction import RedactionFilter
 
 log = logging.getLogger("switchboard.logstream")
 
@@ -330,6 +336,8 @@ class LogCaptureHandler(logging.Handler):
     def __init__(self, stream: LogStream) -> None:
         super().__init__(logging.NOTSET)
         self.stream = stream
+        # Before the ring buffer and the subscribers: no credential in an entry.
+        self.addFilter(RedactionFilter())
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.name == log.name or record.name.startswith(log.name + "."):
@@ -366,8 +374,8 @@ def entry_from_record(record: logging.LogRecord, node_id: str) -> LogEntry:
         },
         "node": node_id,
     }
-    stack = ""
-    if record.exc_info and record.exc_info[0] is not None:
+    stack = record.exc_text or ""  # redacted by RedactionFilter when it ran
+    if not stack and record.exc_info and record.exc_info[0] is not None:
         stack = _exception_formatter.formatException(record.exc_info)
     if record.stack_info:
         stack = f"{stack}\n{record.stack_info}" if stack else record.stack_info

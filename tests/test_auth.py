@@ -7,6 +7,7 @@ Real server on port 0, real clients; no mocks.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import hashlib
@@ -20,6 +21,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from models import Ban, User, utcnow
 from server.auth import mint_token
@@ -468,3 +470,173 @@ async def test_unrefreshed_connection_closed_at_expiry(gateway):
     assert error is client.events[-1]  # nothing after the error: it precedes the close
     # Another user's connection is untouched.
     assert "serverTime" in await peer.emit("system:ping", {})
+
+
+# -- auth frame (no token in the handshake) ---------------------------------------------------
+
+
+async def bare_socket(gw: Any, namespace: str = "chat") -> WebSocketClientConnection:
+    """An upgraded socket whose handshake carries no token at all."""
+    return await websocket_connect(f"ws://127.0.0.1:{gw.port}/ws/{namespace}")
+
+
+async def frames_until_close(conn: WebSocketClientConnection) -> list[dict[str, Any]]:
+    """Every frame the server sends until it closes the socket (waits on the close)."""
+    frames = []
+    async with asyncio.timeout(10):
+        while (raw := await conn.read_message()) is not None:
+            frames.append(json.loads(raw))
+    return frames
+
+
+def refusal(frames: list[dict[str, Any]]) -> dict[str, Any]:
+    errors = [f["data"] for f in frames if f.get("event") == "system:error"]
+    assert len(errors) == 1, frames
+    assert not any(f.get("event") == "system:welcome" for f in frames), frames
+    return errors[0]
+
+
+def auth_failures(gw: Any, reason: str) -> float:
+    labels = {"reason": reason}
+    return gw.node.registry.get_sample_value("switchboard_auth_failures_total", labels) or 0.0
+
+
+@pytest.mark.asyncio
+async def test_auth_frame_connects_and_chats(gateway):
+    alice = raw_client(gateway, gateway.token("alice"), token_in="frame")
+    welcome = await alice.connect()
+    assert (welcome["userId"], welcome["namespace"]) == ("alice", "chat")
+    bob = await gateway.connect("bob")
+    await alice.emit("room:create", {"roomId": "lobby", "name": "Lobby"})
+    await alice.emit("room:join", {"roomId": "lobby"})
+    await bob.emit("room:join", {"roomId": "lobby"})
+    await alice.emit("message:send", {"roomId": "lobby", "content": "no token in my URL"})
+    frame = await bob.next_event("message:new")
+    assert frame["data"]["message"]["content"] == "no token in my URL"
+    assert frame["data"]["message"]["senderId"] == "alice"
+
+
+@pytest.mark.asyncio
+async def test_auth_frame_with_an_ack_is_acked_with_the_welcome(gateway):
+    conn = await bare_socket(gateway)
+    token = gateway.token("alice")
+    await conn.write_message(
+        json.dumps({"event": "auth:connect", "data": {"token": token}, "ack": 7})
+    )
+    welcome = json.loads(await conn.read_message())
+    ack = json.loads(await conn.read_message())
+    assert welcome["event"] == "system:welcome"
+    assert ack == {"ack": 7, "ok": True, "data": welcome["data"]}
+    await conn.write_message(json.dumps({"event": "system:ping", "data": {}, "ack": 8}))
+    assert json.loads(await conn.read_message())["ack"] == 8
+    conn.close()
+
+
+@pytest.mark.asyncio
+async def test_no_auth_frame_closes_4401_after_the_timeout(gateway_factory):
+    gw = await gateway_factory(auth_timeout=0.5)
+    before = auth_failures(gw, "unauthorized")
+    started = time.monotonic()
+    conn = await bare_socket(gw)
+    # Waiting for its frame, the connection is in no hub and no gauge.
+    assert gw.node.hub.connections == {}
+    assert gw.node.registry.get_sample_value("switchboard_connections", {"namespace": "chat"}) in (
+        None,
+        0.0,
+    )
+    error = refusal(await frames_until_close(conn))
+    assert time.monotonic() - started >= 0.5
+    assert (error["code"], error["message"]) == ("UNAUTHORIZED", "Authentication timed out")
+    assert conn.close_code == 4401
+    assert auth_failures(gw, "unauthorized") == before + 1
+
+
+OTHER_EVENT = "Expected auth:connect as the first frame"
+NO_TOKEN = "auth:connect needs data.token (a string)"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("first_frame", "message"),
+    [
+        ({"event": "system:ping", "data": {}}, OTHER_EVENT),
+        ({"event": "auth:refresh", "data": {"token": "x"}}, OTHER_EVENT),
+        ({"event": "auth:connect", "data": {}}, NO_TOKEN),
+        ({"event": "auth:connect", "data": {"token": 42}}, NO_TOKEN),
+        ("not json at all", "Expected an auth:connect frame"),
+        (b"\x00binary", "Authentication frame is binary"),
+        # Refused unparsed: over MAX_AUTH_FRAME_BYTES (16 KiB), under the 64 KiB frame limit.
+        ({"event": "auth:connect", "data": {"token": "x" * (17 * 1024)}},
+         "Authentication frame is over 16384 bytes"),
+    ],
+    ids=["other-event", "auth-refresh", "no-token", "token-not-a-string", "not-json", "binary",
+         "oversized"],
+)  # fmt: skip
+async def test_any_other_first_frame_is_refused_with_4401(gateway, first_frame, message):
+    conn = await bare_socket(gateway)
+    if isinstance(first_frame, dict):
+        first_frame = json.dumps(first_frame)
+    await conn.write_message(first_frame, binary=isinstance(first_frame, bytes))
+    error = refusal(await frames_until_close(conn))
+    assert (error["code"], error["message"]) == ("UNAUTHORIZED", message)
+    assert conn.close_code == 4401
+    assert gateway.node.hub.connections == {}
+
+
+@pytest.mark.asyncio
+async def test_no_second_chance_after_a_wrong_first_frame(gateway):
+    conn = await bare_socket(gateway)
+    await conn.write_message(json.dumps({"event": "system:ping", "data": {}}))
+    auth = {"event": "auth:connect", "data": {"token": gateway.token("alice")}}
+    await conn.write_message(json.dumps(auth))
+    error = refusal(await frames_until_close(conn))
+    assert (error["code"], error["message"]) == ("UNAUTHORIZED", OTHER_EVENT)
+    assert conn.close_code == 4401
+
+
+@pytest.mark.asyncio
+async def test_room_join_before_auth_does_nothing(gateway):
+    alice = await gateway.connect("alice")
+    await alice.emit("room:create", {"roomId": "lobby", "name": "Lobby"})
+    await alice.emit("room:join", {"roomId": "lobby"})
+    conn = await bare_socket(gateway)
+    join = {"event": "room:join", "data": {"roomId": "lobby"}, "ack": 1}
+    await conn.write_message(json.dumps(join))
+    frames = await frames_until_close(conn)
+    # Its ack is a refusal, then the connection-level error and the close.
+    acks = [f for f in frames if "ack" in f]
+    assert len(acks) == 1 and acks[0]["ok"] is False, frames
+    assert acks[0]["error"]["code"] == refusal(frames)["code"] == "UNAUTHORIZED"
+    assert conn.close_code == 4401
+    await alice.emit("system:ping")  # barrier: anything published reached alice by now
+    await alice.expect_no_event("room:user_joined", within=0)
+    members = await alice.emit("room:members", {"roomId": "lobby"})
+    assert [m["userId"] for m in members["members"]] == ["alice"]
+
+
+@pytest.mark.asyncio
+async def test_expired_token_in_the_auth_frame(gateway):
+    exc = await refused(raw_client(gateway, gateway.token("alice", ttl_secs=-30), token_in="frame"))
+    assert (exc.code, exc.close_code) == ("TOKEN_EXPIRED", 4401)
+    assert auth_failures(gateway, "token_expired") == 1
+
+
+@pytest.mark.asyncio
+async def test_badly_signed_token_in_the_auth_frame_is_counted_for_its_subject(gateway):
+    forged = jwt.encode(_claims("ghost"), "some-other-secret-that-is-long-enough!", "HS256")
+    exc = await refused(raw_client(gateway, forged, token_in="frame"))
+    assert (exc.code, exc.close_code) == ("UNAUTHORIZED", 4401)
+    assert exc.details == {"reason": "InvalidSignatureError"}
+    # Like a refused handshake: one failure towards the security alert for that sub.
+    assert gateway.node.security.auth_failures.count("ghost", time.monotonic()) == 1
+
+
+@pytest.mark.asyncio
+async def test_auth_frame_with_a_user_token_for_the_admin_namespace_is_forbidden(gateway):
+    client = Client(gateway.url("admin"), gateway.token("alice"), token_in="frame")
+    gateway.clients.append(client)
+    exc = await refused(client)
+    assert (exc.code, exc.close_code) == ("FORBIDDEN", 4403)
+    admin = Client(gateway.url("admin"), gateway.token("root", ("admin",)), token_in="frame")
+    gateway.clients.append(admin)
+    assert (await admin.connect())["namespace"] == "admin"

@@ -17,6 +17,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from server import cli
 from server.config import (
     DEFAULT_JWT_SECRET,
     MIN_JWT_SECRET_BYTES,
@@ -134,6 +135,14 @@ def test_overrides_win_and_none_is_ignored():
     assert config.host == "0.0.0.0"
 
 
+def test_auth_timeout_from_environment_and_cli_flag():
+    assert Config.from_env({}).auth_timeout == 5.0
+    assert Config.from_env({"SWITCHBOARD_AUTH_TIMEOUT": "0.5"}).auth_timeout == 0.5
+    args = vars(cli._parser().parse_args(["serve", "--auth-timeout", "12.5"]))
+    flags = {k: v for k, v in args.items() if k != "command"}
+    assert Config.from_env({"SWITCHBOARD_AUTH_TIMEOUT": "3"}, **flags).auth_timeout == 12.5
+
+
 def test_explicit_heartbeat_timeout_is_kept():
     config = Config.from_env(
         {"SWITCHBOARD_HEARTBEAT_INTERVAL": "30", "SWITCHBOARD_HEARTBEAT_TIMEOUT": "5"}
@@ -167,6 +176,10 @@ def test_explicit_heartbeat_timeout_is_kept():
             },
             "SWITCHBOARD_MAX_TCP_CONNECTIONS_PER_IP",
         ),
+        ({"SWITCHBOARD_AUTH_TIMEOUT": "soon"}, "SWITCHBOARD_AUTH_TIMEOUT"),
+        ({"SWITCHBOARD_AUTH_TIMEOUT": "0.1"}, "SWITCHBOARD_AUTH_TIMEOUT must be between 0.5"),
+        ({"SWITCHBOARD_AUTH_TIMEOUT": "61"}, "SWITCHBOARD_AUTH_TIMEOUT must be between 0.5"),
+        ({"SWITCHBOARD_AUTH_TIMEOUT": "nan"}, "SWITCHBOARD_AUTH_TIMEOUT"),
     ],
 )
 def test_bad_settings_name_the_variable(env, message):

@@ -55,9 +55,15 @@ def browser() -> Iterator[Any]:
         browser.close()
 
 
-def open_page(browser: Any, base: str, dialogs: list[str], **context: Any) -> Any:
+def open_page(
+    browser: Any, base: str, dialogs: list[str], *, sockets: list[str] | None = None,
+    **context: Any,
+) -> Any:
+    """A page on ``base``; dialogs and (when given) WebSocket URLs are recorded."""
     page = browser.new_context(**context).new_page()
     page.set_default_timeout(WAIT_MS)
+    if sockets is not None:
+        page.on("websocket", lambda ws: sockets.append(ws.url))
 
     def on_dialog(dialog: Any) -> None:
         dialogs.append(dialog.message)
@@ -103,7 +109,10 @@ def message(page: Any, text: str) -> Any:
 def test_two_users_chat_in_the_browser(gateway: GatewayProcess, browser: Any) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     dialogs: list[str] = []
-    alice = open_page(browser, gateway.http, dialogs, viewport={"width": 1280, "height": 800})
+    sockets: list[str] = []
+    alice = open_page(
+        browser, gateway.http, dialogs, sockets=sockets, viewport={"width": 1280, "height": 800}
+    )
     alice.screenshot(path=str(ARTIFACTS / "web-signin.png"))
     sign_in(alice, "alice", "Alice")
     alice.click("text=Create a room")
@@ -115,7 +124,7 @@ def test_two_users_chat_in_the_browser(gateway: GatewayProcess, browser: Any) ->
 
     # Bob on a phone-width screen: the room list is a drawer.
     bob = open_page(
-        browser, gateway.http, dialogs,
+        browser, gateway.http, dialogs, sockets=sockets,
         viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True,
     )  # fmt: skip
     sign_in(bob, "bob", "Bob")
@@ -187,6 +196,10 @@ def test_two_users_chat_in_the_browser(gateway: GatewayProcess, browser: Any) ->
     seqs = alice.locator("#messages li.message").evaluate_all("els => els.map(e => e.dataset.seq)")
     assert len(seqs) == len(set(seqs))
 
+    # The pages authenticate with an auth:connect frame: no socket URL,
+    # first connection or reconnection, carries the token.
+    assert len(sockets) >= 8, sockets  # chat + notifications, twice per page
+    assert not [url for url in sockets if "token" in url], sockets
     assert dialogs == [], f"a dialog fired: {dialogs}"
 
 

@@ -12,6 +12,7 @@
 //
 //   import { Switchboard } from "./switchboard.js";
 //   const sb = new Switchboard({ url: "ws://127.0.0.1:8080/ws/chat", token });
+//   // The token goes in an auth:connect frame, not in the URL (tokenIn: "query" for that).
 //   sb.on("state", ({ state }) => console.log(state));
 //   sb.on("message:new", ({ message }) => console.log(message.seq, message.content));
 //   await sb.connect();
@@ -26,6 +27,9 @@
 
 /** Close codes after which reconnecting is pointless: auth, ban/kick, limits. */
 export const FATAL_CLOSE_CODES = Object.freeze(new Set([4401, 4403, 4429]));
+
+/** Where the token travels: the first frame (default) or the URL's `?token=`. */
+const TOKEN_LOCATIONS = Object.freeze(["frame", "query"]);
 
 /** Events that are queued while offline and retried after a reconnect. */
 const QUEUED_EVENTS = new Set(["message:send"]);
@@ -55,6 +59,7 @@ export const CLIENT_TIMEOUT_CLOSE = 4000;
  *   url: string,
  *   token?: string,
  *   getToken?: () => string | Promise<string>,
+ *   tokenIn?: "frame" | "query",
  *   reconnect?: boolean | ReconnectOptions,
  *   onTokenExpiring?: (info: {expiresIn: number}) => (string | null | undefined | Promise<string | null | undefined>),
  *   ackTimeoutMs?: number,
@@ -107,8 +112,18 @@ const isInt = (v) => typeof v === "number" && Number.isInteger(v);
 export class Switchboard {
   /** @param {SwitchboardOptions} options */
   constructor(options) {
-    const { url, token, getToken, reconnect = true, onTokenExpiring } = options;
+    const { url, token, getToken, reconnect = true, onTokenExpiring, tokenIn = "frame" } = options;
     if (!url) throw new TypeError("Switchboard: url is required");
+    if (!TOKEN_LOCATIONS.includes(tokenIn)) {
+      throw new TypeError(`Switchboard: tokenIn must be "frame" or "query", not ${JSON.stringify(tokenIn)}`);
+    }
+    /**
+     * "frame": the token is sent as `auth:connect` right after the upgrade, so
+     * it never appears in a URL (proxy and server access logs, browser
+     * history). "query": as `?token=`, for gateways older than the auth frame.
+     * @type {"frame"|"query"}
+     */
+    this.tokenIn = tokenIn;
     /** @type {string} */
     this.url = url.replace(/^http/, "ws");
     /** @type {string|undefined} */
@@ -454,7 +469,7 @@ export class Switchboard {
     const token = this.getToken ? await this.getToken() : this.token;
     if (this.getToken) this.token = token;
     const url = new URL(this.url);
-    if (token) url.searchParams.set("token", token);
+    if (token && this.tokenIn === "query") url.searchParams.set("token", token);
     const WS = this._WebSocket;
     return new Promise((resolve, reject) => {
       let ws;
@@ -491,11 +506,15 @@ export class Switchboard {
         }
         finish(reject, new SwitchboardError("TIMEOUT", `no system:welcome within ${this.connectTimeoutMs} ms`));
       }, this.connectTimeoutMs);
+      if (token && this.tokenIn === "frame") {
+        // The server waits for this as the first frame (SWITCHBOARD_AUTH_TIMEOUT, 5 s).
+        ws.onopen = () => ws.send(JSON.stringify({ event: "auth:connect", data: { token } }));
+      }
       ws.onmessage = (ev) => {
         const frame = parse(ev.data);
         if (!frame) return;
         if (frame.event === "system:welcome") {
-          ws.onmessage = ws.onclose = ws.onerror = null;
+          ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
           finish(resolve, { ws, welcome: frame.data || {} });
         } else if (frame.event === "system:error") {
           refusal = frame.data;

@@ -45,6 +45,44 @@ test("a bad token is refused with UNAUTHORIZED / 4401 and no reconnection", asyn
   await assert.rejects(sb.emit("system:ping"), { code: "OFFLINE" });
 });
 
+/** A WebSocket class that records the URL of every socket it opens. */
+function recordingWebSocket(urls) {
+  return class extends WebSocket {
+    constructor(url, protocols) {
+      super(url, protocols);
+      urls.push(String(url));
+    }
+  };
+}
+
+test("the token travels in an auth:connect frame by default, never in the URL", async () => {
+  const user = uid("frame");
+  const urls = [];
+  const sb = new Switchboard({ url: CHAT_URL, token: await token(user), WebSocket: recordingWebSocket(urls) });
+  try {
+    assert.equal(sb.tokenIn, "frame");
+    assert.equal((await sb.connect()).userId, user);
+    await sb.emit("system:ping");
+    assert.deepEqual(urls, [CHAT_URL]);
+  } finally {
+    sb.close();
+  }
+});
+
+test("tokenIn: 'query' puts the token in the URL instead", async () => {
+  const user = uid("query");
+  const urls = [];
+  const secret = await token(user);
+  const sb = new Switchboard({ url: CHAT_URL, token: secret, tokenIn: "query", WebSocket: recordingWebSocket(urls) });
+  try {
+    assert.equal((await sb.connect()).userId, user);
+    assert.equal(new URL(urls[0]).searchParams.get("token"), secret);
+  } finally {
+    sb.close();
+  }
+  assert.throws(() => new Switchboard({ url: CHAT_URL, tokenIn: "header" }), TypeError);
+});
+
 test("getToken() supplies the token at connect time", async () => {
   const user = uid("gt");
   const sb = new Switchboard({ url: CHAT_URL, getToken: () => token(user) });
