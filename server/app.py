@@ -67,6 +67,11 @@ log = logging.getLogger("switchboard")
 # How long shutdown waits for clients to acknowledge the close and for
 # in-flight work to finish before it stops waiting.
 SHUTDOWN_GRACE_SECS = 5.0
+# Largest request body the node reads (tornado's default is 100 MB). REST bodies
+# are small JSON (handlers answer 413 above max_message_bytes); the log ingest
+# endpoint raises its own per-request limit (handlers/logs.py). Bigger bodies are
+# refused by tornado with a bare 400 and the connection is closed, unread.
+MAX_HTTP_BODY_BYTES = 1024 * 1024
 
 
 def make_app(
@@ -238,6 +243,7 @@ class Node:
             self.app, xheaders=False,
             idle_connection_timeout=self.config.header_timeout,
             body_timeout=self.config.header_timeout,
+            max_body_size=MAX_HTTP_BODY_BYTES,
         )  # fmt: skip
         # Our accept loop instead of add_sockets(): per-address bound, fd exhaustion.
         self.listener = Listener(

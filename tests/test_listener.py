@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from server.app import MAX_HTTP_BODY_BYTES
 from server.listener import ACCEPT_BACKOFF_MAX_SECS
 from tests.cluster import eventually
 from tests.test_shutdown import ServerProcess
@@ -288,3 +289,24 @@ async def response_head_already_sent(conn: Conn, timeout: float) -> bytes:
     reader, _ = conn
     async with asyncio.timeout(timeout):
         return await reader.readuntil(b"\r\n\r\n")
+
+
+@pytest.mark.asyncio
+async def test_a_body_over_the_node_cap_is_refused_unread_and_the_node_carries_on(gateway):
+    # Content-Length alone decides: the node refuses before reading a byte of the
+    # body, so a client cannot make it buffer tornado's default 100 MB.
+    reader, writer = await connect(gateway.port)
+    size = MAX_HTTP_BODY_BYTES + 1
+    writer.write(
+        b"POST /api/v1/publish HTTP/1.1\r\nHost: gateway\r\n"
+        b"Content-Type: application/json\r\n"
+        + f"Content-Length: {size}\r\n\r\n".encode()
+    )
+    await writer.drain()
+    async with asyncio.timeout(5):
+        status = await reader.readline()
+        assert status.startswith(b"HTTP/1.1 400"), status
+        # The rest of the bare head, then EOF: the node closed the connection.
+        assert await reader.read() == b"\r\n"
+    writer.close()
+    assert (await health(gateway.port)).startswith(b"HTTP/1.1 200")
