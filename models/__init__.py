@@ -66,7 +66,30 @@ class RoomMember(BaseModel):
     role = pw.CharField(max_length=16, default="member")  # owner | moderator | member
     joined_at = pw.DateTimeField(default=utcnow)
     last_read_seq = pw.BigIntegerField(default=0)
-    muted_until = pw.DateTimeField(null=True)
+    # The table still has a ``muted_until`` column (migration 0001); nothing
+    # reads it since 0002 moved mutes to RoomMute, so that they outlive
+    # membership. Kept, not dropped, so a node still running the old code
+    # during a rolling upgrade does not fail on every membership query.
+
+    class Meta:
+        indexes = ((("room", "user_id"), True),)
+
+
+class RoomMute(BaseModel):
+    """A user's mute in one room, the only record of it (``admin:mute``).
+
+    Not part of the membership: leaving and rejoining does not lift it, and a
+    moderator may mute someone before they join. One row per (room, user); a
+    new mute replaces the terms; an expired row is inert (every check
+    compares ``until`` with now) until the next mute overwrites it.
+    """
+
+    room = pw.ForeignKeyField(Room, backref="mutes", on_delete="CASCADE")
+    user_id = pw.CharField(max_length=128)
+    until = pw.DateTimeField()
+    muted_by = pw.CharField(max_length=128)
+    reason = pw.CharField(max_length=500, default="")
+    created_at = pw.DateTimeField(default=utcnow)
 
     class Meta:
         indexes = ((("room", "user_id"), True),)
@@ -140,7 +163,7 @@ class AuditLog(BaseModel):
 
 
 MODELS: list[type[BaseModel]] = [
-    User, Room, RoomMember, Message, Reaction, Notification, Ban, AuditLog,
+    User, Room, RoomMember, RoomMute, Message, Reaction, Notification, Ban, AuditLog,
 ]  # fmt: skip
 
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import peewee as pw
 
-from models import Message, Reaction, Room, RoomMember, User, utcnow
-from models.moderation import ban_in_force
+from models import Message, Reaction, Room, RoomMember, RoomMute, User, utcnow
+from models.moderation import ban_in_force, mute_in_force
 from server import errors
 from server.protocol import iso
 
@@ -252,14 +252,17 @@ def require_member(room_id: str, user_id: str) -> RoomMember:
     return member
 
 
-def _require_unmuted(member: RoomMember) -> None:
-    """MUTED while the member's mute (``models.moderation.mute_member``) is in force.
+def _require_unmuted(room_id: str, user_id: str) -> None:
+    """MUTED while the user's mute in the room (``models.moderation.mute_user``) is in force.
 
     A mute is read-only membership: the member still reads, marks read and
-    deletes their own messages, but does not send, edit, react or type.
+    deletes their own messages, but does not send, edit, react or type. It
+    is looked up on its own, not on the membership row, because it outlives
+    membership (leave and rejoin, or muted before joining).
     """
-    if member.muted_until is not None and member.muted_until > utcnow():
-        raise errors.Muted(details={"roomId": member.room_id, "until": iso(member.muted_until)})
+    until = mute_in_force(room_id, user_id)
+    if until is not None:
+        raise errors.Muted(details={"roomId": room_id, "until": iso(until)})
 
 
 def require_voice(room_id: str, user_id: str) -> None:
@@ -267,7 +270,8 @@ def require_voice(room_id: str, user_id: str) -> None:
 
     The errors of :func:`require_member`, or MUTED.
     """
-    _require_unmuted(require_member(room_id, user_id))
+    require_member(room_id, user_id)
+    _require_unmuted(room_id, user_id)
 
 
 def members_of(room_id: str, user_id: str) -> list[dict[str, Any]]:
@@ -288,11 +292,16 @@ def mark_read(room_id: str, user_id: str, seq: int) -> dict[str, Any]:
 
 
 def delete_room(room_id: str, user_id: str, is_admin: bool) -> list[str]:
-    """Soft-delete a room (its owner or an admin); returns its member ids."""
+    """Soft-delete a room (its owner or an admin); returns its member ids.
+
+    Its mutes go with it: a deleted room's id is never reused (``create_room``
+    refuses it), so they could only ever be dead rows.
+    """
     room = _live_room(room_id)
     if room.owner_id != user_id and not is_admin:
         raise errors.Forbidden("Only the room's owner or an admin deletes a room")
     Room.update(deleted_at=utcnow()).where(Room.id == room_id).execute()
+    RoomMute.delete().where(RoomMute.room == room_id).execute()
     return [m.user_id for m in RoomMember.select().where(RoomMember.room == room_id)]
 
 
@@ -374,7 +383,8 @@ def send_message(
         )
         if existing is not None:
             return Sent(message_dict(existing, _reactions_of(existing.id)), True)
-    _require_unmuted(require_member(room_id, sender_id))
+    require_member(room_id, sender_id)
+    _require_unmuted(room_id, sender_id)
     if parent_id is not None:
         parent = Message.get_or_none((Message.id == parent_id) & (Message.room == room_id))
         if parent is None:
@@ -479,7 +489,8 @@ def edit_message(message_id: int, user_id: str, content: str) -> dict[str, Any]:
     message, member = _visible_message(message_id, user_id)
     if message.sender_id != user_id:
         raise errors.Forbidden("Only the author edits a message")
-    _require_unmuted(_member_or_not_in_room(message_id, member))
+    _member_or_not_in_room(message_id, member)
+    _require_unmuted(message.room_id, user_id)
     message.content = content
     message.edited_at = utcnow()
     message.save(only=[Message.content, Message.edited_at])
@@ -503,7 +514,8 @@ def delete_message(message_id: int, user_id: str, is_staff: bool) -> dict[str, A
 def react(message_id: int, user_id: str, emoji: str, action: str) -> dict[str, Any]:
     """A member who is not muted there adds or removes a reaction."""
     message, member = _visible_message(message_id, user_id)
-    _require_unmuted(_member_or_not_in_room(message_id, member))
+    _member_or_not_in_room(message_id, member)
+    _require_unmuted(message.room_id, user_id)
     if action == "add":
         (
             Reaction.insert(message=message, user_id=user_id, emoji=emoji, created_at=utcnow())

@@ -11,7 +11,7 @@ from typing import Any
 
 import peewee as pw
 
-from models import AuditLog, Ban, Message, Room, RoomMember, User, active_ban, utcnow
+from models import AuditLog, Ban, Message, Room, RoomMember, RoomMute, User, active_ban, utcnow
 from server import errors
 from server.protocol import iso
 
@@ -117,26 +117,53 @@ def unban_user(user_id: str, actor_id: str) -> bool:
     return in_force
 
 
-def mute_member(
+def mute_user(
     room_id: str, user_id: str, actor_id: str, duration_secs: int, reason: str
 ) -> dict[str, Any]:
-    """Mute a member of a room until now + ``duration_secs``; audited."""
+    """Mute a user in a live room until now + ``duration_secs``; audited.
+
+    Member or not: the mute is its own row (:class:`models.RoomMute`), so a
+    non-member is muted from the moment they join and leaving does not lift
+    it. A mute replaces that user's earlier mute in the room, whatever is left
+    of it.
+    """
     room = Room.get_or_none((Room.id == room_id) & Room.deleted_at.is_null())
     if room is None:
         raise errors.RoomNotFound(details={"roomId": room_id})
-    until = utcnow() + dt.timedelta(seconds=duration_secs)
-    updated = (
-        RoomMember.update(muted_until=until)
-        .where((RoomMember.room == room_id) & (RoomMember.user_id == user_id))
-        .execute()
-    )
-    if not updated:
-        raise errors.NotInRoom(
-            "That user is not a member of the room", {"roomId": room_id, "userId": user_id}
+    now = utcnow()
+    until = now + dt.timedelta(seconds=duration_secs)
+    (
+        RoomMute.insert(
+            room=room_id, user_id=user_id, until=until, muted_by=actor_id, reason=reason,
+            created_at=now,
         )
+        .on_conflict(
+            conflict_target=[RoomMute.room, RoomMute.user_id],
+            update={RoomMute.until: until, RoomMute.muted_by: actor_id,
+                    RoomMute.reason: reason, RoomMute.created_at: now},
+        )
+        .execute()
+    )  # fmt: skip
     audit(actor_id, "mute", f"user:{user_id}", reason,
           {"roomId": room_id, "durationSeconds": duration_secs})  # fmt: skip
     return {"roomId": room_id, "userId": user_id, "mutedUntil": iso(until)}
+
+
+def mute_in_force(room_id: str, user_id: str) -> dt.datetime | None:
+    """When the user's mute in the room ends, if one is in force now.
+
+    One lookup on the unique (room, user) index; callers run it in the
+    transaction of the action it guards.
+    """
+    until: dt.datetime | None = (
+        RoomMute.select(RoomMute.until)
+        .where(
+            (RoomMute.room == room_id) & (RoomMute.user_id == user_id)
+            & (RoomMute.until > utcnow())
+        )
+        .scalar()
+    )  # fmt: skip
+    return until
 
 
 def totals() -> dict[str, int]:

@@ -140,11 +140,11 @@ class Moderation:
     async def mute(
         self, actor: Identity, user_id: str, room_id: str, duration_secs: int, reason: str
     ) -> dict[str, Any]:
-        """Mute a member of a room; ``message:send`` answers MUTED until it ends."""
+        """Mute a user (member or not yet) in a room; speaking there is MUTED until it ends."""
         require_role(actor, "mute")
         await self._protect_admins(actor, user_id, "mute")
         muted = await self.db.run(
-            "moderation.mute", mod_db.mute_member,
+            "moderation.mute", mod_db.mute_user,
             room_id, user_id, actor.user_id, duration_secs, reason,
         )  # fmt: skip
         event = {**muted, "mutedBy": actor.user_id, "reason": reason}

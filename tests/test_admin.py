@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from handlers.admin import AdminHandler
-from models import AuditLog, Ban, Notification, RoomMember
+from models import AuditLog, Ban, Notification, RoomMute
 from server.client import Client, ClientError, HandshakeError
 
 pytestmark = pytest.mark.asyncio
@@ -268,10 +268,8 @@ async def test_mute_blocks_messages_until_it_expires(gateway):
             assert time.monotonic() - started < 3.0, "mute outlived its duration"
             await asyncio.sleep(0.1)
     assert time.monotonic() - started >= 0.5
-    member = await gateway.node.db.run(
-        "test", lambda: RoomMember.get(RoomMember.user_id == "mallory")
-    )
-    assert member.muted_until is not None
+    mute = await gateway.node.db.run("test", lambda: RoomMute.get(RoomMute.user_id == "mallory"))
+    assert (mute.room_id, mute.muted_by, mute.reason) == ("general", "mod", "calm")
     rows = await audit_rows(gateway, "mute")
     assert rows == [
         {"actor": "mod", "target": "user:mallory", "reason": "calm",
@@ -279,14 +277,21 @@ async def test_mute_blocks_messages_until_it_expires(gateway):
     ]  # fmt: skip
 
 
-async def test_mute_needs_a_member_of_a_live_room(gateway):
+async def test_mute_needs_a_live_room_not_a_member(gateway):
+    # A moderator may mute someone before they join a room (see
+    # tests/test_chat.py::test_a_mute_before_joining_applies_on_join); the room must exist.
     alice = await gateway.connect("alice")
     await room_with(gateway, "general", alice)
     root = await admin(gateway)
     data = {"userId": "mallory", "roomId": "general", "durationSeconds": 5}
-    await error(root, "admin:mute", data, "NOT_IN_ROOM")
     await error(root, "admin:mute", {**data, "roomId": "nowhere"}, "ROOM_NOT_FOUND")
+    await alice.emit("room:delete", {"roomId": "general"})
+    await error(root, "admin:mute", data, "ROOM_NOT_FOUND")
     assert await audit_rows(gateway, "mute") == []
+    await room_with(gateway, "lobby", alice)
+    ack = await root.emit("admin:mute", {**data, "roomId": "lobby"})
+    assert (ack["userId"], ack["roomId"]) == ("mallory", "lobby")
+    assert [r["target"] for r in await audit_rows(gateway, "mute")] == ["user:mallory"]
 
 
 # -- rooms and messages ---------------------------------------------------------------

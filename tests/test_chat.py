@@ -21,7 +21,7 @@ import pytest
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
-from models import RoomMember, utcnow
+from models import RoomMute, utcnow
 from server.client import Client, ClientError
 from tests.conftest import ROOMY_RATE_LIMITS
 
@@ -1119,6 +1119,27 @@ async def mute(gw: Any, user: str, room_id: str) -> dict[str, Any]:
     return ack
 
 
+async def expire_mutes(gw: Any, user: str) -> None:
+    """Move ``user``'s mutes into the past (instead of waiting ten minutes)."""
+
+    def expire() -> None:
+        past = utcnow() - dt.timedelta(seconds=1)
+        RoomMute.update(until=past).where(RoomMute.user_id == user).execute()
+
+    await gw.node.db.run("test.expire_mute", expire)
+
+
+async def assert_silenced(speaker: Client, listener: Client, until: str) -> None:
+    """``speaker`` is MUTED in "general" on send and typing, and ``listener`` hears nothing."""
+    for event, data in (
+        ("message:send", {"roomId": "general", "content": "x"}),
+        ("typing:start", {"roomId": "general"}),
+    ):
+        exc = await error(speaker, event, data, "MUTED")
+        assert exc.details == {"roomId": "general", "until": until}, event
+    await nothing_arrived((listener,), "message:new", "user:typing")
+
+
 async def test_a_muted_member_reads_but_does_not_speak(gateway_factory):
     gw = await production(gateway_factory)
     alice, bob = await users(gw, "alice", "bob")
@@ -1168,18 +1189,74 @@ async def test_an_expired_mute_no_longer_silences(gateway_factory):
     mine = await send(bob, "general", "first")
     await mute(gw, "bob", "general")
     await error(bob, "typing:start", {"roomId": "general"}, "MUTED")
-
-    def expire() -> None:
-        past = utcnow() - dt.timedelta(seconds=1)
-        RoomMember.update(muted_until=past).where(RoomMember.user_id == "bob").execute()
-
-    await gw.node.db.run("test.expire_mute", expire)
+    await expire_mutes(gw, "bob")
     await settle(alice)
     await bob.emit("typing:start", {"roomId": "general"})
     assert (await alice.next_event("user:typing"))["data"]["userId"] == "bob"
     await bob.emit("message:edit", {"messageId": mine["id"], "content": "edited"})
     await bob.emit("message:react", {"messageId": mine["id"], "emoji": "👍"})
     await send(bob, "general", "back")
+
+
+async def test_leaving_and_rejoining_does_not_lift_a_mute(gateway_factory):
+    gw = await production(gateway_factory)
+    alice, bob = await users(gw, "alice", "bob")
+    await room(alice, "general")
+    await join(bob, "general")
+    muted = await mute(gw, "bob", "general")
+    await bob.emit("room:leave", {"roomId": "general"})
+    members = (await alice.emit("room:members", {"roomId": "general"}))["members"]
+    assert [m["userId"] for m in members] == ["alice"]
+    await join(bob, "general")
+    await settle(alice, bob)
+    await assert_silenced(bob, alice, muted["mutedUntil"])
+    # Reconnecting does not either.
+    await bob.aclose()
+    bob = await gw.connect("bob")
+    await join(bob, "general")
+    await settle(alice)
+    await assert_silenced(bob, alice, muted["mutedUntil"])
+    # Once it expires, the member speaks again.
+    await expire_mutes(gw, "bob")
+    await bob.emit("typing:start", {"roomId": "general"})
+    assert (await alice.next_event("user:typing"))["data"]["userId"] == "bob"
+    assert (await send(bob, "general", "back"))["senderId"] == "bob"
+
+
+async def test_a_mute_before_joining_applies_on_join(gateway_factory):
+    gw = await production(gateway_factory)
+    alice, carol = await users(gw, "alice", "carol")
+    await room(alice, "general")
+    await send(alice, "general", "welcome")
+    # carol is no member (and has never been): a moderator mutes her pre-emptively.
+    muted = await mute(gw, "carol", "general")
+    assert (muted["userId"], muted["roomId"]) == ("carol", "general")
+    joined = await join(carol, "general")
+    assert [m["userId"] for m in joined["members"]] == ["alice", "carol"]
+    await settle(alice, carol)
+    await assert_silenced(carol, alice, muted["mutedUntil"])
+    # Read-only, not shut out: she reads the room.
+    assert [m["content"] for m in (await history(carol, "general"))["messages"]] == ["welcome"]
+    await expire_mutes(gw, "carol")
+    await send(carol, "general", "hello")
+
+
+async def test_deleting_a_room_deletes_its_mutes(gateway_factory):
+    gw = await production(gateway_factory)
+    alice, bob = await users(gw, "alice", "bob")
+    for room_id in ("general", "other"):
+        await room(alice, room_id)
+        await join(bob, room_id)
+        await mute(gw, "bob", room_id)
+    await alice.emit("room:delete", {"roomId": "general"})
+
+    def rooms_with_mutes() -> list[str]:
+        return sorted(m.room_id for m in RoomMute.select())
+
+    # The id of a deleted room is never reused, so its mutes could only be dead rows.
+    assert await gw.node.db.run("test.mutes", rooms_with_mutes) == ["other"]
+    await error(bob, "message:send", {"roomId": "other", "content": "x"}, "MUTED")
+    await error(alice, "room:create", {"roomId": "general", "name": "again"}, "CONFLICT")
 
 
 # -- who may see a message ------------------------------------------------------------

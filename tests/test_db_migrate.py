@@ -1,18 +1,27 @@
-"""Migrations on a shared PostgreSQL database when several nodes start at once.
+"""Migrations: several nodes starting at once on a shared PostgreSQL database,
+and upgrading a database that already holds data.
 
-Real parts: the suite's throwaway PostgreSQL cluster, :class:`server.db.Database`
-objects as the nodes build them, each with its own connection pool.
+Real parts: the suite's throwaway PostgreSQL cluster (and SQLite files),
+:class:`server.db.Database` objects as the nodes build them, each with its
+own connection pool, and gateway nodes with real clients.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import os
 from typing import Any
 
+import peewee as pw
 import pytest
+from playhouse.migrations import Runner
 
-from server.db import Database
+from models import RoomMute, utcnow
+from server.client import ClientError
+from server.db import MIGRATIONS_DIR, Database, open_database
+from server.protocol import iso
+from tests.conftest import ROOMY_RATE_LIMITS
 
 pytestmark = pytest.mark.asyncio
 
@@ -25,7 +34,7 @@ async def test_nodes_starting_together_migrate_a_fresh_database_once(postgres: A
             # Every node migrates at the same moment; none may fail.
             await asyncio.gather(*(node.start() for node in nodes))
             rows = await nodes[0].run_bare("check", applied_migrations, nodes[0])
-            assert rows == ["0001_initial"], attempt
+            assert rows == ["0001_initial", "0002_room_mute"], attempt
         finally:
             for node in nodes:
                 await node.close()
@@ -34,3 +43,87 @@ async def test_nodes_starting_together_migrate_a_fresh_database_once(postgres: A
 def applied_migrations(node: Database) -> list[str]:
     cursor = node.db.execute_sql("SELECT name FROM schema_migration")  # type: ignore[no-untyped-call]
     return [name for (name,) in cursor.fetchall()]
+
+
+# -- upgrading a database with data in it ----------------------------------------------
+
+
+def fill_at_0001(db: pw.Database, muted_until: dt.datetime) -> None:
+    """Migrate ``db`` to 0001 only and store what a 0001 node would have.
+
+    Room "general" (alice's) where bob is muted until ``muted_until`` by
+    "mod" (audited), carol's mute has expired and dave was never muted.
+    The tables as 0001 made them, not today's models (which have no
+    ``room_member.muted_until`` any more).
+    """
+    Runner(db, directory=MIGRATIONS_DIR).up(target="0001_initial")
+    now = utcnow()
+    room = pw.Table("room", ("id", "name", "type", "description", "owner_id", "last_seq",
+                             "created_at", "last_activity_at"))  # fmt: skip
+    member = pw.Table("room_member", ("room_id", "user_id", "role", "joined_at",
+                                      "last_read_seq", "muted_until"))  # fmt: skip
+    audit = pw.Table("audit_log", ("actor_id", "action", "target", "reason", "details",
+                                   "created_at"))  # fmt: skip
+    with db.atomic():
+        room.bind(db).insert(
+            id="general", name="General", type="public", description="", owner_id="alice",
+            last_seq=0, created_at=now, last_activity_at=now,
+        ).execute()  # fmt: skip
+        for user_id, role, until in (
+            ("alice", "owner", None), ("bob", "member", muted_until),
+            ("carol", "member", now - dt.timedelta(seconds=60)), ("dave", "member", None),
+        ):  # fmt: skip
+            member.bind(db).insert(
+                room_id="general", user_id=user_id, role=role, joined_at=now, last_read_seq=0,
+                muted_until=until,
+            ).execute()  # fmt: skip
+        audit.bind(db).insert(
+            actor_id="mod", action="mute", target="user:bob", reason="calm",
+            details='{"roomId": "general", "durationSeconds": 600}', created_at=now,
+        ).execute()  # fmt: skip
+    db.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_upgrading_from_0001_keeps_the_mutes_in_force(
+    backend: str, gateway_factory: Any, request: pytest.FixtureRequest, tmp_path: Any
+) -> None:
+    if backend == "postgres":
+        url = request.getfixturevalue("postgres").create_database(f"t{os.urandom(6).hex()}")
+    else:
+        url = f"sqlite:///{tmp_path}/at_0001.db"
+    muted_until = (utcnow() + dt.timedelta(seconds=600)).replace(microsecond=0)
+    fill_at_0001(open_database(url), muted_until)
+
+    # A node of today's code starts on it and migrates (0002).
+    gw = await gateway_factory(
+        env="production", jwt_secret="x" * 40, allowed_origins="http://app.test",
+        rate_limits=ROOMY_RATE_LIMITS, database_url=url,
+    )  # fmt: skip
+    bob, carol, dave = [await gw.connect(name) for name in ("bob", "carol", "dave")]
+    for client in (bob, carol, dave):
+        await client.emit("room:join", {"roomId": "general"})
+    with pytest.raises(ClientError) as info:
+        await bob.emit("message:send", {"roomId": "general", "content": "x"})
+    assert (info.value.code, info.value.details) == (
+        "MUTED", {"roomId": "general", "until": iso(muted_until)}
+    )
+    # Now a mute of its own: leaving and rejoining keeps it.
+    await bob.emit("room:leave", {"roomId": "general"})
+    await bob.emit("room:join", {"roomId": "general"})
+    with pytest.raises(ClientError) as info:
+        await bob.emit("typing:start", {"roomId": "general"})
+    assert info.value.code == "MUTED"
+    # The expired mute was not carried over; the never-muted stay free.
+    for client in (carol, dave):
+        await client.emit("message:send", {"roomId": "general", "content": "hi"})
+
+    def mutes() -> list[tuple[str, str, str, str, dt.datetime]]:
+        return [(m.room_id, m.user_id, m.muted_by, m.reason, m.until) for m in RoomMute.select()]
+
+    # Who muted bob and why came over from the audit log.
+    assert await gw.node.db.run("test.mutes", mutes) == [
+        ("general", "bob", "mod", "calm", muted_until)
+    ]
+    names = await gw.node.db.run_bare("test.applied", applied_migrations, gw.node.db)
+    assert names == ["0001_initial", "0002_room_mute"]
