@@ -19,6 +19,7 @@ from handlers import schemas as s
 from handlers.base import GatewayHandler
 from models import chat as chat_db
 from server import errors
+from server.batch import Batcher
 from server.hub import Hub, Target
 from server.moderation import Moderation
 from server.notify import NotificationService
@@ -114,6 +115,7 @@ class ChatHandler(GatewayHandler):
         health: Any,
         notifications: NotificationService,
         moderation: Moderation,
+        sends: Batcher[chat_db.SendRequest, chat_db.Sent],
         **kwargs: Any,
     ) -> None:
         super().initialize(**kwargs)
@@ -122,6 +124,7 @@ class ChatHandler(GatewayHandler):
         self.health = health
         self.notifications = notifications
         self.moderation = moderation
+        self.sends = sends
 
     @property
     def user_info(self) -> dict[str, Any]:
@@ -293,11 +296,10 @@ class ChatHandler(GatewayHandler):
     ) -> dict[str, Any]:
         self._require_joined(room_id)
         assert self.identity is not None
-        sent = await self.db.run(
-            "message.send", chat_db.send_message,
+        sent = await self.sends.submit(chat_db.SendRequest(
             room_id, self.user_id, self.identity.display_name, content, type,
             parent_message_id, attachments, metadata, client_msg_id,
-        )  # fmt: skip
+        ))  # fmt: skip
         message = sent.message
         if not sent.duplicate:
             self.metrics.messages_persisted.inc()

@@ -382,7 +382,7 @@ def send_message(
             (Message.sender_id == sender_id) & (Message.client_msg_id == client_msg_id)
         )
         if existing is not None:
-            return Sent(message_dict(existing, _reactions_of(existing.id)), True)
+            return _raise_or_return(_retry_outcome(room_id, client_msg_id, existing))
     require_member(room_id, sender_id)
     _require_unmuted(room_id, sender_id)
     if parent_id is not None:
@@ -417,8 +417,203 @@ def send_message(
         )
         if original is None:
             raise
-        return Sent(message_dict(original, _reactions_of(original.id)), True)
+        return _raise_or_return(_retry_outcome(room_id, client_msg_id, original))
     return Sent(message_dict(message, {}), False)
+
+
+def _raise_or_return(outcome: Sent | errors.GatewayError) -> Sent:
+    if isinstance(outcome, errors.GatewayError):
+        raise outcome
+    return outcome
+
+
+@dataclass(frozen=True, slots=True)
+class SendRequest:
+    """One ``message:send``, as :func:`send_messages` takes it."""
+
+    room_id: str
+    sender_id: str
+    sender_name: str
+    content: str
+    msg_type: str
+    parent_id: int | None
+    attachments: list[str]
+    metadata: dict[str, Any]
+    client_msg_id: str | None
+
+
+def send_messages(requests: list[SendRequest]) -> list[Sent | errors.GatewayError]:
+    """Store a batch of sends in one transaction, each with its own outcome.
+
+    Group commit (``server.batch.Batcher``): the sends that wait while the
+    previous batch is in the database arrive here together. Each is checked
+    as :func:`send_message` checks one (clientMsgId retry, room, membership,
+    mute, parent) with one query per check for the whole batch; one that
+    fails gets its own error and costs the others nothing. The rest get seqs
+    from one bump of each room's counter, in the order they arrived, and go
+    in with one multi-row insert, so seqs stay gapless. A retry of a send
+    earlier in the same batch (same sender and clientMsgId) is its
+    duplicate. Should the insert still meet the (sender, clientMsgId) index
+    (PostgreSQL: the original is committing on another node right now), the
+    batch's inserts are undone and every send is stored on its own instead.
+    """
+    out: list[Sent | errors.GatewayError | None] = [None] * len(requests)
+    # -- retries: of a stored message, or of a send earlier in this batch
+    first_of: dict[tuple[str, str], int] = {}
+    retry_of: dict[int, int] = {}
+    for i, r in enumerate(requests):
+        if r.client_msg_id is not None:
+            key = (r.sender_id, r.client_msg_id)
+            if key in first_of:
+                retry_of[i] = first_of[key]
+            else:
+                first_of[key] = i
+    if first_of:
+        stored = Message.select().where(
+            Message.client_msg_id.in_(sorted({k[1] for k in first_of}))
+            & Message.sender_id.in_(sorted({k[0] for k in first_of}))
+        )
+        existing = {(m.sender_id, m.client_msg_id): m for m in stored}
+        for key, i in first_of.items():
+            if (m := existing.get(key)) is not None:
+                out[i] = _retry_outcome(requests[i].room_id, requests[i].client_msg_id, m)
+    # -- the checks of fresh sends, one query each for the whole batch
+    fresh = [i for i in range(len(requests)) if out[i] is None and i not in retry_of]
+    room_ids = sorted({requests[i].room_id for i in fresh})
+    sender_ids = sorted({requests[i].sender_id for i in fresh})
+    rooms = {
+        r.id: r for r in Room.select().where(Room.id.in_(room_ids) & Room.deleted_at.is_null())
+    }
+    members = {
+        (m.room_id, m.user_id)
+        for m in RoomMember.select(RoomMember.room, RoomMember.user_id).where(
+            RoomMember.room.in_(room_ids) & RoomMember.user_id.in_(sender_ids)
+        )
+    }
+    now = utcnow()
+    mutes = {
+        (m.room_id, m.user_id): m.until
+        for m in RoomMute.select(RoomMute.room, RoomMute.user_id, RoomMute.until).where(
+            RoomMute.room.in_(room_ids) & RoomMute.user_id.in_(sender_ids) & (RoomMute.until > now)
+        )
+    }
+    parent_ids = sorted({p for i in fresh if (p := requests[i].parent_id) is not None})
+    parents = {
+        m.id: m.room_id
+        for m in Message.select(Message.id, Message.room).where(Message.id.in_(parent_ids))
+    } if parent_ids else {}  # fmt: skip
+    accepted: dict[str, list[int]] = defaultdict(list)
+    for i in fresh:
+        r = requests[i]
+        room = rooms.get(r.room_id)
+        if room is None:
+            out[i] = errors.RoomNotFound(details={"roomId": r.room_id})
+        elif (r.room_id, r.sender_id) not in members:
+            out[i] = (errors.RoomAccessDenied if room.type == "private" else errors.NotInRoom)(
+                details={"roomId": r.room_id}
+            )
+        elif (until := mutes.get((r.room_id, r.sender_id))) is not None:
+            out[i] = errors.Muted(details={"roomId": r.room_id, "until": iso(until)})
+        elif r.parent_id is not None and parents.get(r.parent_id) != r.room_id:
+            out[i] = errors.MessageNotFound(
+                "Parent message not found in this room", {"parentMessageId": str(r.parent_id)}
+            )
+        else:
+            accepted[r.room_id].append(i)
+    if accepted:
+        try:
+            with Message._meta.database.atomic():  # a savepoint, undone on a racing retry
+                _insert_batch(requests, accepted, now, out)
+        except pw.IntegrityError:
+            for indexes in accepted.values():
+                for i in indexes:
+                    out[i] = _send_alone(requests[i])
+    results: list[Sent | errors.GatewayError] = []
+    for i, outcome in enumerate(out):
+        if i in retry_of:
+            outcome = out[retry_of[i]]
+            if isinstance(outcome, Sent):
+                outcome = _retry_outcome(
+                    requests[i].room_id, requests[i].client_msg_id, outcome.message
+                )
+        assert outcome is not None
+        results.append(outcome)
+    return results
+
+
+def _insert_batch(
+    requests: list[SendRequest],
+    accepted: dict[str, list[int]],
+    now: Any,
+    out: list[Sent | errors.GatewayError | None],
+) -> None:
+    rows: list[dict[str, Any]] = []
+    # Rooms in one order on every node: two batches never wait on each other's row locks.
+    for room_id in sorted(accepted):
+        indexes = accepted[room_id]
+        count = len(indexes)
+        updated = (
+            Room.update(last_seq=Room.last_seq + count, last_activity_at=now)
+            .where((Room.id == room_id) & Room.deleted_at.is_null())
+            .execute()
+        )
+        if not updated:  # deleted since the check (another node)
+            for i in indexes:
+                out[i] = errors.RoomNotFound(details={"roomId": room_id})
+            continue
+        last = Room.select(Room.last_seq).where(Room.id == room_id).scalar()
+        for offset, i in enumerate(indexes):
+            r = requests[i]
+            rows.append({
+                "room": room_id, "seq": last - count + 1 + offset, "sender_id": r.sender_id,
+                "sender_name": r.sender_name, "content": r.content, "type": r.msg_type,
+                "parent_id": r.parent_id, "attachments": r.attachments, "metadata": r.metadata,
+                "client_msg_id": r.client_msg_id, "created_at": now, "_index": i,
+            })  # fmt: skip
+    if not rows:
+        return
+    indexes_of = [row.pop("_index") for row in rows]
+    Message.insert_many(rows).execute()
+    ids: dict[tuple[str, int], int] = {}
+    for room_id in {row["room"] for row in rows}:
+        seqs = [row["seq"] for row in rows if row["room"] == room_id]
+        query = Message.select(Message.id, Message.seq).where(
+            (Message.room == room_id) & Message.seq.between(min(seqs), max(seqs))
+        )
+        ids.update({(room_id, m.seq): m.id for m in query})
+    for row, i in zip(rows, indexes_of, strict=True):
+        message = Message(id=ids[(row["room"], row["seq"])], **row)
+        out[i] = Sent(message_dict(message, {}), False)
+
+
+def _retry_outcome(
+    room_id: str, client_msg_id: str | None, original: Message | dict[str, Any]
+) -> Sent | errors.GatewayError:
+    """A send whose (sender, clientMsgId) names ``original``: its duplicate, or CONFLICT.
+
+    A clientMsgId names one message: reusing it for another room is a client
+    bug that must not pass for a retry.
+    """
+    if isinstance(original, Message):
+        original = message_dict(original, _reactions_of(original.id))
+    if original["roomId"] != room_id:
+        return errors.Conflict(
+            "clientMsgId already names a message of another room",
+            {"clientMsgId": client_msg_id},
+        )
+    return Sent(original, True)
+
+
+def _send_alone(request: SendRequest) -> Sent | errors.GatewayError:
+    try:
+        with Message._meta.database.atomic():
+            return send_message(
+                request.room_id, request.sender_id, request.sender_name, request.content,
+                request.msg_type, request.parent_id, request.attachments, request.metadata,
+                request.client_msg_id,
+            )  # fmt: skip
+    except errors.GatewayError as exc:
+        return exc
 
 
 def get_messages(

@@ -42,8 +42,10 @@ from handlers.http import (
 from handlers.logs import logs_routes
 from handlers.notifications import NotificationsHandler
 from handlers.web import web_routes
+from models import chat as chat_db
 from server import __version__
 from server.auth import TokenVerifier
+from server.batch import Batcher
 from server.cluster import RedisHub, relay_disconnects
 from server.cluster_state import ClusterState
 from server.config import Config
@@ -166,6 +168,11 @@ class Node:
             self.db, self.hub, self.stats, self.loop_monitor, redis_check=redis_check
         )
         self.typing = TypingTracker(self.hub)
+        # Group commit for message:send: one transaction for every send waiting.
+        self.sends: Batcher[chat_db.SendRequest, chat_db.Sent] = Batcher(
+            self.db, "message.send", chat_db.send_messages,
+            max_batch=config.write_batch_max, observe=self.metrics.write_batch_size.observe,
+        )  # fmt: skip
         self.logstream = LogStream(config.node_id, config.log_buffer_size)
         # Notifications (server/notify.py) plug in as ``self.moderation.notifier``.
         self.moderation = Moderation(self.hub, self.db, self.stats, self.tasks)
@@ -200,6 +207,7 @@ class Node:
         }
         chat_deps = {
             "typing": self.typing, "health": self.health, "moderation": self.moderation,
+            "sends": self.sends,
             **notify_deps,
         }  # fmt: skip
         admin_deps = {"moderation": self.moderation, "feed": self.admin_feed}

@@ -58,6 +58,11 @@ _DEFAULT_MAX_CONNECTIONS_PER_IP = {"production": 20, "development": 1000, "test"
 TCP_HEADROOM_PER_IP = 32
 
 
+#: Upper bound of SWITCHBOARD_WRITE_BATCH_MAX: one batch's multi-row insert
+#: binds 11 parameters a message, and SQLite allows 32,766 per statement.
+MAX_WRITE_BATCH = 2000
+
+
 class ConfigError(ValueError):
     """The configuration is unusable; the message says which setting and why."""
 
@@ -96,6 +101,9 @@ class Config:
     # PostgreSQL worker threads (each with a pooled connection); 0 = one per core,
     # at least 2. More threads than cores adds event-loop lag (bench/db.py).
     db_workers: int = 0
+    # Most message:send requests one transaction commits (server/batch.py);
+    # 1 turns group commit off: one transaction per message, as before it.
+    write_batch_max: int = 256
     redis_url: str | None = None
     redis_prefix: str = "switchboard"
     allowed_origins: tuple[str, ...] = ("*",)
@@ -185,6 +193,7 @@ class Config:
         numbers: dict[str, tuple[str, type]] = {
             "port": ("PORT", int),
             "db_workers": ("DB_WORKERS", int),
+            "write_batch_max": ("WRITE_BATCH_MAX", int),
             "max_connections_per_user": ("MAX_CONNECTIONS_PER_USER", int),
             "max_connections_per_ip": ("MAX_CONNECTIONS_PER_IP", int),
             "max_tcp_connections_per_ip": ("MAX_TCP_CONNECTIONS_PER_IP", int),
@@ -276,6 +285,11 @@ class Config:
             raise ConfigError("heartbeat interval and timeout must be positive")
         if self.jwt_max_ttl is not None and not 0 < self.jwt_max_ttl < math.inf:
             raise ConfigError("SWITCHBOARD_JWT_MAX_TTL must be a positive number of seconds")
+        if not 1 <= self.write_batch_max <= MAX_WRITE_BATCH:
+            raise ConfigError(
+                f"SWITCHBOARD_WRITE_BATCH_MAX must be between 1 (no group commit) "
+                f"and {MAX_WRITE_BATCH}"
+            )
         if not self.header_timeout > 0:
             raise ConfigError("SWITCHBOARD_HEADER_TIMEOUT must be a positive number of seconds")
         if self.max_tcp_connections_per_ip < 0:

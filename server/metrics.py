@@ -59,6 +59,8 @@ SECURITY_ALERT_KINDS = ("auth_failures", "rate_limit_abuse")
 _DELIVERY_BUCKETS_SECS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
+# Requests per group-commit batch (server/batch.py): 1 is an idle node.
+_BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2000)
 
 # Latency buckets in seconds, from 0.5 ms to 5 s: gateway events are fast.
 _LATENCY_BUCKETS_SECS = (
@@ -155,6 +157,10 @@ class Metrics:
         self.db_duration = Histogram(
             f"{p}_db_query_duration_seconds", "Database job duration by operation",
             ["operation"], buckets=_LATENCY_BUCKETS_SECS, registry=registry,
+        )  # fmt: skip
+        self.write_batch_size = Histogram(
+            f"{p}_write_batch_size", "Requests one group-commit transaction carried",
+            buckets=_BATCH_SIZE_BUCKETS, registry=registry,
         )  # fmt: skip
         self.rooms_active = Gauge(
             f"{p}_rooms_active", "Rooms with at least one local subscriber", registry=registry

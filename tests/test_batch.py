@@ -1,0 +1,186 @@
+"""server/batch.py: group commit of message:send, through real clients.
+
+To make a batch of a known shape, a test holds the node's database worker
+with a job that waits on an event, queues the sends it wants batched
+(``node.sends.waiting`` says when they are all in), then lets go: whatever
+waited goes to the database in one transaction (the batch-size histogram
+counts it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+
+from models import Room, utcnow
+from server.client import Client, ClientError
+from tests.cluster import eventually
+from tests.test_chat import join, nothing_arrived, room, send, settle
+
+pytestmark = pytest.mark.asyncio
+
+
+@asynccontextmanager
+async def held_database(gw: Any) -> AsyncIterator[None]:
+    """The node's database worker is busy until the block ends."""
+    release = threading.Event()
+    holder = asyncio.ensure_future(gw.node.db.run_bare("test.hold", release.wait, 30.0))
+    try:
+        yield
+    finally:
+        release.set()
+        await holder
+
+
+async def queued(gw: Any, count: int) -> None:
+    await eventually(lambda: gw.node.sends.waiting == count, timeout=10,
+                     what=f"{count} sends waiting for the database")  # fmt: skip
+
+
+def delete_room(room_id: str) -> int:
+    return Room.update(deleted_at=utcnow()).where(Room.id == room_id).execute()
+
+
+def batch_sizes(gw: Any) -> tuple[float, float]:
+    """(batches committed, sends they carried) so far."""
+    registry = gw.node.registry
+    count = registry.get_sample_value("switchboard_write_batch_size_count") or 0.0
+    total = registry.get_sample_value("switchboard_write_batch_size_sum") or 0.0
+    return count, total
+
+
+async def outcome(request: asyncio.Future[Any]) -> Any:
+    """The ack's data, or the error code it failed with."""
+    try:
+        return await request
+    except ClientError as exc:
+        return exc.code
+
+
+async def test_a_batch_fails_its_bad_sends_alone_and_commits_the_rest(gateway):
+    gw = gateway
+    owner = await gw.connect("owner")
+    await room(owner, "general")
+    await room(owner, "other")
+    await room(owner, "doomed")
+    senders = [await gw.connect(f"s{n}") for n in range(4)]
+    alice1, alice2 = await gw.connect("alice"), await gw.connect("alice")
+    muted, stray, doomed_member = [await gw.connect(n) for n in ("muted", "stray", "erin")]
+    watcher = await gw.connect("watcher")
+    for client in (*senders, alice1, alice2, muted, stray, watcher):
+        await join(client, "general")
+    await join(doomed_member, "doomed")
+    elsewhere = await send(owner, "other", "a message of another room")
+    admin = await gw.connect("mod", "admin", roles=("admin",))
+    await admin.emit("admin:mute", {"userId": "muted", "roomId": "general",
+                                    "durationSeconds": 600})  # fmt: skip
+    await settle(watcher)
+    before = batch_sizes(gw)
+
+    async with held_database(gw):
+        primer = asyncio.ensure_future(owner.emit(
+            "message:send", {"roomId": "general", "content": "primer"}))  # fmt: skip
+        await eventually(lambda: batch_sizes(gw)[0] == before[0] + 1, timeout=10,
+                         what="the primer's batch waiting for the database")  # fmt: skip
+        # As if another node deleted the room: after the primer's batch, before the
+        # next one (one database worker: jobs run in the order they are submitted;
+        # the task submits its job on its first step, which sleep(0) lets it take).
+        deletion = asyncio.ensure_future(gw.node.db.run("test.delete", delete_room, "doomed"))
+        await asyncio.sleep(0)
+        retry = {"roomId": "general", "content": "twice", "clientMsgId": "c-1"}
+        requests = {
+            **{f"s{n}": c.emit("message:send", {"roomId": "general", "content": f"from s{n}"})
+               for n, c in enumerate(senders)},
+            "alice1": alice1.emit("message:send", retry),
+            "alice2": alice2.emit("message:send", retry),
+            "muted": muted.emit("message:send", {"roomId": "general", "content": "shh"}),
+            "stray": stray.emit("message:send", {
+                "roomId": "general", "content": "re", "parentMessageId": elsewhere["id"]}),
+            "erin": doomed_member.emit("message:send", {"roomId": "doomed", "content": "x"}),
+        }  # fmt: skip
+        futures = {name: asyncio.ensure_future(r) for name, r in requests.items()}
+        await queued(gw, len(futures))
+
+    primed = (await primer)["message"]
+    assert await deletion == 1
+    got = {name: await outcome(f) for name, f in futures.items()}
+    assert got["muted"] == "MUTED"
+    assert got["stray"] == "MESSAGE_NOT_FOUND"
+    assert got["erin"] == "ROOM_NOT_FOUND"
+    pair = [got["alice1"], got["alice2"]]
+    assert sorted(a["duplicate"] for a in pair) == [False, True]
+    assert pair[0]["message"] == pair[1]["message"]
+    stored = [got[f"s{n}"]["message"] for n in range(4)] + [pair[0]["message"]]
+    assert all(not got[f"s{n}"]["duplicate"] for n in range(4))
+    # Gapless after the primer, one seq per stored message.
+    assert sorted(m["seq"] for m in stored) == list(range(primed["seq"] + 1, primed["seq"] + 6))
+    # Two batches: the primer alone, then every send that waited, bad ones included.
+    after = batch_sizes(gw)
+    assert after[0] - before[0] == 2
+    assert after[1] - before[1] == 1 + len(futures)
+
+    # The watcher gets each stored message once, in seq order, and nothing else.
+    arrived = [(await watcher.next_event("message:new"))["data"]["message"] for _ in range(6)]
+    assert [m["seq"] for m in arrived] == list(range(primed["seq"], primed["seq"] + 6))
+    await nothing_arrived([watcher], "message:new")
+    page = await watcher.emit("room:get_messages", {"roomId": "general", "limit": 10})
+    assert [m["seq"] for m in page["messages"]] == list(range(primed["seq"] + 5, 0, -1))
+    assert [m["content"] for m in page["messages"]].count("twice") == 1
+
+
+async def test_a_retry_in_another_room_is_a_conflict_not_a_duplicate(gateway):
+    alice = await gateway.connect("alice")
+    await room(alice, "general")
+    await room(alice, "random")
+    data = {"roomId": "general", "content": "hello", "clientMsgId": "k-1"}
+    first = await alice.emit("message:send", data)
+    with pytest.raises(ClientError) as info:
+        await alice.emit("message:send", {**data, "roomId": "random"})
+    assert info.value.code == "CONFLICT" and info.value.details == {"clientMsgId": "k-1"}
+    again = await alice.emit("message:send", data)
+    assert again["duplicate"] is True and again["message"] == first["message"]
+
+
+async def test_batches_keep_each_rooms_seqs_gapless_under_concurrent_senders(gateway):
+    """Several rooms, several senders per room, many batches: no gap, no duplicate."""
+    gw = gateway
+    owner = await gw.connect("owner")
+    rooms = ["r0", "r1", "r2"]
+    for room_id in rooms:
+        await room(owner, room_id)
+    clients: list[tuple[Client, str]] = []
+    for n in range(9):
+        client = await gw.connect(f"u{n}")
+        await join(client, rooms[n % 3])
+        clients.append((client, rooms[n % 3]))
+
+    async def burst(client: Client, room_id: str) -> list[int]:
+        return [(await send(client, room_id, f"m{i}"))["seq"] for i in range(15)]
+
+    results = await asyncio.gather(*(burst(c, r) for c, r in clients))
+    for room_id in rooms:
+        seqs = sorted(s for (_, r), got in zip(clients, results, strict=True) if r == room_id
+                      for s in got)  # fmt: skip
+        assert seqs == list(range(1, 46)), room_id
+    count, total = batch_sizes(gw)
+    assert total >= 135 and count < total  # some sends shared a transaction
+
+
+async def test_one_transaction_per_message_when_group_commit_is_off(gateway_factory):
+    gw = await gateway_factory(write_batch_max=1)
+    alice, bob = await gw.connect("alice"), await gw.connect("bob")
+    await room(alice, "general")
+    await join(bob, "general")
+    async with held_database(gw):
+        futures = [asyncio.ensure_future(c.emit("message:send", {"roomId": "general",
+                                                                  "content": "x"}))
+                   for c in (alice, bob)]  # fmt: skip
+        await eventually(lambda: gw.node.sends.waiting == 1, timeout=10, what="one waiting")
+    acks = [await f for f in futures]
+    assert sorted(a["message"]["seq"] for a in acks) == [1, 2]
+    assert batch_sizes(gw) == (2.0, 2.0)
