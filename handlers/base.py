@@ -38,6 +38,7 @@ from handlers.schemas import AuthRefresh, Ping
 from models import chat as chat_db
 from server import errors, protocol
 from server.auth import Identity, TokenVerifier
+from server.batch import Batcher
 from server.config import Config
 from server.db import Database
 from server.hub import Hub, Target
@@ -124,6 +125,7 @@ class GatewayHandler(WebSocketHandler):
         state: NodeState,
         stats: Stats,
         security: SecurityMonitor,
+        admissions: Batcher[chat_db.ConnectRequest, chat_db.ConnectInfo],
     ) -> None:
         self.config = config
         self.hub = hub
@@ -137,6 +139,7 @@ class GatewayHandler(WebSocketHandler):
         self.state = state
         self.stats = stats
         self.security = security
+        self.admissions = admissions
         self.conn_id = uuid.uuid4().hex
         self.user_id = ""
         self.log = ConnectionLog(log, self)
@@ -298,12 +301,13 @@ class GatewayHandler(WebSocketHandler):
                  if exceeded == "user" else self.connection_limiter.per_ip, "per": exceeded},
             )  # fmt: skip
         self._limit_held = True
-        info = await self.db.run(
-            "user.connect", chat_db.upsert_user,
-            identity.user_id, identity.username, identity.display_name, sorted(identity.roles),
-        )  # fmt: skip
-        if info.ban is not None:
-            raise errors.Banned(details=info.ban)
+        # With the connections arriving alongside: one transaction records them
+        # all; a banned user's own outcome is BANNED, a database outage's
+        # SERVICE_UNAVAILABLE for the whole batch.
+        info = await self.admissions.submit(chat_db.ConnectRequest(
+            identity.user_id, identity.username, identity.display_name,
+            tuple(sorted(identity.roles)),
+        ))  # fmt: skip
         if self._gone:
             # The peer left while we were checking; on_close already ran.
             await self._release_limit()

@@ -18,7 +18,7 @@ from typing import Any
 import peewee as pw
 
 from models import Message, Reaction, Room, RoomMember, RoomMute, User, utcnow
-from models.moderation import ban_in_force, mute_in_force
+from models.moderation import bans_in_force, mute_in_force
 from server import errors
 from server.protocol import iso
 
@@ -29,32 +29,71 @@ _PASSWORD_ITERATIONS = 120_000
 # -- users ------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
+class ConnectRequest:
+    """One connection's admission, as :func:`connect_users` takes it: its token's claims."""
+
+    user_id: str
+    username: str
+    display_name: str
+    roles: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class ConnectInfo:
-    ban: dict[str, Any] | None
+    """What an admitted connection needs: the live rooms its user is a member of."""
+
     room_ids: list[str]
 
 
-def upsert_user(
-    user_id: str, username: str, display_name: str, roles: list[str]
-) -> ConnectInfo:
-    """Record the user from token claims; report a ban in force and their rooms."""
+def connect_users(requests: list[ConnectRequest]) -> list[ConnectInfo | errors.GatewayError]:
+    """Admit a batch of connections in one transaction, each with its own outcome.
+
+    Group commit (``server.batch.Batcher``, op ``user.connect``): the
+    connections that arrive while the previous batch is in the database come
+    here together. Every user is recorded from its token's claims with one
+    multi-row upsert (a banned user too, as a lone connect always did); then
+    one query finds the bans in force and one the member rooms. A banned user's
+    outcome is its ``BANNED`` error; the others are admitted.
+
+    The same user twice in a batch (two devices, a reconnect racing its old
+    socket) is one row: the claims of the request that arrived last win, as
+    they would have had the two connects run one after the other, and both get
+    the same outcome. Rows go in sorted by user id, so batches upserting the
+    same users on two nodes lock them in one order and never deadlock.
+    """
     now = utcnow()
+    latest = {r.user_id: r for r in requests}  # dict order: the last request of a user wins
+    rows = [
+        {
+            "id": r.user_id, "username": r.username, "display_name": r.display_name,
+            "roles": ",".join(sorted(r.roles)), "created_at": now, "last_seen_at": now,
+        }
+        for _, r in sorted(latest.items())
+    ]  # fmt: skip
     (
-        User.insert(
-            id=user_id, username=username, display_name=display_name,
-            roles=",".join(sorted(roles)), created_at=now, last_seen_at=now,
-        )
+        User.insert_many(rows)
         .on_conflict(
             conflict_target=[User.id],
-            update={
-                User.username: username, User.display_name: display_name,
-                User.roles: ",".join(sorted(roles)), User.last_seen_at: now,
-            },
+            preserve=[User.username, User.display_name, User.roles, User.last_seen_at],
         )
         .execute()
-    )  # fmt: skip
-    return ConnectInfo(ban_in_force(user_id), member_room_ids(user_id))
+    )
+    user_ids = sorted(latest)
+    bans = bans_in_force(user_ids)
+    rooms: dict[str, list[str]] = defaultdict(list)
+    query = (
+        RoomMember.select(RoomMember.user_id, RoomMember.room)
+        .join(Room)
+        .where(RoomMember.user_id.in_(user_ids) & Room.deleted_at.is_null())
+    )
+    for m in query:
+        rooms[m.user_id].append(m.room_id)
+    return [
+        errors.Banned(details=ban) if (ban := bans.get(r.user_id)) is not None
+        else ConnectInfo(list(rooms[r.user_id]))  # its own list: a connection edits it
+        for r in requests
+    ]  # fmt: skip
 
 
 def member_room_ids(user_id: str) -> list[str]:

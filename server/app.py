@@ -173,6 +173,11 @@ class Node:
             self.db, "message.send", chat_db.send_messages,
             max_batch=config.write_batch_max, observe=self.metrics.write_batch_size.observe,
         )  # fmt: skip
+        # The same for connection admission: user upserts, bans, member rooms.
+        self.admissions: Batcher[chat_db.ConnectRequest, chat_db.ConnectInfo] = Batcher(
+            self.db, "user.connect", chat_db.connect_users,
+            max_batch=config.write_batch_max, observe=self.metrics.admission_batch_size.observe,
+        )  # fmt: skip
         self.logstream = LogStream(config.node_id, config.log_buffer_size)
         # Notifications (server/notify.py) plug in as ``self.moderation.notifier``.
         self.moderation = Moderation(self.hub, self.db, self.stats, self.tasks)
@@ -204,6 +209,7 @@ class Node:
             "state": self.state,
             "stats": self.stats,
             "security": self.security,
+            "admissions": self.admissions,
         }
         chat_deps = {
             "typing": self.typing, "health": self.health, "moderation": self.moderation,

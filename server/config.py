@@ -59,7 +59,8 @@ TCP_HEADROOM_PER_IP = 32
 
 
 #: Upper bound of SWITCHBOARD_WRITE_BATCH_MAX: one batch's multi-row insert
-#: binds 11 parameters a message, and SQLite allows 32,766 per statement.
+#: binds 11 parameters a message (an admission batch's upsert 6 a user), and
+#: SQLite allows 32,766 per statement.
 MAX_WRITE_BATCH = 2000
 
 
@@ -101,8 +102,9 @@ class Config:
     # PostgreSQL worker threads (each with a pooled connection); 0 = one per core,
     # at least 2. More threads than cores adds event-loop lag (bench/db.py).
     db_workers: int = 0
-    # Most message:send requests one transaction commits (server/batch.py);
-    # 1 turns group commit off: one transaction per message, as before it.
+    # Most message:send requests, and most connection admissions, one
+    # transaction commits (server/batch.py); 1 turns group commit off: one
+    # transaction per message and per connection, as before it.
     write_batch_max: int = 256
     redis_url: str | None = None
     redis_prefix: str = "switchboard"

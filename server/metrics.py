@@ -162,6 +162,10 @@ class Metrics:
             f"{p}_write_batch_size", "Requests one group-commit transaction carried",
             buckets=_BATCH_SIZE_BUCKETS, registry=registry,
         )  # fmt: skip
+        self.admission_batch_size = Histogram(
+            f"{p}_admission_batch_size", "Connections one admission transaction carried",
+            buckets=_BATCH_SIZE_BUCKETS, registry=registry,
+        )  # fmt: skip
         self.rooms_active = Gauge(
             f"{p}_rooms_active", "Rooms with at least one local subscriber", registry=registry
         )

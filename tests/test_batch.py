@@ -1,26 +1,31 @@
-"""server/batch.py: group commit of message:send, through real clients.
+"""server/batch.py: group commit of message:send and of connection admission, through real clients.
 
 To make a batch of a known shape, a test holds the node's database worker
-with a job that waits on an event, queues the sends it wants batched
-(``node.sends.waiting`` says when they are all in), then lets go: whatever
-waited goes to the database in one transaction (the batch-size histogram
-counts it).
+with a job that waits on an event, queues the sends (or connections) it
+wants batched (``node.sends.waiting`` / ``node.admissions.waiting`` say when
+they are all in), then lets go: whatever waited goes to the database in one
+transaction (the batch-size histograms count it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import sqlite3
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+import pytest_asyncio
 
 from models import Room, utcnow
 from server.client import Client, ClientError
 from tests.cluster import eventually
-from tests.test_chat import join, nothing_arrived, room, send, settle
+from tests.test_chat import join, member, nothing_arrived, room, send, settle, went_offline
+from tests.test_presence import statuses as statuses_of
 
 pytestmark = pytest.mark.asyncio
 
@@ -184,3 +189,200 @@ async def test_one_transaction_per_message_when_group_commit_is_off(gateway_fact
     acks = [await f for f in futures]
     assert sorted(a["message"]["seq"] for a in acks) == [1, 2]
     assert batch_sizes(gw) == (2.0, 2.0)
+
+
+# -- connection admission (op user.connect) -----------------------------------------
+
+
+@pytest_asyncio.fixture(params=["sqlite", "postgres"])
+async def any_db(request: pytest.FixtureRequest, gateway_factory: Any) -> Any:
+    """A node on SQLite, then one on PostgreSQL: the upsert's SQL differs between them."""
+    if request.param == "postgres":
+        pg = request.getfixturevalue("postgres")
+        return await gateway_factory(database_url=pg.create_database(f"t{os.urandom(6).hex()}"))
+    return await gateway_factory()
+
+
+@asynccontextmanager
+async def held_admissions(gw: Any) -> AsyncIterator[None]:
+    """No admission batch commits until the block ends.
+
+    SQLite: the node's one database worker is busy. PostgreSQL has a pool of
+    workers, so a transaction holds a lock on the user table that every
+    upsert waits for (reads go on).
+    """
+    release = threading.Event()
+    db = gw.node.db
+
+    def hold() -> None:
+        with db.db.atomic():
+            if not db.is_sqlite:
+                db.db.execute_sql('LOCK TABLE "user" IN EXCLUSIVE MODE')
+            release.wait(30.0)
+
+    holder = asyncio.ensure_future(db.run_bare("test.hold", hold))
+    try:
+        yield
+    finally:
+        release.set()
+        await holder
+
+
+def admission_batches(gw: Any) -> tuple[float, float]:
+    """(admission batches committed, connections they carried) so far."""
+    registry = gw.node.registry
+    count = registry.get_sample_value("switchboard_admission_batch_size_count") or 0.0
+    total = registry.get_sample_value("switchboard_admission_batch_size_sum") or 0.0
+    return count, total
+
+
+@asynccontextmanager
+async def one_admission_batch(gw: Any, size: int) -> AsyncIterator[Client]:
+    """The block's ``size`` connects are admitted in one transaction (asserted at the end).
+
+    A primer connection goes first and alone (an idle batcher sends the first
+    request at once); its batch is stuck behind the hold, so the connects the
+    block starts wait and go together once it ends. Yields the primer.
+    """
+    before = admission_batches(gw)
+    async with held_admissions(gw):
+        primer = gw.client("primer")
+        primed = asyncio.ensure_future(primer.connect())
+        await eventually(lambda: admission_batches(gw)[0] == before[0] + 1, timeout=10,
+                         what="the primer's admission batch in the database")  # fmt: skip
+        yield primer
+        await eventually(lambda: gw.node.admissions.waiting == size, timeout=10,
+                         what=f"{size} connections waiting for admission")  # fmt: skip
+    await primed
+    assert admission_batches(gw) == (before[0] + 2, before[1] + 1 + size)
+
+
+async def admitted(connect: asyncio.Future[Any]) -> Any:
+    """The welcome's data, or (error code, close code) the connect was refused with."""
+    try:
+        return await connect
+    except ClientError as exc:
+        return exc.code, exc.close_code
+
+
+async def test_connections_arriving_together_share_one_admission_transaction(any_db):
+    gw = any_db
+    owner = await gw.connect("owner")
+    sider = await gw.connect("sider")
+    users = [f"u{n}" for n in range(4)]
+    await room(owner, "lobby", members=users)
+    await room(sider, "side", members=["u2"])
+    await settle(owner, sider)
+
+    clients = {name: gw.client(name) for name in users}
+    async with one_admission_batch(gw, len(users)):
+        connects = {name: asyncio.ensure_future(c.connect()) for name, c in clients.items()}
+
+    for name, connect in connects.items():
+        welcome = await connect
+        assert welcome["userId"] == name and welcome["user"]["displayName"] == name
+    # Each user's rooms came back with it: the members of those rooms, and only
+    # they, hear that the user came online.
+    online = {(await owner.next_event("user:status_changed"))["data"]["userId"]
+              for _ in users}  # fmt: skip
+    assert online == set(users)
+    assert (await sider.next_event("user:status_changed"))["data"] == {
+        "userId": "u2", "status": "online"}  # fmt: skip
+    await nothing_arrived([owner, sider], "user:status_changed")
+    # Recorded from their tokens, and each connection can use its rooms.
+    members = (await owner.emit("room:members", {"roomId": "lobby"}))["members"]
+    assert {m["userId"]: m["displayName"] for m in members if m["userId"] in users} == {
+        u: u for u in users}  # fmt: skip
+    await join(clients["u2"], "side")
+    await send(clients["u2"], "side", "here")
+
+
+async def test_a_banned_user_in_an_admission_batch_is_refused_alone(gateway_factory):
+    # One connection per user: a refusal that kept its slot would lock mallory out.
+    gw = await gateway_factory(max_connections_per_user=1)
+    admin = await gw.connect("boss", "admin", roles=("admin",))
+    owner = await gw.connect("owner")
+    await room(owner, "lobby", members=["mallory", "alice", "bob"])
+    await admin.emit("admin:ban", {"userId": "mallory", "reason": "spam"})
+    await settle(owner)
+
+    async with one_admission_batch(gw, 3):
+        connects = {name: asyncio.ensure_future(gw.client(name).connect())
+                    for name in ("alice", "mallory", "bob")}  # fmt: skip
+
+    got = {name: await admitted(f) for name, f in connects.items()}
+    assert got["mallory"] == ("BANNED", 4403)
+    assert got["alice"]["userId"] == "alice" and got["bob"]["userId"] == "bob"
+    online = {(await owner.next_event("user:status_changed"))["data"]["userId"]
+              for _ in range(2)}  # fmt: skip
+    assert online == {"alice", "bob"}
+    await nothing_arrived([owner], "user:status_changed")
+
+    await admin.emit("admin:unban", {"userId": "mallory"})
+    welcome = await gw.client("mallory").connect()
+    assert welcome["userId"] == "mallory"
+
+
+async def test_the_same_user_twice_in_an_admission_batch(any_db):
+    gw = any_db
+    owner = await gw.connect("owner")
+    await room(owner, "lobby", members=["alice"])
+    first = await gw.connect("alice", token=gw.token("alice", display_name="Alice Old"))
+    await first.aclose()
+    await owner.next_event("user:status_changed", predicate=went_offline("alice"))
+    await settle(owner)
+
+    devices = [Client(gw.url(), gw.token("alice", display_name=name))
+               for name in ("Alice One", "Alice Two")]  # fmt: skip
+    gw.clients.extend(devices)
+    connects = []
+    async with one_admission_batch(gw, 2):
+        for n, device in enumerate(devices, 1):  # One, then Two
+            connects.append(asyncio.ensure_future(device.connect()))
+            await eventually(lambda n=n: gw.node.admissions.waiting == n, timeout=10,
+                             what=f"device {n} waiting for admission")  # fmt: skip
+    welcomes = [await c for c in connects]
+
+    # Each connection is welcomed with its own token's claims; the stored user
+    # has the claims of the one that arrived last.
+    assert [w["user"]["displayName"] for w in welcomes] == ["Alice One", "Alice Two"]
+    members = (await owner.emit("room:members", {"roomId": "lobby"}))["members"]
+    assert member(members, "alice")["displayName"] == "Alice Two"
+    assert statuses_of(members)["alice"] == "online"
+    # Both got alice's rooms; her coming online is one piece of news.
+    ev = await owner.next_event("user:status_changed")
+    assert ev["data"] == {"userId": "alice", "status": "online"}
+    await nothing_arrived([owner], "user:status_changed")
+    for device in devices:
+        await join(device, "lobby")
+        await send(device, "lobby", "from a device")
+
+
+async def test_a_database_failure_refuses_the_admission_batch_as_unavailable(
+    gateway_factory, caplog
+):
+    """Another process holds SQLite's write lock: the batch's connections are told to retry.
+
+    The node waits ``busy_timeout`` for the lock (shortened here from 5 s),
+    then the whole batch fails; none is admitted, no limit slot is kept, and
+    once the lock is gone connections are admitted without a restart.
+    """
+    gw = await gateway_factory(max_connections_per_user=1)
+    path = gw.config.database_url.removeprefix("sqlite:///")
+    await gw.node.db.run_bare("test.busy_timeout", gw.node.db.db.execute_sql,
+                              "PRAGMA busy_timeout = 200")  # fmt: skip
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        connects = {name: asyncio.ensure_future(gw.client(name).connect())
+                    for name in ("alice", "bob")}  # fmt: skip
+        got = {name: await admitted(f) for name, f in connects.items()}
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert got == {"alice": ("SERVICE_UNAVAILABLE", 1001), "bob": ("SERVICE_UNAVAILABLE", 1001)}
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert gw.node.hub.user_connections("alice") == []
+
+    for name in ("alice", "bob"):
+        assert (await gw.client(name).connect())["userId"] == name
