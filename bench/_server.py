@@ -23,6 +23,9 @@ then answers commands read from stdin, one JSON line per command:
 * ``snapshot`` / ``diff [N]`` -- with ``SWITCHBOARD_BENCH_TRACEMALLOC=1`` (set
   before start: tracemalloc must trace the connections from the beginning),
   a baseline snapshot, then the top ``N`` allocation sites grown since;
+* ``lag`` -- with ``SWITCHBOARD_BENCH_LAG_MS=N``, the event-loop lag samples
+  (seconds) taken every N ms since the previous ``lag``, and the node's
+  background tasks alive at each sample (see :class:`LagSampler`);
 * ``quit`` or end of stdin (the parent died) -- graceful stop, exit.
 
 Logs go to stderr (the parent sends them to a file). RLIMIT_NOFILE is raised
@@ -58,9 +61,11 @@ from tornado.websocket import WebSocketClosedError
 
 from server.cli import setup_logging
 from server.config import Config
+from server.health import LoopMonitor
 from server.hub import Connection, Hub
 
 TRACEMALLOC_ENV = "SWITCHBOARD_BENCH_TRACEMALLOC"
+LAG_ENV = "SWITCHBOARD_BENCH_LAG_MS"
 ROOT = Path(__file__).resolve().parent.parent
 #: The JWT secret the benchmark servers use (the clients mint with it).
 BENCH_SECRET = "switchboard-bench-secret-not-for-production"
@@ -202,12 +207,42 @@ def _reply(obj: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+class LagSampler:
+    """The node's event-loop lag, sampled often enough for a p99.
+
+    The node's own :class:`~server.health.LoopMonitor` samples every 0.5 s
+    and keeps only the latest value (the ``switchboard_event_loop_lag_seconds``
+    gauge): a handful of samples per run. This is a second monitor of the
+    same class on the node's loop, every ``interval_secs``, keeping every
+    sample until :meth:`take`. With each sample it records how many of the
+    node's background tasks are alive (``BackgroundTasks``: mostly the
+    notification follow-up of each sent message), the nearest thing to a
+    notification queue depth the node has.
+    """
+
+    def __init__(self, node: Any, interval_secs: float) -> None:
+        self.node = node
+        self.lags: list[float] = []
+        self.tasks: list[int] = []
+        self.monitor = LoopMonitor(interval_secs, on_lag=self._sample)
+
+    def _sample(self, lag_secs: float) -> None:
+        self.lags.append(lag_secs)
+        self.tasks.append(len(self.node.tasks))
+
+    def take(self) -> dict[str, Any]:
+        out = {"lag": self.lags, "tasks": self.tasks}
+        self.lags, self.tasks = [], []
+        return out
+
+
 class Commands:
     """Answers the parent's stdin commands on the event loop."""
 
-    def __init__(self, node: Any, stop: asyncio.Event) -> None:
+    def __init__(self, node: Any, stop: asyncio.Event, lag: LagSampler | None = None) -> None:
         self.node = node
         self.stop = stop
+        self.lag = lag
         self.baseline: tracemalloc.Snapshot | None = None
 
     def handle(self, line: str | None) -> None:
@@ -235,6 +270,10 @@ class Commands:
                 _reply({"ok": True})
             elif cmd == "diff":
                 _reply({"ok": True, **self._diff(int(args[0]) if args else 25)})
+            elif cmd == "lag":
+                if self.lag is None:
+                    raise RuntimeError(f"no lag sampler: start with {LAG_ENV}=<ms>")
+                _reply({"ok": True, **self.lag.take()})
             elif cmd == "quit":
                 _reply({"ok": True})
                 self.stop.set()
@@ -284,8 +323,12 @@ async def _main(hub_name: str, port: int) -> int:
     setup_logging(config)
     node = Node(config, hub_class=HUBS[hub_name])
     await node.start()
+    lag_ms = float(os.environ.get(LAG_ENV) or 0)
+    lag = LagSampler(node, lag_ms / 1000) if lag_ms > 0 else None
+    if lag is not None:
+        lag.monitor.start()
     stop = asyncio.Event()
-    commands = Commands(node, stop)
+    commands = Commands(node, stop, lag)
     loop = asyncio.get_running_loop()
     threading.Thread(target=_read_stdin, args=(loop, commands.handle), daemon=True).start()
     _reply(
@@ -297,6 +340,8 @@ async def _main(hub_name: str, port: int) -> int:
         }
     )
     await stop.wait()
+    if lag is not None:
+        await lag.monitor.stop()
     await node.stop(grace_secs=3.0)
     return 0
 
@@ -330,6 +375,10 @@ def bench_env(**extra: str) -> dict[str, str]:
             ),
             "SWITCHBOARD_MAX_CONNECTIONS_PER_IP": "100000",
             "SWITCHBOARD_MAX_CONNECTIONS_PER_USER": "100000",
+            # Open TCP connections per address (checked at accept, before any HTTP):
+            # derived from the per-IP limit when unset; spelt out so a change to
+            # the derivation cannot make the benchmark refuse its own clients.
+            "SWITCHBOARD_MAX_TCP_CONNECTIONS_PER_IP": "200000",
             "SWITCHBOARD_LOG_LEVEL": "WARNING",
         }
     )

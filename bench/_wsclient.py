@@ -4,8 +4,9 @@ The benchmarks need thousands of connections whose per-frame cost is far
 below the server's, so this is a bare :class:`asyncio.Protocol`: the HTTP
 upgrade is written by hand, server frames are split by reading their 2-10
 byte headers only, and a ``message:new`` payload is not JSON-decoded at all:
-the receiver finds ``"bt":`` (the publisher's ``time.time()`` put in the
-message metadata) with ``bytes.find`` and parses that one number. Acks and
+the receiver finds ``"bt":`` (the publisher's send time put in the message
+metadata: ``time.time()``, or ``time.monotonic()`` with ``Tally(clock=...)``)
+with ``bytes.find`` and parses that one number. Acks and
 ``system:welcome`` are decoded (orjson) because setup needs them.
 
 Client frames are masked as RFC 6455 requires (tornado's C mask helper).
@@ -31,6 +32,7 @@ import selectors
 import struct
 import time
 from array import array
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -91,10 +93,13 @@ class Tally:
     """What every connection of one process received (shared by its connections).
 
     ``count`` is the number of frames carrying a benchmark timestamp;
-    ``latencies`` holds ``receive time - send time`` for each of them (seconds).
+    ``latencies`` holds ``receive time - send time`` for each of them (seconds),
+    receive time read from ``clock`` (the senders must stamp with the same one;
+    processes of one machine share ``time.monotonic``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
         self.reset()
 
     def reset(self) -> None:
@@ -230,7 +235,7 @@ class LeanWS(asyncio.Protocol):
                     p = data.find(_BT, start, end)
                     if p >= 0:
                         if not now:
-                            now = time.time()
+                            now = tally.clock()
                         q = data.find(b"}", p, end)
                         tally.latencies.append(now - float(data[p + 5 : q]))
                         tally.count += 1
@@ -335,11 +340,15 @@ async def open_many(
     sources: list[str],
     concurrency: int = 64,
     join_room: str | None = None,
+    timings: array[float] | None = None,
 ) -> tuple[list[LeanWS], list[str]]:
     """Open one connection per token (each waits for ``system:welcome``).
 
     With ``join_room`` each connection also joins that room (ack awaited).
-    Returns the open connections and the errors of those that failed.
+    With ``timings`` each connection that got its welcome appends the seconds
+    from the start of its TCP connect to the welcome (``time.monotonic``).
+    Returns the open connections and the errors of those that failed (a
+    connection the server closed with a code is reported as ``close <code>``).
     """
     sem = asyncio.Semaphore(concurrency)
     conns: list[LeanWS] = []
@@ -347,16 +356,21 @@ async def open_many(
 
     async def one(i: int, token: str) -> None:
         async with sem:
+            ws: LeanWS | None = None
             try:
+                started = time.monotonic()
                 ws = await LeanWS.connect(
                     host, port, path, token, tally, source=sources[i % len(sources)]
                 )
                 await asyncio.wait_for(ws.welcome, 60)
+                if timings is not None:
+                    timings.append(time.monotonic() - started)
                 if join_room is not None:
                     await ws.request("room:join", {"roomId": join_room})
                 conns.append(ws)
             except Exception as exc:
-                errors.append(f"{type(exc).__name__}: {exc}")
+                code = ws.closed.result() if ws is not None and ws.closed.done() else None
+                errors.append(f"close {code}" if code else f"{type(exc).__name__}: {exc}")
 
     await asyncio.gather(*(one(i, t) for i, t in enumerate(tokens)))
     return conns, errors
