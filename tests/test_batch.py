@@ -10,6 +10,7 @@ counts it).
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,7 +20,7 @@ import pytest
 
 from models import Room, utcnow
 from server.client import Client, ClientError
-from tests.cluster import eventually
+from tests.cluster import eventually, lock_rows, waiting_for_locks
 from tests.test_chat import join, nothing_arrived, room, send, settle
 
 pytestmark = pytest.mark.asyncio
@@ -184,3 +185,93 @@ async def test_one_transaction_per_message_when_group_commit_is_off(gateway_fact
     acks = [await f for f in futures]
     assert sorted(a["message"]["seq"] for a in acks) == [1, 2]
     assert batch_sizes(gw) == (2.0, 2.0)
+
+
+# -- PostgreSQL: a retry racing its original on another node -----------------------------
+
+
+def row_locker(url: str) -> Any:
+    """A session of the test's own playing another node's batch (blocking calls)."""
+    import psycopg2
+
+    conn = psycopg2.connect(url, connect_timeout=10)
+    with conn.cursor() as cur:
+        # Whoever of a deadlock's two sides checks first is undone: the node, here.
+        cur.execute("SET deadlock_timeout = '20s'")
+    conn.commit()
+    return conn
+
+
+def touch_room(conn: Any, room_id: str) -> None:
+    """What another node's batch does to a room first: take its row (blocking)."""
+    with conn.cursor() as cur:
+        cur.execute("UPDATE room SET last_activity_at = last_activity_at WHERE id = %s", (room_id,))
+
+
+async def test_a_batch_undone_by_a_racing_retry_stores_its_other_sends_without_deadlock(
+    gateway_factory, postgres
+):
+    """Node b's batch meets node a's original on the unique index; its sends go one by one.
+
+    They must take the rooms' rows in the order every batch takes them: here
+    another node's batch (the test's own session) was waiting for room r1
+    behind b's batch and took it when b's batch was undone; b's sends, one
+    by one in arrival order, would take r2 and then wait for r1, while that
+    batch waits for r2 - a deadlock that PostgreSQL breaks by failing one of
+    the two batches whole.
+    """
+    url = postgres.create_database(f"t{os.urandom(6).hex()}")
+    gw_a = await gateway_factory(database_url=url)
+    gw_b = await gateway_factory(database_url=url, db_workers=1)
+    owner = await gw_b.connect("owner")
+    for room_id in ("r1", "r2", "side"):
+        await room(owner, room_id)
+    alice_a, alice_b = await gw_a.connect("alice"), await gw_b.connect("alice")
+    bob, carol = await gw_b.connect("bob"), await gw_b.connect("carol")
+    for client, room_id in ((alice_a, "r2"), (alice_b, "r2"), (bob, "r2"), (carol, "r1")):
+        await join(client, room_id)
+    send = {"roomId": "r2", "content": "once", "clientMsgId": "c-1"}
+    other = await asyncio.to_thread(row_locker, url)
+    r2_lock = await asyncio.to_thread(lock_rows, url, "room", ["r2"])
+    try:
+        # Node a's original, past its checks, waiting for r2's row.
+        original = asyncio.ensure_future(alice_a.emit("message:send", send))
+        await eventually(lambda: waiting_for_locks(url, 1), timeout=10,
+                         what="the original waiting for r2")  # fmt: skip
+        # Node b's batch: bob's send to r2, alice's retry, carol's send to r1, in that order.
+        before = batch_sizes(gw_b)
+        async with held_database(gw_b):
+            primer = asyncio.ensure_future(owner.emit(
+                "message:send", {"roomId": "side", "content": "primer"}))  # fmt: skip
+            await eventually(lambda: batch_sizes(gw_b)[0] == before[0] + 1, timeout=10,
+                             what="the primer's batch waiting for the database")  # fmt: skip
+            futures = []
+            for client, data in ((bob, {"roomId": "r2", "content": "from bob"}), (alice_b, send),
+                                 (carol, {"roomId": "r1", "content": "from carol"})):
+                futures.append(asyncio.ensure_future(client.emit("message:send", data)))
+                await queued(gw_b, len(futures))
+        await primer
+        # b's batch took r1 and waits for r2; the other batch waits for r1 behind it.
+        await eventually(lambda: waiting_for_locks(url, 2), timeout=10,
+                         what="b's batch waiting for r2")  # fmt: skip
+        taking_r1 = asyncio.ensure_future(asyncio.to_thread(touch_room, other, "r1"))
+        await eventually(lambda: waiting_for_locks(url, 3), timeout=10,
+                         what="the other batch waiting for r1")  # fmt: skip
+        # The original commits; b's insert meets it and b's batch is undone, which
+        # hands r1 to the other batch; b's sends go one by one and one waits for it.
+        await asyncio.to_thread(r2_lock.rollback)
+        assert (await original)["duplicate"] is False
+        await taking_r1
+        await eventually(lambda: waiting_for_locks(url, 1), timeout=10,
+                         what="b waiting for the other batch")  # fmt: skip
+        # The other batch now wants r2: free unless b's sends took it out of order.
+        await asyncio.to_thread(touch_room, other, "r2")
+        await asyncio.to_thread(other.commit)
+    finally:
+        await asyncio.to_thread(r2_lock.close)
+        await asyncio.to_thread(other.close)
+    got = [await outcome(f) for f in futures]
+    first = (await original)["message"]
+    assert got[1] == {"message": first, "duplicate": True}
+    assert [(m["roomId"], m["seq"]) for m in (got[0]["message"], got[2]["message"])] == [
+        ("r2", first["seq"] + 1), ("r1", 1)]  # fmt: skip
