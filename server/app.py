@@ -173,6 +173,7 @@ class Node:
             self.db, "message.send", chat_db.send_messages,
             max_batch=config.write_batch_max, observe=self.metrics.write_batch_size.observe,
         )  # fmt: skip
+        self.metrics.write_batch_waiting.set_function(lambda: self.sends.waiting)
         self.logstream = LogStream(config.node_id, config.log_buffer_size)
         # Notifications (server/notify.py) plug in as ``self.moderation.notifier``.
         self.moderation = Moderation(self.hub, self.db, self.stats, self.tasks)
