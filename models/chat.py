@@ -564,8 +564,11 @@ def send_messages(requests: list[SendRequest]) -> list[Sent | errors.GatewayErro
             with Message._meta.database.atomic():  # a savepoint, undone on a racing retry
                 _insert_batch(requests, accepted, now, out)
         except pw.IntegrityError:
-            for indexes in accepted.values():
-                for i in indexes:
+            # Rooms in _insert_batch's order: in arrival order, a send could hold a
+            # later room's row while another node's batch, holding an earlier one
+            # since this batch was undone, waits for it (a deadlock; one batch fails).
+            for room_id in sorted(accepted):
+                for i in accepted[room_id]:
                     out[i] = _send_alone(requests[i])
     results: list[Sent | errors.GatewayError] = []
     for i, outcome in enumerate(out):

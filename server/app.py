@@ -178,6 +178,7 @@ class Node:
             self.db, "user.connect", chat_db.connect_users,
             max_batch=config.write_batch_max, observe=self.metrics.admission_batch_size.observe,
         )  # fmt: skip
+        self.metrics.write_batch_waiting.set_function(lambda: self.sends.waiting)
         self.logstream = LogStream(config.node_id, config.log_buffer_size)
         # Notifications (server/notify.py) plug in as ``self.moderation.notifier``.
         self.moderation = Moderation(self.hub, self.db, self.stats, self.tasks)

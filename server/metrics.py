@@ -166,6 +166,11 @@ class Metrics:
             f"{p}_admission_batch_size", "Connections one admission transaction carried",
             buckets=_BATCH_SIZE_BUCKETS, registry=registry,
         )  # fmt: skip
+        # How far the write path is behind: sends queued for the next transaction.
+        self.write_batch_waiting = Gauge(
+            f"{p}_write_batch_waiting", "Requests waiting for the next group-commit transaction",
+            registry=registry,
+        )  # fmt: skip
         self.rooms_active = Gauge(
             f"{p}_rooms_active", "Rooms with at least one local subscriber", registry=registry
         )

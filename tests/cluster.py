@@ -484,3 +484,42 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not true within {timeout}s (last: {last!r})")
         await asyncio.sleep(interval)
+
+
+def lock_rows(url: str, table: str, ids: Iterable[str]) -> Any:
+    """A PostgreSQL transaction of the test's own holding ``table``'s rows ``ids``.
+
+    ``SELECT ... FOR UPDATE``: a node's write to those rows (a room's seq
+    bump) waits in the database until the returned connection's
+    ``rollback()`` (or its death with the server). Blocking: call in a thread.
+    """
+    import psycopg2
+
+    conn = psycopg2.connect(url, connect_timeout=10)
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT id FROM {table} WHERE id = ANY(%s) FOR UPDATE", (list(ids),))
+        if cur.rowcount != len(set(ids)):
+            conn.close()
+            raise AssertionError(f"lock_rows: {cur.rowcount} of {table} {sorted(ids)} found")
+    return conn
+
+
+def lock_waiters(url: str) -> list[int]:
+    """Backend pids of ``url``'s database waiting for a lock right now (blocking)."""
+    import psycopg2
+
+    conn = psycopg2.connect(url, connect_timeout=10)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT pid FROM pg_stat_activity "
+                "WHERE datname = current_database() AND wait_event_type = 'Lock' ORDER BY pid"
+            )
+            return [int(row[0]) for row in cur.fetchall()]
+    finally:
+        conn.close()
+
+
+async def waiting_for_locks(url: str, count: int) -> bool:
+    """Whether exactly ``count`` sessions of ``url``'s database wait for a lock."""
+    return len(await asyncio.to_thread(lock_waiters, url)) == count

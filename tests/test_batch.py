@@ -10,6 +10,7 @@ transaction (the batch-size histograms count it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sqlite3
@@ -23,9 +24,12 @@ import pytest_asyncio
 
 from models import Room, utcnow
 from server.client import Client, ClientError
-from tests.cluster import eventually
+from tests.cluster import eventually, lock_rows, waiting_for_locks
+from tests.conftest import ROOMY_RATE_LIMITS
+from tests.services import PostgresServer, require_binary
 from tests.test_chat import join, member, nothing_arrived, room, send, settle, went_offline
 from tests.test_presence import statuses as statuses_of
+from tests.test_shutdown import ServerProcess
 
 pytestmark = pytest.mark.asyncio
 
@@ -386,3 +390,266 @@ async def test_a_database_failure_refuses_the_admission_batch_as_unavailable(
 
     for name in ("alice", "bob"):
         assert (await gw.client(name).connect())["userId"] == name
+
+
+# -- the database failing --------------------------------------------------------------
+
+
+@pytest.fixture
+def own_postgres() -> Any:
+    """A PostgreSQL server of this test alone: it gets stopped."""
+    require_binary("initdb", "PostgreSQL (initdb/pg_ctl) is not installed")
+    require_binary("pg_ctl", "PostgreSQL (initdb/pg_ctl) is not installed")
+    server = PostgresServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_the_database_dying_mid_batch_fails_every_send_of_it_and_acks_none(
+    gateway_factory, own_postgres, caplog
+):
+    """PostgreSQL stops while a batch of four waits on a room's row in it.
+
+    The batch's connection dies under it (psycopg2: "server closed the
+    connection unexpectedly", then "connection already closed" from the
+    rollback, both peewee errors): every send of the batch answers
+    SERVICE_UNAVAILABLE, retryable, with a WARNING and no ERROR line. Once
+    the server is back the node's pool drops its dead connections and sends
+    succeed, with no seq lost to the failed batch.
+    """
+    url = own_postgres.create_database("down")
+    gw = await gateway_factory(database_url=url)
+    owner = await gw.connect("owner")
+    for room_id in ("general", "calm", "side"):
+        await room(owner, room_id)
+    senders = [await gw.connect(f"s{n}") for n in range(4)]
+    for client in senders:
+        await join(client, "general")
+        await join(client, "calm")
+    side_lock = await asyncio.to_thread(lock_rows, url, "room", ["side"])
+    general_lock = await asyncio.to_thread(lock_rows, url, "room", ["general"])
+    try:
+        primer = asyncio.ensure_future(owner.emit(
+            "message:send", {"roomId": "side", "content": "primer"}))  # fmt: skip
+        await eventually(lambda: waiting_for_locks(url, 1), timeout=10,
+                         what="the primer's batch waiting for its room's row")  # fmt: skip
+        # One send to a room nobody holds: it fails with its batch all the same.
+        futures = [
+            asyncio.ensure_future(c.emit("message:send", {
+                "roomId": "calm" if n == 0 else "general", "content": f"lost {n}"}))
+            for n, c in enumerate(senders)
+        ]  # fmt: skip
+        await queued(gw, len(futures))
+        before = batch_sizes(gw)
+        await asyncio.to_thread(side_lock.rollback)
+        assert (await primer)["message"]["seq"] == 1
+        await eventually(lambda: batch_sizes(gw) == (before[0] + 1, before[1] + 4), timeout=10,
+                         what="the batch of four in the database")  # fmt: skip
+        await eventually(lambda: waiting_for_locks(url, 1), timeout=10,
+                         what="that batch waiting for general's row")  # fmt: skip
+        # The primer's background work (notifications) is done: nothing else is in flight.
+        await eventually(lambda: len(gw.node.tasks) == 0, timeout=10, what="no background task")
+        caplog.clear()
+        await asyncio.to_thread(own_postgres.kill)
+        failures = []
+        for future in futures:
+            with pytest.raises(ClientError) as info:
+                await future
+            failures.append(info.value)
+    finally:
+        side_lock.close()
+        general_lock.close()
+    assert [(e.code, e.message, e.details) for e in failures] == [
+        ("SERVICE_UNAVAILABLE", "Database unavailable; retry", {"retryable": True})
+    ] * 4
+    records = [(r.levelname, r.getMessage()) for r in caplog.records
+               if r.levelno >= logging.WARNING]  # fmt: skip
+    assert all(level == "WARNING" for level, _ in records), records
+    assert any("message.send batch failed, the database is unavailable" in text
+               for _, text in records), records  # fmt: skip
+    metrics = gw.node.registry
+    assert metrics.get_sample_value("switchboard_errors_total", {"code": "INTERNAL_ERROR"}) in (
+        None, 0.0)  # fmt: skip
+
+    await asyncio.to_thread(own_postgres.start)
+    # Back: the first sends succeed (the pool drops the dead connections), and the
+    # failed batch left no seq behind.
+    acks = await asyncio.gather(*(
+        c.emit("message:send", {"roomId": "general", "content": f"back {n}"})
+        for n, c in enumerate(senders)
+    ))  # fmt: skip
+    assert sorted(a["message"]["seq"] for a in acks) == [1, 2, 3, 4]
+    assert (await send(senders[0], "calm", "calm again"))["seq"] == 1
+    contents = sorted(row[3] for row in await asyncio.to_thread(stored_rows, url))
+    assert contents == sorted(["primer", "back 0", "back 1", "back 2", "back 3", "calm again"])
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+# -- PostgreSQL: a retry racing its original on another node -----------------------------
+
+
+def row_locker(url: str) -> Any:
+    """A session of the test's own playing another node's batch (blocking calls)."""
+    import psycopg2
+
+    conn = psycopg2.connect(url, connect_timeout=10)
+    with conn.cursor() as cur:
+        # Whoever of a deadlock's two sides checks first is undone: the node, here.
+        cur.execute("SET deadlock_timeout = '20s'")
+    conn.commit()
+    return conn
+
+
+def touch_room(conn: Any, room_id: str) -> None:
+    """What another node's batch does to a room first: take its row (blocking)."""
+    with conn.cursor() as cur:
+        cur.execute("UPDATE room SET last_activity_at = last_activity_at WHERE id = %s", (room_id,))
+
+
+async def test_a_batch_undone_by_a_racing_retry_stores_its_other_sends_without_deadlock(
+    gateway_factory, postgres
+):
+    """Node b's batch meets node a's original on the unique index; its sends go one by one.
+
+    They must take the rooms' rows in the order every batch takes them: here
+    another node's batch (the test's own session) was waiting for room r1
+    behind b's batch and took it when b's batch was undone; b's sends, one
+    by one in arrival order, would take r2 and then wait for r1, while that
+    batch waits for r2 - a deadlock that PostgreSQL breaks by failing one of
+    the two batches whole.
+    """
+    url = postgres.create_database(f"t{os.urandom(6).hex()}")
+    gw_a = await gateway_factory(database_url=url)
+    gw_b = await gateway_factory(database_url=url, db_workers=1)
+    owner = await gw_b.connect("owner")
+    for room_id in ("r1", "r2", "side"):
+        await room(owner, room_id)
+    alice_a, alice_b = await gw_a.connect("alice"), await gw_b.connect("alice")
+    bob, carol = await gw_b.connect("bob"), await gw_b.connect("carol")
+    for client, room_id in ((alice_a, "r2"), (alice_b, "r2"), (bob, "r2"), (carol, "r1")):
+        await join(client, room_id)
+    send = {"roomId": "r2", "content": "once", "clientMsgId": "c-1"}
+    other = await asyncio.to_thread(row_locker, url)
+    r2_lock = await asyncio.to_thread(lock_rows, url, "room", ["r2"])
+    try:
+        # Node a's original, past its checks, waiting for r2's row.
+        original = asyncio.ensure_future(alice_a.emit("message:send", send))
+        await eventually(lambda: waiting_for_locks(url, 1), timeout=10,
+                         what="the original waiting for r2")  # fmt: skip
+        # Node b's batch: bob's send to r2, alice's retry, carol's send to r1, in that order.
+        before = batch_sizes(gw_b)
+        async with held_database(gw_b):
+            primer = asyncio.ensure_future(owner.emit(
+                "message:send", {"roomId": "side", "content": "primer"}))  # fmt: skip
+            await eventually(lambda: batch_sizes(gw_b)[0] == before[0] + 1, timeout=10,
+                             what="the primer's batch waiting for the database")  # fmt: skip
+            futures = []
+            for client, data in (
+                (bob, {"roomId": "r2", "content": "from bob"}),
+                (alice_b, send),
+                (carol, {"roomId": "r1", "content": "from carol"}),
+            ):
+                futures.append(asyncio.ensure_future(client.emit("message:send", data)))
+                await queued(gw_b, len(futures))
+        await primer
+        # b's batch took r1 and waits for r2; the other batch waits for r1 behind it.
+        await eventually(lambda: waiting_for_locks(url, 2), timeout=10,
+                         what="b's batch waiting for r2")  # fmt: skip
+        taking_r1 = asyncio.ensure_future(asyncio.to_thread(touch_room, other, "r1"))
+        await eventually(lambda: waiting_for_locks(url, 3), timeout=10,
+                         what="the other batch waiting for r1")  # fmt: skip
+        # The original commits; b's insert meets it and b's batch is undone, which
+        # hands r1 to the other batch; b's sends go one by one and one waits for it.
+        await asyncio.to_thread(r2_lock.rollback)
+        assert (await original)["duplicate"] is False
+        await taking_r1
+        await eventually(lambda: waiting_for_locks(url, 1), timeout=10,
+                         what="b waiting for the other batch")  # fmt: skip
+        # The other batch now wants r2: free unless b's sends took it out of order.
+        await asyncio.to_thread(touch_room, other, "r2")
+        await asyncio.to_thread(other.commit)
+    finally:
+        await asyncio.to_thread(r2_lock.close)
+        await asyncio.to_thread(other.close)
+    got = [await outcome(f) for f in futures]
+    first = (await original)["message"]
+    assert got[1] == {"message": first, "duplicate": True}
+    assert [(m["roomId"], m["seq"]) for m in (got[0]["message"], got[2]["message"])] == [
+        ("r2", first["seq"] + 1), ("r1", 1)]  # fmt: skip
+
+
+# -- kill -9 right after the acks ---------------------------------------------------------
+
+
+def stored_rows(database_url: str) -> list[tuple[str, str, int, str]]:
+    """(id, room, seq, content) of every stored message, straight from the database."""
+    query = "SELECT id, room_id, seq, content FROM message"
+    if database_url.startswith("sqlite:///"):
+        with contextlib.closing(sqlite3.connect(database_url.removeprefix("sqlite:///"))) as db:
+            rows = db.execute(query).fetchall()
+    else:
+        import psycopg2
+
+        with contextlib.closing(psycopg2.connect(database_url, connect_timeout=10)) as conn:
+            with conn.cursor() as cur:
+                cur.execute(query)
+                rows = cur.fetchall()
+    return sorted((str(i), room_id, seq, content) for i, room_id, seq, content in rows)
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+async def test_every_acked_send_is_stored_after_kill_9_right_after_the_last_ack(
+    tmp_path, request, database
+):
+    """A node process, eight clients with 25 sends in flight each; SIGKILL at the last ack.
+
+    An ack goes out only once its batch committed: restarted on the same
+    database, the node has every acked message, with the id, seq and
+    content the ack carried, and nothing else.
+    """
+    settings = {"rate_limits": ROOMY_RATE_LIMITS}
+    if database == "postgres":
+        pg = request.getfixturevalue("postgres")
+        settings["database_url"] = pg.create_database(f"t{os.urandom(6).hex()}")
+    url = settings.get("database_url", f"sqlite:///{tmp_path / 'x.db'}")
+    server = await ServerProcess.start(tmp_path, **settings)
+    clients: list[Client] = []
+    try:
+        rooms = ("r0", "r1")
+        clients = [await server.client(f"u{n}") for n in range(8)]
+        for room_id in rooms:
+            await clients[0].emit("room:create", {"roomId": room_id, "name": room_id})
+        for n, client in enumerate(clients):
+            await join(client, rooms[n % 2])
+
+        async def burst(n: int, client: Client) -> list[dict[str, Any]]:
+            acks = await asyncio.gather(*(
+                client.emit("message:send", {"roomId": rooms[n % 2], "content": f"u{n}-{i}"})
+                for i in range(25)
+            ))  # fmt: skip
+            return [ack["message"] for ack in acks]
+
+        results = await asyncio.gather(*(burst(n, c) for n, c in enumerate(clients)))
+        server.proc.kill()  # SIGKILL the moment the last ack is in
+    finally:
+        await server.kill()
+        for client in clients:
+            await client.aclose(timeout=1.0)
+    acked = [m for messages in results for m in messages]
+    # Sends shared commits (one batch, one createdAt).
+    assert len({m["createdAt"] for m in acked}) < len(acked) / 2
+
+    again = await ServerProcess.start(tmp_path, **settings)
+    try:
+        reader = await again.client("u0")
+        page = await reader.emit("room:get_messages", {"roomId": "r0", "limit": 100})
+        assert len(page["messages"]) == 100
+        await reader.aclose()
+    finally:
+        await again.kill()
+    assert await asyncio.to_thread(stored_rows, url) == sorted(
+        (m["id"], m["roomId"], m["seq"], m["content"]) for m in acked
+    )
+    for room_id in rooms:
+        assert sorted(m["seq"] for m in acked if m["roomId"] == room_id) == list(range(1, 101))

@@ -29,6 +29,8 @@ from tests.cluster import (
     Clients,
     Cluster,
     eventually,
+    lock_rows,
+    waiting_for_locks,
 )
 from tests.services import require_binary
 
@@ -416,6 +418,209 @@ async def test_concurrent_sends_from_two_nodes_get_gapless_unique_seqs(
     # The watcher on the third node got each of them once.
     assert sorted(await collect_messages(watcher, room, total)) == list(range(1, total + 1))
     await watcher.expect_no_event("message:new", within=0.3)
+
+
+async def messages_until_markers(
+    client: Client, room_id: str, markers: set[str]
+) -> list[dict[str, Any]]:
+    """The room's ``message:new`` frames before the ``markers`` (by content), then nothing.
+
+    A barrier across nodes: each marker was sent after every ack the test
+    waited for, and a node publishes in order (one Redis connection, one
+    local fan-out), so once a client has a node's marker it has everything
+    that node broadcast before; whatever else is buffered is extra.
+    """
+    got: list[dict[str, Any]] = []
+    missing = set(markers)
+    while missing:
+        frame = await client.next_event(
+            "message:new", timeout=DELIVERY_TIMEOUT_SECS,
+            predicate=lambda f: f["data"]["message"]["roomId"] == room_id,
+        )  # fmt: skip
+        message = frame["data"]["message"]
+        if message["content"] in missing:
+            missing.discard(message["content"])
+        else:
+            got.append(message)
+    await client.expect_no_event(
+        "message:new", within=0, predicate=lambda f: f["data"]["message"]["roomId"] == room_id
+    )
+    return got
+
+
+async def batch_sizes(cluster: Cluster, node: str) -> tuple[float, float]:
+    """(group-commit batches, sends they carried) on ``node`` so far."""
+    metrics = await cluster.metrics(node)
+    return (
+        metrics.get("switchboard_write_batch_size_count", 0.0),
+        metrics.get("switchboard_write_batch_size_sum", 0.0),
+    )
+
+
+@pytest.mark.asyncio
+async def test_group_commit_on_two_nodes_stores_and_delivers_each_acked_message_once(
+    cluster: Cluster, clients: Clients
+) -> None:
+    """Several senders per node, many in flight each: batches form on both nodes."""
+    senders = {
+        node: [await clients.connect(node, uid(f"s{node}{n}")) for n in range(3)]
+        for node in ("a", "b")
+    }
+    watchers = [await clients.connect(node, uid(f"w{node}")) for node in ("a", "b")]
+    everyone = [*senders["a"], *senders["b"], *watchers]
+    room = await make_room(senders["a"][0])
+    await join(room, *everyone)
+    await eventually(
+        lambda: _equals(room_subscribers(cluster, room), 2), timeout=5, what="subscribed"
+    )
+    for client in everyone:
+        client.drain_events()
+    before = {node: await batch_sizes(cluster, node) for node in ("a", "b")}
+    per_sender = 30
+
+    async def burst(client: Client, tag: str) -> list[dict[str, Any]]:
+        acks = await asyncio.gather(*(
+            client.emit("message:send", {
+                "roomId": room, "content": f"{tag}-{i}", "clientMsgId": f"{tag}-{i}",
+            }, timeout=60)
+            for i in range(per_sender)
+        ))  # fmt: skip
+        assert not any(ack["duplicate"] for ack in acks)
+        return [ack["message"] for ack in acks]
+
+    tagged = [(client, f"{node}{n}") for node in ("a", "b")
+              for n, client in enumerate(senders[node])]  # fmt: skip
+    results = await asyncio.gather(*(burst(client, tag) for client, tag in tagged))
+    acked = [m for messages in results for m in messages]
+    total = len(acked)
+    assert sorted(m["seq"] for m in acked) == list(range(1, total + 1))
+
+    # Stored exactly once each: the rows are the acked messages, no more.
+    rows = await cluster.asql(
+        "SELECT id, seq, sender_id, content, client_msg_id FROM message WHERE room_id = %s",
+        room,
+    )
+    assert sorted(rows) == sorted(
+        (int(m["id"]), m["seq"], m["senderId"], m["content"], m["content"]) for m in acked
+    )
+    assert await cluster.asql("SELECT last_seq FROM room WHERE id = %s", room) == [(total,)]
+    # Sends shared transactions on both nodes.
+    for node in ("a", "b"):
+        count, carried = await batch_sizes(cluster, node)
+        batches, sends = count - before[node][0], carried - before[node][1]
+        assert sends == 3 * per_sender and batches < sends, (node, batches, sends)
+
+    # Every member on both nodes gets each message once (its own sends excepted).
+    markers = {"a": "marker-a", "b": "marker-b"}
+    for node, content in markers.items():
+        await senders[node][0].emit("message:send", {"roomId": room, "content": content})
+    sent_by = {id(client): {m["id"] for m in messages}
+               for (client, _), messages in zip(tagged, results, strict=True)}  # fmt: skip
+    for client in everyone:
+        own_marker = {markers[n] for n in markers if client is senders[n][0]}
+        got = await messages_until_markers(client, room, set(markers.values()) - own_marker)
+        expected = {m["id"] for m in acked} - sent_by.get(id(client), set())
+        assert sorted(m["id"] for m in got) == sorted(expected), client.url
+
+
+@pytest.mark.asyncio
+async def test_retry_on_another_node_while_the_original_is_in_flight_stores_one_message(
+    cluster: Cluster, clients: Clients
+) -> None:
+    """The retry's batch meets the original on the unique index; the rest of it stands.
+
+    Node a's batch (the original) and node b's (the retry plus two other
+    sends) both pass their checks, then wait in PostgreSQL on the room's row,
+    which the test holds; released, a commits first and b's insert meets the
+    (sender, clientMsgId) index: b's batch is undone and each of its sends
+    stored on its own.
+    """
+    alice_id = uid("alice")
+    alice_a = await clients.connect("a", alice_id)
+    alice_b = await clients.connect("b", alice_id)
+    bob_b = await clients.connect("b", uid("bob"))
+    carol_b = await clients.connect("b", uid("carol"))
+    pete_b = await clients.connect("b", uid("pete"))
+    watch_a = await clients.connect("a", uid("wa"))
+    watch_c = await clients.connect("c", uid("wc"))
+    members = [alice_a, alice_b, bob_b, carol_b, watch_a, watch_c]
+    room = await make_room(alice_a)
+    side = await make_room(pete_b, "side")
+    await join(room, *members)
+    await join(side, pete_b)
+    await eventually(
+        lambda: _equals(room_subscribers(cluster, room), 3), timeout=5, what="subscribed"
+    )
+    for client in members:
+        client.drain_events()
+    url = cluster.database_url
+    duplicate_key = "duplicate key value violates unique constraint"
+    rejected_before = cluster.pg.log_path.read_text(errors="replace").count(duplicate_key)
+    side_lock = await asyncio.to_thread(lock_rows, url, "room", [side])
+    room_lock = await asyncio.to_thread(lock_rows, url, "room", [room])
+    before = await batch_sizes(cluster, "b")
+    try:
+        # b's batcher busy with a primer waiting on the side room's row...
+        primer = asyncio.ensure_future(pete_b.emit(
+            "message:send", {"roomId": side, "content": "primer"}, timeout=30))  # fmt: skip
+        await eventually(lambda: waiting_for_locks(url, 1), timeout=10,
+                         what="b's primer waiting for its room")  # fmt: skip
+        # ...the original on a waiting on the room's row...
+        send = {"roomId": room, "content": "once", "clientMsgId": "c-1"}
+        original = asyncio.ensure_future(alice_a.emit("message:send", send, timeout=30))
+        await eventually(lambda: waiting_for_locks(url, 2), timeout=10,
+                         what="the original waiting for the room")  # fmt: skip
+        # ...and on b the retry with two other sends, queued for b's next batch.
+        others = [
+            asyncio.ensure_future(c.emit("message:send", {"roomId": room, "content": text},
+                                         timeout=30))
+            for c, text in ((bob_b, "from bob"), (carol_b, "from carol"))
+        ]  # fmt: skip
+        retry = asyncio.ensure_future(alice_b.emit("message:send", send, timeout=30))
+        await eventually(
+            lambda: _metric_is(cluster, "b", "switchboard_write_batch_waiting", 3.0),
+            timeout=10, what="three sends queued on b",
+        )  # fmt: skip
+        await asyncio.to_thread(side_lock.rollback)
+        assert (await primer)["message"]["seq"] == 1
+        # b's batch of three passed its checks (the original is not committed)
+        # and waits for the room's row behind the original.
+        await eventually(lambda: _equals(batch_sizes(cluster, "b"), (before[0] + 2, before[1] + 4)),
+                         timeout=10, what="b's batch of three started")  # fmt: skip
+        await eventually(lambda: waiting_for_locks(url, 2), timeout=10,
+                         what="both batches waiting for the room")  # fmt: skip
+    finally:
+        await asyncio.to_thread(side_lock.close)
+        await asyncio.to_thread(room_lock.close)  # releases the room: a commits first
+    first, again = await original, await retry
+    assert (first["duplicate"], again["duplicate"]) == (False, True)
+    assert again["message"] == first["message"] and first["message"]["seq"] == 1
+    stored = [(await f)["message"] for f in others]
+    assert sorted(m["seq"] for m in stored) == [2, 3]  # no gap from the rejected duplicate
+    assert cluster.pg.log_path.read_text(errors="replace").count(duplicate_key) == (
+        rejected_before + 1
+    )  # the retry's batch really met the index
+
+    rows = await cluster.asql(
+        "SELECT id, seq, content, client_msg_id FROM message WHERE room_id = %s ORDER BY seq",
+        room,
+    )
+    in_order = [first["message"], *sorted(stored, key=lambda m: m["seq"])]
+    assert rows == [(int(m["id"]), m["seq"], m["content"], "c-1" if m["seq"] == 1 else None)
+                    for m in in_order]  # fmt: skip
+    assert await cluster.asql("SELECT last_seq FROM room WHERE id = %s", room) == [(3,)]
+
+    # One broadcast each, on every node: markers from a and b are the barrier.
+    markers = {"marker-a": alice_a, "marker-b": bob_b}
+    for content, client in markers.items():
+        await client.emit("message:send", {"roomId": room, "content": content})
+    ids = {"once": first["message"]["id"], **{m["content"]: m["id"] for m in stored}}
+    own = {id(alice_a): "once", id(bob_b): "from bob", id(carol_b): "from carol"}
+    for client in members:
+        expected_markers = {c for c, sender in markers.items() if sender is not client}
+        got = await messages_until_markers(client, room, expected_markers)
+        expected = sorted(i for text, i in ids.items() if own.get(id(client)) != text)
+        assert sorted(m["id"] for m in got) == expected, client.url
 
 
 @pytest.mark.asyncio

@@ -55,12 +55,16 @@ class ServerProcess:
     async def start(
         cls, tmp_path: Path, *, preexec_fn: Callable[[], Any] | None = None, **switchboard: str
     ) -> ServerProcess:
-        """Start a test-env node; ``switchboard`` adds SWITCHBOARD_* settings."""
+        """Start a test-env node; ``switchboard`` adds SWITCHBOARD_* settings.
+
+        The database is ``tmp_path``/x.db unless ``database_url`` says otherwise.
+        """
         db_path = tmp_path / "x.db"
+        settings = {"env": "test", "database_url": f"sqlite:///{db_path}", **switchboard}
         proc = await asyncio.create_subprocess_exec(
             PYTHON, "-m", "server", "serve", "--port", "0", "--host", "127.0.0.1",
             cwd=ROOT,
-            env=clean_env(env="test", database_url=f"sqlite:///{db_path}", **switchboard),
+            env=clean_env(**settings),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             preexec_fn=preexec_fn,
