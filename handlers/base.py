@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import ipaddress
 import logging
 import time
@@ -418,7 +419,7 @@ class GatewayHandler(WebSocketHandler):
                 self.security.rate_limited(self.user_id, bucket)
                 raise errors.RateLimited(details=decision.details())
             try:
-                kwargs = schema().load(envelope.data)
+                kwargs = _schema_instance(schema).load(envelope.data)
             except ValidationError as exc:
                 raise errors.ValidationFailed.from_marshmallow(exc) from None
             method = getattr(self, "on_" + event.replace(":", "_"))
@@ -652,6 +653,14 @@ class GatewayHandler(WebSocketHandler):
     @property
     def is_staff(self) -> bool:
         return self.identity is not None and self.identity.is_staff
+
+
+@functools.cache
+def _schema_instance(schema: type[Schema]) -> Schema:
+    """One instance per schema class: building one deep-copies its fields
+    (~40 µs, a quarter of the loop's time per message:send under load),
+    and marshmallow 4 schemas hold no per-load state."""
+    return schema()
 
 
 def _in_networks(
