@@ -41,8 +41,8 @@ BROADCAST_TYPES = ("info", "success", "warning", "error", "maintenance")
 MAX_DURATION_SECS = 365 * 24 * 3600
 
 
-def _user_id(**kwargs: Any) -> fields.String:
-    return fields.String(data_key="userId", validate=validate.Length(1, 128), **kwargs)
+def _user_id(**kwargs: Any) -> s.Str:
+    return s.Str(128, data_key="userId", **kwargs)
 
 
 def _reason(**kwargs: Any) -> s.Text:
@@ -55,9 +55,7 @@ class Kick(s.EventSchema):
 
 
 class Ban(Kick):
-    duration_seconds = fields.Integer(
-        data_key="durationSeconds", load_default=None, validate=validate.Range(1, MAX_DURATION_SECS)
-    )
+    duration_seconds = s.Int(1, MAX_DURATION_SECS, data_key="durationSeconds", load_default=None)
 
 
 class Unban(s.EventSchema):
@@ -66,9 +64,7 @@ class Unban(s.EventSchema):
 
 class Mute(Kick):
     room_id = s.room_id(required=True)
-    duration_seconds = fields.Integer(
-        data_key="durationSeconds", required=True, validate=validate.Range(1, MAX_DURATION_SECS)
-    )
+    duration_seconds = s.Int(1, MAX_DURATION_SECS, data_key="durationSeconds", required=True)
 
 
 class DeleteMessage(s.MessageRef):
@@ -86,8 +82,8 @@ class Broadcast(s.EventSchema):
 
 
 class Page(s.EventSchema):
-    limit = fields.Integer(load_default=50, validate=validate.Range(1, 500))
-    offset = fields.Integer(load_default=0, validate=validate.Range(0, 1_000_000))
+    limit = s.Int(1, 500, load_default=50)
+    offset = s.Int(0, s.MAX_OFFSET, load_default=0)
 
 
 class AuditQuery(Page):

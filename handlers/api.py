@@ -23,7 +23,7 @@ from tornado.web import HTTPError
 from handlers.base import NodeState
 from handlers.http import JSONHandler
 from handlers.notifications import DEFAULT_PAGE, MAX_PAGE, NotificationIdField
-from handlers.schemas import EventSchema, Text, room_id
+from handlers.schemas import EventSchema, Int, JSONObject, Str, Text, room_id
 from models import chat as chat_db
 from models import notifications as store
 from server import errors
@@ -51,7 +51,7 @@ MAX_HISTORY_PAGE = 100
 
 class NotificationQuery(EventSchema):
     unread_only = fields.Boolean(data_key="unreadOnly", load_default=False)
-    limit = fields.Integer(load_default=DEFAULT_PAGE, validate=validate.Range(1, MAX_PAGE))
+    limit = Int(1, MAX_PAGE, load_default=DEFAULT_PAGE)
     before = NotificationIdField(load_default=None)
 
 
@@ -61,14 +61,12 @@ class NotificationPath(EventSchema):
 
 class HistoryQuery(EventSchema):
     room_id = room_id(required=True)
-    limit = fields.Integer(
-        load_default=DEFAULT_HISTORY_PAGE, validate=validate.Range(1, MAX_HISTORY_PAGE)
-    )
-    before_seq = fields.Integer(data_key="beforeSeq", load_default=None, validate=validate.Range(1))
+    limit = Int(1, MAX_HISTORY_PAGE, load_default=DEFAULT_HISTORY_PAGE)
+    before_seq = Int(1, data_key="beforeSeq", load_default=None)
 
 
 class PublishTarget(Schema):
-    user_id = fields.String(data_key="userId", validate=validate.Length(1, 128))
+    user_id = Str(128, data_key="userId")
     room_id = room_id()
     namespace = fields.String(validate=validate.OneOf(NAMESPACES))
     all = fields.Boolean()
@@ -97,7 +95,8 @@ class Publish(EventSchema):
             validate.Regexp(r"^[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)*\Z", error="Not an event name."),
         ],
     )
-    data = fields.Dict(keys=fields.String(), load_default=dict)
+    # Its size is bounded by the request body (SWITCHBOARD_MAX_MESSAGE_BYTES).
+    data = JSONObject(load_default=dict)
 
     @validates_schema
     def _not_reserved(self, data: dict[str, Any], **kwargs: Any) -> None:
@@ -107,7 +106,7 @@ class Publish(EventSchema):
 
 class NotificationCreate(EventSchema):
     user_ids = fields.List(
-        fields.String(validate=validate.Length(1, 128)),
+        Str(128),
         data_key="userIds",
         required=True,
         validate=validate.Length(1, MAX_NOTIFY_USERS),
@@ -116,10 +115,8 @@ class NotificationCreate(EventSchema):
     category = fields.String(load_default="system", validate=validate.OneOf(store.CATEGORIES))
     title = Text(required=True, validate=validate.Length(1, store.TITLE_MAX_CHARS))
     message = Text(load_default="", validate=validate.Length(0, 4000))
-    data = fields.Dict(keys=fields.String(), load_default=dict)
-    action_url = fields.String(
-        data_key="actionUrl", load_default=None, allow_none=True, validate=validate.Length(1, 500)
-    )
+    data = JSONObject(load_default=dict)
+    action_url = Str(500, data_key="actionUrl", load_default=None, allow_none=True)
     priority = fields.String(load_default="normal", validate=validate.OneOf(store.PRIORITIES))
 
 

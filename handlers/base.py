@@ -456,7 +456,7 @@ class GatewayHandler(WebSocketHandler):
         if now - self._bad_window_start > BAD_FRAME_WINDOW_SECS:
             self._bad_window_start, self._bad_frames = now, 0
         self._bad_frames += 1
-        if self._bad_frames >= BAD_FRAME_LIMIT:
+        if self._bad_frames >= BAD_FRAME_LIMIT and not self._closing:
             self.log.warning("closing %s for user %s: repeated bad frames",
                              self.conn_id, self.user_id, extra={"event": event})  # fmt: skip
             self._close_reason = "protocol_abuse"

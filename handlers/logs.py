@@ -39,7 +39,7 @@ from tornado.websocket import WebSocketClosedError
 
 from handlers.base import GatewayHandler
 from handlers.http import JSONHandler
-from handlers.schemas import EventSchema, Text
+from handlers.schemas import EventSchema, Int, JSONObject, Text, Timestamp
 from server import errors, protocol
 from server.auth import Identity, TokenVerifier
 from server.db import Database
@@ -83,6 +83,10 @@ class LevelField(fields.String):
 
     default_error_messages = {"invalid_level": f"Must be one of {', '.join(LEVELS)}."}
 
+    def __init__(self, **kwargs: Any) -> None:
+        # Longer than any level name or alias: refused before it is looked up.
+        super().__init__(validate=validate.Length(1, 16), **kwargs)
+
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
         text = super()._deserialize(value, attr, data, **kwargs)
         try:
@@ -107,13 +111,13 @@ class Subscribe(EventSchema):
 
 
 class Recent(EventSchema):
-    limit = fields.Integer(validate=validate.Range(1, MAX_RECENT), load_default=DEFAULT_RECENT)
+    limit = Int(1, MAX_RECENT, load_default=DEFAULT_RECENT)
     level = LevelField(load_default=None)
     service = fields.String(validate=validate.Length(1, 64), load_default=None)
 
 
 class IngestEntry(EventSchema):
-    timestamp = fields.DateTime(load_default=None)
+    timestamp = Timestamp(load_default=None)
     level = LevelField(required=True)
     service = fields.String(
         validate=validate.Regexp(SERVICE_RE, error="Must match ^[A-Za-z0-9_.:-]{{1,64}}$."),
@@ -121,18 +125,13 @@ class IngestEntry(EventSchema):
     )
     context = Text(validate=validate.Length(0, 200), load_default="")
     message = Text(required=True, validate=validate.Length(1, MAX_MESSAGE_CHARS))
-    metadata = fields.Dict(keys=fields.String(), load_default=dict)
+    metadata = JSONObject(MAX_ENTRY_METADATA_BYTES, load_default=dict)
     stack = fields.String(validate=validate.Length(1, MAX_STACK_CHARS), load_default=None)
 
     @validates("service")
     def _not_ours(self, value: str | None, **kwargs: Any) -> None:
         if value == OWN_SERVICE:
             raise ValidationError(f"{OWN_SERVICE!r} is reserved for the gateway's own entries.")
-
-    @validates("metadata")
-    def _small_metadata(self, value: dict[str, Any], **kwargs: Any) -> None:
-        if len(orjson.dumps(value)) > MAX_ENTRY_METADATA_BYTES:
-            raise ValidationError(f"At most {MAX_ENTRY_METADATA_BYTES} bytes as JSON.")
 
 
 class IngestBody(EventSchema):
@@ -408,7 +407,7 @@ class LogIngestHandler(_LogsHTTPHandler):
 
 
 class RecentQuery(Schema):
-    limit = fields.Integer(validate=validate.Range(1, MAX_RECENT), load_default=DEFAULT_RECENT)
+    limit = Int(1, MAX_RECENT, load_default=DEFAULT_RECENT)
     level = LevelField(load_default=None)
     service = fields.String(validate=validate.Length(1, 64), load_default=None)
 

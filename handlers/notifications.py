@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from marshmallow import Schema, fields, validate
+from marshmallow import Schema, fields
 
 from handlers.base import GatewayHandler
-from handlers.schemas import EventSchema, MessageIdField
+from handlers.schemas import EventSchema, Int, MessageIdField
 from server.notify import NotificationService
 
 #: Page size of ``notifications:get`` when the client names none, and its ceiling.
@@ -24,14 +24,14 @@ MAX_PAGE = 100
 
 
 class NotificationIdField(MessageIdField):
-    """Notification ids travel as strings of digits (integers accepted)."""
+    """Notification ids travel as strings of digits (integers accepted; 1..2^63-1)."""
 
     default_error_messages = {"invalid": "Not a valid notification id."}
 
 
 class NotificationsGet(EventSchema):
     unread_only = fields.Boolean(data_key="unreadOnly", load_default=False)
-    limit = fields.Integer(load_default=DEFAULT_PAGE, validate=validate.Range(1, MAX_PAGE))
+    limit = Int(1, MAX_PAGE, load_default=DEFAULT_PAGE)
     before = NotificationIdField(load_default=None)
 
 

@@ -1,26 +1,53 @@
-"""One marshmallow schema per inbound event.
+"""One marshmallow schema per inbound event, and the bounded field types they use.
 
 Schemas load the client's camelCase ``data`` into snake_case keyword
 arguments for the handler's ``on_<event>`` method. Unknown fields are
 ignored (clients may be newer than the server); wrong or missing ones
 become ``VALIDATION_ERROR`` with per-field details.
+
+Every field is bounded, so no input can reach the database, the JSON
+encoder or a handler's arithmetic outside the range they handle: integers
+through :class:`Int` (int64 unless narrower), numbers through
+:class:`Float` (finite, ranged), strings by a length, lists by a count,
+free-form objects through :class:`JSONObject` (depth and size) and
+instants through :class:`Timestamp`. Out of range is a ``VALIDATION_ERROR``
+naming the field, never an internal error. ``tests/test_schemas.py``
+checks that every schema keeps to this.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from typing import Any
 
 import orjson
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
 
+from server.protocol import INT64_MAX
+
 # \Z, not $: "$" also matches before a trailing newline ("general\n").
 ROOM_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 # Control characters other than tab and newline are stripped from text.
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+# Identifiers refuse every control character (PostgreSQL cannot store NUL).
+_ANY_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+# Integers in text (query strings, ids): ASCII digits only, not "١٢" or "²" or "1_0".
+_INT_TEXT_RE = re.compile(r"^-?[0-9]{1,19}\Z")
 MAX_CONTENT_CHARS = 4000
 MAX_ATTACHMENTS = 10
+MAX_URL_CHARS = 2048
 MAX_METADATA_BYTES = 4096
+#: Nesting allowed in free-form objects (metadata, data): the object itself is level 1.
+MAX_JSON_DEPTH = 32
+#: Deepest offset a page may start at (room lists, history, admin pages).
+MAX_OFFSET = 1_000_000
+#: Instants clients send (log timestamps, ping times) lie within these years.
+MIN_TIMESTAMP = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+MAX_TIMESTAMP = dt.datetime.max.replace(tzinfo=dt.UTC)  # 9999-12-31T23:59:59.999999Z
+MAX_EPOCH_MS = (MAX_TIMESTAMP - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(
+    milliseconds=1
+)
 
 
 def clean_text(value: str) -> str:
@@ -34,18 +61,152 @@ class Text(fields.String):
         return clean_text(super()._deserialize(value, attr, data, **kwargs))
 
 
+class Str(fields.String):
+    """An identifier-like string of ``min_chars``..``max_chars`` without control characters.
+
+    Example::
+
+        user_id = Str(128, data_key="userId", required=True)
+    """
+
+    default_error_messages = {"control": "Must not contain control characters."}
+
+    def __init__(self, max_chars: int, min_chars: int = 1, **kwargs: Any) -> None:
+        extra = kwargs.pop("validate", None)
+        validators: list[Any] = [validate.Length(min_chars, max_chars)]
+        if extra is not None:
+            validators += extra if isinstance(extra, list) else [extra]
+        super().__init__(validate=validators, **kwargs)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if _ANY_CONTROL_RE.search(text):
+            raise self.make_error("control")
+        return text
+
+
+class Int(fields.Integer):
+    """An integer within ``minimum``..``maximum`` (inclusive; int64 unless narrower).
+
+    Accepts JSON integers, integral floats (``2.0``, ``1e3``) and ASCII digit
+    strings (query strings); refuses booleans, fractions and anything else as
+    "Not a valid integer." and out-of-range values with the range in the
+    message. int64 is what PostgreSQL BIGINT and SQLite INTEGER hold.
+
+    Example::
+
+        limit = Int(1, 100, load_default=50)
+    """
+
+    def __init__(self, minimum: int = 0, maximum: int = INT64_MAX, **kwargs: Any) -> None:
+        if not -INT64_MAX - 1 <= minimum <= maximum <= INT64_MAX:
+            raise ValueError(f"bounds {minimum}..{maximum} are not within int64")
+        super().__init__(validate=validate.Range(minimum, maximum), **kwargs)
+
+    def _validated(self, value: Any) -> int:
+        if isinstance(value, bool):
+            raise self.make_error("invalid", input=value)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():  # False for inf and nan
+            return int(value)
+        if isinstance(value, str) and _INT_TEXT_RE.match(value):
+            return int(value)
+        raise self.make_error("invalid", input=value)
+
+
+class Float(fields.Float):
+    """A finite number within ``minimum``..``maximum`` (booleans refused).
+
+    Example::
+
+        t = Float(0, MAX_EPOCH_MS, load_default=None)
+    """
+
+    def __init__(self, minimum: float, maximum: float, **kwargs: Any) -> None:
+        super().__init__(allow_nan=False, validate=validate.Range(minimum, maximum), **kwargs)
+
+
+class Timestamp(fields.DateTime):
+    """An ISO-8601 instant between :data:`MIN_TIMESTAMP` and :data:`MAX_TIMESTAMP`, as UTC.
+
+    Naive values are taken as UTC. Offsets that would carry the instant past
+    the calendar (``9999-12-31T23:00-05:00``) are out of range, not errors.
+    """
+
+    default_error_messages = {
+        "range": f"Must be between {MIN_TIMESTAMP:%Y-%m-%d} and {MAX_TIMESTAMP:%Y-%m-%d} (UTC)."
+    }
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> dt.datetime:
+        parsed = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            utc = parsed.astimezone(dt.UTC) if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+        except OverflowError:
+            raise self.make_error("range") from None
+        if not MIN_TIMESTAMP <= utc <= MAX_TIMESTAMP:
+            raise self.make_error("range")
+        return utc
+
+
+def json_depth(value: Any, limit: int) -> int:
+    """Nesting depth of a JSON value (scalars 0, ``{}`` 1); stops counting past ``limit``."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+class JSONObject(fields.Dict):
+    """A free-form JSON object at most :data:`MAX_JSON_DEPTH` deep and ``max_bytes`` as JSON.
+
+    Without ``max_bytes`` its size is bounded by the frame or body it came in.
+    Depth is checked first, iteratively: the JSON encoder gives up at 255
+    levels, and a frame may nest up to 1024.
+
+    Example::
+
+        metadata = JSONObject(max_bytes=4096, load_default=dict)
+    """
+
+    default_error_messages = {
+        "depth": f"Must nest at most {MAX_JSON_DEPTH} levels deep.",
+        "size": "Must be at most {max_bytes} bytes as JSON.",
+    }
+
+    def __init__(self, max_bytes: int | None = None, **kwargs: Any) -> None:
+        self.max_bytes = max_bytes
+        # One validator, so the size is never measured on a value too deep to encode.
+        super().__init__(keys=fields.String(), validate=self._bounded, **kwargs)
+
+    def _bounded(self, value: dict[str, Any]) -> None:
+        if json_depth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+            raise self.make_error("depth")
+        if self.max_bytes is not None and len(orjson.dumps(value)) > self.max_bytes:
+            raise self.make_error("size", max_bytes=self.max_bytes)
+
+
 class MessageIdField(fields.Field[int]):
-    """Message ids travel as strings of digits; integers are accepted too."""
+    """Message ids travel as strings of digits; integers are accepted too (1..2^63-1)."""
 
     default_error_messages = {"invalid": "Not a valid message id."}
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
-        if isinstance(value, bool):
-            raise self.make_error("invalid")
-        if isinstance(value, int) and 0 < value < 2**63:
+        if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 19:
+            value = int(value)
+        if type(value) is int and 0 < value <= INT64_MAX:
             return value
-        if isinstance(value, str) and value.isdigit() and len(value) <= 19:
-            return int(value)
         raise self.make_error("invalid")
 
 
@@ -78,15 +239,15 @@ class RoomCreate(EventSchema):
     password = fields.String(load_default=None, validate=validate.Length(1, 128))
     description = Text(load_default="", validate=validate.Length(0, 500))
     members = fields.List(
-        fields.String(validate=validate.Length(1, 128)),
+        Str(128),
         load_default=list,
         validate=validate.Length(0, 200),
     )
 
 
 class RoomList(EventSchema):
-    limit = fields.Integer(load_default=50, validate=validate.Range(1, 100))
-    offset = fields.Integer(load_default=0, validate=validate.Range(0, 1_000_000))
+    limit = Int(1, 100, load_default=50)
+    offset = Int(0, MAX_OFFSET, load_default=0)
     q = Text(load_default=None, validate=validate.Length(0, 100))
 
 
@@ -96,15 +257,13 @@ class RoomRef(EventSchema):
 
 class RoomJoin(RoomRef):
     password = fields.String(load_default=None, validate=validate.Length(1, 128))
-    since_seq = fields.Integer(data_key="sinceSeq", load_default=None, validate=validate.Range(0))
+    since_seq = Int(0, data_key="sinceSeq", load_default=None)
 
 
 class RoomMessages(RoomRef):
-    limit = fields.Integer(load_default=50, validate=validate.Range(1, 100))
-    before_seq = fields.Integer(
-        data_key="beforeSeq", load_default=None, validate=validate.Range(1)
-    )
-    offset = fields.Integer(load_default=None, validate=validate.Range(0, 1_000_000))
+    limit = Int(1, 100, load_default=50)
+    before_seq = Int(1, data_key="beforeSeq", load_default=None)
+    offset = Int(0, MAX_OFFSET, load_default=None)
 
     @validates_schema
     def _one_cursor(self, data: dict[str, Any], **kwargs: Any) -> None:
@@ -113,12 +272,7 @@ class RoomMessages(RoomRef):
 
 
 class RoomRead(RoomRef):
-    seq = fields.Integer(required=True, validate=validate.Range(0))
-
-
-def _metadata_size(value: dict[str, Any]) -> None:
-    if len(orjson.dumps(value)) > MAX_METADATA_BYTES:
-        raise ValidationError(f"Must be at most {MAX_METADATA_BYTES} bytes as JSON.")
+    seq = Int(0, required=True)
 
 
 class MessageSend(RoomRef):
@@ -126,14 +280,14 @@ class MessageSend(RoomRef):
     type = fields.String(load_default="text", validate=validate.OneOf(["text", "image", "file"]))
     parent_message_id = MessageIdField(data_key="parentMessageId", load_default=None)
     attachments = fields.List(
-        fields.Url(schemes={"http", "https"}, require_tld=False),
+        fields.Url(
+            schemes={"http", "https"}, require_tld=False, validate=validate.Length(1, MAX_URL_CHARS)
+        ),
         load_default=list,
         validate=validate.Length(0, MAX_ATTACHMENTS),
     )
-    metadata = fields.Dict(keys=fields.String(), load_default=dict, validate=_metadata_size)
-    client_msg_id = fields.String(
-        data_key="clientMsgId", load_default=None, validate=validate.Length(1, 64)
-    )
+    metadata = JSONObject(MAX_METADATA_BYTES, load_default=dict)
+    client_msg_id = Str(64, data_key="clientMsgId", load_default=None)
 
 
 class MessageRef(EventSchema):
@@ -149,12 +303,8 @@ class MessageDelete(MessageRef):
 
 
 class MessageReact(MessageRef):
-    emoji = fields.String(
-        required=True,
-        validate=[
-            validate.Length(1, 32),
-            validate.Regexp(r"^\S+\Z", error="Must not contain whitespace."),
-        ],
+    emoji = Str(
+        32, required=True, validate=validate.Regexp(r"^\S+\Z", error="Must not contain whitespace.")
     )
     action = fields.String(load_default="add", validate=validate.OneOf(["add", "remove"]))
 
@@ -164,7 +314,8 @@ class StatusUpdate(EventSchema):
 
 
 class Ping(EventSchema):
-    t = fields.Float(load_default=None, allow_nan=False)
+    #: The client's clock in epoch milliseconds (1970 to year 9999).
+    t = Float(0, MAX_EPOCH_MS, load_default=None)
 
 
 class AuthRefresh(EventSchema):

@@ -86,7 +86,13 @@ class DevTokenHandler(JSONHandler):
         if not isinstance(user_id, str) or not _USER_ID.match(user_id):
             problems["userId"] = ["1-64 letters, digits, '_', '-' or '.'"]
         roles = body.get("roles", ["user"])
-        if not isinstance(roles, list) or not roles or not set(roles) <= _ROLES:
+        if (
+            not isinstance(roles, list)
+            or not roles
+            # Checked before set(): a list or object in the list is unhashable.
+            or not all(isinstance(role, str) for role in roles)
+            or not set(roles) <= _ROLES
+        ):
             problems["roles"] = [f"a non-empty list of {', '.join(sorted(_ROLES))}"]
         names = {key: body.get(key) for key in ("name", "displayName")}
         for key, value in names.items():

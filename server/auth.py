@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -34,6 +35,9 @@ ROLES = ("user", "moderator", "admin", "service", "logs")
 #: Furthest into the future a time claim may lie. A later ``exp`` is no real
 #: expiry, and past year 9999 it overflows datetime and the event loop's timers.
 MAX_TOKEN_HORIZON_SECS = 10 * 365 * 24 * 3600
+
+# C0 and C1 control characters: refused in ``sub``, dropped from names.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 # Time claims checked for range, with the reason a client sees when one is out of it.
 _TIME_CLAIMS = {"exp": "InvalidExpiry", "iat": "InvalidIssuedAt", "nbf": "InvalidNotBefore"}
@@ -146,12 +150,15 @@ def parse_roles(raw: Any) -> frozenset[str]:
 
 def identity_from_claims(claims: dict[str, Any]) -> Identity:
     sub = claims.get("sub")
-    if not isinstance(sub, str) or not sub or len(sub) > 128:
+    if (
+        not isinstance(sub, str) or not sub or len(sub) > 128
+        or _CONTROL.search(sub)  # a NUL would fail the user upsert on PostgreSQL
+    ):  # fmt: skip
         raise Unauthorized("Invalid token", {"reason": "InvalidSubject"})
     roles = parse_roles(claims.get("roles"))
-    name = claims.get("name")
-    username = name if isinstance(name, str) and name else sub
-    display = claims.get("displayName")
+    name = _printable(claims.get("name"))
+    username = name if name else sub
+    display = _printable(claims.get("displayName"))
     return Identity(
         user_id=sub,
         username=username[:64],
@@ -159,6 +166,11 @@ def identity_from_claims(claims: dict[str, Any]) -> Identity:
         roles=roles,
         expires_at=float(claims["exp"]),
     )
+
+
+def _printable(value: Any) -> str | None:
+    """A name claim without its control characters (None unless a string)."""
+    return _CONTROL.sub("", value) if isinstance(value, str) else None
 
 
 def mint_token(

@@ -21,6 +21,9 @@ import orjson
 from server.errors import BadRequest, GatewayError
 
 _FIN_TEXT = 0x81  # FIN bit + opcode 0x1 (text)
+#: The largest id, seq or ack on the wire: what PostgreSQL BIGINT and SQLite INTEGER hold.
+INT64_MAX = 2**63 - 1
+MAX_EVENT_CHARS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,23 +42,31 @@ def decode_envelope(raw: str | bytes) -> Envelope:
     still be answered as an ack: see :func:`salvage_ack`.
     """
     try:
+        # Also refuses what JSON cannot carry safely: NaN, 1e400, lone
+        # surrogates, nesting beyond 1024 levels.
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise BadRequest("Frame is not valid JSON") from None
     if not isinstance(obj, dict):
         raise BadRequest("Frame must be a JSON object")
     event = obj.get("event")
-    if not isinstance(event, str) or not event or len(event) > 64:
-        raise BadRequest("'event' must be a non-empty string", {"field": "event"})
+    if not isinstance(event, str) or not event or len(event) > MAX_EVENT_CHARS:
+        raise BadRequest(
+            f"'event' must be a string of 1 to {MAX_EVENT_CHARS} characters", {"field": "event"}
+        )
     data = obj.get("data", {})
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise BadRequest("'data' must be an object", {"field": "data"})
     ack = obj.get("ack")
-    if ack is not None and (isinstance(ack, bool) or not isinstance(ack, int)):
-        raise BadRequest("'ack' must be an integer", {"field": "ack"})
+    if ack is not None and not _is_ack(ack):
+        raise BadRequest(f"'ack' must be an integer from 0 to {INT64_MAX}", {"field": "ack"})
     return Envelope(event, data, ack)
+
+
+def _is_ack(value: Any) -> bool:
+    return type(value) is int and 0 <= value <= INT64_MAX
 
 
 def salvage_ack(raw: str | bytes) -> int | None:
@@ -65,7 +76,7 @@ def salvage_ack(raw: str | bytes) -> int | None:
     except orjson.JSONDecodeError:
         return None
     ack = obj.get("ack") if isinstance(obj, dict) else None
-    return ack if isinstance(ack, int) and not isinstance(ack, bool) else None
+    return ack if _is_ack(ack) else None
 
 
 def dumps(obj: Any) -> bytes:

@@ -144,6 +144,25 @@ async def test_actions_validate_their_data(gateway):
     assert "durationSeconds" in exc.details
 
 
+@pytest.mark.parametrize(
+    ("event", "data", "field"),
+    [
+        # Regression (issue 12): NUL cannot be stored by PostgreSQL (INTERNAL_ERROR there).
+        ("admin:ban", {"userId": "v\x00"}, "userId"),
+        ("admin:kick", {"userId": "v\x00"}, "userId"),
+        # Regression (issue 12): past int64, the database overflowed (INTERNAL_ERROR).
+        ("admin:delete_message", {"messageId": "9223372036854775808"}, "messageId"),
+        ("admin:ban", {"userId": "a", "durationSeconds": 2**64 - 1}, "durationSeconds"),
+        ("admin:ban", {"userId": "a", "durationSeconds": 60.5}, "durationSeconds"),
+        ("admin:rooms", {"offset": 2**63}, "offset"),
+    ],
+)
+async def test_actions_bound_their_numbers_and_ids(gateway, event, data, field):
+    root = await admin(gateway)
+    exc = await error(root, event, data, "VALIDATION_ERROR")
+    assert list(exc.details) == [field]
+
+
 # -- kick and ban -------------------------------------------------------------------
 
 

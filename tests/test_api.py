@@ -318,6 +318,46 @@ async def test_room_messages_for_members_only(gateway):
     await fails(gateway, "GET", "/api/v1/rooms/bad%20id/messages", 400, "VALIDATION_ERROR")
 
 
+async def test_out_of_range_numbers_and_ids_are_400_naming_the_field(gateway):
+    # Regression (issue 12): ?beforeSeq=2^64, ids over 2^63-1 and ids of digits
+    # other than 0-9 ("²") were 500s with a traceback in the log.
+    bob = await gateway.connect("bob")
+    await bob.emit("room:create", {"roomId": "general", "name": "General"})
+    await bob.emit("room:join", {"roomId": "general"})
+    path = "/api/v1/rooms/general/messages"
+    for value in ("9223372036854775808", "18446744073709551616", "1e400", "5.5", "%C2%B2", "-1"):
+        details = await fails(gateway, "GET", f"{path}?beforeSeq={value}", 400, "VALIDATION_ERROR")
+        assert list(details) == ["beforeSeq"], value
+    assert (await ok(gateway, "GET", f"{path}?beforeSeq=9223372036854775807"))["messages"] == []
+    for value in ("9223372036854775808", "%C2%B2", "1%C2%B2", "%D9%A1%D9%A2"):
+        details = await fails(gateway, "GET", f"/api/v1/notifications?before={value}", 400,
+                              "VALIDATION_ERROR")  # fmt: skip
+        assert list(details) == ["before"], value
+        for method, suffix in (("POST", "/read"), ("DELETE", "")):
+            details = await fails(gateway, method, f"/api/v1/notifications/{value}{suffix}", 400,
+                                  "VALIDATION_ERROR")  # fmt: skip
+            assert list(details) == ["id"], value
+
+
+async def test_free_form_data_nests_at_most_32_levels(gateway):
+    # Regression (issue 12): 300 levels made the JSON encoder give up: a 500.
+    deep = '{"a":' * 300 + "{}" + "}" * 300
+    bodies = {
+        "/api/v1/publish": '{"target": {"all": true}, "event": "x:y", "data": %s}',
+        "/api/v1/notifications": '{"userIds": ["bob"], "title": "t", "data": %s}',
+    }
+    for path, body in bodies.items():
+        status, answer, _ = await call(gateway, "POST", path, raw=(body % deep).encode(), **SERVICE)
+        assert status == 400, answer
+        assert answer["error"]["code"] == "VALIDATION_ERROR"
+        assert answer["error"]["details"] == {"data": ["Must nest at most 32 levels deep."]}
+    shallow = '{"a":' * 31 + "{}" + "}" * 31
+    for path, body in bodies.items():
+        status, answer, _ = await call(gateway, "POST", path, raw=(body % shallow).encode(),
+                                       **SERVICE)  # fmt: skip
+        assert status in (200, 201), answer
+
+
 # -- publish ------------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import re
 from typing import Any
 
@@ -736,6 +737,103 @@ async def test_send_validation(gateway):
     await bad("clientMsgId", clientMsgId="x" * 65)
     await invalid(alice, "message:send", {"content": "x"}, "roomId")
     assert (await history(alice, "general"))["messages"] == []
+
+
+async def test_numbers_past_int64_are_validation_errors(gateway):
+    # Regression (issue 12): 2^63 and 2^64 (which JSON parsers read as a float)
+    # reached the database and came back as INTERNAL_ERROR.
+    alice = await gateway.connect("alice")
+    await room(alice, "general")
+    m = await send(alice, "general")
+    for huge in (2**63, 2.0**64, 1e308):
+        await invalid(alice, "room:join", {"roomId": "general", "sinceSeq": huge}, "sinceSeq")
+        await invalid(alice, "room:read", {"roomId": "general", "seq": huge}, "seq")
+        await invalid(
+            alice, "room:get_messages", {"roomId": "general", "beforeSeq": huge}, "beforeSeq"
+        )
+    exc = await error(
+        alice, "room:get_messages", {"roomId": "general", "beforeSeq": 2**63}, "VALIDATION_ERROR"
+    )
+    assert exc.details["beforeSeq"] == [
+        "Must be greater than or equal to 1 and less than or equal to 9223372036854775807."
+    ]
+    # The largest int64 is in range: every message is before it.
+    page = await history(alice, "general", beforeSeq=2**63 - 1)
+    assert [x["id"] for x in page["messages"]] == [m["id"]]
+    # Fractions and booleans are not integers (they were truncated or taken as 0/1).
+    await invalid(alice, "room:get_messages", {"roomId": "general", "limit": 5.5}, "limit")
+    await invalid(alice, "room:read", {"roomId": "general", "seq": True}, "seq")
+    assert (await history(alice, "general", limit=5.0))["messages"][0]["id"] == m["id"]
+
+
+@pytest.mark.parametrize("bad_id", ["9223372036854775808", "99999999999999999999", "²", "1²", "١٢"])
+async def test_message_ids_beyond_int64_or_not_ascii_digits_are_invalid(gateway, bad_id):
+    # Regression (issue 12): 19-digit ids over 2^63-1 overflowed the database and
+    # "²" passed str.isdigit() but not int(): both were INTERNAL_ERROR.
+    alice = await gateway.connect("alice")
+    await room(alice, "general")
+    await invalid(alice, "message:edit", {"messageId": bad_id, "content": "x"}, "messageId")
+    await invalid(alice, "message:react", {"messageId": bad_id, "emoji": "👍"}, "messageId")
+    await invalid(alice, "message:delete", {"messageId": bad_id}, "messageId")
+    await invalid(
+        alice, "message:send",
+        {"roomId": "general", "content": "x", "parentMessageId": bad_id}, "parentMessageId",
+    )  # fmt: skip
+    await error(alice, "message:edit", {"messageId": "9223372036854775807", "content": "x"},
+                "MESSAGE_NOT_FOUND")  # fmt: skip
+
+
+async def test_metadata_nests_at_most_32_levels(gateway):
+    # Regression (issue 12): 300 levels (well under 4 KB) made the JSON encoder
+    # give up and the send answer INTERNAL_ERROR.
+    alice = await gateway.connect("alice")
+    await room(alice, "general")
+
+    def nested(depth: int) -> dict[str, Any]:
+        value: dict[str, Any] = {}
+        for _ in range(depth - 1):
+            value = {"a": value}
+        return value
+
+    assert (await send(alice, "general", metadata=nested(32)))["metadata"] == nested(32)
+    exc = await error(
+        alice, "message:send", {"roomId": "general", "content": "x", "metadata": nested(33)},
+        "VALIDATION_ERROR",
+    )  # fmt: skip
+    assert exc.details == {"metadata": ["Must nest at most 32 levels deep."]}
+    # 300 levels: past what orjson writes, so the frame is written by the stdlib.
+    data = {"roomId": "general", "content": "x", "metadata": nested(300)}
+    await alice.send_raw(json.dumps({"event": "message:send", "data": data}))
+    frame = await alice.next_event("system:error", timeout=2.0)
+    assert frame["data"]["code"] == "VALIDATION_ERROR"
+    assert frame["data"]["details"] == {"metadata": ["Must nest at most 32 levels deep."]}
+    # Lists count as levels too.
+    deep_list: Any = "leaf"
+    for _ in range(40):
+        deep_list = [deep_list]
+    await invalid(alice, "message:send",
+                  {"roomId": "general", "content": "x", "metadata": {"l": deep_list}},
+                  "metadata")  # fmt: skip
+
+
+async def test_identifiers_refuse_control_characters(gateway):
+    # Regression (issue 12): PostgreSQL cannot store NUL, so these were
+    # INTERNAL_ERROR there (tests/test_chat_postgres.py runs this file on it).
+    alice = await gateway.connect("alice")
+    await room(alice, "general")
+    m = await send(alice, "general")
+    await invalid(alice, "message:react", {"messageId": m["id"], "emoji": "\x00"}, "emoji")
+    await invalid(alice, "message:react", {"messageId": m["id"], "emoji": "a\x07"}, "emoji")
+    await invalid(
+        alice, "message:send", {"roomId": "general", "content": "x", "clientMsgId": "a\x00"},
+        "clientMsgId",
+    )  # fmt: skip
+    await invalid(alice, "room:create", {"name": "n", "members": ["bob\x00"]}, "members")
+    # Unicode that is not a control character is fine: RTL marks, ZWJ sequences.
+    family = "👩\u200d👩\u200d👧"
+    reacted = await alice.emit("message:react", {"messageId": m["id"], "emoji": family})
+    assert reacted["reactions"] == {family: ["alice"]}
+    await send(alice, "general", "x", clientMsgId="\u200fid")
 
 
 async def test_send_requires_joining(gateway):

@@ -109,6 +109,7 @@ def test_required_alerts_exist() -> None:
         "SwitchboardRedisMirrorDown",
         "SwitchboardSlowConsumerStorm",
         "SwitchboardAuthFailureSpike",
+        "SwitchboardAcceptFailing",
     }
 
 

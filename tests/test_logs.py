@@ -311,6 +311,28 @@ async def test_ingest_auth_and_validation(gateway: Any) -> None:
     assert status == 200 and body == {"accepted": 1}
 
 
+async def test_ingest_bounds_metadata_depth_and_timestamps(gateway: Any) -> None:
+    # Regression (issue 12): 300-deep metadata and a timestamp whose offset
+    # carries it past year 9999 (or before year 1) were 500s.
+    service = gateway.token("billing", ("service",))
+    deep = '{"a":' * 300 + "{}" + "}" * 300
+    raw = ('{"entries": [{"level": "info", "message": "x", "metadata": ' + deep + "}]}").encode()
+    status, body = await http(gateway, "POST", "/api/v1/logs", token=service, body=raw)
+    assert status == 400, body
+    assert body["error"]["details"] == {"entries.0.metadata": ["Must nest at most 32 levels deep."]}
+    for stamp in ("9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00+01:00", "1999-12-31T23:59:59Z"):
+        entry = {"level": "info", "message": "x", "timestamp": stamp}
+        status, body = await http(
+            gateway, "POST", "/api/v1/logs", token=service, body={"entries": [entry]}
+        )
+        assert status == 400, (stamp, body)
+        assert body["error"]["details"] == {
+            "entries.0.timestamp": ["Must be between 2000-01-01 and 9999-12-31 (UTC)."]
+        }, stamp
+    await ingest(gateway, [{"level": "info", "message": "y2k", "timestamp": "2000-01-01T00:00:00"}])
+    assert gateway.node.logstream.recent(1)[0]["timestamp"] == "2000-01-01T00:00:00.000Z"
+
+
 # -- recent and stats -------------------------------------------------------------
 
 

@@ -268,6 +268,20 @@ async def test_read_and_delete_of_unknown_or_foreign_ids_are_not_found(gateway):
     assert (await stored(gateway, "carol"))[0]["read"] is False
 
 
+@pytest.mark.parametrize("bad_id", ["9223372036854775808", 2**63, "²", "1²", True])
+async def test_ids_beyond_int64_or_not_ascii_digits_are_invalid(gateway, bad_id):
+    # Regression (issue 12): "9223372036854775808" overflowed the database and
+    # "²" passed str.isdigit() but not int(): both were INTERNAL_ERROR.
+    bob = await inbox(gateway, "bob")
+    for event in ("notifications:read", "notifications:delete"):
+        exc = await error(bob, event, {"notificationId": bad_id}, "VALIDATION_ERROR")
+        assert exc.details == {"notificationId": ["Not a valid notification id."]}
+    exc = await error(bob, "notifications:get", {"before": bad_id}, "VALIDATION_ERROR")
+    assert list(exc.details) == ["before"]
+    page = await bob.emit("notifications:get", {"before": "9223372036854775807"})
+    assert page == {"notifications": [], "hasMore": False}
+
+
 async def test_read_all(gateway):
     for i in range(3):
         await notify(gateway, "bob", title=f"n{i}")

@@ -307,6 +307,57 @@ async def test_system_ping(gateway):
     assert list(info.value.details) == ["t"]
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize("t", [-1, -1e308, 1e20, 253402300800000])
+async def test_system_ping_t_must_be_an_epoch_time_within_year_9999(gateway, t):
+    # Regression (issue 12): t = -1e308 made latencyMs a 300-digit integer that
+    # the JSON encoder refused, and the ping answered INTERNAL_ERROR.
+    alice = await gateway.connect("alice")
+    with pytest.raises(ClientError) as info:
+        await alice.emit("system:ping", {"t": t})
+    assert info.value.code == "VALIDATION_ERROR"
+    assert list(info.value.details) == ["t"]
+    pong = await alice.emit("system:ping", {"t": 0})
+    assert pong["latencyMs"] >= int(time.time() * 1000) - 60_000
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("ack", [-1, 2**63, 2**64 - 1])
+async def test_ack_must_be_an_integer_from_0_to_int64_max(gateway, ack):
+    alice = await gateway.connect("alice")
+    await alice.send_raw(orjson.dumps({"event": "system:ping", "data": {}, "ack": ack}).decode())
+    error = await next_error(alice)
+    assert (error["code"], error["details"]) == ("BAD_REQUEST", {"field": "ack"})
+    assert "9223372036854775807" in error["message"]
+    # The largest one is an ordinary ack.
+    top = 2**63 - 1
+    await alice.send_raw(orjson.dumps({"event": "system:ping", "data": {}, "ack": top}).decode())
+    assert (await asyncio.wait_for(_read_ack(alice, top), 2.0))["ok"] is True
+
+
+@pytest.mark.asyncio
+async def test_deeply_nested_frames(gateway):
+    alice = await gateway.connect("alice")
+    # Past the JSON parser's 1024 levels: a bad frame, not an internal error.
+    await alice.send_raw('{"event": "system:ping", "data": {"x": ' + "[" * 1100 + "]" * 1100 + "}}")
+    assert (await next_error(alice))["code"] == "BAD_REQUEST"
+    # Within it, nesting in fields the event ignores costs nothing.
+    deep = "[" * 1000 + "]" * 1000
+    await alice.send_raw('{"event": "system:ping", "data": {"x": ' + deep + '}, "ack": 5}')
+    assert (await asyncio.wait_for(_read_ack(alice, 5), 2.0))["ok"] is True
+
+
+@pytest.mark.asyncio
+async def test_bad_frames_past_the_limit_log_one_warning(gateway, caplog):
+    mallory = await gateway.connect("mallory")
+    for _ in range(30):
+        await mallory.send_raw("garbage")
+    code, _ = await mallory.wait_closed(timeout=2)
+    assert code == 4400
+    closing = [r for r in caplog.records if "repeated bad frames" in r.getMessage()]
+    assert len(closing) == 1, [r.getMessage() for r in closing]
+
+
 # -- frame size and abuse ---------------------------------------------------------------------
 
 

@@ -357,3 +357,20 @@ def test_serve_beyond_loopback_without_env_is_production(tmp_path):
     assert "Traceback" not in result.stderr
     assert "listening" not in result.stdout and not JWT_RE.search(result.stdout)
     assert not (tmp_path / "x.db").exists()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("sub", ["ali\x00ce", "bob\n", "\x7f"])
+async def test_a_subject_with_control_characters_is_unauthorized(prod, caplog, sub):
+    exc = await refused(prod, signed(claims_for(sub)))
+    assert exc.code == "UNAUTHORIZED" and exc.details == {"reason": "InvalidSubject"}
+    assert errors_logged(caplog) == []
+
+
+@pytest.mark.asyncio
+async def test_control_characters_are_dropped_from_names(prod):
+    token = signed(claims_for("carol", name="car\x00ol", displayName="Carol \x1b[31m👩‍💻"))
+    client = await prod.connect("carol", token=token)
+    assert client.welcome is not None
+    assert client.welcome["user"]["username"] == "carol"
+    assert client.welcome["user"]["displayName"] == "Carol [31m👩‍💻"

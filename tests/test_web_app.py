@@ -87,6 +87,8 @@ async def test_dev_token_in_development_signs_a_usable_token(gateway_factory):
         ({"userId": "a b"}, "userId"),
         ({"userId": "x", "roles": ["root"]}, "roles"),
         ({"userId": "x", "roles": []}, "roles"),
+        ({"userId": "x", "roles": [["admin"]]}, "roles"),
+        ({"userId": "x", "roles": [{"admin": True}]}, "roles"),
         ({"userId": "x", "ttl": 0}, "ttl"),
         ({"userId": "x", "name": ""}, "name"),
     ],
