@@ -671,3 +671,56 @@ async def test_a_burst_notifies_as_one_message_at_a_time_did_in_a_few_jobs(gatew
     assert 1 <= jobs["notification.audience"] <= batches
     assert 1 <= jobs["notification.chat"] <= batches
     assert gw.node.registry.get_sample_value("switchboard_notification_backlog") == 0
+
+
+async def test_a_burst_over_the_cap_tells_the_client_exactly_what_is_kept(gateway_factory):
+    """Mentions and a missed notice past the cap in one round: the pushed events add up."""
+    gw = await gateway_factory(max_notifications_per_user=3)
+    alice = await chat_room(gw, "alice", "general", "bob")
+    devices = [await gw.connect("alice") for _ in range(4)]
+    for device in devices:
+        await device.emit("room:join", {"roomId": "general"})
+    await notify(gw, "bob", title="old 0")
+    [read] = await notify(gw, "bob", title="old 1")
+    await notify(gw, "bob", title="old 2")
+    await gw.node.notifications.mark_read("bob", int(read["id"]))
+    bob = await gw.connect("bob", namespace="notifications")
+    await bob.next_event("notification:unread_count")
+    known = {n["id"] for n in (await bob.next_event("notification:recent"))["data"][
+        "notifications"]}  # fmt: skip
+    batches_before = send_batches(gw)
+
+    async with held_sends(gw):
+        primer = asyncio.ensure_future(alice.emit(
+            "message:send", {"roomId": "general", "content": "primer"}))  # fmt: skip
+        await eventually(lambda: send_batches(gw) == batches_before + 1, timeout=10,
+                         what="the primer's batch waiting for the database")  # fmt: skip
+        burst = [asyncio.ensure_future(d.emit(
+            "message:send", {"roomId": "general", "content": f"@bob number {i}"}))
+            for i, d in enumerate(devices)]  # fmt: skip
+        await eventually(lambda: gw.node.sends.waiting == len(burst), timeout=10,
+                         what="the burst waiting for the database")  # fmt: skip
+    await primer
+    for f in burst:
+        await f
+    await eventually(lambda: gw.node.notifications.backlog == 0, timeout=10, what="notified")
+
+    kept = await stored(gw, "bob")
+    assert len(kept) == 3
+    assert [n["category"] for n in kept] == ["mention"] * 3
+    # Replaying what bob's connection was told gives what is stored.
+    await bob.emit("system:ping")  # a barrier: every push so far has arrived
+    unread = None
+    for frame in bob.drain_events():
+        data = frame["data"]
+        if frame["event"] == "notification:created":
+            assert data["notification"]["id"] not in known
+            known.add(data["notification"]["id"])
+        elif frame["event"] == "notification:updated":
+            assert data["notification"]["id"] in known
+        elif frame["event"] == "notification:deleted":
+            known.remove(data["notificationId"])
+        elif frame["event"] == "notification:unread_count":
+            unread = data["count"]
+    assert known == {n["id"] for n in kept}
+    assert unread == 3
