@@ -313,10 +313,8 @@ class ChatHandler(GatewayHandler):
             self.metrics.publish_latency.labels(self.namespace).observe(
                 time.perf_counter() - self.event_started
             )
-            # Mentions and missed messages: in the background, after ack and broadcast.
-            self.tasks.spawn(
-                self.notifications.message_sent(message), f"notify-message-{message['id']}"
-            )
+            # Mentions and missed messages: queued for the background, per room.
+            self.notifications.message_sent(message)
         return {"message": message, "duplicate": sent.duplicate}
 
     async def on_message_edit(self, message_id: int, content: str) -> dict[str, Any]:

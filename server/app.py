@@ -184,7 +184,7 @@ class Node:
         self.moderation = Moderation(self.hub, self.db, self.stats, self.tasks)
         self.notifications = NotificationService(
             self.db, self.hub, self.connection_limiter, config.max_notifications_per_user,
-            metrics=self.metrics,
+            metrics=self.metrics, tasks=self.tasks, batch_max=config.write_batch_max,
         )  # fmt: skip
         self.moderation.notifier = self.notifications
         if isinstance(self.hub, RedisHub):

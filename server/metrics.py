@@ -171,6 +171,16 @@ class Metrics:
             f"{p}_write_batch_waiting", "Requests waiting for the next group-commit transaction",
             registry=registry,
         )  # fmt: skip
+        self.notification_initial_batch_size = Histogram(
+            f"{p}_notification_initial_batch_size",
+            "Notifications connections one initial-state read answered",
+            buckets=_BATCH_SIZE_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.notification_backlog = Gauge(
+            f"{p}_notification_backlog",
+            "Chat messages whose mention and missed-message notifications are not done yet",
+            registry=registry,
+        )  # fmt: skip
         self.rooms_active = Gauge(
             f"{p}_rooms_active", "Rooms with at least one local subscriber", registry=registry
         )

@@ -18,18 +18,25 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
+import itertools
+import logging
 import re
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from typing import Any, Protocol
+
+import peewee as pw
 
 from models import notifications as store
 from server import errors
+from server.batch import DEFAULT_MAX_BATCH, Batcher
 from server.db import Database
 from server.hub import Hub, Target
 from server.limits import ConnectionLimiter
 from server.metrics import Metrics
+from server.tasks import BackgroundTasks
+
+log = logging.getLogger("switchboard.notifications")
 
 #: The namespace live notification events go to.
 NAMESPACE = "notifications"
@@ -78,16 +85,25 @@ def mentioned_usernames(content: str) -> set[str]:
     return {m.group(1).rstrip(".").lower() for m in _MENTION_RE.finditer(content)}
 
 
+#: Most rooms one round of chat notifications carries; the others wait for
+#: the next round. Keeps one round's transaction and its IN lists small.
+MAX_ROOMS_PER_ROUND = 256
+
+
+def _initial_states(user_ids: list[str]) -> list[dict[str, Any]]:
+    return store.initial_states(user_ids, RECENT_ON_CONNECT)
+
+
 @dataclasses.dataclass
 class _RoomWork:
-    """Missed-message bookkeeping of one room while tasks for it are in flight."""
+    """Messages of one room whose mentions and missed-message bumps are still to do."""
 
-    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
-    #: Tasks holding this record (running or waiting for the lock).
-    users: int = 0
-    #: Seq range not yet folded into the members' notifications.
-    first: int | None = None
-    last: int | None = None
+    #: Each sender's first and last seq among them: nobody misses their own messages.
+    senders: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    #: The messages that mention someone (``@name`` found), in arrival order.
+    mentions: list[tuple[dict[str, Any], set[str]]] = dataclasses.field(default_factory=list)
+    #: How many messages this record stands for (the backlog gauge).
+    messages: int = 0
 
 
 class NotificationService:
@@ -103,7 +119,12 @@ class NotificationService:
         await service.notify(["bob"], title="Welcome")
 
     With ``metrics``, every stored notification counts in
-    ``switchboard_notifications_created_total{category}``.
+    ``switchboard_notifications_created_total{category}``, the chat messages
+    whose notifications are still to do in ``switchboard_notification_backlog``
+    and the connections each initial-state read answered in
+    ``switchboard_notification_initial_batch_size``. Background rounds run in
+    ``tasks`` (the node's, so shutdown waits for them); ``batch_max`` bounds
+    the connections one initial-state read answers.
     """
 
     def __init__(
@@ -114,6 +135,8 @@ class NotificationService:
         max_per_user: int,
         *,
         metrics: Metrics | None = None,
+        tasks: BackgroundTasks | None = None,
+        batch_max: int = DEFAULT_MAX_BATCH,
     ) -> None:
         self.db = db
         self.hub = hub
@@ -122,9 +145,25 @@ class NotificationService:
         self.connections = connections
         self.max_per_user = max_per_user
         self.metrics = metrics
-        # One missed-messages update per room at a time: two concurrent bumps
-        # would otherwise both create the room's coalesced notification.
+        self.tasks = tasks if tasks is not None else BackgroundTasks()
+        # Chat messages waiting for their mentions and missed-message bumps,
+        # one record per room; one task drains them in rounds.
         self._rooms: dict[str, _RoomWork] = {}
+        self._backlog = 0
+        self._drainer: asyncio.Task[None] | None = None
+        # Held while a round is applied and while a deleted room's notices are
+        # cleared: a round in flight cannot bring one back after the clean-up.
+        self._round = asyncio.Lock()
+        # A fresh notifications connection's first read, shared with the
+        # connections arriving alongside (a reconnect storm is one query pair
+        # per batch, not per connection).
+        self._initial: Batcher[str, dict[str, Any]] = Batcher(
+            db, "notification.initial", _initial_states, max_batch=batch_max,
+            observe=metrics.notification_initial_batch_size.observe if metrics else None,
+        )  # fmt: skip
+        self._seen: Batcher[tuple[str, str], store.Change] = Batcher(
+            db, "notification.clear_missed", store.clear_missed_many, max_batch=batch_max
+        )
 
     # -- the Notifier interface --------------------------------------------------
 
@@ -179,9 +218,11 @@ class NotificationService:
         )
 
     async def initial_state(self, user_id: str) -> dict[str, Any]:
-        return await self.db.run(
-            "notification.initial", store.initial_state, user_id, RECENT_ON_CONNECT
-        )
+        """The unread count and the newest notifications, read with the connections alongside.
+
+        Raises ``SERVICE_UNAVAILABLE`` when the database does not answer.
+        """
+        return await self._initial.submit(user_id)
 
     async def unread_count(self, user_id: str) -> int:
         return await self.db.run("notification.unread", store.unread_count, user_id)
@@ -203,93 +244,104 @@ class NotificationService:
 
     # -- chat sources -----------------------------------------------------------
 
-    async def message_sent(self, message: dict[str, Any]) -> None:
-        """After ``message:new``: mentions, and missed messages for offline members.
+    @property
+    def backlog(self) -> int:
+        """Chat messages whose mentions and missed-message bumps are not done yet."""
+        return self._backlog
 
-        Runs as a background task; the sender's ack never waits for it. In a
-        burst, a task that sees later ones queued behind it for the same room
-        leaves its seq to them: the last applies the whole seq range in one
-        update, so the database does one bump per burst, not one per message.
+    def message_sent(self, message: dict[str, Any]) -> None:
+        """After ``message:new``: queue its mentions and missed-message bump; returns at once.
+
+        One background task drains the queue in rounds. A round takes every
+        room with messages waiting at that moment: one job reads those rooms'
+        members, one applies each room's missed-message bump for its whole
+        seq range and every mention. A burst costs two database jobs per
+        round, not several per message, and its queue is one record per room.
         """
-        room_id = message["roomId"]
-        sender_id = message["senderId"]
-        seq = message["seq"]
-        audience: store.RoomAudience | None = None
-        async with self._room_work(room_id) as work:
-            work.first = seq if work.first is None else min(work.first, seq)
-            work.last = max(work.last or seq, seq)
-            await work.lock.acquire()
-            try:
-                if work.users == 1:  # nobody queued behind: apply what accumulated
-                    first, last = work.first, work.last
-                    work.first = work.last = None
-                    # Our own seq is in the range: only a task counted in after
-                    # us could have applied it, and that one would have queued.
-                    assert first is not None and last is not None
-                    audience = await self.db.run(
-                        "notification.audience", store.room_audience, room_id
-                    )
-                    if audience is not None:
-                        await self._bump_missed(room_id, sender_id, audience, first, last)
-            finally:
-                work.lock.release()
+        work = self._rooms.get(message["roomId"])
+        if work is None:
+            work = self._rooms[message["roomId"]] = _RoomWork()
+        sender_id, seq = message["senderId"], message["seq"]
+        first, last = work.senders.get(sender_id, (seq, seq))
+        work.senders[sender_id] = (min(first, seq), max(last, seq))
         names = mentioned_usernames(message["content"])
-        if not names:
-            return
-        if audience is None:
-            audience = await self.db.run("notification.audience", store.room_audience, room_id)
-            if audience is None:
-                return
-        mentioned = [
-            u for u, n in audience.members.items() if u != sender_id and n.lower() in names
-        ]
-        if mentioned:
-            await self.notify(
-                mentioned, type="info", category="mention",
-                title=f"{message['senderName']} mentioned you in #{audience.name}"[
-                    : store.TITLE_MAX_CHARS],
-                message=message["content"][: store.MENTION_EXCERPT_CHARS],
-                data={"roomId": room_id, "messageId": message["id"], "seq": seq,
-                      "senderId": sender_id, "senderName": message["senderName"]},
-            )  # fmt: skip
+        if names:
+            work.mentions.append((message, names))
+        work.messages += 1
+        self._count_backlog(1)
+        if self._drainer is None:
+            self._drainer = self.tasks.spawn(self._drain(), "notify-chat")
 
-    async def _bump_missed(
-        self, room_id: str, sender_id: str, audience: store.RoomAudience, first: int, last: int
-    ) -> None:
-        others = [u for u in audience.members if u != sender_id]
-        present = await self.connections.connected("chat", others)
-        away = [u for u in others if u not in present]
-        if away:
+    def _count_backlog(self, delta: int) -> None:
+        self._backlog += delta
+        if self.metrics is not None:
+            self.metrics.notification_backlog.set(self._backlog)
+
+    async def _drain(self) -> None:
+        try:
+            while self._rooms:
+                batch = list(itertools.islice(self._rooms, MAX_ROOMS_PER_ROUND))
+                taken = {room_id: self._rooms.pop(room_id) for room_id in batch}
+                try:
+                    async with self._round:
+                        await self._apply(taken)
+                except Exception as exc:
+                    # The round's notices are lost, as one message's were
+                    # before; later rounds go on (and the seq-derived counts
+                    # catch up with the next bump of an existing notice).
+                    if isinstance(exc, pw.OperationalError | pw.InterfaceError):
+                        log.warning("chat notifications of %d rooms skipped, the database is "
+                                    "unavailable: %s", len(taken), exc)  # fmt: skip
+                    else:
+                        log.error("chat notifications of %d rooms failed", len(taken),
+                                  exc_info=exc)  # fmt: skip
+                finally:
+                    self._count_backlog(-sum(w.messages for w in taken.values()))
+        finally:
+            self._drainer = None
+
+    async def _apply(self, taken: dict[str, _RoomWork]) -> None:
+        """One round: the rooms' audiences, who is away, then every notice in one job."""
+        audiences = await self.db.run("notification.audience", store.room_audiences, list(taken))
+        members = {u for audience in audiences.values() for u in audience.members}
+        present = await self.connections.connected("chat", members)
+        rooms = []
+        for room_id, audience in audiences.items():
+            work = taken[room_id]
+            room = store.RoomNotices(room_id, audience.name)
+            room.missed = _missed_bumps(work, [u for u in audience.members if u not in present])
+            # Members by lower-cased name, once per room: a mention costs its
+            # names, not a scan of the room.
+            by_name: dict[str, list[str]] = {}
+            for user_id, name in audience.members.items() if work.mentions else ():
+                by_name.setdefault(name.lower(), []).append(user_id)
+            for message, names in work.mentions:
+                mentioned = [u for name in sorted(names) for u in by_name.get(name, ())
+                             if u != message["senderId"]]  # fmt: skip
+                if mentioned:
+                    room.mentions.append((mentioned, _mention_fields(message, audience.name)))
+            if room.missed or room.mentions:
+                rooms.append(room)
+        if rooms:
             changes = await self.db.run(
-                "notification.missed", store.bump_missed,
-                away, room_id, audience.name, first, last, self.max_per_user,
-            )  # fmt: skip
+                "notification.chat", store.chat_notices, rooms, self.max_per_user
+            )
             self._count_created(changes)
             self.push(changes)
 
-    @contextlib.asynccontextmanager
-    async def _room_work(self, room_id: str) -> AsyncIterator[_RoomWork]:
-        """The room's work record, counted in while held and dropped when unused."""
-        work = self._rooms.setdefault(room_id, _RoomWork())
-        work.users += 1
-        try:
-            yield work
-        finally:
-            work.users -= 1
-            if work.users == 0:
-                del self._rooms[room_id]
-
     async def room_seen(self, user_id: str, room_id: str) -> None:
-        """The user read or joined the room: their missed-messages notification goes."""
-        change = await self.db.run(
-            "notification.clear_missed", store.clear_missed, user_id, room_id
-        )
+        """The user read or joined the room: their missed-messages notification goes.
+
+        With the joins and reads alongside (a reconnect storm rejoins every
+        room): one transaction for the lot.
+        """
+        change = await self._seen.submit((user_id, room_id))
         if change.deleted:
             self.push([change])
 
     async def room_deleted(self, room_id: str, member_ids: list[str], deleted_by: str) -> None:
         """The room is gone: its missed-messages notices go; its other members are told."""
-        async with self._room_work(room_id) as work, work.lock:
+        async with self._round:
             changes = await self.db.run(
                 "notification.room_deleted", store.clear_missed_room, room_id
             )
@@ -357,3 +409,33 @@ def _fields(
         "type": type, "category": category, "title": title[: store.TITLE_MAX_CHARS],
         "message": message, "data": data or {}, "action_url": action_url, "priority": priority,
     }  # fmt: skip
+
+
+def _missed_bumps(work: _RoomWork, away: list[str]) -> list[store.MissedBump]:
+    """Each away member's seq range of the room's waiting messages, their own left out."""
+    if not away or not work.senders:
+        return []
+    first = min(f for f, _ in work.senders.values())
+    last = max(la for _, la in work.senders.values())
+    bumps = []
+    for user_id in away:
+        if user_id not in work.senders:
+            bumps.append(store.MissedBump(user_id, first, last))
+            continue
+        # A member who sent some of them (then left chat): the others' range.
+        others = [r for s, r in work.senders.items() if s != user_id]
+        if others:
+            bumps.append(store.MissedBump(user_id, min(f for f, _ in others),
+                                          max(la for _, la in others)))  # fmt: skip
+    return bumps
+
+
+def _mention_fields(message: dict[str, Any], room_name: str) -> dict[str, Any]:
+    return _fields(
+        "info", "mention",
+        f"{message['senderName']} mentioned you in #{room_name}"[: store.TITLE_MAX_CHARS],
+        message["content"][: store.MENTION_EXCERPT_CHARS],
+        {"roomId": message["roomId"], "messageId": message["id"], "seq": message["seq"],
+         "senderId": message["senderId"], "senderName": message["senderName"]},
+        None, "normal",
+    )  # fmt: skip

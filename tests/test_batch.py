@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from tornado.httpclient import AsyncHTTPClient
 
 from models import Room, utcnow
 from server.client import Client, ClientError
@@ -653,3 +654,103 @@ async def test_every_acked_send_is_stored_after_kill_9_right_after_the_last_ack(
     )
     for room_id in rooms:
         assert sorted(m["seq"] for m in acked if m["roomId"] == room_id) == list(range(1, 101))
+
+
+# -- the notification backlog (server/notify.py) -------------------------------------
+
+
+async def backlog_metric(gw: Any) -> float:
+    """``switchboard_notification_backlog`` as an operator's scrape reads it."""
+    text = (await AsyncHTTPClient().fetch(f"{gw.http}/metrics")).body.decode()
+    [line] = [x for x in text.splitlines() if x.startswith("switchboard_notification_backlog ")]
+    return float(line.split()[1])
+
+
+async def test_the_notification_backlog_gauge_counts_sent_messages_not_yet_notified(gateway):
+    """A message acked while the database is busy waits in the backlog, then drains."""
+    gw = gateway
+    alice = await gw.connect("alice")
+    await room(alice, "general", members=["bob"])
+    bob = await gw.connect("bob", namespace="notifications")
+    await bob.next_event("notification:recent")
+    await gw.node.tasks.drain(5.0)
+    assert await backlog_metric(gw) == 0
+    before = batch_sizes(gw)
+
+    release_round = threading.Event()
+    async with held_database(gw):
+        sent = asyncio.ensure_future(alice.emit(
+            "message:send", {"roomId": "general", "content": "hi @bob"}))  # fmt: skip
+        await eventually(lambda: batch_sizes(gw)[0] == before[0] + 1, timeout=10,
+                         what="the send's batch waiting for the database")  # fmt: skip
+        # Next in the worker's queue after the send: the notification round waits.
+        round_hold = asyncio.ensure_future(
+            gw.node.db.run_bare("test.hold", release_round.wait, 30.0))  # fmt: skip
+        await asyncio.sleep(0)
+    try:
+        await sent  # committed and acked
+        assert await backlog_metric(gw) == 1
+    finally:
+        release_round.set()
+        await round_hold
+    categories = {(await bob.next_event("notification:created"))["data"]["notification"][
+        "category"] for _ in range(2)}  # fmt: skip
+    assert categories == {"chat", "mention"}
+    await eventually(lambda: gw.node.notifications.backlog == 0, timeout=10, what="drained")
+    assert await backlog_metric(gw) == 0
+
+
+async def test_rooms_seen_together_clear_their_missed_notices_in_one_transaction(gateway):
+    """room:join and room:read clear the missed-messages notice; a burst of them, together."""
+    gw = gateway
+    alice = await gw.connect("alice")
+    await room(alice, "general", members=["bob", "carol", "dave"])
+    await room(alice, "random", members=["bob"])
+    await send(alice, "general", "one")
+    await send(alice, "random", "two")
+    inboxes = {u: await gw.connect(u, namespace="notifications") for u in ("bob", "carol", "erin")}
+    for client in inboxes.values():
+        await client.next_event("notification:recent")
+    await eventually(lambda: gw.node.notifications.backlog == 0, timeout=10, what="notified")
+    await gw.node.tasks.drain(5.0)
+    missed = {u: {n["data"]["roomId"]: n["id"] for n in (await gw.node.notifications.page(
+        u, unread_only=False, limit=10, before=None))["notifications"]}
+        for u in ("bob", "carol", "dave")}  # fmt: skip
+    assert missed == {"bob": {"general": missed["bob"]["general"],
+                              "random": missed["bob"]["random"]},
+                      "carol": {"general": missed["carol"]["general"]},
+                      "dave": {"general": missed["dave"]["general"]}}  # fmt: skip
+    for client in inboxes.values():
+        await settle(client)
+    jobs = gw.node.registry.get_sample_value(
+        "switchboard_db_query_duration_seconds_count", {"operation": "notification.clear_missed"}
+    ) or 0.0  # fmt: skip
+
+    seen = [("bob", "general"), ("carol", "general"), ("bob", "random"), ("bob", "general"),
+            ("erin", "general")]  # fmt: skip
+    async with held_database(gw):
+        primer = asyncio.ensure_future(gw.node.notifications.room_seen("dave", "general"))
+        await asyncio.sleep(0)  # its batch goes to the database alone
+        together = [asyncio.ensure_future(gw.node.notifications.room_seen(u, r)) for u, r in seen]
+        await eventually(lambda: gw.node.notifications._seen.waiting == len(seen), timeout=10,
+                         what="the rooms seen waiting for the database")  # fmt: skip
+    await primer
+    for f in together:
+        await f
+
+    after = gw.node.registry.get_sample_value(
+        "switchboard_db_query_duration_seconds_count", {"operation": "notification.clear_missed"}
+    )  # fmt: skip
+    assert after == jobs + 2
+    for user in ("bob", "carol", "dave"):
+        assert (await gw.node.notifications.page(user, unread_only=False, limit=10,
+                                                 before=None))["notifications"] == []  # fmt: skip
+    # Each notice's deletion is pushed once, with the count after it.
+    bob_deleted = {(await inboxes["bob"].next_event("notification:deleted"))["data"][
+        "notificationId"] for _ in range(2)}  # fmt: skip
+    assert bob_deleted == {missed["bob"]["general"], missed["bob"]["random"]}
+    carol = await inboxes["carol"].next_event("notification:deleted")
+    assert carol["data"] == {"notificationId": missed["carol"]["general"]}
+    assert (await inboxes["carol"].next_event("notification:unread_count"))["data"] == {
+        "count": 0}  # fmt: skip
+    await nothing_arrived(list(inboxes.values()), "notification:deleted")

@@ -9,13 +9,21 @@ API call) or by chatting (mentions, missed messages).
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 
+from models import notifications as store
 from server import errors
 from server.client import Client, ClientError
+from server.notify import RECENT_ON_CONNECT
+from tests.cluster import eventually
+from tests.test_batch import one_admission_batch
 
 pytestmark = pytest.mark.asyncio
 
@@ -486,3 +494,247 @@ async def test_room_deleted_tells_the_other_members_and_drops_missed_notices(gat
     assert notice["data"] == {"roomId": "general", "deletedBy": "alice"}
     assert [n["category"] for n in await stored(gateway, "carol")] == ["system"]
     await alice_inbox.expect_no_event("notification:created", within=0.2)
+
+
+# -- batched: initial state and the chat sources --------------------------------
+
+
+def db_jobs(gw: Any, op: str) -> float:
+    """Database jobs of operation ``op`` run so far (the db_duration histogram's count)."""
+    value = gw.node.registry.get_sample_value(
+        "switchboard_db_query_duration_seconds_count", {"operation": op}
+    )
+    return value or 0.0
+
+
+def initial_batches(gw: Any) -> tuple[float, float]:
+    """(initial-state reads, connections they answered) so far."""
+    registry = gw.node.registry
+    count = registry.get_sample_value("switchboard_notification_initial_batch_size_count")
+    total = registry.get_sample_value("switchboard_notification_initial_batch_size_sum")
+    return count or 0.0, total or 0.0
+
+
+async def test_connections_arriving_together_share_one_initial_read(gateway):
+    """Each gets exactly what the one-user read gives; the same user twice, the same."""
+    gw = gateway
+    for i in range(25):
+        await notify(gw, "bob", title=f"b{i}", data={"i": i, "nested": {"k": [i]}})
+    bobs = await stored(gw, "bob")
+    for n in (bobs[0], bobs[3], bobs[24]):
+        await gw.node.notifications.mark_read("bob", int(n["id"]))
+    for i in range(3):
+        await notify(gw, "carol", "bob", title=f"c{i}", action_url=f"/c/{i}", priority="high")
+    await gw.node.notifications.mark_all_read("carol")
+    await notify(gw, "dave", title="d", category="security", type="warning")
+    users = ["bob", "carol", "dave", "erin", "bob"]  # erin has none; bob twice
+    before = initial_batches(gw)
+
+    clients = [gw.client(user, namespace="notifications") for user in users]
+    async with one_admission_batch(gw, len(users)):
+        connects = [asyncio.ensure_future(c.connect()) for c in clients]
+    for connect in connects:
+        await connect
+
+    # The five connections were admitted together and read together: one read.
+    assert initial_batches(gw) == (before[0] + 1, before[1] + len(users))
+    for user, client in zip(users, clients, strict=True):
+        count = (await client.next_event("notification:unread_count"))["data"]
+        recent = (await client.next_event("notification:recent"))["data"]
+        one = await gw.node.db.run("test.initial", store.initial_state, user, RECENT_ON_CONNECT)
+        # Byte for byte, key order included.
+        assert json.dumps(count) == json.dumps({"count": one["count"]}), user
+        assert json.dumps(recent) == json.dumps({"notifications": one["notifications"]}), user
+    assert [len(one["notifications"]) for one in await asyncio.gather(*(
+        gw.node.db.run("t", store.initial_state, u, RECENT_ON_CONNECT) for u in users
+    ))] == [20, 3, 1, 0, 20]  # fmt: skip
+
+    # Alone (a read of one, which takes a plain LIMIT instead of the window): the same.
+    alone = await gw.connect("bob", namespace="notifications")
+    count = (await alone.next_event("notification:unread_count"))["data"]
+    recent = (await alone.next_event("notification:recent"))["data"]
+    one = await gw.node.db.run("test.initial", store.initial_state, "bob", RECENT_ON_CONNECT)
+    assert json.dumps(count) == json.dumps({"count": one["count"]})
+    assert json.dumps(recent) == json.dumps({"notifications": one["notifications"]})
+    assert initial_batches(gw) == (before[0] + 2, before[1] + len(users) + 1)
+
+
+@asynccontextmanager
+async def held_sends(gw: Any) -> AsyncIterator[None]:
+    """No message:send batch commits until the block ends.
+
+    SQLite: the node's one database worker is busy. PostgreSQL has a pool of
+    workers: a transaction holds a lock on the message table that every
+    insert waits for (reads go on).
+    """
+    release = threading.Event()
+    db = gw.node.db
+
+    def hold() -> None:
+        with db.db.atomic():
+            if not db.is_sqlite:
+                db.db.execute_sql("LOCK TABLE message IN EXCLUSIVE MODE")
+            release.wait(30.0)
+
+    holder = asyncio.ensure_future(db.run_bare("test.hold", hold))
+    try:
+        yield
+    finally:
+        release.set()
+        await holder
+
+
+def send_batches(gw: Any) -> float:
+    return gw.node.registry.get_sample_value("switchboard_write_batch_size_count") or 0.0
+
+
+async def test_a_burst_notifies_as_one_message_at_a_time_did_in_a_few_jobs(gateway_factory):
+    """Three rooms, each with nine sending connections of two members and two away members.
+
+    The burst commits in a few send batches (a connection's sends are taken
+    one at a time); the missed-message notices and mentions come out as the
+    per-message code made them, in at most one round of two database jobs
+    per send batch.
+    """
+    gw = await gateway_factory(max_connections_per_user=10)
+    rooms = ["r0", "r1", "r2"]
+    owners: dict[str, Client] = {}
+    senders: dict[str, list[tuple[str, Client]]] = {}
+    for room_id in rooms:
+        owners[room_id] = await chat_room(gw, f"{room_id}a", room_id, f"{room_id}x", f"{room_id}y")
+        senders[room_id] = []
+        for n in range(9):
+            user = f"{room_id}{'a' if n < 4 else 'b'}"
+            client = await gw.connect(user)
+            await client.emit("room:join", {"roomId": room_id})
+            senders[room_id].append((user, client))
+    inboxes = {room_id: await inbox(gw, f"{room_id}x") for room_id in rooms}
+    await settle(*owners.values(), *(c for pairs in senders.values() for _, c in pairs))
+    await gw.node.tasks.drain(5.0)  # the joins' room_seen work
+    jobs_before = {op: db_jobs(gw, op) for op in ("notification.audience", "notification.chat")}
+    batches_before = send_batches(gw)
+
+    def content(room_id: str, sender: str, i: int) -> str:
+        if i % 5 == 0:  # the away x, and b (online; b's own mentions of b: not notified)
+            return f"@{room_id}x and @{room_id.upper()}B, see {i}"
+        if i % 7 == 0:  # the sender mentions themselves: never notified
+            return f"note to @{sender}"
+        return f"message {i}"
+
+    async def two_sends(room_id: str, n: int, sender: str, client: Client) -> list[Any]:
+        sends = [client.emit("message:send", {"roomId": room_id,
+                                              "content": content(room_id, sender, 2 * n + k)})
+                 for k in range(2)]  # fmt: skip
+        return list(await asyncio.gather(*sends))
+
+    async with held_sends(gw):
+        primer = asyncio.ensure_future(owners["r0"].emit(
+            "message:send", {"roomId": "r0", "content": "primer"}))  # fmt: skip
+        await eventually(lambda: send_batches(gw) == batches_before + 1, timeout=10,
+                         what="the primer's batch waiting for the database")  # fmt: skip
+        requests = [asyncio.ensure_future(two_sends(room_id, n, sender, client))
+                    for room_id in rooms for n, (sender, client) in enumerate(senders[room_id])]
+        # One send per connection is read at a time: each connection's first.
+        await eventually(lambda: gw.node.sends.waiting == len(requests), timeout=10,
+                         what="the burst waiting for the database")  # fmt: skip
+    acks = [await primer] + [a for r in requests for a in await r]
+    messages = [a["message"] for a in acks]
+    batches = send_batches(gw) - batches_before
+    assert len(messages) == 1 + 3 * 18 and batches <= 8
+    await eventually(lambda: gw.node.notifications.backlog == 0, timeout=10,
+                     what="the notification work done")  # fmt: skip
+
+    for room_id in rooms:
+        sent = [m for m in messages if m["roomId"] == room_id]
+        seqs = sorted(m["seq"] for m in sent)
+        mentions = sorted((m["id"], m["seq"]) for m in sent if m["content"].startswith("@"))
+        for away in (f"{room_id}x", f"{room_id}y"):
+            got = await stored(gw, away)
+            [missed] = [n for n in got if n["category"] == "chat"]
+            assert missed["data"] == {"roomId": room_id, "firstUnreadSeq": seqs[0],
+                                      "lastSeq": seqs[-1], "count": len(sent)}  # fmt: skip
+            assert missed["title"] == f"{len(sent)} new messages in #{room_id.title()}"
+            assert missed["read"] is False
+            mentioned = [n for n in got if n["category"] == "mention"]
+            if away.endswith("y"):
+                assert mentioned == []
+                continue
+            assert sorted((n["data"]["messageId"], n["data"]["seq"]) for n in mentioned) == mentions
+            sender_of = {m["id"]: m["senderId"] for m in sent}
+            for n in mentioned:
+                assert n["title"] == f"{sender_of[n['data']['messageId']]} mentioned you in " \
+                                     f"#{room_id.title()}"  # fmt: skip
+        # The online b is mentioned too (mentions reach members online or not),
+        # but not by themselves; nobody is notified of their own mention.
+        b_mentions = [n for n in await stored(gw, f"{room_id}b") if n["category"] == "mention"]
+        assert sorted(n["data"]["messageId"] for n in b_mentions) == sorted(
+            m["id"] for m in sent if m["content"].startswith("@") and m["senderId"] != f"{room_id}b"
+        )  # fmt: skip
+        assert [n for n in await stored(gw, f"{room_id}a") if n["category"] == "mention"] == []
+        # What the away member's notifications connection was told adds up.
+        client = inboxes[room_id]
+        await settle(client)
+        page = await client.emit("notifications:get", {"limit": 100})
+        assert len(page["notifications"]) == 1 + len(mentions)
+        assert (await client.emit("notifications:get", {"unreadOnly": True, "limit": 100})
+                )["notifications"] == page["notifications"]  # fmt: skip
+
+    # At most one round per send batch, each one job for the rooms' members
+    # and one for every notice (the per-message code ran two or more per message).
+    jobs = {op: db_jobs(gw, op) - n for op, n in jobs_before.items()}
+    assert 1 <= jobs["notification.audience"] <= batches
+    assert 1 <= jobs["notification.chat"] <= batches
+    assert gw.node.registry.get_sample_value("switchboard_notification_backlog") == 0
+
+
+async def test_a_burst_over_the_cap_tells_the_client_exactly_what_is_kept(gateway_factory):
+    """Mentions and a missed notice past the cap in one round: the pushed events add up."""
+    gw = await gateway_factory(max_notifications_per_user=3)
+    alice = await chat_room(gw, "alice", "general", "bob")
+    devices = [await gw.connect("alice") for _ in range(4)]
+    for device in devices:
+        await device.emit("room:join", {"roomId": "general"})
+    await notify(gw, "bob", title="old 0")
+    [read] = await notify(gw, "bob", title="old 1")
+    await notify(gw, "bob", title="old 2")
+    await gw.node.notifications.mark_read("bob", int(read["id"]))
+    bob = await gw.connect("bob", namespace="notifications")
+    await bob.next_event("notification:unread_count")
+    known = {n["id"] for n in (await bob.next_event("notification:recent"))["data"][
+        "notifications"]}  # fmt: skip
+    batches_before = send_batches(gw)
+
+    async with held_sends(gw):
+        primer = asyncio.ensure_future(alice.emit(
+            "message:send", {"roomId": "general", "content": "primer"}))  # fmt: skip
+        await eventually(lambda: send_batches(gw) == batches_before + 1, timeout=10,
+                         what="the primer's batch waiting for the database")  # fmt: skip
+        burst = [asyncio.ensure_future(d.emit(
+            "message:send", {"roomId": "general", "content": f"@bob number {i}"}))
+            for i, d in enumerate(devices)]  # fmt: skip
+        await eventually(lambda: gw.node.sends.waiting == len(burst), timeout=10,
+                         what="the burst waiting for the database")  # fmt: skip
+    await primer
+    for f in burst:
+        await f
+    await eventually(lambda: gw.node.notifications.backlog == 0, timeout=10, what="notified")
+
+    kept = await stored(gw, "bob")
+    assert len(kept) == 3
+    assert [n["category"] for n in kept] == ["mention"] * 3
+    # Replaying what bob's connection was told gives what is stored.
+    await bob.emit("system:ping")  # a barrier: every push so far has arrived
+    unread = None
+    for frame in bob.drain_events():
+        data = frame["data"]
+        if frame["event"] == "notification:created":
+            assert data["notification"]["id"] not in known
+            known.add(data["notification"]["id"])
+        elif frame["event"] == "notification:updated":
+            assert data["notification"]["id"] in known
+        elif frame["event"] == "notification:deleted":
+            known.remove(data["notificationId"])
+        elif frame["event"] == "notification:unread_count":
+            unread = data["count"]
+    assert known == {n["id"] for n in kept}
+    assert unread == 3
