@@ -425,7 +425,7 @@ class GatewayHandler(WebSocketHandler):
             method = getattr(self, "on_" + event.replace(":", "_"))
             result = await method(**kwargs)
             if envelope.ack is not None:
-                self.send_payload(protocol.ack_payload(envelope.ack, result or {}))
+                self.send_soon(protocol.ack_payload(envelope.ack, result or {}))
         except errors.GatewayError as exc:
             self._answer_error(exc, envelope.ack, event)
         except (WebSocketClosedError, StreamClosedError):
@@ -514,6 +514,17 @@ class GatewayHandler(WebSocketHandler):
         except StreamClosedError:
             return False
         return True
+
+    def send_soon(self, payload: bytes) -> None:
+        """Like :meth:`send_payload`, but written with this iteration's broadcasts.
+
+        For acks (see :meth:`server.hub.Hub.send_soon`): one ``send()`` per
+        connection and loop iteration, not one per ack.
+        """
+        frame = protocol.frame(payload)
+        if self.hub.send_soon(self, frame):
+            self.metrics.frames_sent.inc()
+            self.metrics.bytes_sent.inc(len(frame))
 
     def send_payload(self, payload: bytes) -> bool:
         return self.send_frame(protocol.frame(payload))

@@ -167,6 +167,9 @@ class Hub:
         # coalesce: frames waiting for this loop iteration's flush, per connection.
         self._queued: dict[Connection, list[bytes]] = {}
         self._flush_scheduled = False
+        # Frames of :meth:`send_soon` in the outbox: written by the flush but
+        # not broadcast deliveries, so not reported to ``on_delivered``.
+        self._direct: dict[Connection, list[int]] = {}  # conn -> [frames, bytes]
 
     # -- membership -------------------------------------------------------
 
@@ -185,6 +188,7 @@ class Hub:
     def remove(self, conn: Connection) -> set[str]:
         """Forget a connection; returns the rooms it was in (already left)."""
         self._queued.pop(conn, None)
+        self._direct.pop(conn, None)
         if self.connections.pop(conn.conn_id, None) is None:
             return set()
         rooms = self._rooms_of.pop(conn.conn_id, set())
@@ -393,11 +397,40 @@ class Hub:
             asyncio.get_running_loop().call_soon(self.flush)
         return queued
 
+    def send_soon(self, conn: Connection, frame: bytes) -> bool:
+        """Queue a frame for ``conn`` alone in this iteration's flush (with ``coalesce``).
+
+        For acks: group commit wakes every sender of a batch in one loop
+        iteration, and each sender's ack then shares a ``send()`` with the
+        broadcasts queued for it, instead of a syscall of its own. Without
+        ``coalesce`` the frame is written now. Frames keep their order: a
+        direct write first flushes what is queued (:meth:`flush_to`).
+        """
+        if not self.coalesce:
+            return conn.write_frame(frame)
+        frames = self._queued.get(conn)
+        if frames is None:
+            self._queued[conn] = [frame]
+        else:
+            frames.append(frame)
+        sent = self._direct.get(conn)
+        if sent is None:
+            self._direct[conn] = [1, len(frame)]
+        else:
+            sent[0] += 1
+            sent[1] += len(frame)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+        return True
+
     def flush(self) -> None:
         """Write every connection's queued frames, one write per connection."""
         self._flush_scheduled = False
         outbox, self._queued = self._queued, {}
-        count = nbytes = 0
+        direct, self._direct = self._direct, {}
+        count = -sum(frames for frames, _ in direct.values())
+        nbytes = -sum(size for _, size in direct.values())
         for conn, frames in outbox.items():
             # A write may close a slow consumer; it is already out of the outbox.
             if len(frames) == 1:
@@ -408,7 +441,7 @@ class Hub:
                 written, size = _write_batches(conn, frames)
                 count += written
                 nbytes += size
-        if self._on_delivered is not None and count:
+        if self._on_delivered is not None and count > 0:
             self._on_delivered(count, nbytes)
 
     def flush_to(self, conn: Connection) -> None:
@@ -417,7 +450,9 @@ class Hub:
         if frames is None:
             return
         count, nbytes = _write_batches(conn, frames)
-        if self._on_delivered is not None and count:
+        if (direct := self._direct.pop(conn, None)) is not None:
+            count, nbytes = count - direct[0], nbytes - direct[1]
+        if self._on_delivered is not None and count > 0:
             self._on_delivered(count, nbytes)
 
     # -- liveness -----------------------------------------------------------

@@ -699,6 +699,37 @@ async def test_a_direct_send_writes_the_queued_broadcasts_first():
 
 
 @pytest.mark.asyncio
+async def test_send_soon_shares_the_iterations_write_and_is_no_delivery():
+    hub, conns = coalescing_room()
+    ack = protocol.frame(protocol.event_payload("ack", {"seq": 0}))
+    assert hub.send_soon(conns[0], ack)
+    hub.publish(Target.room("general"), "message:new", {"seq": 1}, seq=1)
+    assert conns[0].frames == []
+    await next_iteration()
+    assert hub.flushes == 1
+    assert conns[0].seqs() == [[0, 1]]  # the ack and the broadcast in one write, in order
+    size = len(conns[1].frames[0])
+    assert hub.delivered == [(3, 3 * size)]  # the ack is not counted as a delivery
+    # A direct write flushes a queued ack first, and it is still no delivery.
+    hub.send_soon(conns[1], ack)
+    hub.publish(Target.room("general"), "message:new", {"seq": 2}, seq=2, exclude="c1")
+    assert conns[1].send_frame(protocol.frame(protocol.event_payload("x", {"seq": 3})))
+    assert conns[1].seqs() == [[1], [0], [3]]
+    await next_iteration()
+    assert hub.delivered[1:] == [(2, 2 * size)]
+
+
+@pytest.mark.asyncio
+async def test_send_soon_without_coalescing_writes_at_once():
+    hub = Hub("n1")
+    conn = HandlerConn(hub, "c0", "u0")
+    hub.add(conn)
+    frame = protocol.frame(protocol.event_payload("ack", {"seq": 7}))
+    assert hub.send_soon(conn, frame)
+    assert conn.seqs() == [[7]]
+
+
+@pytest.mark.asyncio
 async def test_coalescing_skips_removed_and_failing_connections():
     hub, conns = coalescing_room(4)
     gone, slow = conns[0], conns[1]
