@@ -29,6 +29,8 @@ DEFAULT_JWT_SECRET = "switchboard-development-secret-change-me"
 #: Shortest HS* secret production accepts, in bytes of its UTF-8 encoding
 #: (RFC 7518 §3.2: a key at least as long as the hash output, 256 bits for HS256).
 MIN_JWT_SECRET_BYTES = 32
+#: The same rule for each HMAC algorithm: its hash output size.
+MIN_JWT_SECRET_BYTES_BY_ALGORITHM = {"HS256": 32, "HS384": 48, "HS512": 64}
 
 #: Host names that count as loopback without resolving anything. Any other
 #: name, "0.0.0.0", "::" and every non-loopback address count as exposed:
@@ -310,11 +312,15 @@ class Config:
                     "production refuses to start without SWITCHBOARD_JWT_SECRET "
                     "(the development default is public); set a long random secret"
                 )
-            if not asymmetric and len(self.jwt_secret.encode()) < MIN_JWT_SECRET_BYTES:
+            minimum = max(
+                (MIN_JWT_SECRET_BYTES_BY_ALGORITHM.get(a, MIN_JWT_SECRET_BYTES)
+                 for a in self.jwt_algorithms), default=MIN_JWT_SECRET_BYTES,
+            )  # fmt: skip
+            if not asymmetric and len(self.jwt_secret.encode()) < minimum:
                 raise ConfigError(
                     f"production refuses a SWITCHBOARD_JWT_SECRET shorter than "
-                    f"{MIN_JWT_SECRET_BYTES} bytes; set a long random secret "
-                    f"(e.g. openssl rand -hex 32)"
+                    f"{minimum} bytes for {', '.join(self.jwt_algorithms)}; set a long "
+                    f"random secret (e.g. openssl rand -hex {minimum})"
                 )
             if "*" in self.allowed_origins:
                 raise ConfigError(

@@ -438,6 +438,16 @@ def test_production_accepts_a_32_byte_secret(secret):
     assert config.is_production and config.jwt_secret == secret
 
 
+@pytest.mark.parametrize(("algorithm", "minimum"), [("HS384", 48), ("HS512", 64)])
+def test_longer_hashes_need_longer_secrets_in_production(algorithm, minimum):
+    env = {**PROD_OK, "SWITCHBOARD_JWT_ALGORITHMS": algorithm}
+    with pytest.raises(ConfigError) as info:
+        Config.from_env({**env, "SWITCHBOARD_JWT_SECRET": "s" * (minimum - 1)})
+    assert f"{minimum} bytes" in str(info.value) and algorithm in str(info.value)
+    config = Config.from_env({**env, "SWITCHBOARD_JWT_SECRET": "s" * minimum})
+    assert config.jwt_algorithms == (algorithm,)
+
+
 @pytest.mark.parametrize("env", ["development", "test"])
 def test_short_secrets_stay_usable_outside_production(env):
     config = Config.from_env({"SWITCHBOARD_ENV": env, "SWITCHBOARD_JWT_SECRET": "short"})
