@@ -93,6 +93,9 @@ class NodeState:
         self.node_id = node_id
         self.started_at = time.time()
         self.shutting_down = False
+        #: Sockets upgraded without a token, waiting for their auth:connect frame:
+        #: in no hub yet, so shutdown finds them here.
+        self.awaiting_auth: set[GatewayHandler] = set()
 
 
 class GatewayHandler(WebSocketHandler):
@@ -211,6 +214,7 @@ class GatewayHandler(WebSocketHandler):
             # logs: the token comes in the first frame instead (on_message).
             # Until then the connection is in no hub, presence or limit.
             self._awaiting_auth = True
+            self.state.awaiting_auth.add(self)
             loop = asyncio.get_running_loop()
             self._timers.append(loop.call_later(self.config.auth_timeout, self._auth_timed_out))
             return
@@ -248,6 +252,7 @@ class GatewayHandler(WebSocketHandler):
     def _auth_timed_out(self) -> None:
         if self._awaiting_auth:
             self._awaiting_auth = False
+            self.state.awaiting_auth.discard(self)
             self._refuse(errors.Unauthorized("Authentication timed out"), None, None)
 
     async def _on_auth_frame(self, message: str | bytes) -> None:
@@ -257,6 +262,7 @@ class GatewayHandler(WebSocketHandler):
         either admitted or refused and closed.
         """
         self._awaiting_auth = False
+        self.state.awaiting_auth.discard(self)
         for timer in self._timers:
             timer.cancel()
         self._timers = []
@@ -614,6 +620,7 @@ class GatewayHandler(WebSocketHandler):
         if self._gone:
             return
         self._gone = True
+        self.state.awaiting_auth.discard(self)
         for timer in self._timers:
             timer.cancel()
         self._timers = []

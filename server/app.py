@@ -311,7 +311,8 @@ class Node:
         for task in (self._heartbeat, self._gauges):
             if task is not None:
                 task.cancel()
-        conns = list(self.hub.connections.values())
+        # Sockets still waiting for their auth frame are in no hub: close them too.
+        conns = [*self.hub.connections.values(), *self.state.awaiting_auth]
         for conn in conns:
             send_event = getattr(conn, "send_event", None)
             if send_event is not None:

@@ -26,6 +26,7 @@ from tornado.websocket import WebSocketClientConnection, websocket_connect
 from models import Ban, User, utcnow
 from server.auth import mint_token
 from server.client import Client, ClientError, HandshakeError
+from tests.cluster import eventually
 
 ISSUER = "https://auth.example.com"
 AUDIENCE = "switchboard"
@@ -640,3 +641,18 @@ async def test_auth_frame_with_a_user_token_for_the_admin_namespace_is_forbidden
     admin = Client(gateway.url("admin"), gateway.token("root", ("admin",)), token_in="frame")
     gateway.clients.append(admin)
     assert (await admin.connect())["namespace"] == "admin"
+
+
+@pytest.mark.asyncio
+async def test_shutdown_closes_sockets_still_waiting_for_their_auth_frame(gateway_factory):
+    gw = await gateway_factory(auth_timeout=60)
+    conn = await bare_socket(gw)
+    await eventually(lambda: len(gw.node.state.awaiting_auth) == 1, timeout=10,
+                     what="the socket waiting for its auth frame")  # fmt: skip
+    stopping = asyncio.ensure_future(gw.node.stop(grace_secs=5.0))
+    frames = await frames_until_close(conn)  # well before the 60 s auth timeout
+    assert [f.get("event") for f in frames] == ["system:disconnect"]
+    assert frames[0]["data"] == {"reason": "server_shutdown", "reconnect": True}
+    assert conn.close_code == 1001
+    await stopping
+    assert gw.node.state.awaiting_auth == set()
