@@ -496,7 +496,9 @@ class GatewayHandler(WebSocketHandler):
             # the broadcast loop's CPU, see bench/README.md). What the socket
             # does not take, or any send error, goes the general way below.
             fast, sock = raw
-            if not fast._write_buffer._size and not fast._closed and len(frame) <= self._max_out:
+            # _closed first: tornado drops the write buffer (None) when it closes a
+            # stream, which can happen before on_close takes us out of the hub.
+            if not fast._closed and not fast._write_buffer._size and len(frame) <= self._max_out:
                 try:
                     sent = sock.send(frame)
                 except OSError:

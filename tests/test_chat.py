@@ -24,6 +24,7 @@ from tornado.websocket import websocket_connect
 
 from models import RoomMute, utcnow
 from server.client import Client, ClientError
+from server.hub import Target
 from tests.conftest import ROOMY_RATE_LIMITS
 
 pytestmark = pytest.mark.asyncio
@@ -1483,3 +1484,25 @@ async def test_join_with_since_seq_while_messages_flow(gateway):
         union = seqs(joined["missed"]) + live
         expected = list(range(since + 1, total + 1))
         assert sorted(union) == expected, (since, seqs(joined["missed"]), live)
+
+
+async def test_a_recipient_closed_mid_broadcast_costs_the_others_nothing(gateway):
+    """Tornado closes a peer's stream between a broadcast's queueing and its flush.
+
+    The write fast path must see the closed stream (whose write buffer tornado
+    has dropped) and skip it, not raise out of the flush and cost the other
+    recipients the frame.
+    """
+    owner = await gateway.connect("owner")
+    await room(owner, "general")
+    members = [await gateway.connect(f"m{n}") for n in range(5)]
+    for client in members:
+        await join(client, "general")
+    await settle(owner, *members)
+    hub = gateway.node.hub
+    (victim,) = [h for h in hub.connections.values() if h.user_id == "m0"]
+    data = {"message": {"id": "1", "roomId": "general", "seq": 1, "content": "x"}}
+    hub.publish(Target.room("general"), "message:new", data, seq=1)  # queued for the flush
+    victim.ws_connection.stream.close()  # before the flush, and before on_close runs
+    for client in [owner, *members[1:]]:
+        assert (await client.next_event("message:new"))["data"] == data
