@@ -131,6 +131,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "token":
             config = Config.from_env(os.environ)
+            if config.jwt_max_ttl is not None and args.ttl > config.jwt_max_ttl:
+                # The node would refuse it (TokenLifetimeTooLong): say so now.
+                print(
+                    f"switchboard: --ttl {args.ttl:g} exceeds SWITCHBOARD_JWT_MAX_TTL "
+                    f"({config.jwt_max_ttl:g} s); the gateway would refuse the token",
+                    file=sys.stderr,
+                )
+                return 2
             print(
                 mint_token(
                     config, args.user, roles=args.roles or ["user"], ttl_secs=args.ttl,

@@ -572,3 +572,14 @@ def test_cli_token_refuses_in_production_without_secret():
     assert result.stdout == ""
     assert "SWITCHBOARD_JWT_SECRET" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_cli_token_refuses_a_ttl_over_the_max_ttl():
+    env = _cli_env(SWITCHBOARD_JWT_SECRET=SECRET, SWITCHBOARD_JWT_MAX_TTL="600")
+    result = _run([str(SWITCHBOARD), "token", "bob", "--ttl", "601"], env)
+    assert result.returncode == 2 and result.stdout == ""
+    assert "SWITCHBOARD_JWT_MAX_TTL" in result.stderr and "Traceback" not in result.stderr
+    result = _run([str(SWITCHBOARD), "token", "bob", "--ttl", "600"], env)
+    assert result.returncode == 0, result.stderr
+    claims = jwt.decode(result.stdout.strip(), SECRET, algorithms=["HS256"])
+    assert claims["exp"] - claims["iat"] == 600
