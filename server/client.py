@@ -293,6 +293,9 @@ class Client:
         self._last_seq: dict[str, int] = {}
         self._seen: dict[str, set[int]] = {}
         self._recovered_keys: set[tuple[str, int]] = set()
+        # Rooms being re-joined: their live message:new frames wait here until
+        # the recovered ones are delivered, so the application sees seq order.
+        self._holding: dict[str, list[Frame]] = {}
         self._rng = random.Random()
 
     def __repr__(self) -> str:
@@ -821,6 +824,10 @@ class Client:
         if name == "message:new" and isinstance(data, dict):
             message = data.get("message")
             if isinstance(message, dict):
+                held = self._holding.get(str(message.get("roomId")))
+                if held is not None:
+                    held.append(frame)  # after the room's recovered messages
+                    return
                 key = self._message_key(message)
                 if key is not None and key in self._recovered_keys:
                     # Already delivered by recovery after a reconnect.
@@ -1107,39 +1114,50 @@ class Client:
     async def _rejoin(self, conn: WebSocketClientConnection) -> dict[str, Any]:
         report: dict[str, Any] = {}
         for room_key, payload in list(self._rooms.items()):
-            since = self._last_seq.get(room_key, 0)
+            self._holding[room_key] = []
             try:
-                result = await self._request(conn, "room:join", {**payload, "sinceSeq": since})
+                report[room_key] = await self._rejoin_room(conn, room_key, payload)
+            finally:
+                # Live frames that arrived meanwhile: now, after the recovered ones
+                # (those among them are dropped as already delivered).
+                for frame in self._holding.pop(room_key, []):
+                    self._on_event(frame)
+        return report
+
+    async def _rejoin_room(
+        self, conn: WebSocketClientConnection, room_key: str, payload: dict[str, Any]
+    ) -> dict[str, Any]:
+        since = self._last_seq.get(room_key, 0)
+        try:
+            result = await self._request(conn, "room:join", {**payload, "sinceSeq": since})
+        except ClientError as exc:
+            log.warning(
+                "switchboard client %s: could not re-join room %s: %s", self.url, room_key, exc
+            )
+            self._rooms.pop(room_key, None)
+            self._emit_local(
+                "client:rejoin_failed",
+                {
+                    "roomId": payload["roomId"],
+                    "error": {"code": exc.code, "message": exc.message, "details": exc.details},
+                },
+            )
+            return {"rejoined": False, "error": exc.code}
+        missed = [m for m in result.get("missed") or [] if isinstance(m, dict)]
+        complete = result.get("recovered") is not False
+        if not complete:
+            try:
+                missed += await self._page_history(conn, payload["roomId"], since)
+                complete = True
             except ClientError as exc:
                 log.warning(
-                    "switchboard client %s: could not re-join room %s: %s", self.url, room_key, exc
+                    "switchboard client %s: paging history of room %s: %s",
+                    self.url,
+                    room_key,
+                    exc,
                 )
-                self._rooms.pop(room_key, None)
-                self._emit_local(
-                    "client:rejoin_failed",
-                    {
-                        "roomId": payload["roomId"],
-                        "error": {"code": exc.code, "message": exc.message, "details": exc.details},
-                    },
-                )
-                report[room_key] = {"rejoined": False, "error": exc.code}
-                continue
-            missed = [m for m in result.get("missed") or [] if isinstance(m, dict)]
-            complete = result.get("recovered") is not False
-            if not complete:
-                try:
-                    missed += await self._page_history(conn, payload["roomId"], since)
-                    complete = True
-                except ClientError as exc:
-                    log.warning(
-                        "switchboard client %s: paging history of room %s: %s",
-                        self.url,
-                        room_key,
-                        exc,
-                    )
-            delivered = self._feed_recovered(missed)
-            report[room_key] = {"rejoined": True, "recovered": complete, "missed": delivered}
-        return report
+        delivered = self._feed_recovered(missed)
+        return {"rejoined": True, "recovered": complete, "missed": delivered}
 
     async def _page_history(
         self, conn: WebSocketClientConnection, room_id: Any, since: int
