@@ -36,10 +36,24 @@ pytestmark = pytest.mark.asyncio
 
 
 @asynccontextmanager
-async def held_database(gw: Any) -> AsyncIterator[None]:
-    """The node's database worker is busy until the block ends."""
+async def held_database(gw: Any, lock_table: str | None = None) -> AsyncIterator[None]:
+    """No batch writing to ``lock_table`` commits until the block ends.
+
+    SQLite: the node's one database worker is busy. PostgreSQL has a pool of
+    workers: a transaction holds an exclusive lock on ``lock_table`` that
+    every write to it waits for (reads go on). Without a table, only the
+    worker that runs the hold is busy (enough on SQLite).
+    """
     release = threading.Event()
-    holder = asyncio.ensure_future(gw.node.db.run_bare("test.hold", release.wait, 30.0))
+    db = gw.node.db
+
+    def hold() -> None:
+        with db.db.atomic():
+            if lock_table is not None and not db.is_sqlite:
+                db.db.execute_sql(f'LOCK TABLE "{lock_table}" IN EXCLUSIVE MODE')
+            release.wait(30.0)
+
+    holder = asyncio.ensure_future(db.run_bare("test.hold", hold))
     try:
         yield
     finally:
@@ -208,31 +222,6 @@ async def any_db(request: pytest.FixtureRequest, gateway_factory: Any) -> Any:
     return await gateway_factory()
 
 
-@asynccontextmanager
-async def held_admissions(gw: Any) -> AsyncIterator[None]:
-    """No admission batch commits until the block ends.
-
-    SQLite: the node's one database worker is busy. PostgreSQL has a pool of
-    workers, so a transaction holds a lock on the user table that every
-    upsert waits for (reads go on).
-    """
-    release = threading.Event()
-    db = gw.node.db
-
-    def hold() -> None:
-        with db.db.atomic():
-            if not db.is_sqlite:
-                db.db.execute_sql('LOCK TABLE "user" IN EXCLUSIVE MODE')
-            release.wait(30.0)
-
-    holder = asyncio.ensure_future(db.run_bare("test.hold", hold))
-    try:
-        yield
-    finally:
-        release.set()
-        await holder
-
-
 def admission_batches(gw: Any) -> tuple[float, float]:
     """(admission batches committed, connections they carried) so far."""
     registry = gw.node.registry
@@ -250,7 +239,7 @@ async def one_admission_batch(gw: Any, size: int) -> AsyncIterator[Client]:
     block starts wait and go together once it ends. Yields the primer.
     """
     before = admission_batches(gw)
-    async with held_admissions(gw):
+    async with held_database(gw, "user"):
         primer = gw.client("primer")
         primed = asyncio.ensure_future(primer.connect())
         await eventually(lambda: admission_batches(gw)[0] == before[0] + 1, timeout=10,

@@ -11,9 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -23,7 +20,7 @@ from server import errors
 from server.client import Client, ClientError
 from server.notify import RECENT_ON_CONNECT
 from tests.cluster import eventually
-from tests.test_batch import one_admission_batch
+from tests.test_batch import held_database, one_admission_batch
 
 pytestmark = pytest.mark.asyncio
 
@@ -559,31 +556,6 @@ async def test_connections_arriving_together_share_one_initial_read(gateway):
     assert initial_batches(gw) == (before[0] + 2, before[1] + len(users) + 1)
 
 
-@asynccontextmanager
-async def held_sends(gw: Any) -> AsyncIterator[None]:
-    """No message:send batch commits until the block ends.
-
-    SQLite: the node's one database worker is busy. PostgreSQL has a pool of
-    workers: a transaction holds a lock on the message table that every
-    insert waits for (reads go on).
-    """
-    release = threading.Event()
-    db = gw.node.db
-
-    def hold() -> None:
-        with db.db.atomic():
-            if not db.is_sqlite:
-                db.db.execute_sql("LOCK TABLE message IN EXCLUSIVE MODE")
-            release.wait(30.0)
-
-    holder = asyncio.ensure_future(db.run_bare("test.hold", hold))
-    try:
-        yield
-    finally:
-        release.set()
-        await holder
-
-
 def send_batches(gw: Any) -> float:
     return gw.node.registry.get_sample_value("switchboard_write_batch_size_count") or 0.0
 
@@ -627,7 +599,7 @@ async def test_a_burst_notifies_as_one_message_at_a_time_did_in_a_few_jobs(gatew
                  for k in range(2)]  # fmt: skip
         return list(await asyncio.gather(*sends))
 
-    async with held_sends(gw):
+    async with held_database(gw, "message"):
         primer = asyncio.ensure_future(owners["r0"].emit(
             "message:send", {"roomId": "r0", "content": "primer"}))  # fmt: skip
         await eventually(lambda: send_batches(gw) == batches_before + 1, timeout=10,
@@ -704,7 +676,7 @@ async def test_a_burst_over_the_cap_tells_the_client_exactly_what_is_kept(gatewa
         "notifications"]}  # fmt: skip
     batches_before = send_batches(gw)
 
-    async with held_sends(gw):
+    async with held_database(gw, "message"):
         primer = asyncio.ensure_future(alice.emit(
             "message:send", {"roomId": "general", "content": "primer"}))  # fmt: skip
         await eventually(lambda: send_batches(gw) == batches_before + 1, timeout=10,
