@@ -264,15 +264,18 @@ def room_audiences(room_ids: list[str]) -> dict[str, RoomAudience]:
     }
     members: dict[str, dict[str, str]] = {room_id: {} for room_id in names}
     if names:
+        # Tuples, not models: one model (and a joined User) per member row was
+        # most of a notification round's CPU (bench/persist.py, py-spy --gil).
         query = (
             RoomMember.select(RoomMember.room, RoomMember.user_id, User.username)
             .join(User, pw.JOIN.LEFT_OUTER, on=(RoomMember.user_id == User.id))
             .where(RoomMember.room.in_(list(names)))
             .order_by(RoomMember.id)
+            .tuples()
         )
-        for m in query:
-            user = getattr(m, "user", None)
-            members[m.room_id][m.user_id] = user.username if user is not None else m.user_id
+        rows: list[tuple[str, str, str | None]] = list(query)  # type: ignore[arg-type]
+        for room_id, member_id, username in rows:
+            members[room_id][member_id] = username if username is not None else member_id
     return {room_id: RoomAudience(name, members[room_id]) for room_id, name in names.items()}
 
 
