@@ -26,8 +26,6 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
-import peewee as pw
-
 from server import errors
 from server.db import Database
 
@@ -115,10 +113,7 @@ class Batcher(Generic[Req, Res]):
 
 def _batch_failure(op: str, exc: Exception) -> errors.GatewayError:
     """What every request of a failed batch answers: retryable when the database is."""
-    if isinstance(exc, errors.GatewayError):
+    if isinstance(exc, errors.GatewayError):  # DatabaseUnavailable, logged by Database.run
         return exc
-    if isinstance(exc, pw.OperationalError | pw.InterfaceError):
-        log.warning("%s batch failed, the database is unavailable: %s", op, exc)
-        return errors.ServiceUnavailable("Database unavailable; retry", {"retryable": True})
     log.error("%s batch failed", op, exc_info=exc)
     return errors.InternalError()

@@ -36,6 +36,7 @@ from playhouse.pool import PooledPostgresqlDatabase
 
 import models
 from models import MODELS
+from server import errors
 
 log = logging.getLogger("switchboard.db")
 
@@ -144,6 +145,11 @@ class Database:
             return await loop.run_in_executor(
                 self._executor, self._call, fn, args, kwargs, transaction
             )
+        except (pw.OperationalError, pw.InterfaceError) as exc:
+            # Connection-level failures: the database is down or unreachable (or
+            # SQLite stayed locked past busy_timeout). Retryable, not a bug.
+            log.warning("%s: the database is unavailable: %s", op, exc)
+            raise errors.DatabaseUnavailable() from exc
         finally:
             if self._observe is not None:
                 self._observe(op, time.perf_counter() - started)
@@ -176,6 +182,8 @@ class Database:
             async with asyncio.timeout(2.0):
                 await self.run_bare("ping", self._ping)
             return True
+        except errors.DatabaseUnavailable:
+            return False  # logged by _submit
         except Exception as exc:
             log.warning("database ping failed: %s", exc)
             return False

@@ -119,6 +119,20 @@ class ServiceUnavailable(GatewayError):
     default_message = "Service unavailable"
 
 
+class DatabaseUnavailable(ServiceUnavailable):
+    """The database did not answer: down, unreachable, or locked past its busy timeout.
+
+    Raised by :meth:`server.db.Database.run` for the driver's connection
+    errors, so every surface answers a retryable ``SERVICE_UNAVAILABLE``
+    instead of ``INTERNAL_ERROR``. Details: ``{"retryable": true}``.
+    """
+
+    default_message = "Database unavailable; retry"
+
+    def __init__(self, message: str | None = None, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message, {"retryable": True, **(details or {})})
+
+
 class InternalError(GatewayError):
     """An unexpected failure; the cause is logged, the client sees only this."""
 

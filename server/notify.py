@@ -25,8 +25,6 @@ import re
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-import peewee as pw
-
 from models import notifications as store
 from server import errors
 from server.batch import DEFAULT_MAX_BATCH, Batcher
@@ -289,7 +287,7 @@ class NotificationService:
                     # The round's notices are lost, as one message's were
                     # before; later rounds go on (and the seq-derived counts
                     # catch up with the next bump of an existing notice).
-                    if isinstance(exc, pw.OperationalError | pw.InterfaceError):
+                    if isinstance(exc, errors.DatabaseUnavailable):
                         log.warning("chat notifications of %d rooms skipped, the database is "
                                     "unavailable: %s", len(taken), exc)  # fmt: skip
                     else:

@@ -74,12 +74,15 @@ def log_request(handler: RequestHandler) -> None:
 
     Same logger (``tornado.access``), levels (INFO below 400, WARNING for
     4xx, ERROR for 5xx) and shape (``403 GET /ws/chat?token=[redacted]
-    (127.0.0.1) 1.52ms``) as tornado's own ``Application.log_request``.
+    (127.0.0.1) 1.52ms``) as tornado's own ``Application.log_request``,
+    except 503: a deliberate, retryable refusal (the database or Redis is
+    away, the node shutting down, ``/health/ready`` saying "not ready" to
+    every probe) is a WARNING; the cause is logged where it is found.
     """
     status = handler.get_status()
     if status < 400:
         level = logging.INFO
-    elif status < 500:
+    elif status < 500 or status == 503:
         level = logging.WARNING
     else:
         level = logging.ERROR
