@@ -408,20 +408,10 @@ class Hub:
         """
         if not self.coalesce:
             return conn.write_frame(frame)
-        frames = self._queued.get(conn)
-        if frames is None:
-            self._queued[conn] = [frame]
-        else:
-            frames.append(frame)
-        sent = self._direct.get(conn)
-        if sent is None:
-            self._direct[conn] = [1, len(frame)]
-        else:
-            sent[0] += 1
-            sent[1] += len(frame)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+        self._queue((conn,), frame, None)
+        sent = self._direct.setdefault(conn, [0, 0])
+        sent[0] += 1
+        sent[1] += len(frame)
         return True
 
     def flush(self) -> None:
