@@ -366,20 +366,35 @@ def _message_dicts(messages: list[Message]) -> list[dict[str, Any]]:
 
 def message_dict(m: Message, reactions: dict[str, list[str]]) -> dict[str, Any]:
     deleted = m.deleted_at is not None
+    return _wire_message(
+        m.id, m.room_id, m.seq, m.sender_id, m.sender_name,
+        "" if deleted else m.content, m.type, m.parent_id,
+        [] if deleted else m.attachments, {} if deleted else m.metadata,
+        {} if deleted else dict(reactions), iso(m.created_at), iso(m.edited_at), deleted,
+    )  # fmt: skip
+
+
+def _wire_message(
+    message_id: int, room_id: str, seq: int, sender_id: str, sender_name: str, content: str,
+    msg_type: str, parent_id: int | None, attachments: list[str], metadata: dict[str, Any],
+    reactions: dict[str, list[str]], created_at: str | None, edited_at: str | None,
+    deleted: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """The message object of the wire protocol (docs/protocol.md), from its fields."""
     return {
-        "id": str(m.id),
-        "roomId": m.room_id,
-        "seq": m.seq,
-        "senderId": m.sender_id,
-        "senderName": m.sender_name,
-        "content": "" if deleted else m.content,
-        "type": m.type,
-        "parentMessageId": str(m.parent_id) if m.parent_id is not None else None,
-        "attachments": [] if deleted else m.attachments,
-        "metadata": {} if deleted else m.metadata,
-        "reactions": {} if deleted else dict(reactions),
-        "createdAt": iso(m.created_at),
-        "editedAt": iso(m.edited_at),
+        "id": str(message_id),
+        "roomId": room_id,
+        "seq": seq,
+        "senderId": sender_id,
+        "senderName": sender_name,
+        "content": content,
+        "type": msg_type,
+        "parentMessageId": str(parent_id) if parent_id is not None else None,
+        "attachments": attachments,
+        "metadata": metadata,
+        "reactions": reactions,
+        "createdAt": created_at,
+        "editedAt": edited_at,
         "deleted": deleted,
     }
 
@@ -659,14 +674,10 @@ def _insert_batch(
         ))  # fmt: skip
     for i, room_id, seq in placed:
         r = requests[i]
-        out[i] = Sent({
-            "id": str(ids[(room_id, seq)]), "roomId": room_id, "seq": seq,
-            "senderId": r.sender_id, "senderName": r.sender_name, "content": r.content,
-            "type": r.msg_type,
-            "parentMessageId": str(r.parent_id) if r.parent_id is not None else None,
-            "attachments": r.attachments, "metadata": r.metadata, "reactions": {},
-            "createdAt": created, "editedAt": None, "deleted": False,
-        }, False)  # fmt: skip
+        out[i] = Sent(_wire_message(
+            ids[(room_id, seq)], room_id, seq, r.sender_id, r.sender_name, r.content,
+            r.msg_type, r.parent_id, r.attachments, r.metadata, {}, created, None, False,
+        ), False)  # fmt: skip
 
 
 def _db_time(value: dt.datetime) -> Any:
