@@ -23,7 +23,7 @@ from tornado.web import HTTPError
 from handlers.base import NodeState
 from handlers.http import JSONHandler
 from handlers.notifications import DEFAULT_PAGE, MAX_PAGE, NotificationIdField
-from handlers.schemas import EventSchema, Int, JSONObject, Str, Text, room_id
+from handlers.schemas import EventSchema, Int, JSONObject, Str, Text, load, room_id
 from models import chat as chat_db
 from models import notifications as store
 from server import errors
@@ -130,7 +130,7 @@ class APIHandler(JSONHandler):
     node shuts down (503), checks the Bearer token (401) and the class's
     ``allowed_roles`` (403), the body size (413) and the caller's ``other``
     rate limit (429). Methods then read ``self.identity`` and use
-    :meth:`load` / :meth:`body` for validated input.
+    :meth:`body` with :func:`handlers.schemas.load` for validated input.
 
     Example::
 
@@ -194,13 +194,6 @@ class APIHandler(JSONHandler):
         if roles is not None and not self.identity.has_any(roles):
             raise errors.Forbidden(f"Needs one of the roles {', '.join(sorted(roles))}")
 
-    def load(self, schema: type[Schema], data: Any) -> dict[str, Any]:
-        try:
-            loaded: dict[str, Any] = schema().load(data)
-        except ValidationError as exc:
-            raise errors.ValidationFailed.from_marshmallow(exc) from None
-        return loaded
-
     def query(self) -> dict[str, str]:
         """Query arguments, the last value of each (``?limit=5``)."""
         return {
@@ -244,7 +237,7 @@ class NotificationsAPI(APIHandler):
     """``GET /api/v1/notifications`` (a page); ``POST`` creates them (role ``service``)."""
 
     async def get(self) -> None:
-        args = self.load(NotificationQuery, self.query())
+        args = load(NotificationQuery, self.query())
         page = await self.notifications.page(
             self.user_id, unread_only=args["unread_only"], limit=args["limit"],
             before=args["before"],
@@ -253,7 +246,7 @@ class NotificationsAPI(APIHandler):
 
     async def post(self) -> None:
         self.require_roles(frozenset({"service"}))
-        args = self.load(NotificationCreate, self.body())
+        args = load(NotificationCreate, self.body())
         created = await self.notifications.notify(
             args.pop("user_ids"), **args,
         )  # fmt: skip
@@ -279,7 +272,7 @@ class NotificationReadAPI(APIHandler):
     """``POST /api/v1/notifications/{id}/read`` → ``{notificationId, unreadCount}``."""
 
     async def post(self, raw_id: str) -> None:
-        notification_id = self.load(NotificationPath, {"id": raw_id})["notification_id"]
+        notification_id = load(NotificationPath, {"id": raw_id})["notification_id"]
         change = await self.notifications.mark_read(self.user_id, notification_id)
         self.write_json({"notificationId": str(notification_id), "unreadCount": change.unread})
 
@@ -288,7 +281,7 @@ class NotificationAPI(APIHandler):
     """``DELETE /api/v1/notifications/{id}`` → ``{notificationId, unreadCount}``."""
 
     async def delete(self, raw_id: str) -> None:
-        notification_id = self.load(NotificationPath, {"id": raw_id})["notification_id"]
+        notification_id = load(NotificationPath, {"id": raw_id})["notification_id"]
         change = await self.notifications.delete(self.user_id, notification_id)
         self.write_json({"notificationId": str(notification_id), "unreadCount": change.unread})
 
@@ -300,7 +293,7 @@ class RoomMessagesAPI(APIHandler):
     """``GET /api/v1/rooms/{roomId}/messages?limit=&beforeSeq=`` (members only)."""
 
     async def get(self, raw_room_id: str) -> None:
-        args = self.load(HistoryQuery, {**self.query(), "roomId": raw_room_id})
+        args = load(HistoryQuery, {**self.query(), "roomId": raw_room_id})
         page = await self.db.run(
             "message.page", chat_db.get_messages,
             args["room_id"], self.user_id, args["limit"], args["before_seq"], None,
@@ -321,7 +314,7 @@ class PublishAPI(APIHandler):
     allowed_roles = frozenset({"service"})
 
     async def post(self) -> None:
-        args = self.load(Publish, self.body())
+        args = load(Publish, self.body())
         where = args["target"]
         namespace = where.get("namespace")
         if "user_id" in where:

@@ -39,7 +39,7 @@ from tornado.websocket import WebSocketClosedError
 
 from handlers.base import GatewayHandler
 from handlers.http import JSONHandler
-from handlers.schemas import EventSchema, Int, JSONObject, Text, Timestamp
+from handlers.schemas import EventSchema, Int, JSONObject, Text, Timestamp, load
 from server import errors, protocol
 from server.auth import Identity, TokenVerifier
 from server.db import Database
@@ -393,10 +393,7 @@ class LogIngestHandler(_LogsHTTPHandler):
                 raise errors.BadRequest("Body is not valid JSON") from None
             if not isinstance(body, dict):
                 raise errors.BadRequest("Body must be a JSON object")
-            try:
-                loaded = IngestBody().load(body)
-            except ValidationError as exc:
-                raise errors.ValidationFailed.from_marshmallow(exc) from None
+            loaded = load(IngestBody, body)
         except errors.GatewayError as exc:
             self.send_error_for(exc)
             return
@@ -420,10 +417,7 @@ class LogRecentHandler(_LogsHTTPHandler):
             await self.authorize(READER_ROLES)
             query = {k: self.get_query_argument(k) for k in ("limit", "level", "service")
                      if self.get_query_argument(k, "")}  # fmt: skip
-            try:
-                loaded = RecentQuery().load(query)
-            except ValidationError as exc:
-                raise errors.ValidationFailed.from_marshmallow(exc) from None
+            loaded = load(RecentQuery, query)
         except errors.GatewayError as exc:
             self.send_error_for(exc)
             return

@@ -18,12 +18,14 @@ checks that every schema keeps to this.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import re
 from typing import Any
 
 import orjson
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
 
+from server import errors
 from server.protocol import INT64_MAX
 
 # \Z, not $: "$" also matches before a trailing newline ("general\n").
@@ -320,3 +322,23 @@ class Ping(EventSchema):
 
 class AuthRefresh(EventSchema):
     token = fields.String(required=True, validate=validate.Length(1, 8192))
+
+
+def load(schema: type[Schema], data: Any) -> dict[str, Any]:
+    """``data`` loaded by ``schema``; a validation failure is ``VALIDATION_ERROR``.
+
+    The one way every surface (socket events, REST, log ingest) loads input.
+    """
+    try:
+        loaded: dict[str, Any] = _instance(schema).load(data)
+    except ValidationError as exc:
+        raise errors.ValidationFailed.from_marshmallow(exc) from None
+    return loaded
+
+
+@functools.cache
+def _instance(schema: type[Schema]) -> Schema:
+    """One instance per schema class: building one deep-copies its fields
+    (~40 µs, a quarter of the loop's time per message:send under load),
+    and marshmallow 4 schemas hold no per-load state."""
+    return schema()
