@@ -89,15 +89,26 @@ class Gateway:
                 pass
 
 
+def require_postgres() -> None:
+    """Skip (fail under CI=true) unless PostgreSQL's server tools are installed."""
+    require_binary("initdb", "PostgreSQL (initdb/pg_ctl) is not installed")
+    require_binary("pg_ctl", "PostgreSQL (initdb/pg_ctl) is not installed")
+
+
 @pytest.fixture(scope="session")
 def postgres() -> Any:
     """One throwaway PostgreSQL cluster for the session (started on demand)."""
-    require_binary("initdb", "PostgreSQL (initdb/pg_ctl) is not installed")
-    require_binary("pg_ctl", "PostgreSQL (initdb/pg_ctl) is not installed")
-    server = PostgresServer()
-    server.start()
-    yield server
-    server.stop()
+    require_postgres()
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def own_postgres() -> Any:
+    """A PostgreSQL cluster of this test alone, for tests that stop or kill it."""
+    require_postgres()
+    with PostgresServer() as server:
+        yield server
 
 
 @pytest_asyncio.fixture

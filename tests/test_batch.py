@@ -27,7 +27,6 @@ from models import Room, utcnow
 from server.client import Client, ClientError
 from tests.cluster import eventually, lock_rows, waiting_for_locks
 from tests.conftest import ROOMY_RATE_LIMITS
-from tests.services import PostgresServer, require_binary
 from tests.test_chat import join, member, nothing_arrived, room, send, settle, went_offline
 from tests.test_presence import statuses as statuses_of
 from tests.test_shutdown import ServerProcess
@@ -59,6 +58,22 @@ async def held_database(gw: Any, lock_table: str | None = None) -> AsyncIterator
     finally:
         release.set()
         await holder
+
+
+async def primed_send(gw: Any, client: Client, room_id: str) -> asyncio.Future[Any]:
+    """A send that goes to the database alone and waits there (inside ``held_database``).
+
+    An idle batcher sends its first request at once; with that batch held,
+    the sends that follow wait and go together in the next one. Returns the
+    primer's ack, to await once the hold ends.
+    """
+    before = batch_sizes(gw)[0]
+    primer = asyncio.ensure_future(
+        client.emit("message:send", {"roomId": room_id, "content": "primer"})
+    )
+    await eventually(lambda: batch_sizes(gw)[0] == before + 1, timeout=10,
+                     what="the primer's batch waiting for the database")  # fmt: skip
+    return primer
 
 
 async def queued(gw: Any, count: int) -> None:
@@ -107,10 +122,7 @@ async def test_a_batch_fails_its_bad_sends_alone_and_commits_the_rest(gateway):
     before = batch_sizes(gw)
 
     async with held_database(gw):
-        primer = asyncio.ensure_future(owner.emit(
-            "message:send", {"roomId": "general", "content": "primer"}))  # fmt: skip
-        await eventually(lambda: batch_sizes(gw)[0] == before[0] + 1, timeout=10,
-                         what="the primer's batch waiting for the database")  # fmt: skip
+        primer = await primed_send(gw, owner, "general")
         # As if another node deleted the room: after the primer's batch, before the
         # next one (one database worker: jobs run in the order they are submitted;
         # the task submits its job on its first step, which sleep(0) lets it take).
@@ -385,17 +397,6 @@ async def test_a_database_failure_refuses_the_admission_batch_as_unavailable(
 # -- the database failing --------------------------------------------------------------
 
 
-@pytest.fixture
-def own_postgres() -> Any:
-    """A PostgreSQL server of this test alone: it gets stopped."""
-    require_binary("initdb", "PostgreSQL (initdb/pg_ctl) is not installed")
-    require_binary("pg_ctl", "PostgreSQL (initdb/pg_ctl) is not installed")
-    server = PostgresServer()
-    server.start()
-    yield server
-    server.stop()
-
-
 async def test_the_database_dying_mid_batch_fails_every_send_of_it_and_acks_none(
     gateway_factory, own_postgres, caplog
 ):
@@ -528,12 +529,8 @@ async def test_a_batch_undone_by_a_racing_retry_stores_its_other_sends_without_d
         await eventually(lambda: waiting_for_locks(url, 1), timeout=10,
                          what="the original waiting for r2")  # fmt: skip
         # Node b's batch: bob's send to r2, alice's retry, carol's send to r1, in that order.
-        before = batch_sizes(gw_b)
         async with held_database(gw_b):
-            primer = asyncio.ensure_future(owner.emit(
-                "message:send", {"roomId": "side", "content": "primer"}))  # fmt: skip
-            await eventually(lambda: batch_sizes(gw_b)[0] == before[0] + 1, timeout=10,
-                             what="the primer's batch waiting for the database")  # fmt: skip
+            primer = await primed_send(gw_b, owner, "side")
             futures = []
             for client, data in (
                 (bob, {"roomId": "r2", "content": "from bob"}),

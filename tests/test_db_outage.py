@@ -18,7 +18,6 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from server.client import ClientError
-from tests.test_batch import own_postgres  # noqa: F401  (fixture)
 from tests.test_chat import join, room, send
 
 pytestmark = pytest.mark.asyncio
@@ -43,7 +42,7 @@ async def failure(call: Any) -> tuple[str, dict[str, Any]]:
 
 async def test_a_database_outage_is_service_unavailable_on_every_surface(
     gateway_factory,
-    own_postgres,  # noqa: F811
+    own_postgres,
     caplog,
 ):
     gw = await gateway_factory(database_url=own_postgres.create_database("outage"))

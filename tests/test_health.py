@@ -41,13 +41,6 @@ async def until(gw: Any, path: str, want: Callable[[int, dict[str, Any]], bool])
 
 
 @pytest.fixture
-def own_postgres() -> Iterator[PostgresServer]:
-    require_binary("initdb", "PostgreSQL (initdb/pg_ctl) is not installed")
-    with PostgresServer() as pg:
-        yield pg
-
-
-@pytest.fixture
 def own_redis() -> Iterator[RedisServer]:
     require_binary("redis-server", "redis-server is not installed")
     with RedisServer() as server:
