@@ -116,6 +116,7 @@ class ChatHandler(GatewayHandler):
         notifications: NotificationService,
         moderation: Moderation,
         sends: Batcher[chat_db.SendRequest, chat_db.Sent],
+        reacts: Batcher[chat_db.ReactRequest, dict[str, Any]],
         **kwargs: Any,
     ) -> None:
         super().initialize(**kwargs)
@@ -125,6 +126,7 @@ class ChatHandler(GatewayHandler):
         self.notifications = notifications
         self.moderation = moderation
         self.sends = sends
+        self.reacts = reacts
 
     @property
     def user_info(self) -> dict[str, Any]:
@@ -333,8 +335,8 @@ class ChatHandler(GatewayHandler):
         return data
 
     async def on_message_react(self, message_id: int, emoji: str, action: str) -> dict[str, Any]:
-        result = await self.db.run(
-            "message.react", chat_db.react, message_id, self.user_id, emoji, action
+        result = await self.reacts.submit(
+            chat_db.ReactRequest(message_id, self.user_id, emoji, action)
         )
         data = {**result, "emoji": emoji, "userId": self.user_id, "action": action}
         self.publish(Target.room(result["roomId"]), "message:reaction", data)

@@ -827,25 +827,132 @@ def delete_message(message_id: int, user_id: str, is_staff: bool) -> dict[str, A
     return message_dict(message, {})
 
 
-def react(message_id: int, user_id: str, emoji: str, action: str) -> dict[str, Any]:
-    """A member who is not muted there adds or removes a reaction."""
-    message, member = _visible_message(message_id, user_id)
-    _member_or_not_in_room(message_id, member)
-    _require_unmuted(message.room_id, user_id)
-    if action == "add":
-        (
-            Reaction.insert(message=message, user_id=user_id, emoji=emoji, created_at=utcnow())
-            .on_conflict_ignore()
-            .execute()
+@dataclass(frozen=True, slots=True)
+class ReactRequest:
+    """One ``message:react``, as :func:`react_many` takes it."""
+
+    message_id: int
+    user_id: str
+    emoji: str
+    action: str  # "add" or "remove"
+
+
+def react_many(requests: list[ReactRequest]) -> list[dict[str, Any] | errors.GatewayError]:
+    """Apply a batch of reactions in one transaction, each with its own outcome.
+
+    Group commit (``server.batch.Batcher``, op ``message.react``): reactions
+    come in bursts (many members answering one message), so the ones waiting
+    while the previous batch is in the database arrive here together. Each is
+    checked as a lone reaction always was (the message visible to the user, a
+    member of its room, not muted there), with one query per check for the
+    whole batch; one that fails gets its own error and costs the others
+    nothing. Each outcome carries the message's reactions as they stand after
+    that request, in arrival order, as if they had run one by one: the
+    batch reads them once and applies its requests to that copy. The rows
+    change with one delete per removed reaction and one multi-row insert.
+    """
+    out: list[dict[str, Any] | errors.GatewayError | None] = [None] * len(requests)
+    message_ids = sorted({r.message_id for r in requests})
+    user_ids = sorted({r.user_id for r in requests})
+    rooms_of = dict(_rows(
+        f'SELECT "id", "room_id" FROM "message" WHERE "id" IN ({_marks(message_ids)})'
+        ' AND "deleted_at" IS NULL', message_ids,
+    ))  # fmt: skip
+    room_ids = sorted(set(rooms_of.values()))
+    rooms: dict[str, tuple[Any, ...]] = {}
+    members: set[tuple[str, str]] = set()
+    mutes: dict[tuple[str, str], Any] = {}
+    now = utcnow()
+    if room_ids:
+        rooms = {row[0]: row[1:] for row in _rows(
+            'SELECT "id", "type", "password_hash" IS NOT NULL, "deleted_at" IS NULL FROM "room"'
+            f' WHERE "id" IN ({_marks(room_ids)})', room_ids,
+        )}  # fmt: skip
+        both = [*room_ids, *user_ids]
+        in_rooms_of_users = (
+            f'"room_id" IN ({_marks(room_ids)}) AND "user_id" IN ({_marks(user_ids)})'
         )
-    else:
+        members = set(_rows(
+            f'SELECT "room_id", "user_id" FROM "room_member" WHERE {in_rooms_of_users}', both
+        ))  # fmt: skip
+        mutes = {
+            (room_id, user_id): until
+            for room_id, user_id, until in _rows(
+                f'SELECT "room_id", "user_id", "until" FROM "room_mute" WHERE {in_rooms_of_users}'
+                f' AND "until" > {_mark()}', [*both, _db_time(now)],
+            )
+        }  # fmt: skip
+    # The reactions of the messages in play, in the order _reactions_of lists them:
+    # message -> {(emoji, user): None} (a dict keeps that order).
+    present: dict[int, dict[tuple[str, str], None]] = defaultdict(dict)
+    live = sorted(rooms_of)
+    if live:
+        for message_id, user_id, emoji in _rows(
+            'SELECT "message_id", "user_id", "emoji" FROM "reaction"'
+            f' WHERE "message_id" IN ({_marks(live)}) ORDER BY "created_at", "id"', live,
+        ):  # fmt: skip
+            present[message_id][(emoji, user_id)] = None
+    added: set[tuple[int, str, str]] = set()
+    removed: set[tuple[int, str, str]] = set()
+    for i, r in enumerate(requests):
+        room_id = rooms_of.get(r.message_id)
+        room = rooms.get(room_id) if room_id is not None else None
+        member = room_id is not None and (room_id, r.user_id) in members
+        # _visible_message's rules: "not yours to see" answers like "missing".
+        if room is None or not room[2] or (not member and (room[0] == "private" or room[1])):
+            out[i] = _message_not_found(r.message_id)
+            continue
+        assert room_id is not None
+        if not member:
+            out[i] = errors.NotInRoom(
+                "Join the message's room first", {"messageId": str(r.message_id)}
+            )
+            continue
+        if (until := mutes.get((room_id, r.user_id))) is not None:
+            out[i] = errors.Muted(details={"roomId": room_id, "until": iso(_py_time(until))})
+            continue
+        now_present, key, row = present[r.message_id], (r.emoji, r.user_id), (
+            r.message_id, r.user_id, r.emoji)  # fmt: skip
+        if r.action == "add":
+            if key not in now_present:
+                now_present[key] = None
+                added.add(row)
+        elif key in now_present:
+            del now_present[key]
+            removed.add(row)
+        reactions: dict[str, list[str]] = defaultdict(list)
+        for emoji, user_id in now_present:
+            reactions[emoji].append(user_id)
+        out[i] = {"messageId": str(r.message_id), "roomId": room_id, "reactions": dict(reactions)}
+    _store_reactions(present, added, removed, now)
+    results = [outcome for outcome in out if outcome is not None]
+    assert len(results) == len(requests)
+    return results
+
+
+def _store_reactions(
+    present: dict[int, dict[tuple[str, str], None]],
+    added: set[tuple[int, str, str]],
+    removed: set[tuple[int, str, str]],
+    now: dt.datetime,
+) -> None:
+    """Make the reaction rows what ``present`` holds after a batch.
+
+    Every reaction the batch removed goes, then every one it added that is
+    still there goes in with one statement, in ``present``'s order (one that
+    was removed and added back goes in anew, after the older ones, where
+    ``present`` lists it).
+    """
+    for message_id, user_id, emoji in sorted(removed):
         Reaction.delete().where(
-            (Reaction.message == message) & (Reaction.user_id == user_id)
+            (Reaction.message == message_id) & (Reaction.user_id == user_id)
             & (Reaction.emoji == emoji)
         ).execute()  # fmt: skip
-    return {
-        "messageId": str(message.id),
-        "roomId": message.room_id,
-        "reactions": _reactions_of(message.id),
-    }
-
+    rows = [
+        {"message": message_id, "user_id": user_id, "emoji": emoji, "created_at": now}
+        for message_id, keys in sorted(present.items())
+        for emoji, user_id in keys
+        if (message_id, user_id, emoji) in added
+    ]
+    if rows:
+        Reaction.insert_many(rows).on_conflict_ignore().execute()

@@ -179,6 +179,10 @@ class Node:
             max_batch=config.write_batch_max, observe=self.metrics.admission_batch_size.observe,
         )  # fmt: skip
         self.metrics.write_batch_waiting.set_function(lambda: self.sends.waiting)
+        # And for message:react: reactions come in bursts (bench.persist --phases react).
+        self.reacts: Batcher[chat_db.ReactRequest, dict[str, Any]] = Batcher(
+            self.db, "message.react", chat_db.react_many, max_batch=config.write_batch_max
+        )
         self.logstream = LogStream(config.node_id, config.log_buffer_size)
         # Notifications (server/notify.py) plug in as ``self.moderation.notifier``.
         self.moderation = Moderation(self.hub, self.db, self.stats, self.tasks)
@@ -214,7 +218,7 @@ class Node:
         }
         chat_deps = {
             "typing": self.typing, "health": self.health, "moderation": self.moderation,
-            "sends": self.sends,
+            "sends": self.sends, "reacts": self.reacts,
             **notify_deps,
         }  # fmt: skip
         admin_deps = {"moderation": self.moderation, "feed": self.admin_feed}

@@ -222,6 +222,113 @@ async def test_one_transaction_per_message_when_group_commit_is_off(gateway_fact
     assert batch_sizes(gw) == (2.0, 2.0)
 
 
+# -- message:react (op message.react) ------------------------------------------------
+
+
+def react_batches(gw: Any) -> tuple[int, int]:
+    """(batches of reactions sent to the database, reactions they carried) so far."""
+    return gw.node.reacts.batches, gw.node.reacts.carried
+
+
+async def queued_react(gw: Any, client: Client, message_id: str, emoji: str,
+                       action: str = "add") -> asyncio.Future[Any]:  # fmt: skip
+    """Emit a reaction and wait until it waits for the next batch (so batches keep this order)."""
+    waiting = gw.node.reacts.waiting
+    future = asyncio.ensure_future(client.emit(
+        "message:react", {"messageId": message_id, "emoji": emoji, "action": action}))  # fmt: skip
+    await eventually(lambda: gw.node.reacts.waiting == waiting + 1, timeout=10,
+                     what=f"a {action} {emoji} waiting for the database")  # fmt: skip
+    return future
+
+
+async def test_a_batch_fails_its_bad_reactions_alone_and_applies_the_rest(gateway):
+    gw = gateway
+    owner = await gw.connect("owner")
+    await room(owner, "general")
+    await room(owner, "vault", type="private")
+    alice1, alice2 = await gw.connect("alice"), await gw.connect("alice")
+    bob, carol, muted, watcher = [await gw.connect(n) for n in ("bob", "carol", "muted", "w")]
+    stray, carol2, carol3 = [await gw.connect(n) for n in ("stray", "carol", "carol")]
+    for client in (alice1, alice2, bob, carol, muted, watcher):
+        await join(client, "general")
+    message = (await send(owner, "general", "react to me"))["id"]
+    secret = (await send(owner, "vault", "not for you"))["id"]
+    admin = await gw.connect("mod", "admin", roles=("admin",))
+    await admin.emit("admin:mute", {"userId": "muted", "roomId": "general",
+                                    "durationSeconds": 600})  # fmt: skip
+    await settle(watcher)
+    before = react_batches(gw)
+
+    async with held_database(gw):
+        primer = asyncio.ensure_future(owner.emit(
+            "message:react", {"messageId": message, "emoji": "👀"}))  # fmt: skip
+        await eventually(lambda: react_batches(gw)[0] == before[0] + 1, timeout=10,
+                         what="the primer's batch waiting for the database")  # fmt: skip
+        futures = {
+            "alice adds": await queued_react(gw, alice1, message, "👍"),
+            "bob adds": await queued_react(gw, bob, message, "👍"),
+            "muted": await queued_react(gw, muted, message, "👍"),
+            "alice removes": await queued_react(gw, alice2, message, "👍", "remove"),
+            "stray": await queued_react(gw, stray, message, "👍"),
+            "secret": await queued_react(gw, carol2, secret, "👍"),
+            "missing": await queued_react(gw, carol3, "999999", "👍"),
+            "carol adds": await queued_react(gw, carol, message, "👍"),
+        }
+
+    assert (await primer)["reactions"] == {"👀": ["owner"]}
+    got = {name: await outcome(f) for name, f in futures.items()}
+    assert got["muted"] == "MUTED"
+    assert got["stray"] == "NOT_IN_ROOM"
+    assert got["secret"] == got["missing"] == "MESSAGE_NOT_FOUND"
+    # Each good one acks the reactions as they stood after it, in arrival order.
+    expected = {
+        "alice adds": {"👀": ["owner"], "👍": ["alice"]},
+        "bob adds": {"👀": ["owner"], "👍": ["alice", "bob"]},
+        "alice removes": {"👀": ["owner"], "👍": ["bob"]},
+        "carol adds": {"👀": ["owner"], "👍": ["bob", "carol"]},
+    }
+    assert {name: got[name]["reactions"] for name in expected} == expected
+    # Two batches: the primer alone, then every reaction that waited, bad ones included.
+    after = react_batches(gw)
+    assert after == (before[0] + 2, before[1] + 1 + len(futures))
+    # The room hears each good one once, in that order, and nothing of the bad ones.
+    heard = [(await watcher.next_event("message:reaction"))["data"] for _ in range(5)]
+    assert [(h["userId"], h["action"], h["reactions"]) for h in heard] == [
+        ("owner", "add", {"👀": ["owner"]}),
+        *[(name.split()[0], "remove" if "removes" in name else "add", reactions)
+          for name, reactions in expected.items()],
+    ]  # fmt: skip
+    await nothing_arrived([watcher], "message:reaction")
+    page = await watcher.emit("room:get_messages", {"roomId": "general", "limit": 1})
+    assert page["messages"][0]["reactions"] == {"👀": ["owner"], "👍": ["bob", "carol"]}
+
+
+async def test_a_reaction_removed_and_added_back_in_one_batch_goes_last(gateway):
+    """What the acks said is what is stored: the re-added reaction comes after the others."""
+    gw = gateway
+    owner = await gw.connect("owner")
+    await room(owner, "general")
+    alice1, alice2, bob = [await gw.connect(n) for n in ("alice", "alice", "bob")]
+    for client in (alice1, alice2, bob):
+        await join(client, "general")
+    message = (await send(owner, "general", "react to me"))["id"]
+    await alice1.emit("message:react", {"messageId": message, "emoji": "👍"})
+    await bob.emit("message:react", {"messageId": message, "emoji": "👍"})
+    before = react_batches(gw)[0]
+    async with held_database(gw):
+        primer = asyncio.ensure_future(owner.emit(
+            "message:react", {"messageId": message, "emoji": "👀"}))  # fmt: skip
+        await eventually(lambda: react_batches(gw)[0] == before + 1, timeout=10,
+                         what="the primer's batch waiting for the database")  # fmt: skip
+        removed = await queued_react(gw, alice1, message, "👍", "remove")
+        back = await queued_react(gw, alice2, message, "👍")
+    await primer
+    assert (await removed)["reactions"] == {"👍": ["bob"], "👀": ["owner"]}
+    assert (await back)["reactions"] == {"👍": ["bob", "alice"], "👀": ["owner"]}
+    page = await bob.emit("room:get_messages", {"roomId": "general", "limit": 1})
+    assert page["messages"][0]["reactions"] == {"👍": ["bob", "alice"], "👀": ["owner"]}
+
+
 # -- connection admission (op user.connect) -----------------------------------------
 
 
@@ -475,6 +582,67 @@ async def test_the_database_dying_mid_batch_fails_every_send_of_it_and_acks_none
     contents = sorted(row[3] for row in await asyncio.to_thread(stored_rows, url))
     assert contents == sorted(["primer", "back 0", "back 1", "back 2", "back 3", "calm again"])
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_the_database_dying_mid_batch_fails_every_reaction_of_it_and_acks_none(
+    gateway_factory, own_postgres
+):
+    """As for sends: PostgreSQL stops while a batch of reactions waits in it.
+
+    The batch waits on a message's row (its insert's foreign-key check needs
+    it), one of its reactions on another, free message: all four answer
+    SERVICE_UNAVAILABLE and none is stored; once the server is back,
+    reactions succeed without a restart.
+    """
+    url = own_postgres.create_database("reactdown")
+    gw = await gateway_factory(database_url=url)
+    owner = await gw.connect("owner")
+    await room(owner, "general")
+    reactors = [await gw.connect(f"r{n}") for n in range(4)]
+    for client in reactors:
+        await join(client, "general")
+    side, held, calm = [(await send(owner, "general", name))["id"] for name in ("s", "h", "c")]
+    side_lock = await asyncio.to_thread(lock_rows, url, "message", [int(side)])
+    held_lock = await asyncio.to_thread(lock_rows, url, "message", [int(held)])
+    try:
+        before = react_batches(gw)
+        primer = asyncio.ensure_future(owner.emit(
+            "message:react", {"messageId": side, "emoji": "👀"}))  # fmt: skip
+        await eventually(lambda: waiting_for_locks(url, 1), timeout=10,
+                         what="the primer's batch waiting for its message's row")  # fmt: skip
+        futures = [
+            asyncio.ensure_future(c.emit("message:react", {
+                "messageId": calm if n == 0 else held, "emoji": "👍"}))
+            for n, c in enumerate(reactors)
+        ]  # fmt: skip
+        await eventually(lambda: gw.node.reacts.waiting == len(futures), timeout=10,
+                         what="four reactions waiting for the database")  # fmt: skip
+        await asyncio.to_thread(side_lock.rollback)
+        assert (await primer)["reactions"] == {"👀": ["owner"]}
+        await eventually(lambda: react_batches(gw) == (before[0] + 2, before[1] + 5),
+                         timeout=10, what="the batch of four in the database")  # fmt: skip
+        await eventually(lambda: waiting_for_locks(url, 1), timeout=10,
+                         what="that batch waiting for the held message's row")  # fmt: skip
+        await asyncio.to_thread(own_postgres.kill)
+        failures = []
+        for future in futures:
+            with pytest.raises(ClientError) as info:
+                await future
+            failures.append(info.value)
+    finally:
+        side_lock.close()
+        held_lock.close()
+    assert [(e.code, e.details) for e in failures] == [
+        ("SERVICE_UNAVAILABLE", {"retryable": True})
+    ] * 4
+
+    await asyncio.to_thread(own_postgres.start)
+    for client in reactors:  # one by one: the acks' order is the stored order
+        await client.emit("message:react", {"messageId": held, "emoji": "🎉"})
+    page = await owner.emit("room:get_messages", {"roomId": "general", "limit": 3})
+    assert {m["content"]: m["reactions"] for m in page["messages"]} == {
+        "c": {}, "h": {"🎉": ["r0", "r1", "r2", "r3"]}, "s": {"👀": ["owner"]},
+    }
 
 
 # -- PostgreSQL: a retry racing its original on another node -----------------------------
