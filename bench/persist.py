@@ -72,6 +72,7 @@ import re
 import signal
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from array import array
@@ -101,7 +102,10 @@ VARIANTS: dict[str, dict[str, str]] = {
     "unbatched": {"SWITCHBOARD_WRITE_BATCH_MAX": "1"},
 }
 DATABASES = ("sqlite", "postgres")
-PHASES = ("send", "connect")
+#: Phases through the protocol, in the order a run takes them (connect last: it
+#: adds 2,000 users). ``read`` follows ``send``: it marks read the seqs sent.
+OP_PHASES = ("send", "react", "edit", "read")
+PHASES = (*OP_PHASES, "connect", "checks")
 LAG_SAMPLE_MS = 10
 METRICS_SCRAPE_SECS = 1.0
 #: A /metrics gauge whose family name matches this is reported as a queue depth.
@@ -111,6 +115,9 @@ TARGET_ACKED = {"sqlite": 10_000, "postgres": 5_000}  # messages/s, 40 senders, 
 TARGET_ACK_P99_MS = 25.0  # at a steady TARGET_ACK_RATE messages/s offered
 TARGET_ACK_RATE = 2_000.0
 TARGET_CONNECTS = 1_500  # connections/s admitted
+#: The checks phase: send batches of these sizes, each timed for CHECK_SECS (5 batches at least).
+CHECK_BATCHES = (1, 16, 64, 256)
+CHECK_SECS = 2.0
 
 
 # ---------------------------------------------------------------------------
@@ -146,9 +153,30 @@ class SendTally:
             self.errors[str((frame.get("error") or {}).get("code"))] += 1
 
 
+def _op_maker(kind: str, room: str, own: str, target: str) -> Any:
+    """``(n, sent_at) -> (event, data)``: a sender's n-th request of phase ``kind``.
+
+    ``own`` is the sender's warm-up message, ``target`` the warm-up message of
+    the first sender of its room in its process: every sender of a room
+    reacts to that one (reactions come in bursts on one message), toggling
+    its own emoji; each edits its own message; each marks the room read one
+    seq further per request (a write while the send phase left seqs to read).
+    """
+    if kind == "react":
+        return lambda n, _: ("message:react", {
+            "messageId": target, "emoji": "👍", "action": "remove" if n % 2 else "add"})
+    if kind == "edit":
+        return lambda n, _: ("message:edit", {"messageId": own, "content": f"{CONTENT} {n}"})
+    if kind == "read":
+        return lambda n, _: ("room:read", {"roomId": room, "seq": n + 1})
+    return lambda n, sent_at: ("message:send", {
+        "roomId": room, "content": CONTENT, "metadata": {"bt": sent_at}})
+
+
 async def _sender(
     ws: LeanWS,
     room: str,
+    make: Any,
     tally: SendTally,
     futs: list[asyncio.Future[Any]],
     *,
@@ -158,7 +186,8 @@ async def _sender(
     interval: float,
     offset: float,
 ) -> None:
-    """Send until ``end``: ``window`` in flight, or one every ``interval`` s (open loop)."""
+    """Request ``make(n, sent_at)`` until ``end``: ``window`` in flight, or one every
+    ``interval`` s (open loop)."""
     free = asyncio.Semaphore(window) if not interval else None
     n = 0
     while not ws.closed.done():
@@ -173,8 +202,7 @@ async def _sender(
             if time.monotonic() >= end:
                 break
         sent_at = time.monotonic()
-        data = {"roomId": room, "content": CONTENT, "metadata": {"bt": sent_at}}
-        fut = ws.request_future("message:send", data)
+        fut = ws.request_future(*make(n, sent_at))
         fut.add_done_callback(partial(tally.on_ack, room, sent_at, free))
         futs.append(fut)
         tally.sent += 1
@@ -214,6 +242,7 @@ async def _client_main(
     pipe.send(("ready", len(joined), errors[:3]))
     admitted: list[LeanWS] = []
     own = 0  # messages this process's senders had acked: the node does not echo them back
+    warm: list[str] = []  # each sender's warm-up message id (the react/edit phases' targets)
     while True:
         msg = await pipe.get()
         if msg[0] == "warmup":  # not stamped: the tallies do not count these
@@ -224,10 +253,18 @@ async def _client_main(
                 ),
                 return_exceptions=True,
             )
+            warm = [r["data"]["message"]["id"] if isinstance(r, dict) else "" for r in results]
             pipe.send(("warm", [repr(r) for r in results if isinstance(r, BaseException)][:3]))
         elif msg[0] == "go":
-            result = await _send_phase(sending, tally, *msg[1:])
-            own = sum(result["acked"].values())
+            kind, rest = msg[1], msg[2:]
+            first: dict[str, str] = {}
+            for (_, room), own_id in zip(sending, warm, strict=True):
+                first.setdefault(room, own_id)
+            makers = [_op_maker(kind, room, own_id, first[room])
+                      for (_, room), own_id in zip(sending, warm, strict=True)]  # fmt: skip
+            result = await _send_phase(sending, makers, tally, *rest)
+            if kind == "send":
+                own = sum(result["acked"].values())
             pipe.send(("sent", result))
         elif msg[0] == "drain":
             acked_by_room, timeout = msg[1], msg[2]
@@ -274,6 +311,7 @@ async def _client_main(
 
 async def _send_phase(
     sending: list[tuple[LeanWS, str]],
+    makers: list[Any],
     tally: Tally,
     start: float,
     secs: float,
@@ -295,9 +333,9 @@ async def _send_phase(
     end = start + secs
     await asyncio.gather(
         *(
-            _sender(ws, room, sends, futs, start=start, end=end, window=window,
+            _sender(ws, room, make, sends, futs, start=start, end=end, window=window,
                     interval=interval, offset=offset)
-            for (ws, room), offset in zip(sending, offsets, strict=False)
+            for (ws, room), make, offset in zip(sending, makers, offsets, strict=False)
         )
     )  # fmt: skip
     pending = [f for f in futs if not f.done()]
@@ -332,6 +370,51 @@ async def _create_rooms(port: int, tokens: list[str]) -> list[str]:
 # ---------------------------------------------------------------------------
 # Parent: one run, figures
 # ---------------------------------------------------------------------------
+
+
+@dataclass
+class Acks:
+    """The acks of one phase over every client process."""
+
+    by_room: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    sent: int = 0
+    latencies: array[float] = field(default_factory=lambda: array("d"))
+    secs: float = 0.0  # go -> last ack
+
+    @classmethod
+    def of(cls, sent: list[dict[str, Any]], start: float) -> Acks:
+        acks = cls()
+        for s in sent:
+            acks.by_room.update(s["acked"])
+            acks.errors.update(s["errors"])
+            acks.sent += s["sent"]
+            acks.latencies.frombytes(s["latencies"])
+        last_ack = max((s["last_ack"] for s in sent), default=0.0)
+        acks.secs = max(1e-9, last_ack - start)
+        return acks
+
+
+@dataclass
+class OpFigures:
+    """A react, edit or read phase: requests acked/s, latency, the node's CPU and loop lag."""
+
+    sent: int = 0
+    acked: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    per_s: float = 0.0
+    p50: float = math.nan
+    p99: float = math.nan
+    cpu_ms: float = math.nan  # node CPU per acked request
+    lag_p99: float = math.nan
+
+    def line(self, kind: str) -> str:
+        errors = ", ".join(f"{k} {v}" for k, v in self.errors.most_common()) or "none"
+        return (
+            f"    {kind}: {self.acked:,}/{self.sent:,} acked = {self.per_s:,.0f}/s; ack p50 "
+            f"{self.p50:.1f} ms p99 {self.p99:.1f} ms; node CPU {self.cpu_ms:.2f} ms per "
+            f"request; loop lag p99 {self.lag_p99:.1f} ms; errors: {errors}"
+        )
 
 
 @dataclass
@@ -371,6 +454,7 @@ class Run:
     conn_p50: float = math.nan
     conn_p99: float = math.nan
     conn_cpu_ms: float = math.nan  # server CPU per admitted connection
+    ops: dict[str, OpFigures] = field(default_factory=dict)  # react/edit/read phases
 
     def lines(self, args: argparse.Namespace) -> list[str]:
         out = [f"  {self.db} {self.variant} (round {self.round + 1}):"]
@@ -403,6 +487,7 @@ class Run:
                 f"{self.box_cpu:.0f}% of {100 * (os.cpu_count() or 1)}%, other processes "
                 f"{self.others_cpu:.0f}%",
             ]
+        out += [self.ops[kind].line(kind) for kind in OP_PHASES if kind in self.ops]
         if "connect" in args.phase_list:
             errors = ", ".join(f"{k} {v}" for k, v in self.conn_errors.most_common()) or "none"
             out.append(
@@ -461,7 +546,7 @@ def run_one(db: str, variant: str, rnd: int, args: argparse.Namespace, pg: Any) 
     config = bench_config()
     tag = f"persist_{variant}_{rnd}_{os.getpid()}"
     run = Run(db, variant, rnd)
-    sending = "send" in args.phase_list
+    sending = any(kind in args.phase_list for kind in OP_PHASES)
     n_senders = args.senders if sending else 0
     sender_tokens = [mint_token(config, f"s{i}-{tag}", ttl_secs=3600) for i in range(n_senders)]
     n_members = args.members * args.rooms if sending else 0
@@ -504,7 +589,12 @@ def run_one(db: str, variant: str, rnd: int, args: argparse.Namespace, pg: Any) 
         sproc = psutil.Process(server.pid)
         clients = [psutil.Process(p.pid) for p in procs]
         if sending:
-            _send_run(run, server, sproc, clients, pipes, mine, args)
+            _warm_up(pipes, args)
+        for kind in OP_PHASES:
+            if kind == "send" and kind in args.phase_list:
+                _send_run(run, server, sproc, clients, pipes, mine, args)
+            elif kind in args.phase_list:
+                _op_run(run, kind, server, sproc, clients, pipes, mine, args)
         if "connect" in args.phase_list:
             _connect_run(run, config, tag, sproc, clients, pipes, args)
     finally:
@@ -518,6 +608,64 @@ def run_one(db: str, variant: str, rnd: int, args: argparse.Namespace, pg: Any) 
     return run
 
 
+def _warm_up(pipes: list[Any], args: argparse.Namespace) -> None:
+    """One unstamped send per sender: its message is what the react and edit phases touch."""
+    for pipe in pipes:
+        pipe.send(("warmup",))
+    for pipe in pipes:
+        warm = _recv(pipe, args.drain + 30, "warm-up")
+        if warm[1]:
+            raise RuntimeError(f"warm-up sends failed: {warm[1]}")
+    time.sleep(0.3)  # warm-up deliveries and their notification work settle
+
+
+def _drive(
+    kind: str,
+    server: ServerProc,
+    sproc: psutil.Process,
+    clients: list[psutil.Process],
+    pipes: list[Any],
+    mine: list[list[int]],
+    args: argparse.Namespace,
+) -> tuple[list[dict[str, Any]], Snap, Snap, dict[str, Any], float]:
+    """Every sender runs phase ``kind`` at once: (their results, CPU before/after, lag, start)."""
+    # Fixed rate: sender i's first request is i/rate after the start, then every S/rate.
+    interval = args.senders / args.rate if args.rate else 0.0
+    offsets = [[i / args.rate if args.rate else 0.0 for i in ids] for ids in mine]
+    server.command("lag")  # drop the samples taken before
+    start = time.monotonic() + 0.2  # every process starts at the same moment
+    for pipe, offs in zip(pipes, offsets, strict=True):
+        pipe.send(("go", kind, start, args.secs, args.window, interval, offs, args.drain))
+    time.sleep(max(0.0, start - time.monotonic()))
+    before = Snap(sproc, clients)
+    sent = [_recv(pipe, args.secs + args.drain + 30, f"{kind} results")[1] for pipe in pipes]
+    after = Snap(sproc, clients)
+    return sent, before, after, server.command("lag"), start
+
+
+def _op_run(
+    run: Run,
+    kind: str,
+    server: ServerProc,
+    sproc: psutil.Process,
+    clients: list[psutil.Process],
+    pipes: list[Any],
+    mine: list[list[int]],
+    args: argparse.Namespace,
+) -> None:
+    """A react, edit or read phase: the senders' requests as fast as acked (or ``--rate``)."""
+    sent, before, after, lag, start = _drive(kind, server, sproc, clients, pipes, mine, args)
+    acks = Acks.of(sent, start)
+    figures = OpFigures(sent=acks.sent, acked=sum(acks.by_room.values()), errors=acks.errors)
+    figures.per_s = figures.acked / acks.secs
+    figures.p50 = _percentile(acks.latencies, 0.50)
+    figures.p99 = _percentile(acks.latencies, 0.99)
+    if figures.acked:
+        figures.cpu_ms = 1000 * (after.server - before.server) / figures.acked
+    figures.lag_p99 = _percentile(array("d", lag.get("lag", [])), 0.99)
+    run.ops[kind] = figures
+
+
 def _send_run(
     run: Run,
     server: ServerProc,
@@ -527,42 +675,18 @@ def _send_run(
     mine: list[list[int]],
     args: argparse.Namespace,
 ) -> None:
-    for pipe in pipes:
-        pipe.send(("warmup",))
-    for pipe in pipes:
-        warm = _recv(pipe, args.drain + 30, "warm-up")
-        if warm[1]:
-            raise RuntimeError(f"warm-up sends failed: {warm[1]}")
-    time.sleep(0.3)  # warm-up deliveries and their notification work settle
-    # Fixed rate: sender i's first send is i/rate after the start, then every S/rate.
-    interval = args.senders / args.rate if args.rate else 0.0
-    offsets = [[i / args.rate if args.rate else 0.0 for i in ids] for ids in mine]
     before_metrics = _metrics(server.port)
-    server.command("lag")  # drop the samples of the set-up
     scraper = Scraper(server.port)
-    start = time.monotonic() + 0.2  # every process starts at the same moment
-    for pipe, offs in zip(pipes, offsets, strict=True):
-        pipe.send(("go", start, args.secs, args.window, interval, offs, args.drain))
-    time.sleep(max(0.0, start - time.monotonic()))
-    before = Snap(sproc, clients)
-    sent = [_recv(pipe, args.secs + args.drain + 30, "send results")[1] for pipe in pipes]
-    after = Snap(sproc, clients)
-    lag = server.command("lag")
+    sent, before, after, lag, start = _drive("send", server, sproc, clients, pipes, mine, args)
     run.queues = scraper.stop()
-    acked_by_room: Counter[str] = Counter()
-    ack_lat = array("d")
-    for s in sent:
-        acked_by_room.update(s["acked"])
-        run.errors.update(s["errors"])
-        run.sent += s["sent"]
-        ack_lat.frombytes(s["latencies"])
-    run.acked = sum(acked_by_room.values())
-    last_ack = max((s["last_ack"] for s in sent), default=0.0)
-    run.secs = max(1e-9, last_ack - start)
+    acks = Acks.of(sent, start)
+    run.errors, run.sent, run.secs = acks.errors, acks.sent, acks.secs
+    run.acked = sum(acks.by_room.values())
     run.acked_per_s = run.acked / run.secs if run.acked else 0.0
-    run.ack_p50, run.ack_p99 = _percentile(ack_lat, 0.50), _percentile(ack_lat, 0.99)
+    run.ack_p50 = _percentile(acks.latencies, 0.50)
+    run.ack_p99 = _percentile(acks.latencies, 0.99)
     for pipe in pipes:
-        pipe.send(("drain", dict(acked_by_room), args.drain))
+        pipe.send(("drain", dict(acks.by_room), args.drain))
     delivered = [_recv(pipe, args.drain + 30, "deliveries")[1] for pipe in pipes]
     deliver_lat = array("d")
     for d in delivered:
@@ -680,9 +804,40 @@ def _summary(results: dict[tuple[str, str], list[Run]], args: argparse.Namespace
                 if _median(bottom, a)
             )
             print(f"  {db:<8} ratio batched / unbatched: {ratios}")
+        for kind in OP_PHASES[1:]:
+            if kind in args.phase_list:
+                for line in _op_summary(db, kind, results, args):
+                    print(f"  {db:<8} {line}")
         runs = top or next((results[k] for k in results if k[0] == db), None)
         for line in _verdicts(db, runs or [], args):
             print(f"  {db:<8} {runs[0].variant if runs else ''} {line}")
+
+
+def _op_summary(
+    db: str, kind: str, results: dict[tuple[str, str], list[Run]], args: argparse.Namespace
+) -> list[str]:
+    """Medians of a react/edit/read phase per variant, and the batched / unbatched ratios."""
+    out, medians = [], {}
+    for variant in args.variant_list:
+        figures = [r.ops[kind] for r in results.get((db, variant), []) if kind in r.ops]
+        if not figures:
+            continue
+        m = {a: statistics.median(getattr(f, a) for f in figures)
+             for a in ("per_s", "p50", "p99", "cpu_ms", "lag_p99")}  # fmt: skip
+        medians[variant] = m
+        errors = sum(sum(f.errors.values()) for f in figures)
+        out.append(
+            f"{variant:<9} {kind}: {m['per_s']:,.0f}/s  ack p50 {m['p50']:.1f} ms  p99 "
+            f"{m['p99']:.1f} ms  CPU {m['cpu_ms']:.2f} ms/request  lag p99 {m['lag_p99']:.1f} ms"
+            f"  errors {errors}"
+        )
+    top, bottom = medians.get("batched"), medians.get("unbatched")
+    if top and bottom and bottom["per_s"] and bottom["cpu_ms"]:
+        out.append(
+            f"{kind} ratio batched / unbatched: {top['per_s'] / bottom['per_s']:.2f}x "
+            f"requests/s, {top['cpu_ms'] / bottom['cpu_ms']:.2f}x CPU per request"
+        )
+    return out
 
 
 def _verdicts(db: str, runs: list[Run], args: argparse.Namespace) -> list[str]:
@@ -815,13 +970,82 @@ def main(argv: list[str] | None = None) -> int:
     for db in args.db_list:
         with contextlib.ExitStack() as stack:
             pg = stack.enter_context(_postgres()) if db == "postgres" else None
-            for rnd in range(args.repeat):
+            if "checks" in args.phase_list:
+                print("\n".join(_checks(db, pg, args)), flush=True)
+            through_protocol = any(kind in args.phase_list for kind in (*OP_PHASES, "connect"))
+            for rnd in range(args.repeat if through_protocol else 0):
                 for variant in args.variant_list:
                     run = run_one(db, variant, rnd, args, pg)
                     results.setdefault((db, variant), []).append(run)
                     print("\n".join(run.lines(args)), flush=True)
     _summary(results, args)
     return 0
+
+
+def _checks(db: str, pg: Any, args: argparse.Namespace) -> list[str]:
+    """The share of a send batch's database time its membership and mute checks take.
+
+    Issue 11 item 3 asks for those checks to cost no round trip per message:
+    known in memory, or shown as cheap inside the batch. This times, in this
+    process on a fresh database (the node's own settings: ``server.db``),
+    ``models.chat._facts`` (the batch's check queries: live rooms,
+    memberships, mutes; the parents query runs only for replies) right
+    before ``send_messages`` in the same transaction, and the whole batch
+    from there to its commit. Batches are ``--senders`` senders over
+    ``--rooms`` rooms, one message each in turn, as the send phase sends.
+    ``_facts`` is private: this is a measurement of that one function, and
+    an in-memory cache would save at most its time.
+    """
+    from models import chat as chat_db
+    from models import utcnow
+    from server.db import Database
+
+    tag = f"persist_checks_{os.getpid()}"
+    out = [f"  {db} checks (models.chat._facts inside send_messages' transaction):"]
+    with tempfile.TemporaryDirectory() as tmp:
+        url = f"sqlite:///{tmp}/checks.db" if db == "sqlite" else pg.create_database(tag)
+        database = Database(url)
+        try:
+            asyncio.run(database.start())  # the migrations
+            pdb = database.db
+            pdb.connect(reuse_if_open=True)
+            senders = [f"s{i}" for i in range(args.senders)]
+            rooms = [f"room{r}" for r in range(args.rooms)]
+            with pdb.atomic():
+                for r, room_id in enumerate(rooms):
+                    members = [u for i, u in enumerate(senders) if i % args.rooms == r]
+                    chat_db.create_room(room_id, members[0], room_id, "public", "", None, members)
+            for size in CHECK_BATCHES:
+                requests = [
+                    chat_db.SendRequest(
+                        rooms[(i % args.senders) % args.rooms], senders[i % args.senders],
+                        senders[i % args.senders], CONTENT, "text", None, [], {}, None,
+                    )
+                    for i in range(size)
+                ]  # fmt: skip
+                checks = whole = 0.0
+                batches = 0
+                deadline = time.perf_counter() + CHECK_SECS
+                while batches < 5 or time.perf_counter() < deadline:
+                    t0 = time.perf_counter()
+                    with pdb.atomic():
+                        chat_db._facts(requests, list(range(size)), utcnow())
+                        t1 = time.perf_counter()
+                        chat_db.send_messages(requests)
+                    t2 = time.perf_counter()
+                    checks, whole, batches = checks + t1 - t0, whole + t2 - t1, batches + 1
+                per_msg = 1000 / (batches * size)
+                out.append(
+                    f"    batch of {size:>3}: {per_msg * whole:.3f} ms per message for the batch "
+                    f"to its commit, of which the checks {per_msg * checks:.3f} ms "
+                    f"({100 * checks / whole:.0f}%); {batches} batches"
+                )
+        finally:
+            pdb.close()
+            asyncio.run(database.close())
+            if db == "postgres":
+                pg.drop_database(tag)
+    return out
 
 
 @contextlib.contextmanager
