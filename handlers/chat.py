@@ -117,6 +117,7 @@ class ChatHandler(GatewayHandler):
         moderation: Moderation,
         sends: Batcher[chat_db.SendRequest, chat_db.Sent],
         reacts: Batcher[chat_db.ReactRequest, dict[str, Any]],
+        reads: Batcher[chat_db.ReadRequest, dict[str, Any]],
         **kwargs: Any,
     ) -> None:
         super().initialize(**kwargs)
@@ -127,6 +128,7 @@ class ChatHandler(GatewayHandler):
         self.moderation = moderation
         self.sends = sends
         self.reacts = reacts
+        self.reads = reads
 
     @property
     def user_info(self) -> dict[str, Any]:
@@ -263,7 +265,7 @@ class ChatHandler(GatewayHandler):
         )
 
     async def on_room_read(self, room_id: str, seq: int) -> dict[str, Any]:
-        result = await self.db.run("room.read", chat_db.mark_read, room_id, self.user_id, seq)
+        result = await self.reads.submit(chat_db.ReadRequest(room_id, self.user_id, seq))
         self._room_seen(room_id)
         return result
 

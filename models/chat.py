@@ -324,13 +324,57 @@ def members_of(room_id: str, user_id: str) -> list[dict[str, Any]]:
     return room_members(room_id)
 
 
-def mark_read(room_id: str, user_id: str, seq: int) -> dict[str, Any]:
-    member = require_member(room_id, user_id)
-    last_seq = Room.get_by_id(room_id).last_seq
-    new_seq = max(member.last_read_seq, min(seq, last_seq))
-    if new_seq != member.last_read_seq:
-        RoomMember.update(last_read_seq=new_seq).where(RoomMember.id == member.id).execute()
-    return {"roomId": room_id, "lastReadSeq": new_seq, "unread": last_seq - new_seq}
+@dataclass(frozen=True, slots=True)
+class ReadRequest:
+    """One ``room:read``, as :func:`mark_read_many` takes it."""
+
+    room_id: str
+    user_id: str
+    seq: int
+
+
+def mark_read_many(requests: list[ReadRequest]) -> list[dict[str, Any] | errors.GatewayError]:
+    """Move read markers for a batch of ``room:read`` in one transaction, each with its outcome.
+
+    Group commit (``server.batch.Batcher``, op ``room.read``): every member
+    of a busy room marks it read as messages arrive, so reads come in
+    numbers. One query finds the live rooms, one the memberships; a request
+    that fails :func:`require_member`'s checks gets its error alone. A
+    marker only moves forward, to at most the room's last seq; the requests
+    apply in arrival order (two of one user in one batch: the second sees
+    the first), and each changed membership is written once, never
+    backwards (another node may have moved it meanwhile).
+    """
+    room_ids = sorted({r.room_id for r in requests})
+    user_ids = sorted({r.user_id for r in requests})
+    rooms = {room_id: (room_type, last_seq) for room_id, room_type, last_seq in _rows(
+        f'SELECT "id", "type", "last_seq" FROM "room" WHERE "id" IN ({_marks(room_ids)})'
+        ' AND "deleted_at" IS NULL', room_ids,
+    )}  # fmt: skip
+    read = {key: row[0] for key, row in _memberships(room_ids, user_ids, "last_read_seq").items()}
+    moved: dict[tuple[str, str], int] = {}
+    out: list[dict[str, Any] | errors.GatewayError] = []
+    for r in requests:
+        key = (r.room_id, r.user_id)
+        if r.room_id not in rooms:
+            out.append(errors.RoomNotFound(details={"roomId": r.room_id}))
+        elif key not in read:
+            private = rooms[r.room_id][0] == "private"
+            out.append((errors.RoomAccessDenied if private else errors.NotInRoom)(
+                details={"roomId": r.room_id}))  # fmt: skip
+        else:
+            last_seq = rooms[r.room_id][1]
+            new_seq = max(read[key], min(r.seq, last_seq))
+            if new_seq != read[key]:
+                read[key] = moved[key] = new_seq
+            out.append({"roomId": r.room_id, "lastReadSeq": new_seq, "unread": last_seq - new_seq})
+    mark = _mark()
+    for (room_id, user_id), seq in sorted(moved.items()):  # one order on every node
+        _execute(
+            f'UPDATE "room_member" SET "last_read_seq" = {mark} WHERE "room_id" = {mark}'
+            f' AND "user_id" = {mark} AND "last_read_seq" < {mark}', [seq, room_id, user_id, seq],
+        )  # fmt: skip
+    return out
 
 
 def delete_room(room_id: str, user_id: str, is_admin: bool) -> list[str]:
@@ -595,29 +639,42 @@ def _facts(requests: list[SendRequest], fresh: list[int], now: dt.datetime) -> t
         return {}, set(), {}, {}
     room_ids = sorted({requests[i].room_id for i in fresh})
     sender_ids = sorted({requests[i].sender_id for i in fresh})
-    both = [*room_ids, *sender_ids]
-    in_rooms_of_senders = (
-        f'"room_id" IN ({_marks(room_ids)}) AND "user_id" IN ({_marks(sender_ids)})'
-    )
     rooms = dict(_rows(
         f'SELECT "id", "type" FROM "room" WHERE "id" IN ({_marks(room_ids)})'
         ' AND "deleted_at" IS NULL', room_ids,
     ))  # fmt: skip
-    members = set(_rows(
-        f'SELECT "room_id", "user_id" FROM "room_member" WHERE {in_rooms_of_senders}', both
-    ))  # fmt: skip
-    mutes = {
-        (room_id, user_id): until
-        for room_id, user_id, until in _rows(
-            f'SELECT "room_id", "user_id", "until" FROM "room_mute" WHERE {in_rooms_of_senders}'
-            f' AND "until" > {_mark()}', [*both, _db_time(now)],
-        )
-    }  # fmt: skip
+    members = set(_memberships(room_ids, sender_ids))
+    mutes = _mutes_in_force(room_ids, sender_ids, now)
     parent_ids = sorted({p for i in fresh if (p := requests[i].parent_id) is not None})
     parents = dict(_rows(
         f'SELECT "id", "room_id" FROM "message" WHERE "id" IN ({_marks(parent_ids)})', parent_ids,
     )) if parent_ids else {}  # fmt: skip
     return rooms, members, mutes, parents
+
+
+def _memberships(
+    room_ids: list[str], user_ids: list[str], *columns: str
+) -> dict[tuple[str, str], tuple[Any, ...]]:
+    """``{(room, user): (columns...)}`` of the memberships among those rooms and users."""
+    extra = "".join(f', "{c}"' for c in columns)
+    return {(row[0], row[1]): row[2:] for row in _rows(
+        f'SELECT "room_id", "user_id"{extra} FROM "room_member" WHERE "room_id" IN'
+        f' ({_marks(room_ids)}) AND "user_id" IN ({_marks(user_ids)})', [*room_ids, *user_ids],
+    )}  # fmt: skip
+
+
+def _mutes_in_force(
+    room_ids: list[str], user_ids: list[str], now: dt.datetime
+) -> dict[tuple[str, str], Any]:
+    """``{(room, user): until}`` of the mutes in force among those rooms and users.
+
+    ``until`` as the database returns it (:func:`_py_time` reads it).
+    """
+    return {(room_id, user_id): until for room_id, user_id, until in _rows(
+        f'SELECT "room_id", "user_id", "until" FROM "room_mute" WHERE "room_id" IN'
+        f' ({_marks(room_ids)}) AND "user_id" IN ({_marks(user_ids)}) AND "until" > {_mark()}',
+        [*room_ids, *user_ids, _db_time(now)],
+    )}  # fmt: skip
 
 
 def _insert_batch(
@@ -868,20 +925,8 @@ def react_many(requests: list[ReactRequest]) -> list[dict[str, Any] | errors.Gat
             'SELECT "id", "type", "password_hash" IS NOT NULL, "deleted_at" IS NULL FROM "room"'
             f' WHERE "id" IN ({_marks(room_ids)})', room_ids,
         )}  # fmt: skip
-        both = [*room_ids, *user_ids]
-        in_rooms_of_users = (
-            f'"room_id" IN ({_marks(room_ids)}) AND "user_id" IN ({_marks(user_ids)})'
-        )
-        members = set(_rows(
-            f'SELECT "room_id", "user_id" FROM "room_member" WHERE {in_rooms_of_users}', both
-        ))  # fmt: skip
-        mutes = {
-            (room_id, user_id): until
-            for room_id, user_id, until in _rows(
-                f'SELECT "room_id", "user_id", "until" FROM "room_mute" WHERE {in_rooms_of_users}'
-                f' AND "until" > {_mark()}', [*both, _db_time(now)],
-            )
-        }  # fmt: skip
+        members = set(_memberships(room_ids, user_ids))
+        mutes = _mutes_in_force(room_ids, user_ids, now)
     # The reactions of the messages in play, in the order _reactions_of lists them:
     # message -> {(emoji, user): None} (a dict keeps that order).
     present: dict[int, dict[tuple[str, str], None]] = defaultdict(dict)

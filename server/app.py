@@ -183,6 +183,10 @@ class Node:
         self.reacts: Batcher[chat_db.ReactRequest, dict[str, Any]] = Batcher(
             self.db, "message.react", chat_db.react_many, max_batch=config.write_batch_max
         )
+        # And room:read: members of a busy room mark it read as messages arrive.
+        self.reads: Batcher[chat_db.ReadRequest, dict[str, Any]] = Batcher(
+            self.db, "room.read", chat_db.mark_read_many, max_batch=config.write_batch_max
+        )
         self.logstream = LogStream(config.node_id, config.log_buffer_size)
         # Notifications (server/notify.py) plug in as ``self.moderation.notifier``.
         self.moderation = Moderation(self.hub, self.db, self.stats, self.tasks)
@@ -218,7 +222,7 @@ class Node:
         }
         chat_deps = {
             "typing": self.typing, "health": self.health, "moderation": self.moderation,
-            "sends": self.sends, "reacts": self.reacts,
+            "sends": self.sends, "reacts": self.reacts, "reads": self.reads,
             **notify_deps,
         }  # fmt: skip
         admin_deps = {"moderation": self.moderation, "feed": self.admin_feed}

@@ -230,15 +230,21 @@ def react_batches(gw: Any) -> tuple[int, int]:
     return gw.node.reacts.batches, gw.node.reacts.carried
 
 
+async def queued_in(
+    batcher: Any, client: Client, event: str, data: dict[str, Any]
+) -> asyncio.Future[Any]:
+    """Emit and wait until the request waits for ``batcher``'s next batch (keeping this order)."""
+    waiting = batcher.waiting
+    future = asyncio.ensure_future(client.emit(event, data))
+    await eventually(lambda: batcher.waiting == waiting + 1, timeout=10,
+                     what=f"{event} {data} waiting for the database")  # fmt: skip
+    return future
+
+
 async def queued_react(gw: Any, client: Client, message_id: str, emoji: str,
                        action: str = "add") -> asyncio.Future[Any]:  # fmt: skip
-    """Emit a reaction and wait until it waits for the next batch (so batches keep this order)."""
-    waiting = gw.node.reacts.waiting
-    future = asyncio.ensure_future(client.emit(
-        "message:react", {"messageId": message_id, "emoji": emoji, "action": action}))  # fmt: skip
-    await eventually(lambda: gw.node.reacts.waiting == waiting + 1, timeout=10,
-                     what=f"a {action} {emoji} waiting for the database")  # fmt: skip
-    return future
+    data = {"messageId": message_id, "emoji": emoji, "action": action}
+    return await queued_in(gw.node.reacts, client, "message:react", data)
 
 
 async def test_a_batch_fails_its_bad_reactions_alone_and_applies_the_rest(gateway):
@@ -327,6 +333,55 @@ async def test_a_reaction_removed_and_added_back_in_one_batch_goes_last(gateway)
     assert (await back)["reactions"] == {"👍": ["bob", "alice"], "👀": ["owner"]}
     page = await bob.emit("room:get_messages", {"roomId": "general", "limit": 1})
     assert page["messages"][0]["reactions"] == {"👍": ["bob", "alice"], "👀": ["owner"]}
+
+
+# -- room:read (op room.read) --------------------------------------------------------
+
+
+async def test_a_batch_fails_its_bad_reads_alone_and_moves_the_rest(gateway):
+    gw = gateway
+    owner = await gw.connect("owner")
+    await room(owner, "general")
+    await room(owner, "vault", type="private")
+    for n in range(3):
+        await send(owner, "general", f"m{n}")
+    bob1, bob2, carol = [await gw.connect(n) for n in ("bob", "bob", "carol")]
+    for client in (bob1, bob2, carol):
+        await join(client, "general")
+    strays = [await gw.connect("stray") for _ in range(3)]
+    reads = gw.node.reads
+    before = (reads.batches, reads.carried)
+
+    def read(room_id: str, seq: int) -> dict[str, Any]:
+        return {"roomId": room_id, "seq": seq}
+
+    async with held_database(gw):
+        primer = asyncio.ensure_future(owner.emit("room:read", read("general", 1)))
+        await eventually(lambda: reads.batches == before[0] + 1, timeout=10,
+                         what="the primer's batch waiting for the database")  # fmt: skip
+        futures = {
+            "bob to 2": await queued_in(reads, bob1, "room:read", read("general", 2)),
+            "stray": await queued_in(reads, strays[0], "room:read", read("general", 1)),
+            "bob back to 1": await queued_in(reads, bob2, "room:read", read("general", 1)),
+            "private": await queued_in(reads, strays[1], "room:read", read("vault", 1)),
+            "carol past the end": await queued_in(reads, carol, "room:read", read("general", 99)),
+            "nowhere": await queued_in(reads, strays[2], "room:read", read("nowhere", 1)),
+        }
+
+    assert await primer == {"roomId": "general", "lastReadSeq": 1, "unread": 2}
+    got = {name: await outcome(f) for name, f in futures.items()}
+    assert got == {
+        "bob to 2": {"roomId": "general", "lastReadSeq": 2, "unread": 1},
+        "stray": "NOT_IN_ROOM",
+        # The second read of one user in a batch sees the first: a marker never goes back.
+        "bob back to 1": {"roomId": "general", "lastReadSeq": 2, "unread": 1},
+        "private": "ROOM_ACCESS_DENIED",
+        "carol past the end": {"roomId": "general", "lastReadSeq": 3, "unread": 0},
+        "nowhere": "ROOM_NOT_FOUND",
+    }
+    assert (reads.batches, reads.carried) == (before[0] + 2, before[1] + 1 + len(futures))
+    members = (await owner.emit("room:members", {"roomId": "general"}))["members"]
+    assert {m["userId"]: m["lastReadSeq"] for m in members} == {"owner": 1, "bob": 2, "carol": 3}
 
 
 # -- connection admission (op user.connect) -----------------------------------------
@@ -584,45 +639,73 @@ async def test_the_database_dying_mid_batch_fails_every_send_of_it_and_acks_none
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-async def test_the_database_dying_mid_batch_fails_every_reaction_of_it_and_acks_none(
-    gateway_factory, own_postgres
-):
-    """As for sends: PostgreSQL stops while a batch of reactions waits in it.
+def member_ids(url: str, room_id: str, user_ids: list[str]) -> list[int]:
+    """The ``room_member`` row ids of those users in that room (blocking: call in a thread)."""
+    import psycopg2
 
-    The batch waits on a message's row (its insert's foreign-key check needs
-    it), one of its reactions on another, free message: all four answer
-    SERVICE_UNAVAILABLE and none is stored; once the server is back,
-    reactions succeed without a restart.
+    conn = psycopg2.connect(url, connect_timeout=10)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT id FROM room_member WHERE room_id = %s AND user_id = ANY(%s)",
+                        (room_id, user_ids))  # fmt: skip
+            return [int(row[0]) for row in cur.fetchall()]
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("event", ["message:react", "room:read"])
+async def test_the_database_dying_mid_batch_fails_every_reaction_or_read_of_it(
+    gateway_factory, own_postgres, event
+):
+    """As for sends: PostgreSQL stops while a batch of reactions (or reads) waits in it.
+
+    The batch waits on a row it writes (a reaction's message, which its
+    foreign-key check needs; a reader's membership), one of its requests on
+    a free row: all four answer SERVICE_UNAVAILABLE and none is stored; once
+    the server is back, the same requests succeed without a restart.
     """
-    url = own_postgres.create_database("reactdown")
+    url = own_postgres.create_database("down" + event.split(":")[1])
     gw = await gateway_factory(database_url=url)
     owner = await gw.connect("owner")
-    await room(owner, "general")
-    reactors = [await gw.connect(f"r{n}") for n in range(4)]
-    for client in reactors:
+    for room_id in ("general", "calm", "side"):
+        await room(owner, room_id)
+    users = [f"r{n}" for n in range(4)]
+    clients = [await gw.connect(user) for user in users]
+    for client in clients:
         await join(client, "general")
-    side, held, calm = [(await send(owner, "general", name))["id"] for name in ("s", "h", "c")]
-    side_lock = await asyncio.to_thread(lock_rows, url, "message", [int(side)])
-    held_lock = await asyncio.to_thread(lock_rows, url, "message", [int(held)])
+        await join(client, "calm")
+    side, held, calm = [(await send(owner, room_id, "m"))["id"] for room_id in
+                        ("side", "general", "calm")]  # fmt: skip
+    batcher = gw.node.reacts if event == "message:react" else gw.node.reads
+
+    def request(on: str) -> dict[str, Any]:
+        if event == "message:react":
+            return {"messageId": {"side": side, "general": held, "calm": calm}[on], "emoji": "👍"}
+        return {"roomId": on, "seq": 1}
+
+    if event == "message:react":
+        side_rows, held_rows = ("message", [int(side)]), ("message", [int(held)])
+    else:
+        side_rows = ("room_member", await asyncio.to_thread(member_ids, url, "side", ["owner"]))
+        held_rows = ("room_member", await asyncio.to_thread(member_ids, url, "general", users))
+    side_lock = await asyncio.to_thread(lock_rows, url, *side_rows)
+    held_lock = await asyncio.to_thread(lock_rows, url, *held_rows)
     try:
-        before = react_batches(gw)
-        primer = asyncio.ensure_future(owner.emit(
-            "message:react", {"messageId": side, "emoji": "👀"}))  # fmt: skip
+        before = (batcher.batches, batcher.carried)
+        primer = asyncio.ensure_future(owner.emit(event, request("side")))
         await eventually(lambda: waiting_for_locks(url, 1), timeout=10,
-                         what="the primer's batch waiting for its message's row")  # fmt: skip
-        futures = [
-            asyncio.ensure_future(c.emit("message:react", {
-                "messageId": calm if n == 0 else held, "emoji": "👍"}))
-            for n, c in enumerate(reactors)
-        ]  # fmt: skip
-        await eventually(lambda: gw.node.reacts.waiting == len(futures), timeout=10,
-                         what="four reactions waiting for the database")  # fmt: skip
+                         what="the primer's batch waiting for its row")  # fmt: skip
+        futures = [asyncio.ensure_future(c.emit(event, request("calm" if n == 0 else "general")))
+                   for n, c in enumerate(clients)]  # fmt: skip
+        await eventually(lambda: batcher.waiting == len(futures), timeout=10,
+                         what="four requests waiting for the database")  # fmt: skip
         await asyncio.to_thread(side_lock.rollback)
-        assert (await primer)["reactions"] == {"👀": ["owner"]}
-        await eventually(lambda: react_batches(gw) == (before[0] + 2, before[1] + 5),
+        await primer
+        await eventually(lambda: (batcher.batches, batcher.carried) == (before[0] + 2,
+                                                                        before[1] + 5),
                          timeout=10, what="the batch of four in the database")  # fmt: skip
         await eventually(lambda: waiting_for_locks(url, 1), timeout=10,
-                         what="that batch waiting for the held message's row")  # fmt: skip
+                         what="that batch waiting for a held row")  # fmt: skip
         await asyncio.to_thread(own_postgres.kill)
         failures = []
         for future in futures:
@@ -637,12 +720,19 @@ async def test_the_database_dying_mid_batch_fails_every_reaction_of_it_and_acks_
     ] * 4
 
     await asyncio.to_thread(own_postgres.start)
-    for client in reactors:  # one by one: the acks' order is the stored order
-        await client.emit("message:react", {"messageId": held, "emoji": "🎉"})
-    page = await owner.emit("room:get_messages", {"roomId": "general", "limit": 3})
-    assert {m["content"]: m["reactions"] for m in page["messages"]} == {
-        "c": {}, "h": {"🎉": ["r0", "r1", "r2", "r3"]}, "s": {"👀": ["owner"]},
-    }
+    if event == "message:react":
+        page = await owner.emit("room:get_messages", {"roomId": "general", "limit": 1})
+        assert page["messages"][0]["reactions"] == {}  # the failed batch stored nothing
+        for client in clients:  # one by one: the acks' order is the stored order
+            await client.emit(event, request("general"))
+        page = await owner.emit("room:get_messages", {"roomId": "general", "limit": 1})
+        assert page["messages"][0]["reactions"] == {"👍": users}
+    else:
+        for room_id in ("general", "calm"):
+            members = (await owner.emit("room:members", {"roomId": room_id}))["members"]
+            assert {m["lastReadSeq"] for m in members} == {0}  # the failed batch moved none
+        acks = [await client.emit(event, request("general")) for client in clients]
+        assert acks == [{"roomId": "general", "lastReadSeq": 1, "unread": 0}] * 4
 
 
 # -- PostgreSQL: a retry racing its original on another node -----------------------------
