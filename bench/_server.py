@@ -193,6 +193,43 @@ HUBS: dict[str, type[Hub]] = {
     "direct": DirectHub,
     "write_message": WriteMessageHub,
 }
+#: ``--hub`` names of a node that keeps no messages (:class:`MemoryStore`) -> its hub.
+UNPERSISTED = {"unpersisted": "builtonce"}
+
+
+class MemoryStore:
+    """The non-persisted baseline: ``models.chat.send_messages``' interface, no SQL.
+
+    Seqs come from a counter per room and ids from one counter; nothing is
+    checked (the handler still requires a joined room) and nothing stored.
+    The node's batcher still runs it in the database worker (an empty
+    transaction), so the path differs from the real one by the SQL alone;
+    the node's notification follow-up of each message is off as well (it
+    reads the room's members from the database), as a plain room broadcast
+    (Socket.IO's) has none.
+    """
+
+    def __init__(self) -> None:
+        self._seqs: dict[str, int] = {}
+        self._ids = 0
+
+    def __call__(self, requests: list[Any]) -> list[Any]:
+        from models import chat as chat_db
+        from models import utcnow
+        from server.protocol import iso
+
+        created = iso(utcnow())
+        out = []
+        for r in requests:  # one batch at a time (the batcher's), in one worker thread
+            self._ids += 1
+            seq = self._seqs[r.room_id] = self._seqs.get(r.room_id, 0) + 1
+            # The wire shape's one builder (private, but a copy here would drift from it).
+            message = chat_db._wire_message(
+                self._ids, r.room_id, seq, r.sender_id, r.sender_name, r.content, r.msg_type,
+                r.parent_id, r.attachments, r.metadata, {}, created, None, False,
+            )  # fmt: skip
+            out.append(chat_db.Sent(message, False))
+        return out
 
 
 def raise_nofile() -> int:
@@ -321,7 +358,13 @@ async def _main(hub_name: str, port: int) -> int:
 
     config = Config.from_env(os.environ, port=port)
     setup_logging(config)
-    node = Node(config, hub_class=HUBS[hub_name])
+    if hub_name in UNPERSISTED:
+        from models import chat as chat_db
+
+        chat_db.send_messages = MemoryStore()  # the node's sends batcher takes it at build
+    node = Node(config, hub_class=HUBS[UNPERSISTED.get(hub_name, hub_name)])
+    if hub_name in UNPERSISTED:
+        node.notifications.message_sent = lambda message: None  # type: ignore[method-assign]
     await node.start()
     lag_ms = float(os.environ.get(LAG_ENV) or 0)
     lag = LagSampler(node, lag_ms / 1000) if lag_ms > 0 else None
@@ -348,7 +391,7 @@ async def _main(hub_name: str, port: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--hub", choices=sorted(HUBS), default="builtonce")
+    parser.add_argument("--hub", choices=sorted([*HUBS, *UNPERSISTED]), default="builtonce")
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
     raise_nofile()

@@ -37,7 +37,14 @@ Hubs compared in the same run:
   coalescing off: one ``send()`` per recipient per broadcast;
 * ``write_message`` -- baseline, :class:`bench._server.WriteMessageHub`:
   ``conn.write_message(json.dumps(payload))`` per recipient (JSON and
-  framing per recipient, tornado's normal path with its Future + Task).
+  framing per recipient, tornado's normal path with its Future + Task);
+* ``unpersisted`` (only when asked for in ``--hubs``) -- the non-persisted
+  baseline: the built-once hub on a node whose message store is
+  :class:`bench._server.MemoryStore` (seqs in memory, no SQL, no
+  notification follow-up), for issue 11's row "in rooms of 100 members with
+  4 senders, deliveries/s through the persisted chat path at least those of
+  a non-persisted room broadcast":
+  ``--subscribers 100 --hubs unpersisted,builtonce``.
 
 Each run has two phases on the same connections:
 
@@ -87,6 +94,7 @@ Usage::
     .venv/bin/python -m bench.fanout                       # N=100,1000, both hubs
     .venv/bin/python -m bench.fanout --subscribers 1000 --messages 500 --procs 3
     .venv/bin/python -m bench.fanout --hubs builtonce --profile /tmp/fanout.txt
+    .venv/bin/python -m bench.fanout --subscribers 100 --hubs unpersisted,builtonce --repeat 3
 """
 
 from __future__ import annotations
@@ -125,8 +133,9 @@ from bench._wsclient import (
 from server.auth import mint_token
 
 HUBS = ("write_message", "builtonce")  # the default run
-#: Also accepted by --hubs: the project's hub with write coalescing off.
-EXTRA_HUBS = ("direct",)
+#: Also accepted by --hubs: the project's hub with write coalescing off, and the
+#: non-persisted baseline (the chat path with the message store in memory).
+EXTRA_HUBS = ("direct", "unpersisted")
 TARGET_DELIVERIES = 100_000  # per second, at 1,000 subscribers, built-once hub
 TARGET_RATIO = 2.5  # built-once / write_message
 CONTENT = "fan-out benchmark: a chat message of ordinary length, sixty-odd chars"
@@ -705,6 +714,14 @@ def _summary(results: dict[tuple[str, int, str], list[Phase]], args: argparse.Na
                 f"(target >= {TARGET_RATIO}x: {'met' if ratio >= TARGET_RATIO else 'NOT met'}); "
                 f"CPU per delivery in hub writes {_ratio(base, built, 'hub_cpu_us'):.2f}x, "
                 f"in the loop thread {_ratio(base, built, 'loop_cpu_us'):.2f}x"
+            )
+        unpersisted = results.get(("unpersisted", n, "max"))
+        if built and unpersisted:
+            ratio = _ratio(built, unpersisted, "per_s")
+            print(
+                f"  {n:>5}  ratio persisted (builtonce) / non-persisted (unpersisted): "
+                f"deliveries/s {ratio:.2f}x (issue 11: >= 1x: {'met' if ratio >= 1 else 'NOT met'})"
+                f"; msg/s {_ratio(built, unpersisted, 'msgs_per_s'):.2f}x"
             )
         direct = results.get(("direct", n, "max"))
         if built and direct:
