@@ -436,6 +436,7 @@ class Run:
     deliver_p99: float = math.nan
     closed: int = 0
     persisted: float = 0.0  # the node's switchboard_messages_persisted_total delta
+    mean_batch: float = math.nan  # sends per group-commit transaction (the node's histogram)
     server_cpu: float = 0.0  # % of one core, go -> last ack
     loop_cpu: float = 0.0
     cpu_ms_per_msg: float = math.nan
@@ -473,7 +474,8 @@ class Run:
             )
             out += [
                 f"    send ({offered}): {self.acked:,}/{self.sent:,} acked in {self.secs:.2f}s = "
-                f"{self.acked_per_s:,.0f} msg/s (node persisted {self.persisted:,.0f}); "
+                f"{self.acked_per_s:,.0f} msg/s (node persisted {self.persisted:,.0f}, "
+                f"{self.mean_batch:.1f} per transaction); "
                 f"send->ack p50 {self.ack_p50:.1f} ms p99 {self.ack_p99:.1f} ms",
                 f"      {self.deliveries:,} deliveries = {self.delivered_per_s:,.0f}/s; "
                 f"send->deliver p50 {self.deliver_p50:.1f} ms p99 {self.deliver_p99:.1f} ms; "
@@ -698,8 +700,14 @@ def _send_run(
     run.delivered_per_s = run.deliveries / max(1e-9, last_rx - start)
     run.deliver_p50 = _percentile(deliver_lat, 0.50)
     run.deliver_p99 = _percentile(deliver_lat, 0.99)
-    series = "switchboard_messages_persisted_total"
-    run.persisted = _metrics(server.port).get(series, 0.0) - before_metrics.get(series, 0.0)
+    after_metrics = _metrics(server.port)
+
+    def grew(series: str) -> float:
+        return after_metrics.get(series, 0.0) - before_metrics.get(series, 0.0)
+
+    run.persisted = grew("switchboard_messages_persisted_total")
+    batches = grew("switchboard_write_batch_size_count")
+    run.mean_batch = grew("switchboard_write_batch_size_sum") / batches if batches else math.nan
     wall = after.wall - before.wall
     run.server_cpu = 100 * (after.server - before.server) / wall
     run.loop_cpu = 100 * (after.loop - before.loop) / wall
