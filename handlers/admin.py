@@ -25,7 +25,6 @@ from models import chat as chat_db
 from models import moderation as mod_db
 from server import protocol
 from server.auth import Identity
-from server.cluster_state import RedisPresence
 from server.health import Health, rss_bytes
 from server.hub import Hub, Target
 from server.moderation import AUDIT_ACTIONS, NAMESPACES, Moderation
@@ -282,12 +281,11 @@ class AdminHandler(GatewayHandler):
     # -- figures ----------------------------------------------------------------
 
     async def on_admin_online_users(self, limit: int, offset: int) -> dict[str, Any]:
-        cluster = self.presence if isinstance(self.presence, RedisPresence) else None
-        # In a cluster: everyone online on any node, with connections per node.
-        user_ids = await cluster.online_users() if cluster else sorted(self.hub.online_users())
+        # Everyone online on any node (one node: this one), with connections per node.
+        user_ids = await self.presence.online_users()
         page = user_ids[offset : offset + limit]
         statuses = await self.presence.statuses(page)
-        by_node = await cluster.connections_by_node(page) if cluster else {}
+        by_node = await self.presence.connections_by_node(page)
         local = {u: self.hub.user_connections(u) for u in page}
         # Users connected only to other nodes: their names come from the database.
         remote = [u for u, conns in local.items() if not conns]
@@ -299,19 +297,17 @@ class AdminHandler(GatewayHandler):
                 by_ns[conn.namespace] = by_ns.get(conn.namespace, 0) + 1
             identity = getattr(conns[0], "identity", None) if conns else None
             username, display_name = names.get(user_id, (user_id, user_id))
+            # byNamespace is this node's; the total and byNode are the cluster's.
+            nodes = by_node.get(user_id, {})
             users.append({
                 "userId": user_id,
                 "username": getattr(identity, "username", username),
                 "displayName": getattr(identity, "display_name", display_name),
                 "status": statuses[user_id],
-                "connections": {"total": len(conns), "byNamespace": by_ns},
-            })  # fmt: skip
-            if cluster:
-                # byNamespace stays this node's; the totals are the cluster's.
-                nodes = by_node.get(user_id, {})
-                users[-1]["connections"] = {
+                "connections": {
                     "total": sum(nodes.values()), "byNamespace": by_ns, "byNode": nodes,
-                }  # fmt: skip
+                },
+            })  # fmt: skip
         return {"users": users, "total": len(user_ids), "node": self.state.node_id}
 
     async def on_admin_stats(self) -> dict[str, Any]:
@@ -319,11 +315,9 @@ class AdminHandler(GatewayHandler):
         by_ns = self.hub.count_by_namespace()
         messages = self.stats.messages
         node = self.feed.node_info(sum(by_ns.values()))
-        nodes, online = [node], len(self.hub.online_users())
-        if isinstance(self.presence, RedisPresence):
-            # The live nodes of the cluster (this one with fresh figures); users anywhere.
-            others = [n for n in await self.presence.nodes() if not n["self"]]
-            nodes, online = [node, *others], len(await self.presence.online_users())
+        # The live nodes of the cluster (this one first, with fresh figures); users anywhere.
+        others = [n for n in await self.presence.nodes() if not n["self"]]
+        nodes, online = [node, *others], len(await self.presence.online_users())
         return {
             "node": self.state.node_id,
             "nodes": nodes,

@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import time
@@ -47,7 +48,6 @@ from server import __version__
 from server.auth import TokenVerifier
 from server.batch import Batcher
 from server.cluster import RedisHub, relay_disconnects
-from server.cluster_state import ClusterState
 from server.config import Config
 from server.db import Database
 from server.health import Health, LoopMonitor
@@ -57,9 +57,14 @@ from server.listener import Listener
 from server.logstream import LogStream
 from server.metrics import Metrics
 from server.moderation import Moderation
+from server.node_loss import announce_node_loss
+from server.node_registry import NodeRegistry
 from server.notify import NotificationService
 from server.presence import Presence
 from server.redaction import log_request
+from server.redis_limits import RedisConnectionLimiter, RedisRateLimiter
+from server.redis_link import ClusterLink
+from server.redis_presence import RedisPresence
 from server.security import SecurityMonitor
 from server.stats import Stats
 from server.tasks import BackgroundTasks
@@ -149,18 +154,26 @@ class Node:
         self.db = Database(
             config.database_url, workers=config.db_workers, observe=self._observe_db
         )
-        self.presence: Presence = Presence()
+        self.presence: Presence = Presence(config.node_id)
         self.rate_limiter: RateLimiter = RateLimiter(config.rate_limits)
         self.connection_limiter: ConnectionLimiter = ConnectionLimiter(
             config.max_connections_per_user, config.max_connections_per_ip
         )
         # With Redis: cluster-wide presence and limits, node registry and reaper.
-        self.cluster_state: ClusterState | None = None
+        self.node_registry: NodeRegistry | None = None
         if self.redis is not None:
-            self.cluster_state = ClusterState(self.redis, config, self.hub, self.db)
-            self.presence = self.cluster_state.presence
-            self.rate_limiter = self.cluster_state.rate_limiter
-            self.connection_limiter = self.cluster_state.connection_limiter
+            link = ClusterLink(self.redis, config.redis_prefix, config.node_id)
+            presence = RedisPresence(link)
+            connection_limiter = RedisConnectionLimiter(
+                link, config.max_connections_per_user, config.max_connections_per_ip
+            )
+            self.presence, self.connection_limiter = presence, connection_limiter
+            self.rate_limiter = RedisRateLimiter(link, config.rate_limits)
+            self.node_registry = NodeRegistry(
+                link, presence, connection_limiter, config.heartbeat_interval,
+                local_connections=lambda: len(self.hub.connections),
+                on_loss=functools.partial(announce_node_loss, self.hub, self.db),
+            )  # fmt: skip
         self.loop_monitor = LoopMonitor(on_lag=self.metrics.event_loop_lag.set)
         # Redis health is the mirror's own state (subscribed and hearing itself).
         redis_check = self.hub.check if isinstance(self.hub, RedisHub) else None
@@ -189,8 +202,8 @@ class Node:
         self.moderation.notifier = self.notifications
         if isinstance(self.hub, RedisHub):
             relay_disconnects(self.hub, self.moderation)  # kick/ban reach every node
-        if self.cluster_state is not None:
-            self.moderation.cluster_connections = self.cluster_state.presence.user_connections
+        if self.redis is not None:
+            self.moderation.cluster_connections = self.presence.user_connections
         notify_deps: dict[str, Any] = {"notifications": self.notifications}
         # Security alerts (auth failures, rate-limit abuse) for sockets and REST alike.
         self.security = SecurityMonitor(self.notifications, self.db, self.tasks, self.metrics)
@@ -246,8 +259,8 @@ class Node:
         # First, so that start-up records reach /ws/logs and the ring buffer too.
         self.logstream.install(asyncio.get_running_loop())
         await self.db.start()
-        if self.cluster_state is not None:
-            await self.cluster_state.start()
+        if self.node_registry is not None:
+            await self.node_registry.start()
         if isinstance(self.hub, RedisHub):
             await self.hub.start()  # waits briefly for Redis; starts degraded without it
         self.sockets = bind_sockets(self.config.port, self.config.host, backlog=2048)
@@ -326,8 +339,8 @@ class Node:
         if isinstance(self.hub, RedisHub):
             await self.hub.stop()
         await self.admin_feed.stop()
-        if self.cluster_state is not None:
-            await self.cluster_state.stop()
+        if self.node_registry is not None:
+            await self.node_registry.stop()
         await self.db.close()
         if self.server is not None:
             await self.server.close_all_connections()

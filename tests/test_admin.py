@@ -437,10 +437,14 @@ async def test_online_users_lists_connections_by_namespace(gateway):
     result = await root.emit("admin:online_users", {"limit": 10, "offset": 0})
     assert result["total"] == 3
     users = {u["userId"]: u for u in result["users"]}
-    assert users["alice"]["connections"] == {"total": 2, "byNamespace": {"chat": 2}}
+    assert users["alice"]["connections"] == {
+        "total": 2, "byNamespace": {"chat": 2}, "byNode": {"test-node": 2},
+    }  # fmt: skip
     assert users["alice"]["status"] == "online"
     assert users["bob"]["status"] == "busy"
-    assert users["root"]["connections"] == {"total": 1, "byNamespace": {"admin": 1}}
+    assert users["root"]["connections"] == {
+        "total": 1, "byNamespace": {"admin": 1}, "byNode": {"test-node": 1},
+    }  # fmt: skip
     page = await root.emit("admin:online_users", {"limit": 1, "offset": 1})
     assert [u["userId"] for u in page["users"]] == ["bob"] and page["total"] == 3
 
