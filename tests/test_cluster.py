@@ -271,6 +271,50 @@ async def test_missed_message_notices_go_only_to_members_away_from_every_node(
     assert rows == [(carol_id,)]  # not bob (online on node b), not alice (the sender)
 
 
+@pytest.mark.asyncio
+async def test_room_deleted_by_an_admin_is_gone_from_every_node(
+    cluster: Cluster, clients: Clients
+) -> None:
+    """admin:delete_room on node a: a member on b is told and unsubscribed there,
+    an away member's missed-messages notice goes (the one deletion path)."""
+    alice = await clients.connect("a", uid("alice"))
+    bob = await clients.connect("b", uid("bob"))
+    carol_id = uid("carol")
+    carol = await clients.connect("c", carol_id)
+    room = await make_room(alice)
+    await join(room, alice, bob, carol)
+    carol.close()
+    await carol.wait_closed()
+    key = cluster.redis_key("conns", "user", "chat", carol_id)
+    await eventually(lambda: _equals(redis_exists(cluster, key), False), timeout=5,
+                     what="carol's chat connection released cluster-wide")  # fmt: skip
+    inbox = await clients.connect("c", carol_id, "notifications")
+    await alice.emit("message:send", {"roomId": room, "content": "while you were out"})
+    missed = await inbox.next_event(
+        "notification:created", timeout=DELIVERY_TIMEOUT_SECS,
+        predicate=lambda f: f["data"]["notification"]["data"].get("roomId") == room,
+    )  # fmt: skip
+    await eventually(lambda: _equals(room_subscribers(cluster, room), 2), timeout=5,
+                     what="nodes a and b subscribed to the room")  # fmt: skip
+
+    admin = await clients.connect("a", uid("boss"), namespace="admin", roles=("admin",))
+    assert await admin.emit("admin:delete_room", {"roomId": room}) == {"roomId": room, "members": 3}
+    deleted = await bob.next_event("room:deleted", timeout=DELIVERY_TIMEOUT_SECS)
+    assert deleted["data"]["roomId"] == room
+    gone = await inbox.next_event("notification:deleted", timeout=DELIVERY_TIMEOUT_SECS)
+    assert gone["data"] == {"notificationId": missed["data"]["notification"]["id"]}
+    # Node b let go of the room as node a did: nobody listens to its channel.
+    await eventually(lambda: _equals(room_subscribers(cluster, room), 0), timeout=5,
+                     what="every node unsubscribed from the deleted room")  # fmt: skip
+    with pytest.raises(ClientError) as info:
+        await bob.emit("typing:start", {"roomId": room})
+    assert info.value.code == "NOT_IN_ROOM"
+    rows = await cluster.asql(
+        "SELECT user_id FROM notification WHERE group_key = %s", f"missed:{room}"
+    )
+    assert rows == []
+
+
 async def redis_exists(cluster: Cluster, key: str) -> bool:
     client = aioredis.from_url(cluster.redis.url)
     try:
