@@ -89,19 +89,9 @@ class ChatHandler(GatewayHandler):
 
     # -- rooms ------------------------------------------------------------------
 
-    async def on_room_create(
-        self,
-        room_id: str | None,
-        name: str,
-        type: str,
-        password: str | None,
-        description: str,
-        members: list[str],
-    ) -> dict[str, Any]:
-        room = await self.rooms.create(
-            self.user_id, room_id or secrets.token_urlsafe(9), name, type, password, description,
-            members,
-        )  # fmt: skip
+    async def on_room_create(self, room_id: str | None, **fields: Any) -> dict[str, Any]:
+        # fields: the schema's name, type, password, description and members.
+        room = await self.rooms.create(self.user_id, room_id or secrets.token_urlsafe(9), **fields)
         self.member_rooms.append(room["id"])
         return {"room": room}
 
