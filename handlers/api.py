@@ -20,7 +20,6 @@ import orjson
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 from tornado.web import HTTPError
 
-from handlers.base import NodeState
 from handlers.http import JSONHandler
 from handlers.notifications import DEFAULT_PAGE, MAX_PAGE, NotificationIdField
 from handlers.schemas import EventSchema, Int, JSONObject, Str, Text, load, room_id
@@ -32,6 +31,7 @@ from server.config import Config
 from server.db import Database
 from server.hub import Hub, Target
 from server.limits import RateLimiter
+from server.node_state import NodeState
 from server.notify import NotificationService
 from server.security import SecurityMonitor
 

@@ -44,6 +44,7 @@ from server.db import Database
 from server.hub import Hub, Target
 from server.limits import ConnectionLimiter, RateLimiter
 from server.metrics import Metrics
+from server.node_state import NodeState
 from server.presence import Presence
 from server.security import SecurityMonitor
 from server.stats import Stats
@@ -83,18 +84,6 @@ class ConnectionLog(logging.LoggerAdapter[logging.Logger]):
         context = {"connection_id": self.handler.conn_id, "user_id": self.handler.user_id}
         kwargs["extra"] = {**context, **(kwargs.get("extra") or {})}
         return msg, kwargs
-
-
-class NodeState:
-    """Mutable facts about the node that handlers consult (shutting down...)."""
-
-    def __init__(self, node_id: str) -> None:
-        self.node_id = node_id
-        self.started_at = time.time()
-        self.shutting_down = False
-        #: Sockets upgraded without a token, waiting for their auth:connect frame:
-        #: in no hub yet, so shutdown finds them here.
-        self.awaiting_auth: set[GatewayHandler] = set()
 
 
 class GatewayHandler(WebSocketHandler):

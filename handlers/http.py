@@ -20,7 +20,6 @@ from prometheus_client.openmetrics.exposition import (
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from tornado.web import RequestHandler
 
-from handlers.base import NodeState
 from models import moderation as mod_db
 from server import errors, protocol
 from server.auth import Identity, TokenVerifier
@@ -29,6 +28,7 @@ from server.db import Database
 from server.health import Health, rss_bytes
 from server.hub import Hub
 from server.metrics import Metrics
+from server.node_state import NodeState
 from server.security import SecurityMonitor
 from server.stats import Stats
 

@@ -26,7 +26,6 @@ Example (client side)::
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import re
 from collections import deque
 from typing import Any, ClassVar
@@ -51,9 +50,10 @@ from server.logstream import (
     LogEntry,
     LogFilter,
     LogStream,
+    fit_entries,
+    ingested_entry,
     normalize_level,
 )
-from server.redaction import redact
 from server.security import SecurityMonitor
 
 #: Roles that may read logs (socket and HTTP).
@@ -140,49 +140,6 @@ class IngestBody(EventSchema):
     )
 
 
-def log_filter(
-    level: str | None, services: list[str] | None, contexts: list[str] | None, contains: str | None
-) -> LogFilter:
-    return LogFilter(
-        min_level=LEVELS[level] if level else 0,
-        services=frozenset(services) if services else None,
-        contexts=frozenset(contexts) if contexts else None,
-        contains=contains,
-    )
-
-
-def ingested_entry(loaded: dict[str, Any], default_service: str, node_id: str) -> LogEntry:
-    """A loaded :class:`IngestEntry` → a wire entry like our own."""
-    stamp: dt.datetime = loaded["timestamp"] or protocol.now()
-    entry: LogEntry = {
-        "timestamp": protocol.iso(stamp),
-        "level": loaded["level"],
-        "service": loaded["service"] or default_service,
-        "context": loaded["context"],
-        # Another service's line may quote a URL with ?token=: redacted like ours.
-        "message": redact(loaded["message"]),
-        "metadata": loaded["metadata"],
-        "node": node_id,
-    }
-    if loaded["stack"]:
-        entry["stack"] = redact(loaded["stack"])
-    return entry
-
-
-def fit_entries(entries: list[LogEntry], budget_bytes: int) -> tuple[list[LogEntry], bool]:
-    """The newest entries whose JSON fits ``budget_bytes``; True if some were left out."""
-    kept: list[LogEntry] = []
-    used = 0
-    for entry in reversed(entries):
-        used += len(orjson.dumps(entry)) + 1
-        if used > budget_bytes:
-            kept.reverse()
-            return kept, True
-        kept.append(entry)
-    kept.reverse()
-    return kept, False
-
-
 # -- /ws/logs -----------------------------------------------------------------
 
 
@@ -220,7 +177,7 @@ class LogsHandler(GatewayHandler):
         contexts: list[str] | None,
         contains: str | None,
     ) -> dict[str, Any]:
-        wanted = log_filter(level, services, contexts, contains)
+        wanted = LogFilter.of(level, services, contexts, contains)
         self.logstream.subscribe(self.conn_id, wanted, self._on_log)
         return {"subscribed": True, "filter": wanted.public()}
 

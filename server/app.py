@@ -29,10 +29,9 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 from tornado.web import Application
 
-from handlers.admin import AdminFeed, AdminHandler
+from handlers.admin import AdminHandler
 from handlers.api import api_routes
-from handlers.base import NodeState
-from handlers.chat import ChatHandler, TypingTracker
+from handlers.chat import ChatHandler
 from handlers.http import (
     LivenessHandler,
     MetricsHandler,
@@ -45,6 +44,7 @@ from handlers.notifications import NotificationsHandler
 from handlers.web import web_routes
 from models import chat as chat_db
 from server import __version__
+from server.admin_feed import AdminFeed
 from server.auth import TokenVerifier
 from server.batch import Batcher
 from server.cluster import RedisHub, relay_disconnects
@@ -59,15 +59,18 @@ from server.metrics import Metrics
 from server.moderation import Moderation
 from server.node_loss import announce_node_loss
 from server.node_registry import NodeRegistry
+from server.node_state import NodeState
 from server.notify import NotificationService
 from server.presence import Presence
 from server.redaction import log_request
 from server.redis_limits import RedisConnectionLimiter, RedisRateLimiter
 from server.redis_link import ClusterLink
 from server.redis_presence import RedisPresence
+from server.rooms import Rooms
 from server.security import SecurityMonitor
 from server.stats import Stats
 from server.tasks import BackgroundTasks
+from server.typing import TypingTracker
 
 log = logging.getLogger("switchboard")
 
@@ -194,14 +197,19 @@ class Node:
         self.metrics.write_batch_waiting.set_function(lambda: self.sends.waiting)
         self.logstream = LogStream(config.node_id, config.log_buffer_size)
         # Notifications (server/notify.py) plug in as ``self.moderation.notifier``.
-        self.moderation = Moderation(self.hub, self.db, self.stats, self.tasks)
+        self.moderation = Moderation(self.hub, self.db, self.tasks)
         self.notifications = NotificationService(
             self.db, self.hub, self.connection_limiter, config.max_notifications_per_user,
             metrics=self.metrics, tasks=self.tasks, batch_max=config.write_batch_max,
         )  # fmt: skip
         self.moderation.notifier = self.notifications
+        self.rooms = Rooms(
+            self.hub, self.db, self.presence, self.stats, self.typing, self.notifications,
+            self.tasks,
+        )  # fmt: skip
         if isinstance(self.hub, RedisHub):
             relay_disconnects(self.hub, self.moderation)  # kick/ban reach every node
+            self.rooms.relay_over(self.hub)  # a deleted room is forgotten on every node
         if self.redis is not None:
             self.moderation.cluster_connections = self.presence.user_connections
         notify_deps: dict[str, Any] = {"notifications": self.notifications}
@@ -226,11 +234,13 @@ class Node:
             "admissions": self.admissions,
         }
         chat_deps = {
-            "typing": self.typing, "health": self.health, "moderation": self.moderation,
+            "rooms": self.rooms, "typing": self.typing, "health": self.health,
             "sends": self.sends,
             **notify_deps,
         }  # fmt: skip
-        admin_deps = {"moderation": self.moderation, "feed": self.admin_feed}
+        admin_deps = {
+            "moderation": self.moderation, "rooms": self.rooms, "feed": self.admin_feed,
+        }  # fmt: skip
         self.app = make_app(
             config, ws_deps=ws_deps, chat_deps=chat_deps, admin_deps=admin_deps,
             notify_deps=notify_deps,
