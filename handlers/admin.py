@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from marshmallow import Schema, fields, validate
 
@@ -28,9 +28,12 @@ from server.auth import Identity
 from server.cluster_state import RedisPresence
 from server.health import Health, rss_bytes
 from server.hub import Hub, Target
-from server.moderation import AUDIT_ACTIONS, NAMESPACES, Moderation
+from server.moderation import AUDIT_ACTIONS, NAMESPACES
 from server.stats import Stats
 from server.tasks import cancel_and_wait
+
+if TYPE_CHECKING:
+    from handlers.deps import Deps
 
 log = logging.getLogger("switchboard.admin")
 
@@ -228,12 +231,10 @@ class AdminHandler(GatewayHandler):
         "admin:audit": AuditQuery,
     }
 
-    def initialize(  # type: ignore[override]
-        self, moderation: Moderation, feed: AdminFeed, **kwargs: Any
-    ) -> None:
-        super().initialize(**kwargs)
-        self.moderation = moderation
-        self.feed = feed
+    def initialize(self, deps: Deps) -> None:
+        super().initialize(deps)
+        self.moderation = deps.moderation
+        self.feed = deps.feed
 
     @property
     def actor(self) -> Identity:

@@ -11,18 +11,18 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from marshmallow import Schema
 
 from handlers import schemas as s
-from handlers.base import GatewayHandler
+from handlers.base import GatewayHandler, Reply
 from models import chat as chat_db
 from server import errors
-from server.batch import Batcher
 from server.hub import Hub, Target
-from server.moderation import Moderation
-from server.notify import NotificationService
+
+if TYPE_CHECKING:
+    from handlers.deps import Deps
 
 # Typing indicators stop on their own this long after the last typing:start.
 TYPING_TIMEOUT_SECS = 3.0
@@ -109,22 +109,13 @@ class ChatHandler(GatewayHandler):
         "typing:stop": "typing",
     }
 
-    def initialize(  # type: ignore[override]
-        self,
-        typing: TypingTracker,
-        health: Any,
-        notifications: NotificationService,
-        moderation: Moderation,
-        sends: Batcher[chat_db.SendRequest, chat_db.Sent],
-        **kwargs: Any,
-    ) -> None:
-        super().initialize(**kwargs)
-        self._release_after_ack: tuple[str, int | None] | None = None
-        self.typing = typing
-        self.health = health
-        self.notifications = notifications
-        self.moderation = moderation
-        self.sends = sends
+    def initialize(self, deps: Deps) -> None:
+        super().initialize(deps)
+        self.typing = deps.typing
+        self.health = deps.health
+        self.notifications = deps.notifications
+        self.moderation = deps.moderation
+        self.sends = deps.sends
 
     @property
     def user_info(self) -> dict[str, Any]:
@@ -163,7 +154,7 @@ class ChatHandler(GatewayHandler):
 
     async def on_room_join(
         self, room_id: str, password: str | None, since_seq: int | None
-    ) -> dict[str, Any]:
+    ) -> Reply:
         access = await self.db.run("room.access", chat_db.room_access, room_id, self.user_id)
         if not access.is_member:
             if access.room_type == "private":
@@ -191,39 +182,29 @@ class ChatHandler(GatewayHandler):
             if not already:
                 self.hub.leave(self, room_id)
             raise
-        if room_id not in self.member_rooms:
-            self.member_rooms.append(room_id)
-        statuses = await self.presence.statuses(m["userId"] for m in result["members"])
-        for member in result["members"]:
-            member["status"] = statuses[member["userId"]]
-        if self._closing or self._gone:
-            return result
+        # The held frames carry later seqs than this history: they follow the ack.
         last = result["missed"][-1]["seq"] if result["missed"] else since_seq
-        if not already:
-            # The ack must precede the held frames; they carry later seqs.
-            self._release_after_ack = (room_id, last)
-        if first_here and not already:
-            # O(room) like user_in_room above; only on a user's first local join.
-            users_here = {c.user_id for c in self.hub.room_connections(room_id)}
-            self.stats.rooms.users(room_id, len(users_here))
-            joined = {"roomId": room_id, "user": self.user_info}
-            self.publish(Target.room(room_id), "room:user_joined", joined)
-            # Cluster: the record a dead node's room:user_left is announced from.
-            await self.presence.joined(self.user_info, room_id)
-        self._room_seen(room_id)
-        return result
-
-    async def handle_envelope(self, envelope: Any) -> None:
-        await super().handle_envelope(envelope)
-        pending = self._release_after_ack
-        if pending is not None:
-            self._release_after_ack = None
-            self.hub.finish_join(self, pending[0], pending[1])
-        elif envelope.event == "room:join":
-            # A failed or abandoned join: drop anything held for it.
-            room_id = envelope.data.get("roomId")
-            if isinstance(room_id, str):
-                self.hub.finish_join(self, room_id, None)
+        try:
+            if room_id not in self.member_rooms:
+                self.member_rooms.append(room_id)
+            statuses = await self.presence.statuses(m["userId"] for m in result["members"])
+            for member in result["members"]:
+                member["status"] = statuses[member["userId"]]
+            if not (self._closing or self._gone):
+                if first_here and not already:
+                    # O(room) like user_in_room above; only on a user's first local join.
+                    users_here = {c.user_id for c in self.hub.room_connections(room_id)}
+                    self.stats.rooms.users(room_id, len(users_here))
+                    joined = {"roomId": room_id, "user": self.user_info}
+                    self.publish(Target.room(room_id), "room:user_joined", joined)
+                    # Cluster: the record a dead node's room:user_left is announced from.
+                    await self.presence.joined(self.user_info, room_id)
+                self._room_seen(room_id)
+        except BaseException:
+            # Still subscribed: what was held back goes out in full.
+            self.hub.finish_join(self, room_id, None)
+            raise
+        return Reply(result, lambda: self.hub.finish_join(self, room_id, last))
 
     async def on_room_leave(self, room_id: str) -> dict[str, Any]:
         if not self.hub.in_room(self, room_id):
