@@ -15,7 +15,7 @@ finer roles (only admins ban, unban and delete rooms).
 from __future__ import annotations
 
 import time
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from marshmallow import Schema, fields, validate
 
@@ -23,10 +23,12 @@ from handlers import schemas as s
 from handlers.base import GatewayHandler
 from models import chat as chat_db
 from models import moderation as mod_db
-from server.admin_feed import AdminFeed, local_room_users
+from server.admin_feed import local_room_users
 from server.auth import Identity
-from server.moderation import AUDIT_ACTIONS, NAMESPACES, Moderation
-from server.rooms import Rooms
+from server.moderation import AUDIT_ACTIONS, NAMESPACES
+
+if TYPE_CHECKING:
+    from handlers.deps import Deps
 
 BROADCAST_TYPES = ("info", "success", "warning", "error", "maintenance")
 # A year: longer bans are permanent bans (omit durationSeconds).
@@ -101,13 +103,11 @@ class AdminHandler(GatewayHandler):
         "admin:audit": AuditQuery,
     }
 
-    def initialize(  # type: ignore[override]
-        self, moderation: Moderation, rooms: Rooms, feed: AdminFeed, **kwargs: Any
-    ) -> None:
-        super().initialize(**kwargs)
-        self.moderation = moderation
-        self.rooms = rooms
-        self.feed = feed
+    def initialize(self, deps: Deps) -> None:
+        super().initialize(deps)
+        self.moderation = deps.moderation
+        self.rooms = deps.rooms
+        self.feed = deps.feed
 
     @property
     def actor(self) -> Identity:

@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from marshmallow import Schema
 
 from handlers import schemas as s
-from handlers.base import GatewayHandler
+from handlers.base import GatewayHandler, Reply
 from models import chat as chat_db
 from server import errors
-from server.batch import Batcher
 from server.hub import Target
-from server.notify import NotificationService
-from server.rooms import Rooms
-from server.typing import TypingTracker
+
+if TYPE_CHECKING:
+    from handlers.deps import Deps
 
 
 class ChatHandler(GatewayHandler):
@@ -61,22 +60,13 @@ class ChatHandler(GatewayHandler):
         "typing:stop": "typing",
     }
 
-    def initialize(  # type: ignore[override]
-        self,
-        rooms: Rooms,
-        typing: TypingTracker,
-        health: Any,
-        notifications: NotificationService,
-        sends: Batcher[chat_db.SendRequest, chat_db.Sent],
-        **kwargs: Any,
-    ) -> None:
-        super().initialize(**kwargs)
-        self._release_after_ack: tuple[str, int | None] | None = None
-        self.rooms = rooms
-        self.typing = typing
-        self.health = health
-        self.notifications = notifications
-        self.sends = sends
+    def initialize(self, deps: Deps) -> None:
+        super().initialize(deps)
+        self.rooms = deps.rooms
+        self.typing = deps.typing
+        self.health = deps.health
+        self.notifications = deps.notifications
+        self.sends = deps.sends
 
     @property
     def user_info(self) -> dict[str, Any]:
@@ -100,31 +90,24 @@ class ChatHandler(GatewayHandler):
 
     async def on_room_join(
         self, room_id: str, password: str | None, since_seq: int | None
-    ) -> dict[str, Any]:
+    ) -> Reply:
         joined = await self.rooms.join(self, room_id, password, since_seq)
-        if room_id not in self.member_rooms:
-            self.member_rooms.append(room_id)
-        if self._closing or self._gone:
-            return joined.result
-        if joined.held:
-            # The ack must precede the held frames; they carry later seqs.
-            self._release_after_ack = (room_id, joined.last_seq)
-        if joined.first_here:
-            await self.rooms.announce_joined(self, self.user_info, room_id)
-        self.rooms.seen(self.user_id, room_id)
-        return joined.result
-
-    async def handle_envelope(self, envelope: Any) -> None:
-        await super().handle_envelope(envelope)
-        pending = self._release_after_ack
-        if pending is not None:
-            self._release_after_ack = None
-            self.hub.finish_join(self, pending[0], pending[1])
-        elif envelope.event == "room:join":
-            # A failed or abandoned join: drop anything held for it.
-            room_id = envelope.data.get("roomId")
-            if isinstance(room_id, str):
-                self.hub.finish_join(self, room_id, None)
+        try:
+            if room_id not in self.member_rooms:
+                self.member_rooms.append(room_id)
+            if not (self._closing or self._gone):
+                if joined.first_here:
+                    await self.rooms.announce_joined(self, self.user_info, room_id)
+                self.rooms.seen(self.user_id, room_id)
+        except BaseException:
+            # Still subscribed: what was held back goes out in full.
+            self.hub.finish_join(self, room_id, None)
+            raise
+        if not joined.held:
+            return Reply(joined.result, lambda: None)
+        # The ack must precede the held frames; they carry later seqs.
+        last = joined.last_seq
+        return Reply(joined.result, lambda: self.hub.finish_join(self, room_id, last))
 
     async def on_room_leave(self, room_id: str) -> dict[str, Any]:
         await self.rooms.leave(self, self.user_info, room_id)

@@ -1,9 +1,9 @@
 """Building and running a gateway node.
 
-:func:`make_app` wires the routes to their dependencies (passed through
-each route's ``initialize()`` kwargs); :class:`Node` creates those
-dependencies from a :class:`Config`, starts listening and shuts down
-gracefully.
+:func:`make_app` wires the routes to their dependencies (one
+:class:`~handlers.deps.Deps`, each route's ``initialize()`` argument);
+:class:`Node` creates those dependencies from a :class:`Config`, starts
+listening and shuts down gracefully.
 
 Example::
 
@@ -27,11 +27,12 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
-from tornado.web import Application
+from tornado.web import Application, RequestHandler
 
 from handlers.admin import AdminHandler
-from handlers.api import api_routes
+from handlers.api import API_ROUTES
 from handlers.chat import ChatHandler
+from handlers.deps import Deps
 from handlers.http import (
     LivenessHandler,
     MetricsHandler,
@@ -39,12 +40,13 @@ from handlers.http import (
     WebSocketHealthHandler,
     WebSocketStatsHandler,
 )
-from handlers.logs import logs_routes
+from handlers.logs import LOGS_ROUTES
 from handlers.notifications import NotificationsHandler
 from handlers.web import web_routes
 from models import chat as chat_db
 from server import __version__
 from server.admin_feed import AdminFeed
+from server.admission import Admission
 from server.auth import TokenVerifier
 from server.batch import Batcher
 from server.cluster import RedisHub, relay_disconnects
@@ -84,35 +86,29 @@ SHUTDOWN_GRACE_SECS = 5.0
 MAX_HTTP_BODY_BYTES = 1024 * 1024
 
 
-def make_app(
-    config: Config,
-    *,
-    ws_deps: dict[str, Any],
-    chat_deps: dict[str, Any],
-    admin_deps: dict[str, Any],
-    notify_deps: dict[str, Any],
-    health: Health,
-    registry: CollectorRegistry,
-    logstream: LogStream | None = None,
-) -> Application:
-    """The Tornado application: WebSocket namespaces, health and metrics routes."""
-    routes: list[Any] = [
-        (r"/ws/chat", ChatHandler, {**ws_deps, **chat_deps}),
-        (r"/ws/admin", AdminHandler, {**ws_deps, **admin_deps}),
-        (r"/ws/notifications", NotificationsHandler, {**ws_deps, **notify_deps}),
-        *(logs_routes(ws_deps, logstream) if logstream is not None else ()),
-        *api_routes({**ws_deps, **notify_deps}),
-        (r"/health", LivenessHandler, {"node_id": config.node_id}),
-        (r"/health/ready", ReadinessHandler, {"health": health}),
-        (r"/health/websocket", WebSocketHealthHandler, {"health": health}),
-        (r"/metrics", MetricsHandler, {"registry": registry}),
-        (r"/websocket/stats", WebSocketStatsHandler, {**ws_deps, "health": health}),
+def make_app(deps: Deps) -> Application:
+    """The Tornado application: every route given the same ``deps``.
+
+    WebSocket namespaces, the REST API, health, metrics and the web app.
+    """
+    handlers: list[tuple[str, type[RequestHandler]]] = [
+        (r"/ws/chat", ChatHandler),
+        (r"/ws/admin", AdminHandler),
+        (r"/ws/notifications", NotificationsHandler),
+        *LOGS_ROUTES,
+        *API_ROUTES,
+        (r"/health", LivenessHandler),
+        (r"/health/ready", ReadinessHandler),
+        (r"/health/websocket", WebSocketHealthHandler),
+        (r"/metrics", MetricsHandler),
+        (r"/websocket/stats", WebSocketStatsHandler),
     ]
+    routes: list[Any] = [(pattern, handler, {"deps": deps}) for pattern, handler in handlers]
     # The web app last: its static pattern is narrow, but it is rooted at "/".
-    routes += web_routes(config)
+    routes += web_routes(deps)
     return Application(
         routes,
-        websocket_max_message_size=config.max_message_bytes,
+        websocket_max_message_size=deps.config.max_message_bytes,
         # Pings are sent by the node's single heartbeat sweep, not per connection.
         websocket_ping_interval=0,
         # tornado's access line, with ?token= / ?access_token= values redacted.
@@ -212,42 +208,24 @@ class Node:
             self.rooms.relay_over(self.hub)  # a deleted room is forgotten on every node
         if self.redis is not None:
             self.moderation.cluster_connections = self.presence.user_connections
-        notify_deps: dict[str, Any] = {"notifications": self.notifications}
         # Security alerts (auth failures, rate-limit abuse) for sockets and REST alike.
         self.security = SecurityMonitor(self.notifications, self.db, self.tasks, self.metrics)
         self.admin_feed = AdminFeed(
             self.hub, self.stats, self.health, self.state, config.metrics_interval
         )
-        ws_deps: dict[str, Any] = {
-            "config": config,
-            "hub": self.hub,
-            "db": self.db,
-            "verifier": TokenVerifier(config),
-            "rate_limiter": self.rate_limiter,
-            "connection_limiter": self.connection_limiter,
-            "presence": self.presence,
-            "metrics": self.metrics,
-            "tasks": self.tasks,
-            "state": self.state,
-            "stats": self.stats,
-            "security": self.security,
-            "admissions": self.admissions,
-        }
-        chat_deps = {
-            "rooms": self.rooms, "typing": self.typing, "health": self.health,
-            "sends": self.sends,
-            **notify_deps,
-        }  # fmt: skip
-        admin_deps = {
-            "moderation": self.moderation, "rooms": self.rooms, "feed": self.admin_feed,
-        }  # fmt: skip
-        self.app = make_app(
-            config, ws_deps=ws_deps, chat_deps=chat_deps, admin_deps=admin_deps,
-            notify_deps=notify_deps,
-            health=self.health,
-            registry=self.registry,
-            logstream=self.logstream,
+        self.admission = Admission(
+            TokenVerifier(config), self.connection_limiter, self.admissions, self.db,
+            self.security, config.trusted_proxies,
         )  # fmt: skip
+        self.deps = Deps(
+            config=config, state=self.state, hub=self.hub, db=self.db,
+            admission=self.admission, rate_limiter=self.rate_limiter, presence=self.presence,
+            metrics=self.metrics, stats=self.stats, tasks=self.tasks, security=self.security,
+            health=self.health, notifications=self.notifications, moderation=self.moderation,
+            sends=self.sends, typing=self.typing, feed=self.admin_feed, logstream=self.logstream,
+            rooms=self.rooms,
+        )  # fmt: skip
+        self.app = make_app(self.deps)
         self.server: HTTPServer | None = None
         self.listener: Listener | None = None
         self.sockets: list[socket.socket] = []
