@@ -3,39 +3,33 @@
 Admins and moderators connect here (anyone else is refused with FORBIDDEN,
 close 4403). On connect and every ``metrics_interval`` seconds each admin
 connection receives ``metrics:update``; ``health:status`` goes out when the
-health status changes. One node-wide :class:`AdminFeed` timer builds the
-snapshot once and writes the same frame to every admin connection.
+health status changes. One node-wide :class:`~server.admin_feed.AdminFeed`
+timer builds the snapshot once and writes the same frame to every admin
+connection.
 
-Moderation requests are thin wrappers around :class:`server.moderation.Moderation`,
-which checks the finer roles (only admins ban, unban and delete rooms).
+Moderation requests are thin wrappers around :class:`server.moderation.Moderation`
+(and :class:`server.rooms.Rooms` for ``admin:delete_room``), which check the
+finer roles (only admins ban, unban and delete rooms).
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from marshmallow import Schema, fields, validate
 
 from handlers import schemas as s
-from handlers.base import GatewayHandler, NodeState
+from handlers.base import GatewayHandler
 from models import chat as chat_db
 from models import moderation as mod_db
-from server import protocol
+from server.admin_feed import local_room_users
 from server.auth import Identity
-from server.cluster_state import RedisPresence
-from server.health import Health, rss_bytes
-from server.hub import Hub, Target
-from server.moderation import AUDIT_ACTIONS, NAMESPACES, Moderation
-from server.stats import Stats
-from server.tasks import cancel_and_wait
+from server.moderation import AUDIT_ACTIONS, NAMESPACES
 
-log = logging.getLogger("switchboard.admin")
+if TYPE_CHECKING:
+    from handlers.deps import Deps
 
-#: Rooms listed in ``metrics:update``'s ``rooms.top``.
-TOP_ROOMS = 5
 BROADCAST_TYPES = ("info", "success", "warning", "error", "maintenance")
 # A year: longer bans are permanent bans (omit durationSeconds).
 MAX_DURATION_SECS = 365 * 24 * 3600
@@ -90,125 +84,6 @@ class AuditQuery(Page):
     action = fields.String(load_default=None, validate=validate.OneOf(AUDIT_ACTIONS))
 
 
-def local_room_users(hub: Hub, room_id: str) -> int:
-    """Distinct users with a connection in ``room_id`` on this node."""
-    return len({c.user_id for c in hub.room_connections(room_id)})
-
-
-class AdminFeed:
-    """The node-wide timer behind ``metrics:update`` and ``health:status``.
-
-    One task per node, not per connection: it builds the snapshot once per
-    interval and writes the same frame to every local admin connection
-    (each node reports its own figures, so delivery stays local).
-
-    Example::
-
-        feed = AdminFeed(hub, stats, health, state, interval_secs=5.0)
-        feed.start()
-        snapshot = await feed.snapshot()
-    """
-
-    def __init__(
-        self, hub: Hub, stats: Stats, health: Health, state: NodeState, interval_secs: float
-    ) -> None:
-        self.hub = hub
-        self.stats = stats
-        self.health = health
-        self.state = state
-        self.interval = interval_secs
-        #: Last health status seen ("healthy", "degraded", "unhealthy").
-        self.health_status: str | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="admin-feed")
-
-    async def stop(self) -> None:
-        await cancel_and_wait(self._task)
-        self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # One bad tick must not end the feed for good; the next may work.
-                log.exception("admin feed tick failed")
-
-    async def tick(self) -> None:
-        """Push ``metrics:update`` (and ``health:status`` if it changed) to admins.
-
-        Health is followed even with no admin connected, so that one who
-        connects later is told of the next real change, not of a stale one.
-        """
-        if self.hub.count_by_namespace().get("admin"):
-            self._push("metrics:update", await self.snapshot())
-        health = await self.health()
-        previous = self.health_status
-        if health["status"] == previous:
-            return
-        self.health_status = health["status"]
-        # The first reading is a baseline: admins got the status on connect.
-        if previous is not None:
-            log.warning("health status %s -> %s: %s", previous, health["status"],
-                        "; ".join(health["reasons"]) or "recovered")  # fmt: skip
-            self._push("health:status", {**health, "previous": previous})
-
-    def _push(self, event: str, data: dict[str, Any]) -> None:
-        frame = protocol.frame(protocol.event_payload(event, data))
-        self.hub.deliver(Target.ns("admin"), frame)
-
-    async def snapshot(self) -> dict[str, Any]:
-        """The ``metrics:update`` document: this node's live, measured figures."""
-        now = time.time()
-        by_ns = self.hub.count_by_namespace()
-        total = sum(by_ns.values())
-        messages = self.stats.messages
-        p50, p95 = self.stats.latency.percentiles(50, 95)
-        top = [
-            {
-                "roomId": room_id,
-                "activeUsers": local_room_users(self.hub, room_id),
-                "messagesPerMinute": per_minute,
-            }
-            for room_id, per_minute in self.stats.rooms.busiest(TOP_ROOMS, now)
-        ]
-        memory = await asyncio.get_running_loop().run_in_executor(None, rss_bytes)
-        return {
-            "connections": {"total": total, "byNamespace": by_ns},
-            "messages": {
-                "perSecond": messages.per_second(now),
-                "perMinute": messages.count(59, now),
-                "total": messages.total,
-            },
-            "performance": {
-                "p50Ms": round(p50 * 1000, 3),
-                "p95Ms": round(p95 * 1000, 3),
-                "errorRate": round(self.stats.error_ratio(), 4),
-                "eventLoopLagMs": round(self.health.loop_monitor.lag_secs * 1000, 2),
-                "samples": len(self.stats.latency),
-            },
-            "rooms": {"active": len(self.hub.active_rooms()), "top": top},
-            "nodes": [self.node_info(total)],
-            "memoryBytes": memory,
-            "timestamp": protocol.iso(protocol.now()),
-        }
-
-    def node_info(self, connections: int | None = None) -> dict[str, Any]:
-        if connections is None:
-            connections = len(self.hub.connections)
-        return {
-            "id": self.state.node_id,
-            "uptimeSeconds": round(time.time() - self.state.started_at, 3),
-            "connections": connections,
-            "self": True,
-        }
-
-
 class AdminHandler(GatewayHandler):
     """The admin namespace (roles admin or moderator)."""
 
@@ -228,12 +103,11 @@ class AdminHandler(GatewayHandler):
         "admin:audit": AuditQuery,
     }
 
-    def initialize(  # type: ignore[override]
-        self, moderation: Moderation, feed: AdminFeed, **kwargs: Any
-    ) -> None:
-        super().initialize(**kwargs)
-        self.moderation = moderation
-        self.feed = feed
+    def initialize(self, deps: Deps) -> None:
+        super().initialize(deps)
+        self.moderation = deps.moderation
+        self.rooms = deps.rooms
+        self.feed = deps.feed
 
     @property
     def actor(self) -> Identity:
@@ -266,7 +140,7 @@ class AdminHandler(GatewayHandler):
         return await self.moderation.mute(self.actor, user_id, room_id, duration_seconds, reason)
 
     async def on_admin_delete_room(self, room_id: str) -> dict[str, Any]:
-        return await self.moderation.delete_room(self.actor, room_id)
+        return await self.rooms.delete(self.actor, room_id, owner_may=False)
 
     async def on_admin_delete_message(self, message_id: int, reason: str) -> dict[str, Any]:
         return await self.moderation.delete_message(self.actor, message_id, reason)
@@ -282,12 +156,11 @@ class AdminHandler(GatewayHandler):
     # -- figures ----------------------------------------------------------------
 
     async def on_admin_online_users(self, limit: int, offset: int) -> dict[str, Any]:
-        cluster = self.presence if isinstance(self.presence, RedisPresence) else None
-        # In a cluster: everyone online on any node, with connections per node.
-        user_ids = await cluster.online_users() if cluster else sorted(self.hub.online_users())
+        # Everyone online on any node (one node: this one), with connections per node.
+        user_ids = await self.presence.online_users()
         page = user_ids[offset : offset + limit]
         statuses = await self.presence.statuses(page)
-        by_node = await cluster.connections_by_node(page) if cluster else {}
+        by_node = await self.presence.connections_by_node(page)
         local = {u: self.hub.user_connections(u) for u in page}
         # Users connected only to other nodes: their names come from the database.
         remote = [u for u, conns in local.items() if not conns]
@@ -299,19 +172,17 @@ class AdminHandler(GatewayHandler):
                 by_ns[conn.namespace] = by_ns.get(conn.namespace, 0) + 1
             identity = getattr(conns[0], "identity", None) if conns else None
             username, display_name = names.get(user_id, (user_id, user_id))
+            # byNamespace is this node's; the total and byNode are the cluster's.
+            nodes = by_node.get(user_id, {})
             users.append({
                 "userId": user_id,
                 "username": getattr(identity, "username", username),
                 "displayName": getattr(identity, "display_name", display_name),
                 "status": statuses[user_id],
-                "connections": {"total": len(conns), "byNamespace": by_ns},
-            })  # fmt: skip
-            if cluster:
-                # byNamespace stays this node's; the totals are the cluster's.
-                nodes = by_node.get(user_id, {})
-                users[-1]["connections"] = {
+                "connections": {
                     "total": sum(nodes.values()), "byNamespace": by_ns, "byNode": nodes,
-                }  # fmt: skip
+                },
+            })  # fmt: skip
         return {"users": users, "total": len(user_ids), "node": self.state.node_id}
 
     async def on_admin_stats(self) -> dict[str, Any]:
@@ -319,11 +190,9 @@ class AdminHandler(GatewayHandler):
         by_ns = self.hub.count_by_namespace()
         messages = self.stats.messages
         node = self.feed.node_info(sum(by_ns.values()))
-        nodes, online = [node], len(self.hub.online_users())
-        if isinstance(self.presence, RedisPresence):
-            # The live nodes of the cluster (this one with fresh figures); users anywhere.
-            others = [n for n in await self.presence.nodes() if not n["self"]]
-            nodes, online = [node, *others], len(await self.presence.online_users())
+        # The live nodes of the cluster (this one first, with fresh figures); users anywhere.
+        others = [n for n in await self.presence.nodes() if not n["self"]]
+        nodes, online = [node, *others], len(await self.presence.online_users())
         return {
             "node": self.state.node_id,
             "nodes": nodes,

@@ -14,26 +14,24 @@ user's ``/ws/notifications`` connections.
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 from tornado.web import HTTPError
 
-from handlers.base import NodeState
 from handlers.http import JSONHandler
 from handlers.notifications import DEFAULT_PAGE, MAX_PAGE, NotificationIdField
 from handlers.schemas import EventSchema, Int, JSONObject, Str, Text, load, room_id
 from models import chat as chat_db
 from models import notifications as store
 from server import errors
-from server.auth import Identity, TokenVerifier
-from server.config import Config
-from server.db import Database
-from server.hub import Hub, Target
-from server.limits import RateLimiter
-from server.notify import NotificationService
-from server.security import SecurityMonitor
+from server.admission import require_roles
+from server.auth import Identity
+from server.hub import Target
+
+if TYPE_CHECKING:
+    from handlers.deps import Deps
 
 log = logging.getLogger("switchboard.api")
 
@@ -142,26 +140,11 @@ class APIHandler(JSONHandler):
     #: Roles of which the caller needs one; None admits any authenticated user.
     allowed_roles: ClassVar[frozenset[str] | None] = None
 
-    def initialize(
-        self,
-        config: Config,
-        hub: Hub,
-        db: Database,
-        verifier: TokenVerifier,
-        rate_limiter: RateLimiter,
-        state: NodeState,
-        notifications: NotificationService,
-        security: SecurityMonitor,
-        **_unused: Any,
-    ) -> None:
-        self.config = config
-        self.hub = hub
-        self.db = db
-        self.verifier = verifier
-        self.rate_limiter = rate_limiter
-        self.state = state
-        self.notifications = notifications
-        self.security = security
+    #: Client errors of the API are logged here (see :class:`JSONHandler`).
+    error_log = log
+
+    def initialize(self, deps: Deps) -> None:
+        super().initialize(deps)
         self._identity: Identity | None = None
 
     @property
@@ -174,25 +157,19 @@ class APIHandler(JSONHandler):
         return self.identity.user_id
 
     async def prepare(self) -> None:
-        if self.state.shutting_down:
+        deps = self.deps
+        if deps.state.shutting_down:
             raise errors.ServiceUnavailable("Server is shutting down")
-        self._identity = await self.bearer_identity(
-            self.verifier, self.allowed_roles, self.security, db=self.db
-        )
+        self._identity = await self.bearer_identity(self.allowed_roles)
         declared = self.request.headers.get("Content-Length")
         size = int(declared) if declared and declared.isdigit() else len(self.request.body or b"")
-        if size > self.config.max_message_bytes:
-            raise errors.PayloadTooLarge(
-                details={"limit": self.config.max_message_bytes, "size": size}
-            )
-        decision = await self.rate_limiter.hit(self.user_id, "other")
+        limit = deps.config.max_message_bytes
+        if size > limit:
+            raise errors.PayloadTooLarge(details={"limit": limit, "size": size})
+        decision = await deps.rate_limiter.hit(self.user_id, "other")
         if not decision.allowed:
-            self.security.rate_limited(self.user_id, "other")
+            deps.security.rate_limited(self.user_id, "other")
             raise errors.RateLimited(details=decision.details())
-
-    def require_roles(self, roles: frozenset[str] | None) -> None:
-        if roles is not None and not self.identity.has_any(roles):
-            raise errors.Forbidden(f"Needs one of the roles {', '.join(sorted(roles))}")
 
     def query(self) -> dict[str, str]:
         """Query arguments, the last value of each (``?limit=5``)."""
@@ -206,29 +183,6 @@ class APIHandler(JSONHandler):
         except orjson.JSONDecodeError:
             raise errors.BadRequest("Body is not JSON") from None
 
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, errors.GatewayError):
-            self.set_status(exc.status)
-            if exc.status == 401:
-                self.set_header("WWW-Authenticate", 'Bearer realm="switchboard"')
-            retry_ms = exc.details.get("retryAfter")
-            if isinstance(exc, errors.RateLimited) and isinstance(retry_ms, int):
-                self.set_header("Retry-After", str(max(1, -(-retry_ms // 1000))))
-        elif exc is not None and not isinstance(exc, HTTPError):
-            # The cause is already logged by log_exception; the client sees only this.
-            kwargs["exc_info"] = (None, errors.InternalError(), None)
-        super().write_error(status_code, **kwargs)
-
-    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        if isinstance(value, errors.GatewayError):
-            # A client error, not a server fault: one line, no traceback.
-            log.info(
-                "%s %s -> %s %s", self.request.method, self.request.path, value.code, value.message
-            )
-            return
-        super().log_exception(typ, value, tb)
-
 
 # -- notifications ------------------------------------------------------------
 
@@ -238,16 +192,16 @@ class NotificationsAPI(APIHandler):
 
     async def get(self) -> None:
         args = load(NotificationQuery, self.query())
-        page = await self.notifications.page(
+        page = await self.deps.notifications.page(
             self.user_id, unread_only=args["unread_only"], limit=args["limit"],
             before=args["before"],
         )  # fmt: skip
         self.write_json(page)
 
     async def post(self) -> None:
-        self.require_roles(frozenset({"service"}))
+        require_roles(self.identity, frozenset({"service"}))
         args = load(NotificationCreate, self.body())
-        created = await self.notifications.notify(
+        created = await self.deps.notifications.notify(
             args.pop("user_ids"), **args,
         )  # fmt: skip
         self.write_json({"notifications": created, "count": len(created)}, 201)
@@ -257,14 +211,14 @@ class UnreadCountAPI(APIHandler):
     """``GET /api/v1/notifications/unread/count`` → ``{count}``."""
 
     async def get(self) -> None:
-        self.write_json({"count": await self.notifications.unread_count(self.user_id)})
+        self.write_json({"count": await self.deps.notifications.unread_count(self.user_id)})
 
 
 class ReadAllAPI(APIHandler):
     """``POST /api/v1/notifications/read-all`` → ``{updated, unreadCount}``."""
 
     async def post(self) -> None:
-        change = await self.notifications.mark_all_read(self.user_id)
+        change = await self.deps.notifications.mark_all_read(self.user_id)
         self.write_json({"updated": len(change.read), "unreadCount": change.unread})
 
 
@@ -273,7 +227,7 @@ class NotificationReadAPI(APIHandler):
 
     async def post(self, raw_id: str) -> None:
         notification_id = load(NotificationPath, {"id": raw_id})["notification_id"]
-        change = await self.notifications.mark_read(self.user_id, notification_id)
+        change = await self.deps.notifications.mark_read(self.user_id, notification_id)
         self.write_json({"notificationId": str(notification_id), "unreadCount": change.unread})
 
 
@@ -282,7 +236,7 @@ class NotificationAPI(APIHandler):
 
     async def delete(self, raw_id: str) -> None:
         notification_id = load(NotificationPath, {"id": raw_id})["notification_id"]
-        change = await self.notifications.delete(self.user_id, notification_id)
+        change = await self.deps.notifications.delete(self.user_id, notification_id)
         self.write_json({"notificationId": str(notification_id), "unreadCount": change.unread})
 
 
@@ -294,7 +248,7 @@ class RoomMessagesAPI(APIHandler):
 
     async def get(self, raw_room_id: str) -> None:
         args = load(HistoryQuery, {**self.query(), "roomId": raw_room_id})
-        page = await self.db.run(
+        page = await self.deps.db.run(
             "message.page", chat_db.get_messages,
             args["room_id"], self.user_id, args["limit"], args["before_seq"], None,
         )  # fmt: skip
@@ -325,7 +279,7 @@ class PublishAPI(APIHandler):
             target = Target("all", "", namespace)
         else:
             target = Target.ns(namespace)
-        delivered = self.hub.publish(target, args["event"], args["data"])
+        delivered = self.deps.hub.publish(target, args["event"], args["data"])
         self.write_json({"delivered": delivered})
 
 
@@ -336,19 +290,16 @@ class APINotFound(JSONHandler):
         raise HTTPError(404, reason="No such API endpoint")
 
 
-def api_routes(deps: dict[str, Any]) -> list[tuple[str, type[JSONHandler], dict[str, Any]]]:
-    """The ``/api/v1`` routes, each given ``deps`` (the shared handler dependencies).
-
-    The last one answers every other ``/api/v1`` path with a JSON 404, so
-    further API routes must be listed before these.
-    """
-    return [
-        (r"/api/v1/notifications", NotificationsAPI, deps),
-        (r"/api/v1/notifications/unread/count", UnreadCountAPI, deps),
-        (r"/api/v1/notifications/read-all", ReadAllAPI, deps),
-        (r"/api/v1/notifications/([^/]+)/read", NotificationReadAPI, deps),
-        (r"/api/v1/notifications/([^/]+)", NotificationAPI, deps),
-        (r"/api/v1/rooms/([^/]+)/messages", RoomMessagesAPI, deps),
-        (r"/api/v1/publish", PublishAPI, deps),
-        (r"/api/v1/.*", APINotFound, {}),
-    ]
+#: The ``/api/v1`` routes (:func:`server.app.make_app` gives each the node's deps).
+#: The last one answers every other ``/api/v1`` path with a JSON 404, so
+#: further API routes must be listed before these.
+API_ROUTES: list[tuple[str, type[JSONHandler]]] = [
+    (r"/api/v1/notifications", NotificationsAPI),
+    (r"/api/v1/notifications/unread/count", UnreadCountAPI),
+    (r"/api/v1/notifications/read-all", ReadAllAPI),
+    (r"/api/v1/notifications/([^/]+)/read", NotificationReadAPI),
+    (r"/api/v1/notifications/([^/]+)", NotificationAPI),
+    (r"/api/v1/rooms/([^/]+)/messages", RoomMessagesAPI),
+    (r"/api/v1/publish", PublishAPI),
+    (r"/api/v1/.*", APINotFound),
+]

@@ -1,13 +1,15 @@
 """The base WebSocket handler every namespace shares.
 
 It owns the mechanics once: authentication at connect (a handshake token,
-or an ``auth:connect`` first frame when the handshake has none), role checks,
-connection limits, the envelope, dispatch of ``"room:join"`` to
-``on_room_join`` with the data loaded by the event's marshmallow schema,
-acks and errors, rate limits, bad-frame accounting, heartbeat bookkeeping,
-token expiry, and clean-up on close. A namespace subclass declares its
-``namespace``, ``allowed_roles``, ``schemas`` and ``rate_classes`` and
-implements ``on_<event>`` methods returning the ack data.
+or an ``auth:connect`` first frame when the handshake has none; the rules
+themselves are :class:`server.admission.Admission`'s), role checks, the
+envelope, dispatch of ``"room:join"`` to ``on_room_join`` with the data
+loaded by the event's marshmallow schema, acks and errors, rate limits,
+bad-frame accounting, heartbeat bookkeeping, token expiry, and clean-up on
+close. A namespace subclass declares its ``namespace``, ``allowed_roles``,
+``schemas`` and ``rate_classes`` and implements ``on_<event>`` methods
+returning the ack data. Its dependencies arrive as one
+:class:`handlers.deps.Deps` (the route's only ``initialize()`` argument).
 
 Example::
 
@@ -17,18 +19,28 @@ Example::
 
         async def on_echo_say(self, text: str) -> dict:
             return {"text": text}
+
+Work that must follow the ack on the wire (never precede it) is returned
+with the ack data as a :class:`Reply`: its ``after_ack`` runs once the ack
+is queued. ``room:join`` releases the frames held back during the join this
+way, since they carry later sequence numbers than the history in the ack::
+
+        async def on_room_join(self, room_id: str, ...) -> Reply:
+            self.hub.join(self, room_id, buffer=True)
+            result = ...  # history up to seq `last`
+            return Reply(result, lambda: self.hub.finish_join(self, room_id, last))
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import ipaddress
 import logging
 import time
 import uuid
-from collections.abc import Iterable
-from typing import Any, ClassVar
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from marshmallow import Schema
 from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
@@ -37,25 +49,18 @@ from tornado.websocket import WebSocketClosedError, WebSocketHandler
 from handlers.schemas import AuthRefresh, Ping, load
 from models import chat as chat_db
 from server import errors, protocol
-from server.auth import Identity, TokenVerifier
-from server.batch import Batcher
-from server.config import Config
-from server.db import Database
-from server.hub import Hub, Target
-from server.limits import ConnectionLimiter, RateLimiter
-from server.metrics import Metrics
-from server.presence import Presence
-from server.security import SecurityMonitor
-from server.stats import Stats
-from server.tasks import BackgroundTasks
+from server.admission import Seat, expiry_delays, handshake_token, require_roles
+from server.auth import Identity
+from server.hub import Target
+
+if TYPE_CHECKING:
+    from handlers.deps import Deps
 
 log = logging.getLogger("switchboard.ws")
 
 # A client sending this many bad frames within the window is closed with 4400.
 BAD_FRAME_LIMIT = 20
 BAD_FRAME_WINDOW_SECS = 10.0
-# auth:expiring goes out this long before exp (or at half the remaining time).
-AUTH_EXPIRY_WARNING_SECS = 60.0
 #: The first frame of a connection whose handshake carried no token.
 AUTH_CONNECT_EVENT = "auth:connect"
 # An auth frame is a token in an envelope; a first frame larger than this is
@@ -85,16 +90,36 @@ class ConnectionLog(logging.LoggerAdapter[logging.Logger]):
         return msg, kwargs
 
 
-class NodeState:
-    """Mutable facts about the node that handlers consult (shutting down...)."""
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An ``on_<event>`` result with work to run right after its ack is queued.
 
-    def __init__(self, node_id: str) -> None:
-        self.node_id = node_id
-        self.started_at = time.time()
-        self.shutting_down = False
-        #: Sockets upgraded without a token, waiting for their auth:connect frame:
-        #: in no hub yet, so shutdown finds them here.
-        self.awaiting_auth: set[GatewayHandler] = set()
+    ``after_ack`` also runs when the frame asked for no ack; it does not run
+    when the handler raised. See the module docstring for an example.
+    """
+
+    data: dict[str, Any]
+    after_ack: Callable[[], object]
+
+
+class Timers:
+    """A connection's pending timers (the auth-frame deadline, then token expiry).
+
+    Each :meth:`replace` cancels the previous set: a connection waits for
+    one thing at a time.
+    """
+
+    def __init__(self) -> None:
+        self._handles: list[asyncio.TimerHandle] = []
+
+    def replace(self, *handles: asyncio.TimerHandle) -> None:
+        self.cancel()
+        self._handles = list(handles)
+
+    def cancel(self) -> None:
+        for handle in self._handles:
+            handle.cancel()
+        self._handles = []
 
 
 class GatewayHandler(WebSocketHandler):
@@ -114,35 +139,18 @@ class GatewayHandler(WebSocketHandler):
         "auth:refresh": AuthRefresh,
     }
 
-    def initialize(
-        self,
-        config: Config,
-        hub: Hub,
-        db: Database,
-        verifier: TokenVerifier,
-        rate_limiter: RateLimiter,
-        connection_limiter: ConnectionLimiter,
-        presence: Presence,
-        metrics: Metrics,
-        tasks: BackgroundTasks,
-        state: NodeState,
-        stats: Stats,
-        security: SecurityMonitor,
-        admissions: Batcher[chat_db.ConnectRequest, chat_db.ConnectInfo],
-    ) -> None:
-        self.config = config
-        self.hub = hub
-        self.db = db
-        self.verifier = verifier
-        self.rate_limiter = rate_limiter
-        self.connection_limiter = connection_limiter
-        self.presence = presence
-        self.metrics = metrics
-        self.tasks = tasks
-        self.state = state
-        self.stats = stats
-        self.security = security
-        self.admissions = admissions
+    def initialize(self, deps: Deps) -> None:
+        """Take the node's components; a subclass extending it calls ``super()`` first."""
+        self.deps = deps
+        # Shortcuts for what every namespace uses; the rest is read from deps.
+        self.config = deps.config
+        self.state = deps.state
+        self.hub = deps.hub
+        self.db = deps.db
+        self.presence = deps.presence
+        self.metrics = deps.metrics
+        self.stats = deps.stats
+        self.tasks = deps.tasks
         self.conn_id = uuid.uuid4().hex
         self.user_id = ""
         self.log = ConnectionLog(log, self)
@@ -152,7 +160,8 @@ class GatewayHandler(WebSocketHandler):
         self.last_seen = time.monotonic()
         self.client_ip = ""
         self._registered = False
-        self._limit_held = False
+        # This connection's place in the connection limits, once admitted.
+        self._seat: Seat | None = None
         self._closing = False
         # (stream, socket) of a plain-TCP connection, for write_frame's fast path.
         self._raw: tuple[IOStream, Any] | None = None
@@ -160,7 +169,7 @@ class GatewayHandler(WebSocketHandler):
         self._gone = False
         self._bad_frames = 0
         self._bad_window_start = 0.0
-        self._timers: list[asyncio.TimerHandle] = []
+        self._timers = Timers()
         self._close_reason = "client"
         # True from a token-less handshake until its first frame (auth:connect).
         self._awaiting_auth = False
@@ -176,28 +185,6 @@ class GatewayHandler(WebSocketHandler):
         # Off: broadcasts write one pre-built, uncompressed frame to everyone.
         return None
 
-    def _token(self) -> str | None:
-        header = self.request.headers.get("Authorization", "")
-        if header[:7].lower() == "bearer ":
-            return header[7:].strip() or None
-        token = self.get_query_argument("token", None)
-        if token:
-            return token
-        return self.get_cookie("access_token")
-
-    def _remote_ip(self) -> str:
-        peer = self.request.remote_ip or ""
-        proxies = self.config.trusted_proxies
-        forwarded = self.request.headers.get("X-Forwarded-For")
-        if not proxies or not forwarded or not _in_networks(peer, proxies):
-            return peer
-        # Walk from the nearest hop outwards; the first untrusted address is the client.
-        hops = [h.strip() for h in forwarded.split(",") if h.strip()]
-        for hop in reversed(hops):
-            if not _in_networks(hop, proxies):
-                return hop
-        return hops[0] if hops else peer
-
     async def open(self, *args: str, **kwargs: str) -> None:
         self.set_nodelay(True)
         ws = self.ws_connection
@@ -206,8 +193,15 @@ class GatewayHandler(WebSocketHandler):
         plain = isinstance(stream, IOStream) and not isinstance(stream, SSLIOStream)
         if plain and stream is not None and stream.socket is not None:
             self._raw = (stream, stream.socket)
-        self.client_ip = self._remote_ip()
-        token = self._token()
+        headers = self.request.headers
+        self.client_ip = self.deps.admission.client_ip(
+            self.request.remote_ip or "", headers.get("X-Forwarded-For")
+        )
+        token = handshake_token(
+            headers.get("Authorization", ""),
+            self.get_query_argument("token", None),
+            self.get_cookie("access_token"),
+        )
         if token is None:
             # Browsers cannot set headers, and a URL token ends up in access
             # logs: the token comes in the first frame instead (on_message).
@@ -215,7 +209,7 @@ class GatewayHandler(WebSocketHandler):
             self._awaiting_auth = True
             self.state.awaiting_auth.add(self)
             loop = asyncio.get_running_loop()
-            self._timers.append(loop.call_later(self.config.auth_timeout, self._auth_timed_out))
+            self._timers.replace(loop.call_later(self.config.auth_timeout, self._auth_timed_out))
             return
         await self._authenticate(token, None)
 
@@ -240,9 +234,7 @@ class GatewayHandler(WebSocketHandler):
             self.namespace, self.client_ip, exc.code, exc.message,
         )  # fmt: skip
         self._close_reason = exc.code.lower()
-        if isinstance(exc, errors.Unauthorized | errors.TokenExpired):
-            # Counted per (unverified) sub: repeated failures raise an alert.
-            self.security.auth_failed(token, exc.code)
+        self.deps.admission.refused(token, exc)
         if ack is not None:
             self.send_payload(protocol.ack_error_payload(ack, exc))
         self.send_payload(protocol.system_error_payload(exc, None))
@@ -262,9 +254,7 @@ class GatewayHandler(WebSocketHandler):
         """
         self._awaiting_auth = False
         self.state.awaiting_auth.discard(self)
-        for timer in self._timers:
-            timer.cancel()
-        self._timers = []
+        self._timers.cancel()
         if isinstance(message, bytes) or len(message) > MAX_AUTH_FRAME_BYTES:
             what = "binary" if isinstance(message, bytes) else f"over {MAX_AUTH_FRAME_BYTES} bytes"
             self._refuse(errors.Unauthorized(f"Authentication frame is {what}"), None, None)
@@ -289,31 +279,14 @@ class GatewayHandler(WebSocketHandler):
         """Verify ``token`` and register the connection; ``ack`` also gets the welcome."""
         if self.state.shutting_down:
             raise errors.ServiceUnavailable("Server is shutting down")
-        identity = self.verifier.verify(token)
-        if self.allowed_roles is not None and not identity.has_any(self.allowed_roles):
-            raise errors.Forbidden(
-                f"The {self.namespace} namespace needs one of the roles "
-                f"{', '.join(sorted(self.allowed_roles))}"
-            )
+        admission = self.deps.admission
+        identity = admission.verify(token)
+        needs = f"The {self.namespace} namespace needs one of the roles {{roles}}"
+        require_roles(identity, self.allowed_roles, needs)
+        # Known from here on: the log lines of a refusal below carry the user id.
         self.identity = identity
         self.user_id = identity.user_id
-        exceeded = await self.connection_limiter.acquire(
-            self.user_id, self.namespace, self.client_ip
-        )
-        if exceeded:
-            raise errors.TooManyConnections(
-                f"Too many connections per {exceeded}",
-                {"limit": self.connection_limiter.per_user
-                 if exceeded == "user" else self.connection_limiter.per_ip, "per": exceeded},
-            )  # fmt: skip
-        self._limit_held = True
-        # With the connections arriving alongside: one transaction records them
-        # all; a banned user's own outcome is BANNED, a database outage's
-        # SERVICE_UNAVAILABLE for the whole batch.
-        info = await self.admissions.submit(chat_db.ConnectRequest(
-            identity.user_id, identity.username, identity.display_name,
-            tuple(sorted(identity.roles)),
-        ))  # fmt: skip
+        self._seat, info = await admission.enter(identity, self.namespace, self.client_ip)
         if self._gone:
             # The peer left while we were checking; on_close already ran.
             await self._release_limit()
@@ -347,15 +320,12 @@ class GatewayHandler(WebSocketHandler):
     # -- token expiry ---------------------------------------------------------
 
     def _schedule_expiry(self, expires_at: float) -> None:
-        for timer in self._timers:
-            timer.cancel()
+        warn_in, expire_in = expiry_delays(expires_at, time.time())
         loop = asyncio.get_running_loop()
-        remaining = expires_at - time.time()
-        warn_in = remaining - min(AUTH_EXPIRY_WARNING_SECS, remaining / 2)
-        self._timers = [
-            loop.call_later(max(0.0, warn_in), self._warn_expiry, expires_at),
-            loop.call_later(max(0.0, remaining), self._expire),
-        ]
+        self._timers.replace(
+            loop.call_later(warn_in, self._warn_expiry, expires_at),
+            loop.call_later(expire_in, self._expire),
+        )
 
     def _warn_expiry(self, expires_at: float) -> None:
         expires_in = max(0.0, round(expires_at - time.time(), 3))
@@ -368,11 +338,12 @@ class GatewayHandler(WebSocketHandler):
         self.close_with(4401, exc.message)
 
     async def on_auth_refresh(self, token: str) -> dict[str, Any]:
-        identity = self.verifier.verify(token)
+        identity = self.deps.admission.verify(token)
         if identity.user_id != self.user_id:
             raise errors.Unauthorized("The new token is for another user")
-        if self.allowed_roles is not None and not identity.has_any(self.allowed_roles):
-            raise errors.Forbidden("The new token lacks the roles this namespace needs")
+        require_roles(
+            identity, self.allowed_roles, "The new token lacks the roles this namespace needs"
+        )
         self.identity = identity
         self._schedule_expiry(identity.expires_at)
         return {"expiresAt": protocol.iso(_from_epoch(identity.expires_at))}
@@ -398,7 +369,11 @@ class GatewayHandler(WebSocketHandler):
         await self.handle_envelope(envelope)
 
     async def handle_envelope(self, envelope: protocol.Envelope) -> None:
-        """Dispatch one decoded frame and answer it (ack or ``system:error``)."""
+        """Dispatch one decoded frame and answer it (ack or ``system:error``).
+
+        An ``on_<event>`` returning a :class:`Reply` has its ``after_ack``
+        run here, once the ack is queued.
+        """
         event = envelope.event
         schema = self.schemas.get(event) or self._base_schemas.get(event)
         label = event if schema is not None else "unknown"
@@ -414,18 +389,20 @@ class GatewayHandler(WebSocketHandler):
         started = time.perf_counter()
         # Handlers measure publish-to-deliver latency from here.
         self.event_started = started
+        after_ack: Callable[[], object] | None = None
         try:
-            decision = await self.rate_limiter.hit(
-                self.user_id, self.rate_classes.get(event, "other")
-            )
+            bucket = self.rate_classes.get(event, "other")
+            decision = await self.deps.rate_limiter.hit(self.user_id, bucket)
             if not decision.allowed:
-                bucket = self.rate_classes.get(event, "other")
                 self.metrics.rate_limited.labels(bucket).inc()
-                self.security.rate_limited(self.user_id, bucket)
+                self.deps.security.rate_limited(self.user_id, bucket)
                 raise errors.RateLimited(details=decision.details())
             kwargs = load(schema, envelope.data)
             method = getattr(self, "on_" + event.replace(":", "_"))
             result = await method(**kwargs)
+            if isinstance(result, Reply):
+                after_ack = result.after_ack
+                result = result.data
             if envelope.ack is not None:
                 self.send_soon(protocol.ack_payload(envelope.ack, result or {}))
         except errors.GatewayError as exc:
@@ -441,6 +418,8 @@ class GatewayHandler(WebSocketHandler):
             self.metrics.event_duration.labels(self.namespace, label).observe(elapsed)
             # For p50/p95 in the admin namespace's metrics:update.
             self.stats.latency.add(elapsed)
+        if after_ack is not None:
+            after_ack()
 
     def _answer_error(self, exc: errors.GatewayError, ack: int | None, event: str | None) -> None:
         self.metrics.errors.labels(exc.code).inc()
@@ -619,9 +598,7 @@ class GatewayHandler(WebSocketHandler):
             return
         self._gone = True
         self.state.awaiting_auth.discard(self)
-        for timer in self._timers:
-            timer.cancel()
-        self._timers = []
+        self._timers.cancel()
         if not self._registered:
             return
         rooms = self.hub.remove(self)
@@ -644,9 +621,8 @@ class GatewayHandler(WebSocketHandler):
                 self.announce_status("offline")
 
     async def _release_limit(self) -> None:
-        if self._limit_held:
-            self._limit_held = False
-            await self.connection_limiter.release(self.user_id, self.namespace, self.client_ip)
+        if self._seat is not None:
+            await self._seat.release()
 
     async def on_disconnected(self, rooms: set[str]) -> None:
         """Hook: the connection closed; ``rooms`` are the rooms it was in."""
@@ -669,16 +645,6 @@ class GatewayHandler(WebSocketHandler):
     @property
     def is_staff(self) -> bool:
         return self.identity is not None and self.identity.is_staff
-
-
-def _in_networks(
-    address: str, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]
-) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in net for net in networks)
 
 
 def _from_epoch(ts: float) -> dt.datetime:

@@ -1,80 +1,31 @@
 """``/ws/chat``: rooms, messages, reactions, typing and presence.
 
 Each ``on_<event>`` loads nothing itself: the base handler has already
-validated ``data`` with the event's schema. Database work goes through
-``self.db.run`` (worker threads); broadcasts go through the hub, built once.
-A message is committed before its ack and before ``message:new`` leaves.
+validated ``data`` with the event's schema. Rooms (create, join, leave,
+delete) are :class:`server.rooms.Rooms` calls and typing indicators
+:class:`server.typing.TypingTracker` calls, shared with the admin surface;
+what stays here is the connection's own part (its rooms list, releasing a
+join's held frames after the ack). Database work goes through ``self.db.run``
+(worker threads); broadcasts go through the hub, built once. A message is
+committed before its ack and before ``message:new`` leaves.
 """
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import time
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from marshmallow import Schema
 
 from handlers import schemas as s
-from handlers.base import GatewayHandler
+from handlers.base import GatewayHandler, Reply
 from models import chat as chat_db
 from server import errors
-from server.batch import Batcher
-from server.hub import Hub, Target
-from server.moderation import Moderation
-from server.notify import NotificationService
+from server.hub import Target
 
-# Typing indicators stop on their own this long after the last typing:start.
-TYPING_TIMEOUT_SECS = 3.0
-
-
-class TypingTracker:
-    """Who is typing where, with a server-side auto-stop per (room, user).
-
-    Example::
-
-        typing = TypingTracker(hub)
-        typing.start("general", user, conn_id)   # room gets user:typing once
-    """
-
-    def __init__(self, hub: Hub, timeout_secs: float = TYPING_TIMEOUT_SECS) -> None:
-        self._hub = hub
-        self._timeout = timeout_secs
-        self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
-
-    def start(self, room_id: str, user: dict[str, Any], conn_id: str) -> bool:
-        key = (room_id, user["userId"])
-        timer = self._timers.pop(key, None)
-        if timer is not None:
-            timer.cancel()
-        loop = asyncio.get_running_loop()
-        self._timers[key] = loop.call_later(self._timeout, self._auto_stop, room_id, user, conn_id)
-        if timer is None:
-            self._hub.publish(Target.room(room_id), "user:typing", {"roomId": room_id, **user},
-                              exclude=conn_id)  # fmt: skip
-        return timer is None
-
-    def stop(self, room_id: str, user: dict[str, Any], conn_id: str | None = None) -> bool:
-        timer = self._timers.pop((room_id, user["userId"]), None)
-        if timer is None:
-            return False
-        timer.cancel()
-        self._hub.publish(
-            Target.room(room_id), "user:stopped_typing", {"roomId": room_id, **user},
-            exclude=conn_id,
-        )  # fmt: skip
-        return True
-
-    def _auto_stop(self, room_id: str, user: dict[str, Any], conn_id: str | None = None) -> None:
-        if self._timers.pop((room_id, user["userId"]), None) is not None:
-            # Like typing:stop, it goes to the others, not to the typist's connection.
-            self._hub.publish(
-                Target.room(room_id), "user:stopped_typing", {"roomId": room_id, **user},
-                exclude=conn_id,
-            )  # fmt: skip
-
-    def __len__(self) -> int:
-        return len(self._timers)
+if TYPE_CHECKING:
+    from handlers.deps import Deps
 
 
 class ChatHandler(GatewayHandler):
@@ -109,26 +60,15 @@ class ChatHandler(GatewayHandler):
         "typing:stop": "typing",
     }
 
-    def initialize(  # type: ignore[override]
-        self,
-        typing: TypingTracker,
-        health: Any,
-        notifications: NotificationService,
-        moderation: Moderation,
-        sends: Batcher[chat_db.SendRequest, chat_db.Sent],
-        reacts: Batcher[chat_db.ReactRequest, dict[str, Any]],
-        reads: Batcher[chat_db.ReadRequest, dict[str, Any]],
-        **kwargs: Any,
-    ) -> None:
-        super().initialize(**kwargs)
-        self._release_after_ack: tuple[str, int | None] | None = None
-        self.typing = typing
-        self.health = health
-        self.notifications = notifications
-        self.moderation = moderation
-        self.sends = sends
-        self.reacts = reacts
-        self.reads = reads
+    def initialize(self, deps: Deps) -> None:
+        super().initialize(deps)
+        self.rooms = deps.rooms
+        self.typing = deps.typing
+        self.health = deps.health
+        self.notifications = deps.notifications
+        self.sends = deps.sends
+        self.reacts = deps.reacts
+        self.reads = deps.reads
 
     @property
     def user_info(self) -> dict[str, Any]:
@@ -141,24 +81,9 @@ class ChatHandler(GatewayHandler):
 
     # -- rooms ------------------------------------------------------------------
 
-    async def on_room_create(
-        self,
-        room_id: str | None,
-        name: str,
-        type: str,
-        password: str | None,
-        description: str,
-        members: list[str],
-    ) -> dict[str, Any]:
-        password_hash = None
-        if password is not None:
-            loop = asyncio.get_running_loop()
-            password_hash = await loop.run_in_executor(None, chat_db.hash_password, password)
-        room = await self.db.run(
-            "room.create", chat_db.create_room,
-            room_id or secrets.token_urlsafe(9), self.user_id, name, type, description,
-            password_hash, members,
-        )  # fmt: skip
+    async def on_room_create(self, room_id: str | None, **fields: Any) -> dict[str, Any]:
+        # fields: the schema's name, type, password, description and members.
+        room = await self.rooms.create(self.user_id, room_id or secrets.token_urlsafe(9), **fields)
         self.member_rooms.append(room["id"])
         return {"room": room}
 
@@ -167,95 +92,33 @@ class ChatHandler(GatewayHandler):
 
     async def on_room_join(
         self, room_id: str, password: str | None, since_seq: int | None
-    ) -> dict[str, Any]:
-        access = await self.db.run("room.access", chat_db.room_access, room_id, self.user_id)
-        if not access.is_member:
-            if access.room_type == "private":
-                raise errors.RoomAccessDenied("This room is private", {"roomId": room_id})
-            if access.password_hash is not None:
-                loop = asyncio.get_running_loop()
-                ok = password is not None and await loop.run_in_executor(
-                    None, chat_db.verify_password, password, access.password_hash
-                )
-                if not ok:
-                    raise errors.RoomAccessDenied("Wrong room password", {"roomId": room_id})
-        already = self.hub.in_room(self, room_id)
-        first_here = not self.hub.user_in_room(self.user_id, room_id, besides=self)
-        if not already:
-            # Subscribe before reading history, holding live frames back, so
-            # nothing sent meanwhile falls between the query and the stream.
-            self.hub.join(self, room_id, buffer=True)
+    ) -> Reply:
+        joined = await self.rooms.join(self, room_id, password, since_seq)
         try:
-            # In a cluster, hear other nodes' traffic before reading history.
-            await self.hub.wait_subscribed("room", room_id)
-            result = await self.db.run(
-                "room.join", chat_db.join_room, room_id, self.user_id, since_seq
-            )
+            if room_id not in self.member_rooms:
+                self.member_rooms.append(room_id)
+            if not (self._closing or self._gone):
+                if joined.first_here:
+                    await self.rooms.announce_joined(self, self.user_info, room_id)
+                self.rooms.seen(self.user_id, room_id)
         except BaseException:
-            if not already:
-                self.hub.leave(self, room_id)
+            # Still subscribed: what was held back goes out in full.
+            self.hub.finish_join(self, room_id, None)
             raise
-        if room_id not in self.member_rooms:
-            self.member_rooms.append(room_id)
-        statuses = await self.presence.statuses(m["userId"] for m in result["members"])
-        for member in result["members"]:
-            member["status"] = statuses[member["userId"]]
-        if self._closing or self._gone:
-            return result
-        last = result["missed"][-1]["seq"] if result["missed"] else since_seq
-        if not already:
-            # The ack must precede the held frames; they carry later seqs.
-            self._release_after_ack = (room_id, last)
-        if first_here and not already:
-            # O(room) like user_in_room above; only on a user's first local join.
-            users_here = {c.user_id for c in self.hub.room_connections(room_id)}
-            self.stats.rooms.users(room_id, len(users_here))
-            joined = {"roomId": room_id, "user": self.user_info}
-            self.publish(Target.room(room_id), "room:user_joined", joined)
-            # Cluster: the record a dead node's room:user_left is announced from.
-            await self.presence.joined(self.user_info, room_id)
-        self._room_seen(room_id)
-        return result
-
-    async def handle_envelope(self, envelope: Any) -> None:
-        await super().handle_envelope(envelope)
-        pending = self._release_after_ack
-        if pending is not None:
-            self._release_after_ack = None
-            self.hub.finish_join(self, pending[0], pending[1])
-        elif envelope.event == "room:join":
-            # A failed or abandoned join: drop anything held for it.
-            room_id = envelope.data.get("roomId")
-            if isinstance(room_id, str):
-                self.hub.finish_join(self, room_id, None)
+        if not joined.held:
+            return Reply(joined.result, lambda: None)
+        # The ack must precede the held frames; they carry later seqs.
+        last = joined.last_seq
+        return Reply(joined.result, lambda: self.hub.finish_join(self, room_id, last))
 
     async def on_room_leave(self, room_id: str) -> dict[str, Any]:
-        if not self.hub.in_room(self, room_id):
-            raise errors.NotInRoom(details={"roomId": room_id})
-        await self.db.run("room.leave", chat_db.leave_room, room_id, self.user_id)
-        self.hub.leave(self, room_id)
-        self.typing.stop(room_id, self.user_info)
+        await self.rooms.leave(self, self.user_info, room_id)
         if room_id in self.member_rooms:
             self.member_rooms.remove(room_id)
-        if self._announce_left(room_id):
-            await self.presence.left(self.user_id, room_id)
         return {"roomId": room_id}
 
-    def _announce_left(self, room_id: str) -> bool:
-        """Announce the leave unless another of the user's connections here stays in the room."""
-        if self.hub.user_in_room(self.user_id, room_id, besides=self):
-            return False
-        self.hub.publish(
-            Target.room(room_id), "room:user_left", {"roomId": room_id, "user": self.user_info}
-        )
-        return True
-
     async def on_room_members(self, room_id: str) -> dict[str, Any]:
-        members = await self.db.run("room.members", chat_db.members_of, room_id, self.user_id)
-        statuses = await self.presence.statuses(m["userId"] for m in members)
-        for member in members:
-            member["status"] = statuses[member["userId"]]
-        return {"roomId": room_id, "members": members}
+        return {"roomId": room_id, "members": await self.rooms.members(room_id, self.user_id)}
 
     async def on_room_get_messages(
         self, room_id: str, limit: int, before_seq: int | None, offset: int | None
@@ -266,20 +129,13 @@ class ChatHandler(GatewayHandler):
 
     async def on_room_read(self, room_id: str, seq: int) -> dict[str, Any]:
         result = await self.reads.submit(chat_db.ReadRequest(room_id, self.user_id, seq))
-        self._room_seen(room_id)
+        self.rooms.seen(self.user_id, room_id)
         return result
 
-    def _room_seen(self, room_id: str) -> None:
-        # After the ack (the task first runs once this handler yields).
-        self.tasks.spawn(
-            self.notifications.room_seen(self.user_id, room_id), f"room-seen-{room_id}"
-        )
-
     async def on_room_delete(self, room_id: str) -> dict[str, Any]:
-        # The same deletion as admin:delete_room (members told, notified,
-        # audited); here the room's owner may too, not only an admin.
+        # The same deletion as admin:delete_room; here the room's owner may too.
         assert self.identity is not None
-        await self.moderation.delete_room(self.identity, room_id, owner_may=True)
+        await self.rooms.delete(self.identity, room_id, owner_may=True)
         return {"roomId": room_id}
 
     # -- messages -----------------------------------------------------------------
@@ -369,11 +225,4 @@ class ChatHandler(GatewayHandler):
         return result
 
     async def on_disconnected(self, rooms: set[str]) -> None:
-        for room_id in rooms:
-            if not self.hub.user_in_room(self.user_id, room_id):
-                self.typing.stop(room_id, self.user_info)
-                self.hub.publish(
-                    Target.room(room_id), "room:user_left",
-                    {"roomId": room_id, "user": self.user_info, "reason": "disconnect"},
-                )  # fmt: skip
-                await self.presence.left(self.user_id, room_id)
+        await self.rooms.disconnected(self.user_info, rooms)

@@ -1,7 +1,10 @@
 """Plain HTTP handlers: health, readiness, metrics, WebSocket statistics.
 
-JSON errors everywhere use the socket protocol's codes:
-``{"error": {"code", "message", "details"}}`` with the matching status.
+:class:`JSONHandler` is the base of every JSON endpoint (here, the REST API,
+the log endpoints, the dev-token endpoint): its one error renderer answers
+with the socket protocol's codes, ``{"error": {"code", "message",
+"details"}}`` with the matching status, and :meth:`JSONHandler.bearer_identity`
+admits a caller with the sockets' rules (:mod:`server.admission`).
 """
 
 from __future__ import annotations
@@ -10,27 +13,22 @@ import asyncio
 import heapq
 import logging
 import time
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from prometheus_client.openmetrics.exposition import (
     CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE,
 )
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from tornado.web import RequestHandler
 
-from handlers.base import NodeState
-from models import moderation as mod_db
 from server import errors, protocol
-from server.auth import Identity, TokenVerifier
-from server.config import Config
-from server.db import Database
-from server.health import Health, rss_bytes
-from server.hub import Hub
-from server.metrics import Metrics
-from server.security import SecurityMonitor
-from server.stats import Stats
+from server.auth import Identity
+from server.health import rss_bytes
+
+if TYPE_CHECKING:
+    from handlers.deps import Deps
 
 log = logging.getLogger("switchboard.http")
 
@@ -39,7 +37,29 @@ STATS_TOP_ROOMS = 10
 
 
 class JSONHandler(RequestHandler):
-    """Writes JSON bodies and turns :class:`GatewayError` into JSON errors."""
+    """Base of every JSON endpoint: JSON bodies, and every error rendered here, once.
+
+    A :class:`~server.errors.GatewayError` raised anywhere in a request (or
+    passed to :meth:`send_error_for`) answers ``{"error": {code, message,
+    details}}`` with its status, ``WWW-Authenticate: Bearer`` on 401 and
+    ``Retry-After`` (seconds) on ``RATE_LIMITED``; it is logged as one INFO
+    line on :attr:`error_log`, without a traceback. Tornado's own errors (404,
+    405, a bad body) get the same shape with a matching code; an unexpected
+    exception is logged with its traceback and answers ``INTERNAL_ERROR``.
+
+    Example::
+
+        class Hello(JSONHandler):
+            async def get(self) -> None:
+                identity = await self.bearer_identity(frozenset({"admin"}))
+                self.write_json({"hello": identity.user_id})
+    """
+
+    #: Where client errors are logged (one line each): the surface's own logger.
+    error_log: ClassVar[logging.Logger] = log
+
+    def initialize(self, deps: Deps) -> None:
+        self.deps = deps
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json; charset=utf-8")
@@ -51,104 +71,78 @@ class JSONHandler(RequestHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
-        if not isinstance(exc, errors.GatewayError):
-            code = {404: "NOT_FOUND", 405: "BAD_REQUEST", 400: "BAD_REQUEST"}.get(
-                status_code, "INTERNAL_ERROR"
-            )
-            message = self._reason if status_code < 500 else "Internal error"
-            exc = errors.GatewayError(message)
-            body = {"error": {"code": code, "message": message, "details": {}}}
-        else:
-            self.set_status(exc.status)
-            if exc.status == 401:
-                self.set_header("WWW-Authenticate", 'Bearer realm="switchboard"')
-            body = {"error": exc.to_dict()}
-        self.finish(orjson.dumps(body))
+        if isinstance(exc, errors.GatewayError):
+            self.send_error_for(exc)
+            return
+        # Tornado's errors keep their status; anything unexpected is a 500 whose
+        # cause log_exception has logged: the client sees only "Internal error".
+        code = {404: "NOT_FOUND", 405: "BAD_REQUEST", 400: "BAD_REQUEST"}.get(
+            status_code, "INTERNAL_ERROR"
+        )
+        message = self._reason if status_code < 500 else "Internal error"
+        self.finish(orjson.dumps({"error": {"code": code, "message": message, "details": {}}}))
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if isinstance(value, errors.GatewayError):
             # A client error, not a server fault: one line, no traceback.
-            log.info(
+            self.error_log.info(
                 "%s %s -> %s %s", self.request.method, self.request.path, value.code, value.message
             )
             return
         super().log_exception(typ, value, tb)
 
     def send_error_for(self, exc: errors.GatewayError) -> None:
+        """Answer with ``exc``: its status, headers and JSON error body."""
         self.set_status(exc.status)
+        if exc.status == 401:
+            self.set_header("WWW-Authenticate", 'Bearer realm="switchboard"')
+        retry_ms = exc.details.get("retryAfter")
+        if isinstance(exc, errors.RateLimited) and isinstance(retry_ms, int):
+            self.set_header("Retry-After", str(max(1, -(-retry_ms // 1000))))
         self.finish(orjson.dumps({"error": exc.to_dict()}))
 
-    async def bearer_identity(
-        self,
-        verifier: TokenVerifier,
-        roles: frozenset[str] | None,
-        security: SecurityMonitor | None = None,
-        *,
-        db: Database,
-    ) -> Identity:
+    async def bearer_identity(self, roles: frozenset[str] | None) -> Identity:
         """The caller from ``Authorization: Bearer <jwt>``, holding one of ``roles``.
 
-        Every HTTP endpoint that takes a token authenticates here.
-        UNAUTHORIZED/TOKEN_EXPIRED (401) without a valid token, reported to
-        ``security`` (repeated failures alert the user and the admins);
-        FORBIDDEN (403) without one of ``roles`` (None: any role will do);
-        BANNED (403, details ``{reason, expiresAt}``) while the token's user
-        has a ban in force, as at a socket's admission.
+        Every HTTP endpoint that takes a token authenticates here, with the
+        sockets' rules (:meth:`server.admission.Admission.bearer`): 401
+        UNAUTHORIZED/TOKEN_EXPIRED without a valid token (counted towards a
+        security alert), 403 FORBIDDEN without one of ``roles`` (None: any role
+        will do), 403 BANNED (details ``{reason, expiresAt}``) while the token's
+        user has a ban in force.
         """
-        header = self.request.headers.get("Authorization", "")
-        token = header[7:].strip() if header[:7].lower() == "bearer " else None
-        try:
-            identity = verifier.verify(token)
-        except (errors.Unauthorized, errors.TokenExpired) as exc:
-            if security is not None:
-                security.auth_failed(token, exc.code)
-            raise
-        if roles is not None and not identity.has_any(roles):
-            raise errors.Forbidden(f"Needs one of the roles {', '.join(sorted(roles))}")
-        # Read per request (no cache): a ban or unban made on any node counts at once.
-        ban = await db.run("user.ban", mod_db.ban_in_force, identity.user_id)
-        if ban is not None:
-            raise errors.Banned(details=ban)
-        return identity
+        authorization = self.request.headers.get("Authorization", "")
+        return await self.deps.admission.bearer(authorization, roles)
 
 
 class LivenessHandler(JSONHandler):
     """``GET /health``: the process answers."""
 
-    def initialize(self, node_id: str) -> None:
-        self.node_id = node_id
-
     def get(self) -> None:
-        self.write_json({"status": "ok", "node": self.node_id})
+        self.write_json({"status": "ok", "node": self.deps.config.node_id})
 
 
 class ReadinessHandler(JSONHandler):
     """``GET /health/ready``: database and Redis really pinged; 503 if not."""
 
-    def initialize(self, health: Health) -> None:
-        self.health = health
-
     async def get(self) -> None:
-        ok, body = await self.health.ready()
+        ok, body = await self.deps.health.ready()
         self.write_json(body, 200 if ok else 503)
 
 
 class WebSocketHealthHandler(JSONHandler):
     """``GET /health/websocket``: healthy | degraded | unhealthy with figures."""
 
-    def initialize(self, health: Health) -> None:
-        self.health = health
-
     async def get(self) -> None:
-        body = await self.health()
+        body = await self.deps.health()
         self.write_json(body, 503 if body["status"] == "unhealthy" else 200)
 
 
 class MetricsHandler(RequestHandler):
     """``GET /metrics``: Prometheus text, or OpenMetrics when the scraper asks."""
 
-    def initialize(self, registry: CollectorRegistry) -> None:
-        self.registry = registry
+    def initialize(self, deps: Deps) -> None:
+        self.registry = deps.metrics.registry
 
     def get(self) -> None:
         accept = self.request.headers.get("Accept", "")
@@ -173,50 +167,28 @@ class WebSocketStatsHandler(JSONHandler):
     #: Roles of which the caller needs one.
     allowed_roles: ClassVar[frozenset[str]] = frozenset({"admin"})
 
-    def initialize(
-        self,
-        config: Config,
-        hub: Hub,
-        verifier: TokenVerifier,
-        metrics: Metrics,
-        stats: Stats,
-        state: NodeState,
-        health: Health,
-        security: SecurityMonitor,
-        db: Database,
-        **_unused: Any,
-    ) -> None:
-        self.config = config
-        self.hub = hub
-        self.db = db
-        self.verifier = verifier
-        self.metrics = metrics
-        self.stats = stats
-        self.state = state
-        self.health = health
-        self.security = security
-
     async def prepare(self) -> None:
-        await self.bearer_identity(self.verifier, self.allowed_roles, self.security, db=self.db)
+        await self.bearer_identity(self.allowed_roles)
 
     async def get(self) -> None:
+        deps = self.deps
         now = time.time()
-        by_ns = self.hub.count_by_namespace()
-        rooms = self.hub.active_rooms()
+        by_ns = deps.hub.count_by_namespace()
+        rooms = deps.hub.active_rooms()
         top = heapq.nlargest(STATS_TOP_ROOMS, rooms.items(), key=lambda item: (item[1], item[0]))
-        messages, events = self.stats.messages, self.stats.events
-        p50, p95, p99 = self.stats.latency.percentiles(50, 95, 99)
+        messages, events = deps.stats.messages, deps.stats.events
+        p50, p95, p99 = deps.stats.latency.percentiles(50, 95, 99)
         memory = await asyncio.get_running_loop().run_in_executor(None, rss_bytes)
-        m = self.metrics
+        m = deps.metrics
         self.write_json(
             {
-                "node": self.state.node_id,
-                "uptimeSeconds": round(now - self.state.started_at, 3),
-                "shuttingDown": self.state.shutting_down,
+                "node": deps.state.node_id,
+                "uptimeSeconds": round(now - deps.state.started_at, 3),
+                "shuttingDown": deps.state.shutting_down,
                 "connections": {
                     "total": sum(by_ns.values()),
                     "byNamespace": by_ns,
-                    "uniqueUsers": len(self.hub.online_users()),
+                    "uniqueUsers": len(deps.hub.online_users()),
                     "opened": _by_label(m.connections_opened, "namespace"),
                     "closedByReason": _by_label(m.connections_closed, "reason"),
                     "authFailuresByReason": _by_label(m.auth_failures, "reason"),
@@ -228,7 +200,7 @@ class WebSocketStatsHandler(JSONHandler):
                         {
                             "roomId": room_id,
                             "subscriptions": count,
-                            "messagesPerMinute": self.stats.rooms.per_minute(room_id, now),
+                            "messagesPerMinute": deps.stats.rooms.per_minute(room_id, now),
                         }
                         for room_id, count in top
                     ],
@@ -244,14 +216,14 @@ class WebSocketStatsHandler(JSONHandler):
                     "p50Ms": round(p50 * 1000, 3),
                     "p95Ms": round(p95 * 1000, 3),
                     "p99Ms": round(p99 * 1000, 3),
-                    "errorRate": round(self.stats.error_ratio(), 4),
+                    "errorRate": round(deps.stats.error_ratio(), 4),
                 },
                 "rateLimitViolations": _by_label(m.rate_limited, "bucket"),
                 "slowConsumers": int(_total(m.slow_consumers)),
                 "errorsByCode": _by_label(m.errors, "code"),
-                "eventLoopLagMs": round(self.health.loop_monitor.lag_secs * 1000, 2),
+                "eventLoopLagMs": round(deps.health.loop_monitor.lag_secs * 1000, 2),
                 "memoryBytes": memory,
-                "config": self.config.public_view(),
+                "config": deps.config.public_view(),
                 "timestamp": protocol.iso(protocol.now()),
             }
         )

@@ -26,23 +26,21 @@ Example (client side)::
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import re
 from collections import deque
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
 from marshmallow import Schema, ValidationError, fields, validate, validates
 from tornado.iostream import StreamClosedError
-from tornado.web import stream_request_body
+from tornado.web import RequestHandler, stream_request_body
 from tornado.websocket import WebSocketClosedError
 
 from handlers.base import GatewayHandler
 from handlers.http import JSONHandler
 from handlers.schemas import EventSchema, Int, JSONObject, Text, Timestamp, load
 from server import errors, protocol
-from server.auth import Identity, TokenVerifier
-from server.db import Database
+from server.auth import Identity
 from server.logstream import (
     LEVELS,
     MAX_MESSAGE_CHARS,
@@ -50,11 +48,13 @@ from server.logstream import (
     OWN_SERVICE,
     LogEntry,
     LogFilter,
-    LogStream,
+    fit_entries,
+    ingested_entry,
     normalize_level,
 )
-from server.redaction import redact
-from server.security import SecurityMonitor
+
+if TYPE_CHECKING:
+    from handlers.deps import Deps
 
 #: Roles that may read logs (socket and HTTP).
 READER_ROLES = frozenset({"admin", "logs"})
@@ -140,49 +140,6 @@ class IngestBody(EventSchema):
     )
 
 
-def log_filter(
-    level: str | None, services: list[str] | None, contexts: list[str] | None, contains: str | None
-) -> LogFilter:
-    return LogFilter(
-        min_level=LEVELS[level] if level else 0,
-        services=frozenset(services) if services else None,
-        contexts=frozenset(contexts) if contexts else None,
-        contains=contains,
-    )
-
-
-def ingested_entry(loaded: dict[str, Any], default_service: str, node_id: str) -> LogEntry:
-    """A loaded :class:`IngestEntry` → a wire entry like our own."""
-    stamp: dt.datetime = loaded["timestamp"] or protocol.now()
-    entry: LogEntry = {
-        "timestamp": protocol.iso(stamp),
-        "level": loaded["level"],
-        "service": loaded["service"] or default_service,
-        "context": loaded["context"],
-        # Another service's line may quote a URL with ?token=: redacted like ours.
-        "message": redact(loaded["message"]),
-        "metadata": loaded["metadata"],
-        "node": node_id,
-    }
-    if loaded["stack"]:
-        entry["stack"] = redact(loaded["stack"])
-    return entry
-
-
-def fit_entries(entries: list[LogEntry], budget_bytes: int) -> tuple[list[LogEntry], bool]:
-    """The newest entries whose JSON fits ``budget_bytes``; True if some were left out."""
-    kept: list[LogEntry] = []
-    used = 0
-    for entry in reversed(entries):
-        used += len(orjson.dumps(entry)) + 1
-        if used > budget_bytes:
-            kept.reverse()
-            return kept, True
-        kept.append(entry)
-    kept.reverse()
-    return kept, False
-
-
 # -- /ws/logs -----------------------------------------------------------------
 
 
@@ -197,9 +154,9 @@ class LogsHandler(GatewayHandler):
         "logs:recent": Recent,
     }
 
-    def initialize(self, logstream: LogStream, **kwargs: Any) -> None:  # type: ignore[override]
-        super().initialize(**kwargs)
-        self.logstream = logstream
+    def initialize(self, deps: Deps) -> None:
+        super().initialize(deps)
+        self.logstream = deps.logstream
         #: Byte bound of this subscriber's pending log frames.
         self.backlog_cap = max(1, self.config.max_outbound_bytes // 2)
         #: Highest ``backlog_bytes`` seen (for tests and diagnostics).
@@ -220,7 +177,7 @@ class LogsHandler(GatewayHandler):
         contexts: list[str] | None,
         contains: str | None,
     ) -> dict[str, Any]:
-        wanted = log_filter(level, services, contexts, contains)
+        wanted = LogFilter.of(level, services, contexts, contains)
         self.logstream.subscribe(self.conn_id, wanted, self._on_log)
         return {"subscribed": True, "filter": wanted.public()}
 
@@ -322,23 +279,14 @@ class LogsHandler(GatewayHandler):
 
 
 class _LogsHTTPHandler(JSONHandler):
-    def initialize(
-        self,
-        logstream: LogStream,
-        verifier: TokenVerifier,
-        node_id: str,
-        security: SecurityMonitor,
-        db: Database,
-    ) -> None:
-        self.logstream = logstream
-        self.verifier = verifier
-        self.node_id = node_id
-        self.security = security
-        self.db = db
+    def initialize(self, deps: Deps) -> None:
+        super().initialize(deps)
+        self.logstream = deps.logstream
+        self.node_id = deps.config.node_id
 
     async def authorize(self, roles: frozenset[str]) -> Identity:
         """The caller's identity from ``Authorization: Bearer``, if it has one of ``roles``."""
-        return await self.bearer_identity(self.verifier, roles, self.security, db=self.db)
+        return await self.bearer_identity(roles)
 
 
 @stream_request_body
@@ -444,18 +392,10 @@ class LogStatsHandler(_LogsHTTPHandler):
         self.write_json(self.logstream.stats())
 
 
-def logs_routes(ws_deps: dict[str, Any], logstream: LogStream) -> list[Any]:
-    """The routes of this module, for :func:`server.app.make_app`."""
-    http = {
-        "logstream": logstream,
-        "verifier": ws_deps["verifier"],
-        "node_id": ws_deps["config"].node_id,
-        "security": ws_deps["security"],
-        "db": ws_deps["db"],
-    }
-    return [
-        (r"/ws/logs", LogsHandler, {**ws_deps, "logstream": logstream}),
-        (r"/api/v1/logs", LogIngestHandler, http),
-        (r"/api/v1/logs/recent", LogRecentHandler, http),
-        (r"/api/v1/logs/stats", LogStatsHandler, http),
-    ]
+#: The routes of this module (:func:`server.app.make_app` gives each the node's deps).
+LOGS_ROUTES: list[tuple[str, type[RequestHandler]]] = [
+    (r"/ws/logs", LogsHandler),
+    (r"/api/v1/logs", LogIngestHandler),
+    (r"/api/v1/logs/recent", LogRecentHandler),
+    (r"/api/v1/logs/stats", LogStatsHandler),
+]

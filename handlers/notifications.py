@@ -10,13 +10,15 @@ user's other connections, the REST API or a server-side source) arrives as
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from marshmallow import Schema, fields
 
 from handlers.base import GatewayHandler
 from handlers.schemas import EventSchema, Int, MessageIdField
-from server.notify import NotificationService
+
+if TYPE_CHECKING:
+    from handlers.deps import Deps
 
 #: Page size of ``notifications:get`` when the client names none, and its ceiling.
 DEFAULT_PAGE = 20
@@ -54,11 +56,9 @@ class NotificationsHandler(GatewayHandler):
         "notifications:delete": NotificationRef,
     }
 
-    def initialize(  # type: ignore[override]
-        self, notifications: NotificationService, **kwargs: Any
-    ) -> None:
-        super().initialize(**kwargs)
-        self.notifications = notifications
+    def initialize(self, deps: Deps) -> None:
+        super().initialize(deps)
+        self.notifications = deps.notifications
 
     async def on_connected(self) -> None:
         """Send the unread count and the newest notifications."""

@@ -6,14 +6,14 @@
 
 Example::
 
-    routes += web_routes(config)   # last: the static pattern is narrow but at "/"
+    routes += web_routes(deps)   # last: the static pattern is narrow but at "/"
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from tornado.web import HTTPError, StaticFileHandler
@@ -21,7 +21,9 @@ from tornado.web import HTTPError, StaticFileHandler
 from handlers.http import JSONHandler
 from server import errors
 from server.auth import mint_token
-from server.config import Config
+
+if TYPE_CHECKING:
+    from handlers.deps import Deps
 
 #: The repository's web/ folder, used when ``SWITCHBOARD_WEB_ROOT`` is unset.
 DEFAULT_WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
@@ -67,11 +69,9 @@ class DevTokenHandler(JSONHandler):
     (the gateway holds the secret); answers 404 otherwise.
     """
 
-    def initialize(self, config: Config) -> None:
-        self.config = config
-
     def prepare(self) -> None:
-        if self.config.env != "development" or self.config.jwt_public_key:
+        config = self.deps.config
+        if config.env != "development" or config.jwt_public_key:
             raise HTTPError(404)
 
     def post(self) -> None:
@@ -99,7 +99,8 @@ class DevTokenHandler(JSONHandler):
             if value is not None and (not isinstance(value, str) or not 1 <= len(value) <= 64):
                 problems[key] = ["1-64 characters"]
         # Never longer than the gateway accepts (SWITCHBOARD_JWT_MAX_TTL).
-        max_ttl = min(DEV_TOKEN_MAX_TTL_SECS, self.config.jwt_max_ttl or DEV_TOKEN_MAX_TTL_SECS)
+        config = self.deps.config
+        max_ttl = min(DEV_TOKEN_MAX_TTL_SECS, config.jwt_max_ttl or DEV_TOKEN_MAX_TTL_SECS)
         ttl = body.get("ttl", min(DEV_TOKEN_TTL_SECS, max_ttl))
         if not isinstance(ttl, int | float) or isinstance(ttl, bool):
             problems["ttl"] = ["seconds, a number"]
@@ -108,22 +109,17 @@ class DevTokenHandler(JSONHandler):
         if problems or not isinstance(user_id, str):
             raise errors.ValidationFailed(details=problems)
         token = mint_token(
-            self.config, user_id, roles=roles, ttl_secs=ttl,
+            config, user_id, roles=roles, ttl_secs=ttl,
             name=names["name"], display_name=names["displayName"],
         )  # fmt: skip
         self.write_json({"token": token, "userId": user_id, "expiresIn": ttl})
 
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, errors.GatewayError):
-            self.set_status(exc.status)
-        super().write_error(status_code, **kwargs)
 
-
-def web_routes(config: Config) -> list[Any]:
+def web_routes(deps: Deps) -> list[Any]:
     """Routes of the web app; the static one goes last in the application."""
+    config = deps.config
     root = str(Path(config.web_root) if config.web_root else DEFAULT_WEB_ROOT)
     return [
-        (r"/dev/token", DevTokenHandler, {"config": config}),
+        (r"/dev/token", DevTokenHandler, {"deps": deps}),
         (STATIC_PATTERN, WebAppHandler, {"path": root, "default_filename": "index.html"}),
     ]

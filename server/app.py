@@ -1,9 +1,9 @@
 """Building and running a gateway node.
 
-:func:`make_app` wires the routes to their dependencies (passed through
-each route's ``initialize()`` kwargs); :class:`Node` creates those
-dependencies from a :class:`Config`, starts listening and shuts down
-gracefully.
+:func:`make_app` wires the routes to their dependencies (one
+:class:`~handlers.deps.Deps`, each route's ``initialize()`` argument);
+:class:`Node` creates those dependencies from a :class:`Config`, starts
+listening and shuts down gracefully.
 
 Example::
 
@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import time
@@ -26,12 +27,12 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
-from tornado.web import Application
+from tornado.web import Application, RequestHandler
 
-from handlers.admin import AdminFeed, AdminHandler
-from handlers.api import api_routes
-from handlers.base import NodeState
-from handlers.chat import ChatHandler, TypingTracker
+from handlers.admin import AdminHandler
+from handlers.api import API_ROUTES
+from handlers.chat import ChatHandler
+from handlers.deps import Deps
 from handlers.http import (
     LivenessHandler,
     MetricsHandler,
@@ -39,15 +40,16 @@ from handlers.http import (
     WebSocketHealthHandler,
     WebSocketStatsHandler,
 )
-from handlers.logs import logs_routes
+from handlers.logs import LOGS_ROUTES
 from handlers.notifications import NotificationsHandler
 from handlers.web import web_routes
 from models import chat as chat_db
 from server import __version__
+from server.admin_feed import AdminFeed
+from server.admission import Admission
 from server.auth import TokenVerifier
 from server.batch import Batcher
 from server.cluster import RedisHub, relay_disconnects
-from server.cluster_state import ClusterState
 from server.config import Config
 from server.db import Database
 from server.health import Health, LoopMonitor
@@ -57,12 +59,20 @@ from server.listener import Listener
 from server.logstream import LogStream
 from server.metrics import Metrics
 from server.moderation import Moderation
+from server.node_loss import announce_node_loss
+from server.node_registry import NodeRegistry
+from server.node_state import NodeState
 from server.notify import NotificationService
 from server.presence import Presence
 from server.redaction import log_request
+from server.redis_limits import RedisConnectionLimiter, RedisRateLimiter
+from server.redis_link import ClusterLink
+from server.redis_presence import RedisPresence
+from server.rooms import Rooms
 from server.security import SecurityMonitor
 from server.stats import Stats
 from server.tasks import BackgroundTasks
+from server.typing import TypingTracker
 
 log = logging.getLogger("switchboard")
 
@@ -76,35 +86,29 @@ SHUTDOWN_GRACE_SECS = 5.0
 MAX_HTTP_BODY_BYTES = 1024 * 1024
 
 
-def make_app(
-    config: Config,
-    *,
-    ws_deps: dict[str, Any],
-    chat_deps: dict[str, Any],
-    admin_deps: dict[str, Any],
-    notify_deps: dict[str, Any],
-    health: Health,
-    registry: CollectorRegistry,
-    logstream: LogStream | None = None,
-) -> Application:
-    """The Tornado application: WebSocket namespaces, health and metrics routes."""
-    routes: list[Any] = [
-        (r"/ws/chat", ChatHandler, {**ws_deps, **chat_deps}),
-        (r"/ws/admin", AdminHandler, {**ws_deps, **admin_deps}),
-        (r"/ws/notifications", NotificationsHandler, {**ws_deps, **notify_deps}),
-        *(logs_routes(ws_deps, logstream) if logstream is not None else ()),
-        *api_routes({**ws_deps, **notify_deps}),
-        (r"/health", LivenessHandler, {"node_id": config.node_id}),
-        (r"/health/ready", ReadinessHandler, {"health": health}),
-        (r"/health/websocket", WebSocketHealthHandler, {"health": health}),
-        (r"/metrics", MetricsHandler, {"registry": registry}),
-        (r"/websocket/stats", WebSocketStatsHandler, {**ws_deps, "health": health}),
+def make_app(deps: Deps) -> Application:
+    """The Tornado application: every route given the same ``deps``.
+
+    WebSocket namespaces, the REST API, health, metrics and the web app.
+    """
+    handlers: list[tuple[str, type[RequestHandler]]] = [
+        (r"/ws/chat", ChatHandler),
+        (r"/ws/admin", AdminHandler),
+        (r"/ws/notifications", NotificationsHandler),
+        *LOGS_ROUTES,
+        *API_ROUTES,
+        (r"/health", LivenessHandler),
+        (r"/health/ready", ReadinessHandler),
+        (r"/health/websocket", WebSocketHealthHandler),
+        (r"/metrics", MetricsHandler),
+        (r"/websocket/stats", WebSocketStatsHandler),
     ]
+    routes: list[Any] = [(pattern, handler, {"deps": deps}) for pattern, handler in handlers]
     # The web app last: its static pattern is narrow, but it is rooted at "/".
-    routes += web_routes(config)
+    routes += web_routes(deps)
     return Application(
         routes,
-        websocket_max_message_size=config.max_message_bytes,
+        websocket_max_message_size=deps.config.max_message_bytes,
         # Pings are sent by the node's single heartbeat sweep, not per connection.
         websocket_ping_interval=0,
         # tornado's access line, with ?token= / ?access_token= values redacted.
@@ -149,18 +153,26 @@ class Node:
         self.db = Database(
             config.database_url, workers=config.db_workers, observe=self._observe_db
         )
-        self.presence: Presence = Presence()
+        self.presence: Presence = Presence(config.node_id)
         self.rate_limiter: RateLimiter = RateLimiter(config.rate_limits)
         self.connection_limiter: ConnectionLimiter = ConnectionLimiter(
             config.max_connections_per_user, config.max_connections_per_ip
         )
         # With Redis: cluster-wide presence and limits, node registry and reaper.
-        self.cluster_state: ClusterState | None = None
+        self.node_registry: NodeRegistry | None = None
         if self.redis is not None:
-            self.cluster_state = ClusterState(self.redis, config, self.hub, self.db)
-            self.presence = self.cluster_state.presence
-            self.rate_limiter = self.cluster_state.rate_limiter
-            self.connection_limiter = self.cluster_state.connection_limiter
+            link = ClusterLink(self.redis, config.redis_prefix, config.node_id)
+            presence = RedisPresence(link)
+            connection_limiter = RedisConnectionLimiter(
+                link, config.max_connections_per_user, config.max_connections_per_ip
+            )
+            self.presence, self.connection_limiter = presence, connection_limiter
+            self.rate_limiter = RedisRateLimiter(link, config.rate_limits)
+            self.node_registry = NodeRegistry(
+                link, presence, connection_limiter, config.heartbeat_interval,
+                local_connections=lambda: len(self.hub.connections),
+                on_loss=functools.partial(announce_node_loss, self.hub, self.db),
+            )  # fmt: skip
         self.loop_monitor = LoopMonitor(on_lag=self.metrics.event_loop_lag.set)
         # Redis health is the mirror's own state (subscribed and hearing itself).
         redis_check = self.hub.check if isinstance(self.hub, RedisHub) else None
@@ -189,50 +201,40 @@ class Node:
         )
         self.logstream = LogStream(config.node_id, config.log_buffer_size)
         # Notifications (server/notify.py) plug in as ``self.moderation.notifier``.
-        self.moderation = Moderation(self.hub, self.db, self.stats, self.tasks)
+        self.moderation = Moderation(self.hub, self.db, self.tasks)
         self.notifications = NotificationService(
             self.db, self.hub, self.connection_limiter, config.max_notifications_per_user,
             metrics=self.metrics, tasks=self.tasks, batch_max=config.write_batch_max,
         )  # fmt: skip
         self.moderation.notifier = self.notifications
+        self.rooms = Rooms(
+            self.hub, self.db, self.presence, self.stats, self.typing, self.notifications,
+            self.tasks,
+        )  # fmt: skip
         if isinstance(self.hub, RedisHub):
             relay_disconnects(self.hub, self.moderation)  # kick/ban reach every node
-        if self.cluster_state is not None:
-            self.moderation.cluster_connections = self.cluster_state.presence.user_connections
-        notify_deps: dict[str, Any] = {"notifications": self.notifications}
+            self.rooms.relay_over(self.hub)  # a deleted room is forgotten on every node
+        if self.redis is not None:
+            self.moderation.cluster_connections = self.presence.user_connections
         # Security alerts (auth failures, rate-limit abuse) for sockets and REST alike.
         self.security = SecurityMonitor(self.notifications, self.db, self.tasks, self.metrics)
         self.admin_feed = AdminFeed(
             self.hub, self.stats, self.health, self.state, config.metrics_interval
         )
-        ws_deps: dict[str, Any] = {
-            "config": config,
-            "hub": self.hub,
-            "db": self.db,
-            "verifier": TokenVerifier(config),
-            "rate_limiter": self.rate_limiter,
-            "connection_limiter": self.connection_limiter,
-            "presence": self.presence,
-            "metrics": self.metrics,
-            "tasks": self.tasks,
-            "state": self.state,
-            "stats": self.stats,
-            "security": self.security,
-            "admissions": self.admissions,
-        }
-        chat_deps = {
-            "typing": self.typing, "health": self.health, "moderation": self.moderation,
-            "sends": self.sends, "reacts": self.reacts, "reads": self.reads,
-            **notify_deps,
-        }  # fmt: skip
-        admin_deps = {"moderation": self.moderation, "feed": self.admin_feed}
-        self.app = make_app(
-            config, ws_deps=ws_deps, chat_deps=chat_deps, admin_deps=admin_deps,
-            notify_deps=notify_deps,
-            health=self.health,
-            registry=self.registry,
-            logstream=self.logstream,
+        self.admission = Admission(
+            TokenVerifier(config), self.connection_limiter, self.admissions, self.db,
+            self.security, config.trusted_proxies,
         )  # fmt: skip
+        self.deps = Deps(
+            config=config, state=self.state, hub=self.hub, db=self.db,
+            admission=self.admission, rate_limiter=self.rate_limiter, presence=self.presence,
+            metrics=self.metrics, stats=self.stats, tasks=self.tasks, security=self.security,
+            health=self.health, notifications=self.notifications, moderation=self.moderation,
+            sends=self.sends, reacts=self.reacts, reads=self.reads, typing=self.typing,
+            feed=self.admin_feed, logstream=self.logstream,
+            rooms=self.rooms,
+        )  # fmt: skip
+        self.app = make_app(self.deps)
         self.server: HTTPServer | None = None
         self.listener: Listener | None = None
         self.sockets: list[socket.socket] = []
@@ -254,8 +256,8 @@ class Node:
         # First, so that start-up records reach /ws/logs and the ring buffer too.
         self.logstream.install(asyncio.get_running_loop())
         await self.db.start()
-        if self.cluster_state is not None:
-            await self.cluster_state.start()
+        if self.node_registry is not None:
+            await self.node_registry.start()
         if isinstance(self.hub, RedisHub):
             await self.hub.start()  # waits briefly for Redis; starts degraded without it
         self.sockets = bind_sockets(self.config.port, self.config.host, backlog=2048)
@@ -334,8 +336,8 @@ class Node:
         if isinstance(self.hub, RedisHub):
             await self.hub.stop()
         await self.admin_feed.stop()
-        if self.cluster_state is not None:
-            await self.cluster_state.stop()
+        if self.node_registry is not None:
+            await self.node_registry.stop()
         await self.db.close()
         if self.server is not None:
             await self.server.close_all_connections()

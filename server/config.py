@@ -7,7 +7,7 @@ or the matching CLI flags (flags win). Nothing else in the code base reads
 Example::
 
     config = Config.from_env(os.environ, port=0)
-    app = make_app(config)
+    node = Node(config)   # server/app.py: every component built from it
 """
 
 from __future__ import annotations

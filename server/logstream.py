@@ -17,7 +17,7 @@ An entry is a plain dict, already in wire shape::
 Credentials: the capture handler carries a
 :class:`~server.redaction.RedactionFilter`, so token query values and
 JWT-shaped strings are redacted before an entry is buffered or delivered;
-ingested entries get the same treatment (``handlers/logs.py``).
+ingested entries get the same treatment (:func:`ingested_entry`).
 
 Threading: records are emitted on any thread (the database runs in worker
 threads), so the handler only builds the entry there and passes it to the
@@ -52,7 +52,7 @@ from typing import Any, ClassVar
 import orjson
 
 from server import protocol
-from server.redaction import RedactionFilter
+from server.redaction import RedactionFilter, redact
 
 log = logging.getLogger("switchboard.logstream")
 
@@ -146,6 +146,22 @@ class LogFilter:
             if not any(context == c or context.startswith(c + ".") for c in self.contexts):
                 return False
         return self.contains is None or self.contains.lower() in entry["message"].lower()
+
+    @classmethod
+    def of(
+        cls,
+        level: str | None,
+        services: list[str] | None,
+        contexts: list[str] | None,
+        contains: str | None,
+    ) -> LogFilter:
+        """The filter a ``logs:subscribe`` request asks for (``level`` a :data:`LEVELS` name)."""
+        return cls(
+            min_level=LEVELS[level] if level else 0,
+            services=frozenset(services) if services else None,
+            contexts=frozenset(contexts) if contexts else None,
+            contains=contains,
+        )
 
     def public(self) -> dict[str, Any]:
         names = {number: name for name, number in LEVELS.items()}
@@ -323,6 +339,38 @@ class LogStream:
             "recentErrors": list(reversed(self._recent_errors)),
             "subscribers": len(self._subscribers),
         }
+
+
+def ingested_entry(loaded: dict[str, Any], default_service: str, node_id: str) -> LogEntry:
+    """An entry ingested over ``POST /api/v1/logs``, loaded, as a wire entry like our own."""
+    stamp: dt.datetime = loaded["timestamp"] or protocol.now()
+    entry: LogEntry = {
+        "timestamp": protocol.iso(stamp),
+        "level": loaded["level"],
+        "service": loaded["service"] or default_service,
+        "context": loaded["context"],
+        # Another service's line may quote a URL with ?token=: redacted like ours.
+        "message": redact(loaded["message"]),
+        "metadata": loaded["metadata"],
+        "node": node_id,
+    }
+    if loaded["stack"]:
+        entry["stack"] = redact(loaded["stack"])
+    return entry
+
+
+def fit_entries(entries: list[LogEntry], budget_bytes: int) -> tuple[list[LogEntry], bool]:
+    """The newest entries whose JSON fits ``budget_bytes``; True if some were left out."""
+    kept: list[LogEntry] = []
+    used = 0
+    for entry in reversed(entries):
+        used += len(orjson.dumps(entry)) + 1
+        if used > budget_bytes:
+            kept.reverse()
+            return kept, True
+        kept.append(entry)
+    kept.reverse()
+    return kept, False
 
 
 class LogCaptureHandler(logging.Handler):

@@ -1,4 +1,4 @@
-"""Moderation: kick, ban, unban, mute, delete rooms and messages, broadcast.
+"""Moderation: kick, ban, unban, mute, delete messages, broadcast.
 
 The operations are transport-free so the admin namespace, the HTTP API and
 the cluster layer share them: each checks the actor's role, persists what
@@ -7,13 +7,13 @@ hub, logs one line, and (when a :class:`~server.notify.Notifier` is set)
 leaves them a notification.
 
 Who may do what (SPEC §3): moderators and admins kick, mute and delete
-messages; only admins ban, unban and delete rooms (and a room's owner
-deletes their own room, through ``/ws/chat``). A moderator may not kick or
-mute an admin (FORBIDDEN); an admin may.
+messages; only admins ban, unban and delete rooms (room deletion is
+:meth:`server.rooms.Rooms.delete`, which uses :func:`require_role` too). A
+moderator may not kick or mute an admin (FORBIDDEN); an admin may.
 
 Example::
 
-    moderation = Moderation(hub, db, stats, tasks)
+    moderation = Moderation(hub, db, tasks)
     await moderation.ban(admin_identity, "mallory", "spam", duration_secs=3600)
 """
 
@@ -30,7 +30,6 @@ from server.auth import Identity
 from server.db import Database
 from server.hub import Hub, Target
 from server.notify import Notifier
-from server.stats import Stats
 from server.tasks import BackgroundTasks
 
 log = logging.getLogger("switchboard.moderation")
@@ -67,13 +66,11 @@ class Moderation:
         self,
         hub: Hub,
         db: Database,
-        stats: Stats,
         tasks: BackgroundTasks,
         notifier: Notifier | None = None,
     ) -> None:
         self.hub = hub
         self.db = db
-        self.stats = stats
         self.tasks = tasks
         self.notifier = notifier
         #: Set on a cluster (server/cluster.py: relay_disconnects): carries
@@ -162,47 +159,6 @@ class Moderation:
         return muted
 
     # -- content ----------------------------------------------------------------
-
-    async def delete_room(
-        self, actor: Identity, room_id: str, *, owner_may: bool = False
-    ) -> dict[str, Any]:
-        """Soft-delete a room for its owner or an admin; tell and notify every member.
-
-        Every member's chat connections get ``room:deleted`` (whether or not
-        they have the room open), the room's missed-messages notices go and
-        the other members get a notification. ``/ws/admin`` calls it as is
-        (admins only); ``/ws/chat`` ``room:delete`` with ``owner_may=True``,
-        which lets the room's owner delete it as well.
-        """
-        if not owner_may:
-            require_role(actor, "delete_room")
-        members: list[str] = await self.db.run(
-            "room.delete", chat_db.delete_room, room_id, actor.user_id, actor.has_any(ADMIN_ROLES)
-        )
-        await self.db.run(
-            "moderation.audit", mod_db.audit, actor.user_id, "delete_room", f"room:{room_id}", "",
-            {"members": len(members)},
-        )  # fmt: skip
-        targets = [Target.room(room_id), *(Target.user(m, "chat") for m in members)]
-        self.hub.publish_many(
-            targets, "room:deleted", {"roomId": room_id, "deletedBy": actor.user_id}
-        )
-        for user_id in members:
-            for conn in self.hub.user_connections(user_id, "chat"):
-                # Chat connections track their rooms for presence announcements.
-                rooms = getattr(conn, "member_rooms", None)
-                if isinstance(rooms, list) and room_id in rooms:
-                    rooms.remove(room_id)
-        self.hub.clear_room(room_id)
-        self.stats.rooms.forget(room_id)
-        log.info("delete_room: %s deleted room %s (%d members)", actor.user_id, room_id,
-                 len(members))  # fmt: skip
-        if self.notifier is not None:
-            self.tasks.spawn(
-                self.notifier.room_deleted(room_id, members, actor.user_id),
-                f"notify-room-deleted-{room_id}",
-            )
-        return {"roomId": room_id, "members": len(members)}
 
     async def delete_message(self, actor: Identity, message_id: int, reason: str) -> dict[str, Any]:
         """Soft-delete a message; its room gets ``message:deleted``, its author a notice."""

@@ -3,7 +3,9 @@
 A user is online while any of their connections is open, in any namespace;
 ``connect``/``disconnect`` report the first and last so callers announce
 only real changes. Async methods leave room for the cluster-wide Redis
-version behind the same interface.
+version (``server/redis_presence.py``) behind the same interface; callers
+such as ``admin:online_users`` use only this interface, so a single node
+answers the per-node questions with its own node alone.
 
 Example::
 
@@ -20,9 +22,10 @@ STATUSES = ("online", "away", "busy", "offline")
 
 
 class Presence:
-    """Single-node presence table."""
+    """Single-node presence table of the node ``node_id``."""
 
-    def __init__(self) -> None:
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
         self._connections: dict[str, int] = {}
         self._status: dict[str, str] = {}
 
@@ -51,6 +54,21 @@ class Presence:
 
     async def online_users(self) -> list[str]:
         return sorted(self._connections)
+
+    async def connections_by_node(self, user_ids: Iterable[str]) -> dict[str, dict[str, int]]:
+        """Each user's open connections per node id (``{}`` for a user offline)."""
+        counts = {u: self._connections.get(u, 0) for u in user_ids}
+        return {u: {self.node_id: n} if n else {} for u, n in counts.items()}
+
+    async def user_connections(self, user_id: str) -> int:
+        """The user's open connections on every node, all namespaces."""
+        by_node = await self.connections_by_node([user_id])
+        return sum(by_node[user_id].values())
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        """The live nodes, each ``{id, self, ...}`` (``self``: this node). One node
+        here; its figures (uptime, connections) are the caller's to add."""
+        return [{"id": self.node_id, "self": True}]
 
     async def joined(self, user: Mapping[str, Any], room_id: str) -> None:
         """Hook: ``user`` (``userId``, ``username``, ``displayName``) is now in

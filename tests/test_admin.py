@@ -360,6 +360,30 @@ async def test_room_deletion_is_one_operation_on_both_surfaces(gateway):
     ]  # fmt: skip
 
 
+async def test_admin_delete_room_tells_members_and_drops_missed_notices(gateway):
+    """Like the owner's room:delete: room:deleted, and no missed-messages notice is left."""
+    alice, bob = await gateway.connect("alice"), await gateway.connect("bob")
+    await room_with(gateway, "general", alice, bob)
+    carol = await gateway.connect("carol")
+    await carol.emit("room:join", {"roomId": "general"})
+    await carol.aclose()  # a member away from chat: her messages are missed
+    inbox = await gateway.connect("carol", "notifications")
+    await inbox.next_event("notification:recent")
+    await send(alice, "general")
+    missed = (await inbox.next_event("notification:created"))["data"]["notification"]
+    assert missed["data"]["roomId"] == "general"
+    root = await admin(gateway)
+    await root.emit("admin:delete_room", {"roomId": "general"})
+    deleted = await bob.next_event("room:deleted")
+    assert deleted["data"] == {"roomId": "general", "deletedBy": "root"}
+    gone = await inbox.next_event("notification:deleted")
+    assert gone["data"] == {"notificationId": missed["id"]}
+    notice = (await inbox.next_event("notification:created"))["data"]["notification"]
+    assert notice["title"] == "Room #general was deleted"
+    page = await gateway.node.notifications.page("carol", unread_only=False, limit=10, before=None)
+    assert [n["title"] for n in page["notifications"]] == ["Room #general was deleted"]
+
+
 async def test_admin_delete_room_stays_admin_only_even_for_the_owner(gateway):
     mod = await gateway.connect("mod", roles=MODERATOR)
     await room_with(gateway, "mine", mod)
@@ -437,10 +461,14 @@ async def test_online_users_lists_connections_by_namespace(gateway):
     result = await root.emit("admin:online_users", {"limit": 10, "offset": 0})
     assert result["total"] == 3
     users = {u["userId"]: u for u in result["users"]}
-    assert users["alice"]["connections"] == {"total": 2, "byNamespace": {"chat": 2}}
+    assert users["alice"]["connections"] == {
+        "total": 2, "byNamespace": {"chat": 2}, "byNode": {"test-node": 2},
+    }  # fmt: skip
     assert users["alice"]["status"] == "online"
     assert users["bob"]["status"] == "busy"
-    assert users["root"]["connections"] == {"total": 1, "byNamespace": {"admin": 1}}
+    assert users["root"]["connections"] == {
+        "total": 1, "byNamespace": {"admin": 1}, "byNode": {"test-node": 1},
+    }  # fmt: skip
     page = await root.emit("admin:online_users", {"limit": 1, "offset": 1})
     assert [u["userId"] for u in page["users"]] == ["bob"] and page["total"] == 3
 

@@ -13,6 +13,7 @@ own ``PUBSUB NUMSUB`` and the rows in the shared PostgreSQL database.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import secrets
 import time
@@ -239,11 +240,20 @@ async def test_node_without_members_of_a_room_gets_none_of_its_traffic(
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.asyncio
-async def test_missed_message_notices_go_only_to_members_away_from_every_node(
-    cluster: Cluster, clients: Clients
-) -> None:
-    """A member whose chat socket is on another node is not "away" (issue 3's notices)."""
+@dataclasses.dataclass
+class MissedWhileAway:
+    bob: Client
+    carol_id: str
+    room: str
+    #: Carol's notifications connection (node c).
+    inbox: Client
+    #: The missed-messages notification she got.
+    notice: dict[str, Any]
+
+
+async def missed_while_away(cluster: Cluster, clients: Clients) -> MissedWhileAway:
+    """Alice (node a), bob (b) and carol in one room; carol leaves chat on every node
+    and, with only a notifications connection (c), misses alice's message."""
     alice = await clients.connect("a", uid("alice"))
     bob = await clients.connect("b", uid("bob"))
     carol_id = uid("carol")
@@ -257,18 +267,56 @@ async def test_missed_message_notices_go_only_to_members_away_from_every_node(
     await eventually(lambda: _equals(redis_exists(cluster, key), False), timeout=5,
                      what="carol's chat connection released cluster-wide")  # fmt: skip
     inbox = await clients.connect("c", carol_id, "notifications")
-
     await alice.emit("message:send", {"roomId": room, "content": "while you were out"})
     frame = await inbox.next_event(
         "notification:created", timeout=DELIVERY_TIMEOUT_SECS,
         predicate=lambda f: f["data"]["notification"]["data"].get("roomId") == room,
     )  # fmt: skip
-    assert frame["data"]["notification"]["data"]["count"] == 1
+    return MissedWhileAway(bob, carol_id, room, inbox, frame["data"]["notification"])
+
+
+@pytest.mark.asyncio
+async def test_missed_message_notices_go_only_to_members_away_from_every_node(
+    cluster: Cluster, clients: Clients
+) -> None:
+    """A member whose chat socket is on another node is not "away" (issue 3's notices)."""
+    away = await missed_while_away(cluster, clients)
+    bob, carol_id, room = away.bob, away.carol_id, away.room
+    assert away.notice["data"]["count"] == 1
     await collect_messages(bob, room, 1)
     rows = await cluster.asql(
         "SELECT user_id FROM notification WHERE group_key = %s", f"missed:{room}"
     )
     assert rows == [(carol_id,)]  # not bob (online on node b), not alice (the sender)
+
+
+@pytest.mark.asyncio
+async def test_room_deleted_by_an_admin_is_gone_from_every_node(
+    cluster: Cluster, clients: Clients
+) -> None:
+    """admin:delete_room on node a: a member on b is told and unsubscribed there,
+    an away member's missed-messages notice goes (the one deletion path)."""
+    away = await missed_while_away(cluster, clients)
+    bob, room, inbox = away.bob, away.room, away.inbox
+    await eventually(lambda: _equals(room_subscribers(cluster, room), 2), timeout=5,
+                     what="nodes a and b subscribed to the room")  # fmt: skip
+
+    admin = await clients.connect("a", uid("boss"), namespace="admin", roles=("admin",))
+    assert await admin.emit("admin:delete_room", {"roomId": room}) == {"roomId": room, "members": 3}
+    deleted = await bob.next_event("room:deleted", timeout=DELIVERY_TIMEOUT_SECS)
+    assert deleted["data"]["roomId"] == room
+    gone = await inbox.next_event("notification:deleted", timeout=DELIVERY_TIMEOUT_SECS)
+    assert gone["data"] == {"notificationId": away.notice["id"]}
+    # Node b let go of the room as node a did: nobody listens to its channel.
+    await eventually(lambda: _equals(room_subscribers(cluster, room), 0), timeout=5,
+                     what="every node unsubscribed from the deleted room")  # fmt: skip
+    with pytest.raises(ClientError) as info:
+        await bob.emit("typing:start", {"roomId": room})
+    assert info.value.code == "NOT_IN_ROOM"
+    rows = await cluster.asql(
+        "SELECT user_id FROM notification WHERE group_key = %s", f"missed:{room}"
+    )
+    assert rows == []
 
 
 async def redis_exists(cluster: Cluster, key: str) -> bool:

@@ -1,4 +1,6 @@
-"""Cluster-wide presence, limits and the dead-node reaper (server/cluster_state.py).
+"""Cluster-wide presence, limits and the dead-node reaper (server/redis_link.py,
+server/redis_presence.py, server/redis_limits.py, server/node_registry.py,
+server/node_loss.py, server/lua/).
 
 Real parts: a redis-server and a PostgreSQL cluster started by the suite,
 two gateway :class:`~server.app.Node` s in this process sharing one database
@@ -23,9 +25,12 @@ import redis.asyncio as aioredis
 
 from server.auth import mint_token
 from server.client import Client, ClientError
-from server.cluster_state import ClusterLink, RedisRateLimiter
 from server.config import Config, RateLimit
 from server.limits import RateLimiter
+from server.node_registry import NodeLoss, NodeRegistry
+from server.redis_limits import RedisConnectionLimiter, RedisRateLimiter
+from server.redis_link import LUA_DIR, ClusterLink
+from server.redis_presence import RedisPresence
 from tests.conftest import ROOMY_RATE_LIMITS, Gateway
 from tests.services import RedisServer, require_binary
 
@@ -243,6 +248,70 @@ async def test_redis_token_bucket_decides_like_the_local_one(
     assert (await shared.hit("u", "messages")).allowed
 
 
+def cluster_parts(
+    redis: aioredis.Redis, prefix: str, node_id: str, on_loss: Callable[[NodeLoss], Awaitable[None]]
+) -> tuple[ClusterLink, RedisPresence, NodeRegistry]:
+    """One node's cluster state without a gateway: link, presence, limiters, registry."""
+    link = ClusterLink(redis, prefix, node_id)
+    presence = RedisPresence(link)
+    limiter = RedisConnectionLimiter(link, per_user=5, per_ip=20)
+    RedisRateLimiter(link, {"messages": RateLimit(4, 2.0)})
+    registry = NodeRegistry(link, presence, limiter, HEARTBEAT_SECS,
+                            local_connections=lambda: 0, on_loss=on_loss)  # fmt: skip
+    return link, presence, registry
+
+
+async def ignore_loss(loss: NodeLoss) -> None:
+    pass
+
+
+async def test_every_lua_file_is_registered_and_scripts_run_on_redis(
+    redis: aioredis.Redis,
+) -> None:
+    link, presence, _ = cluster_parts(redis, f"t{os.urandom(4).hex()}", "node-a", ignore_loss)
+    files = sorted(LUA_DIR.glob("*.lua"))
+    assert files, f"no Lua scripts in {LUA_DIR}"
+    sources = [script.script for script in link.scripts.values()]
+    for path in files:
+        assert any(path.read_text() in source for source in sources), f"{path.name} unused"
+    for name in link.scripts:
+        assert (LUA_DIR / f"{name}.lua").is_file()
+    # The registered script is what runs: Redis holds it (by its SHA) once called.
+    assert await presence.connect("alice") is True
+    assert await redis.script_exists(link.scripts["presence_connect"].sha) == [True]
+    assert await presence.online_users() == ["alice"]
+
+
+async def test_registry_reports_a_dead_nodes_users_to_its_callback(
+    redis: aioredis.Redis,
+) -> None:
+    """The registry publishes nothing itself: what a reaped node held goes to on_loss."""
+    prefix = f"t{os.urandom(4).hex()}"
+    losses: list[NodeLoss] = []
+
+    async def on_loss(loss: NodeLoss) -> None:
+        losses.append(loss)
+
+    _, _, registry_a = cluster_parts(redis, prefix, "node-a", on_loss)
+    _, presence_b, registry_b = cluster_parts(redis, prefix, "node-b", on_loss)
+    await registry_a.tick()
+    await registry_b.tick()  # node B's only heartbeat: it dies now
+    alice = {"userId": "alice", "username": "alice", "displayName": "Alice"}
+    await presence_b.connect("alice")
+    await presence_b.joined(alice, "general")
+    await presence_b.connect("bob")
+
+    async def reaped() -> bool:
+        await registry_a.tick()
+        return list(registry_a.reaped) == ["node-b"]
+
+    await eventually(reaped)
+    [loss] = losses
+    assert loss.node_id == "node-b" and sorted(loss.offline) == ["alice", "bob"]
+    [left] = loss.left
+    assert (dict(left.user), left.room_ids) == (alice, ("general",))
+
+
 # -- admin ---------------------------------------------------------------------------
 
 
@@ -350,9 +419,9 @@ async def test_killed_node_users_go_offline_and_leave_rooms_within_two_intervals
         await bob.expect_no_event(
             "room:user_left", predicate=lambda f: f["data"]["user"]["userId"] == "carol"
         )
-        assert a.node.cluster_state is not None
-        assert list(a.node.cluster_state.registry.reaped) == ["node-c"]
-        nodes = await a.node.presence.nodes()  # type: ignore[attr-defined]
+        assert a.node.node_registry is not None
+        assert list(a.node.node_registry.reaped) == ["node-c"]
+        nodes = await a.node.presence.nodes()
         assert [n["id"] for n in nodes] == ["node-a"]
         for client in (alice, carol_c):
             client.close()

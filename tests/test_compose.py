@@ -14,6 +14,7 @@ it mounts exists in the repository.
 
 from __future__ import annotations
 
+import configparser
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import runpy
 import shlex
 import shutil
 import subprocess
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -270,6 +272,40 @@ def test_dockerfile_runs_as_non_root_with_a_healthcheck() -> None:
     for source in re.findall(r"^COPY\s+(.+?)\s+\S+$", text, re.M):
         for path in source.split():
             assert (ROOT / path).exists(), f"COPY source {path} missing"
+
+
+def test_data_files_ship_with_the_packages() -> None:
+    """Files of the packages that are not their Python modules (Redis Lua scripts,
+    migrations) are package data, so ``pip install .`` (the Dockerfile's) installs
+    them, and the Docker build context keeps them."""
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    package_data = {pkg: globs.split() for pkg, globs in setup["options.package_data"].items()}
+    ignored = [
+        line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]  # fmt: skip
+    data = []
+    for top in ("server", "handlers", "models"):
+        for path in (ROOT / top).rglob("*"):
+            if not path.is_file() or "__pycache__" in path.parts:
+                continue
+            if path.suffix == ".py" and (path.parent / "__init__.py").is_file():
+                continue  # a module: `packages = find:` ships it
+            data.append(path)
+    assert any(path.suffix == ".lua" for path in data), "no Lua script found"
+    for path in data:
+        package_dir = path.parent
+        while not (package_dir / "__init__.py").is_file():
+            package_dir = package_dir.parent
+        package = ".".join(package_dir.relative_to(ROOT).parts)
+        inside = path.relative_to(package_dir).as_posix()
+        globs = package_data.get(package, [])
+        assert any(fnmatch(inside, g) for g in globs), f"{path} is not package data of {package}"
+        parts = path.relative_to(ROOT).parts
+        for depth in range(1, len(parts) + 1):
+            prefix = "/".join(parts[:depth])
+            assert not any(fnmatch(prefix, p) for p in ignored), f".dockerignore drops {prefix}"
 
 
 # -- production by default ------------------------------------------------------------

@@ -23,6 +23,7 @@ import pytest
 
 from models import chat as chat_db
 from server.client import Client, ClientError
+from server.presence import Presence
 
 pytestmark = pytest.mark.asyncio
 
@@ -613,3 +614,23 @@ async def test_join_racing_a_dropped_connection_leaks_nothing(gateway, monkeypat
     assert racer in ([], ["room:user_joined", "room:user_left"]), racer
     await alice.aclose()
     await assert_nothing_left(gateway)
+
+
+# -- the Presence interface on a single node --------------------------------------------
+
+
+async def test_single_node_presence_answers_the_cluster_questions_with_its_own_node():
+    """admin:online_users and admin:stats ask every presence per node; one node answers
+    with itself (the Redis version is covered in tests/test_cluster_state.py)."""
+    presence = Presence("node-a")
+    for user_id in ("alice", "alice", "bob"):
+        await presence.connect(user_id)
+    assert await presence.connections_by_node(["alice", "bob", "carol"]) == {
+        "alice": {"node-a": 2}, "bob": {"node-a": 1}, "carol": {},
+    }  # fmt: skip
+    assert await presence.user_connections("alice") == 2
+    assert await presence.user_connections("carol") == 0
+    assert await presence.nodes() == [{"id": "node-a", "self": True}]
+    await presence.disconnect("bob")
+    assert await presence.connections_by_node(["bob"]) == {"bob": {}}
+    assert await presence.online_users() == ["alice"]

@@ -163,7 +163,8 @@ async def test_no_token_reaches_any_log_line(
     app = gw.node.app
     chat_rule = next(r for r in app.wildcard_router.rules if r.target is ChatHandler)
     assert isinstance(chat_rule, Rule)
-    app.add_handlers(r".*", [(r"/boom", Boom), (r"/ws/boom", BoomChat, chat_rule.target_kwargs)])
+    deps = chat_rule.target_kwargs  # every route is given the same {"deps": ...}
+    app.add_handlers(r".*", [(r"/boom", Boom, deps), (r"/ws/boom", BoomChat, deps)])
 
     used: list[str] = []
 

@@ -3,7 +3,10 @@
 // Plain ES module, no dependencies. Mirrors server/client.py (the Python
 // client): acks as Promises, capped jittered exponential backoff, re-joining
 // rooms with `sinceSeq` after a reconnect and replaying the missed messages as
-// `message:new` (deduplicated by roomId + seq), token refresh on
+// `message:new` (deduplicated by roomId + seq), repairing holes in a room's
+// gapless seq (a message that arrives after a gap is held back until the
+// missing range is fetched from history, so `message:new` stays in order and
+// exactly once), token refresh on
 // `auth:expiring`, and `message:send` queued while offline with a
 // `clientMsgId` so a retry is answered `duplicate: true` instead of storing
 // the message twice.
@@ -45,6 +48,11 @@ const HISTORY_PAGE = 100;
 const MAX_RECOVERED = 5000;
 // Seq numbers remembered per room for deduplication.
 const SEEN_KEEP = 1024;
+// A gap in a room's seq may close by itself (two nodes' broadcasts can cross
+// on the way); wait this long for the missing message before fetching it.
+const DEFAULT_HOLE_WAIT_MS = 500;
+// Messages held behind one gap; beyond this the gap is repaired at once.
+const MAX_HELD = 1000;
 // Browsers answer the server's WebSocket pings without telling the page, so
 // a silently dead network is only noticed by asking: a system:ping every
 // heartbeat interval, and a reconnect when its ack does not come back.
@@ -67,6 +75,7 @@ export const CLIENT_TIMEOUT_CLOSE = 4000;
  *   maxQueue?: number,
  *   livenessIntervalMs?: number,
  *   livenessTimeoutMs?: number,
+ *   holeWaitMs?: number,
  *   WebSocket?: typeof WebSocket,
  * }} SwitchboardOptions
  * @typedef {(data: any, frame: {event: string, data: any}) => void} Listener
@@ -142,6 +151,8 @@ export class Switchboard {
     /** Ping period; default: the welcome's heartbeatInterval. 0 turns it off. */
     this.livenessIntervalMs = options.livenessIntervalMs ?? null;
     this.livenessTimeoutMs = options.livenessTimeoutMs ?? DEFAULT_LIVENESS_TIMEOUT_MS;
+    /** How long a gap in a room's seq waits to close by itself before it is fetched. */
+    this.holeWaitMs = options.holeWaitMs ?? DEFAULT_HOLE_WAIT_MS;
     /** Round trip of the latest liveness ping, in ms. */
     this.latencyMs = null;
     this._liveness = null;
@@ -173,6 +184,12 @@ export class Switchboard {
     this._lastSeq = new Map();
     /** @type {Map<string, Set<number>>} */
     this._seen = new Map();
+    /** @type {Map<string, number>} highest seq up to which every message was delivered */
+    this._contig = new Map();
+    /** @type {Map<string, Map<number, object>>} message:new data held behind a gap */
+    this._held = new Map();
+    /** @type {Map<string, any>} pending hole-repair timers per room */
+    this._repairs = new Map();
     this._closing = false;
     this._reconnectTimer = null;
     this._looping = false;
@@ -276,6 +293,16 @@ export class Switchboard {
    */
   lastSeq(roomId) {
     return this._lastSeq.has(roomId) ? this._lastSeq.get(roomId) : null;
+  }
+
+  /**
+   * Highest seq up to which every message of `roomId` was delivered (no hole
+   * below it), or null. Reconnect recovery starts from here, so a message lost
+   * on the way is fetched again even when later ones arrived.
+   * @param {string} roomId
+   */
+  contiguousSeq(roomId) {
+    return this._contig.has(roomId) ? this._contig.get(roomId) : null;
   }
 
   /**
@@ -584,9 +611,11 @@ export class Switchboard {
 
   _onEvent(event, data) {
     if (event === "message:new" && data && data.message) {
-      if (!this._note(data.message)) return; // already seen (recovery or history)
+      this._receive(data);
+      return;
     } else if (event === "room:deleted" && data && data.roomId != null) {
       this._rooms.delete(String(data.roomId));
+      this._forget(String(data.roomId));
     } else if (event === "auth:expiring") {
       this._refreshOnExpiring(data);
     } else if (event === "system:error") {
@@ -623,6 +652,120 @@ export class Switchboard {
     return true;
   }
 
+  /** Dispatch a message:new unless its (roomId, seq) was seen before. */
+  _deliver(data) {
+    if (this._note(data.message)) this._dispatch("message:new", data);
+  }
+
+  /** A live message:new: deliver it in seq order, holding it back behind a gap. */
+  _receive(data) {
+    const message = data.message;
+    if (message.roomId == null || !isInt(message.seq)) {
+      this._dispatch("message:new", data);
+      return;
+    }
+    const room = String(message.roomId);
+    const seen = this._seen.get(room);
+    if (seen && seen.has(message.seq)) return; // already seen (recovery or history)
+    const contig = this._contig.get(room);
+    // The first message of a room this client never joined starts its sequence.
+    if (contig === undefined) this._contig.set(room, message.seq - 1);
+    if (contig === undefined || message.seq <= contig + 1) {
+      this._deliver(data);
+      this._advance(room);
+      return;
+    }
+    let held = this._held.get(room);
+    if (!held) this._held.set(room, (held = new Map()));
+    held.set(message.seq, data);
+    this._scheduleRepair(room, held.size >= MAX_HELD ? 0 : this.holeWaitMs);
+  }
+
+  /** Move the room's contiguous seq forward, delivering held messages that now fit. */
+  _advance(room) {
+    let contig = this._contig.get(room);
+    if (contig === undefined) return;
+    const seen = this._seen.get(room);
+    const held = this._held.get(room);
+    if (held) {
+      // Held below the line (the line jumped: a repair gave up, a re-join hint): late, not lost.
+      for (const seq of [...held.keys()].filter((s) => s <= contig).sort((a, b) => a - b)) {
+        this._deliver(held.get(seq));
+        held.delete(seq);
+      }
+    }
+    for (;;) {
+      const next = contig + 1;
+      if (held && held.has(next)) {
+        const data = held.get(next);
+        held.delete(next);
+        this._deliver(data);
+      } else if (!(seen && seen.has(next))) {
+        break;
+      }
+      contig = next;
+    }
+    this._contig.set(room, contig);
+    if (held && held.size === 0) {
+      this._held.delete(room);
+      clearTimeout(this._repairs.get(room));
+      this._repairs.delete(room);
+    }
+  }
+
+  _scheduleRepair(room, delayMs) {
+    if (this._repairs.has(room)) {
+      if (delayMs > 0) return;
+      clearTimeout(this._repairs.get(room));
+    }
+    this._repairs.set(room, setTimeout(() => {
+      this._repairs.delete(room);
+      this._repair(room).catch((err) => this._dispatch("error", err));
+    }, delayMs));
+  }
+
+  /** Fetch the messages missing below the lowest held one and deliver in order. */
+  async _repair(room) {
+    const ws = this._ws;
+    const held = this._held.get(room);
+    const from = this._contig.get(room);
+    if (!ws || !held || !held.size || from === undefined) return;
+    const first = Math.min(...held.keys());
+    const found = [];
+    let before = first;
+    try {
+      while (before - 1 > from && found.length < MAX_RECOVERED) {
+        const limit = Math.min(HISTORY_PAGE, before - 1 - from);
+        const page = await this._request(ws, "room:get_messages", { roomId: room, limit, beforeSeq: before });
+        const messages = (page.messages || []).filter((m) => isInt(m.seq) && m.seq > from && m.seq < first);
+        found.push(...messages);
+        if (!messages.length || !page.hasMore) break;
+        before = Math.min(...messages.map((m) => m.seq));
+      }
+    } catch (err) {
+      // Lost: the reconnect recovers from the contiguous seq. Refused (left the
+      // room, rate limited): deliver what is held rather than stall the room.
+      if (ws !== this._ws) return;
+    }
+    if (ws !== this._ws || this._held.get(room) !== held) return;
+    for (const message of found.sort((a, b) => a.seq - b.seq)) {
+      this._deliver({ message, recovered: true });
+    }
+    // Everything below the held message is accounted for, found or not (a
+    // seq the history no longer has would otherwise stall the room for ever).
+    if (first - 1 > this._contig.get(room)) this._contig.set(room, first - 1);
+    this._advance(room);
+    if (this._held.has(room)) this._scheduleRepair(room, this.holeWaitMs);
+  }
+
+  /** Drop a room's hole bookkeeping (left, deleted, or connection lost). */
+  _forget(room, { keepLine = false } = {}) {
+    clearTimeout(this._repairs.get(room));
+    this._repairs.delete(room);
+    this._held.delete(room);
+    if (!keepLine) this._contig.delete(room);
+  }
+
   _trackAck(event, request, result) {
     if (!result || typeof result !== "object") return;
     if (request && request.roomId != null) {
@@ -633,14 +776,21 @@ export class Switchboard {
         const hint = result.room && result.room.lastSeq;
         // Messages before the join are history, not "missed" on a reconnect.
         if (isInt(hint) && hint > (this._lastSeq.get(room) ?? -1)) this._lastSeq.set(room, hint);
+        if (isInt(hint) && hint > (this._contig.get(room) ?? -1)) this._contig.set(room, hint);
       } else if (event === "room:leave" || event === "room:delete") {
         this._rooms.delete(room);
+        this._forget(room);
       }
     }
+    const rooms = new Set();
     for (const field of ["missed", "messages"]) {
-      if (Array.isArray(result[field])) for (const m of result[field]) this._note(m);
+      if (!Array.isArray(result[field])) continue;
+      for (const m of result[field]) if (this._note(m) && m.roomId != null) rooms.add(String(m.roomId));
     }
-    if (result.message) this._note(result.message);
+    if (result.message && this._note(result.message) && result.message.roomId != null) {
+      rooms.add(String(result.message.roomId));
+    }
+    for (const room of rooms) this._advance(room);
   }
 
   // ------------------------------------------------------------- reconnection
@@ -650,6 +800,8 @@ export class Switchboard {
     this._ws = null;
     clearInterval(this._liveness);
     this.closeCode = code;
+    // Held messages come back with the recovery from the contiguous seq.
+    for (const room of [...this._held.keys()]) this._forget(room, { keepLine: true });
     this._failPending(new SwitchboardError("CONNECTION_LOST", `connection closed (${code})`, { closeCode: code }));
     if (this._closing) return;
     const fatal = FATAL_CLOSE_CODES.has(code);
@@ -749,7 +901,9 @@ export class Switchboard {
   async _rejoin(ws) {
     const report = {};
     for (const [room, payload] of [...this._rooms]) {
-      const since = this._lastSeq.get(room) ?? 0;
+      // From the highest contiguous seq, not the highest seen: a message lost
+      // before the connection dropped is recovered with the rest.
+      const since = this._contig.get(room) ?? this._lastSeq.get(room) ?? 0;
       let result;
       try {
         result = await this._request(ws, "room:join", { ...payload, sinceSeq: since }, {
@@ -796,11 +950,14 @@ export class Switchboard {
   /** Deliver recovered messages oldest first as message:new; returns how many. */
   _feed(messages) {
     let delivered = 0;
+    const rooms = new Set();
     for (const message of [...messages].sort((a, b) => a.seq - b.seq)) {
       if (!this._note(message)) continue;
       this._dispatch("message:new", { message, recovered: true });
       delivered += 1;
+      if (message.roomId != null) rooms.add(String(message.roomId));
     }
+    for (const room of rooms) this._advance(room);
     return delivered;
   }
 }

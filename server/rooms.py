@@ -1,0 +1,296 @@
+"""Rooms: creating, joining, leaving and deleting them, for every surface.
+
+The chat namespace translates ``room:*`` frames into these calls and the
+admin namespace calls :meth:`Rooms.delete` for ``admin:delete_room``; both
+get the same checks and the same events. What a room's connections see:
+``room:user_joined`` when a user's first connection on a node joins,
+``room:user_left`` when their last one leaves or disconnects, and
+``room:deleted`` on every member's chat connections when the room goes.
+
+Deletion is one path whoever asks (SPEC §3: the room's owner through
+``/ws/chat``, an admin through either surface): check, delete, audit, tell
+every member, unsubscribe everyone from the room on every node, drop its
+missed-messages notices and notify the other members.
+
+Example::
+
+    rooms = Rooms(hub, db, presence, stats, typing, notifications, tasks)
+    await rooms.delete(admin_identity, "general", owner_may=False)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+from models import chat as chat_db
+from models import moderation as mod_db
+from server import errors
+from server.auth import Identity
+from server.db import Database
+from server.hub import Connection, Hub, Target
+from server.moderation import ADMIN_ROLES, require_role
+from server.notify import NotificationService
+from server.presence import Presence
+from server.stats import Stats
+from server.tasks import BackgroundTasks
+from server.typing import TypingTracker
+
+log = logging.getLogger("switchboard.rooms")
+
+#: The control message that makes the other nodes forget a deleted room.
+FORGET_ROOM_ACTION = "forget_room"
+
+
+class ControlBus(Protocol):
+    """What :meth:`Rooms.relay_over` needs from a cluster mirror (server/cluster.py)."""
+
+    def on_control(self, action: str, handler: Callable[[dict[str, Any]], None]) -> None:
+        """Run ``handler(data)`` when another node sends control ``action``."""
+
+    def send_control(self, action: str, data: dict[str, Any]) -> None:
+        """Send control ``action`` with ``data`` to every other node."""
+
+
+@dataclasses.dataclass
+class Joined:
+    """What :meth:`Rooms.join` did for one connection."""
+
+    #: The ``room:join`` ack: ``{room, members, missed, ...}``.
+    result: dict[str, Any]
+    #: This call subscribed the connection, holding the room's live frames
+    #: back: release them with ``hub.finish_join`` after the ack.
+    held: bool
+    #: The user's first connection in the room on this node: announce it
+    #: with :meth:`Rooms.announce_joined` (unless the connection is closing).
+    first_here: bool
+    #: The ``sinceSeq`` the client asked from.
+    since_seq: int | None
+
+    @property
+    def last_seq(self) -> int | None:
+        """The last seq the ack carries; held frames after it are released."""
+        missed = self.result["missed"]
+        return missed[-1]["seq"] if missed else self.since_seq
+
+
+class Rooms:
+    """The room operations of one node (see module docstring).
+
+    ``user`` arguments are the public user dict events carry
+    (``userId``, ``username``, ``displayName``).
+    """
+
+    def __init__(
+        self,
+        hub: Hub,
+        db: Database,
+        presence: Presence,
+        stats: Stats,
+        typing: TypingTracker,
+        notifications: NotificationService,
+        tasks: BackgroundTasks,
+    ) -> None:
+        self.hub = hub
+        self.db = db
+        self.presence = presence
+        self.stats = stats
+        self.typing = typing
+        self.notifications = notifications
+        self.tasks = tasks
+        #: Set on a cluster (:meth:`relay_over`): tells the other nodes to
+        #: forget a room deleted here.
+        self._relay: Callable[[str, list[str]], None] | None = None
+
+    # -- create and join ------------------------------------------------------------
+
+    async def create(
+        self,
+        owner_id: str,
+        room_id: str,
+        name: str,
+        type: str,
+        password: str | None,
+        description: str,
+        members: list[str],
+    ) -> dict[str, Any]:
+        """Store a room owned by ``owner_id`` (members included); returns it."""
+        password_hash = None
+        if password is not None:
+            loop = asyncio.get_running_loop()
+            password_hash = await loop.run_in_executor(None, chat_db.hash_password, password)
+        room: dict[str, Any] = await self.db.run(
+            "room.create", chat_db.create_room,
+            room_id, owner_id, name, type, description, password_hash, members,
+        )  # fmt: skip
+        return room
+
+    async def join(
+        self, conn: Connection, room_id: str, password: str | None, since_seq: int | None
+    ) -> Joined:
+        """Admit ``conn``'s user, subscribe the connection, read what it missed.
+
+        The connection is subscribed before history is read, with live frames
+        held back, so that nothing sent meanwhile falls between the query and
+        the stream; the caller releases them after the ack (:class:`Joined`).
+        """
+        await self._check_access(room_id, conn.user_id, password)
+        already = self.hub.in_room(conn, room_id)
+        first_here = not self.hub.user_in_room(conn.user_id, room_id, besides=conn)
+        if not already:
+            self.hub.join(conn, room_id, buffer=True)
+        try:
+            # In a cluster, hear other nodes' traffic before reading history.
+            await self.hub.wait_subscribed("room", room_id)
+            result = await self.db.run(
+                "room.join", chat_db.join_room, room_id, conn.user_id, since_seq
+            )
+        except BaseException:
+            if not already:
+                self.hub.leave(conn, room_id)
+            raise
+        await self._with_statuses(result["members"])
+        return Joined(result, not already, first_here and not already, since_seq)
+
+    async def _check_access(self, room_id: str, user_id: str, password: str | None) -> None:
+        access = await self.db.run("room.access", chat_db.room_access, room_id, user_id)
+        if access.is_member:
+            return
+        if access.room_type == "private":
+            raise errors.RoomAccessDenied("This room is private", {"roomId": room_id})
+        if access.password_hash is not None:
+            loop = asyncio.get_running_loop()
+            ok = password is not None and await loop.run_in_executor(
+                None, chat_db.verify_password, password, access.password_hash
+            )
+            if not ok:
+                raise errors.RoomAccessDenied("Wrong room password", {"roomId": room_id})
+
+    async def announce_joined(self, conn: Connection, user: dict[str, Any], room_id: str) -> None:
+        """Tell the room (``conn`` aside) that the user arrived on this node."""
+        # O(room), only on a user's first local join.
+        users_here = {c.user_id for c in self.hub.room_connections(room_id)}
+        self.stats.rooms.users(room_id, len(users_here))
+        joined = {"roomId": room_id, "user": user}
+        self.hub.publish(Target.room(room_id), "room:user_joined", joined, exclude=conn.conn_id)
+        # Cluster: the record a dead node's room:user_left is announced from.
+        await self.presence.joined(user, room_id)
+
+    def seen(self, user_id: str, room_id: str) -> None:
+        """The user joined or read the room: their missed-messages notice goes.
+
+        In the background: called before an ack, the task first runs once
+        the caller yields, so the ack is not delayed.
+        """
+        self.tasks.spawn(self.notifications.room_seen(user_id, room_id), f"room-seen-{room_id}")
+
+    # -- leave ------------------------------------------------------------------------
+
+    async def leave(self, conn: Connection, user: dict[str, Any], room_id: str) -> None:
+        """End the user's membership and unsubscribe ``conn`` (NOT_IN_ROOM if it is not in)."""
+        if not self.hub.in_room(conn, room_id):
+            raise errors.NotInRoom(details={"roomId": room_id})
+        await self.db.run("room.leave", chat_db.leave_room, room_id, conn.user_id)
+        self.hub.leave(conn, room_id)
+        self.typing.stop(room_id, user)
+        # Unless another of the user's connections here stays in the room.
+        if not self.hub.user_in_room(conn.user_id, room_id):
+            self.hub.publish(Target.room(room_id), "room:user_left",
+                             {"roomId": room_id, "user": user})  # fmt: skip
+            await self.presence.left(conn.user_id, room_id)
+
+    async def disconnected(self, user: dict[str, Any], rooms: Iterable[str]) -> None:
+        """A connection of the user closed while in ``rooms``: announce the user gone
+        from each room where none of their connections on this node remains."""
+        user_id = user["userId"]
+        for room_id in rooms:
+            if not self.hub.user_in_room(user_id, room_id):
+                self.typing.stop(room_id, user)
+                self.hub.publish(
+                    Target.room(room_id), "room:user_left",
+                    {"roomId": room_id, "user": user, "reason": "disconnect"},
+                )  # fmt: skip
+                await self.presence.left(user_id, room_id)
+
+    # -- reads ------------------------------------------------------------------------
+
+    async def members(self, room_id: str, user_id: str) -> list[dict[str, Any]]:
+        """The room's members with their status (members only)."""
+        members: list[dict[str, Any]] = await self.db.run(
+            "room.members", chat_db.members_of, room_id, user_id
+        )
+        await self._with_statuses(members)
+        return members
+
+    async def _with_statuses(self, members: list[dict[str, Any]]) -> None:
+        statuses = await self.presence.statuses(m["userId"] for m in members)
+        for member in members:
+            member["status"] = statuses[member["userId"]]
+
+    # -- delete -----------------------------------------------------------------------
+
+    async def delete(self, actor: Identity, room_id: str, *, owner_may: bool) -> dict[str, Any]:
+        """Soft-delete a room; tell, unsubscribe and notify every member; audit it.
+
+        ``owner_may`` lets the room's owner delete it (``/ws/chat``
+        ``room:delete``); without it only an admin may (``admin:delete_room``),
+        the owner included. Every member's chat connections get
+        ``room:deleted`` (whether or not they have the room open) on every
+        node, every node unsubscribes its connections from the room, the
+        room's missed-messages notices go and the other members get a
+        notification. Returns ``{roomId, members}``.
+        """
+        if not owner_may:
+            require_role(actor, "delete_room")
+        members: list[str] = await self.db.run(
+            "room.delete", chat_db.delete_room, room_id, actor.user_id, actor.has_any(ADMIN_ROLES)
+        )
+        await self.db.run(
+            "moderation.audit", mod_db.audit, actor.user_id, "delete_room", f"room:{room_id}", "",
+            {"members": len(members)},
+        )  # fmt: skip
+        targets = [Target.room(room_id), *(Target.user(m, "chat") for m in members)]
+        self.hub.publish_many(
+            targets, "room:deleted", {"roomId": room_id, "deletedBy": actor.user_id}
+        )
+        self.forget(room_id, members)
+        if self._relay is not None:
+            self._relay(room_id, members)
+        log.info("delete_room: %s deleted room %s (%d members)", actor.user_id, room_id,
+                 len(members))  # fmt: skip
+        self.tasks.spawn(
+            self.notifications.room_deleted(room_id, members, actor.user_id),
+            f"notify-room-deleted-{room_id}",
+        )
+        return {"roomId": room_id, "members": len(members)}
+
+    def forget(self, room_id: str, members: Iterable[str]) -> None:
+        """Drop every trace of a deleted room on this node (no event is sent).
+
+        Its connections are unsubscribed, its typing timers and figures go,
+        and the members' chat connections stop announcing their presence to it.
+        """
+        for user_id in members:
+            for conn in self.hub.user_connections(user_id, "chat"):
+                # Chat connections track their rooms for presence announcements.
+                rooms = getattr(conn, "member_rooms", None)
+                if isinstance(rooms, list) and room_id in rooms:
+                    rooms.remove(room_id)
+        self.hub.clear_room(room_id)
+        self.typing.forget_room(room_id)
+        self.stats.rooms.forget(room_id)
+
+    def relay_over(self, bus: ControlBus) -> None:
+        """On a cluster: a room deleted on any node is forgotten on every node."""
+
+        def send(room_id: str, members: list[str]) -> None:
+            bus.send_control(FORGET_ROOM_ACTION, {"roomId": room_id, "members": members})
+
+        def receive(data: dict[str, Any]) -> None:
+            self.forget(data["roomId"], data["members"])
+
+        self._relay = send
+        bus.on_control(FORGET_ROOM_ACTION, receive)
