@@ -12,8 +12,9 @@ import pytest
 
 from server.app import Node
 from server.auth import mint_token
-from server.client import Client, ClientError
+from switchboard_client import Client, ClientError
 from tests.conftest import make_config
+from tests.support.client_checks import assert_no_event
 
 pytestmark = pytest.mark.asyncio
 
@@ -58,7 +59,7 @@ async def test_reconnects_and_recovers_after_a_server_restart(tmp_path):
             ev = await alice.next_event("message:new", timeout=5)
             seen.append(ev["data"]["message"]["seq"])
         assert seen == [2, 3, 4, 5, 6, 7]
-        await alice.expect_no_event("message:new", within=0.3)
+        await assert_no_event(alice, "message:new")
         assert alice.last_seq("general") == 7
         await bob.aclose()
         await alice.aclose()
