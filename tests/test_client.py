@@ -92,3 +92,23 @@ async def test_emit_raises_the_server_error_code(gateway):
     assert info.value.details == {"roomId": "nowhere"}
     # The connection is still usable after an error.
     assert (await client.emit("system:ping", {}))["latencyMs"] is None
+
+
+async def test_buffered_shows_matching_frames_without_consuming_them(gateway):
+    alice, bob = await gateway.connect("alice"), await gateway.connect("bob")
+    await alice.emit("room:create", {"roomId": "general", "name": "General"})
+    await alice.emit("room:join", {"roomId": "general"})
+    await bob.emit("room:join", {"roomId": "general"})
+    for text in ("one", "two"):
+        await alice.emit("message:send", {"roomId": "general", "content": text})
+    await bob.emit("system:ping")  # both messages are here by now
+    two = bob.buffered("message:new", lambda f: f["data"]["message"]["content"] == "two")
+    assert [f["data"]["message"]["content"] for f in two] == ["two"]
+    assert [f["data"]["message"]["content"] for f in bob.buffered("message:new")] == [
+        "one", "two",
+    ]  # fmt: skip
+    assert bob.buffered("no:such") == []
+    # Still there for next_event, oldest first.
+    assert (await bob.next_event("message:new"))["data"]["message"]["content"] == "one"
+    assert (await bob.next_event("message:new"))["data"]["message"]["content"] == "two"
+    assert bob.buffered("message:new") == []
