@@ -79,14 +79,10 @@ async def assert_nothing_left(gw: Any) -> None:
     assert len(node.typing) == 0
     assert len(node.tasks) == 0
     assert await node.presence.online_users() == []
-    limiters = {
-        id(rule.target_kwargs["connection_limiter"]): rule.target_kwargs["connection_limiter"]
-        for rule in node.app.wildcard_router.rules
-        if "connection_limiter" in rule.target_kwargs
-    }
-    assert limiters, "no WebSocket route found"
-    for limiter in limiters.values():
-        assert limiter._users == {} and limiter._ips == {}  # every slot given back
+    # Every route is given the node's one Deps, so its admission's limiter is the one.
+    limiter = node.deps.admission.limiter
+    assert limiter is node.connection_limiter
+    assert limiter._users == {} and limiter._ips == {}  # every slot given back
 
 
 def sample(gw: Any, name: str, **labels: str) -> float:
