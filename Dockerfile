@@ -23,6 +23,7 @@ COPY pyproject.toml setup.cfg README.md ./
 COPY server ./server
 COPY handlers ./handlers
 COPY models ./models
+COPY switchboard_client ./switchboard_client
 COPY web ./web
 RUN pip install --no-compile . \
     && useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin switchboard \

@@ -2,7 +2,7 @@
 
 Prints figures; it is not a test and asserts nothing about speed.
 
-One cluster (tests/cluster.py: a redis-server, a PostgreSQL, gateway nodes
+One cluster (tests/support/cluster.py: a redis-server, a PostgreSQL, gateway nodes
 ``a`` and ``b`` as real ``python -m server serve`` processes) serves both
 modes, one after the other, with fresh connections and a fresh room each:
 
@@ -60,7 +60,7 @@ import redis
 
 from bench._wsclient import raise_nofile
 from bench.fanout import _recv, collect_phase, start_clients, stop_clients
-from tests.cluster import Cluster, parse_metrics
+from tests.support.cluster import Cluster, parse_metrics
 
 TARGET_RATIO = 0.8  # cross-node / local deliveries/s at 1,000 subscribers
 TARGET_P99_MS = 50.0

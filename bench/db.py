@@ -525,9 +525,9 @@ async def main_async(args: argparse.Namespace) -> int:
 
 async def bench_postgres(args: argparse.Namespace) -> list[str]:
     try:
-        from tests.services import PostgresServer, ServiceError, find_binary
+        from tests.support.services import PostgresServer, ServiceError, find_binary
     except Exception as exc:
-        print(f"\n== postgres: skipped, tests/services.py failed to import: {exc!r}")
+        print(f"\n== postgres: skipped, tests/support/services.py failed to import: {exc!r}")
         return []
     if find_binary("initdb") is None:
         print("\n== postgres: skipped, PostgreSQL is not installed (initdb not found)")
@@ -660,7 +660,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
     # SystemExit unwinds like Ctrl-C: temp dirs go, PostgresServer stops (and
-    # tests/services.py's atexit hook catches whatever is left).
+    # tests/support/services.py's atexit hook catches whatever is left).
     raise SystemExit(128 + signum)
 
 

@@ -4,7 +4,7 @@ Prints figures; it is not a test and asserts nothing about speed.
 
 **Sends.**
 A real :class:`server.app.Node` (SQLite in a temp dir, or PostgreSQL with
-``--database-url``) and real :class:`server.client.Client` WebSockets share
+``--database-url``) and real :class:`switchboard_client.Client` WebSockets share
 this process's event loop. ``--rooms`` rooms each get ``--offline`` members
 who joined once and went away (every message is a missed message for them)
 and ``--senders-per-room`` sender connections; every ``--mention-every``-th
@@ -60,9 +60,9 @@ from models import Notification, utcnow
 from models import notifications as store
 from server.app import Node
 from server.auth import mint_token
-from server.client import Client
 from server.config import Config
 from server.notify import RECENT_ON_CONNECT
+from switchboard_client import Client
 
 #: The per-message code took longer than the client's default 10 s under load.
 ACK_TIMEOUT_SECS = 120.0

@@ -6,7 +6,7 @@ For each database (``--db sqlite``, ``postgres`` or both) and each variant
 (``--variants``), a fresh node process (``bench/_server.py``: the real
 :class:`server.app.Node`; SQLite in a temp dir, or a fresh database on a
 throwaway PostgreSQL cluster started as the tests start one,
-``tests/services.py``'s :class:`PostgresServer`) is driven through
+``tests/support/services.py``'s :class:`PostgresServer`) is driven through
 ``/ws/chat`` only:
 
 * ``send`` phase -- S senders (``--senders``, 40) over R public rooms
@@ -1059,7 +1059,7 @@ def _checks(db: str, pg: Any, args: argparse.Namespace) -> list[str]:
 @contextlib.contextmanager
 def _postgres() -> Any:
     """A throwaway PostgreSQL cluster (as the tests start one), stopped on the way out."""
-    from tests.services import PostgresServer, find_binary
+    from tests.support.services import PostgresServer, find_binary
 
     if find_binary("initdb") is None:
         raise SystemExit("--db postgres: PostgreSQL is not installed (initdb not found)")

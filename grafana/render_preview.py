@@ -2,7 +2,7 @@
 
 Grafana is not available everywhere (not on the development machines), so
 the README's picture is drawn with matplotlib from the same data Grafana
-would show: the native stack (:mod:`tests.stack`: two gateway processes and
+would show: the native stack (:mod:`tests.support.stack`: two gateway processes and
 Prometheus with the repository's config and recording rules) runs for a
 few minutes under synthetic chat traffic, then each chosen panel's own
 query from ``grafana/dashboards/switchboard.json`` is asked for as a range
@@ -60,7 +60,7 @@ def _flooding(now: float) -> bool:
 
 
 async def _create_rooms(url: str, token: str) -> None:
-    from server.client import Client
+    from switchboard_client import Client
 
     client = Client(url, token)
     await client.connect()
@@ -71,7 +71,7 @@ async def _create_rooms(url: str, token: str) -> None:
 
 async def _chatter(url: str, token_for: Any, user: str, stop: float, flood: bool) -> None:
     """One user: joins rooms, talks, types, sometimes errs; the flooder hits its limit."""
-    from server.client import Client, ClientError, ConnectionClosed
+    from switchboard_client import Client, ClientError, ConnectionClosed
 
     rng = random.Random(user)
     while time.monotonic() < stop:
@@ -102,7 +102,7 @@ async def _chatter(url: str, token_for: Any, user: str, stop: float, flood: bool
 
 
 async def _bad_tokens(url: str, stop: float) -> None:
-    from server.client import Client, ClientError, ConnectionClosed, HandshakeError
+    from switchboard_client import Client, ClientError, ConnectionClosed, HandshakeError
 
     while time.monotonic() < stop:
         try:
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=4.0, help="traffic duration")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from tests.stack import Stack
+    from tests.support.stack import Stack
 
     with Stack(
         nodes=2, postgres=False, redis=False, prometheus=True,

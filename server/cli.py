@@ -258,7 +258,7 @@ def tail(args: argparse.Namespace, environ: Any) -> int:
 
 
 async def _tail(url: str, token: str, subscription: dict[str, Any], *, as_json: bool) -> int:
-    from server.client import FATAL_CLOSE_CODES, Client, ClientError, ConnectionClosed
+    from switchboard_client import FATAL_CLOSE_CODES, Client, ClientError, ConnectionClosed
 
     color = sys.stdout.isatty() and not as_json
     stop = asyncio.Event()

@@ -17,9 +17,9 @@ import pytest_asyncio
 
 from server.app import Node
 from server.auth import mint_token
-from server.client import Client
 from server.config import Config
-from tests.services import PostgresServer, require_binary
+from switchboard_client import Client
+from tests.support.services import PostgresServer, require_binary
 
 #: Generous limits for tests that are not about limits (test-env defaults are low).
 ROOMY_RATE_LIMITS = "messages=1000/1m,joins=1000/1m,typing=1000/1m,other=5000/1m"

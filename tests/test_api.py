@@ -14,7 +14,7 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient
 
 from models import Ban, utcnow
-from server.client import Client
+from switchboard_client import Client
 from tests.conftest import ROOMY_RATE_LIMITS
 
 pytestmark = pytest.mark.asyncio

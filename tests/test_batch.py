@@ -24,10 +24,12 @@ import pytest_asyncio
 from tornado.httpclient import AsyncHTTPClient
 
 from models import Room, utcnow
-from server.client import Client, ClientError
-from tests.cluster import eventually, lock_rows, waiting_for_locks
+from switchboard_client import Client, ClientError
 from tests.conftest import ROOMY_RATE_LIMITS
-from tests.test_chat import join, member, nothing_arrived, room, send, settle, went_offline
+from tests.support.client_checks import nothing_arrived, settle
+from tests.support.cluster import lock_rows, waiting_for_locks
+from tests.support.waiting import eventually
+from tests.test_chat import join, member, room, send, went_offline
 from tests.test_presence import statuses as statuses_of
 from tests.test_shutdown import ServerProcess
 

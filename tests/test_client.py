@@ -12,8 +12,9 @@ import pytest
 
 from server.app import Node
 from server.auth import mint_token
-from server.client import Client, ClientError
+from switchboard_client import Client, ClientError
 from tests.conftest import make_config
+from tests.support.client_checks import assert_no_event
 
 pytestmark = pytest.mark.asyncio
 
@@ -58,7 +59,7 @@ async def test_reconnects_and_recovers_after_a_server_restart(tmp_path):
             ev = await alice.next_event("message:new", timeout=5)
             seen.append(ev["data"]["message"]["seq"])
         assert seen == [2, 3, 4, 5, 6, 7]
-        await alice.expect_no_event("message:new", within=0.3)
+        await assert_no_event(alice, "message:new")
         assert alice.last_seq("general") == 7
         await bob.aclose()
         await alice.aclose()
@@ -91,3 +92,23 @@ async def test_emit_raises_the_server_error_code(gateway):
     assert info.value.details == {"roomId": "nowhere"}
     # The connection is still usable after an error.
     assert (await client.emit("system:ping", {}))["latencyMs"] is None
+
+
+async def test_buffered_shows_matching_frames_without_consuming_them(gateway):
+    alice, bob = await gateway.connect("alice"), await gateway.connect("bob")
+    await alice.emit("room:create", {"roomId": "general", "name": "General"})
+    await alice.emit("room:join", {"roomId": "general"})
+    await bob.emit("room:join", {"roomId": "general"})
+    for text in ("one", "two"):
+        await alice.emit("message:send", {"roomId": "general", "content": text})
+    await bob.emit("system:ping")  # both messages are here by now
+    two = bob.buffered("message:new", lambda f: f["data"]["message"]["content"] == "two")
+    assert [f["data"]["message"]["content"] for f in two] == ["two"]
+    assert [f["data"]["message"]["content"] for f in bob.buffered("message:new")] == [
+        "one", "two",
+    ]  # fmt: skip
+    assert bob.buffered("no:such") == []
+    # Still there for next_event, oldest first.
+    assert (await bob.next_event("message:new"))["data"]["message"]["content"] == "one"
+    assert (await bob.next_event("message:new"))["data"]["message"]["content"] == "two"
+    assert bob.buffered("message:new") == []

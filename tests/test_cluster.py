@@ -1,6 +1,6 @@
 """A real cluster: three gateway processes mirrored through one redis-server.
 
-One cluster per module (tests/cluster.py: redis-server, PostgreSQL, nodes
+One cluster per module (tests/support/cluster.py: redis-server, PostgreSQL, nodes
 ``a``, ``b``, ``c`` as ``python -m server serve`` processes with a 0.5 s
 heartbeat); each test uses its own users and rooms. The tests that kill a
 node or Redis run last and put things back for whatever follows.
@@ -24,16 +24,17 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
-from server.client import Client, ClientError
-from tests.cluster import (
+from switchboard_client import Client, ClientError
+from tests.support.client_checks import assert_no_event, sentinel_message
+from tests.support.cluster import (
     CLUSTER_MAX_CONNECTIONS_PER_USER,
     Clients,
     Cluster,
-    eventually,
     lock_rows,
     waiting_for_locks,
 )
-from tests.services import require_binary
+from tests.support.services import require_binary
+from tests.support.waiting import eventually
 
 # Presence bound: a killed node's users are reaped within 2 heartbeat
 # intervals; the margin covers the reaper's own period and a busy 2-core box.
@@ -167,8 +168,10 @@ async def test_message_sent_on_a_reaches_members_on_b_and_c_exactly_once(
     for member in (bob, dora, carol, alice_elsewhere):
         assert await collect_messages(member, room, count) == acked, member.url
     # Exactly once: nothing more arrives, on any node; the sender gets acks only.
-    for member in (bob, dora, carol, alice_elsewhere, alice):
-        await member.expect_no_event("message:new", within=0.5 if member is bob else 0.05)
+    await sentinel_message(alice, room, bob, dora, carol, alice_elsewhere)
+    for member in (bob, dora, carol, alice_elsewhere):
+        await assert_no_event(member, "message:new", ping=False)
+    await assert_no_event(alice, "message:new")
 
 
 async def _equals(value: Any, expected: Any) -> bool:
@@ -357,7 +360,7 @@ async def test_connection_limit_per_user_counts_every_node(
 async def test_rate_limit_is_shared_by_the_users_connections_on_all_nodes(
     cluster: Cluster, clients: Clients
 ) -> None:
-    limit = cluster.config.rate_limit("typing").count  # 10/1m (tests/cluster.py)
+    limit = cluster.config.rate_limit("typing").count  # 10/1m (tests/support/cluster.py)
     user = uid("typist")
     on_a = await clients.connect("a", user)
     on_b = await clients.connect("b", user)
@@ -408,8 +411,13 @@ async def test_kick_broadcast_and_typing_reach_every_node(
         frame = await listener.next_event("admin:broadcast", timeout=5)
         assert frame["data"]["message"] == "maintenance at noon"
         assert frame["data"]["sentAt"] == sent["sentAt"]
+    # Once each: a second broadcast from the same node is the sentinel.
+    await admin.emit("admin:broadcast", {"message": "sentinel"})
     for listener in listeners:
-        await listener.expect_no_event("admin:broadcast", within=0.3)
+        await listener.next_event(
+            "admin:broadcast", timeout=5, predicate=lambda f: f["data"]["message"] == "sentinel"
+        )
+        await assert_no_event(listener, "admin:broadcast", ping=False)
 
     typist_id = uid("typist")
     typist = await clients.connect("b", typist_id)
@@ -465,7 +473,9 @@ async def test_concurrent_sends_from_two_nodes_get_gapless_unique_seqs(
     assert rows == [(total, total, 1, total)]
     # The watcher on the third node got each of them once.
     assert sorted(await collect_messages(watcher, room, total)) == list(range(1, total + 1))
-    await watcher.expect_no_event("message:new", within=0.3)
+    await sentinel_message(s1, room, watcher)
+    await sentinel_message(s2, room, watcher)
+    await assert_no_event(watcher, "message:new", ping=False)
 
 
 async def messages_until_markers(
@@ -490,8 +500,8 @@ async def messages_until_markers(
             missing.discard(message["content"])
         else:
             got.append(message)
-    await client.expect_no_event(
-        "message:new", within=0, predicate=lambda f: f["data"]["message"]["roomId"] == room_id
+    await assert_no_event(
+        client, "message:new", lambda f: f["data"]["message"]["roomId"] == room_id, ping=False
     )
     return got
 
@@ -690,13 +700,14 @@ async def test_client_moving_to_another_node_recovers_without_gap_or_duplicate(
         for i in range(total):
             ack = await talker.emit("message:send", {"roomId": room, "content": f"t{i}"})
             acked.append(ack["message"]["seq"])
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.005)  # pacing: the talk spans the move, not one burst
 
     sending = asyncio.create_task(talk())
     try:
         seen_first = await collect_messages(first, room, 40)
         await first.aclose()
-        await asyncio.sleep(0.1)  # messages keep flowing while the client is away
+        away_from = len(acked)  # messages keep flowing while the client is away
+        await eventually(lambda: len(acked) >= away_from + 5, timeout=5, what="sent while away")
         second = await clients.connect("b", mover_id)
         since = seen_first[-1]
         ack = await second.emit("room:join", {"roomId": room, "sinceSeq": since})
@@ -708,7 +719,8 @@ async def test_client_moving_to_another_node_recovers_without_gap_or_duplicate(
     assert acked == list(range(1, total + 1))
     live_expected = total - (missed[-1] if missed else since)
     live = await collect_messages(second, room, live_expected)
-    await second.expect_no_event("message:new", within=0.3)
+    await sentinel_message(talker, room, second)
+    await assert_no_event(second, "message:new", ping=False)
     everything = seen_first + missed + live
     assert len(everything) == len(set(everything)), "a message arrived twice"
     assert sorted(everything) == list(range(1, total + 1)), "a message is missing"
@@ -749,8 +761,11 @@ async def test_killed_node_users_go_offline_and_leave_their_rooms_in_time(
     assert [f["data"]["userId"] for f in typing_stops] == [victim_id]
     assert typing_stops[0]["data"]["roomId"] == room
     # One live node reaps (the others see it done): announced once, not once per node.
-    await watcher.expect_no_event(
-        "room:user_left", within=0.5, predicate=lambda f: f["data"]["user"]["userId"] == victim_id
+    # A real-clock wait: the other live node checks the registry on its heartbeat
+    # timer, and nothing announces "checked and found it reaped".
+    await asyncio.sleep(cluster.heartbeat_interval)
+    await assert_no_event(
+        watcher, "room:user_left", lambda f: f["data"]["user"]["userId"] == victim_id
     )
     offline = await watcher.next_event(
         "user:status_changed", timeout=bound + 5,
@@ -815,7 +830,7 @@ async def test_redis_killed_mid_traffic_and_restarted(cluster: Cluster, clients:
             except ClientError as exc:
                 failures.append(exc.code)
             i += 1
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.02)  # pacing: steady traffic across the Redis outage
 
     sending = asyncio.create_task(traffic())
     try:

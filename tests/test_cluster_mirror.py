@@ -16,8 +16,7 @@ error, which only the self-check can notice.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import orjson
@@ -27,35 +26,28 @@ import redis.asyncio as aioredis
 from tornado.httpclient import AsyncHTTPClient
 
 from server.app import Node
-from server.client import Client
 from server.cluster import RedisHub
 from server.hub import Target
+from switchboard_client import Client
 from tests.conftest import Gateway, make_config
-from tests.services import RedisServer, require_binary
+from tests.support.client_checks import (
+    assert_no_event,
+    sentinel_event,
+    sentinel_message,
+    settle,
+)
+from tests.support.services import RedisServer, require_binary
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.asyncio
 
 PREFIX = "switchboard"
+#: Redis reconnects go through capped backoff: allow a few rounds of it.
+MIRROR_TIMEOUT_SECS = 15.0
 
 
 def channel(kind: str, key: str) -> str:
     return f"{PREFIX}:{kind}:{key}"
-
-
-async def until(
-    check: Callable[[], Awaitable[bool]] | Callable[[], bool], what: str, timeout: float = 15.0
-) -> None:
-    """Poll ``check`` (sync or async) until it is true."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def mirror(gw: Gateway) -> RedisHub:
@@ -185,7 +177,9 @@ class Cluster:
             except (aioredis.RedisError, OSError):
                 return False
 
-        await until(check, f"{count} subscriber(s) of {name}")
+        await eventually(
+            check, timeout=MIRROR_TIMEOUT_SECS, what=f"{count} subscriber(s) of {name}"
+        )
 
     async def close(self) -> None:
         for gw in self.gateways:
@@ -214,13 +208,6 @@ async def cluster(tmp_path: Any, redis_server: RedisServer) -> AsyncIterator[Clu
     c = Cluster(tmp_path, redis_server)
     yield c
     await c.close()
-
-
-async def settle(*clients: Client) -> None:
-    """Barrier: everything sent to these clients so far has arrived; then forget it."""
-    for client in clients:
-        await client.emit("system:ping")
-        client.drain_events()
 
 
 async def in_room(
@@ -269,9 +256,11 @@ async def test_room_message_reaches_other_node_once_and_idle_node_not_at_all(
         frame = await client.next_event("message:new", predicate=is_message("hello from a"))
         assert frame["data"]["message"]["seq"] == message["seq"]
     # Exactly once: no second copy on either node, and no echo back to the sender.
-    for client in (dave, bob, alice):
-        await client.expect_no_event("message:new", within=0.3)
-    await carol.expect_no_event("message:new", within=0.1)
+    await sentinel_message(alice, "lobby", dave, bob)
+    for client in (dave, bob):
+        await assert_no_event(client, "message:new", ping=False)
+    await assert_no_event(alice, "message:new")
+    await assert_no_event(carol, "message:new")
     # (B may also get bob's notification events on his user channel.)
     assert sample(b, "switchboard_redis_received_total") >= received_b + 1
     assert sample(c, "switchboard_redis_received_total") == received_c
@@ -282,8 +271,10 @@ async def test_room_message_reaches_other_node_once_and_idle_node_not_at_all(
     await send(bob, "lobby", "hello from b")
     for client in (alice, dave):
         await client.next_event("message:new", predicate=is_message("hello from b"))
-        await client.expect_no_event("message:new", within=0.3)
-    await bob.expect_no_event("message:new", within=0.1)
+    await sentinel_message(bob, "lobby", alice, dave)
+    for client in (alice, dave):
+        await assert_no_event(client, "message:new", ping=False)
+    await assert_no_event(bob, "message:new")
 
 
 async def test_unsubscribes_when_the_last_local_member_leaves(cluster: Cluster) -> None:
@@ -294,7 +285,9 @@ async def test_unsubscribes_when_the_last_local_member_leaves(cluster: Cluster) 
     await cluster.wait_numsub(channel("user", "bob"), 1)
 
     await bob.emit("room:leave", {"roomId": "quiet"})
-    await asyncio.sleep(0.1)
+    # Sentinel: B subscribes to another room; its subscriptions are synced in
+    # order, so a wrong unsubscribe of "quiet" would be done by then.
+    await in_room(cluster, "marker", alice, bob2, nodes=2)
     assert await cluster.numsub(channel("room", "quiet")) == 2  # bob2 is still in it
     await bob2.aclose()
     await cluster.wait_numsub(channel("room", "quiet"), 1)
@@ -305,8 +298,13 @@ async def test_unsubscribes_when_the_last_local_member_leaves(cluster: Cluster) 
     received_b = sample(b, "switchboard_redis_received_total")
     await send(alice, "quiet", "nobody on b")
     await send(alice, "quiet", "still nobody")
-    await asyncio.sleep(0.2)
-    assert sample(b, "switchboard_redis_received_total") == received_b
+    # Sentinel: B does hear A's broadcasts to every node, sent after the messages.
+    a.node.hub.publish(Target.all(), "test:sentinel", {})
+    await eventually(
+        lambda: sample(b, "switchboard_redis_received_total") > received_b,
+        what="B received the sentinel",
+    )
+    assert sample(b, "switchboard_redis_received_total") == received_b + 1
 
 
 async def test_user_namespace_and_all_targets_cross_nodes(cluster: Cluster) -> None:
@@ -324,8 +322,9 @@ async def test_user_namespace_and_all_targets_cross_nodes(cluster: Cluster) -> N
     async def expect(event: str, receivers: tuple[Client, ...]) -> None:
         for client in receivers:
             await client.next_event(event)
+        await sentinel_event(hub, Target.all(), *everyone)
         for client in everyone:
-            await client.expect_no_event(event, within=0.2)
+            await assert_no_event(client, event, ping=False)
 
     hub.publish(Target.user("bob"), "test:user", {})
     await expect("test:user", (bob_chat, bob_notes))
@@ -359,18 +358,20 @@ async def test_publish_many_delivers_once_per_connection_across_nodes(cluster: C
     assert delivered == 1  # alice, once, locally
     await bob.next_event("test:few")
     await alice.next_event("test:few")
-    await bob.expect_no_event("test:few", within=0.3)
-    await alice.expect_no_event("test:few", within=0.01)
-    await erin.expect_no_event("test:few", within=0.01)
+    await sentinel_event(hub, Target.all(), alice, bob, erin)
+    for client in (alice, bob, erin):
+        await assert_no_event(client, "test:few", ping=False)
 
     # Many targets go once over the all channel, still one delivery per connection.
     many = [Target.room("dup"), *(Target.user(f"u{i}") for i in range(30)), Target.user("bob")]
     received_b = sample(b, "switchboard_redis_received_total")
     hub.publish_many(many, "test:many", {})
     await bob.next_event("test:many")
-    await bob.expect_no_event("test:many", within=0.3)
-    await erin.expect_no_event("test:many", within=0.01)
-    assert sample(b, "switchboard_redis_received_total") == received_b + 1
+    await sentinel_event(hub, Target.all(), bob, erin)
+    for client in (bob, erin):
+        await assert_no_event(client, "test:many", ping=False)
+    # One message for the many targets, one for the sentinel.
+    assert sample(b, "switchboard_redis_received_total") == received_b + 2
 
 
 async def test_kick_and_ban_on_one_node_close_the_user_on_the_other(cluster: Cluster) -> None:
@@ -415,11 +416,17 @@ async def test_redis_killed_mid_traffic_then_back(
     assert (await health(a))["status"] == "healthy"
 
     await asyncio.to_thread(redis_server.kill)
-    await until(lambda: not mirror(a).ok and not mirror(b).ok, "both mirrors down")
+    await eventually(
+        lambda: not mirror(a).ok and not mirror(b).ok,
+        timeout=MIRROR_TIMEOUT_SECS,
+        what="both mirrors down",
+    )
     # Local delivery goes on; the other node cannot hear it.
     await send(alice, "ops", "during")
     await dave.next_event("message:new", predicate=is_message("during"))
-    await bob.expect_no_event("message:new", within=0.3)
+    # No sentinel can cross a dead Redis; "during" is dropped, not queued
+    # (the dropped count below, and nothing but "after" reaches bob later).
+    await assert_no_event(bob, "message:new")
     for gw in (a, b):
         doc = await health(gw)
         assert doc["status"] == "degraded", doc
@@ -430,7 +437,11 @@ async def test_redis_killed_mid_traffic_then_back(
 
     await asyncio.to_thread(redis_server.start)
     for gw in (a, b):
-        await until(lambda gw=gw: mirror(gw).ok, f"{gw.config.node_id} reconnected")
+        await eventually(
+            lambda gw=gw: mirror(gw).ok,
+            timeout=MIRROR_TIMEOUT_SECS,
+            what=f"{gw.config.node_id} reconnected",
+        )
         assert sample(gw, "switchboard_redis_reconnects_total") >= 1
         assert sample(gw, "switchboard_redis_up") == 1
     # Re-subscribed to everything needed on the new (empty) server.
@@ -439,7 +450,8 @@ async def test_redis_killed_mid_traffic_then_back(
     await cluster.wait_numsub(channel("node", "node-b"), 1)
     await send(alice, "ops", "after")
     await bob.next_event("message:new", predicate=is_message("after"))
-    await bob.expect_no_event("message:new", within=0.3)
+    await sentinel_message(alice, "ops", bob)
+    await assert_no_event(bob, "message:new", ping=False)
     assert (await health(a))["status"] == "healthy"
     assert not alice.closed and not bob.closed
 
@@ -455,7 +467,7 @@ async def test_node_starts_without_redis_and_joins_later(tmp_path: Any) -> None:
         assert doc["status"] == "degraded" and doc["services"]["redis"] == "down"
         alice = await a.connect("alice")
         await asyncio.to_thread(server.start)
-        await until(lambda: mirror(a).ok, "mirror up")
+        await eventually(lambda: mirror(a).ok, timeout=MIRROR_TIMEOUT_SECS, what="mirror up")
         await cluster.wait_numsub(channel("user", "alice"), 1)
         assert not alice.closed
     finally:
@@ -472,14 +484,16 @@ async def test_killed_subscriber_connection_is_detected_and_restored(cluster: Cl
     killed = await cluster.redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # type: ignore[no-untyped-call]
     assert int(killed) == 2
     for gw in (a, b):
-        await until(
+        await eventually(
             lambda gw=gw: sample(gw, "switchboard_redis_reconnects_total") >= 1,
-            f"{gw.config.node_id} reconnected",
+            timeout=MIRROR_TIMEOUT_SECS,
+            what=f"{gw.config.node_id} reconnected",
         )
     await cluster.wait_numsub(channel("room", "kill"), 2)
     await send(alice, "kill", "still here")
     await bob.next_event("message:new", predicate=is_message("still here"))
-    await bob.expect_no_event("message:new", within=0.3)
+    await sentinel_message(alice, "kill", bob)
+    await assert_no_event(bob, "message:new", ping=False)
 
 
 async def test_deaf_subscription_is_caught_by_the_self_check(cluster: Cluster) -> None:
@@ -493,14 +507,17 @@ async def test_deaf_subscription_is_caught_by_the_self_check(cluster: Cluster) -
     assert proxy.deafen_subscribers() == 1
     # The subscription is still there as far as Redis knows; B just hears nothing.
     assert await cluster.numsub(channel("room", "deaf")) == 2
-    await until(
-        lambda: sample(b, "switchboard_redis_reconnects_total") >= 1, "deaf subscription noticed"
+    await eventually(
+        lambda: sample(b, "switchboard_redis_reconnects_total") >= 1,
+        timeout=MIRROR_TIMEOUT_SECS,
+        what="deaf subscription noticed",
     )
-    await until(lambda: mirror(b).ok, "mirror up again")
+    await eventually(lambda: mirror(b).ok, timeout=MIRROR_TIMEOUT_SECS, what="mirror up again")
     await cluster.wait_numsub(channel("room", "deaf"), 2)
     await send(alice, "deaf", "can you hear me")
     await bob.next_event("message:new", predicate=is_message("can you hear me"))
-    await bob.expect_no_event("message:new", within=0.3)
+    await sentinel_message(alice, "deaf", bob)
+    await assert_no_event(bob, "message:new", ping=False)
     assert not bob.closed
 
 

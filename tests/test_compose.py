@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 from server.config import Config, ConfigError
-from tests.services import require_binary
+from tests.support.services import require_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS = ROOT / "prometheus"

@@ -18,9 +18,9 @@ import pytest
 from playhouse.migrations import Runner
 
 from models import RoomMute, utcnow
-from server.client import ClientError
 from server.db import MIGRATIONS_DIR, Database, open_database
 from server.protocol import iso
+from switchboard_client import ClientError
 from tests.conftest import ROOMY_RATE_LIMITS
 
 pytestmark = pytest.mark.asyncio

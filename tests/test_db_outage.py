@@ -17,7 +17,7 @@ import orjson
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
-from server.client import ClientError
+from switchboard_client import ClientError
 from tests.test_chat import join, room, send
 
 pytestmark = pytest.mark.asyncio

@@ -17,7 +17,7 @@ import pytest
 
 from server.app import MAX_HTTP_BODY_BYTES
 from server.listener import ACCEPT_BACKOFF_MAX_SECS
-from tests.cluster import eventually
+from tests.support.waiting import eventually
 from tests.test_shutdown import ServerProcess
 
 HEALTH_REQUEST = b"GET /health HTTP/1.1\r\nHost: gateway\r\n\r\n"

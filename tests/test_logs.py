@@ -23,8 +23,10 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient
 
 from handlers.logs import MAX_INGEST_BODY_BYTES, MAX_INGEST_ENTRIES, LogsHandler
-from server.client import Client, ClientError
 from server.logstream import MAX_PENDING_ENTRIES, LogCaptureHandler, LogFilter
+from switchboard_client import Client, ClientError
+from tests.support.client_checks import assert_no_event, barrier
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.asyncio
 
@@ -171,7 +173,7 @@ async def test_unsubscribe_stops_delivery(gateway: Any) -> None:
     await until_message(client, "unsub-test 1")
     assert await client.emit("logs:unsubscribe") == {"subscribed": False}
     logging.getLogger("switchboard.t").warning("unsub-test 2")
-    await client.expect_no_event("log:warning", within=0.3)
+    await assert_no_event(client, "log:warning")
     assert gateway.node.logstream.subscriber_count() == 0
 
 
@@ -180,11 +182,7 @@ async def test_subscription_ends_with_the_connection(gateway: Any) -> None:
     await client.emit("logs:subscribe", {})
     assert gateway.node.logstream.subscriber_count() == 1
     await client.aclose()
-    for _ in range(100):
-        if gateway.node.logstream.subscriber_count() == 0:
-            break
-        await asyncio.sleep(0.02)
-    assert gateway.node.logstream.subscriber_count() == 0
+    await eventually(lambda: gateway.node.logstream.subscriber_count() == 0, what="unsubscribed")
 
 
 # -- ingestion and filters ------------------------------------------------------
@@ -479,7 +477,7 @@ async def test_slow_subscriber_loses_entries_not_server_memory(gateway_factory: 
     for _ in range(300):
         logger.warning("flood-%d %s", produced, padding)
         produced += 1
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # let the loop publish them
     assert handler.backlog_peak <= handler.backlog_cap
     assert handler.dropped > 0
     # Still connected: losing log entries is not a reason to close.
@@ -529,7 +527,9 @@ async def test_logging_while_delivering_does_not_loop(gateway: Any) -> None:
     logging.getLogger("switchboard.loop").warning("once")
     logging.getLogger("switchboard.loop").warning("twice")
     await until_message(client, "twice")
-    await asyncio.sleep(0.05)
+    # Barrier: re-entrant records would be published by loop callbacks queued
+    # before the node reads this ping.
+    await barrier(client)
     assert seen == ["once", "twice"]
     assert stream.suppressed - suppressed == 4
     mine = [m for m in messages(client) if "once" in m or "twice" in m]
@@ -567,10 +567,10 @@ async def test_capture_handler_installed_by_start_and_removed_by_stop(gateway_fa
     # The stream's own logger is never captured.
     logging.getLogger("switchboard.logstream").error("own")
     logging.getLogger("switchboard.y").error("other")
-    for _ in range(50):
-        if any(e["message"] == "other" for e in gateway.node.logstream.recent(10)):
-            break
-        await asyncio.sleep(0.01)
+    await eventually(
+        lambda: any(e["message"] == "other" for e in gateway.node.logstream.recent(10)),
+        what="the record captured",
+    )
     messages_now = [e["message"] for e in gateway.node.logstream.recent(1000)]
     assert "other" in messages_now and "own" not in messages_now
     await gateway.node.stop(grace_secs=0.5)
@@ -585,11 +585,14 @@ async def test_a_logging_sink_on_one_node_is_not_captured_by_another(gateway_fac
 
     first.node.logstream.subscribe("noisy", LogFilter(contains="ping-pong"), noisy_sink)
     logging.getLogger("switchboard.z").warning("ping-pong")
-    for _ in range(50):
-        if any(e["message"] == "ping-pong" for e in second.node.logstream.recent(10)):
-            break
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.05)
+    # Barrier: a later record; a "delivered" record from the sink would have
+    # been queued for publishing before it.
+    logging.getLogger("switchboard.z").warning("sentinel")
+    for node in (first.node, second.node):
+        await eventually(
+            lambda node=node: any(e["message"] == "sentinel" for e in node.logstream.recent(10)),
+            what="the sentinel captured",
+        )
     for node in (first.node, second.node):
         found = [e["message"] for e in node.logstream.recent(1000)]
         assert "ping-pong" in found  # both capture the process's records
@@ -611,10 +614,6 @@ async def test_records_queued_for_a_stalled_loop_are_bounded(gateway: Any) -> No
     worker.start()
     worker.join()
     assert stream.overflowed >= extra
-    for _ in range(100):
-        if stream._pending == 0:
-            break
-        await asyncio.sleep(0.01)
-    assert stream._pending == 0
+    await eventually(lambda: stream._pending == 0, what="the queued records published")
     newest = stream.recent(1)[0]["message"]
     assert newest.startswith("burst ")

@@ -7,7 +7,6 @@ from real WebSocket clients; values are read with ``get_sample_value``.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,9 +17,10 @@ from prometheus_client import CollectorRegistry
 from tornado.httpclient import AsyncHTTPClient
 
 from server import protocol
-from server.client import ClientError, ConnectionClosed, HandshakeError
 from server.hub import Target
 from server.metrics import Metrics
+from switchboard_client import ClientError, ConnectionClosed, HandshakeError
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.asyncio
 
@@ -36,15 +36,6 @@ def total(gw: Any, name: str) -> float:
     return sum(
         s.value for metric in gw.node.registry.collect() for s in metric.samples if s.name == name
     )
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll ``check`` on the loop until it holds (gauges refreshed by timers)."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
 
 
 async def chat_pair(gw: Any, room_id: str = "metrics") -> tuple[Any, Any]:

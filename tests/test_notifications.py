@@ -17,9 +17,10 @@ import pytest
 
 from models import notifications as store
 from server import errors
-from server.client import Client, ClientError
 from server.notify import RECENT_ON_CONNECT
-from tests.cluster import eventually
+from switchboard_client import Client, ClientError
+from tests.support.client_checks import assert_no_event, background_done, settle
+from tests.support.waiting import eventually
 from tests.test_batch import held_database, one_admission_batch
 
 pytestmark = pytest.mark.asyncio
@@ -65,13 +66,6 @@ async def error(client: Client, event: str, data: dict[str, Any], code: str) -> 
         await client.emit(event, data)
     assert info.value.code == code, info.value
     return info.value
-
-
-async def settle(*clients: Client) -> None:
-    """Barrier: everything sent to these clients so far has arrived; then forget it."""
-    for client in clients:
-        await client.emit("system:ping")
-        client.drain_events()
 
 
 async def chat_room(gw: Any, owner: str, room_id: str, *members: str) -> Client:
@@ -151,8 +145,9 @@ async def test_notify_pushes_to_every_connection_of_that_user_only(gateway):
     for client in (bob1, bob2):
         assert await created(client) == made
         assert await count(client) == 1
-    await carol.expect_no_event("notification:created", within=0.2)
-    await bob_chat.expect_no_event("notification:created", within=0.01)
+    await background_done(gateway.node)
+    await assert_no_event(carol, "notification:created")
+    await assert_no_event(bob_chat, "notification:created")
 
 
 async def test_notify_defaults_and_many_users(gateway):
@@ -188,7 +183,8 @@ async def test_notify_admins_reaches_users_whose_stored_roles_include_admin(gate
     assert sorted(n["id"] for n in made) == sorted(expected) and len(made) == 2
     n = await created(root)
     assert (n["type"], n["category"], n["priority"]) == ("warning", "security", "high")
-    await mod.expect_no_event("notification:created", within=0.2)
+    await background_done(gateway.node)
+    await assert_no_event(mod, "notification:created")
 
 
 # -- the per-user cap ---------------------------------------------------------
@@ -258,7 +254,7 @@ async def test_read_pushes_to_all_the_users_connections(gateway):
     # Reading again is harmless and quiet.
     await settle(bob1, bob2)
     assert (await bob1.emit("notifications:read", {"notificationId": n["id"]}))["unreadCount"] == 0
-    await bob2.expect_no_event("notification:read", within=0.2)
+    await assert_no_event(bob2, "notification:read")
 
 
 async def test_read_and_delete_of_unknown_or_foreign_ids_are_not_found(gateway):
@@ -336,9 +332,10 @@ async def test_mentions_notify_each_mentioned_member_once_even_online(gateway):
     # carol is away from chat: a missed-messages notice as well as the mention.
     got = [(await created(carol))["category"] for _ in range(2)]
     assert sorted(got) == ["chat", "mention"]
-    await bob.expect_no_event("notification:created", within=0.2)
-    await dave.expect_no_event("notification:created", within=0.01)
-    await alice_inbox.expect_no_event("notification:created", within=0.01)
+    await background_done(gateway.node)
+    await assert_no_event(bob, "notification:created")
+    await assert_no_event(dave, "notification:created")
+    await assert_no_event(alice_inbox, "notification:created")
     assert len([n for n in await stored(gateway, "bob") if n["category"] == "mention"]) == 1
 
 
@@ -348,7 +345,8 @@ async def test_no_mention_in_plain_text_or_emails(gateway):
     await bob_chat.emit("room:join", {"roomId": "general"})
     bob = await inbox(gateway, "bob")
     await send(alice, "general", "mail bob@example.com about bob")
-    await bob.expect_no_event("notification:created", within=0.3)
+    await background_done(gateway.node)
+    await assert_no_event(bob, "notification:created")
 
 
 # -- missed messages ----------------------------------------------------------
@@ -375,9 +373,10 @@ async def test_missed_messages_coalesce_into_one_notification_per_room(gateway):
     assert last["id"] == n["id"]
     assert last["title"] == "5 new messages in #General"
     assert last["data"]["count"] == 5 and last["data"]["firstUnreadSeq"] == first["seq"]
-    await bob.expect_no_event("notification:created", within=0.2)
+    await background_done(gateway.node)
+    await assert_no_event(bob, "notification:created")
     assert [x["id"] for x in await stored(gateway, "bob")] == [n["id"]]
-    await carol.expect_no_event("notification:created", within=0.01)
+    await assert_no_event(carol, "notification:created")
     assert await stored(gateway, "alice") == []
 
 
@@ -400,7 +399,8 @@ async def test_a_burst_from_two_senders_still_counts_every_message_once(gateway)
         "roomId": "general", "firstUnreadSeq": seqs[0], "lastSeq": seqs[-1], "count": 40,
     }  # fmt: skip
     assert notice["title"] == "40 new messages in #General"
-    await bob.expect_no_event("notification:created", within=0.2)
+    await background_done(gateway.node)
+    await assert_no_event(bob, "notification:created")
     assert [n["data"]["count"] for n in await stored(gateway, "bob")] == [40]
     assert gateway.node.notifications._rooms == {}  # nothing left behind
 
@@ -458,7 +458,8 @@ async def test_duplicate_sends_notify_nothing_new(gateway):
     await created(bob)
     await settle(bob)
     assert (await alice.emit("message:send", data))["duplicate"] is True
-    await bob.expect_no_event(within=0.3)
+    await background_done(gateway.node)
+    await assert_no_event(bob)
 
 
 async def test_a_former_member_gets_no_missed_notices(gateway):
@@ -470,7 +471,8 @@ async def test_a_former_member_gets_no_missed_notices(gateway):
     await bob_chat.aclose()
     await settle(alice, bob)
     await send(alice, "general", "after bob left")
-    await bob.expect_no_event("notification:created", within=0.3)
+    await background_done(gateway.node)
+    await assert_no_event(bob, "notification:created")
     assert await stored(gateway, "bob") == []
 
 
@@ -490,7 +492,8 @@ async def test_room_deleted_tells_the_other_members_and_drops_missed_notices(gat
     )  # fmt: skip
     assert notice["data"] == {"roomId": "general", "deletedBy": "alice"}
     assert [n["category"] for n in await stored(gateway, "carol")] == ["system"]
-    await alice_inbox.expect_no_event("notification:created", within=0.2)
+    await background_done(gateway.node)
+    await assert_no_event(alice_inbox, "notification:created")
 
 
 # -- batched: initial state and the chat sources --------------------------------

@@ -2,7 +2,7 @@
 
 The module starts two ``switchboard serve`` processes and the Debian
 ``prometheus`` binary with the repository's config and rules (targets and
-intervals adapted, see :mod:`tests.stack`), drives real traffic through
+intervals adapted, see :mod:`tests.support.stack`), drives real traffic through
 WebSocket clients, and then asks Prometheus's HTTP API:
 
 - every metric family :class:`server.metrics.Metrics` defines, plus the
@@ -31,11 +31,12 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from server.auth import mint_token
-from server.client import Client, ClientError, ConnectionClosed, HandshakeError
 from server.config import Config
 from server.metrics import Metrics
-from tests.services import require_binary
-from tests.stack import Stack
+from switchboard_client import Client, ClientError, ConnectionClosed, HandshakeError
+from tests.support.services import require_binary
+from tests.support.stack import Stack
+from tests.support.waiting import eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "grafana" / "dashboards" / "switchboard.json"
@@ -79,11 +80,8 @@ def query(base: str, expr: str) -> list[dict[str, Any]]:
 
 
 def wait_until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
+    """:func:`eventually` for this module's synchronous tests (Prometheus scrapes every second)."""
+    asyncio.run(eventually(check, timeout=timeout, interval=0.2, what=what))
 
 
 def scrapes_after(base: str, targets: list[str], since: float) -> bool:

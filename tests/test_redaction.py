@@ -31,9 +31,9 @@ from handlers.http import JSONHandler
 from handlers.schemas import AuthRefresh
 from server.auth import mint_token
 from server.cli import JSONFormatter, setup_logging
-from server.client import Client, ClientError, HandshakeError, TokenLocation
 from server.config import Config
 from server.redaction import REDACTED, RedactionFilter, redact, redact_uri
+from switchboard_client import Client, ClientError, HandshakeError, TokenLocation
 
 SECRET = "redaction-test-secret-0123456789abcdef0123"
 ORIGIN = "https://app.example.com"

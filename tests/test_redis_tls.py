@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.services import RedisServer, require_binary
+from tests.support.services import RedisServer, require_binary
 from tests.test_health import until
 
 pytestmark = pytest.mark.asyncio

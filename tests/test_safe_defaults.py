@@ -29,7 +29,7 @@ import pytest_asyncio
 from tornado.httpclient import AsyncHTTPClient
 
 from server.auth import MAX_TOKEN_HORIZON_SECS
-from server.client import Client, ClientError, HandshakeError
+from switchboard_client import Client, ClientError, HandshakeError
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = str(ROOT / ".venv" / "bin" / "python")

@@ -1,4 +1,4 @@
-"""Tests of the throwaway service helpers in tests/services.py.
+"""Tests of the throwaway service helpers in tests/support/services.py.
 
 They start real PostgreSQL and Redis processes: skipped when the binaries
 are missing, failing instead under CI=true (see ``require_binary``).
@@ -16,8 +16,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from tests import services
-from tests.services import (
+from tests.support import services
+from tests.support.services import (
     PostgresServer,
     RedisServer,
     ServiceError,

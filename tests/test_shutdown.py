@@ -23,8 +23,8 @@ import pytest_asyncio
 
 from server import __version__
 from server.auth import mint_token
-from server.client import Client
 from server.config import Config
+from switchboard_client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = str(ROOT / ".venv" / "bin" / "python")

@@ -24,8 +24,8 @@ import pytest
 
 from server.auth import mint_token
 from server.cli import JSONFormatter
-from server.client import Client, ClientError, ConnectionClosed, HandshakeError
 from server.config import Config
+from switchboard_client import Client, ClientError, ConnectionClosed, HandshakeError
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = str(ROOT / ".venv" / "bin" / "python")

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from server.client import ClientError
+from switchboard_client import ClientError
 
 pytestmark = pytest.mark.asyncio
 

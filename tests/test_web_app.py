@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 
-from server.client import Client
+from switchboard_client import Client
 
 PRODUCTION = {
     "env": "production",

@@ -22,8 +22,8 @@ import orjson
 import pytest
 from tornado.httpclient import AsyncHTTPClient
 
-from server.client import Client
-from tests.services import require_binary
+from switchboard_client import Client
+from tests.support.services import require_binary
 from tests.web.gateway import REPO_ROOT, GatewayProcess
 
 CHROMIUM = "/usr/bin/chromium"

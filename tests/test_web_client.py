@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.services import require_binary
+from tests.support.services import require_binary
 from tests.web.gateway import REPO_ROOT, ControlServer, GatewayProcess
 
 NODE_TESTS_TIMEOUT_SECS = 100

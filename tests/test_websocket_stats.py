@@ -7,14 +7,14 @@ refused token), then the endpoint over real HTTP.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import orjson
 import pytest
 from tornado.httpclient import AsyncHTTPClient
 
-from server.client import Client, ClientError, HandshakeError
+from switchboard_client import Client, ClientError, HandshakeError
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.asyncio
 
@@ -82,11 +82,11 @@ async def test_admin_sees_figures_matching_real_activity(gateway_factory: Any) -
     # A connection closing shows up at once, with its reason.
     bob.close()
     await bob.wait_closed()
-    for _ in range(50):
+    async def two_left() -> dict[str, Any] | None:
         _, body, _, _ = await get_stats(gw, gw.token("root", ("admin",)))
-        if body["connections"]["total"] == 2:
-            break
-        await asyncio.sleep(0.02)
+        return body if body["connections"]["total"] == 2 else None
+
+    body = await eventually(two_left, what="the close counted")
     assert body["connections"]["byNamespace"] == {"chat": 1, "notifications": 1}
     assert body["connections"]["closedByReason"] == {"client": 1}
     assert body["rooms"]["subscriptions"] == 1

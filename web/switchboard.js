@@ -1,6 +1,6 @@
 // Switchboard browser client: one WebSocket connection to a gateway namespace.
 //
-// Plain ES module, no dependencies. Mirrors server/client.py (the Python
+// Plain ES module, no dependencies. Mirrors switchboard_client/ (the Python
 // client): acks as Promises, capped jittered exponential backoff, re-joining
 // rooms with `sinceSeq` after a reconnect and replaying the missed messages as
 // `message:new` (deduplicated by roomId + seq), repairing holes in a room's

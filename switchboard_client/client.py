@@ -1,38 +1,10 @@
-"""Async Python client for the Switchboard WebSocket gateway.
+"""One WebSocket connection to a Switchboard namespace: :class:`Client`.
 
-Used by the test suite, the benchmarks and ``switchboard tail``. It speaks the
-wire protocol of SPEC §2 on top of tornado's own WebSocket client:
-
-* client → server ``{"event": name, "data": {...}, "ack": n}`` (``ack`` optional);
-* server → client ack ``{"ack": n, "ok": true, "data": {...}}`` or
-  ``{"ack": n, "ok": false, "error": {"code", "message", "details"}}``;
-* server → client event ``{"event": name, "data": {...}}``.
-
-Every server event frame is appended to an in-memory buffer (consumed by
-:meth:`Client.next_event`, never discarded when it does not match), to the
-:attr:`Client.events` history, and passed to callbacks registered with
-:meth:`Client.on`.
-
-With ``reconnect=True`` the client survives dropped connections: it retries
-with capped, jittered exponential backoff, re-joins every room it joined
-through :meth:`Client.emit` with ``sinceSeq`` set to the highest ``seq`` it has
-seen, and replays the missed messages as ``message:new`` frames flagged
-``"recovered": True``. Local pseudo-events (all prefixed ``client:``):
-
-* ``client:disconnected`` ``{code, reason, willReconnect}`` — connection lost;
-* ``client:reconnected`` ``{attempts, welcome, rooms}`` — back, rooms re-joined;
-* ``client:rejoin_failed`` ``{roomId, error}`` — a room could not be re-joined;
-* ``client:reconnect_failed`` ``{code, message, closeCode, attempts}`` — the
-  server refused the reconnection for good (4401/4403/4429).
-
-Example::
-
-    async with Client("ws://127.0.0.1:8080/ws/chat", token) as client:
-        room = (await client.emit("room:create", {"name": "general", "type": "public"}))["room"]
-        await client.emit("room:join", {"roomId": room["id"]})
-        await client.emit("message:send", {"roomId": room["id"], "content": "hi"})
-        frame = await client.next_event("message:new")
-        print(frame["data"]["message"]["seq"])
+The connection's life (handshake, token placement, reader, acks, event
+buffer and callbacks, close) and, with ``reconnect=True``, the reconnect
+loop; what it remembers in order to catch up after a reconnection is in
+:mod:`switchboard_client.recovery`. The package docstring describes the
+protocol and the local ``client:*`` events.
 """
 
 from __future__ import annotations
@@ -41,10 +13,9 @@ import asyncio
 import contextlib
 import functools
 import inspect
-import json
 import logging
 import random
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
 from typing import Any, Final, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -60,154 +31,22 @@ from tornado.websocket import (
     websocket_connect,
 )
 
-try:
-    import orjson as _orjson
-except ImportError:  # pragma: no cover - orjson is a declared dependency
-    _orjson = None  # type: ignore[assignment]
-
-__all__ = [
-    "DEFAULT_MAX_MESSAGE_SIZE",
-    "FATAL_CLOSE_CODES",
-    "Client",
-    "ClientError",
-    "ConnectionClosed",
-    "EventCallback",
-    "Frame",
-    "HandshakeError",
-    "TokenLocation",
-    "connect",
-]
+from switchboard_client.errors import ClientError, ConnectionClosed, HandshakeError
+from switchboard_client.recovery import RoomLedger, page_history
+from switchboard_client.wire import EventCallback, Frame, Predicate, as_int, dumps, loads, preview
 
 log = logging.getLogger("switchboard.client")
 
-Frame = dict[str, Any]
-"""A decoded frame, e.g. ``{"event": "message:new", "data": {...}}``."""
-EventCallback = Callable[[Frame], Any]
-"""Callback for :meth:`Client.on`: gets the whole frame; may return an awaitable."""
-Predicate = Callable[[Frame], bool]
 TokenLocation = Literal["header", "query", "cookie", "frame"]
 
 DEFAULT_MAX_MESSAGE_SIZE: Final = 16 * 1024 * 1024
 FATAL_CLOSE_CODES: Final = frozenset({4401, 4403, 4429})
 """Close codes after which a reconnecting client gives up (auth, ban, limits)."""
 
-_BACKOFF_START: Final = 0.1
-_HISTORY_PAGE: Final = 100
-_MAX_RECOVERED: Final = 5000
-_SEEN_KEEP: Final = 1024
-_CLOSE_WAIT: Final = 5.0
-_LOG_PREVIEW: Final = 200
-
-
-def _dumps(obj: Any) -> bytes:
-    if _orjson is not None:
-        return _orjson.dumps(obj)
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def _loads(raw: str | bytes) -> Any:
-    if _orjson is not None:
-        return _orjson.loads(raw)
-    return json.loads(raw)
-
-
-def _preview(raw: str | bytes) -> str:
-    text = raw if isinstance(raw, str) else raw.decode("utf-8", "replace")
-    return text if len(text) <= _LOG_PREVIEW else text[:_LOG_PREVIEW] + "…"
-
-
-def _as_int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-class ClientError(Exception):
-    """An error reported by the server (failed ack or ``system:error``).
-
-    Attributes: ``code`` (e.g. ``"VALIDATION_ERROR"``), ``message``,
-    ``details`` (dict), ``event`` (the event that failed, if known),
-    ``close_code`` (the WebSocket close code when the server closed the
-    connection because of this error, e.g. 4401, else ``None``) and
-    ``close_reason``.
-
-    Example::
-
-        try:
-            await client.emit("room:join", {"roomId": "nope"})
-        except ClientError as exc:
-            assert exc.code == "ROOM_NOT_FOUND"
-    """
-
-    def __init__(
-        self,
-        code: str,
-        message: str = "",
-        details: Mapping[str, Any] | None = None,
-        *,
-        event: str | None = None,
-        close_code: int | None = None,
-    ) -> None:
-        super().__init__(f"{code}: {message}" if message else code)
-        self.code: str = code
-        self.message: str = message
-        self.details: dict[str, Any] = dict(details or {})
-        self.event: str | None = event
-        self.close_code: int | None = close_code
-        self.close_reason: str | None = None
-
-    @classmethod
-    def from_payload(
-        cls, payload: Any, *, event: str | None = None, close_code: int | None = None
-    ) -> ClientError:
-        """Build an error from an ack ``error`` object or ``system:error`` data."""
-        body: Mapping[str, Any] = payload if isinstance(payload, Mapping) else {}
-        details = body.get("details")
-        reported = body.get("event")
-        return cls(
-            str(body.get("code") or "UNKNOWN_ERROR"),
-            str(body.get("message") or ""),
-            details if isinstance(details, Mapping) else {},
-            event=reported if isinstance(reported, str) else event,
-            close_code=close_code,
-        )
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(code={self.code!r}, message={self.message!r}, "
-            f"details={self.details!r}, event={self.event!r}, close_code={self.close_code!r})"
-        )
-
-
-class HandshakeError(ClientError):
-    """The HTTP upgrade itself was refused (e.g. 403 for a bad ``Origin``).
-
-    ``code`` is ``"HANDSHAKE_FAILED"`` and ``status`` the HTTP status, if any.
-
-    Example::
-
-        with pytest.raises(HandshakeError) as info:
-            await connect(url, token, origin="https://evil.example")
-        assert info.value.status == 403
-    """
-
-    def __init__(self, status: int | None, message: str = "") -> None:
-        super().__init__("HANDSHAKE_FAILED", message, {"status": status})
-        self.status: int | None = status
-
-
-class ConnectionClosed(Exception):
-    """The connection is (or got) closed; ``code``/``reason`` are the close frame's.
-
-    Example::
-
-        with pytest.raises(ConnectionClosed) as info:
-            await client.emit("system:ping")
-        print(info.value.code)
-    """
-
-    def __init__(self, code: int | None = None, reason: str | None = None) -> None:
-        super().__init__(f"connection closed (code={code}, reason={reason!r})")
-        self.code: int | None = code
-        self.reason: str | None = reason
+#: First reconnection delay ceiling; doubles per attempt up to ``max_backoff``.
+_BACKOFF_START_SECS: Final = 0.1
+#: How long to read for the close frame that follows a handshake ``system:error``.
+_CLOSE_WAIT_SECS: Final = 5.0
 
 
 class Client:
@@ -289,13 +128,7 @@ class Client:
         self._sent_close: tuple[int, str | None] | None = None
         self._close_code: int | None = None
         self._close_reason: str | None = None
-        self._rooms: dict[str, dict[str, Any]] = {}
-        self._last_seq: dict[str, int] = {}
-        self._seen: dict[str, set[int]] = {}
-        self._recovered_keys: set[tuple[str, int]] = set()
-        # Rooms being re-joined: their live message:new frames wait here until
-        # the recovered ones are delivered, so the application sees seq order.
-        self._holding: dict[str, list[Frame]] = {}
+        self._ledger = RoomLedger()
         self._rng = random.Random()
 
     def __repr__(self) -> str:
@@ -327,7 +160,7 @@ class Client:
     @property
     def rooms(self) -> list[Any]:
         """Room ids joined through :meth:`emit` (re-joined after a reconnect)."""
-        return [payload["roomId"] for payload in self._rooms.values()]
+        return self._ledger.room_ids
 
     def last_seq(self, room_id: Any) -> int | None:
         """Highest message ``seq`` seen in ``room_id`` (events and acks), or ``None``.
@@ -336,7 +169,7 @@ class Client:
 
             await client.emit("room:join", {"roomId": rid, "sinceSeq": client.last_seq(rid) or 0})
         """
-        return self._last_seq.get(str(room_id))
+        return self._ledger.last_seq(str(room_id))
 
     # -------------------------------------------------------------- lifecycle
 
@@ -481,7 +314,7 @@ class Client:
         """
         payload = {} if data is None else data
         result = await self._request(self._require_conn(), event, payload, timeout)
-        self._track_ack(event, payload, result)
+        self._ledger.track_ack(event, payload, result)
         return result
 
     async def send(self, event: str, data: Any = None) -> None:
@@ -591,31 +424,17 @@ class Client:
                 f"within {timeout}s on {self.url}; buffered: {buffered}"
             ) from None
 
-    async def expect_no_event(
-        self,
-        name: str | None = None,
-        within: float = 0.3,
-        predicate: Predicate | None = None,
-    ) -> None:
-        """Raise :class:`AssertionError` if a matching event is buffered or arrives
-        within ``within`` seconds. Nothing is consumed.
+    def buffered(self, name: str | None = None, predicate: Predicate | None = None) -> list[Frame]:
+        """The buffered event frames matching ``name``/``predicate``, oldest first.
+
+        Nothing is consumed: :meth:`next_event` still returns them.
 
         Example::
 
-            await outsider.expect_no_event("message:new", within=0.3)
+            await client.emit("system:ping")   # everything sent before the pong is here
+            assert not client.buffered("message:new")
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + within
-        while True:
-            frame = self._find(name, predicate)
-            if frame is not None:
-                raise AssertionError(f"unexpected {name or 'event'!r} frame on {self.url}: {frame}")
-            remaining = deadline - loop.time()
-            if remaining <= 0 or self._finished:
-                return
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(remaining):
-                    await self._wait_for_change()
+        return [frame for frame in self._buffer if self._matches(frame, name, predicate)]
 
     def drain_events(self, name: str | None = None) -> list[Frame]:
         """Remove and return every buffered frame (or every ``name`` frame).
@@ -732,7 +551,7 @@ class Client:
                         log.warning(
                             "switchboard client %s: unexpected frame before welcome: %s",
                             self.url,
-                            _preview(raw),
+                            preview(raw),
                         )
         except TimeoutError:
             raise TimeoutError(
@@ -740,7 +559,7 @@ class Client:
             ) from None
         # A system:error during the handshake precedes a close; report its code.
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(min(self.connect_timeout, _CLOSE_WAIT)):
+            async with asyncio.timeout(min(self.connect_timeout, _CLOSE_WAIT_SECS)):
                 while await conn.read_message() is not None:
                     pass
         error.close_code, error.close_reason = conn.close_code, conn.close_reason
@@ -769,7 +588,7 @@ class Client:
                     self._handle_raw(raw)
                 except Exception:
                     log.exception(
-                        "switchboard client %s: failed to handle frame %s", self.url, _preview(raw)
+                        "switchboard client %s: failed to handle frame %s", self.url, preview(raw)
                     )
         except asyncio.CancelledError:
             conn.close()
@@ -783,12 +602,12 @@ class Client:
 
     def _parse(self, raw: str | bytes) -> Frame | None:
         try:
-            frame = _loads(raw)
+            frame = loads(raw)
         except ValueError:
-            log.warning("switchboard client %s: non-JSON frame: %s", self.url, _preview(raw))
+            log.warning("switchboard client %s: non-JSON frame: %s", self.url, preview(raw))
             return None
         if not isinstance(frame, dict):
-            log.warning("switchboard client %s: non-object frame: %s", self.url, _preview(raw))
+            log.warning("switchboard client %s: non-object frame: %s", self.url, preview(raw))
             return None
         return frame
 
@@ -801,10 +620,10 @@ class Client:
         elif "ack" in frame:
             self._on_ack(frame)
         else:
-            log.warning("switchboard client %s: unrecognised frame: %s", self.url, _preview(raw))
+            log.warning("switchboard client %s: unrecognised frame: %s", self.url, preview(raw))
 
     def _on_ack(self, frame: Frame) -> None:
-        ack_id = _as_int(frame.get("ack"))
+        ack_id = as_int(frame.get("ack"))
         entry = self._pending.get(ack_id) if ack_id is not None else None
         if entry is None:
             log.debug("switchboard client %s: ack %r matches no pending request", self.url, ack_id)
@@ -823,19 +642,10 @@ class Client:
         data = frame.get("data")
         if name == "message:new" and isinstance(data, dict):
             message = data.get("message")
-            if isinstance(message, dict):
-                held = self._holding.get(str(message.get("roomId")))
-                if held is not None:
-                    held.append(frame)  # after the room's recovered messages
-                    return
-                key = self._message_key(message)
-                if key is not None and key in self._recovered_keys:
-                    # Already delivered by recovery after a reconnect.
-                    self._recovered_keys.discard(key)
-                    return
-                self._note_message(message)
+            if isinstance(message, dict) and not self._ledger.admit_live(frame, message):
+                return
         elif name == "room:deleted" and isinstance(data, dict) and "roomId" in data:
-            self._rooms.pop(str(data["roomId"]), None)
+            self._ledger.forget(str(data["roomId"]))
         self._deliver(frame)
 
     def _deliver(self, frame: Frame) -> None:
@@ -886,12 +696,6 @@ class Client:
                 return frame
         return None
 
-    def _find(self, name: str | None, predicate: Predicate | None) -> Frame | None:
-        for frame in self._buffer:
-            if self._matches(frame, name, predicate):
-                return frame
-        return None
-
     @staticmethod
     def _matches(frame: Frame, name: str | None, predicate: Predicate | None) -> bool:
         if name is not None and frame.get("event") != name:
@@ -915,7 +719,7 @@ class Client:
 
     async def _write(self, conn: WebSocketClientConnection, frame: Frame) -> None:
         try:
-            await conn.write_message(_dumps(frame))
+            await conn.write_message(dumps(frame))
         except (WebSocketClosedError, StreamClosedError) as exc:
             raise ConnectionClosed(conn.close_code, conn.close_reason) from exc
 
@@ -946,55 +750,6 @@ class Client:
                 future.exception()  # mark retrieved
             else:
                 future.cancel()
-
-    # ------------------------------------------------------- rooms and seq numbers
-
-    @staticmethod
-    def _message_key(message: Mapping[str, Any]) -> tuple[str, int] | None:
-        room_id = message.get("roomId")
-        seq = _as_int(message.get("seq"))
-        if room_id is None or seq is None:
-            return None
-        return str(room_id), seq
-
-    def _note_message(self, message: Mapping[str, Any]) -> bool:
-        """Record a message's (roomId, seq); False if it was already seen."""
-        key = self._message_key(message)
-        if key is None:
-            return True
-        room, seq = key
-        seen = self._seen.setdefault(room, set())
-        if seq in seen:
-            return False
-        seen.add(seq)
-        if len(seen) > 2 * _SEEN_KEEP:
-            self._seen[room] = set(sorted(seen)[-_SEEN_KEEP:])
-        if seq > self._last_seq.get(room, -1):
-            self._last_seq[room] = seq
-        return True
-
-    def _track_ack(self, event: str, request: Any, result: Any) -> None:
-        if not isinstance(result, dict):
-            return
-        if isinstance(request, dict) and request.get("roomId") is not None:
-            room_key = str(request["roomId"])
-            if event == "room:join":
-                self._rooms[room_key] = {k: v for k, v in request.items() if k != "sinceSeq"}
-                room = result.get("room")
-                hint = _as_int(room.get("lastSeq")) if isinstance(room, dict) else None
-                if hint is not None and hint > self._last_seq.get(room_key, -1):
-                    self._last_seq[room_key] = hint
-            elif event == "room:leave":
-                self._rooms.pop(room_key, None)
-        for field in ("missed", "messages"):
-            items = result.get(field)
-            if isinstance(items, list):
-                for item in items:
-                    if isinstance(item, dict):
-                        self._note_message(item)
-        message = result.get("message")
-        if isinstance(message, dict):
-            self._note_message(message)
 
     # ------------------------------------------------------------- reconnection
 
@@ -1049,7 +804,7 @@ class Client:
         self._notify()
 
     def _backoff(self, attempt: int) -> float:
-        ceiling = min(self.max_backoff, _BACKOFF_START * (2 ** min(attempt, 30)))
+        ceiling = min(self.max_backoff, _BACKOFF_START_SECS * (2 ** min(attempt, 30)))
         return self._rng.uniform(ceiling / 2, ceiling)
 
     async def _reconnect_loop(self) -> None:
@@ -1113,28 +868,28 @@ class Client:
 
     async def _rejoin(self, conn: WebSocketClientConnection) -> dict[str, Any]:
         report: dict[str, Any] = {}
-        for room_key, payload in list(self._rooms.items()):
-            self._holding[room_key] = []
+        for room_key, payload in self._ledger.joins():
+            self._ledger.hold(room_key)
             try:
                 report[room_key] = await self._rejoin_room(conn, room_key, payload)
             finally:
                 # Live frames that arrived meanwhile: now, after the recovered ones
                 # (those among them are dropped as already delivered).
-                for frame in self._holding.pop(room_key, []):
+                for frame in self._ledger.release(room_key):
                     self._on_event(frame)
         return report
 
     async def _rejoin_room(
         self, conn: WebSocketClientConnection, room_key: str, payload: dict[str, Any]
     ) -> dict[str, Any]:
-        since = self._last_seq.get(room_key, 0)
+        since = self._ledger.last_seq(room_key) or 0
         try:
             result = await self._request(conn, "room:join", {**payload, "sinceSeq": since})
         except ClientError as exc:
             log.warning(
                 "switchboard client %s: could not re-join room %s: %s", self.url, room_key, exc
             )
-            self._rooms.pop(room_key, None)
+            self._ledger.forget(room_key)
             self._emit_local(
                 "client:rejoin_failed",
                 {
@@ -1147,7 +902,8 @@ class Client:
         complete = result.get("recovered") is not False
         if not complete:
             try:
-                missed += await self._page_history(conn, payload["roomId"], since)
+                request = functools.partial(self._request, conn)
+                missed += await page_history(request, payload["roomId"], since)
                 complete = True
             except ClientError as exc:
                 log.warning(
@@ -1156,46 +912,10 @@ class Client:
                     room_key,
                     exc,
                 )
-        delivered = self._feed_recovered(missed)
-        return {"rejoined": True, "recovered": complete, "missed": delivered}
-
-    async def _page_history(
-        self, conn: WebSocketClientConnection, room_id: Any, since: int
-    ) -> list[dict[str, Any]]:
-        found: list[dict[str, Any]] = []
-        before: int | None = None
-        while len(found) < _MAX_RECOVERED:
-            request: dict[str, Any] = {"roomId": room_id, "limit": _HISTORY_PAGE}
-            if before is not None:
-                request["beforeSeq"] = before
-            page = await self._request(conn, "room:get_messages", request)
-            messages = [
-                m
-                for m in page.get("messages") or []
-                if isinstance(m, dict) and _as_int(m.get("seq")) is not None
-            ]
-            if not messages:
-                break
-            found.extend(m for m in messages if m["seq"] > since)
-            lowest = min(m["seq"] for m in messages)
-            if lowest <= since + 1 or not page.get("hasMore"):
-                break
-            before = lowest
-        return found
-
-    def _feed_recovered(self, messages: list[dict[str, Any]]) -> int:
-        delivered = 0
-        for message in sorted(messages, key=lambda m: _as_int(m.get("seq")) or 0):
-            if not self._note_message(message):
-                continue  # already seen live or in another page
-            key = self._message_key(message)
-            if key is not None:
-                if len(self._recovered_keys) > 4 * _MAX_RECOVERED:
-                    self._recovered_keys.clear()
-                self._recovered_keys.add(key)
+        fresh = self._ledger.recovered(missed)
+        for message in fresh:
             self._deliver({"event": "message:new", "data": {"message": message}, "recovered": True})
-            delivered += 1
-        return delivered
+        return {"rejoined": True, "recovered": complete, "missed": len(fresh)}
 
 
 async def connect(url: str, token: str | None = None, **kwargs: Any) -> Client:

@@ -38,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -47,13 +47,13 @@ import orjson
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 from server.auth import mint_token
-from server.client import Client
 from server.config import Config
-from tests.services import PostgresServer, RedisServer, ServiceError
+from switchboard_client import Client
+from tests.support.services import PostgresServer, RedisServer, ServiceError
 
 __all__ = ["Cluster", "NodeProcess", "parse_metrics"]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PYTHON = str(ROOT / ".venv" / "bin" / "python")
 if not Path(PYTHON).exists():  # e.g. a CI image with the packages installed system-wide
     PYTHON = sys.executable
@@ -460,30 +460,6 @@ class Clients:
             with contextlib.suppress(Exception):
                 await client.aclose(timeout=2.0)
         self.opened = []
-
-
-async def eventually(
-    check: Callable[[], Any], *, timeout: float, interval: float = 0.05, what: str = "condition"
-) -> Any:
-    """Poll ``check`` (sync or async) until it returns a truthy value; return it.
-
-    Raises :class:`AssertionError` naming ``what`` and the last value after ``timeout``.
-    """
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            last = check()
-            if asyncio.iscoroutine(last):
-                last = await last
-        except (OSError, ConnectionError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not true within {timeout}s (last: {last!r})")
-        await asyncio.sleep(interval)
 
 
 def lock_rows(url: str, table: str, ids: Iterable[str]) -> Any:

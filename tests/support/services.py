@@ -593,7 +593,7 @@ class PostgresServer(_Service):
             "dynamic_shared_memory_type": "mmap",
         }
         conf.update(self.settings)
-        lines = ["", "# switchboard tests/services.py"]
+        lines = ["", "# switchboard tests/support/services.py"]
         lines += [f"{key} = {value}" for key, value in conf.items()]
         with (self.data_dir / "postgresql.conf").open("a") as fh:
             fh.write("\n".join(lines) + "\n")

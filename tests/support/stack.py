@@ -34,9 +34,9 @@ from typing import Any, Self
 
 import yaml
 
-from tests.services import PostgresServer, RedisServer, ServiceError, find_binary, free_port
+from tests.support.services import PostgresServer, RedisServer, ServiceError, find_binary, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = ROOT / "prometheus"
 STARTUP_TIMEOUT_SECS = 30.0
 
