@@ -1,4 +1,4 @@
-"""The REST API under ``/api/v1``: notifications, history, and the server API.
+"""The REST API under ``/api/v1``: notifications, history, room updates, the server API.
 
 User endpoints take ``Authorization: Bearer <jwt>`` (checked by the same
 :class:`~server.auth.TokenVerifier` as the sockets); the server API needs
@@ -17,12 +17,22 @@ import logging
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
-from marshmallow import Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 from tornado.web import HTTPError
 
 from handlers.http import JSONHandler
 from handlers.notifications import DEFAULT_PAGE, MAX_PAGE, NotificationIdField
-from handlers.schemas import EventSchema, Int, JSONObject, Str, Text, load, room_id
+from handlers.schemas import (
+    EventSchema,
+    Int,
+    JSONObject,
+    RoomChanges,
+    RoomRef,
+    Str,
+    Text,
+    load,
+    room_id,
+)
 from models import chat as chat_db
 from models import notifications as store
 from server import errors
@@ -61,6 +71,17 @@ class HistoryQuery(EventSchema):
     room_id = room_id(required=True)
     limit = Int(1, MAX_HISTORY_PAGE, load_default=DEFAULT_HISTORY_PAGE)
     before_seq = Int(1, data_key="beforeSeq", load_default=None)
+
+
+class RoomPatch(RoomChanges):
+    """The body of ``PATCH /api/v1/rooms/{roomId}``.
+
+    Unlike socket events, a REST body refuses unknown fields: a misspelt
+    field in an update must not pass for "nothing to change there".
+    """
+
+    class Meta:
+        unknown = RAISE
 
 
 class PublishTarget(Schema):
@@ -255,6 +276,19 @@ class RoomMessagesAPI(APIHandler):
         self.write_json(page)
 
 
+class RoomAPI(APIHandler):
+    """``PATCH /api/v1/rooms/{roomId}`` → ``{room}``: the same operation as ``room:update``.
+
+    Body ``{name?, topic?, description?, type?, password?}``; the room's
+    owner or an admin.
+    """
+
+    async def patch(self, raw_room_id: str) -> None:
+        room_id = load(RoomRef, {"roomId": raw_room_id})["room_id"]
+        values = load(RoomPatch, self.body())
+        self.write_json({"room": await self.deps.rooms.update(self.identity, room_id, values)})
+
+
 # -- server API ---------------------------------------------------------------
 
 
@@ -300,6 +334,7 @@ API_ROUTES: list[tuple[str, type[JSONHandler]]] = [
     (r"/api/v1/notifications/([^/]+)/read", NotificationReadAPI),
     (r"/api/v1/notifications/([^/]+)", NotificationAPI),
     (r"/api/v1/rooms/([^/]+)/messages", RoomMessagesAPI),
+    (r"/api/v1/rooms/([^/]+)", RoomAPI),
     (r"/api/v1/publish", PublishAPI),
     (r"/api/v1/.*", APINotFound),
 ]

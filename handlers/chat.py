@@ -2,7 +2,7 @@
 
 Each ``on_<event>`` loads nothing itself: the base handler has already
 validated ``data`` with the event's schema. Rooms (create, join, leave,
-delete) are :class:`server.rooms.Rooms` calls and typing indicators
+update, delete) are :class:`server.rooms.Rooms` calls and typing indicators
 :class:`server.typing.TypingTracker` calls, shared with the admin surface;
 what stays here is the connection's own part (its rooms list, releasing a
 join's held frames after the ack). Database work goes through ``self.db.run``
@@ -41,6 +41,7 @@ class ChatHandler(GatewayHandler):
         "room:get_messages": s.RoomMessages,
         "room:read": s.RoomRead,
         "room:delete": s.RoomRef,
+        "room:update": s.RoomUpdate,
         "message:send": s.MessageSend,
         "message:edit": s.MessageEdit,
         "message:delete": s.MessageDelete,
@@ -56,6 +57,7 @@ class ChatHandler(GatewayHandler):
         "message:react": "messages",
         "room:join": "joins",
         "room:create": "joins",
+        "room:update": "joins",
         "typing:start": "typing",
         "typing:stop": "typing",
     }
@@ -137,6 +139,11 @@ class ChatHandler(GatewayHandler):
         assert self.identity is not None
         await self.rooms.delete(self.identity, room_id, owner_may=True)
         return {"roomId": room_id}
+
+    async def on_room_update(self, room_id: str, **values: Any) -> dict[str, Any]:
+        # The same update as PATCH /api/v1/rooms/{roomId}: the owner or an admin.
+        assert self.identity is not None
+        return {"room": await self.rooms.update(self.identity, room_id, values)}
 
     # -- messages -----------------------------------------------------------------
 

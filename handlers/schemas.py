@@ -37,6 +37,7 @@ _ANY_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 # Integers in text (query strings, ids): ASCII digits only, not "١٢" or "²" or "1_0".
 _INT_TEXT_RE = re.compile(r"^-?[0-9]{1,19}\Z")
 MAX_CONTENT_CHARS = 4000
+MAX_TOPIC_CHARS = 200
 MAX_ATTACHMENTS = 10
 MAX_URL_CHARS = 2048
 MAX_METADATA_BYTES = 4096
@@ -234,12 +235,36 @@ class Empty(EventSchema):
     pass
 
 
+# A room's fields, as room:create sets them and room:update changes them.
+
+
+def room_name(**kwargs: Any) -> Text:
+    return Text(validate=validate.Length(1, 100), **kwargs)
+
+
+def room_type(**kwargs: Any) -> fields.String:
+    return fields.String(validate=validate.OneOf(["public", "private"]), **kwargs)
+
+
+def room_password(**kwargs: Any) -> fields.String:
+    return fields.String(validate=validate.Length(1, 128), **kwargs)
+
+
+def room_description(**kwargs: Any) -> Text:
+    return Text(validate=validate.Length(0, 500), **kwargs)
+
+
+def room_topic(**kwargs: Any) -> Text:
+    return Text(validate=validate.Length(0, MAX_TOPIC_CHARS), **kwargs)
+
+
 class RoomCreate(EventSchema):
     room_id = room_id(load_default=None)
-    name = Text(required=True, validate=validate.Length(1, 100))
-    type = fields.String(load_default="public", validate=validate.OneOf(["public", "private"]))
-    password = fields.String(load_default=None, validate=validate.Length(1, 128))
-    description = Text(load_default="", validate=validate.Length(0, 500))
+    name = room_name(required=True)
+    type = room_type(load_default="public")
+    password = room_password(load_default=None)
+    description = room_description(load_default="")
+    topic = room_topic(load_default="")
     members = fields.List(
         Str(128),
         load_default=list,
@@ -257,8 +282,32 @@ class RoomRef(EventSchema):
     room_id = room_id(required=True)
 
 
+class RoomChanges(EventSchema):
+    """What ``room:update`` (and ``PATCH /api/v1/rooms/{roomId}``) may change; at least one.
+
+    Only the fields given are loaded; ``password: null`` removes the password.
+    """
+
+    name = room_name()
+    topic = room_topic()
+    description = room_description()
+    type = room_type()
+    password = room_password(allow_none=True)
+
+    @validates_schema
+    def _at_least_one(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if not set(data) - {"room_id"}:
+            raise ValidationError(
+                "Give at least one of name, topic, description, type or password."
+            )
+
+
+class RoomUpdate(RoomRef, RoomChanges):
+    pass
+
+
 class RoomJoin(RoomRef):
-    password = fields.String(load_default=None, validate=validate.Length(1, 128))
+    password = room_password(load_default=None)
     since_seq = Int(0, data_key="sinceSeq", load_default=None)
 
 

@@ -51,6 +51,9 @@ class Room(BaseModel):
     name = pw.CharField(max_length=100)
     type = pw.CharField(max_length=16, default="public")  # public | private
     description = pw.CharField(max_length=500, default="")
+    # Since migration 0003; the column has a database default too, so a node
+    # of older code inserting rooms during a rolling upgrade still works.
+    topic = pw.CharField(max_length=200, default="")
     password_hash = pw.CharField(max_length=256, null=True)
     owner_id = pw.CharField(max_length=128)
     # Highest seq handed out; bumped in the same transaction as the insert.

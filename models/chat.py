@@ -145,6 +145,7 @@ def room_dict(room: Room, member_count: int | None = None) -> dict[str, Any]:
         "name": room.name,
         "type": room.type,
         "description": room.description,
+        "topic": room.topic,
         "ownerId": room.owner_id,
         "hasPassword": room.password_hash is not None,
         "lastSeq": room.last_seq,
@@ -169,6 +170,7 @@ def create_room(
     name: str,
     room_type: str,
     description: str,
+    topic: str,
     password_hash: str | None,
     members: list[str],
 ) -> dict[str, Any]:
@@ -176,7 +178,7 @@ def create_room(
         raise errors.Conflict("A room with this id exists", {"roomId": room_id})
     now = utcnow()
     room = Room.create(
-        id=room_id, name=name, type=room_type, description=description,
+        id=room_id, name=name, type=room_type, description=description, topic=topic,
         password_hash=password_hash, owner_id=owner_id, created_at=now, last_activity_at=now,
     )  # fmt: skip
     RoomMember.create(room=room, user_id=owner_id, role="owner", joined_at=now)
@@ -377,15 +379,77 @@ def mark_read_many(requests: list[ReadRequest]) -> list[dict[str, Any] | errors.
     return out
 
 
+def _owned_room(room_id: str, user_id: str, is_admin: bool, verb: str) -> Room:
+    """The live room, if ``user_id`` owns it or ``is_admin``; FORBIDDEN otherwise.
+
+    Who may delete or update a room: its owner or a token with role admin
+    (moderators and room moderators may not).
+    """
+    room = _live_room(room_id)
+    if room.owner_id != user_id and not is_admin:
+        raise errors.Forbidden(f"Only the room's owner or an admin {verb} a room")
+    return room
+
+
+#: The room columns :func:`update_room` changes, by the name ``changes`` reports.
+UPDATABLE_ROOM_FIELDS = {
+    "name": Room.name,
+    "topic": Room.topic,
+    "description": Room.description,
+    "type": Room.type,
+    "password": Room.password_hash,
+}
+
+
+@dataclass(frozen=True)
+class RoomUpdated:
+    """What :func:`update_room` did."""
+
+    #: The room as it is now, with ``memberCount``.
+    room: dict[str, Any]
+    #: The fields whose value changed (names of :data:`UPDATABLE_ROOM_FIELDS`).
+    changes: list[str]
+    #: Every member's user id.
+    members: list[str]
+
+
+def update_room(room_id: str, user_id: str, is_admin: bool, values: dict[str, Any]) -> RoomUpdated:
+    """Set some of a room's fields (its owner or an admin).
+
+    ``values`` maps names of :data:`UPDATABLE_ROOM_FIELDS` to new values;
+    ``password`` carries the new hash, None to remove the password. A field
+    set to what it holds is not a change, except a password (a new hash
+    every time; comparing would mean a PBKDF2 round here). Memberships stay
+    as they are: making a room private or adding a password binds only
+    people who join later.
+    """
+    room = _owned_room(room_id, user_id, is_admin, "updates")
+    changes = {
+        name: value for name, value in values.items()
+        if getattr(room, UPDATABLE_ROOM_FIELDS[name].name) != value or (
+            name == "password" and value is not None
+        )
+    }  # fmt: skip
+    if changes:
+        updated = (
+            Room.update({UPDATABLE_ROOM_FIELDS[name]: value for name, value in changes.items()})
+            .where((Room.id == room_id) & Room.deleted_at.is_null())
+            .execute()
+        )
+        if not updated:  # deleted by someone else since it was read
+            raise errors.RoomNotFound(details={"roomId": room_id})
+        room = Room.get_by_id(room_id)
+    members = [m.user_id for m in RoomMember.select().where(RoomMember.room == room_id)]
+    return RoomUpdated(room_dict(room, member_count=len(members)), list(changes), members)
+
+
 def delete_room(room_id: str, user_id: str, is_admin: bool) -> list[str]:
     """Soft-delete a room (its owner or an admin); returns its member ids.
 
     Its mutes go with it: a deleted room's id is never reused (``create_room``
     refuses it), so they could only ever be dead rows.
     """
-    room = _live_room(room_id)
-    if room.owner_id != user_id and not is_admin:
-        raise errors.Forbidden("Only the room's owner or an admin deletes a room")
+    _owned_room(room_id, user_id, is_admin, "deletes")
     Room.update(deleted_at=utcnow()).where(Room.id == room_id).execute()
     RoomMute.delete().where(RoomMute.room == room_id).execute()
     return [m.user_id for m in RoomMember.select().where(RoomMember.room == room_id)]

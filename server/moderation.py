@@ -39,7 +39,9 @@ ADMIN_ROLES = frozenset({"admin"})
 #: Actions only admins may take; the rest are open to moderators too.
 ADMIN_ONLY_ACTIONS = frozenset({"ban", "unban", "delete_room", "read_audit"})
 #: The ``action`` values audit rows carry.
-AUDIT_ACTIONS = ("kick", "ban", "unban", "mute", "delete_room", "delete_message", "broadcast")
+AUDIT_ACTIONS = (
+    "kick", "ban", "unban", "mute", "delete_room", "update_room", "delete_message", "broadcast",
+)  # fmt: skip
 NAMESPACES = ("chat", "notifications", "admin", "logs")
 #: Close code for kicked and banned connections (SPEC: forbidden / banned / kicked).
 CLOSE_FORBIDDEN = 4403

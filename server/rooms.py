@@ -1,11 +1,13 @@
-"""Rooms: creating, joining, leaving and deleting them, for every surface.
+"""Rooms: creating, joining, leaving, updating and deleting them, for every surface.
 
-The chat namespace translates ``room:*`` frames into these calls and the
-admin namespace calls :meth:`Rooms.delete` for ``admin:delete_room``; both
-get the same checks and the same events. What a room's connections see:
-``room:user_joined`` when a user's first connection on a node joins,
-``room:user_left`` when their last one leaves or disconnects, and
-``room:deleted`` on every member's chat connections when the room goes.
+The chat namespace translates ``room:*`` frames into these calls, the
+admin namespace calls :meth:`Rooms.delete` for ``admin:delete_room`` and
+the REST API :meth:`Rooms.update` for ``PATCH /api/v1/rooms/{roomId}``;
+every surface gets the same checks and the same events. What a room's
+connections see: ``room:user_joined`` when a user's first connection on a
+node joins, ``room:user_left`` when their last one leaves or disconnects,
+and, on every member's chat connections, ``room:updated`` when the room
+changes and ``room:deleted`` when it goes.
 
 Deletion is one path whoever asks (SPEC §3: the room's owner through
 ``/ws/chat``, an admin through either surface): check, delete, audit, tell
@@ -115,16 +117,14 @@ class Rooms:
         type: str,
         password: str | None,
         description: str,
+        topic: str,
         members: list[str],
     ) -> dict[str, Any]:
         """Store a room owned by ``owner_id`` (members included); returns it."""
-        password_hash = None
-        if password is not None:
-            loop = asyncio.get_running_loop()
-            password_hash = await loop.run_in_executor(None, chat_db.hash_password, password)
+        password_hash = await _password_hash(password)
         room: dict[str, Any] = await self.db.run(
             "room.create", chat_db.create_room,
-            room_id, owner_id, name, type, description, password_hash, members,
+            room_id, owner_id, name, type, description, topic, password_hash, members,
         )  # fmt: skip
         return room
 
@@ -230,6 +230,54 @@ class Rooms:
         for member in members:
             member["status"] = statuses[member["userId"]]
 
+    # -- update -----------------------------------------------------------------------
+
+    async def update(self, actor: Identity, room_id: str, values: dict[str, Any]) -> dict[str, Any]:
+        """Change some of a room's fields; tell every member; audit an admin's change.
+
+        ``values`` holds the fields to set, among ``name``, ``topic``,
+        ``description``, ``type`` and ``password`` (None removes it). Who may
+        is who may delete the room: its owner or a token with role admin
+        (FORBIDDEN otherwise). When something changed, every member's chat
+        connections on every node get ``room:updated {roomId, room, changes,
+        by}`` (once each, the actor's too) and an admin's change of a room
+        that is not theirs gets an ``update_room`` audit row. Nobody is
+        unsubscribed: a room made private or given a password keeps its
+        members. Returns the room (``hasPassword``, never the password).
+        """
+        values = dict(values)
+        if "password" in values:
+            values["password"] = await _password_hash(values["password"])
+        updated: chat_db.RoomUpdated = await self.db.run(
+            "room.update", chat_db.update_room,
+            room_id, actor.user_id, actor.has_any(ADMIN_ROLES), values,
+        )  # fmt: skip
+        room = updated.room
+        if not updated.changes:
+            return room
+        if room["ownerId"] != actor.user_id:
+            await self.db.run(
+                "moderation.audit", mod_db.audit, actor.user_id, "update_room",
+                f"room:{room_id}", "", {"changes": updated.changes},
+            )  # fmt: skip
+        self._tell_members(room_id, updated.members, "room:updated", {
+            "roomId": room_id, "room": room, "changes": updated.changes, "by": actor.user_id,
+        })  # fmt: skip
+        log.info("update_room: %s changed %s of room %s", actor.user_id,
+                 ", ".join(updated.changes), room_id)  # fmt: skip
+        return room
+
+    def _tell_members(
+        self, room_id: str, members: list[str], event: str, data: dict[str, Any]
+    ) -> None:
+        """``event`` once to every chat connection in the room or of a member, on every node.
+
+        A member's connections that have not joined the room (another device,
+        a reconnect that has not re-joined yet) hear it too.
+        """
+        targets = [Target.room(room_id), *(Target.user(m, "chat") for m in members)]
+        self.hub.publish_many(targets, event, data)
+
     # -- delete -----------------------------------------------------------------------
 
     async def delete(self, actor: Identity, room_id: str, *, owner_may: bool) -> dict[str, Any]:
@@ -252,9 +300,8 @@ class Rooms:
             "moderation.audit", mod_db.audit, actor.user_id, "delete_room", f"room:{room_id}", "",
             {"members": len(members)},
         )  # fmt: skip
-        targets = [Target.room(room_id), *(Target.user(m, "chat") for m in members)]
-        self.hub.publish_many(
-            targets, "room:deleted", {"roomId": room_id, "deletedBy": actor.user_id}
+        self._tell_members(
+            room_id, members, "room:deleted", {"roomId": room_id, "deletedBy": actor.user_id}
         )
         self.forget(room_id, members)
         if self._relay is not None:
@@ -294,3 +341,11 @@ class Rooms:
 
         self._relay = send
         bus.on_control(FORGET_ROOM_ACTION, receive)
+
+
+async def _password_hash(password: str | None) -> str | None:
+    """The stored form of a room password (None stays None), hashed off the loop."""
+    if password is None:
+        return None
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(None, chat_db.hash_password, password)

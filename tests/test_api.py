@@ -16,6 +16,7 @@ from tornado.httpclient import AsyncHTTPClient
 from models import Ban, utcnow
 from switchboard_client import Client
 from tests.conftest import ROOMY_RATE_LIMITS
+from tests.support.client_checks import assert_no_event
 
 pytestmark = pytest.mark.asyncio
 
@@ -139,6 +140,7 @@ def every_endpoint(notification_id: str) -> list[tuple[str, str, Any]]:
     """(method, path, body) of every HTTP endpoint that takes a user's bearer token."""
     return [
         ("GET", "/api/v1/rooms/hideout/messages", None),
+        ("PATCH", "/api/v1/rooms/hideout", {"topic": "Quiet"}),
         ("GET", "/api/v1/notifications", None),
         ("GET", "/api/v1/notifications/unread/count", None),
         ("POST", f"/api/v1/notifications/{notification_id}/read", None),
@@ -356,6 +358,62 @@ async def test_free_form_data_nests_at_most_32_levels(gateway):
         status, answer, _ = await call(gateway, "POST", path, raw=(body % shallow).encode(),
                                        **SERVICE)  # fmt: skip
         assert status in (200, 201), answer
+
+
+# -- room updates ---------------------------------------------------------------
+
+
+async def test_patch_room_updates_it_and_members_hear_it(gateway):
+    alice, bob = await gateway.connect("alice"), await gateway.connect("bob")
+    await alice.emit("room:create", {"roomId": "general", "name": "General"})
+    await bob.emit("room:join", {"roomId": "general"})
+    body = {"name": "Lobby", "topic": "Release day", "password": "s3cret!"}
+    got = await ok(gateway, "PATCH", "/api/v1/rooms/general", body, user="alice")
+    room = got["room"]
+    assert (room["id"], room["name"], room["topic"], room["hasPassword"]) == (
+        "general", "Lobby", "Release day", True,
+    )  # fmt: skip
+    assert "s3cret!" not in orjson.dumps(got).decode() and "pbkdf2" not in str(got)
+    for client in (alice, bob):
+        ev = await client.next_event("room:updated")
+        assert ev["data"] == {
+            "roomId": "general", "room": room, "changes": ["name", "topic", "password"],
+            "by": "alice",
+        }  # fmt: skip
+    # The socket view agrees; a null password removes it.
+    got = await ok(gateway, "PATCH", "/api/v1/rooms/general", {"password": None}, user="alice")
+    assert got["room"]["hasPassword"] is False
+    joined = await bob.emit("room:join", {"roomId": "general"})
+    assert {**joined["room"], "memberCount": 2} == got["room"]
+    # An admin may too, without being a member.
+    got = await ok(gateway, "PATCH", "/api/v1/rooms/general", {"type": "private"},
+                   user="root", roles=("admin",))  # fmt: skip
+    assert got["room"]["type"] == "private"
+
+
+async def test_patch_room_errors(gateway):
+    alice = await gateway.connect("alice")
+    await alice.emit("room:create", {"roomId": "general", "name": "General"})
+    path = "/api/v1/rooms/general"
+    await fails(gateway, "PATCH", path, 403, "FORBIDDEN", {"name": "Mine"}, user="bob")
+    await fails(gateway, "PATCH", path, 403, "FORBIDDEN", {"name": "Mine"}, user="mod",
+                roles=("moderator",))  # fmt: skip
+    await fails(gateway, "PATCH", "/api/v1/rooms/nope", 404, "ROOM_NOT_FOUND", {"name": "X"})
+    await fails(gateway, "PATCH", path, 401, "UNAUTHORIZED", {"name": "X"}, auth=False)
+    await fails(gateway, "PATCH", path, 400, "BAD_REQUEST", raw=b"{not json", user="alice")
+    for body, field in [
+        ({"name": "X", "nmae": "Y"}, "nmae"), ({"roomId": "other", "name": "X"}, "roomId"),
+        ({"name": ""}, "name"), ({"name": "x" * 101}, "name"), ({"topic": "x" * 201}, "topic"),
+        ({"type": "secret"}, "type"), ({"password": ""}, "password"), ({}, "_schema"),
+        (["name"], "_schema"),
+    ]:  # fmt: skip
+        details = await fails(gateway, "PATCH", path, 400, "VALIDATION_ERROR", body, user="alice")
+        assert list(details) == [field], (body, details)
+    details = await fails(gateway, "PATCH", "/api/v1/rooms/bad%20id", 400, "VALIDATION_ERROR",
+                          {"name": "X"}, user="alice")  # fmt: skip
+    assert list(details) == ["roomId"]
+    await assert_no_event(alice, "room:updated")
+    assert (await alice.emit("room:join", {"roomId": "general"}))["room"]["name"] == "General"
 
 
 # -- publish ------------------------------------------------------------------

@@ -38,7 +38,7 @@ pytestmark = pytest.mark.asyncio
 
 ISO_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 ROOM_KEYS = {
-    "id", "name", "type", "description", "ownerId", "hasPassword", "lastSeq",
+    "id", "name", "type", "description", "topic", "ownerId", "hasPassword", "lastSeq",
     "createdAt", "lastActivityAt",
 }  # fmt: skip
 MESSAGE_KEYS = {
@@ -200,7 +200,7 @@ async def test_create_room_defaults_generate_an_id(gateway):
     alice = await gateway.connect("alice")
     r = (await alice.emit("room:create", {"name": "Anything"}))["room"]
     assert re.fullmatch(r"[A-Za-z0-9_-]{1,64}", r["id"])
-    assert r["type"] == "public" and r["description"] == ""
+    assert r["type"] == "public" and r["description"] == "" and r["topic"] == ""
     other = (await alice.emit("room:create", {"name": "Anything"}))["room"]
     assert other["id"] != r["id"]
 
@@ -635,6 +635,168 @@ async def test_only_owner_or_admin_delete_rooms(gateway_factory):
     await room(bob, "bobs")
     assert await bob.emit("room:delete", {"roomId": "bobs"}) == {"roomId": "bobs"}
     await error(bob, "room:delete", {"roomId": "nowhere"}, "ROOM_NOT_FOUND")
+
+
+# -- room:update ----------------------------------------------------------------------
+
+
+def no_secret(value: Any, password: str) -> None:
+    """Neither the password nor its hash (nor a key naming one) is in ``value``."""
+    text = orjson.dumps(value).decode()
+    assert password not in text and "pbkdf2" not in text and "passwordHash" not in text, text
+
+
+async def test_owner_updates_room_and_every_member_hears_it_once(gateway):
+    alice, bob, carol = await users(gateway, "alice", "bob", "carol")
+    await room(alice, "general", description="Talk")
+    await join(bob, "general")
+    bob_phone = await gateway.connect("bob")  # a member's device that never joined
+    await settle(alice, bob, carol)
+    ack = await alice.emit(
+        "room:update", {"roomId": "general", "name": "Lobby", "topic": "Release day"}
+    )
+    r = ack["room"]
+    assert ROOM_KEYS <= set(r) and r["memberCount"] == 2
+    assert (r["id"], r["name"], r["topic"], r["description"], r["type"]) == (
+        "general", "Lobby", "Release day", "Talk", "public",
+    )  # fmt: skip
+    for client in (alice, bob, bob_phone):
+        ev = await client.next_event("room:updated")
+        assert ev["data"] == {
+            "roomId": "general", "room": r, "changes": ["name", "topic"], "by": "alice",
+        }  # fmt: skip
+    # Once per connection (bob is a member and in the room); not to non-members.
+    await nothing_arrived((alice, bob, bob_phone, carol), "room:updated")
+    # Everyone reads the new state.
+    joined = await join(carol, "general")
+    assert (joined["room"]["name"], joined["room"]["topic"]) == ("Lobby", "Release day")
+    [listed] = (await carol.emit("room:list"))["rooms"]
+    assert listed["name"] == "Lobby"
+
+
+async def test_room_create_takes_a_topic(gateway):
+    alice = await gateway.connect("alice")
+    r = await room(alice, "general", topic="Welcome")
+    assert r["topic"] == "Welcome"
+    await invalid(alice, "room:create", {"roomId": "r", "name": "R", "topic": "x" * 201}, "topic")
+
+
+async def test_update_that_changes_nothing_tells_nobody(gateway):
+    alice, bob = await users(gateway, "alice", "bob")
+    await room(alice, "general", name="General")
+    await join(bob, "general")
+    await settle(alice, bob)
+    ack = await alice.emit("room:update", {"roomId": "general", "name": "General", "topic": ""})
+    assert ack["room"]["name"] == "General"
+    await nothing_arrived((alice, bob), "room:updated")
+
+
+async def test_password_set_and_removed_by_update(gateway):
+    alice, bob, dave, erin = await users(gateway, "alice", "bob", "dave", "erin")
+    await room(alice, "general")
+    await join(bob, "general")
+    await settle(alice, bob)
+    ack = await alice.emit("room:update", {"roomId": "general", "password": "s3cret!"})
+    assert ack["room"]["hasPassword"] is True
+    ev = await bob.next_event("room:updated")
+    assert ev["data"]["changes"] == ["password"] and ev["data"]["room"]["hasPassword"] is True
+    no_secret(ack, "s3cret!")
+    no_secret(ev, "s3cret!")
+    # Members stay members; newcomers need the password now.
+    await send(bob, "general", "still here")
+    assert (await join(bob, "general"))["room"]["hasPassword"] is True
+    await error(dave, "room:join", {"roomId": "general"}, "ROOM_ACCESS_DENIED")
+    await error(dave, "room:join", {"roomId": "general", "password": "wrong"}, "ROOM_ACCESS_DENIED")
+    await join(dave, "general", password="s3cret!")
+    # A new password replaces the old one (a change even though one was set).
+    await alice.emit("room:update", {"roomId": "general", "password": "n3w!"})
+    old_password = {"roomId": "general", "password": "s3cret!"}
+    await error(erin, "room:join", old_password, "ROOM_ACCESS_DENIED")
+    await settle(alice, bob)
+    # null removes it.
+    ack = await alice.emit("room:update", {"roomId": "general", "password": None})
+    assert ack["room"]["hasPassword"] is False
+    assert (await bob.next_event("room:updated"))["data"]["changes"] == ["password"]
+    await join(erin, "general")
+    await settle(alice, bob)
+    # Removing a password the room no longer has changes nothing.
+    await alice.emit("room:update", {"roomId": "general", "password": None})
+    await nothing_arrived((alice, bob), "room:updated")
+
+
+async def test_making_a_room_private_keeps_its_members(gateway):
+    alice, bob, carol = await users(gateway, "alice", "bob", "carol")
+    await room(alice, "general")
+    await join(bob, "general")
+    await settle(alice, bob)
+    ack = await alice.emit("room:update", {"roomId": "general", "type": "private"})
+    assert ack["room"]["type"] == "private"
+    assert (await bob.next_event("room:updated"))["data"]["changes"] == ["type"]
+    heard = await send(bob, "general", "not kicked")
+    assert (await alice.next_event("message:new"))["data"]["message"]["id"] == heard["id"]
+    await error(carol, "room:join", {"roomId": "general"}, "ROOM_ACCESS_DENIED")
+    assert (await carol.emit("room:list"))["total"] == 0
+
+
+async def test_only_owner_or_admin_update_rooms(gateway_factory):
+    gw = await production(gateway_factory)
+    alice, bob = await users(gw, "alice", "bob")
+    mod = await gw.connect("mod", roles=("moderator",))
+    root = await gw.connect("root", roles=("admin",))
+    auditor = await gw.connect("root", namespace="admin", roles=("admin",))
+    await room(alice, "general")
+    await join(bob, "general")
+    await join(mod, "general")
+    await settle(alice, bob, mod)
+    # A member and a moderator (token role, even in the room) may not, as for deletion.
+    for client in (bob, mod):
+        exc = await error(client, "room:update", {"roomId": "general", "name": "Mine"}, "FORBIDDEN")
+        assert client.connected and "roomId" not in exc.details
+    await nothing_arrived((alice, bob, mod), "room:updated")
+    # The owner may; that is not moderation, so it is not audited.
+    await alice.emit("room:update", {"roomId": "general", "topic": "Owner's"})
+    await settle(alice, bob, mod)
+    assert (await auditor.emit("admin:audit", {"action": "update_room"}))["total"] == 0
+    # An admin may, without being a member, and it is audited.
+    ack = await root.emit("room:update", {"roomId": "general", "name": "Renamed"})
+    for client in (alice, bob, mod):
+        ev = await client.next_event("room:updated", predicate=in_room("general"))
+        assert ev["data"] == {
+            "roomId": "general", "room": ack["room"], "changes": ["name"], "by": "root",
+        }  # fmt: skip
+    await nothing_arrived((root,), "room:updated")
+    page = await auditor.emit("admin:audit", {"action": "update_room"})
+    assert [(e["actorId"], e["target"], e["details"]) for e in page["entries"]] == [
+        ("root", "room:general", {"changes": ["name"]})
+    ]
+    await error(root, "room:update", {"roomId": "nowhere", "name": "X"}, "ROOM_NOT_FOUND")
+    await alice.emit("room:delete", {"roomId": "general"})
+    await error(alice, "room:update", {"roomId": "general", "name": "X"}, "ROOM_NOT_FOUND")
+
+
+async def test_update_validation(gateway):
+    alice, bob = await users(gateway, "alice", "bob")
+    await room(alice, "general")
+    await join(bob, "general")
+    await settle(alice, bob)
+    ref = {"roomId": "general"}
+    await invalid(alice, "room:update", ref, "_schema")
+    await invalid(alice, "room:update", {**ref, "unknown": 1}, "_schema")
+    await invalid(alice, "room:update", {"name": "X"}, "roomId")
+    await invalid(alice, "room:update", {"roomId": "a b", "name": "X"}, "roomId")
+    for field, bad in [
+        ("name", ""), ("name", "x" * 101), ("name", None), ("name", 7),
+        ("topic", "x" * 201), ("topic", None), ("description", "x" * 501),
+        ("type", "secret"), ("type", None), ("password", ""), ("password", "x" * 129),
+    ]:  # fmt: skip
+        await invalid(alice, "room:update", {**ref, "name": "Fine", field: bad}, field)
+    await nothing_arrived((alice, bob), "room:updated")
+    # The bounds are room:create's, inclusive.
+    ack = await alice.emit("room:update", {
+        **ref, "name": "x" * 100, "topic": "t" * 200, "description": "d" * 500,
+        "password": "p" * 128,
+    })  # fmt: skip
+    assert (len(ack["room"]["name"]), len(ack["room"]["topic"])) == (100, 200)
 
 
 # -- message:send --------------------------------------------------------------------

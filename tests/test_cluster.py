@@ -322,6 +322,37 @@ async def test_room_deleted_by_an_admin_is_gone_from_every_node(
     assert rows == []
 
 
+@pytest.mark.asyncio
+async def test_room_updated_on_a_reaches_members_on_every_node_once(
+    cluster: Cluster, clients: Clients
+) -> None:
+    """room:update on node a: a member in the room on b and that member's socket
+    on c that never joined the room hear it once each; a non-member does not."""
+    alice_id, bob_id = uid("alice"), uid("bob")
+    alice = await clients.connect("a", alice_id)
+    bob = await clients.connect("b", bob_id)
+    bob_elsewhere = await clients.connect("c", bob_id)
+    carol = await clients.connect("c", uid("carol"))
+    room = await make_room(alice)
+    await join(room, alice, bob)
+    await eventually(lambda: _equals(room_subscribers(cluster, room), 2), timeout=5,
+                     what="nodes a and b subscribed to the room")  # fmt: skip
+    ack = await alice.emit("room:update", {"roomId": room, "topic": "Shipping", "type": "private"})
+    expected = {"roomId": room, "room": ack["room"], "changes": ["topic", "type"],
+                "by": alice_id}  # fmt: skip
+    for member in (alice, bob, bob_elsewhere):
+        got = await member.next_event("room:updated", timeout=DELIVERY_TIMEOUT_SECS)
+        assert got["data"] == expected, member.url
+    # Node a publishes the update and then the sentinel on one Redis connection,
+    # so a second room:updated would be buffered before the sentinel arrives.
+    await sentinel_message(alice, room, bob, bob_elsewhere)
+    for client in (bob, bob_elsewhere):
+        await assert_no_event(client, "room:updated", ping=False)
+    await assert_no_event(carol, "room:updated")  # no member: nothing of the room reaches her
+    rows = await cluster.asql("SELECT topic, type FROM room WHERE id = %s", room)
+    assert rows == [("Shipping", "private")]
+
+
 async def redis_exists(cluster: Cluster, key: str) -> bool:
     client = aioredis.from_url(cluster.redis.url)
     try:

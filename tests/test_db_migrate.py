@@ -17,7 +17,7 @@ import peewee as pw
 import pytest
 from playhouse.migrations import Runner
 
-from models import RoomMute, utcnow
+from models import Room, RoomMute, utcnow
 from server.db import MIGRATIONS_DIR, Database, open_database
 from server.protocol import iso
 from switchboard_client import ClientError
@@ -34,7 +34,7 @@ async def test_nodes_starting_together_migrate_a_fresh_database_once(postgres: A
             # Every node migrates at the same moment; none may fail.
             await asyncio.gather(*(node.start() for node in nodes))
             rows = await nodes[0].run_bare("check", applied_migrations, nodes[0])
-            assert rows == ["0001_initial", "0002_room_mute"], attempt
+            assert rows == ["0001_initial", "0002_room_mute", "0003_room_topic"], attempt
         finally:
             for node in nodes:
                 await node.close()
@@ -126,4 +126,23 @@ async def test_upgrading_from_0001_keeps_the_mutes_in_force(
         ("general", "bob", "mod", "calm", muted_until)
     ]
     names = await gw.node.db.run_bare("test.applied", applied_migrations, gw.node.db)
-    assert names == ["0001_initial", "0002_room_mute"]
+    assert names == ["0001_initial", "0002_room_mute", "0003_room_topic"]
+    # 0003: the room from before has an empty topic, and may be given one.
+    joined = await dave.emit("room:join", {"roomId": "general"})
+    assert joined["room"]["topic"] == ""
+    alice = await gw.connect("alice")
+    updated = await alice.emit("room:update", {"roomId": "general", "topic": "Migrated"})
+    assert updated["room"]["topic"] == "Migrated"
+
+    def insert_as_0002() -> None:
+        # A node of the previous code, mid rolling upgrade, names no topic.
+        now = utcnow()
+        pw.Table("room", ("id", "name", "type", "description", "owner_id", "last_seq",
+                          "created_at", "last_activity_at")).bind(Room._meta.database).insert(
+            id="older", name="Older", type="public", description="", owner_id="alice",
+            last_seq=0, created_at=now, last_activity_at=now,
+        ).execute()  # fmt: skip
+
+    await gw.node.db.run("test.insert_as_0002", insert_as_0002)
+    joined = await dave.emit("room:join", {"roomId": "older"})
+    assert joined["room"]["topic"] == ""

@@ -750,6 +750,8 @@ async def test_fuzz_rest_inputs(gateway_factory, error_records):
         "/api/v1/publish": {"target": {"roomId": "fz-rest-room"}, "event": "x:y", "data": {"a": 1}},
         "/api/v1/notifications": {"userIds": ["fz-rest"], "title": "t", "data": {"a": 1}},
         "/api/v1/logs": {"entries": [{"level": "info", "message": "m", "metadata": {"a": 1}}]},
+        # PATCH, by the room's owner (fz-rest).
+        "/api/v1/rooms/fz-rest-room": {"name": "r", "topic": "t", "password": None},
     }
     statuses: Counter[int] = Counter()
     problems: list[str] = []
@@ -783,6 +785,8 @@ async def test_fuzz_rest_inputs(gateway_factory, error_records):
         else:
             method, who, params = "POST", "service", {}
             path = rng.choice(list(valid_bodies))
+            if path.startswith("/api/v1/rooms/"):
+                method, who = "PATCH", "user"
             valid_body = valid_bodies[path]
             if rng.random() < 0.3:
                 mutated = {**valid_body, "data": extreme_for(fields.Dict(), rng)}

@@ -516,6 +516,11 @@ function wireEvents(sb) {
     }
     renderRooms();
   });
+  sb.on("room:updated", ({ room }) => {
+    app.rooms.set(room.id, room);
+    if (app.current === room.id) $("room-title").textContent = room.name;
+    renderRooms();
+  });
   sb.on("client:reconnected", () => {
     refreshRooms();
     if (app.current) refreshMembers(app.current);
