@@ -217,6 +217,7 @@ class WebSocketStatsHandler(JSONHandler):
                     "p95Ms": round(p95 * 1000, 3),
                     "p99Ms": round(p99 * 1000, 3),
                     "errorRate": round(deps.stats.error_ratio(), 4),
+                    "clientErrorRate": round(deps.stats.client_error_ratio(), 4),
                 },
                 "rateLimitViolations": _by_label(m.rate_limited, "bucket"),
                 "slowConsumers": int(_total(m.slow_consumers)),
