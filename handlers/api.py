@@ -24,11 +24,14 @@ from handlers.http import JSONHandler
 from handlers.notifications import DEFAULT_PAGE, MAX_PAGE, NotificationIdField
 from handlers.schemas import (
     EventSchema,
+    HistoryWindow,
     Int,
     JSONObject,
+    NoQuery,
     RoomChanges,
     RoomRef,
     Str,
+    Strict,
     Text,
     load,
     room_id,
@@ -49,15 +52,12 @@ NAMESPACES = ("chat", "notifications", "admin", "logs")
 # Events a service may not publish: clients trust these to come from the gateway itself.
 RESERVED_EVENT_PREFIXES = ("system:", "auth:")
 MAX_NOTIFY_USERS = 1000
-# History pages over HTTP mirror room:get_messages.
-DEFAULT_HISTORY_PAGE = 50
-MAX_HISTORY_PAGE = 100
 
 
 # -- schemas ------------------------------------------------------------------
 
 
-class NotificationQuery(EventSchema):
+class NotificationQuery(Strict):
     unread_only = fields.Boolean(data_key="unreadOnly", load_default=False)
     limit = Int(1, MAX_PAGE, load_default=DEFAULT_PAGE)
     before = NotificationIdField(load_default=None)
@@ -67,10 +67,8 @@ class NotificationPath(EventSchema):
     notification_id = NotificationIdField(data_key="id", required=True)
 
 
-class HistoryQuery(EventSchema):
-    room_id = room_id(required=True)
-    limit = Int(1, MAX_HISTORY_PAGE, load_default=DEFAULT_HISTORY_PAGE)
-    before_seq = Int(1, data_key="beforeSeq", load_default=None)
+class HistoryQuery(HistoryWindow):
+    """History over HTTP mirrors ``room:get_messages``; the room is in the path."""
 
 
 class RoomPatch(RoomChanges):
@@ -148,8 +146,11 @@ class APIHandler(JSONHandler):
     ``prepare()`` runs before every method: it refuses new work while the
     node shuts down (503), checks the Bearer token (401) and the class's
     ``allowed_roles`` (403), the body size (413) and the caller's ``other``
-    rate limit (429). Methods then read ``self.identity`` and use
-    :meth:`body` with :func:`handlers.schemas.load` for validated input.
+    rate limit (429), then loads the query string with the method's entry in
+    :attr:`query_schemas` into ``self.args`` (400 on an unknown, repeated or
+    bad parameter; a method without an entry takes none). Methods then read
+    ``self.identity``, ``self.args`` and :meth:`body` with
+    :func:`handlers.schemas.load` for validated input.
 
     Example::
 
@@ -164,9 +165,14 @@ class APIHandler(JSONHandler):
     #: Client errors of the API are logged here (see :class:`JSONHandler`).
     error_log = log
 
+    #: The query string's schema by HTTP method; a method not listed takes none.
+    query_schemas: ClassVar[dict[str, type[Schema]]] = {}
+
     def initialize(self, deps: Deps) -> None:
         super().initialize(deps)
         self._identity: Identity | None = None
+        #: The query string, loaded by ``prepare()`` with the method's schema.
+        self.args: dict[str, Any] = {}
 
     @property
     def identity(self) -> Identity:
@@ -191,12 +197,7 @@ class APIHandler(JSONHandler):
         if not decision.allowed:
             deps.security.rate_limited(self.user_id, "other")
             raise errors.RateLimited(details=decision.details())
-
-    def query(self) -> dict[str, str]:
-        """Query arguments, the last value of each (``?limit=5``)."""
-        return {
-            k: v[-1].decode("utf-8", "replace") for k, v in self.request.query_arguments.items()
-        }
+        self.args = self.query_args(self.query_schemas.get(self.request.method or "", NoQuery))
 
     def body(self) -> Any:
         try:
@@ -211,8 +212,10 @@ class APIHandler(JSONHandler):
 class NotificationsAPI(APIHandler):
     """``GET /api/v1/notifications`` (a page); ``POST`` creates them (role ``service``)."""
 
+    query_schemas: ClassVar[dict[str, type[Schema]]] = {"GET": NotificationQuery}
+
     async def get(self) -> None:
-        args = load(NotificationQuery, self.query())
+        args = self.args
         page = await self.deps.notifications.page(
             self.user_id, unread_only=args["unread_only"], limit=args["limit"],
             before=args["before"],
@@ -265,14 +268,18 @@ class NotificationAPI(APIHandler):
 
 
 class RoomMessagesAPI(APIHandler):
-    """``GET /api/v1/rooms/{roomId}/messages?limit=&beforeSeq=`` (members only)."""
+    """``GET /api/v1/rooms/{roomId}/messages?limit=&beforeSeq=&afterSeq=&before=&after=&offset=``.
+
+    Members only; the page and its bounds are those of ``room:get_messages``.
+    """
+
+    query_schemas: ClassVar[dict[str, type[Schema]]] = {"GET": HistoryQuery}
 
     async def get(self, raw_room_id: str) -> None:
-        args = load(HistoryQuery, {**self.query(), "roomId": raw_room_id})
+        room = load(RoomRef, {"roomId": raw_room_id})["room_id"]
         page = await self.deps.db.run(
-            "message.page", chat_db.get_messages,
-            args["room_id"], self.user_id, args["limit"], args["before_seq"], None,
-        )  # fmt: skip
+            "message.page", chat_db.get_messages, room, self.user_id, **self.args
+        )
         self.write_json(page)
 
 

@@ -423,7 +423,7 @@ class GatewayHandler(WebSocketHandler):
 
     def _answer_error(self, exc: errors.GatewayError, ack: int | None, event: str | None) -> None:
         self.metrics.errors.labels(exc.code).inc()
-        self.stats.errors.add()
+        self.stats.error(exc.status)
         if ack is not None:
             self.send_payload(protocol.ack_error_payload(ack, exc))
         else:

@@ -122,11 +122,10 @@ class ChatHandler(GatewayHandler):
     async def on_room_members(self, room_id: str) -> dict[str, Any]:
         return {"roomId": room_id, "members": await self.rooms.members(room_id, self.user_id)}
 
-    async def on_room_get_messages(
-        self, room_id: str, limit: int, before_seq: int | None, offset: int | None
-    ) -> dict[str, Any]:
+    async def on_room_get_messages(self, room_id: str, limit: int, **window: Any) -> dict[str, Any]:
+        # window: the schema's bounds (beforeSeq, afterSeq, before, after) and offset.
         return await self.db.run(
-            "message.page", chat_db.get_messages, room_id, self.user_id, limit, before_seq, offset
+            "message.page", chat_db.get_messages, room_id, self.user_id, limit, **window
         )
 
     async def on_room_read(self, room_id: str, seq: int) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
+from marshmallow import Schema
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from prometheus_client.openmetrics.exposition import (
     CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE,
@@ -23,6 +24,7 @@ from prometheus_client.openmetrics.exposition import (
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from tornado.web import RequestHandler
 
+from handlers.schemas import NoQuery, load
 from server import errors, protocol
 from server.auth import Identity
 from server.health import rss_bytes
@@ -100,6 +102,29 @@ class JSONHandler(RequestHandler):
         if isinstance(exc, errors.RateLimited) and isinstance(retry_ms, int):
             self.set_header("Retry-After", str(max(1, -(-retry_ms // 1000))))
         self.finish(orjson.dumps({"error": exc.to_dict()}))
+
+    def query_args(
+        self, schema: type[Schema] = NoQuery, *, blank_is_absent: bool = False
+    ) -> dict[str, Any]:
+        """The query string loaded by ``schema``, strictly.
+
+        An unknown parameter (``schema`` being a :class:`~handlers.schemas.Strict`
+        one), a repeated one or a malformed value is a 400 ``VALIDATION_ERROR``
+        naming it: query parameters are not payloads a newer client may
+        extend, and a misspelt filter must not answer as if there were none.
+        ``blank_is_absent`` reads ``?level=`` as no ``level`` at all.
+        """
+        values: dict[str, str] = {}
+        repeated: dict[str, list[str]] = {}
+        for name, raw in self.request.query_arguments.items():
+            if len(raw) > 1:
+                repeated[name] = ["Give this parameter once."]
+            value = raw[-1].decode("utf-8", "replace")
+            if value or not blank_is_absent:
+                values[name] = value
+        if repeated:
+            raise errors.ValidationFailed(details=repeated)
+        return load(schema, values)
 
     async def bearer_identity(self, roles: frozenset[str] | None) -> Identity:
         """The caller from ``Authorization: Bearer <jwt>``, holding one of ``roles``.
@@ -217,6 +242,7 @@ class WebSocketStatsHandler(JSONHandler):
                     "p95Ms": round(p95 * 1000, 3),
                     "p99Ms": round(p99 * 1000, 3),
                     "errorRate": round(deps.stats.error_ratio(), 4),
+                    "clientErrorRate": round(deps.stats.client_error_ratio(), 4),
                 },
                 "rateLimitViolations": _by_label(m.rate_limited, "bucket"),
                 "slowConsumers": int(_total(m.slow_consumers)),

@@ -38,7 +38,7 @@ from tornado.websocket import WebSocketClosedError
 
 from handlers.base import GatewayHandler
 from handlers.http import JSONHandler
-from handlers.schemas import EventSchema, Int, JSONObject, Text, Timestamp, load
+from handlers.schemas import EventSchema, Int, JSONObject, Strict, Text, Timestamp, load
 from server import errors, protocol
 from server.auth import Identity
 from server.logstream import (
@@ -335,6 +335,7 @@ class LogIngestHandler(_LogsHTTPHandler):
             if self._refusal is not None:
                 raise self._refusal
             assert self._identity is not None
+            self.query_args()
             try:
                 body = orjson.loads(b"".join(self._chunks))
             except orjson.JSONDecodeError:
@@ -351,7 +352,7 @@ class LogIngestHandler(_LogsHTTPHandler):
         self.write_json({"accepted": len(loaded["entries"])})
 
 
-class RecentQuery(Schema):
+class RecentQuery(Strict):
     limit = Int(1, MAX_RECENT, load_default=DEFAULT_RECENT)
     level = LevelField(load_default=None)
     service = fields.String(validate=validate.Length(1, 64), load_default=None)
@@ -363,9 +364,7 @@ class LogRecentHandler(_LogsHTTPHandler):
     async def get(self) -> None:
         try:
             await self.authorize(READER_ROLES)
-            query = {k: self.get_query_argument(k) for k in ("limit", "level", "service")
-                     if self.get_query_argument(k, "")}  # fmt: skip
-            loaded = load(RecentQuery, query)
+            loaded = self.query_args(RecentQuery, blank_is_absent=True)
         except errors.GatewayError as exc:
             self.send_error_for(exc)
             return
@@ -386,6 +385,7 @@ class LogStatsHandler(_LogsHTTPHandler):
     async def get(self) -> None:
         try:
             await self.authorize(READER_ROLES)
+            self.query_args()
         except errors.GatewayError as exc:
             self.send_error_for(exc)
             return

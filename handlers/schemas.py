@@ -1,9 +1,11 @@
 """One marshmallow schema per inbound event, and the bounded field types they use.
 
 Schemas load the client's camelCase ``data`` into snake_case keyword
-arguments for the handler's ``on_<event>`` method. Unknown fields are
-ignored (clients may be newer than the server); wrong or missing ones
-become ``VALIDATION_ERROR`` with per-field details.
+arguments for the handler's ``on_<event>`` method. Unknown fields of event
+payloads are ignored (clients may be newer than the server); wrong or
+missing ones become ``VALIDATION_ERROR`` with per-field details. Queries
+(:class:`Strict`: history requests, REST query strings) refuse unknown
+fields too: a misspelt filter would otherwise widen the answer silently.
 
 Every field is bounded, so no input can reach the database, the JSON
 encoder or a handler's arithmetic outside the range they handle: integers
@@ -23,7 +25,7 @@ import re
 from typing import Any
 
 import orjson
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate, validates_schema
 
 from server import errors
 from server.protocol import INT64_MAX
@@ -133,16 +135,29 @@ class Float(fields.Float):
 class Timestamp(fields.DateTime):
     """An ISO-8601 instant between :data:`MIN_TIMESTAMP` and :data:`MAX_TIMESTAMP`, as UTC.
 
-    Naive values are taken as UTC. Offsets that would carry the instant past
-    the calendar (``9999-12-31T23:00-05:00``) are out of range, not errors.
+    Naive values are taken as UTC, unless ``require_timezone``: query bounds
+    refuse them, since a naive instant would mean the server's local time,
+    which a client cannot know. Offsets that would carry the instant past the
+    calendar (``9999-12-31T23:00-05:00``) are out of range, not errors.
+
+    Example::
+
+        before = Timestamp(require_timezone=True, load_default=None)
     """
 
     default_error_messages = {
-        "range": f"Must be between {MIN_TIMESTAMP:%Y-%m-%d} and {MAX_TIMESTAMP:%Y-%m-%d} (UTC)."
+        "range": f"Must be between {MIN_TIMESTAMP:%Y-%m-%d} and {MAX_TIMESTAMP:%Y-%m-%d} (UTC).",
+        "naive": "Must include a timezone (Z or +hh:mm).",
     }
+
+    def __init__(self, require_timezone: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.require_timezone = require_timezone
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> dt.datetime:
         parsed = super()._deserialize(value, attr, data, **kwargs)
+        if self.require_timezone and parsed.tzinfo is None:
+            raise self.make_error("naive")
         try:
             utc = parsed.astimezone(dt.UTC) if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
         except OverflowError:
@@ -258,6 +273,50 @@ def room_topic(**kwargs: Any) -> Text:
     return Text(validate=validate.Length(0, MAX_TOPIC_CHARS), **kwargs)
 
 
+class Strict(EventSchema):
+    """A query: an unknown field is a ``VALIDATION_ERROR`` naming it, not ignored.
+
+    Query parameters are not payloads a newer client may extend; a typo
+    (``?befor=``) must not answer as if there were no filter.
+    """
+
+    class Meta:
+        unknown = RAISE
+
+
+class NoQuery(Strict):
+    """The query string of an endpoint that takes none: any parameter is refused."""
+
+
+#: The history window's cursors: any of them excludes ``offset``.
+HISTORY_CURSORS = {"before_seq": "beforeSeq", "after_seq": "afterSeq", "before": "before",
+                   "after": "after"}  # fmt: skip
+
+
+class HistoryWindow(Strict):
+    """A history page: ``limit`` messages, newest first, within exclusive bounds.
+
+    ``beforeSeq``/``before`` bound the window from above, ``afterSeq``/``after``
+    from below (dates compare with the millisecond ``createdAt`` clients
+    see). ``offset`` skips from the newest and takes no cursor.
+    """
+
+    limit = Int(1, 100, load_default=50)
+    before_seq = Int(1, data_key="beforeSeq", load_default=None)
+    after_seq = Int(0, data_key="afterSeq", load_default=None)
+    before = Timestamp(require_timezone=True, load_default=None)
+    after = Timestamp(require_timezone=True, load_default=None)
+    offset = Int(0, MAX_OFFSET, load_default=None)
+
+    @validates_schema
+    def _cursors_or_offset(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if data.get("offset") is None:
+            return
+        for name, key in HISTORY_CURSORS.items():
+            if data.get(name) is not None:
+                raise ValidationError(f"Use {key} or offset, not both.", key)
+
+
 class RoomCreate(EventSchema):
     room_id = room_id(load_default=None)
     name = room_name(required=True)
@@ -311,15 +370,8 @@ class RoomJoin(RoomRef):
     since_seq = Int(0, data_key="sinceSeq", load_default=None)
 
 
-class RoomMessages(RoomRef):
-    limit = Int(1, 100, load_default=50)
-    before_seq = Int(1, data_key="beforeSeq", load_default=None)
-    offset = Int(0, MAX_OFFSET, load_default=None)
-
-    @validates_schema
-    def _one_cursor(self, data: dict[str, Any], **kwargs: Any) -> None:
-        if data.get("before_seq") is not None and data.get("offset") is not None:
-            raise ValidationError("Use beforeSeq or offset, not both.", "beforeSeq")
+class RoomMessages(HistoryWindow):
+    room_id = room_id(required=True)
 
 
 class RoomRead(RoomRef):

@@ -118,6 +118,8 @@ class Message(BaseModel):
         indexes = (
             (("room", "seq"), True),
             (("sender_id", "client_msg_id"), True),
+            # History by date (migration 0003): a date's position in the room's order.
+            (("room", "created_at", "seq"), False),
         )
 
 

@@ -859,18 +859,91 @@ def _send_alone(request: SendRequest) -> Sent | errors.GatewayError:
 
 
 def get_messages(
-    room_id: str, user_id: str, limit: int, before_seq: int | None, offset: int | None
+    room_id: str,
+    user_id: str,
+    limit: int,
+    before_seq: int | None = None,
+    offset: int | None = None,
+    *,
+    after_seq: int | None = None,
+    before: dt.datetime | None = None,
+    after: dt.datetime | None = None,
 ) -> dict[str, Any]:
-    """A newest-first page; ``hasMore`` tells whether older messages exist."""
+    """A newest-first page of the window the bounds leave; every bound exclusive.
+
+    ``before_seq``/``before`` bound the window from above, ``after_seq``/
+    ``after`` from below. With a lower bound alone the page holds the oldest
+    messages of the window, those right after the bound, so a client pages
+    forward; otherwise the newest. ``hasMore`` tells whether the window holds
+    more in the paging direction (older; newer with a lower bound alone).
+    ``offset`` skips that many of the newest (callers give it no bound).
+
+    A date (aware) is a position in the room's order, found through the
+    ``(room, created_at, seq)`` index and then bounding ``seq``, so every
+    page is one seek of the ``(room, seq)`` index however old the date:
+    ``before`` stops before the first message created at or after it,
+    ``after`` starts past the last one created at or before it. Dates compare
+    at the millisecond clients see in ``createdAt``, so a message's own
+    ``createdAt`` excludes it.
+    """
     require_member(room_id, user_id)
+    forward = (after_seq, after) != (None, None) and (before_seq, before) == (None, None)
+    # No message on the far side of a date: it bounds nothing.
+    if before is not None:
+        cut = _seq_beside(room_id, _ms_ceiling(before), from_it=True)
+        if cut is not None:
+            before_seq = cut if before_seq is None else min(before_seq, cut)
+    if after is not None:
+        cut = _seq_beside(room_id, _ms_ceiling(after, strictly=True), from_it=False)
+        if cut is not None:
+            after_seq = cut if after_seq is None else max(after_seq, cut)
     query = Message.select().where(Message.room == room_id)
     if before_seq is not None:
         query = query.where(Message.seq < before_seq)
-    query = query.order_by(Message.seq.desc()).limit(limit + 1)
+    if after_seq is not None:
+        query = query.where(Message.seq > after_seq)
+    query = query.order_by(Message.seq if forward else Message.seq.desc()).limit(limit + 1)
     if offset:
         query = query.offset(offset)
     rows = list(query)
-    return {"messages": _message_dicts(rows[:limit]), "hasMore": len(rows) > limit}
+    page = rows[:limit]
+    if forward:
+        page.reverse()
+    return {"messages": _message_dicts(page), "hasMore": len(rows) > limit}
+
+
+def _seq_beside(room_id: str, stored: dt.datetime, *, from_it: bool) -> int | None:
+    """Seq of the room's first message created at or after ``stored`` (``from_it``),
+    or of its last one created before it; None when there is none."""
+    created = Message.created_at
+    query = Message.select(Message.seq).where(Message.room == room_id)
+    if from_it:
+        query = query.where(created >= stored).order_by(created, Message.seq)
+    else:
+        query = query.where(created < stored).order_by(created.desc(), Message.seq.desc())
+    seq: int | None = query.limit(1).scalar()
+    return seq
+
+
+_MILLISECOND = dt.timedelta(milliseconds=1)
+
+
+def _ms_ceiling(instant: dt.datetime, strictly: bool = False) -> dt.datetime:
+    """The first stored (naive UTC) time whose wire millisecond is at or past ``instant``.
+
+    Stored times keep microseconds but clients see milliseconds: "before T"
+    is "created before T rounded up to its millisecond"; with ``strictly``,
+    before the next millisecond after T's. Past the calendar's end, its last
+    instant (no stored time reaches it).
+    """
+    naive = instant.astimezone(dt.UTC).replace(tzinfo=None)
+    floor = naive.replace(microsecond=naive.microsecond // 1000 * 1000)
+    if floor == naive and not strictly:
+        return floor
+    try:
+        return floor + _MILLISECOND
+    except OverflowError:
+        return dt.datetime.max
 
 
 def _message_not_found(message_id: int) -> errors.MessageNotFound:

@@ -126,6 +126,7 @@ class AdminFeed:
                 "p50Ms": round(p50 * 1000, 3),
                 "p95Ms": round(p95 * 1000, 3),
                 "errorRate": round(self.stats.error_ratio(), 4),
+                "clientErrorRate": round(self.stats.client_error_ratio(), 4),
                 "eventLoopLagMs": round(self.health.loop_monitor.lag_secs * 1000, 2),
                 "samples": len(self.stats.latency),
             },

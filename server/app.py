@@ -100,6 +100,7 @@ def make_app(deps: Deps) -> Application:
         (r"/health", LivenessHandler),
         (r"/health/ready", ReadinessHandler),
         (r"/health/websocket", WebSocketHealthHandler),
+        (r"/websocket/health", WebSocketHealthHandler),  # seed 003's path for the same document
         (r"/metrics", MetricsHandler),
         (r"/websocket/stats", WebSocketStatsHandler),
     ]

@@ -5,7 +5,8 @@ Thresholds are documented here and in the README:
 - ``unhealthy``: the database does not answer.
 - ``degraded``: Redis (when configured) is down, or the event loop lags more
   than ``LOOP_LAG_DEGRADED_SECS``, or more than ``ERROR_RATE_DEGRADED`` of
-  recent events failed.
+  recent events failed on the server's side (status 500 and up; a client's
+  unknown events or invalid data show as ``clientErrorRate`` only).
 """
 
 from __future__ import annotations
@@ -188,5 +189,6 @@ class Health:
                 "memoryBytes": memory,
                 "eventLoopLagMs": round(lag * 1000, 2),
                 "errorRate": round(error_ratio, 4),
+                "clientErrorRate": round(self.stats.client_error_ratio(), 4),
             },
         }

@@ -151,15 +151,41 @@ class RoomStats:
 
 
 class Stats:
-    """The node's recent activity: events handled, errors answered, messages stored."""
+    """The node's recent activity: events handled, errors answered, messages stored.
+
+    Errors are kept apart by whose fault they are. A server failure (status
+    500 and up: an internal error, the database or Redis unavailable, a
+    timeout) is what health acts on; a client's mistake (an unknown event,
+    invalid data, a refusal: status 4xx) says nothing about the node, so it
+    only gets its own figure, lest one noisy client mark the node degraded.
+
+    Example::
+
+        stats.events.add()
+        stats.error(errors.ValidationFailed.status)  # a client error
+        stats.error_ratio()  # server failures per event, 0.0 here
+    """
 
     def __init__(self) -> None:
         self.events = EventRate()
-        self.errors = EventRate()
+        self.server_errors = EventRate()
+        self.client_errors = EventRate()
         self.messages = EventRate()
         self.latency = LatencyReservoir()
         self.rooms = RoomStats()
 
+    def error(self, status: int) -> None:
+        """Count one error answered with HTTP-style ``status`` (500+: the server's)."""
+        (self.server_errors if status >= 500 else self.client_errors).add()
+
     def error_ratio(self, secs: int = 60) -> float:
+        """Server failures per event handled over the last ``secs`` seconds."""
+        return self._ratio(self.server_errors, secs)
+
+    def client_error_ratio(self, secs: int = 60) -> float:
+        """Client errors per event handled over the last ``secs`` seconds."""
+        return self._ratio(self.client_errors, secs)
+
+    def _ratio(self, errors: EventRate, secs: int) -> float:
         events = self.events.count(secs)
-        return self.errors.count(secs) / events if events else 0.0
+        return errors.count(secs) / events if events else 0.0

@@ -536,7 +536,7 @@ async def test_metrics_update_on_connect_matches_activity(gateway):
     perf = data["performance"]
     assert perf["samples"] >= 5 + 1 + 2  # sends, create, joins
     assert 0 < perf["p50Ms"] <= perf["p95Ms"] < 5000
-    assert perf["errorRate"] == 0
+    assert perf["errorRate"] == 0 and perf["clientErrorRate"] == 0
     assert perf["eventLoopLagMs"] >= 0
     assert data["rooms"] == {
         "active": 1, "top": [{"roomId": "general", "activeUsers": 2, "messagesPerMinute": 5}],
@@ -579,8 +579,9 @@ async def feed_ticks(root: Client, count: int) -> None:
         await root.next_event("metrics:update", timeout=2.0)
 
 
-async def test_health_status_is_pushed_when_it_changes(gateway_factory):
-    gw = await gateway_factory(metrics_interval=0.2)
+async def test_health_status_is_pushed_when_it_changes(gateway_factory, own_postgres):
+    url = await asyncio.to_thread(own_postgres.create_database, "feed")
+    gw = await gateway_factory(metrics_interval=0.2, database_url=url)
     root = await admin(gw)
     # The current health comes with the welcome; changes follow.
     first = await root.next_event("health:status", timeout=1.0)
@@ -588,13 +589,28 @@ async def test_health_status_is_pushed_when_it_changes(gateway_factory):
     assert first["data"]["services"]["database"] == "up"
     await feed_ticks(root, 3)
     await assert_no_event(root, "health:status", ping=False)
-    # Unknown events are answered with errors: beyond 5 % the node is degraded.
+    # A client's mistakes are not the node's failures: they show apart, health stays.
     noisy = await gw.connect("noisy")
     for _ in range(10):
         await error(noisy, "no:such", {}, "UNKNOWN_EVENT")
-    changed = await root.next_event("health:status", timeout=3.0)
+    root.drain_events("metrics:update")
+    perf = (await root.next_event("metrics:update", timeout=2.0))["data"]["performance"]
+    assert perf["clientErrorRate"] > 0.05 and perf["errorRate"] == 0
+    # Barrier: a tick reads health after each snapshot, so one more snapshot
+    # means health was read after the errors.
+    await root.next_event("metrics:update", timeout=2.0)
+    await assert_no_event(root, "health:status", ping=False)
+    # Server-side failures do count: the database goes, events fail with it.
+    await asyncio.to_thread(own_postgres.kill)
+    for _ in range(5):
+        await error(noisy, "room:list", {}, "SERVICE_UNAVAILABLE")
+    down = await root.next_event("health:status", timeout=5.0)
+    assert (down["data"]["status"], down["data"]["previous"]) == ("unhealthy", "healthy")
+    # Back, but the failures of the last minute keep it degraded (beyond 5 %).
+    await asyncio.to_thread(own_postgres.start)
+    changed = await root.next_event("health:status", timeout=10.0)
     assert changed["data"]["status"] == "degraded"
-    assert changed["data"]["previous"] == "healthy"
+    assert changed["data"]["previous"] == "unhealthy"
     assert any("error rate" in r for r in changed["data"]["reasons"])
     # Ticks after the errors report the same error rate health acted on.
     root.drain_events("metrics:update")

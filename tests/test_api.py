@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 import pytest
@@ -318,6 +319,66 @@ async def test_room_messages_for_members_only(gateway):
     await fails(gateway, "GET", "/api/v1/rooms/general/messages?limit=500", 400,
                 "VALIDATION_ERROR", user="alice")  # fmt: skip
     await fails(gateway, "GET", "/api/v1/rooms/bad%20id/messages", 400, "VALIDATION_ERROR")
+
+
+async def test_room_messages_by_seq_and_date_bounds(gateway):
+    alice = await gateway.connect("alice")
+    await alice.emit("room:create", {"roomId": "general", "name": "General"})
+    await alice.emit("room:join", {"roomId": "general"})
+    sent = [
+        (await alice.emit("message:send", {"roomId": "general", "content": f"m{i}"}))["message"]
+        for i in range(5)
+    ]
+    path = "/api/v1/rooms/general/messages"
+    page = await ok(gateway, "GET", f"{path}?afterSeq=1&limit=2", user="alice")
+    assert [m["seq"] for m in page["messages"]] == [3, 2] and page["hasMore"] is True
+    page = await ok(gateway, "GET", f"{path}?afterSeq=1&beforeSeq=4", user="alice")
+    assert [m["seq"] for m in page["messages"]] == [3, 2] and page["hasMore"] is False
+    page = await ok(gateway, "GET", f"{path}?offset=3&limit=5", user="alice")
+    assert [m["seq"] for m in page["messages"]] == [2, 1]
+    last = sent[-1]["createdAt"]
+    page = await ok(gateway, "GET", f"{path}?before={quote(last)}", user="alice")
+    assert [m["seq"] for m in page["messages"]] == [
+        m["seq"] for m in reversed(sent) if m["createdAt"] < last
+    ]
+    page = await ok(gateway, "GET", f"{path}?after={quote(last)}", user="alice")
+    assert page == {"messages": [], "hasMore": False}
+    page = await ok(gateway, "GET", f"{path}?after=2001-01-01T00:00%2B02:00&limit=1", user="alice")
+    assert [m["seq"] for m in page["messages"]] == [1] and page["hasMore"] is True
+
+
+async def test_unknown_repeated_or_bad_query_parameters_are_400_naming_them(gateway):
+    alice = await gateway.connect("alice")
+    await alice.emit("room:create", {"roomId": "general", "name": "General"})
+    history = "/api/v1/rooms/general/messages"
+    for query, field in (
+        ("befor=2026-01-01T00:00:00Z", "befor"),  # a typo must not read as "no filter"
+        ("before=2026-01-01T00:00:00", "before"),  # naive: refused, not guessed
+        ("after=tomorrow", "after"),
+        ("afterSeq=-1", "afterSeq"),
+        ("limit=1&limit=2", "limit"),
+        ("roomId=other", "roomId"),  # the room is the path's
+        ("beforeSeq=3&offset=1", "beforeSeq"),
+        ("after=2026-01-01T00:00:00Z&offset=1", "after"),
+    ):
+        details = await fails(gateway, "GET", f"{history}?{query}", 400, "VALIDATION_ERROR",
+                              user="alice")  # fmt: skip
+        assert list(details) == [field], (query, details)
+    # Every REST query string is strict, endpoints that take none included.
+    admin = {"user": "root", "roles": ("admin",)}
+    publish = {"target": {"all": True}, "event": "x:y"}
+    entries = {"entries": [{"level": "info", "message": "m"}]}
+    for method, path, field, body, who in (
+        ("GET", "/api/v1/notifications?unread=true", "unread", None, {}),
+        ("GET", "/api/v1/notifications/unread/count?since=1", "since", None, {}),
+        ("POST", "/api/v1/notifications/read-all?all=1", "all", {}, {}),
+        ("POST", "/api/v1/publish?dryRun=1", "dryRun", publish, SERVICE),
+        ("GET", "/api/v1/logs/recent?lvl=error", "lvl", None, admin),
+        ("GET", "/api/v1/logs/stats?since=1", "since", None, admin),
+        ("POST", "/api/v1/logs?async=1", "async", entries, SERVICE),
+    ):
+        details = await fails(gateway, method, path, 400, "VALIDATION_ERROR", body, **who)
+        assert list(details) == [field], (path, details)
 
 
 async def test_out_of_range_numbers_and_ids_are_400_naming_the_field(gateway):

@@ -542,6 +542,110 @@ async def test_history_errors(gateway):
     assert (await history(alice, "general", limit=100))["messages"] == []
 
 
+async def test_history_pages_forward_from_a_lower_bound(gateway):
+    alice = await gateway.connect("alice")
+    await room(alice, "general")
+    for i in range(1, 8):
+        await send(alice, "general", f"m{i}")
+    for bounds, want, more in (
+        # A lower bound alone: the oldest of the window, still newest first;
+        # hasMore says newer ones remain.
+        ({"limit": 3, "afterSeq": 2}, [5, 4, 3], True),
+        ({"limit": 3, "afterSeq": 5}, [7, 6], False),
+        ({"limit": 3, "afterSeq": 0}, [3, 2, 1], True),
+        ({"afterSeq": 7}, [], False),
+        # Both bounds: the newest of the window; hasMore says older ones remain in it.
+        ({"limit": 2, "afterSeq": 2, "beforeSeq": 6}, [5, 4], True),
+        ({"limit": 2, "afterSeq": 3, "beforeSeq": 6}, [5, 4], False),
+        ({"afterSeq": 4, "beforeSeq": 5}, [], False),
+    ):
+        page = await history(alice, "general", **bounds)
+        assert (seqs(page["messages"]), page["hasMore"]) == (want, more), bounds
+
+
+def shifted(instant: str, **offset: int) -> str:
+    """``instant`` (``...Z``) written in another timezone, or moved by ``microseconds``."""
+    moment = dt.datetime.fromisoformat(instant.replace("Z", "+00:00"))
+    moment += dt.timedelta(microseconds=offset.pop("microseconds", 0))
+    return moment.astimezone(dt.timezone(dt.timedelta(**offset))).isoformat()
+
+
+async def test_history_by_date(gateway):
+    alice = await gateway.connect("alice")
+    await room(alice, "general")
+    sent = [await send(alice, "general", "m")]
+    # Until the messages span three distinct milliseconds (no sleeping: a send takes time).
+    while len({m["createdAt"] for m in sent}) < 3:
+        sent.append(await send(alice, "general", "m"))
+    times = sorted({m["createdAt"] for m in sent})  # ISO-8601 Z strings sort by time
+
+    def older(t: str) -> list[int]:
+        return [m["seq"] for m in reversed(sent) if m["createdAt"] < t]
+
+    def newer(t: str) -> list[int]:
+        return [m["seq"] for m in sent if m["createdAt"] > t]
+
+    for t in times:
+        # A message's own createdAt excludes it, on either side.
+        page = await history(alice, "general", before=t)
+        assert seqs(page["messages"]) == older(t) and page["hasMore"] is False
+        page = await history(alice, "general", after=t, limit=2)
+        assert seqs(page["messages"]) == newer(t)[:2][::-1]
+        assert page["hasMore"] is (len(newer(t)) > 2)
+    middle = times[1]
+    assert older(middle) and newer(middle)
+    # The same instant in another timezone is the same bound.
+    for offset in ({"hours": 5, "minutes": 30}, {"hours": -8}):
+        page = await history(alice, "general", before=shifted(middle, **offset))
+        assert seqs(page["messages"]) == older(middle)
+    # Within the millisecond after createdAt the message is before the bound.
+    page = await history(alice, "general", before=shifted(middle, microseconds=500))
+    assert seqs(page["messages"]) == [m["seq"] for m in reversed(sent) if m["createdAt"] <= middle]
+    # Dates and seqs bound together; the tightest bound wins.
+    window = older(times[-1])
+    page = await history(alice, "general", before=times[-1], afterSeq=window[-1], limit=1)
+    assert seqs(page["messages"]) == window[:1] and page["hasMore"] is (len(window) > 2)
+    page = await history(alice, "general", before=times[-1], beforeSeq=2)
+    assert seqs(page["messages"]) == [1]
+    # Dates beyond every message.
+    all_seqs = [m["seq"] for m in reversed(sent)]
+    assert await history(alice, "general", before="2000-01-01T00:00:00Z") == {
+        "messages": [], "hasMore": False,
+    }  # fmt: skip
+    page = await history(alice, "general", before="9999-12-31T23:59:59.999999Z")
+    assert seqs(page["messages"]) == all_seqs
+    page = await history(alice, "general", after="2000-01-01T00:00:00+00:00", limit=2)
+    assert seqs(page["messages"]) == [2, 1] and page["hasMore"] is True
+    page = await history(alice, "general", after="9999-12-31T23:59:59.999999Z")
+    assert page == {"messages": [], "hasMore": False}
+
+
+async def test_history_refuses_bad_and_unknown_fields(gateway):
+    alice = await gateway.connect("alice")
+    await room(alice, "general")
+    await send(alice, "general")
+    general = {"roomId": "general"}
+    for bad, field in (
+        ({"before": "2026-01-01T00:00:00"}, "before"),  # naive: whose midnight?
+        ({"after": "2026-01-01 10:00"}, "after"),
+        ({"before": "yesterday"}, "before"),
+        ({"after": 1764000000}, "after"),
+        ({"before": "1999-12-31T23:59:59Z"}, "before"),
+        ({"afterSeq": -1}, "afterSeq"),
+        ({"afterSeq": "3"}, None),  # digits in a string are a number: no error
+        ({"befor": "2026-01-01T00:00:00Z"}, "befor"),
+        ({"beforeSeq": 3, "sinceSeq": 1}, "sinceSeq"),
+        ({"before": "2026-01-01T00:00:00Z", "offset": 1}, "before"),
+        ({"afterSeq": 1, "offset": 1}, "afterSeq"),
+        ({"after": "2026-01-01T00:00:00Z", "offset": 0}, "after"),
+    ):
+        if field is None:
+            assert (await history(alice, "general", **bad))["messages"] == []
+            continue
+        exc = await error(alice, "room:get_messages", {**general, **bad}, "VALIDATION_ERROR")
+        assert list(exc.details) == [field], (bad, exc.details)
+
+
 # -- room:read ----------------------------------------------------------------------
 
 

@@ -25,6 +25,10 @@ from tests.conftest import ROOMY_RATE_LIMITS
 
 pytestmark = pytest.mark.asyncio
 
+ALL_MIGRATIONS = [
+    "0001_initial", "0002_room_mute", "0003_room_topic", "0004_message_created_at_index",
+]
+
 
 async def test_nodes_starting_together_migrate_a_fresh_database_once(postgres: Any) -> None:
     for attempt in range(3):
@@ -34,7 +38,7 @@ async def test_nodes_starting_together_migrate_a_fresh_database_once(postgres: A
             # Every node migrates at the same moment; none may fail.
             await asyncio.gather(*(node.start() for node in nodes))
             rows = await nodes[0].run_bare("check", applied_migrations, nodes[0])
-            assert rows == ["0001_initial", "0002_room_mute", "0003_room_topic"], attempt
+            assert rows == ALL_MIGRATIONS, attempt
         finally:
             for node in nodes:
                 await node.close()
@@ -95,7 +99,7 @@ async def test_upgrading_from_0001_keeps_the_mutes_in_force(
     muted_until = (utcnow() + dt.timedelta(seconds=600)).replace(microsecond=0)
     fill_at_0001(open_database(url), muted_until)
 
-    # A node of today's code starts on it and migrates (0002).
+    # A node of today's code starts on it and migrates (0002 and later).
     gw = await gateway_factory(
         env="production", jwt_secret="x" * 40, allowed_origins="http://app.test",
         rate_limits=ROOMY_RATE_LIMITS, database_url=url,
@@ -126,8 +130,8 @@ async def test_upgrading_from_0001_keeps_the_mutes_in_force(
         ("general", "bob", "mod", "calm", muted_until)
     ]
     names = await gw.node.db.run_bare("test.applied", applied_migrations, gw.node.db)
-    assert names == ["0001_initial", "0002_room_mute", "0003_room_topic"]
-    # 0003: the room from before has an empty topic, and may be given one.
+    assert names == ALL_MIGRATIONS
+    # 0003_room_topic: the room from before has an empty topic, and may be given one.
     joined = await dave.emit("room:join", {"roomId": "general"})
     assert joined["room"]["topic"] == ""
     alice = await gw.connect("alice")

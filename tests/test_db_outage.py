@@ -73,3 +73,9 @@ async def test_a_database_outage_is_service_unavailable_on_every_surface(
     assert [m["content"] for m in page["messages"]] == ["before"]
     assert (await send(alice, "general", "after"))["seq"] == 2
     assert (await history(gw, token))[0] == 200
+    # The outage was the server's failure: it counts in health's error rate.
+    response = await AsyncHTTPClient().fetch(f"{gw.http}/health/websocket")
+    health = orjson.loads(response.body)
+    assert health["metrics"]["errorRate"] > 0.05 and health["metrics"]["clientErrorRate"] == 0
+    assert health["status"] == "degraded"
+    assert any("error rate" in reason for reason in health["reasons"])

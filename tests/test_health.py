@@ -19,6 +19,7 @@ from tornado.httpclient import AsyncHTTPClient
 from server.health import RedisPing
 from tests.support.services import PostgresServer, RedisServer, require_binary
 from tests.support.waiting import eventually
+from tests.test_chat import error
 
 pytestmark = pytest.mark.asyncio
 
@@ -65,6 +66,28 @@ async def test_ready_and_healthy_on_sqlite_without_redis(gateway: Any) -> None:
     assert body["services"] == {"database": "up", "redis": "disabled", "websocket": "up"}
 
 
+async def test_seed_path_answers_as_health_websocket(gateway: Any) -> None:
+    # Seed 003 polls /websocket/health: the same document, not a 404.
+    answers = [await get(gateway, path) for path in ("/health/websocket", "/websocket/health")]
+    for status, body in answers:
+        assert status == 200 and body["status"] == "healthy" and body["reasons"] == []
+    (_, ours), (_, seeds) = answers
+    assert set(seeds) == set(ours) and set(seeds["metrics"]) == set(ours["metrics"])
+    assert seeds["services"] == ours["services"]
+
+
+async def test_client_errors_leave_health_healthy(gateway: Any) -> None:
+    noisy = await gateway.connect("noisy")
+    for _ in range(10):
+        await error(noisy, "no:such", {}, "UNKNOWN_EVENT")
+        await error(noisy, "room:get_messages", {"roomId": "bad id"}, "VALIDATION_ERROR")
+    for path in ("/health/websocket", "/websocket/health"):
+        status, body = await get(gateway, path)
+        assert status == 200 and body["status"] == "healthy" and body["reasons"] == []
+        assert body["metrics"]["errorRate"] == 0
+        assert body["metrics"]["clientErrorRate"] > 0.9  # 20 of the 20 events
+
+
 async def test_database_down_then_back(
     gateway_factory: Callable[..., Any], own_postgres: PostgresServer
 ) -> None:
@@ -81,6 +104,7 @@ async def test_database_down_then_back(
     assert "database unreachable" in body["reasons"]
     status, health = await get(gw, "/health/websocket")
     assert status == 503 and health["status"] == "unhealthy"
+    assert (await get(gw, "/websocket/health"))[0] == 503
     assert health["services"]["database"] == "down"
     assert health["metrics"]["activeConnections"] == 1
     # Liveness is about the process, not its dependencies.

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.stats import EventRate, LatencyReservoir, RoomStats
+from server import errors
+from server.stats import EventRate, LatencyReservoir, RoomStats, Stats
 
 
 def test_percentiles_are_nearest_rank_over_the_last_samples():
@@ -61,3 +62,16 @@ def test_idle_rooms_drop_their_counters_but_keep_peaks():
     assert activity.messages is None and activity.peak_users == 4
     rooms.message("general", 1100.0)
     assert rooms.per_minute("general", 1100.5) == 1
+
+
+def test_errors_split_into_server_failures_and_client_mistakes():
+    stats = Stats()
+    assert (stats.error_ratio(), stats.client_error_ratio()) == (0.0, 0.0)  # no events yet
+    for _ in range(10):
+        stats.events.add()
+    for status in (400, 403, 404, 429):  # the client's doing: not the node's health
+        stats.error(status)
+    stats.error(errors.InternalError.status)
+    stats.error(errors.DatabaseUnavailable.status)
+    assert stats.error_ratio() == pytest.approx(0.2)
+    assert stats.client_error_ratio() == pytest.approx(0.4)

@@ -71,6 +71,9 @@ async def test_admin_sees_figures_matching_real_activity(gateway_factory: Any) -
     assert body["errorsByCode"] == {"RATE_LIMITED": 1, "UNKNOWN_EVENT": 1}
     assert body["slowConsumers"] == 0
     assert body["events"]["total"] >= 7
+    # Both refusals were the clients' doing: no server failure to report.
+    assert body["events"]["errorRate"] == 0
+    assert body["events"]["clientErrorRate"] == pytest.approx(2 / body["events"]["total"], abs=1e-4)
     assert body["eventLoopLagMs"] >= 0
     assert body["memoryBytes"] > 10 * 1024 * 1024
     config = body["config"]
