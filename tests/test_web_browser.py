@@ -4,8 +4,9 @@ Two browser contexts sign in as two users (one at phone width), join a room,
 see each other's presence and typing, exchange, react to, edit and delete
 messages; markup in a message stays text; both pages survive a gateway
 restart and recover, exactly once, a message sent while they were away; a
-page in 20 rooms comes back with one request. A mention lights the other user's bell; an admin watches live figures, kicks a
-user and sees the kick in the live log page. Screenshots of the main views go
+page in 20 rooms comes back with one request. A mention lights the other
+user's bell; an admin watches live figures, kicks a user and sees the kick
+in the live log page. Screenshots of the main views go
 to tests/artifacts/ (git-ignored).
 """
 
@@ -225,7 +226,9 @@ IN_TWENTY_ROOMS_JS = """async (rooms) => {
   window.sb = sb;
   window.got = [];
   window.reconnected = [];
-  sb.on("message:new", (d) => window.got.push([d.message.roomId, d.message.content, !!d.recovered]));
+  sb.on("message:new", (d) => {
+    window.got.push([d.message.roomId, d.message.content, !!d.recovered]);
+  });
   sb.on("client:reconnected", (info) => window.reconnected.push(info.rooms));
   await sb.connect();
   for (const roomId of rooms) {
