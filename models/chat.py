@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 import peewee as pw
 
-from models import Message, Reaction, Room, RoomMember, RoomMute, User, utcnow
+from models import Message, Reaction, Room, RoomMember, RoomMute, User, new_epoch, utcnow
 from models.moderation import bans_in_force, mute_in_force
 from server import errors
 from server.protocol import iso
@@ -317,6 +317,19 @@ def resume_rooms(user_id: str, requests: list[ResumeRequest]) -> list[dict[str, 
                 answer["missed"] = missed
         out.append(answer)
     return out
+
+
+def renew_epochs() -> int:
+    """Give every room a new epoch; returns how many (``switchboard renew-epochs``).
+
+    For a database restored from a backup: its rooms' seqs count again from
+    where the backup stood, so a client's ``sinceSeq`` from before means
+    other messages; a new epoch makes ``room:resume`` answer ``reset``.
+    """
+    room_ids = [room.id for room in Room.select(Room.id)]
+    for room_id in room_ids:
+        Room.update(epoch=new_epoch()).where(Room.id == room_id).execute()
+    return len(room_ids)
 
 
 def leave_room(room_id: str, user_id: str) -> None:

@@ -10,6 +10,7 @@ client's).
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from models import Message, Room, RoomMember
 from models import chat as chat_db
 from switchboard_client import Client
 from tests.support.client_checks import assert_no_event, barrier, settle
+from tests.web.gateway import REPO_ROOT
 from tests.test_chat import error, invalid, join, room, send, seqs, users
 
 pytestmark = pytest.mark.asyncio
@@ -143,6 +145,23 @@ async def test_a_stale_epoch_is_answered_reset(gateway):
     await assert_no_event(bob, "message:new")
     joined = await join(bob, "general")
     assert joined["room"]["epoch"] == created["epoch"]
+
+
+async def test_epochs_renewed_after_a_restore_answer_reset(gateway):
+    """``switchboard renew-epochs``, run by an operator after restoring a backup."""
+    alice, bob = await users(gateway, "alice", "bob")
+    await room(alice, "general")
+    before = entry(await join(bob, "general"))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server", "renew-epochs",
+        "--database-url", gateway.config.database_url,
+        cwd=REPO_ROOT, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    assert (proc.returncode, out) == (0, b"renewed the epoch of 1 room(s)\n")
+    answers = await resume(bob, before)
+    assert answers["general"]["status"] == "reset"
+    assert (await join(bob, "general"))["room"]["epoch"] != before["epoch"]
 
 
 async def test_a_since_seq_beyond_the_room_is_answered_reset(gateway):
