@@ -19,8 +19,8 @@ from models import Message, Room, RoomMember
 from models import chat as chat_db
 from switchboard_client import Client
 from tests.support.client_checks import assert_no_event, barrier, settle
-from tests.web.gateway import REPO_ROOT
 from tests.test_chat import error, invalid, join, room, send, seqs, users
+from tests.web.gateway import REPO_ROOT
 
 pytestmark = pytest.mark.asyncio
 
