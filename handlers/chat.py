@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from marshmallow import Schema
@@ -23,6 +24,7 @@ from handlers.base import GatewayHandler, Reply
 from models import chat as chat_db
 from server import errors
 from server.hub import Target
+from server.rooms import Joined
 
 if TYPE_CHECKING:
     from handlers.deps import Deps
@@ -36,6 +38,7 @@ class ChatHandler(GatewayHandler):
         "room:create": s.RoomCreate,
         "room:list": s.RoomList,
         "room:join": s.RoomJoin,
+        "room:resume": s.RoomResume,
         "room:leave": s.RoomRef,
         "room:members": s.RoomRef,
         "room:get_messages": s.RoomMessages,
@@ -56,6 +59,7 @@ class ChatHandler(GatewayHandler):
         "message:edit": "messages",
         "message:react": "messages",
         "room:join": "joins",
+        "room:resume": "joins",
         "room:create": "joins",
         "room:update": "joins",
         "typing:start": "typing",
@@ -96,22 +100,43 @@ class ChatHandler(GatewayHandler):
         self, room_id: str, password: str | None, since_seq: int | None
     ) -> Reply:
         joined = await self.rooms.join(self, room_id, password, since_seq)
+        return Reply(joined.result, await self._settle_joins([joined]))
+
+    async def on_room_resume(self, rooms: list[dict[str, Any]]) -> Reply:
+        requests = [chat_db.ResumeRequest(**room) for room in rooms]
+        joins = await self.rooms.resume(self, requests)
+        resumed = [joined for joined in joins if joined.result["status"] == "resumed"]
+        release = await self._settle_joins(resumed)
+        return Reply({"rooms": [joined.result for joined in joins]}, release)
+
+    async def _settle_joins(self, joins: list[Joined]) -> Callable[[], None]:
+        """This connection's part of joining (or resuming) rooms; returns the after-ack release.
+
+        The rooms go on the connection's list, a user's first connection in a
+        room here is announced, their missed-messages notices go. The release
+        sends each room's held frames after its last seq in the ack: the ack
+        must precede them, they carry later seqs.
+        """
         try:
-            if room_id not in self.member_rooms:
-                self.member_rooms.append(room_id)
-            if not (self._closing or self._gone):
-                if joined.first_here:
-                    await self.rooms.announce_joined(self, self.user_info, room_id)
-                self.rooms.seen(self.user_id, room_id)
+            for joined in joins:
+                if joined.room_id not in self.member_rooms:
+                    self.member_rooms.append(joined.room_id)
+                if not (self._closing or self._gone):
+                    if joined.first_here:
+                        await self.rooms.announce_joined(self, self.user_info, joined.room_id)
+                    self.rooms.seen(self.user_id, joined.room_id)
         except BaseException:
             # Still subscribed: what was held back goes out in full.
-            self.hub.finish_join(self, room_id, None)
+            for joined in joins:
+                self.hub.finish_join(self, joined.room_id, None)
             raise
-        if not joined.held:
-            return Reply(joined.result, lambda: None)
-        # The ack must precede the held frames; they carry later seqs.
-        last = joined.last_seq
-        return Reply(joined.result, lambda: self.hub.finish_join(self, room_id, last))
+
+        def release() -> None:
+            for joined in joins:
+                if joined.held:
+                    self.hub.finish_join(self, joined.room_id, joined.last_seq)
+
+        return release
 
     async def on_room_leave(self, room_id: str) -> dict[str, Any]:
         await self.rooms.leave(self, self.user_info, room_id)

@@ -370,6 +370,29 @@ class RoomJoin(RoomRef):
     since_seq = Int(0, data_key="sinceSeq", load_default=None)
 
 
+#: Rooms one ``room:resume`` may name (``server.rooms.MAX_RESUME_ROOMS``).
+MAX_RESUME_ROOMS = 500
+
+
+class ResumedRoom(RoomRef):
+    """One room of a ``room:resume``: the contiguous seq the client holds and its epoch."""
+
+    since_seq = Int(0, data_key="sinceSeq", required=True)
+    epoch = Str(16, min_chars=0, required=True)
+
+
+class RoomResume(EventSchema):
+    rooms = fields.List(
+        fields.Nested(ResumedRoom), required=True, validate=validate.Length(0, MAX_RESUME_ROOMS)
+    )
+
+    @validates_schema
+    def _each_room_once(self, data: dict[str, Any], **kwargs: Any) -> None:
+        room_ids = [room["room_id"] for room in data.get("rooms", [])]
+        if len(set(room_ids)) != len(room_ids):
+            raise ValidationError("Name each roomId once.", "rooms")
+
+
 class RoomMessages(HistoryWindow):
     room_id = room_id(required=True)
 

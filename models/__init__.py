@@ -9,6 +9,7 @@ belong to a model live beside it (``models/chat.py`` for rooms and messages).
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 from typing import Any
 
 import orjson
@@ -28,6 +29,15 @@ class JSONField(pw.TextField):
 
     def python_value(self, value: Any) -> Any:
         return None if value is None else orjson.loads(value)
+
+
+def new_epoch() -> str:
+    """A room epoch: random, so that no two incarnations of a room id share one."""
+    return secrets.token_hex(EPOCH_BYTES)
+
+
+#: Random bytes of a room epoch (hex: twice as many characters).
+EPOCH_BYTES = 6
 
 
 class BaseModel(pw.Model):
@@ -58,6 +68,12 @@ class Room(BaseModel):
     owner_id = pw.CharField(max_length=128)
     # Highest seq handed out; bumped in the same transaction as the insert.
     last_seq = pw.BigIntegerField(default=0)
+    # Which history the seqs count in (migration 0005): a room recreated under
+    # its id or a database restored from a backup has another one, so that a
+    # client's sinceSeq from before is answered "reset", never trusted
+    # (room:resume). Rows inserted by a node of older code get '' (the
+    # column's database default), an epoch like any other.
+    epoch = pw.CharField(max_length=16, default=new_epoch)
     created_at = pw.DateTimeField(default=utcnow)
     last_activity_at = pw.DateTimeField(default=utcnow)
     deleted_at = pw.DateTimeField(null=True)

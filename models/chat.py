@@ -20,12 +20,16 @@ from typing import Any
 import orjson
 import peewee as pw
 
-from models import Message, Reaction, Room, RoomMember, RoomMute, User, utcnow
+from models import Message, Reaction, Room, RoomMember, RoomMute, User, new_epoch, utcnow
 from models.moderation import bans_in_force, mute_in_force
 from server import errors
 from server.protocol import iso
 
 RECOVERY_LIMIT = 500
+#: Missed messages one room:resume answer carries over all its rooms; the
+#: rooms beyond are resumed with ``recovered: false`` (the client pages), so
+#: one ack stays a bounded frame however many rooms a client comes back to.
+RESUME_MISSED_LIMIT = 2000
 _PASSWORD_ITERATIONS = 120_000
 
 
@@ -149,6 +153,7 @@ def room_dict(room: Room, member_count: int | None = None) -> dict[str, Any]:
         "ownerId": room.owner_id,
         "hasPassword": room.password_hash is not None,
         "lastSeq": room.last_seq,
+        "epoch": room.epoch,
         "createdAt": iso(room.created_at),
         "lastActivityAt": iso(room.last_activity_at),
     }
@@ -239,17 +244,92 @@ def join_room(room_id: str, user_id: str, since_seq: int | None) -> dict[str, An
         "missed": [],
     }
     if since_seq is not None:
-        query = (
-            Message.select()
-            .where((Message.room == room_id) & (Message.seq > since_seq))
-            .order_by(Message.seq)
-            .limit(RECOVERY_LIMIT + 1)
-        )
-        missed = list(query)
-        if len(missed) <= RECOVERY_LIMIT:
+        missed = _missed_since(room_id, since_seq, RECOVERY_LIMIT)
+        if missed is not None:
             result["recovered"] = True
-            result["missed"] = _message_dicts(missed)
+            result["missed"] = missed
     return result
+
+
+def _missed_since(room_id: str, since_seq: int, limit: int) -> list[dict[str, Any]] | None:
+    """The room's messages after ``since_seq`` in seq order; None if more than ``limit``."""
+    query = (
+        Message.select()
+        .where((Message.room == room_id) & (Message.seq > since_seq))
+        .order_by(Message.seq)
+        .limit(limit + 1)
+    )
+    missed = list(query)
+    return _message_dicts(missed) if len(missed) <= limit else None
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeRequest:
+    """One room of a ``room:resume``: where the client's contiguous history ends."""
+
+    room_id: str
+    since_seq: int
+    epoch: str
+
+
+def resume_rooms(user_id: str, requests: list[ResumeRequest]) -> list[dict[str, Any]]:
+    """Per room, in request order, ``{roomId, status, recovered, missed}``.
+
+    ``status`` is ``gone`` when the room does not exist (or was deleted),
+    ``forbidden`` when the user is no longer a member, ``reset`` when the
+    client's history is not this room's: another epoch (the id was given to
+    a new room, the database was restored), or a ``sinceSeq`` beyond the
+    room's last seq (restored from a backup older than what the client saw);
+    otherwise ``resumed`` with the messages after ``sinceSeq`` as
+    :func:`join_room` gives them (``recovered: false`` and none beyond
+    :data:`RECOVERY_LIMIT`, or once :data:`RESUME_MISSED_LIMIT` is spent).
+    Unlike :func:`join_room` it makes nobody a member: resuming is coming
+    back to rooms, not joining new ones.
+    """
+    room_ids = [r.room_id for r in requests]
+    rooms = {
+        room.id: room
+        for room in Room.select(Room.id, Room.epoch, Room.last_seq)
+        .where(Room.id.in_(room_ids) & Room.deleted_at.is_null())
+    }  # fmt: skip
+    member_of = {
+        m.room_id
+        for m in RoomMember.select(RoomMember.room)
+        .where(RoomMember.room.in_(room_ids) & (RoomMember.user_id == user_id))
+    }  # fmt: skip
+    budget = RESUME_MISSED_LIMIT
+    out = []
+    for r in requests:
+        answer: dict[str, Any] = {"roomId": r.room_id, "recovered": False, "missed": []}
+        room = rooms.get(r.room_id)
+        if room is None:
+            answer["status"] = "gone"
+        elif r.room_id not in member_of:
+            answer["status"] = "forbidden"
+        elif room.epoch != r.epoch or r.since_seq > room.last_seq:
+            answer["status"] = "reset"
+        else:
+            answer["status"] = "resumed"
+            missed = _missed_since(r.room_id, r.since_seq, min(RECOVERY_LIMIT, budget))
+            if missed is not None:
+                budget -= len(missed)
+                answer["recovered"] = True
+                answer["missed"] = missed
+        out.append(answer)
+    return out
+
+
+def renew_epochs() -> int:
+    """Give every room a new epoch; returns how many (``switchboard renew-epochs``).
+
+    For a database restored from a backup: its rooms' seqs count again from
+    where the backup stood, so a client's ``sinceSeq`` from before means
+    other messages; a new epoch makes ``room:resume`` answer ``reset``.
+    """
+    room_ids = [room.id for room in Room.select(Room.id)]
+    for room_id in room_ids:
+        Room.update(epoch=new_epoch()).where(Room.id == room_id).execute()
+    return len(room_ids)
 
 
 def leave_room(room_id: str, user_id: str) -> None:

@@ -1,10 +1,11 @@
-"""The ``switchboard`` command: ``serve``, ``token`` and ``tail``.
+"""The ``switchboard`` command: ``serve``, ``token``, ``tail`` and ``renew-epochs``.
 
 Example::
 
     switchboard serve --port 8080
     switchboard token alice --role admin --ttl 600
     switchboard tail --level WARNING --service billing
+    switchboard renew-epochs --database-url postgresql://...  # after restoring a backup
 """
 
 from __future__ import annotations
@@ -120,6 +121,12 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--name", help="username (default: the user id)")
     token.add_argument("--display-name", dest="display_name")
     _add_tail_parser(sub)
+    epochs = sub.add_parser(
+        "renew-epochs",
+        help="give every room a new epoch (after restoring a database backup): "
+        "clients then reload rooms instead of resuming them",
+    )
+    epochs.add_argument("--database-url", dest="database_url")
     return parser
 
 
@@ -151,7 +158,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"switchboard: configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(config)
+    if args.command == "renew-epochs":
+        return asyncio.run(_renew_epochs(config))
     return asyncio.run(_serve(config))
+
+
+async def _renew_epochs(config: Config) -> int:
+    from models import chat as chat_db
+    from server.db import Database
+
+    db = Database(config.database_url)
+    try:
+        await db.start()  # a backup may predate the epoch column: migrate first
+        count = await db.run("room.renew_epochs", chat_db.renew_epochs)
+    finally:
+        await db.close()
+    print(f"renewed the epoch of {count} room(s)", flush=True)
+    return 0
 
 
 async def _serve(config: Config) -> int:

@@ -26,7 +26,7 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from models import chat as chat_db
 from models import moderation as mod_db
@@ -42,6 +42,8 @@ from server.tasks import BackgroundTasks
 from server.typing import TypingTracker
 
 log = logging.getLogger("switchboard.rooms")
+
+_T = TypeVar("_T")
 
 #: The control message that makes the other nodes forget a deleted room.
 FORGET_ROOM_ACTION = "forget_room"
@@ -59,9 +61,11 @@ class ControlBus(Protocol):
 
 @dataclasses.dataclass
 class Joined:
-    """What :meth:`Rooms.join` did for one connection."""
+    """What :meth:`Rooms.join` (or :meth:`Rooms.resume`, per room) did for one connection."""
 
-    #: The ``room:join`` ack: ``{room, members, missed, ...}``.
+    room_id: str
+    #: The ``room:join`` ack: ``{room, members, missed, ...}`` (for a resume,
+    #: the room's answer ``{roomId, status, missed, recovered}``).
     result: dict[str, Any]
     #: This call subscribed the connection, holding the room's live frames
     #: back: release them with ``hub.finish_join`` after the ack.
@@ -138,22 +142,69 @@ class Rooms:
         the stream; the caller releases them after the ack (:class:`Joined`).
         """
         await self._check_access(room_id, conn.user_id, password)
-        already = self.hub.in_room(conn, room_id)
-        first_here = not self.hub.user_in_room(conn.user_id, room_id, besides=conn)
-        if not already:
-            self.hub.join(conn, room_id, buffer=True)
+        held = self._hold(conn, [room_id])
+        result = await self._read_held(
+            conn, [room_id], held, "room.join", chat_db.join_room, room_id, conn.user_id, since_seq
+        )
+        await self._with_statuses(result["members"])
+        return Joined(room_id, result, room_id in held, held.get(room_id, False), since_seq)
+
+    async def resume(self, conn: Connection, requests: list[chat_db.ResumeRequest]) -> list[Joined]:
+        """Re-subscribe ``conn`` to the rooms it comes back to; one answer per room.
+
+        The mechanics of :meth:`join` for many rooms at once (``room:resume``):
+        every named room is subscribed with its live frames held before one
+        database read answers them all (:func:`models.chat.resume_rooms`);
+        the rooms that are not ``resumed`` (gone, forbidden, reset) are
+        unsubscribed again, their held frames dropped unseen. Returns one
+        :class:`Joined` per request, in request order; ``held`` only for
+        resumed rooms this call subscribed.
+        """
+        room_ids = [r.room_id for r in requests]
+        held = self._hold(conn, room_ids)
+        answers = await self._read_held(
+            conn, room_ids, held, "room.resume", chat_db.resume_rooms, conn.user_id, requests
+        )
+        out = []
+        for request, answer in zip(requests, answers, strict=True):
+            room_id = request.room_id
+            resumed = answer["status"] == "resumed"
+            if room_id in held and not resumed:
+                self.hub.leave(conn, room_id)
+            mine = resumed and room_id in held
+            out.append(Joined(room_id, answer, mine, mine and held[room_id], request.since_seq))
+        return out
+
+    def _hold(self, conn: Connection, room_ids: list[str]) -> dict[str, bool]:
+        """Subscribe ``conn`` to those of ``room_ids`` it is not in, holding their live frames.
+
+        Returns the rooms subscribed here, each with whether no other
+        connection of the user on this node is in it (``first_here``).
+        """
+        held: dict[str, bool] = {}
+        for room_id in room_ids:
+            if not self.hub.in_room(conn, room_id):
+                held[room_id] = not self.hub.user_in_room(conn.user_id, room_id, besides=conn)
+                self.hub.join(conn, room_id, buffer=True)
+        return held
+
+    async def _read_held(
+        self, conn: Connection, room_ids: list[str], held: dict[str, bool], op: str,
+        read: Callable[..., _T], *args: Any,
+    ) -> _T:  # fmt: skip
+        """``read(*args)`` in the database once every one of ``room_ids`` hears the cluster.
+
+        Subscribed first, read second: nothing sent meanwhile falls between
+        the query and the stream. On failure the held rooms are left again.
+        """
         try:
             # In a cluster, hear other nodes' traffic before reading history.
-            await self.hub.wait_subscribed("room", room_id)
-            result = await self.db.run(
-                "room.join", chat_db.join_room, room_id, conn.user_id, since_seq
-            )
+            await asyncio.gather(*(self.hub.wait_subscribed("room", r) for r in room_ids))
+            return await self.db.run(op, read, *args)
         except BaseException:
-            if not already:
+            for room_id in held:
                 self.hub.leave(conn, room_id)
             raise
-        await self._with_statuses(result["members"])
-        return Joined(result, not already, first_here and not already, since_seq)
 
     async def _check_access(self, room_id: str, user_id: str, password: str | None) -> None:
         access = await self.db.run("room.access", chat_db.room_access, room_id, user_id)

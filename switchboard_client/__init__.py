@@ -15,14 +15,18 @@ Every server event frame is appended to an in-memory buffer (consumed by
 :meth:`Client.on`.
 
 With ``reconnect=True`` the client survives dropped connections: it retries
-with capped, jittered exponential backoff, re-joins every room it joined
-through :meth:`Client.emit` with ``sinceSeq`` set to the highest ``seq`` it has
-seen, and replays the missed messages as ``message:new`` frames flagged
+with capped, jittered exponential backoff, resumes every room it joined
+through :meth:`Client.emit` with one ``room:resume`` (``sinceSeq``: the highest
+``seq`` it has seen; the room's ``epoch`` from its join ack; one
+``room:join {sinceSeq}`` per room on gateways without ``room:resume``), and
+replays the missed messages as ``message:new`` frames flagged
 ``"recovered": True``. Local pseudo-events (all prefixed ``client:``):
 
 * ``client:disconnected`` ``{code, reason, willReconnect}`` — connection lost;
 * ``client:reconnected`` ``{attempts, welcome, rooms}`` — back, rooms re-joined;
 * ``client:rejoin_failed`` ``{roomId, error}`` — a room could not be re-joined;
+* ``client:room_reset`` ``{roomId}`` — the room's history changed while away
+  (another epoch): what the application holds of it is stale; re-joined afresh;
 * ``client:reconnect_failed`` ``{code, message, closeCode, attempts}`` — the
   server refused the reconnection for good (4401/4403/4429).
 

@@ -43,6 +43,8 @@ DEFAULT_MAX_MESSAGE_SIZE: Final = 16 * 1024 * 1024
 FATAL_CLOSE_CODES: Final = frozenset({4401, 4403, 4429})
 """Close codes after which a reconnecting client gives up (auth, ban, limits)."""
 
+#: Rooms one ``room:resume`` may name (the server's bound); more go in several.
+MAX_RESUME_ROOMS: Final = 500
 #: First reconnection delay ceiling; doubles per attempt up to ``max_backoff``.
 _BACKOFF_START_SECS: Final = 0.1
 #: How long to read for the close frame that follows a handshake ``system:error``.
@@ -867,37 +869,118 @@ class Client:
             return
 
     async def _rejoin(self, conn: WebSocketClientConnection) -> dict[str, Any]:
+        """Bring every joined room back: one ``room:resume`` per 500 rooms with an epoch,
+        ``room:join`` per room for the others and on gateways without ``room:resume``."""
         report: dict[str, Any] = {}
-        for room_key, payload in self._ledger.joins():
+        joins = self._ledger.joins()
+        for room_key, _ in joins:
             self._ledger.hold(room_key)
-            try:
-                report[room_key] = await self._rejoin_room(conn, room_key, payload)
-            finally:
-                # Live frames that arrived meanwhile: now, after the recovered ones
-                # (those among them are dropped as already delivered).
+        try:
+            single = [(key, payload) for key, payload in joins if self._ledger.epoch(key) is None]
+            resumable = [join for join in joins if self._ledger.epoch(join[0]) is not None]
+            for start in range(0, len(resumable), MAX_RESUME_ROOMS):
+                chunk = resumable[start : start + MAX_RESUME_ROOMS]
+                single += await self._resume(conn, chunk, report)
+            for room_key, payload in single:
+                fresh = report.get(room_key, {}).get("reset", False)
+                report[room_key] = {
+                    **report.get(room_key, {}),
+                    **await self._rejoin_room(conn, room_key, payload, fresh=fresh),
+                }
+        finally:
+            # Live frames that arrived meanwhile: now, after the recovered ones
+            # (those among them are dropped as already delivered).
+            for room_key, _ in joins:
                 for frame in self._ledger.release(room_key):
                     self._on_event(frame)
         return report
 
-    async def _rejoin_room(
-        self, conn: WebSocketClientConnection, room_key: str, payload: dict[str, Any]
-    ) -> dict[str, Any]:
-        since = self._ledger.last_seq(room_key) or 0
+    async def _resume(
+        self,
+        conn: WebSocketClientConnection,
+        joins: list[tuple[str, dict[str, Any]]],
+        report: dict[str, Any],
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """One ``room:resume`` for ``joins``; returns the rooms to re-join one by one."""
+        since = {key: self._ledger.last_seq(key) or 0 for key, _ in joins}
+        entries = [
+            {"roomId": payload["roomId"], "sinceSeq": since[key], "epoch": self._ledger.epoch(key)}
+            for key, payload in joins
+        ]
         try:
-            result = await self._request(conn, "room:join", {**payload, "sinceSeq": since})
+            result = await self._request(conn, "room:resume", {"rooms": entries})
         except ClientError as exc:
-            log.warning(
-                "switchboard client %s: could not re-join room %s: %s", self.url, room_key, exc
-            )
-            self._ledger.forget(room_key)
-            self._emit_local(
-                "client:rejoin_failed",
-                {
-                    "roomId": payload["roomId"],
-                    "error": {"code": exc.code, "message": exc.message, "details": exc.details},
-                },
-            )
-            return {"rejoined": False, "error": exc.code}
+            # An older gateway (UNKNOWN_EVENT), or refused as a whole: room by room.
+            log.info("switchboard client %s: room:resume: %s; re-joining", self.url, exc)
+            return joins
+        payloads = dict(joins)
+        again = []
+        for answer in result.get("rooms") or []:
+            room_key = str(answer.get("roomId")) if isinstance(answer, dict) else ""
+            payload = payloads.get(room_key)
+            if payload is None:
+                continue
+            status = answer.get("status")
+            if status == "resumed":
+                report[room_key] = await self._recover(conn, room_key, payload, since[room_key],
+                                                       answer)  # fmt: skip
+            elif status == "reset":
+                # Another history under this id: nothing held of it is valid.
+                self._ledger.reset(room_key)
+                self._emit_local("client:room_reset", {"roomId": payload["roomId"]})
+                report[room_key] = {"reset": True}
+                again.append((room_key, payload))
+            else:
+                code = "ROOM_NOT_FOUND" if status == "gone" else "ROOM_ACCESS_DENIED"
+                error = ClientError(code, f"room:resume answered {status}",
+                                    {"roomId": payload["roomId"]})  # fmt: skip
+                report[room_key] = self._rejoin_failed(room_key, payload, error)
+        return again
+
+    async def _rejoin_room(
+        self,
+        conn: WebSocketClientConnection,
+        room_key: str,
+        payload: dict[str, Any],
+        *,
+        fresh: bool = False,
+    ) -> dict[str, Any]:
+        """``room:join`` again: from the last seq seen, or ``fresh`` (the room was reset)."""
+        since = self._ledger.last_seq(room_key) or 0
+        request = payload if fresh else {**payload, "sinceSeq": since}
+        try:
+            result = await self._request(conn, "room:join", request)
+        except ClientError as exc:
+            return self._rejoin_failed(room_key, payload, exc)
+        if fresh:
+            self._ledger.track_ack("room:join", payload, result)
+            return {"rejoined": True, "recovered": False, "missed": 0}
+        self._ledger.keep_epoch(room_key, result.get("room"))
+        return await self._recover(conn, room_key, payload, since, result)
+
+    def _rejoin_failed(
+        self, room_key: str, payload: dict[str, Any], exc: ClientError
+    ) -> dict[str, Any]:
+        log.warning("switchboard client %s: could not re-join room %s: %s", self.url, room_key, exc)
+        self._ledger.forget(room_key)
+        self._emit_local(
+            "client:rejoin_failed",
+            {
+                "roomId": payload["roomId"],
+                "error": {"code": exc.code, "message": exc.message, "details": exc.details},
+            },
+        )
+        return {"rejoined": False, "error": exc.code}
+
+    async def _recover(
+        self,
+        conn: WebSocketClientConnection,
+        room_key: str,
+        payload: dict[str, Any],
+        since: int,
+        result: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Deliver a re-join's or resume's ``missed`` (paging history beyond it), oldest first."""
         missed = [m for m in result.get("missed") or [] if isinstance(m, dict)]
         complete = result.get("recovered") is not False
         if not complete:

@@ -42,6 +42,8 @@ class RoomLedger:
     def __init__(self) -> None:
         self._rooms: dict[str, dict[str, Any]] = {}
         self._last_seq: dict[str, int] = {}
+        # Each room's epoch from its join ack: room:resume presents it.
+        self._epochs: dict[str, str] = {}
         self._seen: dict[str, set[int]] = {}
         self._recovered_keys: set[tuple[str, int]] = set()
         # Rooms being re-joined: their live message:new frames wait here until
@@ -59,9 +61,27 @@ class RoomLedger:
     def last_seq(self, room_key: str) -> int | None:
         return self._last_seq.get(room_key)
 
+    def epoch(self, room_key: str) -> str | None:
+        """The room's epoch from its latest join ack (None: joined through an older gateway)."""
+        return self._epochs.get(room_key)
+
+    def keep_epoch(self, room_key: str, room: Any) -> None:
+        """Remember the epoch of a room object from a join ack."""
+        epoch = room.get("epoch") if isinstance(room, dict) else None
+        if isinstance(epoch, str):
+            self._epochs[room_key] = epoch
+
     def forget(self, room_key: str) -> None:
         """Stop re-joining ``room_key`` (it was deleted, or a re-join was refused)."""
         self._rooms.pop(room_key, None)
+        self._epochs.pop(room_key, None)
+
+    def reset(self, room_key: str) -> None:
+        """The room's history is another one (``room:resume`` answered reset): start afresh."""
+        self._epochs.pop(room_key, None)
+        self._last_seq.pop(room_key, None)
+        self._seen.pop(room_key, None)
+        self._recovered_keys = {key for key in self._recovered_keys if key[0] != room_key}
 
     def note(self, message: Mapping[str, Any]) -> bool:
         """Record a message's (roomId, seq); False if it was already seen."""
@@ -91,8 +111,9 @@ class RoomLedger:
                 hint = as_int(room.get("lastSeq")) if isinstance(room, dict) else None
                 if hint is not None and hint > self._last_seq.get(room_key, -1):
                     self._last_seq[room_key] = hint
+                self.keep_epoch(room_key, room)
             elif event == "room:leave":
-                self._rooms.pop(room_key, None)
+                self.forget(room_key)
         for field in ("missed", "messages"):
             items = result.get(field)
             if isinstance(items, list):

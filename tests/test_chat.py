@@ -39,7 +39,7 @@ pytestmark = pytest.mark.asyncio
 ISO_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 ROOM_KEYS = {
     "id", "name", "type", "description", "topic", "ownerId", "hasPassword", "lastSeq",
-    "createdAt", "lastActivityAt",
+    "epoch", "createdAt", "lastActivityAt",
 }  # fmt: skip
 MESSAGE_KEYS = {
     "id", "roomId", "seq", "senderId", "senderName", "content", "type", "parentMessageId",

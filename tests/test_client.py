@@ -2,14 +2,15 @@
 
 The node is stopped (clients get ``system:disconnect`` and 1001), messages
 are stored while the reconnecting client is away, and a new node starts on
-the same port and database; the client must come back by itself, re-join
-its rooms with ``sinceSeq`` and see every message exactly once.
+the same port and database; the client must come back by itself, resume
+its rooms (one ``room:resume``) and see every message exactly once.
 """
 
 from __future__ import annotations
 
 import pytest
 
+from models import Message, Room, RoomMember
 from server.app import Node
 from server.auth import mint_token
 from switchboard_client import Client, ClientError
@@ -62,6 +63,82 @@ async def test_reconnects_and_recovers_after_a_server_restart(tmp_path):
         await assert_no_event(alice, "message:new")
         assert alice.last_seq("general") == 7
         await bob.aclose()
+        await alice.aclose()
+    finally:
+        await node.stop(grace_secs=1.0)
+
+
+def _events(node: Node, event: str) -> float:
+    labels = {"namespace": "chat", "event": event}
+    return node.registry.get_sample_value("switchboard_events_received_total", labels) or 0.0
+
+
+async def test_reconnect_resumes_every_room_with_one_request(tmp_path):
+    """room:resume after a restart: the rooms come back with one request; a room
+    purged and recreated meanwhile is reported reset and joined afresh."""
+    node = await _start(tmp_path)
+    port = node.port
+    url = f"ws://127.0.0.1:{port}/ws/chat"
+    alice = Client(url, mint_token(node.config, "alice"), reconnect=True, max_backoff=0.5)
+    await alice.connect()
+    rooms = ["r1", "r2", "r3"]
+    for room_id in rooms:
+        await alice.emit("room:create", {"roomId": room_id, "name": room_id})
+        await alice.emit("room:join", {"roomId": room_id})
+        await alice.emit("message:send", {"roomId": room_id, "content": "before"})
+    await node.stop(grace_secs=2.0)
+    await alice.next_event("client:disconnected", timeout=5)
+
+    # While alice is away, on another node of the same database: bob talks in
+    # r1 and r2, and r3 is purged and created again under its id.
+    side = await _start(tmp_path)
+    try:
+        bob = Client(f"ws://127.0.0.1:{side.port}/ws/chat", mint_token(side.config, "bob"))
+        await bob.connect()
+        for room_id in ("r1", "r2"):
+            await bob.emit("room:join", {"roomId": room_id})
+            for i in range(2):
+                await bob.emit("message:send", {"roomId": room_id, "content": f"away {i}"})
+        await bob.aclose()
+
+        def purge_r3() -> None:
+            for model in (Message, RoomMember, Room):
+                field = model.id if model is Room else model.room
+                model.delete().where(field == "r3").execute()
+
+        await side.db.run("test.purge", purge_r3)
+        owner = Client(f"ws://127.0.0.1:{side.port}/ws/chat", mint_token(side.config, "carol"))
+        await owner.connect()
+        await owner.emit("room:create", {"roomId": "r3", "name": "again", "members": ["alice"]})
+        await owner.aclose()
+    finally:
+        await side.stop(grace_secs=1.0)
+
+    node = await _start(tmp_path, port)
+    try:
+        back = await alice.next_event("client:reconnected", timeout=10)
+        assert back["data"]["rooms"] == {
+            "r1": {"rejoined": True, "recovered": True, "missed": 2},
+            "r2": {"rejoined": True, "recovered": True, "missed": 2},
+            "r3": {"reset": True, "rejoined": True, "recovered": False, "missed": 0},
+        }
+        assert (await alice.next_event("client:room_reset"))["data"] == {"roomId": "r3"}
+        # One room:resume, and a room:join only for the room that was reset.
+        assert (_events(node, "room:resume"), _events(node, "room:join")) == (1.0, 1.0)
+        recovered = [await alice.next_event("message:new", timeout=5) for _ in range(4)]
+        assert [(f["data"]["message"]["roomId"], f["data"]["message"]["seq"])
+                for f in recovered] == [("r1", 2), ("r1", 3), ("r2", 2), ("r2", 3)]  # fmt: skip
+        await assert_no_event(alice, "message:new")
+        # r3 is live again from its new history (seq 1, which alice saw in the old one).
+        carol = Client(url, mint_token(node.config, "carol"))
+        await carol.connect()
+        await carol.emit("room:join", {"roomId": "r3"})
+        await carol.emit("message:send", {"roomId": "r3", "content": "new history"})
+        live = await alice.next_event("message:new", timeout=5)
+        assert (live["data"]["message"]["content"], live["data"]["message"]["seq"]) == (
+            "new history", 1,
+        )  # fmt: skip
+        await carol.aclose()
         await alice.aclose()
     finally:
         await node.stop(grace_secs=1.0)

@@ -760,6 +760,47 @@ async def test_client_moving_to_another_node_recovers_without_gap_or_duplicate(
     assert everything == sorted(everything)
 
 
+@pytest.mark.asyncio
+async def test_resume_on_b_of_rooms_talked_in_on_a_recovers_each_once_in_order(
+    cluster: Cluster, clients: Clients
+) -> None:
+    """room:resume on another node: per room, what was missed in the ack, then the
+    live stream from node a through Redis, without a gap or a duplicate."""
+    talker = await clients.connect("a", uid("talker"))
+    mover_id = uid("mover")
+    first = await clients.connect("a", mover_id)
+    rooms = [await make_room(talker) for _ in range(3)]
+    entries = []
+    for room in rooms:
+        await join(room, talker)
+        joined = await first.emit("room:join", {"roomId": room})
+        entries.append({"roomId": room, "sinceSeq": 0, "epoch": joined["room"]["epoch"]})
+    await first.aclose()
+    per_room = 30
+
+    async def talk(room: str) -> None:
+        for i in range(per_room):
+            await talker.emit("message:send", {"roomId": room, "content": f"t{i}"})
+            await asyncio.sleep(0.005)  # pacing: the talk spans the resume
+
+    sending = asyncio.gather(*(talk(room) for room in rooms))
+    try:
+        second = await clients.connect("b", mover_id)
+        ack = await second.emit("room:resume", {"rooms": entries})
+        await sending
+    finally:
+        sending.cancel()
+    for room, answer in zip(rooms, ack["rooms"], strict=True):
+        assert (answer["roomId"], answer["status"], answer["recovered"]) == (room, "resumed", True)
+        missed = [m["seq"] for m in answer["missed"]]
+        live = await collect_messages(second, room, per_room - len(missed))
+        everything = missed + live
+        assert everything == list(range(1, per_room + 1)), (room, missed, live)
+    for room in rooms:
+        await sentinel_message(talker, room, second)
+    await assert_no_event(second, "message:new", ping=False)
+
+
 # ---------------------------------------------------------------------------
 # Failures: a node killed, Redis killed
 # ---------------------------------------------------------------------------

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.asyncio
 
 ALL_MIGRATIONS = [
     "0001_initial", "0002_room_mute", "0003_room_topic", "0004_message_created_at_index",
+    "0005_room_epoch",
 ]
 
 
@@ -150,3 +151,11 @@ async def test_upgrading_from_0001_keeps_the_mutes_in_force(
     await gw.node.db.run("test.insert_as_0002", insert_as_0002)
     joined = await dave.emit("room:join", {"roomId": "older"})
     assert joined["room"]["topic"] == ""
+    # 0005_room_epoch: the room from before got a random epoch, a room of
+    # older code gets '' (the column's default); both resume with theirs.
+    general = (await dave.emit("room:join", {"roomId": "general"}))["room"]
+    assert len(general["epoch"]) == 12 and joined["room"]["epoch"] == ""
+    entries = [{"roomId": r["id"], "sinceSeq": r["lastSeq"], "epoch": r["epoch"]}
+               for r in (general, joined["room"])]  # fmt: skip
+    resumed = await dave.emit("room:resume", {"rooms": entries})
+    assert [r["status"] for r in resumed["rooms"]] == ["resumed", "resumed"]

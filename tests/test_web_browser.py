@@ -3,9 +3,10 @@
 Two browser contexts sign in as two users (one at phone width), join a room,
 see each other's presence and typing, exchange, react to, edit and delete
 messages; markup in a message stays text; both pages survive a gateway
-restart and recover, exactly once, a message sent while they were away. A
-mention lights the other user's bell; an admin watches live figures, kicks a
-user and sees the kick in the live log page. Screenshots of the main views go
+restart and recover, exactly once, a message sent while they were away; a
+page in 20 rooms comes back with one request. A mention lights the other
+user's bell; an admin watches live figures, kicks a user and sees the kick
+in the live log page. Screenshots of the main views go
 to tests/artifacts/ (git-ignored).
 """
 
@@ -84,7 +85,12 @@ def sign_in(page: Any, user: str, name: str, role: str = "user") -> None:
 
 
 def post_message(base: str, user: str, room_id: str, text: str) -> None:
-    """``user`` joins ``room_id`` and sends ``text`` with the Python client.
+    """``user`` joins ``room_id`` and sends ``text`` with the Python client."""
+    post_messages(base, user, [(room_id, text)])
+
+
+def post_messages(base: str, user: str, messages: list[tuple[str, str]]) -> None:
+    """``user`` joins each message's room and sends it, in order, with the Python client.
 
     Run in a thread of its own: Playwright's sync API owns this thread's loop.
     """
@@ -95,8 +101,10 @@ def post_message(base: str, user: str, room_id: str, text: str) -> None:
         token = orjson.loads(resp.body)["token"]
         ws = base.replace("http://", "ws://") + "/ws/chat"
         async with Client(ws, token) as client:
-            await client.emit("room:join", {"roomId": room_id})
-            await client.emit("message:send", {"roomId": room_id, "content": text})
+            for room_id in dict.fromkeys(room for room, _ in messages):
+                await client.emit("room:join", {"roomId": room_id})
+            for room_id, text in messages:
+                await client.emit("message:send", {"roomId": room_id, "content": text})
 
     with ThreadPoolExecutor(1) as pool:
         pool.submit(asyncio.run, send()).result(timeout=30)
@@ -176,7 +184,7 @@ def test_two_users_chat_in_the_browser(gateway: GatewayProcess, browser: Any) ->
     # A gateway restart: both pages reconnect, recover what was sent while
     # they were away, and carry on, nothing doubled. The message "meanwhile" goes
     # through a second gateway on the same database while the pages' gateway is
-    # down, so it can only reach them by recovery (room:join with sinceSeq).
+    # down, so it can only reach them by recovery (room:resume).
     count = alice.locator("#messages li.message").count()
     gateway.stop()
     for page in (alice, bob):
@@ -201,6 +209,77 @@ def test_two_users_chat_in_the_browser(gateway: GatewayProcess, browser: Any) ->
     assert len(sockets) >= 8, sockets  # chat + notifications, twice per page
     assert not [url for url in sockets if "token" in url], sockets
     assert dialogs == [], f"a dialog fired: {dialogs}"
+
+
+# The page's own script: web/switchboard.js in 20 rooms, what it receives kept on window.
+IN_TWENTY_ROOMS_JS = """async (rooms) => {
+  const { Switchboard } = await import("/switchboard.js");
+  const res = await fetch("/dev/token", {
+    method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ userId: "dana" }),
+  });
+  const { token } = await res.json();
+  const sb = new Switchboard({
+    url: location.origin.replace(/^http/, "ws") + "/ws/chat", token,
+    reconnect: { minDelayMs: 200, maxDelayMs: 1000 },
+  });
+  window.sb = sb;
+  window.got = [];
+  window.reconnected = [];
+  sb.on("message:new", (d) => {
+    window.got.push([d.message.roomId, d.message.content, !!d.recovered]);
+  });
+  sb.on("client:reconnected", (info) => window.reconnected.push(info.rooms));
+  await sb.connect();
+  for (const roomId of rooms) {
+    await sb.emit("room:create", { roomId, name: roomId });
+    await sb.emit("room:join", { roomId });
+  }
+}"""
+
+
+def test_a_page_in_twenty_rooms_reconnects_with_one_request_and_loses_nothing(
+    gateway: GatewayProcess, browser: Any
+) -> None:
+    """The browser client resumes all its rooms with one room:resume after a restart;
+    the messages sent while it was away (through another node) arrive once each."""
+    dialogs: list[str] = []
+    sent_frames: list[list[str]] = []  # per chat socket the page opened, the events it sent
+
+    def watch(ws: Any) -> None:
+        if ws.url.endswith("/ws/chat"):
+            events: list[str] = []
+            sent_frames.append(events)
+            ws.on("framesent", lambda payload: events.append(orjson.loads(payload)["event"]))
+
+    page = open_page(browser, gateway.http, dialogs)
+    page.on("websocket", watch)
+    rooms = [f"room-{n:02d}" for n in range(20)]
+    page.evaluate(IN_TWENTY_ROOMS_JS, rooms)
+    assert len(sent_frames) == 1 and sent_frames[0].count("room:join") == 20
+
+    gateway.stop()
+    page.wait_for_function("() => window.sb.state === 'reconnecting'")
+    away = [(room, f"{room} missed {i}") for room in rooms for i in range(2)]
+    with GatewayProcess(gateway.home, SWITCHBOARD_NODE_ID="web-side") as side:
+        post_messages(side.http, "carol", away)
+    gateway.start()
+    page.wait_for_function("() => window.reconnected.length === 1")
+
+    # One socket more that got through (attempts while the gateway was down
+    # sent nothing); on it the token frame, then one request for all 20 rooms.
+    used = [events for events in sent_frames if events]
+    assert len(used) == 2, sent_frames
+    assert [e for e in used[1] if e != "system:ping"] == ["auth:connect", "room:resume"]
+    report = page.evaluate("window.reconnected[0]")
+    assert report == {room: {"rejoined": True, "recovered": True, "missed": 2} for room in rooms}
+    # Every message sent while away, once, in order, as recovered.
+    assert page.evaluate("window.got") == [[room, text, True] for room, text in away]
+    # Live again in every room.
+    post_messages(gateway.http, "carol", [(rooms[-1], "live")])
+    page.wait_for_function("() => window.got.length === 41")
+    assert page.evaluate("window.got.at(-1)") == [rooms[-1], "live", False]
+    assert dialogs == []
 
 
 def test_bell_admin_page_kick_and_live_logs(gateway: GatewayProcess, browser: Any) -> None:

@@ -521,9 +521,23 @@ function wireEvents(sb) {
     if (app.current === room.id) $("room-title").textContent = room.name;
     renderRooms();
   });
-  sb.on("client:reconnected", () => {
+  // A room reset while away holds another history under its id: what the
+  // page kept of it is stale; reloaded once the connection is back.
+  const reset = new Set();
+  sb.on("client:room_reset", ({ roomId }) => {
+    app.messages.delete(roomId);
+    reset.add(roomId);
+  });
+  sb.on("client:reconnected", async () => {
     refreshRooms();
     if (app.current) refreshMembers(app.current);
+    const current = app.current;
+    const reload = current !== null && reset.has(current);
+    reset.clear();
+    if (reload) {
+      await loadHistory(current);
+      if (app.current === current) renderAllMessages();
+    }
   });
   sb.on("client:rejoin_failed", ({ roomId, error }) => {
     app.joined.delete(roomId);

@@ -1,8 +1,9 @@
 // Switchboard browser client: one WebSocket connection to a gateway namespace.
 //
 // Plain ES module, no dependencies. Mirrors switchboard_client/ (the Python
-// client): acks as Promises, capped jittered exponential backoff, re-joining
-// rooms with `sinceSeq` after a reconnect and replaying the missed messages as
+// client): acks as Promises, capped jittered exponential backoff, resuming
+// every room in one `room:resume` after a reconnect (per-room `room:join`
+// with `sinceSeq` on gateways without it) and replaying the missed messages as
 // `message:new` (deduplicated by roomId + seq), repairing holes in a room's
 // gapless seq (a message that arrives after a gap is held back until the
 // missing range is fetched from history, so `message:new` stays in order and
@@ -26,7 +27,9 @@
 // `error` (a SwitchboardError: system:error frames without an ack, refused
 // reconnections); `client:disconnected` {code, reason, willReconnect};
 // `client:reconnected` {attempts, welcome, rooms}; `client:rejoin_failed`
-// {roomId, error}; `client:reconnect_failed` {code, message, closeCode, attempts}.
+// {roomId, error}; `client:room_reset` {roomId} (the room's history changed
+// while away: what the page shows of it is stale, reload it; the client has
+// re-joined it); `client:reconnect_failed` {code, message, closeCode, attempts}.
 
 /** Close codes after which reconnecting is pointless: auth, ban/kick, limits. */
 export const FATAL_CLOSE_CODES = Object.freeze(new Set([4401, 4403, 4429]));
@@ -46,6 +49,8 @@ const DEFAULT_MAX_QUEUE = 200;
 // somewhere so a long outage in a busy room cannot loop for ever.
 const HISTORY_PAGE = 100;
 const MAX_RECOVERED = 5000;
+// Rooms one room:resume may name (the server's bound); more go in several.
+const MAX_RESUME_ROOMS = 500;
 // Seq numbers remembered per room for deduplication.
 const SEEN_KEEP = 1024;
 // A gap in a room's seq may close by itself (two nodes' broadcasts can cross
@@ -186,6 +191,10 @@ export class Switchboard {
     this._seen = new Map();
     /** @type {Map<string, number>} highest seq up to which every message was delivered */
     this._contig = new Map();
+    /** @type {Map<string, string>} each joined room's epoch (from the join ack), for room:resume */
+    this._epochs = new Map();
+    /** False once this connection's gateway answered room:resume UNKNOWN_EVENT (older). */
+    this._canResume = true;
     /** @type {Map<string, Map<number, object>>} message:new data held behind a gap */
     this._held = new Map();
     /** @type {Map<string, any>} pending hole-repair timers per room */
@@ -763,7 +772,10 @@ export class Switchboard {
     clearTimeout(this._repairs.get(room));
     this._repairs.delete(room);
     this._held.delete(room);
-    if (!keepLine) this._contig.delete(room);
+    if (!keepLine) {
+      this._contig.delete(room);
+      this._epochs.delete(room);
+    }
   }
 
   _trackAck(event, request, result) {
@@ -777,6 +789,8 @@ export class Switchboard {
         // Messages before the join are history, not "missed" on a reconnect.
         if (isInt(hint) && hint > (this._lastSeq.get(room) ?? -1)) this._lastSeq.set(room, hint);
         if (isInt(hint) && hint > (this._contig.get(room) ?? -1)) this._contig.set(room, hint);
+        const epoch = result.room && result.room.epoch;
+        if (typeof epoch === "string") this._epochs.set(room, epoch);
       } else if (event === "room:leave" || event === "room:delete") {
         this._rooms.delete(room);
         this._forget(room);
@@ -898,36 +912,122 @@ export class Switchboard {
     }
   }
 
+  /**
+   * Bring every joined room back after a reconnect; returns the report per
+   * room. Rooms with an epoch go in one room:resume (per 500); the others,
+   * and all of them on a gateway without room:resume, are re-joined one by one.
+   */
   async _rejoin(ws) {
     const report = {};
-    for (const [room, payload] of [...this._rooms]) {
-      // From the highest contiguous seq, not the highest seen: a message lost
-      // before the connection dropped is recovered with the rest.
-      const since = this._contig.get(room) ?? this._lastSeq.get(room) ?? 0;
-      let result;
-      try {
-        result = await this._request(ws, "room:join", { ...payload, sinceSeq: since }, {
-          // Synchronously, before any later frame: live message:new frames
-          // that follow the ack are then deduplicated against `missed`.
-          onResult: (r) => {
-            if (r.recovered !== false) report[room] = { rejoined: true, recovered: true, missed: this._feed(r.missed || []) };
-          },
-        });
-      } catch (err) {
-        if (err.code === "CONNECTION_LOST" || err.code === "TIMEOUT") throw err;
-        this._rooms.delete(room);
-        const error = { code: err.code, message: err.message, details: err.details };
-        this._dispatch("client:rejoin_failed", { roomId: payload.roomId, error });
-        report[room] = { rejoined: false, error: err.code };
-        continue;
-      }
-      if (result.recovered === false) {
-        // More missed than the server replays: page back through history.
-        const found = await this._pageHistory(ws, payload.roomId, since);
-        report[room] = { rejoined: true, recovered: true, missed: this._feed(found) };
-      }
+    let single = [...this._rooms.keys()];
+    // Asked again on every reconnect: a rolling upgrade may have reached this node.
+    this._canResume = true;
+    const resumable = single.filter((room) => this._epochs.has(room));
+    single = single.filter((room) => !this._epochs.has(room));
+    for (let i = 0; i < resumable.length; i += MAX_RESUME_ROOMS) {
+      const rooms = resumable.slice(i, i + MAX_RESUME_ROOMS);
+      single.push(...(this._canResume ? await this._resume(ws, rooms, report) : rooms));
+    }
+    for (const room of single) {
+      if (this._rooms.has(room)) await this._rejoinRoom(ws, room, report);
     }
     return report;
+  }
+
+  /** From the highest contiguous seq, not the highest seen: a message lost
+   * before the connection dropped is recovered with the rest. */
+  _since(room) {
+    return this._contig.get(room) ?? this._lastSeq.get(room) ?? 0;
+  }
+
+  /** One room:resume for `rooms`; returns the rooms to re-join one by one instead. */
+  async _resume(ws, rooms, report) {
+    const since = new Map(rooms.map((room) => [room, this._since(room)]));
+    const entries = rooms.map((room) => ({
+      roomId: this._rooms.get(room).roomId, sinceSeq: since.get(room), epoch: this._epochs.get(room),
+    }));
+    let result;
+    try {
+      result = await this._request(ws, "room:resume", { rooms: entries }, {
+        // Synchronously, before the live frames the server releases after the ack.
+        onResult: (r) => {
+          for (const answer of Array.isArray(r.rooms) ? r.rooms : []) {
+            if (answer.status === "resumed" && answer.recovered !== false) {
+              report[String(answer.roomId)] = { rejoined: true, recovered: true, missed: this._feed(answer.missed || []) };
+            }
+          }
+        },
+      });
+    } catch (err) {
+      if (err.code === "CONNECTION_LOST" || err.code === "TIMEOUT") throw err;
+      // An older gateway (UNKNOWN_EVENT), or refused as a whole: room by room.
+      if (err.code === "UNKNOWN_EVENT") this._canResume = false;
+      return rooms;
+    }
+    const again = [];
+    for (const answer of Array.isArray(result.rooms) ? result.rooms : []) {
+      const room = String(answer.roomId);
+      if (!this._rooms.has(room)) continue;
+      if (answer.status === "resumed" && answer.recovered === false) {
+        // More missed than the server replays: page back through history.
+        const found = await this._pageHistory(ws, answer.roomId, since.get(room));
+        report[room] = { rejoined: true, recovered: true, missed: this._feed(found) };
+      } else if (answer.status === "reset") {
+        // Another history under the same id: what is held of the room is void.
+        this._forget(room);
+        this._seen.delete(room);
+        this._lastSeq.delete(room);
+        this._dispatch("client:room_reset", { roomId: answer.roomId });
+        report[room] = { reset: true };
+        again.push(room);
+      } else if (answer.status !== "resumed") {
+        this._dropRoom(room, {
+          code: answer.status === "gone" ? "ROOM_NOT_FOUND" : "ROOM_ACCESS_DENIED",
+          message: `room:resume answered ${answer.status}`, details: { roomId: answer.roomId },
+        }, report);
+      }
+    }
+    return again;
+  }
+
+  /** Re-join one room with room:join (sinceSeq when its history is still the client's). */
+  async _rejoinRoom(ws, room, report) {
+    const payload = this._rooms.get(room);
+    const since = this._contig.has(room) || this._lastSeq.has(room) ? this._since(room) : null;
+    const request = since === null ? { ...payload } : { ...payload, sinceSeq: since };
+    let result;
+    try {
+      result = await this._request(ws, "room:join", request, {
+        // Synchronously, before any later frame: live message:new frames
+        // that follow the ack are then deduplicated against `missed`.
+        onResult: (r) => {
+          const epoch = r.room && r.room.epoch;
+          if (typeof epoch === "string") this._epochs.set(room, epoch);
+          if (since === null) {
+            // A fresh start (the room was reset): the join's lastSeq is the line.
+            this._trackAck("room:join", request, r);
+            report[room] = { ...report[room], rejoined: true, recovered: false, missed: 0 };
+          } else if (r.recovered !== false) report[room] = { rejoined: true, recovered: true, missed: this._feed(r.missed || []) };
+        },
+      });
+    } catch (err) {
+      if (err.code === "CONNECTION_LOST" || err.code === "TIMEOUT") throw err;
+      this._dropRoom(room, { code: err.code, message: err.message, details: err.details }, report);
+      return;
+    }
+    if (since !== null && result.recovered === false) {
+      // More missed than the server replays: page back through history.
+      const found = await this._pageHistory(ws, payload.roomId, since);
+      report[room] = { rejoined: true, recovered: true, missed: this._feed(found) };
+    }
+  }
+
+  _dropRoom(room, error, report) {
+    const payload = this._rooms.get(room);
+    this._rooms.delete(room);
+    this._forget(room);
+    this._dispatch("client:rejoin_failed", { roomId: payload.roomId, error });
+    report[room] = { rejoined: false, error: error.code };
   }
 
   async _pageHistory(ws, roomId, since) {
