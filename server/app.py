@@ -46,7 +46,8 @@ from models import chat as chat_db
 from server import __version__
 from server.auth import TokenVerifier
 from server.batch import Batcher
-from server.cluster import RedisHub, relay_disconnects
+from server.broker import Broker, MemoryBroker
+from server.cluster import RedisBroker
 from server.cluster_state import ClusterState
 from server.config import Config
 from server.db import Database
@@ -136,16 +137,15 @@ class Node:
         self.tasks = BackgroundTasks()
         # One Redis client for the cluster components; None on a single node.
         self.redis = aioredis.Redis.from_url(config.redis_url) if config.redis_url else None
-        self.hub: Hub
-        if self.redis is not None:
-            self.hub = RedisHub(
-                config.node_id, self.redis, prefix=config.redis_prefix, metrics=self.metrics,
-                on_delivered=self._count_deliveries, coalesce=True,
-            )  # fmt: skip
-        else:
-            self.hub = hub_class(
-                config.node_id, on_delivered=self._count_deliveries, coalesce=True
-            )
+        # How broadcasts reach the other nodes: Redis, or nobody (a cluster of one).
+        self.broker: Broker = (
+            RedisBroker(config.node_id, self.redis, prefix=config.redis_prefix,
+                        metrics=self.metrics)
+            if self.redis is not None else MemoryBroker(config.node_id)
+        )  # fmt: skip
+        self.hub = hub_class(
+            config.node_id, broker=self.broker, on_delivered=self._count_deliveries, coalesce=True
+        )
         self.db = Database(
             config.database_url, workers=config.db_workers, observe=self._observe_db
         )
@@ -162,8 +162,8 @@ class Node:
             self.rate_limiter = self.cluster_state.rate_limiter
             self.connection_limiter = self.cluster_state.connection_limiter
         self.loop_monitor = LoopMonitor(on_lag=self.metrics.event_loop_lag.set)
-        # Redis health is the mirror's own state (subscribed and hearing itself).
-        redis_check = self.hub.check if isinstance(self.hub, RedisHub) else None
+        # Redis health is the broker's own state (subscribed and hearing itself).
+        redis_check = self.broker.check if self.redis is not None else None
         self.health = Health(
             self.db, self.hub, self.stats, self.loop_monitor, redis_check=redis_check
         )
@@ -187,8 +187,6 @@ class Node:
             metrics=self.metrics, tasks=self.tasks, batch_max=config.write_batch_max,
         )  # fmt: skip
         self.moderation.notifier = self.notifications
-        if isinstance(self.hub, RedisHub):
-            relay_disconnects(self.hub, self.moderation)  # kick/ban reach every node
         if self.cluster_state is not None:
             self.moderation.cluster_connections = self.cluster_state.presence.user_connections
         notify_deps: dict[str, Any] = {"notifications": self.notifications}
@@ -248,8 +246,7 @@ class Node:
         await self.db.start()
         if self.cluster_state is not None:
             await self.cluster_state.start()
-        if isinstance(self.hub, RedisHub):
-            await self.hub.start()  # waits briefly for Redis; starts degraded without it
+        await self.broker.start()  # waits briefly for Redis; starts degraded without it
         self.sockets = bind_sockets(self.config.port, self.config.host, backlog=2048)
         self.port = self.sockets[0].getsockname()[1]
         # One timeout for headers and body: REST bodies are small JSON, and a
@@ -323,8 +320,7 @@ class Node:
             await asyncio.sleep(0.05)
         await self.tasks.drain(max(0.1, deadline - time.monotonic()))
         await self.loop_monitor.stop()
-        if isinstance(self.hub, RedisHub):
-            await self.hub.stop()
+        await self.broker.stop()
         await self.admin_feed.stop()
         if self.cluster_state is not None:
             await self.cluster_state.stop()
