@@ -124,7 +124,6 @@ def _cancel_requested() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-
 class _Deaf(Exception):
     """The subscription stopped delivering without reporting an error."""
 

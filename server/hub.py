@@ -464,15 +464,12 @@ class Hub:
     # -- liveness -----------------------------------------------------------
 
     def sweep(self, now: float, timeout: float) -> int:
-        """Apply the two liveness rules to every connection, ping the rest.
+        """Ping every connection; close those with no sign of life for ``timeout``.
 
-        * Heartbeat: a peer with no sign of life for ``timeout`` -- no frame,
-          no pong, and no progress reading what we sent -- is closed 4408
-          "heartbeat timeout". Only while nothing of ours is pending for it:
-          a ping queued behind our own backlog cannot be answered.
-        * Outbound budget, time side: bytes pending for a peer that have not
-          moved for ``timeout`` make it a slow consumer (4408 "slow
-          consumer", see :mod:`server.outbound`).
+        Signs of life: a frame or a pong (``last_seen``), or reading a backlog
+        of ours (``outbound.progress_at``) -- a ping queued behind that backlog
+        cannot be answered yet, and a peer that cannot keep up is the outbound
+        budget's to judge (:mod:`server.outbound`), not the heartbeat's.
 
         One timer for the whole node instead of one per connection keeps idle
         connections cheap. Returns the number closed.
@@ -480,9 +477,8 @@ class Hub:
         closed = 0
         for conn in tuple(self.connections.values()):
             out = conn.outbound
-            if out.stalled(now, timeout):
-                closed += 1
-            elif not out.behind and now - max(conn.last_seen, out.progress_at) > timeout:
+            out.observe(now)
+            if now - max(conn.last_seen, out.progress_at) > timeout:
                 conn.close_with(4408, "heartbeat timeout")
                 closed += 1
             else:

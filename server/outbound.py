@@ -18,18 +18,18 @@ Tornado API only:
   resolves when its bytes reached the kernel), rather than read from the
   stream's private buffer.
 * **The slow-consumer rule.** A connection is a slow consumer when a frame
-  would take its pending bytes over the budget, or when its pending bytes
-  have not moved for as long as the heartbeat waits for a silent peer
-  (:meth:`Outbound.stalled`). It is closed with 4408 "slow consumer": the
-  close frame is queued behind what is pending (it bypasses the budget), the
-  peer gets :data:`SLOW_CONSUMER_CLOSE_GRACE_SECS` to read up to it and
-  answer, then the socket is dropped. A peer that reads again within the
-  grace sees the 4408 close frame, not a bare EOF.
+  would take its pending bytes over the budget. It is closed with 4408
+  "slow consumer": the close frame is queued behind what is pending (it
+  bypasses the budget), the peer gets :data:`SLOW_CONSUMER_CLOSE_GRACE_SECS`
+  to read up to it and answer, then the socket is dropped. A peer that
+  reads again within the grace sees the 4408 close frame, not a bare EOF.
 
-The heartbeat is a separate rule (``Hub.sweep``): it judges a peer's
-silence only while nothing is pending for it -- a ping queued behind our
-own backlog cannot be answered, so the backlog is the budget's business --
-and a backlog that drains counts as a sign of life.
+The heartbeat is a separate rule (``Hub.sweep``) about the peer's silence,
+and reading is a sign of life too: a ping queued behind a backlog -- ours,
+or the kernel's send queue -- cannot be answered before the backlog is
+read, so a peer that keeps reading it is left to the budget.
+:meth:`Outbound.observe` samples that progress once per sweep, from the
+kernel's TCP counters where the platform has them (Linux).
 
 Example::
 
@@ -41,7 +41,10 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import socket
+import struct
+import termios
 import time
 from collections.abc import Callable
 from functools import partial
@@ -54,6 +57,35 @@ from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
 #: short, because the connection holds its rooms, presence and limit slot
 #: until then (tornado itself would wait 5 s for the closing handshake).
 SLOW_CONSUMER_CLOSE_GRACE_SECS = 1.5
+#: A peer that read this much of a backlog since the previous sweep is alive,
+#: even if its pong still waits behind that backlog. Well above a few pings and
+#: close frames (2-130 bytes each), so a peer whose kernel acknowledges only
+#: our pings is not taken for a reader.
+READ_PROGRESS_MIN_BYTES = 1024
+
+# struct tcp_info (linux/tcp.h): u64 tcpi_bytes_acked at this offset (Linux >= 4.1).
+_TCPI_BYTES_ACKED_OFFSET = 120
+_TCP_INFO = getattr(socket, "TCP_INFO", None)
+_TIOCOUTQ = getattr(termios, "TIOCOUTQ", None)  # SIOCOUTQ: bytes sent but not yet acked
+
+
+def tcp_progress(sock: socket.socket) -> tuple[int, int] | None:
+    """``(bytes the peer acknowledged so far, bytes queued for it in the kernel)``.
+
+    None where the platform does not say (not Linux) or the socket is closed.
+    """
+    if _TCP_INFO is None or _TIOCOUTQ is None:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 256)
+        queued = fcntl.ioctl(sock.fileno(), _TIOCOUTQ, b"\0\0\0\0")
+    except OSError:
+        return None
+    if len(info) < _TCPI_BYTES_ACKED_OFFSET + 8:
+        return None
+    (acked,) = struct.unpack_from("Q", info, _TCPI_BYTES_ACKED_OFFSET)
+    (unacked,) = struct.unpack("i", queued)
+    return acked, unacked
 
 
 class Outbound:
@@ -70,9 +102,12 @@ class Outbound:
         self._stream: IOStream | None = None
         # The stream's socket when it is plain TCP (fast path); never under TLS.
         self._sock: socket.socket | None = None
+        # The TCP socket under any stream (for the kernel's counters).
+        self._tcp: socket.socket | None = None
+        self._last_sample: tuple[int, int] | None = None
         #: Bytes of budgeted writes queued in the stream, not yet taken by the kernel.
         self.pending = 0
-        #: Monotonic time the backlog last moved: it began, or a write reached the kernel.
+        #: Monotonic time the peer was last seen reading a backlog (a sign of life).
         self.progress_at = 0.0
         #: Set once the connection is closing: nothing more is written.
         self.closing = False
@@ -80,19 +115,15 @@ class Outbound:
     def attach(self, stream: IOStream) -> None:
         """Write to ``stream`` (the WebSocket's, once it is open)."""
         self._stream = stream
-        plain = not isinstance(stream, SSLIOStream)
-        if plain and isinstance(stream.socket, socket.socket):
-            self._sock = stream.socket
+        if isinstance(stream.socket, socket.socket):
+            self._tcp = stream.socket
+            if not isinstance(stream, SSLIOStream):
+                self._sock = stream.socket
 
     @property
     def direct(self) -> bool:
         """Whether frames can go straight to the socket (plain TCP, attached)."""
         return self._sock is not None
-
-    @property
-    def behind(self) -> bool:
-        """Whether budgeted bytes are waiting for the peer to read."""
-        return self.pending > 0
 
     def write(self, frame: bytes) -> bool:
         """Write a frame within the budget; False if gone, closing or a slow consumer."""
@@ -136,28 +167,34 @@ class Outbound:
             written = stream.write(data)
         except StreamClosedError:
             return False
-        if not self.pending:
-            self.progress_at = time.monotonic()
         self.pending += len(data)
         written.add_done_callback(partial(self._drained, len(data)))
         return True
 
-    def _drained(self, size: int, _written: asyncio.Future[None]) -> None:
+    def _drained(self, size: int, written: asyncio.Future[None]) -> None:
         # Also when the stream closed (the Future then holds StreamClosedError,
         # which tornado marks retrieved): nothing is pending on a closed stream.
         self.pending -= size
-        self.progress_at = time.monotonic()
+        if not written.exception():
+            self.progress_at = time.monotonic()  # the kernel took it: the peer read
 
-    def stalled(self, now: float, window_secs: float) -> bool:
-        """The time side of the budget: pending bytes that have not moved for ``window_secs``.
+    def observe(self, now: float) -> None:
+        """Sample the peer's reading (once per heartbeat sweep).
 
-        Called by the heartbeat sweep; a stalled connection is closed as a
-        slow consumer (``on_slow``) and True is returned.
+        Reading counts as a sign of life (:attr:`progress_at`) when there was
+        a backlog at the previous sample -- in the stream or the kernel -- and
+        the peer has acknowledged more than :data:`READ_PROGRESS_MIN_BYTES`
+        since. Without a backlog a live peer answers the ping instead.
         """
-        if self.closing or not self.pending or now - self.progress_at <= window_secs:
-            return False
-        self.slow_consumer()
-        return True
+        if self._tcp is None:
+            return
+        sample = tcp_progress(self._tcp)
+        previous, self._last_sample = self._last_sample, sample
+        if sample is None or previous is None:
+            return
+        had_backlog = previous[1] > READ_PROGRESS_MIN_BYTES or self.pending
+        if had_backlog and sample[0] - previous[0] > READ_PROGRESS_MIN_BYTES:
+            self.progress_at = now
 
     def slow_consumer(self) -> None:
         """Apply the slow-consumer rule once: stop writing and let ``on_slow`` close."""
