@@ -512,6 +512,19 @@ def test_sweep_pings_live_and_closes_silent(hub):
     assert fresh.pings == 3
 
 
+def test_sweep_counts_reading_a_backlog_as_a_sign_of_life(hub):
+    """A pong stuck behind our own backlog is no silence (the budget judges that peer)."""
+    reading, gone = FakeConn("r", "u1"), FakeConn("g", "u2")
+    reading.last_seen = gone.last_seen = 10.0  # neither has sent anything since
+    reading.outbound.progress_at = 90.0  # ... but one is still reading what we sent
+    gone.outbound.progress_at = 20.0
+    for c in (reading, gone):
+        hub.add(c)
+    assert hub.sweep(now=100.0, timeout=45.0) == 1
+    assert reading.closed == [] and reading.pings == 1
+    assert gone.closed == [(4408, "heartbeat timeout")]
+
+
 def test_sweep_survives_connections_removing_themselves(hub):
     class Closing(FakeConn):
         def close_with(self, code: int, reason: str) -> None:
