@@ -32,6 +32,7 @@ Example::
 
 from __future__ import annotations
 
+import abc
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
@@ -72,6 +73,18 @@ def node_channel(node_id: str) -> str:
     return f"node:{node_id}"
 
 
+def control_channel(target: Target | None, node: str | None) -> str:
+    """Where a control message goes: one ``node``, the nodes ``target`` reaches, or all."""
+    if node is not None:
+        return node_channel(node)
+    if target is None:
+        return ALL_CHANNEL
+    name = channel(target)
+    if name is None:
+        raise ValueError(f"control messages cannot go to {target!r}")
+    return name
+
+
 class Receiver(Protocol):
     """What a broker calls back: the hub of its node."""
 
@@ -84,36 +97,84 @@ class Receiver(Protocol):
         """Write a frame once to every local connection any of ``targets`` reaches."""
 
 
-class Broker(Protocol):
+class Broker(abc.ABC):
     """How a node's hub reaches the other nodes (see the module docstring).
 
     Publishing never blocks and never raises: a broker that cannot reach the
     other nodes drops the broadcast and reports it (``ok``/``reason``, logs,
     metrics); the node keeps serving its own connections.
+
+    The control bus is the same for every broker: handlers registered by
+    action (:meth:`on_control`), messages routed by :func:`control_channel`;
+    a broker implements only the transport (:meth:`_send_control`) and
+    hands what arrives to :meth:`_run_control`.
     """
 
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self._control: dict[str, ControlHandler] = {}
+
+    @abc.abstractmethod
     def listen(self, receiver: Receiver) -> None:
         """Deliver what other nodes publish to ``receiver`` (the node's hub)."""
 
+    @abc.abstractmethod
     def publish(
         self, target: Target, payload: bytes, *, exclude: str | None, seq: int | None
     ) -> None:
         """Send an event payload (JSON text) for ``target`` to the other nodes."""
 
+    @abc.abstractmethod
     def publish_many(self, targets: Sequence[Target], payload: bytes) -> None:
         """Send one payload for several targets; each node delivers it once per connection."""
 
+    @abc.abstractmethod
     def interest(self, kind: str, key: str, interested: bool) -> None:
         """The first local subscriber of a channel arrived (or the last one left)."""
 
+    @abc.abstractmethod
     async def wait_subscribed(self, kind: str, key: str) -> bool:
         """Wait until other nodes' broadcasts for an interest reach this node.
 
         False when that cannot be confirmed (the link is down, or slow).
         """
 
+    @abc.abstractmethod
+    async def start(self) -> bool:
+        """Connect; True if the link is up (a node starts degraded otherwise)."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Let queued broadcasts go out (briefly) and disconnect."""
+
+    @property
+    @abc.abstractmethod
+    def ok(self) -> bool:
+        """Whether broadcasts currently reach the other nodes."""
+
+    @property
+    @abc.abstractmethod
+    def reason(self) -> str | None:
+        """Why the broker is not ok (None when it is)."""
+
+    async def check(self) -> tuple[bool, str | None]:
+        """Health probe (``Health(redis_check=broker.check)``): ``(ok, reason)``."""
+        return self.ok, self.reason
+
+    @abc.abstractmethod
+    def subscribed_channels(self) -> frozenset[str]:
+        """The channels this node currently hears (for operators and tests)."""
+
+    # -- the control bus --------------------------------------------------------
+
     def on_control(self, action: str, handler: ControlHandler) -> None:
-        """Run ``handler(data)`` when another node sends control ``action``."""
+        """Run ``handler(data)`` when another node sends control ``action``.
+
+        Example (how kick and ban reach every node, server/moderation.py)::
+
+            hub.broker.on_control("disconnect_user", self._disconnect_from_elsewhere)
+        """
+        self._control[action] = handler
 
     def send_control(
         self,
@@ -127,26 +188,19 @@ class Broker(Protocol):
 
         The sender does not get it.
         """
+        self._send_control(control_channel(target, node), action, data)
 
-    async def start(self) -> bool:
-        """Connect; True if the link is up (a node starts degraded otherwise)."""
+    @abc.abstractmethod
+    def _send_control(self, channel_name: str, action: str, data: dict[str, Any]) -> None:
+        """Carry a control message to the other nodes hearing ``channel_name``."""
 
-    async def stop(self) -> None:
-        """Let queued broadcasts go out (briefly) and disconnect."""
-
-    @property
-    def ok(self) -> bool:
-        """Whether broadcasts currently reach the other nodes."""
-
-    @property
-    def reason(self) -> str | None:
-        """Why the broker is not ok (None when it is)."""
-
-    async def check(self) -> tuple[bool, str | None]:
-        """Health probe: ``(ok, reason)``."""
-
-    def subscribed_channels(self) -> frozenset[str]:
-        """The channels this node currently hears (for operators and tests)."""
+    def _run_control(self, action: object, data: dict[str, Any]) -> None:
+        """A control message from another node: run its handler."""
+        handler = self._control.get(action) if isinstance(action, str) else None
+        if handler is None:
+            log.warning("broker %s: no handler for control action %r", self.node_id, action)
+            return
+        handler(data)
 
 
 class MemoryBus:
@@ -156,7 +210,7 @@ class MemoryBus:
         self.nodes: dict[str, MemoryBroker] = {}
 
 
-class MemoryBroker:
+class MemoryBroker(Broker):
     """A :class:`Broker` for nodes in one process, delivering synchronously.
 
     Without a ``bus`` the node is alone (the single-node default). Delivery
@@ -166,11 +220,10 @@ class MemoryBroker:
     """
 
     def __init__(self, node_id: str, bus: MemoryBus | None = None) -> None:
-        self.node_id = node_id
+        super().__init__(node_id)
         self.bus = bus if bus is not None else MemoryBus()
         self._receiver: Receiver | None = None
         self._channels: set[str] = {ALL_CHANNEL, node_channel(node_id)}
-        self._control: dict[str, ControlHandler] = {}
 
     def listen(self, receiver: Receiver) -> None:
         self._receiver = receiver
@@ -217,32 +270,9 @@ class MemoryBroker:
     async def wait_subscribed(self, kind: str, key: str) -> bool:
         return True  # interest takes effect at once
 
-    def on_control(self, action: str, handler: ControlHandler) -> None:
-        self._control[action] = handler
-
-    def send_control(
-        self,
-        action: str,
-        data: dict[str, Any],
-        *,
-        target: Target | None = None,
-        node: str | None = None,
-    ) -> None:
-        if node is not None:
-            name: str | None = node_channel(node)
-        elif target is not None:
-            name = channel(target)
-        else:
-            name = ALL_CHANNEL
-        if name is None:
-            raise ValueError(f"control messages cannot go to {target!r}")
-        for peer in self._peers(name):
-            handler = peer._control.get(action)
-            if handler is None:
-                log.warning("memory broker %s: no handler for control action %r",
-                            peer.node_id, action)  # fmt: skip
-                continue
-            handler(data)
+    def _send_control(self, channel_name: str, action: str, data: dict[str, Any]) -> None:
+        for peer in self._peers(channel_name):
+            peer._run_control(action, data)
 
     async def start(self) -> bool:
         return True
@@ -258,9 +288,6 @@ class MemoryBroker:
     @property
     def reason(self) -> str | None:
         return None
-
-    async def check(self) -> tuple[bool, str | None]:
-        return True, None
 
     def subscribed_channels(self) -> frozenset[str]:
         return frozenset(self._channels)

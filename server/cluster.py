@@ -70,14 +70,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from server import protocol
-from server.broker import (
-    ALL_CHANNEL,
-    ControlHandler,
-    Receiver,
-    channel,
-    interest_channel,
-    node_channel,
-)
+from server.broker import ALL_CHANNEL, Broker, Receiver, channel, interest_channel, node_channel
 from server.hub import Target
 from server.metrics import Metrics
 
@@ -329,7 +322,7 @@ class Subscriptions:
 # -- the broker -------------------------------------------------------------------------
 
 
-class RedisBroker:
+class RedisBroker(Broker):
     """A :class:`~server.broker.Broker` over Redis pub/sub (see the module docstring).
 
     ``redis`` is the node's shared client; the broker derives its own small
@@ -349,7 +342,7 @@ class RedisBroker:
         prefix: str = "switchboard",
         metrics: Metrics | None = None,
     ) -> None:
-        self.node_id = node_id
+        super().__init__(node_id)
         self.prefix = prefix
         self.metrics = metrics
         self.self_check_interval_secs = SELF_CHECK_INTERVAL_SECS
@@ -370,7 +363,6 @@ class RedisBroker:
         self.subscriptions = Subscriptions({self.all_channel, self.node_channel})
         self.queue = PublishQueue(self._redis, metrics)
         self._receiver: Receiver | None = None
-        self._control: dict[str, ControlHandler] = {}
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._mid_prefix = f"{node_id}:{uuid.uuid4().hex[:8]}:"
         self._mid_counter = itertools.count()
@@ -403,10 +395,6 @@ class RedisBroker:
     def dropped(self) -> int:
         """Publishes dropped because Redis was down or the queue full (also a metric)."""
         return self.queue.dropped
-
-    async def check(self) -> tuple[bool, str | None]:
-        """Health probe (``Health(redis_check=broker.check)``): ``(ok, reason)``."""
-        return self._up, self.reason
 
     def subscribed_channels(self) -> frozenset[str]:
         """The channels currently subscribed on Redis (for operators and tests)."""
@@ -538,32 +526,8 @@ class RedisBroker:
 
     # -- control messages -----------------------------------------------------------
 
-    def on_control(self, action: str, handler: ControlHandler) -> None:
-        """Run ``handler(data)`` when another node sends control ``action``."""
-        self._control[action] = handler
-
-    def send_control(
-        self,
-        action: str,
-        data: dict[str, Any],
-        *,
-        target: Target | None = None,
-        node: str | None = None,
-    ) -> None:
-        """Send a control message to the other nodes.
-
-        To one ``node``, to the nodes ``target`` reaches (e.g. those with the
-        user's connections), or to every node. The sender does not get it.
-        """
-        if node is not None:
-            name: str | None = node_channel(node)
-        elif target is not None:
-            name = channel(target)
-        else:
-            name = ALL_CHANNEL
-        if name is None:
-            raise ValueError(f"control messages cannot go to {target!r}")
-        self._enqueue(self._name(name), encode_control(self.node_id, action, data))
+    def _send_control(self, channel_name: str, action: str, data: dict[str, Any]) -> None:
+        self._enqueue(self._name(channel_name), encode_control(self.node_id, action, data))
 
     # -- listening --------------------------------------------------------------------
 
@@ -668,7 +632,7 @@ class RedisBroker:
                 self.metrics.redis_pubsub_lag.observe(max(0.0, time.time() - sent_at))
         try:
             if kind == "control":
-                self._on_control(envelope)
+                self._run_control(envelope.get("k"), envelope.get("d") or {})
             else:
                 self._deliver(envelope)
         except Exception:
@@ -691,11 +655,3 @@ class RedisBroker:
         if len(self._seen) > SEEN_IDS_MAX:
             self._seen.popitem(last=False)
         receiver.deliver_many((Target(*listed) for listed in envelope["g"]), frame)
-
-    def _on_control(self, envelope: dict[str, Any]) -> None:
-        action = envelope.get("k")
-        handler = self._control.get(action) if isinstance(action, str) else None
-        if handler is None:
-            log.warning("redis mirror: no handler for control action %r", action)
-            return
-        handler(envelope.get("d") or {})

@@ -18,23 +18,7 @@ import pytest
 
 from server.client import Client
 from server.outbound import tcp_progress
-from tests.test_presence import RawWebSocket, join, make_room, sample, settle
-
-CONTENT = "x" * 3990  # ~4 KB frames: a budget fills in a few dozen messages
-
-
-async def flood_until(publisher: Client, room: str, done: Any, *, limit: int = 900) -> int:
-    """Send messages to ``room`` in acked batches until ``done()``; how many were sent."""
-    sent = 0
-    while not done():
-        assert sent < limit, "the flood never ended"
-        batch = [
-            publisher.emit("message:send", {"roomId": room, "content": f"{sent + i} {CONTENT}"})
-            for i in range(10)
-        ]
-        await asyncio.gather(*batch)
-        sent += 10
-    return sent
+from tests.test_presence import RawWebSocket, flood_until, join, make_room, sample, settle
 
 
 async def read_all(reader: Client, count: int) -> list[int]:
@@ -55,6 +39,17 @@ def shrink_send_buffer(gw: Any, conn_id: str) -> None:
     handler.ws_connection.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
 
 
+async def flood_room(gw: Any) -> tuple[Client, Client, RawWebSocket]:
+    """alice (publisher) and bob (reader) in room ``flood``, and sam's raw socket joined too."""
+    publisher, reader = await gw.connect("alice"), await gw.connect("bob")
+    await make_room(publisher, "flood")
+    await join(reader, "flood")
+    raw = await RawWebSocket.open(gw, "sam", rcvbuf=4096)
+    await raw.request("room:join", {"roomId": "flood"})
+    shrink_send_buffer(gw, raw.welcome["connectionId"])
+    return publisher, reader, raw
+
+
 def closed_as(gw: Any, reason: str) -> float:
     return sample(gw, "switchboard_connections_closed_total", namespace="chat", reason=reason)
 
@@ -62,12 +57,7 @@ def closed_as(gw: Any, reason: str) -> float:
 @pytest.mark.asyncio
 async def test_a_slow_consumer_that_reads_again_sees_its_4408_close_frame(gateway_factory):
     gw = await gateway_factory(max_outbound_bytes=64 * 1024)
-    publisher, reader = await gw.connect("alice"), await gw.connect("bob")
-    await make_room(publisher, "flood")
-    await join(reader, "flood")
-    slow = await RawWebSocket.open(gw, "sam", rcvbuf=4096)
-    await slow.request("room:join", {"roomId": "flood"})
-    shrink_send_buffer(gw, slow.welcome["connectionId"])
+    publisher, reader, slow = await flood_room(gw)
     await settle(publisher, reader)
     before = sample(gw, "switchboard_slow_consumers_total")
     # sam reads nothing until the budget trips...
@@ -124,12 +114,7 @@ async def test_with_a_short_heartbeat_a_slow_reader_is_judged_by_the_budget(gate
     stopped reading with nothing of ours pending (below).
     """
     gw = await gateway_factory(heartbeat_interval=0.3)  # budget: the default 1 MiB
-    publisher, reader = await gw.connect("alice"), await gw.connect("bob")
-    await make_room(publisher, "flood")
-    await join(reader, "flood")
-    raw = await RawWebSocket.open(gw, "sam", rcvbuf=4096)
-    await raw.request("room:join", {"roomId": "flood"})
-    shrink_send_buffer(gw, raw.welcome["connectionId"])
+    publisher, reader, raw = await flood_room(gw)
     idle = await RawWebSocket.open(gw, "ida")  # in no room: nothing is ever pending for it
     await settle(publisher, reader)
     slow = SlowReader(raw, pause_secs=0.04)  # ~100 KB/s

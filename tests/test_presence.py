@@ -81,6 +81,28 @@ async def eventually(check: Callable[[], bool], timeout: float = 3.0, what: str 
         await asyncio.sleep(0.02)
 
 
+#: ~4 KB messages: an outbound budget fills in a few dozen of them.
+FLOOD_CONTENT = "x" * 3990
+
+
+async def flood_until(
+    publisher: Client, room: str, done: Callable[[], bool], *, limit: int = 900
+) -> int:
+    """Send messages to ``room`` in acked batches of 10 until ``done()``; how many were sent."""
+    sent = 0
+    while not done():
+        assert sent < limit, "the flood never ended"
+        batch = [
+            publisher.emit(
+                "message:send", {"roomId": room, "content": f"{sent + i} {FLOOD_CONTENT}"}
+            )
+            for i in range(10)
+        ]
+        await asyncio.gather(*batch)
+        sent += 10
+    return sent
+
+
 def assert_hub_empty(gw: Any) -> None:
     hub = gw.node.hub
     assert hub.connections == {}
@@ -497,16 +519,9 @@ async def test_slow_consumer_is_dropped_while_others_keep_going(gateway_factory)
     before = sample(gw, "switchboard_slow_consumers_total")
     # ... and from now on sam reads nothing.
 
-    content = "x" * 3990
-    sent = 0
-    while slow_id in gw.node.hub.connections:
-        assert sent < 2000, "the stalled connection was never dropped"
-        batch = [
-            publisher.emit("message:send", {"roomId": "flood", "content": f"{sent + i} {content}"})
-            for i in range(10)
-        ]
-        await asyncio.gather(*batch)
-        sent += 10
+    sent = await flood_until(
+        publisher, "flood", lambda: slow_id not in gw.node.hub.connections, limit=2000
+    )
     assert sample(gw, "switchboard_slow_consumers_total") == before + 1
     closed = sample(gw, "switchboard_connections_closed_total",
                     namespace="chat", reason="slow_consumer")  # fmt: skip
