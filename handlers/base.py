@@ -501,9 +501,9 @@ class GatewayHandler(WebSocketHandler):
         return self.send_payload(protocol.event_payload(event, data))
 
     def _slow_consumer(self) -> None:
-        """The outbound budget is exceeded (or stalled): 4408, seen by the peer if it reads."""
+        """The outbound budget is exceeded: 4408, which the peer sees if it reads again."""
         self.log.warning(
-            "closing %s (user %s): slow consumer, outbound over %d bytes or stalled",
+            "closing %s (user %s): slow consumer, outbound buffer over %d bytes",
             self.conn_id, self.user_id, self.config.max_outbound_bytes,
         )  # fmt: skip
         self.metrics.slow_consumers.inc()

@@ -122,7 +122,10 @@ class Node:
         *,
         registry: CollectorRegistry | None = None,
         hub_class: type[Hub] = Hub,
+        broker: Broker | None = None,
     ) -> None:
+        """``broker`` replaces the one the config implies (e.g. a :class:`MemoryBroker`
+        on a bus shared with other nodes of the same process)."""
         self.config = config
         self.registry = registry or CollectorRegistry()
         if registry is None:
@@ -138,11 +141,13 @@ class Node:
         # One Redis client for the cluster components; None on a single node.
         self.redis = aioredis.Redis.from_url(config.redis_url) if config.redis_url else None
         # How broadcasts reach the other nodes: Redis, or nobody (a cluster of one).
-        self.broker: Broker = (
-            RedisBroker(config.node_id, self.redis, prefix=config.redis_prefix,
-                        metrics=self.metrics)
-            if self.redis is not None else MemoryBroker(config.node_id)
-        )  # fmt: skip
+        if broker is None:
+            broker = (
+                RedisBroker(config.node_id, self.redis, prefix=config.redis_prefix,
+                            metrics=self.metrics)
+                if self.redis is not None else MemoryBroker(config.node_id)
+            )  # fmt: skip
+        self.broker = broker
         self.hub = hub_class(
             config.node_id, broker=self.broker, on_delivered=self._count_deliveries, coalesce=True
         )

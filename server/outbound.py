@@ -33,9 +33,13 @@ kernel's TCP counters where the platform has them (Linux).
 
 Example::
 
-    out = Outbound(config.max_outbound_bytes, on_slow=handler.slow_consumer)
+    def slow() -> None:  # log, count, close with 4408 and abort after the grace
+        ...
+        out.abort_after(SLOW_CONSUMER_CLOSE_GRACE_SECS)
+
+    out = Outbound(config.max_outbound_bytes, on_slow=slow)
     out.attach(ws_connection.stream)
-    out.write(frame)  # False: gone, closing, or over budget (on_slow ran)
+    out.write(frame)  # False: gone, closing, or over budget (slow() ran)
 """
 
 from __future__ import annotations
@@ -192,7 +196,7 @@ class Outbound:
         previous, self._last_sample = self._last_sample, sample
         if sample is None or previous is None:
             return
-        had_backlog = previous[1] > READ_PROGRESS_MIN_BYTES or self.pending
+        had_backlog = previous[1] > READ_PROGRESS_MIN_BYTES or self.pending > 0
         if had_backlog and sample[0] - previous[0] > READ_PROGRESS_MIN_BYTES:
             self.progress_at = now
 

@@ -81,7 +81,6 @@ class SlowReader:
     def __init__(self, ws: RawWebSocket, pause_secs: float) -> None:
         self.ws = ws
         self.pause_secs = pause_secs
-        self.pongs = 0
         self.close: tuple[int, str] | None = None
         self.task = asyncio.get_running_loop().create_task(self._run())
 
@@ -93,7 +92,6 @@ class SlowReader:
                 return
             if opcode == 0x9:
                 self.ws.send_frame(0xA, payload)
-                self.pongs += 1
             elif opcode == 0x8:
                 code = struct.unpack("!H", payload[:2])[0]
                 self.close = (code, payload[2:].decode())
@@ -122,7 +120,6 @@ async def test_with_a_short_heartbeat_a_slow_reader_is_judged_by_the_budget(gate
         publisher, "flood", lambda: slow.task.done() or closed_as(gw, "slow_consumer") > 0
     )
     await asyncio.wait_for(slow.task, timeout=10)  # dropped after the close grace
-    assert slow.pongs >= 1  # it did answer the pings it got to
     assert closed_as(gw, "slow_consumer") == 1, "not closed by the budget"
     # ida answered no ping: the heartbeat closed her, and only her.
     assert await idle.read_until_closed(timeout=5) == 4408
