@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from marshmallow import Schema
-from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
+from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from handlers.schemas import AuthRefresh, Ping, load
@@ -52,6 +52,7 @@ from server import errors, protocol
 from server.admission import Seat, expiry_delays, handshake_token, require_roles
 from server.auth import Identity
 from server.hub import Target
+from server.outbound import SLOW_CONSUMER_CLOSE_GRACE_SECS, Outbound
 
 if TYPE_CHECKING:
     from handlers.deps import Deps
@@ -163,9 +164,8 @@ class GatewayHandler(WebSocketHandler):
         # This connection's place in the connection limits, once admitted.
         self._seat: Seat | None = None
         self._closing = False
-        # (stream, socket) of a plain-TCP connection, for write_frame's fast path.
-        self._raw: tuple[IOStream, Any] | None = None
-        self._max_out = self.config.max_outbound_bytes
+        #: Every frame to the peer goes through here (budget, slow-consumer rule).
+        self.outbound = Outbound(self.config.max_outbound_bytes, on_slow=self._slow_consumer)
         self._gone = False
         self._bad_frames = 0
         self._bad_window_start = 0.0
@@ -188,11 +188,8 @@ class GatewayHandler(WebSocketHandler):
     async def open(self, *args: str, **kwargs: str) -> None:
         self.set_nodelay(True)
         ws = self.ws_connection
-        stream = ws.stream if ws is not None else None
-        # Plain TCP only (the node's accept loop uses an IOStream subclass); TLS never.
-        plain = isinstance(stream, IOStream) and not isinstance(stream, SSLIOStream)
-        if plain and stream is not None and stream.socket is not None:
-            self._raw = (stream, stream.socket)
+        if ws is not None and ws.stream is not None:
+            self.outbound.attach(ws.stream)
         headers = self.request.headers
         self.client_ip = self.deps.admission.client_ip(
             self.request.remote_ip or "", headers.get("X-Forwarded-For")
@@ -463,40 +460,7 @@ class GatewayHandler(WebSocketHandler):
 
     def write_frame(self, frame: bytes) -> bool:
         """:meth:`send_frame` without the metrics: the hub counts broadcasts in bulk."""
-        raw = self._raw
-        if raw is not None and not self._closing:
-            # The hot path of every broadcast: nothing queued on a plain TCP
-            # stream, so send() now. stream.write() would make the same send()
-            # but also create, queue and resolve a Future per recipient (~45% of
-            # the broadcast loop's CPU, see bench/README.md). What the socket
-            # does not take, or any send error, goes the general way below.
-            fast, sock = raw
-            # _closed first: tornado drops the write buffer (None) when it closes a
-            # stream, which can happen before on_close takes us out of the hub.
-            if not fast._closed and not fast._write_buffer._size and len(frame) <= self._max_out:
-                try:
-                    sent = sock.send(frame)
-                except OSError:
-                    sent = 0
-                if sent == len(frame):
-                    return True
-                frame = frame[sent:]
-        ws = self.ws_connection
-        if ws is None or self._closing:
-            return False
-        stream = ws.stream
-        if stream is None or stream.closed():
-            return False
-        # The write buffer is what the peer has not read yet: bounded per connection.
-        buffered = len(stream._write_buffer)
-        if buffered + len(frame) > self.config.max_outbound_bytes:
-            self._slow_consumer()
-            return False
-        try:
-            stream.write(frame)
-        except StreamClosedError:
-            return False
-        return True
+        return self.outbound.write(frame)
 
     def send_soon(self, payload: bytes) -> None:
         """Like :meth:`send_payload`, but written with this iteration's broadcasts.
@@ -516,13 +480,14 @@ class GatewayHandler(WebSocketHandler):
         return self.send_payload(protocol.event_payload(event, data))
 
     def _slow_consumer(self) -> None:
+        """The outbound budget is exceeded: 4408, which the peer sees if it reads again."""
         self.log.warning(
             "closing %s (user %s): slow consumer, outbound buffer over %d bytes",
             self.conn_id, self.user_id, self.config.max_outbound_bytes,
         )  # fmt: skip
         self.metrics.slow_consumers.inc()
         self._close_reason = "slow_consumer"
-        self.close_with(4408, "slow consumer")
+        self._close(4408, "slow consumer", abort_after=SLOW_CONSUMER_CLOSE_GRACE_SECS)
 
     def close_as(self, cause: str, code: int, reason: str) -> None:
         """Close like :meth:`close_with`, counted under ``cause`` in ``connections_closed``.
@@ -535,25 +500,27 @@ class GatewayHandler(WebSocketHandler):
         self.close_with(code, reason)
 
     def close_with(self, code: int, reason: str) -> None:
+        # A silent peer (4408 from the heartbeat) will not answer the closing
+        # handshake: drop the socket now instead of holding its rooms, presence
+        # and limit slot through tornado's 5 s wait for the reply.
+        self._close(code, reason, abort_after=0.0 if code == 4408 else None)
+
+    def _close(self, code: int, reason: str, *, abort_after: float | None) -> None:
+        """Send the close frame; drop the socket after ``abort_after`` seconds if given."""
         if self._closing:
             return
         self._closing = True
+        self.outbound.closing = True
         if self._close_reason == "client":
             self._close_reason = {1001: "shutdown", 4408: "heartbeat_timeout"}.get(code, "server")
-        if code != 4408:  # a stalled peer would not read them anyway
+        if code != 4408:  # a silent or slow peer would not read them anyway
             self.hub.flush_to(self)
-        ws = self.ws_connection
         try:
             self.close(code, reason)
         except (WebSocketClosedError, StreamClosedError):
             pass
-        if code == 4408:
-            # A silent or stalled peer will not answer the closing handshake:
-            # drop the socket now instead of holding its rooms, presence and
-            # limit slot through tornado's 5 s wait for the reply.
-            stream = getattr(ws, "stream", None)
-            if stream is not None and not stream.closed():
-                stream.close()
+        if abort_after is not None:
+            self.outbound.abort_after(abort_after)
 
     def ping(self, data: str | bytes = b"") -> None:
         """Send a WebSocket ping; a no-op once the connection is closing."""

@@ -262,16 +262,15 @@ class LogsHandler(GatewayHandler):
             self._pump = None
 
     def _write_now(self, frame: bytes) -> asyncio.Future[None] | None:
+        """Write one log frame outside the budget (the backlog bounds log traffic)."""
         ws = self.ws_connection
-        if ws is None or self._closing or ws.is_closing():
-            return None
-        stream = ws.stream
-        if stream is None or stream.closed():
+        if ws is None or ws.is_closing():
             return None
         self.hub.flush_to(self)  # keep frame order with queued broadcasts
-        written = stream.write(frame)
-        self.metrics.frames_sent.inc()
-        self.metrics.bytes_sent.inc(len(frame))
+        written = self.outbound.write_unbudgeted(frame)
+        if written is not None:
+            self.metrics.frames_sent.inc()
+            self.metrics.bytes_sent.inc(len(frame))
         return written
 
 

@@ -49,7 +49,8 @@ from server.admin_feed import AdminFeed
 from server.admission import Admission
 from server.auth import TokenVerifier
 from server.batch import Batcher
-from server.cluster import RedisHub, relay_disconnects
+from server.broker import Broker, MemoryBroker
+from server.cluster import RedisBroker
 from server.config import Config
 from server.db import Database
 from server.health import Health, LoopMonitor
@@ -126,7 +127,10 @@ class Node:
         *,
         registry: CollectorRegistry | None = None,
         hub_class: type[Hub] = Hub,
+        broker: Broker | None = None,
     ) -> None:
+        """``broker`` replaces the one the config implies (e.g. a :class:`MemoryBroker`
+        on a bus shared with other nodes of the same process)."""
         self.config = config
         self.registry = registry or CollectorRegistry()
         if registry is None:
@@ -141,16 +145,17 @@ class Node:
         self.tasks = BackgroundTasks()
         # One Redis client for the cluster components; None on a single node.
         self.redis = aioredis.Redis.from_url(config.redis_url) if config.redis_url else None
-        self.hub: Hub
-        if self.redis is not None:
-            self.hub = RedisHub(
-                config.node_id, self.redis, prefix=config.redis_prefix, metrics=self.metrics,
-                on_delivered=self._count_deliveries, coalesce=True,
+        # How broadcasts reach the other nodes: Redis, or nobody (a cluster of one).
+        if broker is None:
+            broker = (
+                RedisBroker(config.node_id, self.redis, prefix=config.redis_prefix,
+                            metrics=self.metrics)
+                if self.redis is not None else MemoryBroker(config.node_id)
             )  # fmt: skip
-        else:
-            self.hub = hub_class(
-                config.node_id, on_delivered=self._count_deliveries, coalesce=True
-            )
+        self.broker = broker
+        self.hub = hub_class(
+            config.node_id, broker=self.broker, on_delivered=self._count_deliveries, coalesce=True
+        )
         self.db = Database(
             config.database_url, workers=config.db_workers, observe=self._observe_db
         )
@@ -175,8 +180,8 @@ class Node:
                 on_loss=functools.partial(announce_node_loss, self.hub, self.db),
             )  # fmt: skip
         self.loop_monitor = LoopMonitor(on_lag=self.metrics.event_loop_lag.set)
-        # Redis health is the mirror's own state (subscribed and hearing itself).
-        redis_check = self.hub.check if isinstance(self.hub, RedisHub) else None
+        # Redis health is the broker's own state (subscribed and hearing itself).
+        redis_check = self.broker.check if self.redis is not None else None
         self.health = Health(
             self.db, self.hub, self.stats, self.loop_monitor, redis_check=redis_check
         )
@@ -212,9 +217,6 @@ class Node:
             self.hub, self.db, self.presence, self.stats, self.typing, self.notifications,
             self.tasks,
         )  # fmt: skip
-        if isinstance(self.hub, RedisHub):
-            relay_disconnects(self.hub, self.moderation)  # kick/ban reach every node
-            self.rooms.relay_over(self.hub)  # a deleted room is forgotten on every node
         if self.redis is not None:
             self.moderation.cluster_connections = self.presence.user_connections
         # Security alerts (auth failures, rate-limit abuse) for sockets and REST alike.
@@ -259,8 +261,7 @@ class Node:
         await self.db.start()
         if self.node_registry is not None:
             await self.node_registry.start()
-        if isinstance(self.hub, RedisHub):
-            await self.hub.start()  # waits briefly for Redis; starts degraded without it
+        await self.broker.start()  # waits briefly for Redis; starts degraded without it
         self.sockets = bind_sockets(self.config.port, self.config.host, backlog=2048)
         self.port = self.sockets[0].getsockname()[1]
         # One timeout for headers and body: REST bodies are small JSON, and a
@@ -334,8 +335,7 @@ class Node:
             await asyncio.sleep(0.05)
         await self.tasks.drain(max(0.1, deadline - time.monotonic()))
         await self.loop_monitor.stop()
-        if isinstance(self.hub, RedisHub):
-            await self.hub.stop()
+        await self.broker.stop()
         await self.admin_feed.stop()
         if self.node_registry is not None:
             await self.node_registry.stop()

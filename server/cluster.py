@@ -1,11 +1,17 @@
-"""The Redis mirror: a hub whose broadcasts reach every node of a cluster.
+"""The Redis broker: a hub's broadcasts reach every node of a cluster.
 
-:class:`RedisHub` is the :class:`~server.hub.Hub` with its two cluster hooks
-implemented. A broadcast is delivered to this node's connections first (the
-base class does that), then published once on Redis; every other node that
-has an audience for it delivers it to its own connections, building the
-WebSocket frame once there. The node's own copy comes back too and is
+:class:`RedisBroker` is the :class:`~server.broker.Broker` of a cluster node.
+The hub delivers a broadcast to this node's connections first, then hands
+it to the broker, which publishes it once on Redis; every other node that
+has an audience for it delivers it to its own connections (its hub builds
+the WebSocket frame once there). The node's own copy comes back too and is
 skipped by node id.
+
+The broker is a few small parts composed: the envelope codec (plain
+functions), :class:`PublishQueue` (one task publishes, in order, in
+pipelined batches), :class:`Subscriptions` (Redis subscriptions follow the
+hub's interest) and the broker itself (the link's state, the listener with
+its reconnect loop and self-check, control messages, dedupe).
 
 Channels (``p`` is ``config.redis_prefix``)::
 
@@ -25,7 +31,7 @@ Wire envelope (orjson)::
 
 Kinds besides the target kinds: ``ping`` (self-check, own node channel only)
 and ``control`` (``"k"`` is the action, ``"d"`` its data), dispatched to the
-handlers registered with :meth:`RedisHub.on_control`.
+handlers registered with :meth:`RedisBroker.on_control`.
 
 Failure behaviour: while Redis is unreachable the node keeps serving its own
 connections, publishes are dropped and counted, and the listener reconnects
@@ -37,10 +43,11 @@ without an error, which is logged, counted and repaired by reconnecting.
 Example::
 
     client = redis.asyncio.Redis.from_url("redis://127.0.0.1:6379/0")
-    hub = RedisHub("node-a", client, prefix="switchboard", metrics=metrics)
-    await hub.start()
+    broker = RedisBroker("node-a", client, prefix="switchboard", metrics=metrics)
+    hub = Hub("node-a", broker=broker)
+    await broker.start()
     hub.publish(Target.room("general"), "message:new", {"message": m}, seq=m["seq"])
-    await hub.stop()
+    await broker.stop()
 """
 
 from __future__ import annotations
@@ -53,7 +60,7 @@ import random
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -62,10 +69,10 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from server import errors, protocol
-from server.hub import Connection, Hub, Target
+from server import protocol
+from server.broker import ALL_CHANNEL, Broker, Receiver, channel, interest_channel, node_channel
+from server.hub import Target
 from server.metrics import Metrics
-from server.moderation import Moderation
 
 log = logging.getLogger("switchboard.cluster")
 
@@ -90,17 +97,13 @@ SEEN_IDS_MAX = 4096
 #: instead of once per target channel: each copy carries the whole target
 #: list, so per-channel copies would cost O(targets²) bytes.
 MANY_TARGETS_VIA_ALL = 16
-#: How long :meth:`RedisHub.start` waits for the first subscription before
+#: How long :meth:`RedisBroker.start` waits for the first subscription before
 #: letting the node start degraded.
 STARTUP_WAIT_SECS = 2.0
-#: How long :meth:`RedisHub.stop` lets queued publishes go out.
+#: How long :meth:`RedisBroker.stop` lets queued publishes go out.
 STOP_FLUSH_SECS = 1.0
-#: How long :meth:`RedisHub.stop` waits for its tasks to end once cancelled.
+#: How long :meth:`RedisBroker.stop` waits for its tasks to end once cancelled.
 STOP_TIMEOUT_SECS = 2.0
-
-ControlHandler = Callable[[dict[str, Any]], None]
-
-_INTEREST_CHANNEL = {"room": "room", "user": "user", "namespace": "ns"}
 
 
 def _cancel_requested() -> bool:
@@ -118,10 +121,211 @@ class _Deaf(Exception):
     """The subscription stopped delivering without reporting an error."""
 
 
-class RedisHub(Hub):
-    """A :class:`Hub` mirrored to the other nodes through Redis pub/sub.
+# -- envelopes ----------------------------------------------------------------------
 
-    ``redis`` is the node's shared client; the mirror derives its own small
+
+def encode_broadcast(
+    node_id: str,
+    target: Target,
+    payload: bytes,
+    *,
+    exclude: str | None = None,
+    seq: int | None = None,
+    mid: str | None = None,
+    targets: list[list[str | None]] | None = None,
+) -> bytes:
+    """The wire envelope of a broadcast (see the module docstring)."""
+    envelope: dict[str, Any] = {
+        "n": node_id,
+        "t": target.kind,
+        "k": target.key,
+        "ns": target.namespace,
+        "x": exclude,
+        "s": seq,
+        "p": payload.decode(),
+        "m": mid,
+        "ts": time.time(),
+    }
+    if targets is not None:
+        envelope["g"] = targets
+    return orjson.dumps(envelope)
+
+
+def encode_control(node_id: str, action: str, data: dict[str, Any]) -> bytes:
+    return orjson.dumps({"n": node_id, "t": "control", "k": action, "d": data, "ts": time.time()})
+
+
+def encode_ping(node_id: str, token: str) -> bytes:
+    return orjson.dumps({"n": node_id, "t": "ping", "k": token, "ts": time.time()})
+
+
+def decode(data: bytes) -> dict[str, Any] | None:
+    """An envelope with its kind ``t`` and origin ``n``; None if malformed."""
+    try:
+        envelope = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(envelope, dict) or "t" not in envelope or "n" not in envelope:
+        return None
+    return envelope
+
+
+# -- publishing ----------------------------------------------------------------------
+
+
+class PublishQueue:
+    """Publishes for the other nodes, in order, by one task in pipelined batches.
+
+    Bounded (:data:`PUBLISH_QUEUE_MAX`): while the link is down, or the queue
+    is full, publishes are dropped and counted -- a stalled Redis must not
+    grow the node's memory -- and logged once per outage.
+    """
+
+    def __init__(self, redis: aioredis.Redis, metrics: Metrics | None) -> None:
+        self._redis = redis
+        self.metrics = metrics
+        self._outbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(PUBLISH_QUEUE_MAX)
+        self._drop_logged = False
+        #: Publishes dropped because Redis was down or the queue full (also a metric).
+        self.dropped = 0
+
+    def empty(self) -> bool:
+        return self._outbox.empty()
+
+    def put(self, channel_name: str, data: bytes, up: bool, reason: str | None) -> None:
+        if not up:
+            self.drop(1, reason or "redis down")
+            return
+        try:
+            self._outbox.put_nowait((channel_name, data))
+        except asyncio.QueueFull:
+            self.drop(1, "publish queue full")
+
+    def drop(self, count: int, why: str) -> None:
+        self.dropped += count
+        if self.metrics is not None:
+            self.metrics.redis_dropped.inc(count)
+        # Once per outage: a broadcast storm must not become a log storm.
+        if not self._drop_logged:
+            self._drop_logged = True
+            log.warning("redis mirror: dropping publishes for other nodes (%s)", why)
+
+    def link_up(self) -> None:
+        """A new outage will be logged again."""
+        self._drop_logged = False
+
+    async def run(self) -> None:
+        """The one task that publishes, so a node's broadcasts keep their order."""
+        while True:
+            batch = [await self._outbox.get()]
+            while len(batch) < PUBLISH_BATCH_MAX and not self._outbox.empty():
+                batch.append(self._outbox.get_nowait())
+            try:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel
+                # that lands as the publish completes, and stop() then hangs.
+                async with asyncio.timeout(PUBLISH_TIMEOUT_SECS):
+                    await self._publish_batch(batch)
+            except (aioredis.RedisError, OSError, TimeoutError) as exc:
+                if _cancel_requested():
+                    raise asyncio.CancelledError from exc
+                self.drop(len(batch), f"publish failed: {type(exc).__name__}: {exc}")
+                continue
+            if self.metrics is not None:
+                self.metrics.redis_published.inc(len(batch))
+
+    async def _publish_batch(self, batch: list[tuple[str, bytes]]) -> None:
+        if len(batch) == 1:
+            await self._redis.publish(*batch[0])
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for channel_name, data in batch:
+            pipe.publish(channel_name, data)
+        await pipe.execute()
+
+
+# -- subscriptions --------------------------------------------------------------------
+
+
+class Subscriptions:
+    """The Redis subscriptions of a node, following the hub's interest.
+
+    ``wanted`` is what local interest asks for, ``subscribed`` what was sent
+    to Redis on the current connection, ``confirmed`` what Redis answered
+    (from then on every PUBLISH to it reaches this node).
+    """
+
+    def __init__(self, always: set[str]) -> None:
+        self.wanted: set[str] = set(always)
+        self.subscribed: set[str] = set()
+        self.confirmed: set[str] = set()
+        self._confirm_changed = asyncio.Event()
+        self._dirty = asyncio.Event()
+
+    def want(self, channel_name: str, interested: bool) -> None:
+        if interested:
+            self.wanted.add(channel_name)
+        else:
+            self.wanted.discard(channel_name)
+        self._dirty.set()
+
+    async def subscribe_all(self, pubsub: PubSub) -> None:
+        """On a fresh connection: subscribe to everything wanted."""
+        channels = set(self.wanted)
+        self.subscribed = set(channels)
+        await pubsub.subscribe(*channels)
+
+    async def sync(self, pubsub: PubSub) -> None:
+        """Bring the Redis subscriptions in line with local interest, in batches."""
+        self._dirty.set()
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            add = self.wanted - self.subscribed
+            drop = self.subscribed - self.wanted
+            if add:
+                self.subscribed |= add
+                await pubsub.subscribe(*add)
+            if drop:
+                self.subscribed -= drop
+                await pubsub.unsubscribe(*drop)
+
+    def answered(self, kind: str, channel_name: str) -> None:
+        """Redis confirmed a ``subscribe`` or an ``unsubscribe``."""
+        if kind == "subscribe":
+            self.confirmed.add(channel_name)
+        else:
+            self.confirmed.discard(channel_name)
+        self._confirm_changed.set()
+
+    def lost(self) -> None:
+        """The connection is gone, and every subscription with it."""
+        self.subscribed = set()
+        self.confirmed = set()
+        self._confirm_changed.set()
+
+    async def wait_confirmed(self, channel_name: str, up: Callable[[], bool]) -> bool:
+        """Wait until Redis confirmed ``channel_name``; False if down, unwanted or late."""
+        try:
+            async with asyncio.timeout(SUBSCRIBE_WAIT_SECS):
+                while channel_name not in self.confirmed:
+                    if not up() or channel_name not in self.wanted:
+                        return False
+                    self._confirm_changed.clear()
+                    await self._confirm_changed.wait()
+        except TimeoutError:
+            log.warning("redis mirror: no confirmation for %s within %.1f s", channel_name,
+                        SUBSCRIBE_WAIT_SECS)  # fmt: skip
+            return False
+        return True
+
+
+# -- the broker -------------------------------------------------------------------------
+
+
+class RedisBroker(Broker):
+    """A :class:`~server.broker.Broker` over Redis pub/sub (see the module docstring).
+
+    ``redis`` is the node's shared client; the broker derives its own small
     connection pool from it (same address, TLS and credentials) without
     redis-py's silent command retries, so every broken connection surfaces
     here and is handled in one place: state, logs, metrics, backoff.
@@ -137,10 +341,8 @@ class RedisHub(Hub):
         *,
         prefix: str = "switchboard",
         metrics: Metrics | None = None,
-        on_delivered: Callable[[int, int], None] | None = None,
-        coalesce: bool = False,
     ) -> None:
-        super().__init__(node_id, on_delivered=on_delivered, coalesce=coalesce)
+        super().__init__(node_id)
         self.prefix = prefix
         self.metrics = metrics
         self.self_check_interval_secs = SELF_CHECK_INTERVAL_SECS
@@ -156,17 +358,11 @@ class RedisHub(Hub):
             connection_class=shared.connection_class, **{**kwargs, "retry": Retry(NoBackoff(), 0)}
         )
         self._redis = aioredis.Redis(connection_pool=self._pool)
-        self.all_channel = f"{prefix}:all"
-        self.node_channel = f"{prefix}:node:{node_id}"
-        self._wanted: set[str] = {self.all_channel, self.node_channel}
-        self._subscribed: set[str] = set()
-        # Channels Redis has confirmed (SUBSCRIBE reply seen): from then on every
-        # PUBLISH to them reaches this node.
-        self._confirmed: set[str] = set()
-        self._confirm_changed = asyncio.Event()
-        self._dirty = asyncio.Event()
-        self._outbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(PUBLISH_QUEUE_MAX)
-        self._control: dict[str, ControlHandler] = {}
+        self.all_channel = self._name(ALL_CHANNEL)
+        self.node_channel = self._name(node_channel(node_id))
+        self.subscriptions = Subscriptions({self.all_channel, self.node_channel})
+        self.queue = PublishQueue(self._redis, metrics)
+        self._receiver: Receiver | None = None
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._mid_prefix = f"{node_id}:{uuid.uuid4().hex[:8]}:"
         self._mid_counter = itertools.count()
@@ -176,12 +372,12 @@ class RedisHub(Hub):
         self._up_event = asyncio.Event()
         self._reason: str | None = "not connected yet"
         self._down_since: float | None = None
-        self._drop_logged = False
         self._tasks: list[asyncio.Task[None]] = []
-        #: Publishes dropped because Redis was down or the queue full (also a metric).
-        self.dropped = 0
         #: Successful reconnections after a loss or a deaf subscription (also a metric).
         self.reconnects = 0
+
+    def _name(self, channel_name: str) -> str:
+        return f"{self.prefix}:{channel_name}"
 
     # -- state ----------------------------------------------------------------
 
@@ -192,16 +388,17 @@ class RedisHub(Hub):
 
     @property
     def reason(self) -> str | None:
-        """Why the mirror is not ok (None when it is)."""
+        """Why the broker is not ok (None when it is)."""
         return None if self._up else self._reason
 
-    async def check(self) -> tuple[bool, str | None]:
-        """Health probe (``Health(redis_check=hub.check)``): ``(ok, reason)``."""
-        return self._up, self.reason
+    @property
+    def dropped(self) -> int:
+        """Publishes dropped because Redis was down or the queue full (also a metric)."""
+        return self.queue.dropped
 
     def subscribed_channels(self) -> frozenset[str]:
         """The channels currently subscribed on Redis (for operators and tests)."""
-        return frozenset(self._subscribed)
+        return frozenset(self.subscriptions.subscribed)
 
     def _set_up(self) -> None:
         if self._up:
@@ -210,9 +407,10 @@ class RedisHub(Hub):
         self._up = True
         self._reason = None
         self._up_event.set()
-        self._drop_logged = False
+        self.queue.link_up()
         if self.metrics is not None:
             self.metrics.redis_up.set(1)
+        subscribed = len(self.subscriptions.subscribed)
         if was_down:
             assert self._down_since is not None
             self.reconnects += 1
@@ -220,10 +418,10 @@ class RedisHub(Hub):
                 self.metrics.redis_reconnects.inc()
             log.warning(
                 "redis mirror: reconnected after %.1f s, subscribed to %d channel(s)",
-                time.monotonic() - self._down_since, len(self._subscribed),
+                time.monotonic() - self._down_since, subscribed,
             )  # fmt: skip
         else:
-            log.info("redis mirror: connected, subscribed to %d channel(s)", len(self._subscribed))
+            log.info("redis mirror: connected, subscribed to %d channel(s)", subscribed)
         self._down_since = None
 
     def _set_down(self, reason: str, attempt: int) -> None:
@@ -236,27 +434,21 @@ class RedisHub(Hub):
         if self.metrics is not None:
             self.metrics.redis_up.set(0)
 
-    def _drop(self, count: int, why: str) -> None:
-        self.dropped += count
-        if self.metrics is not None:
-            self.metrics.redis_dropped.inc(count)
-        # Once per outage: a broadcast storm must not become a log storm.
-        if not self._drop_logged:
-            self._drop_logged = True
-            log.warning("redis mirror: dropping publishes for other nodes (%s)", why)
-
     # -- lifetime ---------------------------------------------------------------
+
+    def listen(self, receiver: Receiver) -> None:
+        self._receiver = receiver
 
     async def start(self, wait_secs: float = STARTUP_WAIT_SECS) -> bool:
         """Start the listener and publisher; wait up to ``wait_secs`` for Redis.
 
-        Returns whether the mirror is up. A node whose Redis is down starts
+        Returns whether the link is up. A node whose Redis is down starts
         anyway (degraded) and keeps trying in the background.
         """
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._run(), name="redis-mirror"),
-            loop.create_task(self._publisher(), name="redis-publisher"),
+            loop.create_task(self.queue.run(), name="redis-publisher"),
         ]
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(wait_secs):
@@ -268,7 +460,7 @@ class RedisHub(Hub):
     async def stop(self) -> None:
         """Let queued publishes go out (briefly), then stop and disconnect."""
         deadline = time.monotonic() + STOP_FLUSH_SECS
-        while self._up and not self._outbox.empty() and time.monotonic() < deadline:  # noqa: ASYNC110
+        while self._up and not self.queue.empty() and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         for task in self._tasks:
             task.cancel()
@@ -284,163 +476,58 @@ class RedisHub(Hub):
         await self._redis.aclose()
         await self._pool.disconnect()
 
-    # -- hooks --------------------------------------------------------------------
+    # -- the hub's side ---------------------------------------------------------------
 
-    def _remote_interest(self, kind: str, key: str, interested: bool) -> None:
-        channel = f"{self.prefix}:{_INTEREST_CHANNEL[kind]}:{key}"
-        if interested:
-            self._wanted.add(channel)
-        else:
-            self._wanted.discard(channel)
-        self._dirty.set()
+    def interest(self, kind: str, key: str, interested: bool) -> None:
+        self.subscriptions.want(self._name(interest_channel(kind, key)), interested)
 
-    def _remote_publish(
-        self, target: Target, payload: bytes, exclude: str | None, seq: int | None
+    def _enqueue(self, channel_name: str, data: bytes) -> None:
+        self.queue.put(channel_name, data, self._up, self._reason)
+
+    def publish(
+        self, target: Target, payload: bytes, *, exclude: str | None, seq: int | None
     ) -> None:
-        channel = self._channel_for(target)
-        if channel is None:
-            return
-        self._enqueue(channel, self._envelope(target, payload, exclude=exclude, seq=seq))
+        name = channel(target)
+        if name is not None:
+            envelope = encode_broadcast(self.node_id, target, payload, exclude=exclude, seq=seq)
+            self._enqueue(self._name(name), envelope)
 
-    def publish_many(self, targets: Iterable[Target], event: str, data: dict[str, Any]) -> int:
-        """Deliver once per connection here; one tagged copy per target channel elsewhere.
+    def publish_many(self, targets: Sequence[Target], payload: bytes) -> None:
+        """One tagged copy per target channel.
 
         Every copy carries the same id and the whole target list, so a node
         reached through several channels delivers to the union on the first
         copy and ignores the others.
         """
-        targets = list(targets)
-        payload = protocol.event_payload(event, data)
-        local: set[Connection] = set()
-        for target in targets:
-            local.update(self._local(target))
-        delivered = self._write(local, protocol.frame(payload), None)
-        remote = [t for t in targets if t.kind != "connection"]
-        if not remote:
-            return delivered
         mid = f"{self._mid_prefix}{next(self._mid_counter)}"
-        listed = [[t.kind, t.key, t.namespace] for t in remote]
-        if len(remote) > MANY_TARGETS_VIA_ALL:
+        listed = [[t.kind, t.key, t.namespace] for t in targets]
+        if len(targets) > MANY_TARGETS_VIA_ALL:
             routes = {self.all_channel: Target.all()}
         else:
             routes = {}
-            for target in remote:
-                channel = self._channel_for(target)
-                if channel is not None:
-                    routes.setdefault(channel, target)
-        for channel, target in routes.items():
-            self._enqueue(channel, self._envelope(target, payload, mid=mid, targets=listed))
-        return delivered
+            for target in targets:
+                name = channel(target)
+                if name is not None:
+                    routes.setdefault(self._name(name), target)
+        for channel_name, target in routes.items():
+            envelope = encode_broadcast(self.node_id, target, payload, mid=mid, targets=listed)
+            self._enqueue(channel_name, envelope)
+
+    async def wait_subscribed(self, kind: str, key: str) -> bool:
+        """Wait until Redis confirmed the subscription for a local interest.
+
+        A join calls this between subscribing and reading history, so a message
+        another node commits after the history query is published to a channel
+        this node already hears. Returns False when Redis is down (local
+        delivery only) or the confirmation did not come in time.
+        """
+        channel_name = self._name(interest_channel(kind, key))
+        return await self.subscriptions.wait_confirmed(channel_name, lambda: self._up)
 
     # -- control messages -----------------------------------------------------------
 
-    def on_control(self, action: str, handler: ControlHandler) -> None:
-        """Run ``handler(data)`` when another node sends control ``action``."""
-        self._control[action] = handler
-
-    def send_control(
-        self,
-        action: str,
-        data: dict[str, Any],
-        *,
-        target: Target | None = None,
-        node: str | None = None,
-    ) -> None:
-        """Send a control message to the other nodes.
-
-        To one ``node``, to the nodes ``target`` reaches (e.g. those with the
-        user's connections), or to every node. The sender does not get it.
-        """
-        if node is not None:
-            channel: str | None = f"{self.prefix}:node:{node}"
-        elif target is not None:
-            channel = self._channel_for(target)
-        else:
-            channel = self.all_channel
-        if channel is None:
-            raise ValueError(f"control messages cannot go to {target!r}")
-        envelope = {"n": self.node_id, "t": "control", "k": action, "d": data, "ts": time.time()}
-        self._enqueue(channel, orjson.dumps(envelope))
-
-    # -- publishing -----------------------------------------------------------------
-
-    def _channel_for(self, target: Target) -> str | None:
-        kind = target.kind
-        if kind == "room":
-            return f"{self.prefix}:room:{target.key}"
-        if kind == "user":
-            return f"{self.prefix}:user:{target.key}"
-        if kind == "namespace":
-            return f"{self.prefix}:ns:{target.key}"
-        if kind == "all":
-            # A namespace-narrowed "all" reaches exactly the namespace's nodes.
-            if target.namespace is not None:
-                return f"{self.prefix}:ns:{target.namespace}"
-            return self.all_channel
-        # Connection ids are node-local: nothing to tell the other nodes.
-        return None
-
-    def _envelope(
-        self,
-        target: Target,
-        payload: bytes,
-        *,
-        exclude: str | None = None,
-        seq: int | None = None,
-        mid: str | None = None,
-        targets: list[list[str | None]] | None = None,
-    ) -> bytes:
-        envelope: dict[str, Any] = {
-            "n": self.node_id,
-            "t": target.kind,
-            "k": target.key,
-            "ns": target.namespace,
-            "x": exclude,
-            "s": seq,
-            "p": payload.decode(),
-            "m": mid,
-            "ts": time.time(),
-        }
-        if targets is not None:
-            envelope["g"] = targets
-        return orjson.dumps(envelope)
-
-    def _enqueue(self, channel: str, data: bytes) -> None:
-        if not self._up:
-            self._drop(1, self._reason or "redis down")
-            return
-        try:
-            self._outbox.put_nowait((channel, data))
-        except asyncio.QueueFull:
-            self._drop(1, "publish queue full")
-
-    async def _publisher(self) -> None:
-        """The one task that publishes, so a node's broadcasts keep their order."""
-        while True:
-            batch = [await self._outbox.get()]
-            while len(batch) < PUBLISH_BATCH_MAX and not self._outbox.empty():
-                batch.append(self._outbox.get_nowait())
-            try:
-                # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel
-                # that lands as the publish completes, and stop() then hangs.
-                async with asyncio.timeout(PUBLISH_TIMEOUT_SECS):
-                    await self._publish_batch(batch)
-            except (aioredis.RedisError, OSError, TimeoutError) as exc:
-                if _cancel_requested():
-                    raise asyncio.CancelledError from exc
-                self._drop(len(batch), f"publish failed: {type(exc).__name__}: {exc}")
-                continue
-            if self.metrics is not None:
-                self.metrics.redis_published.inc(len(batch))
-
-    async def _publish_batch(self, batch: list[tuple[str, bytes]]) -> None:
-        if len(batch) == 1:
-            await self._redis.publish(*batch[0])
-            return
-        pipe = self._redis.pipeline(transaction=False)
-        for channel, data in batch:
-            pipe.publish(channel, data)
-        await pipe.execute()
+    def _send_control(self, channel_name: str, action: str, data: dict[str, Any]) -> None:
+        self._enqueue(self._name(channel_name), encode_control(self.node_id, action, data))
 
     # -- listening --------------------------------------------------------------------
 
@@ -463,9 +550,7 @@ class RedisHub(Hub):
                 attempt += 1
                 self._set_down(f"{type(exc).__name__}: {exc}", attempt)
             finally:
-                self._subscribed = set()
-                self._confirmed = set()
-                self._confirm_changed.set()
+                self.subscriptions.lost()
                 # A broken connection may not close cleanly; it is discarded either way.
                 with contextlib.suppress(aioredis.RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
@@ -474,13 +559,11 @@ class RedisHub(Hub):
 
     async def _listen(self, pubsub: PubSub) -> None:
         """Subscribe to everything needed, then read, re-sync and self-check until one fails."""
-        channels = set(self._wanted)
-        self._subscribed = set(channels)
-        await pubsub.subscribe(*channels)
+        await self.subscriptions.subscribe_all(pubsub)
         loop = asyncio.get_running_loop()
         tasks = [
             loop.create_task(self._read(pubsub), name="redis-mirror-read"),
-            loop.create_task(self._sync(pubsub), name="redis-mirror-sync"),
+            loop.create_task(self.subscriptions.sync(pubsub), name="redis-mirror-sync"),
             loop.create_task(self._self_check(), name="redis-mirror-self-check"),
         ]
         try:
@@ -503,65 +586,24 @@ class RedisHub(Hub):
             if kind == "message":
                 self._on_message(message["data"])
             elif kind in ("subscribe", "unsubscribe"):
-                channel = message["channel"]
-                name = channel.decode() if isinstance(channel, bytes) else str(channel)
-                if kind == "subscribe":
-                    self._confirmed.add(name)
-                else:
-                    self._confirmed.discard(name)
-                self._confirm_changed.set()
-
-    async def wait_subscribed(self, kind: str, key: str) -> bool:
-        """Wait until Redis confirmed the subscription for a local interest.
-
-        A join calls this between subscribing and reading history, so a message
-        another node commits after the history query is published to a channel
-        this node already hears. Returns False when Redis is down (local
-        delivery only) or the confirmation did not come in time.
-        """
-        channel = f"{self.prefix}:{_INTEREST_CHANNEL[kind]}:{key}"
-        try:
-            async with asyncio.timeout(SUBSCRIBE_WAIT_SECS):
-                while channel not in self._confirmed:
-                    if not self._up or channel not in self._wanted:
-                        return False
-                    self._confirm_changed.clear()
-                    await self._confirm_changed.wait()
-        except TimeoutError:
-            log.warning("redis mirror: no confirmation for %s within %.1f s", channel,
-                        SUBSCRIBE_WAIT_SECS)  # fmt: skip
-            return False
-        return True
-
-    async def _sync(self, pubsub: PubSub) -> None:
-        """Bring the Redis subscriptions in line with local interest, in batches."""
-        self._dirty.set()
-        while True:
-            await self._dirty.wait()
-            self._dirty.clear()
-            add = self._wanted - self._subscribed
-            drop = self._subscribed - self._wanted
-            if add:
-                self._subscribed |= add
-                await pubsub.subscribe(*add)
-            if drop:
-                self._subscribed -= drop
-                await pubsub.unsubscribe(*drop)
+                name = message["channel"]
+                self.subscriptions.answered(
+                    kind, name.decode() if isinstance(name, bytes) else str(name)
+                )
 
     async def _self_check(self) -> None:
         """Ping the own node channel; not hearing it back means the subscription is deaf.
 
-        The first ping also confirms the fresh subscription: the mirror is
+        The first ping also confirms the fresh subscription: the broker is
         reported up only once its own message made the round trip.
         """
         while True:
             token = uuid.uuid4().hex
             self._ping_token = token
             self._ping_heard.clear()
-            ping = {"n": self.node_id, "t": "ping", "k": token, "ts": time.time()}
-            await self._redis.publish(self.node_channel, orjson.dumps(ping))
+            await self._redis.publish(self.node_channel, encode_ping(self.node_id, token))
             try:
-                async with asyncio.timeout(self.self_check_timeout_secs):  # see _publisher
+                async with asyncio.timeout(self.self_check_timeout_secs):  # see PublishQueue.run
                     await self._ping_heard.wait()
             except TimeoutError:
                 raise _Deaf(
@@ -572,13 +614,11 @@ class RedisHub(Hub):
             await asyncio.sleep(self.self_check_interval_secs)
 
     def _on_message(self, data: bytes) -> None:
-        try:
-            envelope = orjson.loads(data)
-            kind = envelope["t"]
-            origin = envelope["n"]
-        except (orjson.JSONDecodeError, KeyError, TypeError):
+        envelope = decode(data)
+        if envelope is None:
             log.warning("redis mirror: ignoring a malformed message (%d bytes)", len(data))
             return
+        kind, origin = envelope["t"], envelope["n"]
         if kind == "ping":
             if origin == self.node_id and envelope.get("k") == self._ping_token:
                 self._ping_heard.set()
@@ -592,83 +632,26 @@ class RedisHub(Hub):
                 self.metrics.redis_pubsub_lag.observe(max(0.0, time.time() - sent_at))
         try:
             if kind == "control":
-                self._on_control(envelope)
+                self._run_control(envelope.get("k"), envelope.get("d") or {})
             else:
-                self._deliver_remote(envelope)
+                self._deliver(envelope)
         except Exception:
-            # One bad message must not take the node's mirror down with it.
+            # One bad message must not take the node's link down with it.
             log.exception("redis mirror: failed to handle a %s message from %s", kind, origin)
 
-    def _deliver_remote(self, envelope: dict[str, Any]) -> None:
+    def _deliver(self, envelope: dict[str, Any]) -> None:
+        receiver = self._receiver
+        if receiver is None:
+            return
         frame = protocol.frame(envelope["p"].encode())
         mid = envelope.get("m")
         if mid is None:
             target = Target(envelope["t"], envelope["k"], envelope.get("ns"))
-            self.deliver(target, frame, exclude=envelope.get("x"), seq=envelope.get("s"))
+            receiver.deliver(target, frame, exclude=envelope.get("x"), seq=envelope.get("s"))
             return
         if mid in self._seen:
             return
         self._seen[mid] = None
         if len(self._seen) > SEEN_IDS_MAX:
             self._seen.popitem(last=False)
-        conns: set[Connection] = set()
-        for kind, key, namespace in envelope["g"]:
-            conns.update(self._local(Target(kind, key, namespace)))
-        self._write(conns, frame, None)
-
-    def _on_control(self, envelope: dict[str, Any]) -> None:
-        action = envelope.get("k")
-        handler = self._control.get(action) if isinstance(action, str) else None
-        if handler is None:
-            log.warning("redis mirror: no handler for control action %r", action)
-            return
-        handler(envelope.get("d") or {})
-
-
-def _error_class(code: str) -> type[errors.GatewayError]:
-    """The GatewayError subclass with ``code`` (the root class if none)."""
-    pending: list[type[errors.GatewayError]] = [errors.GatewayError]
-    while pending:
-        cls = pending.pop()
-        if cls.code == code:
-            return cls
-        pending.extend(cls.__subclasses__())
-    return errors.GatewayError
-
-
-def relay_disconnects(hub: RedisHub, moderation: Moderation) -> None:
-    """Make kick and ban close the user's connections on every node.
-
-    ``Moderation.disconnect_user`` acts locally and calls the relay, which
-    sends control ``disconnect_user`` on the user's channel (so only nodes
-    with a connection of that user get it); each of them runs
-    ``disconnect_user`` there with the same notice and error.
-    """
-
-    def send(
-        user_id: str,
-        notice_event: str | None,
-        notice: dict[str, Any] | None,
-        error: errors.GatewayError,
-    ) -> None:
-        data = {
-            "userId": user_id,
-            "code": error.close_code or 4403,
-            "errorCode": error.code,
-            "message": error.message,
-            "details": error.details,
-            "noticeEvent": notice_event,
-            "notice": notice,
-        }
-        hub.send_control("disconnect_user", data, target=Target.user(user_id))
-
-    def receive(data: dict[str, Any]) -> None:
-        error = _error_class(data["errorCode"])(data["message"], data.get("details"))
-        closed = moderation.disconnect_user(
-            data["userId"], data.get("noticeEvent"), data.get("notice"), error, relay=False
-        )
-        log.info("disconnect_user from another node: %s (%s): %d connection(s)",
-                 data["userId"], data["errorCode"], closed)  # fmt: skip
-
-    moderation.cluster_relay = send
-    hub.on_control("disconnect_user", receive)
+        receiver.deliver_many((Target(*listed) for listed in envelope["g"]), frame)

@@ -16,13 +16,15 @@ direct write to a connection (:meth:`Hub.flush_to`, called by the handlers
 before every ``send_frame``) sends that connection's queued frames first,
 so a connection sees frames in the order they were produced.
 
-The hub knows nothing about chat. A cluster mirror subclasses it and
-implements the ``_remote_*`` hooks; the plain :class:`Hub` is the
-single-node backend with the same interface.
+The hub knows nothing about chat, nor about how other nodes are reached:
+it has a :class:`~server.broker.Broker` (given, or a
+:class:`~server.broker.MemoryBroker` of its own: a cluster of one), tells
+it where local interest begins and ends, hands it every broadcast after
+delivering locally, and is called back with what other nodes publish.
 
 Example::
 
-    hub = Hub(node_id="n1")
+    hub = Hub(node_id="n1")  # or Hub("n1", broker=RedisBroker(...))
     hub.add(conn)
     hub.join(conn, "general")
     hub.publish(Target.room("general"), "message:new", {"message": m}, seq=m["seq"])
@@ -36,6 +38,8 @@ from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple, Protocol
 
 from server import protocol
+from server.broker import Broker, MemoryBroker
+from server.outbound import Outbound
 
 log = logging.getLogger("switchboard.hub")
 
@@ -45,7 +49,10 @@ class Connection(Protocol):
 
     conn_id: str
     user_id: str
+    #: Monotonic time the peer last sent anything (a frame, a pong).
     last_seen: float
+    #: The connection's writes: what is pending for it, and its budget.
+    outbound: Outbound
 
     @property
     def namespace(self) -> str:
@@ -140,21 +147,24 @@ def _write_batches(conn: Connection, frames: list[bytes]) -> tuple[int, int]:
 
 
 class Hub:
-    """Single-node hub; also the base of the Redis-mirrored hub."""
+    """The node's connections and delivery to them, local and through the broker."""
 
     def __init__(
         self,
         node_id: str,
         *,
+        broker: Broker | None = None,
         on_delivered: Callable[[int, int], None] | None = None,
         coalesce: bool = False,
     ) -> None:
         """``on_delivered(count, nbytes)`` is called once per write pass that reached anyone.
 
         That is once per broadcast, or with ``coalesce`` once per :meth:`flush`
-        (the frames and bytes of every broadcast it wrote).
+        (the frames and bytes of every broadcast it wrote). Without a
+        ``broker`` the hub is a single node (a :class:`MemoryBroker` alone).
         """
         self.node_id = node_id
+        self.broker: Broker = broker if broker is not None else MemoryBroker(node_id)
         self.connections: dict[str, Connection] = {}
         self._by_user: dict[str, set[Connection]] = {}
         self._by_room: dict[str, set[Connection]] = {}
@@ -170,6 +180,7 @@ class Hub:
         # Frames of :meth:`send_soon` in the outbox: written by the flush but
         # not broadcast deliveries, so not reported to ``on_delivered``.
         self._direct: dict[Connection, list[int]] = {}  # conn -> [frames, bytes]
+        self.broker.listen(self)
 
     # -- membership -------------------------------------------------------
 
@@ -179,9 +190,9 @@ class Hub:
         first = conn.user_id not in self._by_user
         self._by_user.setdefault(conn.user_id, set()).add(conn)
         if first:
-            self._remote_interest("user", conn.user_id, True)
+            self.broker.interest("user", conn.user_id, True)
         if conn.namespace not in self._by_namespace:
-            self._remote_interest("namespace", conn.namespace, True)
+            self.broker.interest("namespace", conn.namespace, True)
         self._by_namespace.setdefault(conn.namespace, set()).add(conn)
         return first
 
@@ -195,9 +206,9 @@ class Hub:
         for room in rooms:
             self._drop_from_room(conn, room)
         if _discard(self._by_user, conn.user_id, conn):
-            self._remote_interest("user", conn.user_id, False)
+            self.broker.interest("user", conn.user_id, False)
         if _discard(self._by_namespace, conn.namespace, conn):
-            self._remote_interest("namespace", conn.namespace, False)
+            self.broker.interest("namespace", conn.namespace, False)
         return rooms
 
     def join(self, conn: Connection, room: str, *, buffer: bool = False) -> None:
@@ -208,18 +219,15 @@ class Hub:
         stitched together without a gap or a duplicate.
         """
         if room not in self._by_room:
-            self._remote_interest("room", room, True)
+            self.broker.interest("room", room, True)
         self._by_room.setdefault(room, set()).add(conn)
         self._rooms_of.setdefault(conn.conn_id, set()).add(room)
         if buffer:
             self._pending.setdefault(room, {})[conn] = []
 
     async def wait_subscribed(self, kind: str, key: str) -> bool:
-        """Wait until other nodes' traffic for a channel reaches this node.
-
-        Hook for the cluster mirror; a single node hears everything at once.
-        """
-        return True
+        """Wait until other nodes' traffic for a channel reaches this node (see the broker)."""
+        return await self.broker.wait_subscribed(kind, key)
 
     def finish_join(self, conn: Connection, room: str, after_seq: int | None) -> int:
         """Release frames buffered since :meth:`join`, skipping ``seq <= after_seq``."""
@@ -251,7 +259,7 @@ class Hub:
             if not pending:
                 del self._pending[room]
         if _discard(self._by_room, room, conn):
-            self._remote_interest("room", room, False)
+            self.broker.interest("room", room, False)
 
     def clear_room(self, room: str) -> list[Connection]:
         """Unsubscribe everyone from ``room`` (deleted); returns who was in it."""
@@ -307,17 +315,18 @@ class Hub:
         """
         payload = protocol.event_payload(event, data)
         delivered = self.deliver(target, protocol.frame(payload), exclude=exclude, seq=seq)
-        self._remote_publish(target, payload, exclude, seq)
+        self.broker.publish(target, payload, exclude=exclude, seq=seq)
         return delivered
 
     def publish_many(self, targets: Iterable[Target], event: str, data: dict[str, Any]) -> int:
-        """Deliver once per connection to everyone any of ``targets`` reaches."""
+        """Deliver once per connection to everyone any of ``targets`` reaches, on every node."""
+        targets = list(targets)
         payload = protocol.event_payload(event, data)
-        seen: set[Connection] = set()
-        for target in targets:
-            seen.update(self._local(target))
-            self._remote_publish(target, payload, None, None)
-        return self._write(seen, protocol.frame(payload), None)
+        delivered = self.deliver_many(targets, protocol.frame(payload))
+        remote = [t for t in targets if t.kind != "connection"]
+        if remote:
+            self.broker.publish_many(remote, payload)
+        return delivered
 
     def publish_rooms(self, rooms: Iterable[str], event: str, data: dict[str, Any]) -> int:
         """Deliver once per connection to everyone in any of ``rooms``."""
@@ -341,6 +350,13 @@ class Hub:
                         held.append((seq, frame))
                 conns = [c for c in conns if c not in pending]
         return self._write(conns, frame, exclude)
+
+    def deliver_many(self, targets: Iterable[Target], frame: bytes) -> int:
+        """Write a pre-built frame once to every local connection any of ``targets`` reaches."""
+        conns: set[Connection] = set()
+        for target in targets:
+            conns.update(self._local(target))
+        return self._write(conns, frame, None)
 
     def _local(self, target: Target) -> Iterable[Connection]:
         kind = target.kind
@@ -448,26 +464,23 @@ class Hub:
     # -- liveness -----------------------------------------------------------
 
     def sweep(self, now: float, timeout: float) -> int:
-        """Ping every connection; close those silent for longer than ``timeout``.
+        """Ping every connection; close those with no sign of life for ``timeout``.
+
+        Signs of life: a frame or a pong (``last_seen``), or reading a backlog
+        of ours (``outbound.progress_at``) -- a ping queued behind that backlog
+        cannot be answered yet, and a peer that cannot keep up is the outbound
+        budget's to judge (:mod:`server.outbound`), not the heartbeat's.
 
         One timer for the whole node instead of one per connection keeps idle
         connections cheap. Returns the number closed.
         """
         closed = 0
         for conn in tuple(self.connections.values()):
-            if now - conn.last_seen > timeout:
+            out = conn.outbound
+            out.observe(now)
+            if now - max(conn.last_seen, out.progress_at) > timeout:
                 conn.close_with(4408, "heartbeat timeout")
                 closed += 1
             else:
                 conn.ping()
         return closed
-
-    # -- cluster hooks (no-ops on a single node) ----------------------------
-
-    def _remote_publish(
-        self, target: Target, payload: bytes, exclude: str | None, seq: int | None
-    ) -> None:
-        """Send to the other nodes. The single-node hub has none."""
-
-    def _remote_interest(self, kind: str, key: str, interested: bool) -> None:
-        """The first local subscriber of a channel arrived (or the last left)."""

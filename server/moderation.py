@@ -45,6 +45,8 @@ AUDIT_ACTIONS = (
 NAMESPACES = ("chat", "notifications", "admin", "logs")
 #: Close code for kicked and banned connections (SPEC: forbidden / banned / kicked).
 CLOSE_FORBIDDEN = 4403
+#: The broker control action that carries disconnect_user to the other nodes.
+DISCONNECT_USER_CONTROL = "disconnect_user"
 
 
 def require_role(actor: Identity, action: str) -> None:
@@ -75,11 +77,9 @@ class Moderation:
         self.db = db
         self.tasks = tasks
         self.notifier = notifier
-        #: Set on a cluster (server/cluster.py: relay_disconnects): carries
-        #: disconnect_user to the other nodes, which run it there.
-        self.cluster_relay: (
-            Callable[[str, str | None, dict[str, Any] | None, errors.GatewayError], None] | None
-        ) = None
+        # Kick and ban close the user's connections on every node: the other
+        # nodes run disconnect_user when this control message reaches them.
+        hub.broker.on_control(DISCONNECT_USER_CONTROL, self._disconnect_from_elsewhere)
         #: Set on a cluster: a user's open connections on every node, so kick
         #: and ban acks count what the relay closes elsewhere too.
         self.cluster_connections: Callable[[str], Awaitable[int]] | None = None
@@ -243,12 +243,21 @@ class Moderation:
     ) -> int:
         """Tell every local connection of ``user_id`` why, then close it with 4403.
 
-        Returns how many connections of this node were closed. On a cluster
-        ``cluster_relay`` carries the call to the other nodes, which run it
-        with ``relay=False``.
+        Returns how many connections of this node were closed. With ``relay``
+        a control message on the user's channel carries the call to the other
+        nodes with a connection of that user, which run it with ``relay=False``.
         """
-        if relay and self.cluster_relay is not None:
-            self.cluster_relay(user_id, notice_event, notice, error)
+        if relay:
+            data = {
+                "userId": user_id,
+                "code": error.close_code or CLOSE_FORBIDDEN,
+                "errorCode": error.code,
+                "message": error.message,
+                "details": error.details,
+                "noticeEvent": notice_event,
+                "notice": notice,
+            }
+            self.hub.broker.send_control(DISCONNECT_USER_CONTROL, data, target=Target.user(user_id))
         conns = self.hub.user_connections(user_id)
         frames = []
         if notice_event is not None:
@@ -266,6 +275,15 @@ class Moderation:
             else:
                 conn.close_with(CLOSE_FORBIDDEN, error.code.lower())
         return len(conns)
+
+    def _disconnect_from_elsewhere(self, data: dict[str, Any]) -> None:
+        """``disconnect_user`` sent by another node (see :meth:`disconnect_user`)."""
+        error = _error_class(data["errorCode"])(data["message"], data.get("details"))
+        closed = self.disconnect_user(
+            data["userId"], data.get("noticeEvent"), data.get("notice"), error, relay=False
+        )
+        log.info("disconnect_user from another node: %s (%s): %d connection(s)",
+                 data["userId"], data["errorCode"], closed)  # fmt: skip
 
     async def _protect_admins(self, actor: Identity, user_id: str, action: str) -> None:
         """Raise FORBIDDEN when a non-admin ``actor`` acts on an admin.
@@ -297,3 +315,14 @@ class Moderation:
         self.tasks.spawn(
             notifier.notify(user_ids, **fields), f"notify-{fields.get('title', 'moderation')}"
         )
+
+
+def _error_class(code: str) -> type[errors.GatewayError]:
+    """The GatewayError subclass with ``code`` (the root class if none)."""
+    pending: list[type[errors.GatewayError]] = [errors.GatewayError]
+    while pending:
+        cls = pending.pop()
+        if cls.code == code:
+            return cls
+        pending.extend(cls.__subclasses__())
+    return errors.GatewayError

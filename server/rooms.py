@@ -26,7 +26,7 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from models import chat as chat_db
 from models import moderation as mod_db
@@ -47,16 +47,6 @@ _T = TypeVar("_T")
 
 #: The control message that makes the other nodes forget a deleted room.
 FORGET_ROOM_ACTION = "forget_room"
-
-
-class ControlBus(Protocol):
-    """What :meth:`Rooms.relay_over` needs from a cluster mirror (server/cluster.py)."""
-
-    def on_control(self, action: str, handler: Callable[[dict[str, Any]], None]) -> None:
-        """Run ``handler(data)`` when another node sends control ``action``."""
-
-    def send_control(self, action: str, data: dict[str, Any]) -> None:
-        """Send control ``action`` with ``data`` to every other node."""
 
 
 @dataclasses.dataclass
@@ -107,9 +97,8 @@ class Rooms:
         self.typing = typing
         self.notifications = notifications
         self.tasks = tasks
-        #: Set on a cluster (:meth:`relay_over`): tells the other nodes to
-        #: forget a room deleted here.
-        self._relay: Callable[[str, list[str]], None] | None = None
+        # A room deleted on any node is forgotten on every node (a no-op alone).
+        hub.broker.on_control(FORGET_ROOM_ACTION, self._forget_from_elsewhere)
 
     # -- create and join ------------------------------------------------------------
 
@@ -355,8 +344,7 @@ class Rooms:
             room_id, members, "room:deleted", {"roomId": room_id, "deletedBy": actor.user_id}
         )
         self.forget(room_id, members)
-        if self._relay is not None:
-            self._relay(room_id, members)
+        self.hub.broker.send_control(FORGET_ROOM_ACTION, {"roomId": room_id, "members": members})
         log.info("delete_room: %s deleted room %s (%d members)", actor.user_id, room_id,
                  len(members))  # fmt: skip
         self.tasks.spawn(
@@ -381,17 +369,8 @@ class Rooms:
         self.typing.forget_room(room_id)
         self.stats.rooms.forget(room_id)
 
-    def relay_over(self, bus: ControlBus) -> None:
-        """On a cluster: a room deleted on any node is forgotten on every node."""
-
-        def send(room_id: str, members: list[str]) -> None:
-            bus.send_control(FORGET_ROOM_ACTION, {"roomId": room_id, "members": members})
-
-        def receive(data: dict[str, Any]) -> None:
-            self.forget(data["roomId"], data["members"])
-
-        self._relay = send
-        bus.on_control(FORGET_ROOM_ACTION, receive)
+    def _forget_from_elsewhere(self, data: dict[str, Any]) -> None:
+        self.forget(data["roomId"], data["members"])
 
 
 async def _password_hash(password: str | None) -> str | None:

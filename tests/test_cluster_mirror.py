@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 from tornado.httpclient import AsyncHTTPClient
 
 from server.app import Node
-from server.cluster import RedisHub
+from server.cluster import RedisBroker
 from server.hub import Target
 from switchboard_client import Client
 from tests.conftest import Gateway, make_config
@@ -50,10 +50,10 @@ def channel(kind: str, key: str) -> str:
     return f"{PREFIX}:{kind}:{key}"
 
 
-def mirror(gw: Gateway) -> RedisHub:
-    hub = gw.node.hub
-    assert isinstance(hub, RedisHub)
-    return hub
+def mirror(gw: Gateway) -> RedisBroker:
+    broker = gw.node.broker
+    assert isinstance(broker, RedisBroker)
+    return broker
 
 
 def sample(gw: Gateway, name: str) -> float:
@@ -152,9 +152,9 @@ class Cluster:
         )  # fmt: skip
         node = Node(config)
         if self_check_secs is not None:
-            hub = node.hub
-            assert isinstance(hub, RedisHub)
-            hub.self_check_interval_secs, hub.self_check_timeout_secs = self_check_secs
+            broker = node.broker
+            assert isinstance(broker, RedisBroker)
+            broker.self_check_interval_secs, broker.self_check_timeout_secs = self_check_secs
         await node.start()
         gw = Gateway(node)
         self.gateways.append(gw)

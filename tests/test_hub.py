@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 import pytest
 
 from server import protocol
+from server.broker import MemoryBroker, MemoryBus
 from server.hub import COALESCE_MAX_BYTES, Hub, Target
+from server.outbound import Outbound
 
 
 class FakeConn:
@@ -29,6 +32,7 @@ class FakeConn:
         self.closed: list[tuple[int, str]] = []
         self.pings = 0
         self.accept = True  # False: behave like a gone/too slow connection
+        self.outbound = Outbound(1024 * 1024, on_slow=lambda: self.close_with(4408, "slow"))
 
     @property
     def namespace(self) -> str:
@@ -87,21 +91,42 @@ def decode_frame(frame: bytes) -> bytes:
     return payload
 
 
-class RecordingHub(Hub):
-    """Records the cluster hooks a mirror would act on."""
+class RecordingBroker(MemoryBroker):
+    """A single node's broker that records what the hub tells it."""
 
     def __init__(self) -> None:
         super().__init__("n1")
-        self.interest: list[tuple[str, str, bool]] = []
+        self.interests: list[tuple[str, str, bool]] = []
         self.remote: list[tuple[Target, bytes, str | None, int | None]] = []
+        self.remote_many: list[tuple[list[Target], bytes]] = []
 
-    def _remote_interest(self, kind: str, key: str, interested: bool) -> None:
-        self.interest.append((kind, key, interested))
+    def interest(self, kind: str, key: str, interested: bool) -> None:
+        super().interest(kind, key, interested)
+        self.interests.append((kind, key, interested))
 
-    def _remote_publish(
-        self, target: Target, payload: bytes, exclude: str | None, seq: int | None
+    def publish(
+        self, target: Target, payload: bytes, *, exclude: str | None, seq: int | None
     ) -> None:
         self.remote.append((target, payload, exclude, seq))
+
+    def publish_many(self, targets: Sequence[Target], payload: bytes) -> None:
+        self.remote_many.append((list(targets), payload))
+
+
+class RecordingHub(Hub):
+    """A hub with a :class:`RecordingBroker`; ``interest`` is what it was told."""
+
+    def __init__(self) -> None:
+        self.recorder = RecordingBroker()
+        super().__init__("n1", broker=self.recorder)
+
+    @property
+    def interest(self) -> list[tuple[str, str, bool]]:
+        return self.recorder.interests
+
+    @property
+    def remote(self) -> list[tuple[Target, bytes, str | None, int | None]]:
+        return self.recorder.remote
 
 
 def assert_indexes_clean(hub: Hub) -> None:
@@ -487,6 +512,19 @@ def test_sweep_pings_live_and_closes_silent(hub):
     assert fresh.pings == 3
 
 
+def test_sweep_counts_reading_a_backlog_as_a_sign_of_life(hub):
+    """A pong stuck behind our own backlog is no silence (the budget judges that peer)."""
+    reading, gone = FakeConn("r", "u1"), FakeConn("g", "u2")
+    reading.last_seen = gone.last_seen = 10.0  # neither has sent anything since
+    reading.outbound.progress_at = 90.0  # ... but one is still reading what we sent
+    gone.outbound.progress_at = 20.0
+    for c in (reading, gone):
+        hub.add(c)
+    assert hub.sweep(now=100.0, timeout=45.0) == 1
+    assert reading.closed == [] and reading.pings == 1
+    assert gone.closed == [(4408, "heartbeat timeout")]
+
+
 def test_sweep_survives_connections_removing_themselves(hub):
     class Closing(FakeConn):
         def close_with(self, code: int, reason: str) -> None:
@@ -590,8 +628,102 @@ def test_remote_publish_gets_the_payload_once_per_target():
     assert orjson.loads(payload) == {"event": "message:new", "data": {"seq": 9}}
     hub.remote.clear()
     hub.publish_rooms(["general", "random"], "x", {})
-    assert [t for t, *_ in hub.remote] == [Target.room("general"), Target.room("random")]
-    assert hub.remote[0][1] is hub.remote[1][1]
+    ((targets, payload),) = hub.recorder.remote_many  # one payload for every target
+    assert targets == [Target.room("general"), Target.room("random")]
+    assert orjson.loads(payload) == {"event": "x", "data": {}}
+
+
+# -- two hubs on one MemoryBus: a cluster in one process ---------------------------------
+
+
+def two_nodes() -> tuple[Hub, Hub]:
+    bus = MemoryBus()
+    return Hub("a", broker=MemoryBroker("a", bus)), Hub("b", broker=MemoryBroker("b", bus))
+
+
+def test_two_hubs_on_one_bus_deliver_to_each_others_connections_once():
+    a, b = two_nodes()
+    alice, bob, carol = FakeConn("a1", "alice"), FakeConn("b1", "bob"), FakeConn("b2", "carol")
+    a.add(alice)
+    b.add(bob)
+    b.add(carol)
+    a.join(alice, "general")
+    b.join(bob, "general")  # carol is on b but not in the room
+    assert a.publish(Target.room("general"), "message:new", {"seq": 1}, seq=1) == 1
+    assert alice.names() == ["message:new"]  # once: its own echo is skipped
+    assert bob.events() == [{"event": "message:new", "data": {"seq": 1}}]
+    assert carol.frames == []
+    b.publish(Target.room("general"), "message:new", {"seq": 2}, exclude="b1", seq=2)
+    assert [e["data"] for e in alice.events()] == [{"seq": 1}, {"seq": 2}]
+    assert len(bob.frames) == 1  # excluded on every node
+    b.publish(Target.user("alice"), "x:user", {})
+    b.publish(Target.all(), "x:all", {})
+    b.publish(Target.connection("a1"), "x:conn", {})  # connection ids are node-local
+    assert alice.names() == ["message:new", "message:new", "x:user", "x:all"]
+
+
+def test_a_bus_follows_interest_like_redis():
+    a, b = two_nodes()
+    bob = FakeConn("b1", "bob")
+    b.add(bob)
+    assert b.broker.subscribed_channels() == {"all", "node:b", "user:bob", "ns:chat"}
+    b.join(bob, "general")
+    assert "room:general" in b.broker.subscribed_channels()
+    b.leave(bob, "general")
+    assert "room:general" not in b.broker.subscribed_channels()
+    # Nobody on b in the room: a's broadcast never reaches b's hub.
+    reached: list[Target] = []
+    b.deliver = lambda target, frame, **kw: reached.append(target) or 0  # type: ignore[method-assign]
+    a.publish(Target.room("general"), "message:new", {})
+    assert reached == []
+    a.publish(Target.user("bob"), "x", {})
+    assert reached == [Target.user("bob")]
+
+
+def test_publish_many_reaches_each_remote_connection_once():
+    a, b = two_nodes()
+    bob, bob2 = FakeConn("b1", "bob"), FakeConn("b2", "bob", "admin")
+    for conn in (bob, bob2):
+        b.add(conn)
+    b.join(bob, "general")
+    b.join(bob, "random")
+    targets = [Target.room("general"), Target.room("random"), Target.user("bob")]
+    assert a.publish_many(targets, "room:deleted", {}) == 0  # nobody local
+    assert bob.names() == ["room:deleted"] and bob2.names() == ["room:deleted"]
+
+
+def test_control_messages_reach_the_other_nodes_not_the_sender():
+    a, b = two_nodes()
+    heard: dict[str, list[dict[str, Any]]] = {"a": [], "b": []}
+    a.broker.on_control("hello", heard["a"].append)
+    b.broker.on_control("hello", heard["b"].append)
+    a.broker.send_control("hello", {"n": 1})
+    a.broker.send_control("hello", {"n": 2}, node="b")
+    a.broker.send_control("hello", {"n": 3}, target=Target.user("bob"))  # bob is nowhere
+    b.add(FakeConn("b1", "bob"))
+    a.broker.send_control("hello", {"n": 4}, target=Target.user("bob"))
+    assert heard == {"a": [], "b": [{"n": 1}, {"n": 2}, {"n": 4}]}
+    with pytest.raises(ValueError):
+        a.broker.send_control("hello", {}, target=Target.connection("b1"))
+
+
+@pytest.mark.asyncio
+async def test_a_stopped_node_leaves_the_bus():
+    a, b = two_nodes()
+    bob = FakeConn("b1", "bob")
+    b.add(bob)
+    assert await b.broker.start() and await b.broker.check() == (True, None)
+    await b.broker.stop()
+    a.publish(Target.user("bob"), "x", {})
+    assert bob.frames == []
+
+
+def test_a_hub_alone_is_a_cluster_of_one(hub):
+    assert isinstance(hub.broker, MemoryBroker) and hub.broker.ok and hub.broker.reason is None
+    conn = FakeConn("a1", "alice")
+    hub.add(conn)
+    hub.publish(Target.user("alice"), "x", {})
+    assert conn.names() == ["x"]
 
 
 # -- write coalescing (the node's hub) --------------------------------------------------

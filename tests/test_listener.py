@@ -117,7 +117,7 @@ async def test_websockets_keep_the_direct_write_path(gateway):
     """The accept loop's stream subclass is still a plain TCP stream to the handler."""
     await gateway.connect("alice")
     (handler,) = gateway.node.hub.connections.values()
-    assert handler._raw is not None
+    assert handler.outbound.direct
 
 
 # -- per-address bound ------------------------------------------------------------------------

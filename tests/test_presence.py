@@ -63,6 +63,28 @@ def statuses(members: list[dict[str, Any]]) -> dict[str, str]:
     return {m["userId"]: m["status"] for m in members}
 
 
+#: ~4 KB messages: an outbound budget fills in a few dozen of them.
+FLOOD_CONTENT = "x" * 3990
+
+
+async def flood_until(
+    publisher: Client, room: str, done: Callable[[], bool], *, limit: int = 900
+) -> int:
+    """Send messages to ``room`` in acked batches of 10 until ``done()``; how many were sent."""
+    sent = 0
+    while not done():
+        assert sent < limit, "the flood never ended"
+        batch = [
+            publisher.emit(
+                "message:send", {"roomId": room, "content": f"{sent + i} {FLOOD_CONTENT}"}
+            )
+            for i in range(10)
+        ]
+        await asyncio.gather(*batch)
+        sent += 10
+    return sent
+
+
 def assert_hub_empty(gw: Any) -> None:
     hub = gw.node.hub
     assert hub.connections == {}
@@ -478,16 +500,13 @@ async def test_slow_consumer_is_dropped_while_others_keep_going(gateway_factory)
     before = sample(gw, "switchboard_slow_consumers_total")
     # ... and from now on sam reads nothing.
 
-    content = "x" * 3990
-    sent = 0
-    while slow_id in gw.node.hub.connections:
-        assert sent < 2000, "the stalled connection was never dropped"
-        batch = [
-            publisher.emit("message:send", {"roomId": "flood", "content": f"{sent + i} {content}"})
-            for i in range(10)
-        ]
-        await asyncio.gather(*batch)
-        sent += 10
+    # Until the budget trips; the socket is dropped after the close grace.
+    sent = await flood_until(
+        publisher, "flood", lambda: sample(gw, "switchboard_slow_consumers_total") > before,
+        limit=2000,
+    )  # fmt: skip
+    await eventually(lambda: slow_id not in gw.node.hub.connections, timeout=5,
+                     what="the slow consumer dropped")  # fmt: skip
     assert sample(gw, "switchboard_slow_consumers_total") == before + 1
     closed = sample(gw, "switchboard_connections_closed_total",
                     namespace="chat", reason="slow_consumer")  # fmt: skip
