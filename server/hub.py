@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple, Protocol
 
@@ -120,6 +121,10 @@ def _discard(index: dict[str, set[Any]], key: str, item: Any) -> bool:
 #: joined up to this size (well under any workable budget), a bigger frame
 #: goes alone, exactly as it would without coalescing.
 COALESCE_MAX_BYTES = 64 * 1024
+# How long after a join its connection refuses room frames whose seq its ack
+# already carried: past the broadcast of a commit the join read (one loop
+# step on this node, a Redis hop from another), with margin for a busy node.
+JOIN_FLOOR_SECS = 10.0
 
 
 def _write_batches(conn: Connection, frames: list[bytes]) -> tuple[int, int]:
@@ -172,6 +177,11 @@ class Hub:
         self._rooms_of: dict[str, set[str]] = {}
         # Joins whose recovery query is in flight: room -> conn -> buffered (seq, frame).
         self._pending: dict[str, dict[Connection, list[tuple[int | None, bytes]]]] = {}
+        # Joins just finished: room -> conn -> (the last seq its ack carried, until
+        # when). A broadcast of a message the join's query already returned can
+        # still be on its way (published a loop step after its commit, or late
+        # through another node); it must not reach that connection twice.
+        self._floors: dict[str, dict[Connection, tuple[int, float]]] = {}
         self._on_delivered = on_delivered
         self.coalesce = coalesce
         # coalesce: frames waiting for this loop iteration's flush, per connection.
@@ -241,6 +251,9 @@ class Hub:
                 continue
             conn.send_frame(frame)
             sent += 1
+        if after_seq is not None and self.in_room(conn, room):
+            until = time.monotonic() + JOIN_FLOOR_SECS
+            self._floors.setdefault(room, {})[conn] = (after_seq, until)
         return sent
 
     def leave(self, conn: Connection, room: str) -> bool:
@@ -258,6 +271,11 @@ class Hub:
             pending.pop(conn, None)
             if not pending:
                 del self._pending[room]
+        floors = self._floors.get(room)
+        if floors is not None:
+            floors.pop(conn, None)
+            if not floors:
+                del self._floors[room]
         if _discard(self._by_room, room, conn):
             self.broker.interest("room", room, False)
 
@@ -349,6 +367,9 @@ class Hub:
                     if conn.conn_id != exclude:
                         held.append((seq, frame))
                 conns = [c for c in conns if c not in pending]
+            floors = self._floors.get(target.key)
+            if floors and seq is not None:
+                conns = [c for c in conns if c not in floors or seq > floors[c][0]]
         return self._write(conns, frame, exclude)
 
     def deliver_many(self, targets: Iterable[Target], frame: bytes) -> int:
@@ -463,6 +484,14 @@ class Hub:
 
     # -- liveness -----------------------------------------------------------
 
+    def _expire_floors(self, now: float) -> None:
+        for room, floors in tuple(self._floors.items()):
+            for conn, (_, until) in tuple(floors.items()):
+                if until <= now:
+                    del floors[conn]
+            if not floors:
+                del self._floors[room]
+
     def sweep(self, now: float, timeout: float) -> int:
         """Ping every connection; close those with no sign of life for ``timeout``.
 
@@ -474,6 +503,7 @@ class Hub:
         One timer for the whole node instead of one per connection keeps idle
         connections cheap. Returns the number closed.
         """
+        self._expire_floors(now)
         closed = 0
         for conn in tuple(self.connections.values()):
             out = conn.outbound

@@ -16,7 +16,8 @@ import pytest_asyncio
 from server.app import Node
 from server.broker import MemoryBroker, MemoryBus
 from tests.conftest import Gateway, make_config
-from tests.test_presence import join, make_room, settle
+from tests.support.client_checks import settle
+from tests.test_presence import join, make_room
 
 pytestmark = pytest.mark.asyncio
 

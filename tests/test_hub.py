@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +17,7 @@ import pytest
 
 from server import protocol
 from server.broker import MemoryBroker, MemoryBus
-from server.hub import COALESCE_MAX_BYTES, Hub, Target
+from server.hub import COALESCE_MAX_BYTES, JOIN_FLOOR_SECS, Hub, Target
 from server.outbound import Outbound
 
 
@@ -130,14 +131,14 @@ class RecordingHub(Hub):
 
 
 def assert_indexes_clean(hub: Hub) -> None:
-    for name in ("_by_room", "_by_user", "_by_namespace", "_rooms_of", "_pending"):
+    for name in ("_by_room", "_by_user", "_by_namespace", "_rooms_of", "_pending", "_floors"):
         index = getattr(hub, name)
         assert all(index.values()), f"{name} holds an empty entry: {index}"
 
 
 def assert_hub_empty(hub: Hub) -> None:
     assert hub.connections == {}
-    for name in ("_by_room", "_by_user", "_by_namespace", "_rooms_of", "_pending"):
+    for name in ("_by_room", "_by_user", "_by_namespace", "_rooms_of", "_pending", "_floors"):
         assert getattr(hub, name) == {}, name
 
 
@@ -481,6 +482,36 @@ def test_two_buffered_joins_in_one_room(hub):
     assert hub.finish_join(j2, "general", 0) == 4
     assert [e["data"]["seq"] for e in j2.events()] == [1, 2, 3, 4]
     assert hub._pending == {}
+
+
+def test_a_finished_join_refuses_a_late_broadcast_its_ack_carried(hub):
+    """The broadcast of a message the join's query returned can come after the ack.
+
+    A send's broadcast follows its commit by a loop step (by a Redis hop from
+    another node); a join whose query read that commit may ack and release
+    in between. The joiner must not get the message a second time.
+    """
+    live, joiner = FakeConn("l1", "u1"), FakeConn("j1", "u2")
+    for conn in (live, joiner):
+        hub.add(conn)
+    hub.join(live, "general")
+    hub.join(joiner, "general", buffer=True)
+    assert hub.finish_join(joiner, "general", 5) == 0  # the ack carried seqs up to 5
+    hub.publish(Target.room("general"), "message:new", {"seq": 5}, seq=5)  # late
+    late = protocol.frame(protocol.event_payload("message:new", {"seq": 4}))
+    hub.deliver(Target.room("general"), late, seq=4)  # later, through another node
+    hub.publish(Target.room("general"), "message:new", {"seq": 6}, seq=6)
+    hub.publish(Target.room("general"), "room:user_left", {"u": "x"})  # no seq: not judged
+    assert [e["data"] for e in joiner.events()] == [{"seq": 6}, {"u": "x"}]
+    assert [e["data"] for e in live.events()] == [{"seq": 5}, {"seq": 4}, {"seq": 6}, {"u": "x"}]
+    # The floor lasts a while, then goes (swept with the heartbeat), and with the room.
+    hub.sweep(time.monotonic() + JOIN_FLOOR_SECS + 1, timeout=3600.0)
+    assert hub._floors == {}
+    hub.join(joiner, "other", buffer=True)
+    hub.finish_join(joiner, "other", 1)
+    hub.leave(joiner, "other")
+    assert_indexes_clean(hub)
+    assert "other" not in hub._floors
 
 
 def test_buffered_frames_keep_shared_identity(hub):

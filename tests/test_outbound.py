@@ -15,10 +15,11 @@ import time
 from typing import Any
 
 import pytest
-from server.client import Client
 
 from server.outbound import tcp_progress
-from tests.test_presence import RawWebSocket, flood_until, join, make_room, sample, settle
+from switchboard_client import Client
+from tests.support.client_checks import settle
+from tests.test_presence import RawWebSocket, flood_until, join, make_room, sample
 
 
 async def read_all(reader: Client, count: int) -> list[int]:

@@ -88,7 +88,7 @@ async def flood_until(
 def assert_hub_empty(gw: Any) -> None:
     hub = gw.node.hub
     assert hub.connections == {}
-    for name in ("_by_room", "_by_user", "_by_namespace", "_rooms_of", "_pending"):
+    for name in ("_by_room", "_by_user", "_by_namespace", "_rooms_of", "_pending", "_floors"):
         assert getattr(hub, name) == {}, (name, getattr(hub, name))
 
 
