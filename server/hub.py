@@ -456,18 +456,19 @@ class Hub:
         self._flush_scheduled = False
         outbox, self._queued = self._queued, {}
         direct, self._direct = self._direct, {}
-        count = -sum(frames for frames, _ in direct.values())
-        nbytes = -sum(size for _, size in direct.values())
+        count = nbytes = 0
         for conn, frames in outbox.items():
             # A write may close a slow consumer; it is already out of the outbox.
             if len(frames) == 1:
-                if conn.write_frame(frames[0]):
-                    count += 1
-                    nbytes += len(frames[0])
+                written, size = (1, len(frames[0])) if conn.write_frame(frames[0]) else (0, 0)
             else:
                 written, size = _write_batches(conn, frames)
-                count += written
-                nbytes += size
+            # Acks and other direct frames are not broadcast deliveries. A refused
+            # write (a closed or slow connection) wrote none of them: never
+            # subtract what was not written.
+            own_frames, own_bytes = direct.get(conn, (0, 0))
+            count += max(0, written - own_frames)
+            nbytes += max(0, size - own_bytes)
         if self._on_delivered is not None and count > 0:
             self._on_delivered(count, nbytes)
 

@@ -957,3 +957,24 @@ async def test_a_refused_coalesced_write_stops_the_connections_writes():
     await next_iteration()
     assert len(writes) == 2  # [1], then [2] refused: [3] is not tried
     assert hub.delivered == [(1, len(writes[0]))]
+
+
+@pytest.mark.asyncio
+async def test_a_refused_ack_does_not_make_the_delivered_count_negative():
+    """Direct frames are subtracted from the count only when they were written.
+
+    An ack queued for a connection that closed meanwhile was never written;
+    subtracting it anyway made ``bytes_sent`` go negative (a ValueError in
+    the flush, found by the PostgreSQL fuzz run).
+    """
+    delivered: list[tuple[int, int]] = []
+    hub = Hub("n1", coalesce=True, on_delivered=lambda n, size: delivered.append((n, size)))
+    gone, live = FakeConn("g1", "u1"), FakeConn("l1", "u2")
+    for conn in (gone, live):
+        hub.add(conn)
+        hub.join(conn, "general")
+    hub.send_soon(gone, protocol.frame(protocol.ack_payload(1, {"ok": True})))
+    gone.accept = False
+    hub.publish(Target.room("general"), "message:new", {"seq": 1}, seq=1)
+    hub.flush()
+    assert delivered == [(1, len(live.frames[0]))]
