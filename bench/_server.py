@@ -9,7 +9,7 @@ It builds the real :class:`server.app.Node` from ``SWITCHBOARD_*`` variables
 (nothing is mocked: the chat handler, SQLite in a worker thread, the hub),
 with ``--hub``:
 
-* ``builtonce`` -- the project's :class:`server.hub.Hub`: a broadcast is
+* ``builtonce`` -- the project's :class:`server.realtime.hub.Hub`: a broadcast is
   serialised and framed once and the same bytes go to every recipient.
 * ``write_message`` -- :class:`WriteMessageHub`, the baseline: the same
   recipients, but each gets ``conn.write_message(json.dumps(payload))``,
@@ -60,9 +60,9 @@ from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClosedError
 
 from server.cli import setup_logging
-from server.config import Config
-from server.health import LoopMonitor
-from server.hub import Connection, Hub
+from server.core.config import Config
+from server.ops.health import LoopMonitor
+from server.realtime.hub import Connection, Hub
 
 TRACEMALLOC_ENV = "SWITCHBOARD_BENCH_TRACEMALLOC"
 LAG_ENV = "SWITCHBOARD_BENCH_LAG_MS"
@@ -216,7 +216,7 @@ class MemoryStore:
     def __call__(self, requests: list[Any]) -> list[Any]:
         from models import chat as chat_db
         from models import utcnow
-        from server.protocol import iso
+        from server.core.protocol import iso
 
         created = iso(utcnow())
         out = []
@@ -247,7 +247,7 @@ def _reply(obj: dict[str, Any]) -> None:
 class LagSampler:
     """The node's event-loop lag, sampled often enough for a p99.
 
-    The node's own :class:`~server.health.LoopMonitor` samples every 0.5 s
+    The node's own :class:`~server.ops.health.LoopMonitor` samples every 0.5 s
     and keeps only the latest value (the ``switchboard_event_loop_lag_seconds``
     gauge): a handful of samples per run. This is a second monitor of the
     same class on the node's loop, every ``interval_secs``, keeping every

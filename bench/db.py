@@ -4,7 +4,7 @@ Prints figures; it is not a test and asserts nothing about speed.
 
 Two ways to run the chat's peewee code without blocking the loop:
 
-* ``pool``: what the project ships, :class:`server.db.Database` -- sync
+* ``pool``: what the project ships, :class:`server.store.db.Database` -- sync
   peewee in a ``ThreadPoolExecutor``, one transaction per executor job
   (SQLite: 1 worker; PostgreSQL: 8 workers, a pooled psycopg2 connection each).
 * ``pwasyncio``: peewee 4's asyncio module -- the same sync peewee code runs
@@ -63,7 +63,7 @@ if __package__ in (None, ""):  # run as a file: make the project importable
 
 from models import MODELS
 from models import chat as chat_db
-from server import db as server_db
+from server.store import db as server_db
 
 try:
     import psutil
@@ -204,7 +204,7 @@ PG_WORKERS = [0]
 
 
 class ThreadPool(Approach):
-    """The shipped design: ``server.db.Database`` (sync peewee, executor)."""
+    """The shipped design: ``server.store.db.Database`` (sync peewee, executor)."""
 
     name = "pool"
 
@@ -293,7 +293,7 @@ def sqlite_backend(tmp: str, names: list[str], async_pool: int) -> Backend:
     url = f"sqlite:///{path}"
 
     def make() -> Any:
-        # Same pragmas as server/db.py (WAL, synchronous=normal, busy_timeout).
+        # Same pragmas as server/store/db.py (WAL, synchronous=normal, busy_timeout).
         return AsyncSqliteDatabase(path, pragmas=server_db._SQLITE_PRAGMAS, pool_size=async_pool)
 
     backend = Backend("sqlite", url, note=f"WAL file in {tmp}; pwasyncio pool_size={async_pool}")
@@ -551,7 +551,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.db",
         description=(
-            "Compare the project's thread-pool database access (server.db.Database) "
+            "Compare the project's thread-pool database access (server.store.db.Database) "
             "with playhouse.pwasyncio on the chat send transaction and a 50-row "
             "history page: throughput, latency, event-loop lateness, CPU."
         ),

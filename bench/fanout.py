@@ -130,7 +130,7 @@ from bench._wsclient import (
     raise_nofile,
     run_lazy,
 )
-from server.auth import mint_token
+from server.core.auth import mint_token
 
 HUBS = ("write_message", "builtonce")  # the default run
 #: Also accepted by --hubs: the project's hub with write coalescing off, and the

@@ -53,7 +53,7 @@ import psutil
 
 from bench._server import TRACEMALLOC_ENV, ServerProc, bench_config
 from bench._wsclient import LeanWS, Pipe, Tally, open_many, raise_nofile
-from server.auth import mint_token
+from server.core.auth import mint_token
 
 TARGET_BYTES = 20 * 1024  # per idle connection
 HOST = "127.0.0.1"

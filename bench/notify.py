@@ -59,9 +59,9 @@ if __package__ in (None, ""):  # run as a file: make the project importable
 from models import Notification, utcnow
 from models import notifications as store
 from server.app import Node
-from server.auth import mint_token
-from server.config import Config
-from server.notify import RECENT_ON_CONNECT
+from server.core.auth import mint_token
+from server.core.config import Config
+from server.services.notify import RECENT_ON_CONNECT
 from switchboard_client import Client
 
 #: The per-message code took longer than the client's default 10 s under load.

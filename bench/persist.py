@@ -37,7 +37,7 @@ Printed per run: sends acked/s; send→ack and send→deliver p50/p99;
 deliveries/s (``message:new`` frames received by all members); errors by
 code (ack errors, lost connections, sends never acked: 0 at normal
 settings); the node's event-loop lag p50/p99/max (a
-:class:`~server.health.LoopMonitor` sampling every 10 ms on the node's loop,
+:class:`~server.ops.health.LoopMonitor` sampling every 10 ms on the node's loop,
 ``bench._server.LagSampler``); the node's CPU (psutil on its pid: % of one
 core, its loop thread, CPU ms per acked message); the node's background
 tasks alive (p99/max; mostly the notification follow-up of each message);
@@ -91,8 +91,8 @@ from bench._server import LAG_ENV, ServerProc, bench_config
 from bench._wsclient import LeanWS, Pipe, Tally, open_many, raise_nofile
 from bench.cluster import _metrics
 from bench.fanout import Snap, _exit_on_sigterm, _percentile, _recv, stop_clients
-from server.auth import mint_token
-from server.config import Config
+from server.core.auth import mint_token
+from server.core.config import Config
 
 HOST = "127.0.0.1"
 CONTENT = "persist benchmark: a chat message of ordinary length, sixty-odd chars"
@@ -995,7 +995,7 @@ def _checks(db: str, pg: Any, args: argparse.Namespace) -> list[str]:
 
     Issue 11 item 3 asks for those checks to cost no round trip per message:
     known in memory, or shown as cheap inside the batch. This times, in this
-    process on a fresh database (the node's own settings: ``server.db``),
+    process on a fresh database (the node's own settings: ``server.store.db``),
     ``models.chat._facts`` (the batch's check queries: live rooms,
     memberships, mutes; the parents query runs only for replies) right
     before ``send_messages`` in the same transaction, and the whole batch
@@ -1006,7 +1006,7 @@ def _checks(db: str, pg: Any, args: argparse.Namespace) -> list[str]:
     """
     from models import chat as chat_db
     from models import utcnow
-    from server.db import Database
+    from server.store.db import Database
 
     tag = f"persist_checks_{os.getpid()}"
     out = [f"  {db} checks (models.chat._facts inside send_messages' transaction):"]

@@ -113,8 +113,8 @@ async def _bad_tokens(url: str, stop: float) -> None:
 
 
 async def drive(gateway_urls: list[str], seconds: float) -> None:
-    from server.auth import mint_token
-    from server.config import Config
+    from server.core.auth import mint_token
+    from server.core.config import Config
 
     config = Config.from_env({}, env="test")
     stop = time.monotonic() + seconds

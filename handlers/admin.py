@@ -3,12 +3,12 @@
 Admins and moderators connect here (anyone else is refused with FORBIDDEN,
 close 4403). On connect and every ``metrics_interval`` seconds each admin
 connection receives ``metrics:update``; ``health:status`` goes out when the
-health status changes. One node-wide :class:`~server.admin_feed.AdminFeed`
+health status changes. One node-wide :class:`~server.services.admin_feed.AdminFeed`
 timer builds the snapshot once and writes the same frame to every admin
 connection.
 
-Moderation requests are thin wrappers around :class:`server.moderation.Moderation`
-(and :class:`server.rooms.Rooms` for ``admin:delete_room``), which check the
+Moderation requests are thin wrappers around :class:`server.services.moderation.Moderation`
+(and :class:`server.services.rooms.Rooms` for ``admin:delete_room``), which check the
 finer roles (only admins ban, unban and delete rooms).
 """
 
@@ -23,9 +23,9 @@ from handlers import schemas as s
 from handlers.base import GatewayHandler
 from models import chat as chat_db
 from models import moderation as mod_db
-from server.admin_feed import local_room_users
-from server.auth import Identity
-from server.moderation import AUDIT_ACTIONS, NAMESPACES
+from server.core.auth import Identity
+from server.services.admin_feed import local_room_users
+from server.services.moderation import AUDIT_ACTIONS, NAMESPACES
 
 if TYPE_CHECKING:
     from handlers.deps import Deps

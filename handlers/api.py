@@ -1,13 +1,13 @@
 """The REST API under ``/api/v1``: notifications, history, room updates, the server API.
 
 User endpoints take ``Authorization: Bearer <jwt>`` (checked by the same
-:class:`~server.auth.TokenVerifier` as the sockets); the server API needs
+:class:`~server.core.auth.TokenVerifier` as the sockets); the server API needs
 the ``service`` role. Bodies and query strings are loaded with marshmallow
-schemas; every failure is a :class:`~server.errors.GatewayError` rendered
+schemas; every failure is a :class:`~server.core.errors.GatewayError` rendered
 once, as ``{"error": {code, message, details}}`` with its HTTP status.
 
 REST and socket views stay one: a change made here goes through the same
-:class:`~server.notify.NotificationService`, which pushes it live to the
+:class:`~server.services.notify.NotificationService`, which pushes it live to the
 user's ``/ws/notifications`` connections.
 """
 
@@ -38,10 +38,10 @@ from handlers.schemas import (
 )
 from models import chat as chat_db
 from models import notifications as store
-from server import errors
-from server.admission import require_roles
-from server.auth import Identity
-from server.hub import Target
+from server.core import errors
+from server.core.auth import Identity
+from server.realtime.hub import Target
+from server.services.admission import require_roles
 
 if TYPE_CHECKING:
     from handlers.deps import Deps

@@ -2,7 +2,7 @@
 
 It owns the mechanics once: authentication at connect (a handshake token,
 or an ``auth:connect`` first frame when the handshake has none; the rules
-themselves are :class:`server.admission.Admission`'s), role checks, the
+themselves are :class:`server.services.admission.Admission`'s), role checks, the
 envelope, dispatch of ``"room:join"`` to ``on_room_join`` with the data
 loaded by the event's marshmallow schema, acks and errors, rate limits,
 bad-frame accounting, heartbeat bookkeeping, token expiry, and clean-up on
@@ -48,11 +48,11 @@ from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from handlers.schemas import AuthRefresh, Ping, load
 from models import chat as chat_db
-from server import errors, protocol
-from server.admission import Seat, expiry_delays, handshake_token, require_roles
-from server.auth import Identity
-from server.hub import Target
-from server.outbound import SLOW_CONSUMER_CLOSE_GRACE_SECS, Outbound
+from server.core import errors, protocol
+from server.core.auth import Identity
+from server.realtime.hub import Target
+from server.realtime.outbound import SLOW_CONSUMER_CLOSE_GRACE_SECS, Outbound
+from server.services.admission import Seat, expiry_delays, handshake_token, require_roles
 
 if TYPE_CHECKING:
     from handlers.deps import Deps
@@ -465,7 +465,7 @@ class GatewayHandler(WebSocketHandler):
     def send_soon(self, payload: bytes) -> None:
         """Like :meth:`send_payload`, but written with this iteration's broadcasts.
 
-        For acks (see :meth:`server.hub.Hub.send_soon`): one ``send()`` per
+        For acks (see :meth:`server.realtime.hub.Hub.send_soon`): one ``send()`` per
         connection and loop iteration, not one per ack.
         """
         frame = protocol.frame(payload)

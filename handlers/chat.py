@@ -2,8 +2,8 @@
 
 Each ``on_<event>`` loads nothing itself: the base handler has already
 validated ``data`` with the event's schema. Rooms (create, join, leave,
-update, delete) are :class:`server.rooms.Rooms` calls and typing indicators
-:class:`server.typing.TypingTracker` calls, shared with the admin surface;
+update, delete) are :class:`server.services.rooms.Rooms` calls and typing indicators
+:class:`server.services.typing.TypingTracker` calls, shared with the admin surface;
 what stays here is the connection's own part (its rooms list, releasing a
 join's held frames after the ack). Database work goes through ``self.db.run``
 (worker threads); broadcasts go through the hub, built once. A message is
@@ -22,9 +22,9 @@ from marshmallow import Schema
 from handlers import schemas as s
 from handlers.base import GatewayHandler, Reply
 from models import chat as chat_db
-from server import errors
-from server.hub import Target
-from server.rooms import Joined
+from server.core import errors
+from server.realtime.hub import Target
+from server.services.rooms import Joined
 
 if TYPE_CHECKING:
     from handlers.deps import Deps

@@ -19,25 +19,25 @@ from dataclasses import dataclass
 from typing import Any
 
 from models import chat as chat_db
-from server.admin_feed import AdminFeed
-from server.admission import Admission
-from server.batch import Batcher
-from server.config import Config
-from server.db import Database
-from server.health import Health
-from server.hub import Hub
-from server.limits import RateLimiter
-from server.logstream import LogStream
-from server.metrics import Metrics
-from server.moderation import Moderation
-from server.node_state import NodeState
-from server.notify import NotificationService
-from server.presence import Presence
-from server.rooms import Rooms
-from server.security import SecurityMonitor
-from server.stats import Stats
-from server.tasks import BackgroundTasks
-from server.typing import TypingTracker
+from server.core.config import Config
+from server.core.limits import RateLimiter
+from server.core.tasks import BackgroundTasks
+from server.ops.health import Health
+from server.ops.metrics import Metrics
+from server.ops.stats import Stats
+from server.realtime.hub import Hub
+from server.realtime.presence import Presence
+from server.services.admin_feed import AdminFeed
+from server.services.admission import Admission
+from server.services.logstream import LogStream
+from server.services.moderation import Moderation
+from server.services.node_state import NodeState
+from server.services.notify import NotificationService
+from server.services.rooms import Rooms
+from server.services.security import SecurityMonitor
+from server.services.typing import TypingTracker
+from server.store.batch import Batcher
+from server.store.db import Database
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,7 @@
 the log endpoints, the dev-token endpoint): its one error renderer answers
 with the socket protocol's codes, ``{"error": {"code", "message",
 "details"}}`` with the matching status, and :meth:`JSONHandler.bearer_identity`
-admits a caller with the sockets' rules (:mod:`server.admission`).
+admits a caller with the sockets' rules (:mod:`server.services.admission`).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from tornado.web import RequestHandler
 
 from handlers.schemas import NoQuery, load
-from server import errors, protocol
-from server.auth import Identity
-from server.health import rss_bytes
+from server.core import errors, protocol
+from server.core.auth import Identity
+from server.ops.health import rss_bytes
 
 if TYPE_CHECKING:
     from handlers.deps import Deps
@@ -41,7 +41,7 @@ STATS_TOP_ROOMS = 10
 class JSONHandler(RequestHandler):
     """Base of every JSON endpoint: JSON bodies, and every error rendered here, once.
 
-    A :class:`~server.errors.GatewayError` raised anywhere in a request (or
+    A :class:`~server.core.errors.GatewayError` raised anywhere in a request (or
     passed to :meth:`send_error_for`) answers ``{"error": {code, message,
     details}}`` with its status, ``WWW-Authenticate: Bearer`` on 401 and
     ``Retry-After`` (seconds) on ``RATE_LIMITED``; it is logged as one INFO
@@ -130,7 +130,7 @@ class JSONHandler(RequestHandler):
         """The caller from ``Authorization: Bearer <jwt>``, holding one of ``roles``.
 
         Every HTTP endpoint that takes a token authenticates here, with the
-        sockets' rules (:meth:`server.admission.Admission.bearer`): 401
+        sockets' rules (:meth:`server.services.admission.Admission.bearer`): 401
         UNAUTHORIZED/TOKEN_EXPIRED without a valid token (counted towards a
         security alert), 403 FORBIDDEN without one of ``roles`` (None: any role
         will do), 403 BANNED (details ``{reason, expiresAt}``) while the token's

@@ -1,7 +1,7 @@
 """Live logs: the ``/ws/logs`` namespace and the ``/api/v1/logs`` endpoints.
 
 ``/ws/logs`` (roles admin or ``logs``) subscribes to the node's
-:class:`~server.logstream.LogStream` with a filter and receives entries as
+:class:`~server.services.logstream.LogStream` with a filter and receives entries as
 ``log:error`` / ``log:warning`` / ``log:entry``; ``logs:recent`` reads the
 ring buffer. Over HTTP, services (role ``service``) ingest their own
 entries with ``POST /api/v1/logs``, and operators read
@@ -39,9 +39,9 @@ from tornado.websocket import WebSocketClosedError
 from handlers.base import GatewayHandler
 from handlers.http import JSONHandler
 from handlers.schemas import EventSchema, Int, JSONObject, Strict, Text, Timestamp, load
-from server import errors, protocol
-from server.auth import Identity
-from server.logstream import (
+from server.core import errors, protocol
+from server.core.auth import Identity
+from server.services.logstream import (
     LEVELS,
     MAX_MESSAGE_CHARS,
     MAX_STACK_CHARS,

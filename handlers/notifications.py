@@ -5,7 +5,7 @@ On connect the client gets ``notification:unread_count`` and
 user's other connections, the REST API or a server-side source) arrives as
 ``notification:created|updated|read|deleted`` followed by
 ``notification:unread_count``. Storage and pushes live in
-:class:`server.notify.NotificationService`; this handler only translates.
+:class:`server.services.notify.NotificationService`; this handler only translates.
 """
 
 from __future__ import annotations

@@ -27,8 +27,8 @@ from typing import Any
 import orjson
 from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate, validates_schema
 
-from server import errors
-from server.protocol import INT64_MAX
+from server.core import errors
+from server.core.protocol import INT64_MAX
 
 # \Z, not $: "$" also matches before a trailing newline ("general\n").
 ROOM_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
@@ -370,7 +370,7 @@ class RoomJoin(RoomRef):
     since_seq = Int(0, data_key="sinceSeq", load_default=None)
 
 
-#: Rooms one ``room:resume`` may name (``server.rooms.MAX_RESUME_ROOMS``).
+#: Rooms one ``room:resume`` may name (``server.services.rooms.MAX_RESUME_ROOMS``).
 MAX_RESUME_ROOMS = 500
 
 

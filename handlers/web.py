@@ -19,8 +19,8 @@ import orjson
 from tornado.web import HTTPError, StaticFileHandler
 
 from handlers.http import JSONHandler
-from server import errors
-from server.auth import mint_token
+from server.core import errors
+from server.core.auth import mint_token
 
 if TYPE_CHECKING:
     from handlers.deps import Deps

@@ -1,6 +1,6 @@
 """peewee models of what must last: users, rooms, members, messages, bans, ...
 
-Models are unbound here; :class:`server.db.Database` binds them to the
+Models are unbound here; :class:`server.store.db.Database` binds them to the
 configured SQLite or PostgreSQL database at start-up. Every query runs in
 the database's worker threads, never on the event loop; the functions that
 belong to a model live beside it (``models/chat.py`` for rooms and messages).

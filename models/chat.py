@@ -1,7 +1,7 @@
 """Rooms, members, messages and reactions: the queries chat needs.
 
 Every function here runs inside one transaction in a database worker
-thread (see :meth:`server.db.Database.run`) and returns plain dicts in the
+thread (see :meth:`server.store.db.Database.run`) and returns plain dicts in the
 wire shape, never model instances, so nothing lazily touches the database
 from the event loop.
 """
@@ -22,8 +22,8 @@ import peewee as pw
 
 from models import Message, Reaction, Room, RoomMember, RoomMute, User, new_epoch, utcnow
 from models.moderation import bans_in_force, mute_in_force
-from server import errors
-from server.protocol import iso
+from server.core import errors
+from server.core.protocol import iso
 
 RECOVERY_LIMIT = 500
 #: Missed messages one room:resume answer carries over all its rooms; the
@@ -56,7 +56,7 @@ class ConnectInfo:
 def connect_users(requests: list[ConnectRequest]) -> list[ConnectInfo | errors.GatewayError]:
     """Admit a batch of connections in one transaction, each with its own outcome.
 
-    Group commit (``server.batch.Batcher``, op ``user.connect``): the
+    Group commit (``server.store.batch.Batcher``, op ``user.connect``): the
     connections that arrive while the previous batch is in the database come
     here together. Every user is recorded from its token's claims with one
     multi-row upsert (a banned user too, as a lone connect always did); then
@@ -418,7 +418,7 @@ class ReadRequest:
 def mark_read_many(requests: list[ReadRequest]) -> list[dict[str, Any] | errors.GatewayError]:
     """Move read markers for a batch of ``room:read`` in one transaction, each with its outcome.
 
-    Group commit (``server.batch.Batcher``, op ``room.read``): every member
+    Group commit (``server.store.batch.Batcher``, op ``room.read``): every member
     of a busy room marks it read as messages arrive, so reads come in
     numbers. One query finds the live rooms, one the memberships; a request
     that fails :func:`require_member`'s checks gets its error alone. A
@@ -690,7 +690,7 @@ class SendRequest:
 def send_messages(requests: list[SendRequest]) -> list[Sent | errors.GatewayError]:
     """Store a batch of sends in one transaction, each with its own outcome.
 
-    Group commit (``server.batch.Batcher``): the sends that wait while the
+    Group commit (``server.store.batch.Batcher``): the sends that wait while the
     previous batch is in the database arrive here together. Each is checked
     as :func:`send_message` checks one (clientMsgId retry, room, membership,
     mute, parent) with one query per check for the whole batch; one that
@@ -1114,7 +1114,7 @@ class ReactRequest:
 def react_many(requests: list[ReactRequest]) -> list[dict[str, Any] | errors.GatewayError]:
     """Apply a batch of reactions in one transaction, each with its own outcome.
 
-    Group commit (``server.batch.Batcher``, op ``message.react``): reactions
+    Group commit (``server.store.batch.Batcher``, op ``message.react``): reactions
     come in bursts (many members answering one message), so the ones waiting
     while the previous batch is in the database arrive here together. Each is
     checked as a lone reaction always was (the message visible to the user, a

@@ -12,8 +12,8 @@ from typing import Any
 import peewee as pw
 
 from models import AuditLog, Ban, Message, Room, RoomMember, RoomMute, User, active_ban, utcnow
-from server import errors
-from server.protocol import iso
+from server.core import errors
+from server.core.protocol import iso
 
 
 def audit(

@@ -1,7 +1,7 @@
 """Notifications: the queries the notification service and its handlers need.
 
 Like ``models/chat.py``, every function runs inside one transaction in a
-database worker thread (:meth:`server.db.Database.run`) and returns plain
+database worker thread (:meth:`server.store.db.Database.run`) and returns plain
 dicts in the wire shape. Functions that change what a user sees return a
 :class:`Change` so the caller can push exactly what changed, plus the new
 unread count, without a second query.
@@ -17,8 +17,8 @@ import orjson
 import peewee as pw
 
 from models import Notification, Room, RoomMember, User, utcnow
-from server import errors
-from server.protocol import iso
+from server.core import errors
+from server.core.protocol import iso
 
 TYPES = ("info", "success", "warning", "error", "action_required")
 CATEGORIES = (

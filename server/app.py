@@ -45,35 +45,35 @@ from handlers.notifications import NotificationsHandler
 from handlers.web import web_routes
 from models import chat as chat_db
 from server import __version__
-from server.admin_feed import AdminFeed
-from server.admission import Admission
-from server.auth import TokenVerifier
-from server.batch import Batcher
-from server.broker import Broker, MemoryBroker
-from server.cluster import RedisBroker
-from server.config import Config
-from server.db import Database
-from server.health import Health, LoopMonitor
-from server.hub import Hub
-from server.limits import ConnectionLimiter, RateLimiter
+from server.cluster.node_registry import NodeRegistry
+from server.cluster.redis_broker import RedisBroker
+from server.cluster.redis_limits import RedisConnectionLimiter, RedisRateLimiter
+from server.cluster.redis_link import ClusterLink
+from server.cluster.redis_presence import RedisPresence
+from server.core.auth import TokenVerifier
+from server.core.config import Config
+from server.core.limits import ConnectionLimiter, RateLimiter
+from server.core.redaction import log_request
+from server.core.tasks import BackgroundTasks
 from server.listener import Listener
-from server.logstream import LogStream
-from server.metrics import Metrics
-from server.moderation import Moderation
-from server.node_loss import announce_node_loss
-from server.node_registry import NodeRegistry
-from server.node_state import NodeState
-from server.notify import NotificationService
-from server.presence import Presence
-from server.redaction import log_request
-from server.redis_limits import RedisConnectionLimiter, RedisRateLimiter
-from server.redis_link import ClusterLink
-from server.redis_presence import RedisPresence
-from server.rooms import Rooms
-from server.security import SecurityMonitor
-from server.stats import Stats
-from server.tasks import BackgroundTasks
-from server.typing import TypingTracker
+from server.ops.health import Health, LoopMonitor
+from server.ops.metrics import Metrics
+from server.ops.stats import Stats
+from server.realtime.broker import Broker, MemoryBroker
+from server.realtime.hub import Hub
+from server.realtime.presence import Presence
+from server.services.admin_feed import AdminFeed
+from server.services.admission import Admission
+from server.services.logstream import LogStream
+from server.services.moderation import Moderation
+from server.services.node_loss import announce_node_loss
+from server.services.node_state import NodeState
+from server.services.notify import NotificationService
+from server.services.rooms import Rooms
+from server.services.security import SecurityMonitor
+from server.services.typing import TypingTracker
+from server.store.batch import Batcher
+from server.store.db import Database
 
 log = logging.getLogger("switchboard")
 
@@ -206,7 +206,7 @@ class Node:
             self.db, "room.read", chat_db.mark_read_many, max_batch=config.write_batch_max
         )
         self.logstream = LogStream(config.node_id, config.log_buffer_size)
-        # Notifications (server/notify.py) plug in as ``self.moderation.notifier``.
+        # Notifications (server/services/notify.py) plug in as ``self.moderation.notifier``.
         self.moderation = Moderation(self.hub, self.db, self.tasks)
         self.notifications = NotificationService(
             self.db, self.hub, self.connection_limiter, config.max_notifications_per_user,

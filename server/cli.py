@@ -23,9 +23,9 @@ from typing import Any, TextIO
 import orjson
 
 from server import __version__
-from server.auth import mint_token
-from server.config import Config, ConfigError
-from server.redaction import RedactionFilter
+from server.core.auth import mint_token
+from server.core.config import Config, ConfigError
+from server.core.redaction import RedactionFilter
 
 log = logging.getLogger("switchboard")
 
@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def _renew_epochs(config: Config) -> int:
     from models import chat as chat_db
-    from server.db import Database
+    from server.store.db import Database
 
     db = Database(config.database_url)
     try:

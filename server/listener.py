@@ -55,7 +55,7 @@ from typing import Any
 from tornado.httpserver import HTTPServer
 from tornado.iostream import IOStream
 
-from server.metrics import ACCEPT_ERRNOS, Metrics
+from server.ops.metrics import ACCEPT_ERRNOS, Metrics
 
 log = logging.getLogger("switchboard.listener")
 

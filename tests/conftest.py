@@ -16,8 +16,8 @@ import pytest
 import pytest_asyncio
 
 from server.app import Node
-from server.auth import mint_token
-from server.config import Config
+from server.core.auth import mint_token
+from server.core.config import Config
 from switchboard_client import Client
 from tests.support.services import PostgresServer, require_binary
 

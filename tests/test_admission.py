@@ -1,4 +1,4 @@
-"""``server/admission.py``: the admission rules, and their one use by both surfaces.
+"""``server/services/admission.py``: the admission rules, and their one use by both surfaces.
 
 The plain functions are checked directly; the rest end to end on a real
 node: REST errors rendered once (``JSONHandler``), every route given the
@@ -20,8 +20,9 @@ from tornado.websocket import websocket_connect
 
 from handlers import schemas as s
 from handlers.base import GatewayHandler, Reply
-from server import errors
-from server.admission import (
+from server.core import errors
+from server.core.auth import Identity
+from server.services.admission import (
     AUTH_EXPIRY_WARNING_SECS,
     bearer_token,
     client_ip,
@@ -29,7 +30,6 @@ from server.admission import (
     handshake_token,
     require_roles,
 )
-from server.auth import Identity
 
 PROXIES = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128"))
 

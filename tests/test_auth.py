@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from models import Ban, User, utcnow
-from server.auth import mint_token
+from server.core.auth import mint_token
 from switchboard_client import Client, ClientError, HandshakeError
 from tests.support.client_checks import assert_no_event
 from tests.support.waiting import eventually

@@ -1,4 +1,4 @@
-"""server/batch.py: group commit of message:send and of connection admission, through real clients.
+"""server/store/batch.py: group commit of message:send and of connection admission.
 
 To make a batch of a known shape, a test holds the node's database worker
 with a job that waits on an event, queues the sends (or connections) it
@@ -902,7 +902,7 @@ async def test_every_acked_send_is_stored_after_kill_9_right_after_the_last_ack(
         assert sorted(m["seq"] for m in acked if m["roomId"] == room_id) == list(range(1, 101))
 
 
-# -- the notification backlog (server/notify.py) -------------------------------------
+# -- the notification backlog (server/services/notify.py) -------------------------------------
 
 
 async def backlog_metric(gw: Any) -> float:

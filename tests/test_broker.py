@@ -1,6 +1,6 @@
-"""Two real nodes in one process, clustered by a shared :class:`server.broker.MemoryBus`.
+"""Two real nodes in one process, clustered by a shared :class:`server.realtime.broker.MemoryBus`.
 
-The hub-level behaviour of :class:`~server.broker.MemoryBroker` (interest,
+The hub-level behaviour of :class:`~server.realtime.broker.MemoryBroker` (interest,
 echo, multi-target, control) is in tests/test_hub.py; here the whole chat
 path runs on two nodes with one SQLite database, as a benchmark would.
 """
@@ -14,7 +14,7 @@ import pytest
 import pytest_asyncio
 
 from server.app import Node
-from server.broker import MemoryBroker, MemoryBus
+from server.realtime.broker import MemoryBroker, MemoryBus
 from tests.conftest import Gateway, make_config
 from tests.support.client_checks import settle
 from tests.test_presence import join, make_room

@@ -23,7 +23,7 @@ from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
 from models import RoomMute, utcnow
-from server.hub import Target
+from server.realtime.hub import Target
 from switchboard_client import Client, ClientError
 from tests.conftest import ROOMY_RATE_LIMITS
 from tests.support.client_checks import (

@@ -12,7 +12,7 @@ import pytest
 
 from models import Message, Room, RoomMember
 from server.app import Node
-from server.auth import mint_token
+from server.core.auth import mint_token
 from switchboard_client import Client, ClientError
 from tests.conftest import make_config
 from tests.support.client_checks import assert_no_event

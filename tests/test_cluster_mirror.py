@@ -1,4 +1,4 @@
-"""The Redis mirror (server/cluster.py) between real nodes and a real redis-server.
+"""The Redis mirror (server/cluster/redis_broker.py) between real nodes and a real redis-server.
 
 Every test starts its own ``redis-server`` and two or three :class:`Node`
 instances in this process, sharing one SQLite file (peewee models are bound
@@ -26,8 +26,8 @@ import redis.asyncio as aioredis
 from tornado.httpclient import AsyncHTTPClient
 
 from server.app import Node
-from server.cluster import RedisBroker
-from server.hub import Target
+from server.cluster.redis_broker import RedisBroker
+from server.realtime.hub import Target
 from switchboard_client import Client
 from tests.conftest import Gateway, make_config
 from tests.support.client_checks import (

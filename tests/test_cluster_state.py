@@ -1,6 +1,6 @@
-"""Cluster-wide presence, limits and the dead-node reaper (server/redis_link.py,
-server/redis_presence.py, server/redis_limits.py, server/node_registry.py,
-server/node_loss.py, server/lua/).
+"""Cluster-wide presence, limits and the dead-node reaper (server/cluster/redis_link.py,
+server/cluster/redis_presence.py, server/cluster/redis_limits.py, server/cluster/node_registry.py,
+server/services/node_loss.py, server/cluster/lua/).
 
 Real parts: a redis-server and a PostgreSQL cluster started by the suite,
 two gateway :class:`~server.app.Node` s in this process sharing one database
@@ -23,14 +23,14 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
-from server.auth import mint_token
-from server.config import Config, RateLimit
-from server.hub import Target
-from server.limits import RateLimiter
-from server.node_registry import NodeLoss, NodeRegistry
-from server.redis_limits import RedisConnectionLimiter, RedisRateLimiter
-from server.redis_link import LUA_DIR, ClusterLink
-from server.redis_presence import RedisPresence
+from server.cluster.node_registry import NodeLoss, NodeRegistry
+from server.cluster.redis_limits import RedisConnectionLimiter, RedisRateLimiter
+from server.cluster.redis_link import LUA_DIR, ClusterLink
+from server.cluster.redis_presence import RedisPresence
+from server.core.auth import mint_token
+from server.core.config import Config, RateLimit
+from server.core.limits import RateLimiter
+from server.realtime.hub import Target
 from switchboard_client import Client, ClientError
 from tests.conftest import ROOMY_RATE_LIMITS, Gateway
 from tests.support.client_checks import assert_no_event, background_done, sentinel_event

@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 import yaml
 
-from server.config import Config, ConfigError
+from server.core.config import Config, ConfigError
 from tests.support.services import require_binary
 
 ROOT = Path(__file__).resolve().parent.parent

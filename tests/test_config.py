@@ -1,4 +1,4 @@
-"""server/config.py: environment parsing, rate-limit strings, production
+"""server/core/config.py: environment parsing, rate-limit strings, production
 guards, masked secrets, and the ``switchboard token`` CLI (run for real).
 """
 
@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from server import cli
-from server.config import (
+from server.core.config import (
     DEFAULT_JWT_SECRET,
     MIN_JWT_SECRET_BYTES,
     TCP_HEADROOM_PER_IP,

@@ -2,7 +2,7 @@
 and upgrading a database that already holds data.
 
 Real parts: the suite's throwaway PostgreSQL cluster (and SQLite files),
-:class:`server.db.Database` objects as the nodes build them, each with its
+:class:`server.store.db.Database` objects as the nodes build them, each with its
 own connection pool, and gateway nodes with real clients.
 """
 
@@ -18,8 +18,8 @@ import pytest
 from playhouse.migrations import Runner
 
 from models import Room, RoomMute, utcnow
-from server.db import MIGRATIONS_DIR, Database, open_database
-from server.protocol import iso
+from server.core.protocol import iso
+from server.store.db import MIGRATIONS_DIR, Database, open_database
 from switchboard_client import ClientError
 from tests.conftest import ROOMY_RATE_LIMITS
 

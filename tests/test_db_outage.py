@@ -1,4 +1,4 @@
-"""server/db.py with PostgreSQL gone: every surface answers a retryable SERVICE_UNAVAILABLE.
+"""server/store/db.py with PostgreSQL gone: every surface answers a retryable SERVICE_UNAVAILABLE.
 
 ``Database.run`` turns the driver's connection errors into
 ``errors.DatabaseUnavailable``, so a client can tell an outage (retry later)

@@ -16,7 +16,7 @@ import orjson
 import pytest
 from tornado.httpclient import AsyncHTTPClient
 
-from server.health import RedisPing
+from server.ops.health import RedisPing
 from tests.support.services import PostgresServer, RedisServer, require_binary
 from tests.support.waiting import eventually
 from tests.test_chat import error

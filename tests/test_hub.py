@@ -1,4 +1,4 @@
-"""Unit tests of :mod:`server.hub`: indexes, targets, framing, buffered joins, sweep.
+"""Unit tests of :mod:`server.realtime.hub`: indexes, targets, framing, buffered joins, sweep.
 
 The hub is driven directly with :class:`FakeConn`, a minimal stand-in for a
 handler that records the frames written to it and the close/ping calls.
@@ -15,10 +15,10 @@ from typing import Any
 import orjson
 import pytest
 
-from server import protocol
-from server.broker import MemoryBroker, MemoryBus
-from server.hub import COALESCE_MAX_BYTES, JOIN_FLOOR_SECS, Hub, Target
-from server.outbound import Outbound
+from server.core import protocol
+from server.realtime.broker import MemoryBroker, MemoryBus
+from server.realtime.hub import COALESCE_MAX_BYTES, JOIN_FLOOR_SECS, Hub, Target
+from server.realtime.outbound import Outbound
 
 
 class FakeConn:

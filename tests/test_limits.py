@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from server.config import RateLimit
-from server.limits import ConnectionLimiter, RateLimiter
+from server.core.config import RateLimit
+from server.core.limits import ConnectionLimiter, RateLimiter
 from switchboard_client import ClientError
 
 

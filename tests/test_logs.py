@@ -23,7 +23,7 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient
 
 from handlers.logs import MAX_INGEST_BODY_BYTES, MAX_INGEST_ENTRIES, LogsHandler
-from server.logstream import MAX_PENDING_ENTRIES, LogCaptureHandler, LogFilter
+from server.services.logstream import MAX_PENDING_ENTRIES, LogCaptureHandler, LogFilter
 from switchboard_client import Client, ClientError
 from tests.support.client_checks import assert_no_event, barrier
 from tests.support.waiting import eventually

@@ -16,9 +16,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 from tornado.httpclient import AsyncHTTPClient
 
-from server import protocol
-from server.hub import Target
-from server.metrics import Metrics
+from server.core import protocol
+from server.ops.metrics import Metrics
+from server.realtime.hub import Target
 from switchboard_client import ClientError, ConnectionClosed, HandshakeError
 from tests.support.waiting import eventually
 

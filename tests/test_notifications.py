@@ -2,7 +2,7 @@
 
 Every test runs a real gateway node and real WebSocket clients; notifications
 are created the way the gateway creates them: through the node's
-:class:`~server.notify.NotificationService` (what moderation and the server
+:class:`~server.services.notify.NotificationService` (what moderation and the server
 API call) or by chatting (mentions, missed messages).
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from models import notifications as store
-from server import errors
-from server.notify import RECENT_ON_CONNECT
+from server.core import errors
+from server.services.notify import RECENT_ON_CONNECT
 from switchboard_client import Client, ClientError
 from tests.support.client_checks import assert_no_event, background_done, settle
 from tests.support.waiting import eventually

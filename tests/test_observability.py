@@ -5,7 +5,7 @@ The module starts two ``switchboard serve`` processes and the Debian
 intervals adapted, see :mod:`tests.support.stack`), drives real traffic through
 WebSocket clients, and then asks Prometheus's HTTP API:
 
-- every metric family :class:`server.metrics.Metrics` defines, plus the
+- every metric family :class:`server.ops.metrics.Metrics` defines, plus the
   process and GC collectors, is present for both instances;
 - every recording and alert rule evaluates without error (by Prometheus's
   own rule manager and as an ad-hoc query);
@@ -30,9 +30,9 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from server.auth import mint_token
-from server.config import Config
-from server.metrics import Metrics
+from server.core.auth import mint_token
+from server.core.config import Config
+from server.ops.metrics import Metrics
 from switchboard_client import Client, ClientError, ConnectionClosed, HandshakeError
 from tests.support.services import require_binary
 from tests.support.stack import Stack

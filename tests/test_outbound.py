@@ -1,4 +1,4 @@
-"""Outbound writes end to end (:mod:`server.outbound`): the budget, slow consumers, heartbeat.
+"""Outbound writes end to end (:mod:`server.realtime.outbound`): budget, slow consumers, heartbeat.
 
 Real nodes, real clients; the stalled and slow peers are raw TCP WebSockets
 (:class:`tests.test_presence.RawWebSocket`) that read only when told to.
@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from server.outbound import tcp_progress
+from server.realtime.outbound import tcp_progress
 from switchboard_client import Client
 from tests.support.client_checks import settle
 from tests.test_presence import RawWebSocket, flood_until, join, make_room, sample

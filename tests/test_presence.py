@@ -22,7 +22,7 @@ import orjson
 import pytest
 
 from models import chat as chat_db
-from server.presence import Presence
+from server.realtime.presence import Presence
 from switchboard_client import Client, ClientError
 from tests.support.client_checks import assert_no_event, background_done, barrier, settle
 from tests.support.waiting import eventually

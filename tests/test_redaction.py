@@ -1,4 +1,4 @@
-"""No credential in any log line: server/redaction.py and the node's logging as a whole.
+"""No credential in any log line: server/core/redaction.py and the node's logging as a whole.
 
 The end-to-end test starts a production node with the logging an operator
 gets (``setup_logging``: one root handler, here at DEBUG into a buffer, in
@@ -29,10 +29,10 @@ from tornado.routing import Rule
 from handlers.chat import ChatHandler
 from handlers.http import JSONHandler
 from handlers.schemas import AuthRefresh
-from server.auth import mint_token
 from server.cli import JSONFormatter, setup_logging
-from server.config import Config
-from server.redaction import REDACTED, RedactionFilter, redact, redact_uri
+from server.core.auth import mint_token
+from server.core.config import Config
+from server.core.redaction import REDACTED, RedactionFilter, redact, redact_uri
 from switchboard_client import Client, ClientError, HandshakeError, TokenLocation
 
 SECRET = "redaction-test-secret-0123456789abcdef0123"

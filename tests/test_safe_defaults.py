@@ -28,7 +28,7 @@ import pytest
 import pytest_asyncio
 from tornado.httpclient import AsyncHTTPClient
 
-from server.auth import MAX_TOKEN_HORIZON_SECS
+from server.core.auth import MAX_TOKEN_HORIZON_SECS
 from switchboard_client import Client, ClientError, HandshakeError
 
 ROOT = Path(__file__).resolve().parent.parent

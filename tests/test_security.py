@@ -1,4 +1,4 @@
-"""Security alerts (``server/security.py``) end to end, plus the counter's bounds.
+"""Security alerts (``server/services/security.py``) end to end, plus the counter's bounds.
 
 Real nodes and real clients: refused handshakes and refused REST requests
 for a user id, and a user rate-limited over and over, must leave a
@@ -17,7 +17,7 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient
 
 from models import Notification
-from server.security import (
+from server.services.security import (
     AUTH_FAILURE_THRESHOLD,
     AUTH_FAILURE_WINDOW_SECS,
     MAX_ALERTS_PER_WINDOW,

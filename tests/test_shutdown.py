@@ -22,8 +22,8 @@ import pytest
 import pytest_asyncio
 
 from server import __version__
-from server.auth import mint_token
-from server.config import Config
+from server.core.auth import mint_token
+from server.core.config import Config
 from switchboard_client import Client
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,11 +1,11 @@
-"""``server/stats.py``: sliding windows, the latency reservoir, per-room activity."""
+"""``server/ops/stats.py``: sliding windows, the latency reservoir, per-room activity."""
 
 from __future__ import annotations
 
 import pytest
 
-from server import errors
-from server.stats import EventRate, LatencyReservoir, RoomStats, Stats
+from server.core import errors
+from server.ops.stats import EventRate, LatencyReservoir, RoomStats, Stats
 
 
 def test_percentiles_are_nearest_rank_over_the_last_samples():

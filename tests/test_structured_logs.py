@@ -22,9 +22,9 @@ from typing import Any
 import orjson
 import pytest
 
-from server.auth import mint_token
 from server.cli import JSONFormatter
-from server.config import Config
+from server.core.auth import mint_token
+from server.core.config import Config
 from switchboard_client import Client, ClientError, ConnectionClosed, HandshakeError
 
 ROOT = Path(__file__).resolve().parent.parent

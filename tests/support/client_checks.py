@@ -21,7 +21,7 @@ import os
 from collections.abc import Iterable
 
 from server.app import Node
-from server.hub import Hub, Target
+from server.realtime.hub import Hub, Target
 from switchboard_client import Client, Predicate
 from tests.support.waiting import eventually
 

@@ -46,8 +46,8 @@ from typing import Any, Self
 import orjson
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
-from server.auth import mint_token
-from server.config import Config
+from server.core.auth import mint_token
+from server.core.config import Config
 from switchboard_client import Client
 from tests.support.services import PostgresServer, RedisServer, ServiceError
 

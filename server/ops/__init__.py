@@ -1,0 +1,1 @@
+"""Operations: Prometheus metrics, sliding-window stats and health."""

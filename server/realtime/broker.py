@@ -1,0 +1,293 @@
+"""What a hub needs from the other nodes: the broker interface, and a memory broker.
+
+A :class:`~server.realtime.hub.Hub` delivers to its own connections and hands every
+broadcast to its :class:`Broker`, which carries it to the other nodes and
+calls their hubs back (:class:`Receiver`). The broker only publishes,
+follows the hub's interest (the rooms, users and namespaces that have a
+local connection) and listens; it knows nothing about connections, and the
+hub knows nothing about how the other nodes are reached.
+
+Two brokers have this interface:
+
+* :class:`MemoryBroker` -- nodes of one process. Every hub gets one by
+  default, alone on its :class:`MemoryBus`: a single node is a cluster of
+  one, and publishing costs a look at an empty peer list. Hubs whose
+  brokers share a bus form a cluster inside one process (tests, benchmarks).
+* :class:`server.cluster.redis_broker.RedisBroker` -- nodes of a real cluster, over
+  Redis pub/sub.
+
+Channels name what a broadcast is for (:func:`channel`): ``room:{id}``,
+``user:{id}``, ``ns:{namespace}``, ``all`` and ``node:{id}`` (control
+messages to one node). A broker delivers a broadcast to the nodes that
+hold interest in its channel, never back to its origin (the origin's hub
+delivered it locally before publishing).
+
+Example::
+
+    bus = MemoryBus()
+    a = Hub("a", broker=MemoryBroker("a", bus))
+    b = Hub("b", broker=MemoryBroker("b", bus))
+    a.publish(Target.room("general"), "message:new", {...})  # b's members get it too
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+from server.core import protocol
+
+if TYPE_CHECKING:
+    from server.realtime.hub import Target
+
+log = logging.getLogger("switchboard.broker")
+
+#: The channel a target kind is published on (``connection`` targets stay local).
+INTEREST_CHANNEL = {"room": "room", "user": "user", "namespace": "ns"}
+#: The channel every node hears.
+ALL_CHANNEL = "all"
+
+ControlHandler = Callable[[dict[str, Any]], None]
+
+
+def channel(target: Target) -> str | None:
+    """The channel ``target`` is published on, or None if it never leaves the node."""
+    kind = target.kind
+    if kind in INTEREST_CHANNEL:
+        return f"{INTEREST_CHANNEL[kind]}:{target.key}"
+    if kind == "all":
+        # A namespace-narrowed "all" reaches exactly the namespace's nodes.
+        return ALL_CHANNEL if target.namespace is None else f"ns:{target.namespace}"
+    # Connection ids are node-local: nothing to tell the other nodes.
+    return None
+
+
+def interest_channel(kind: str, key: str) -> str:
+    """The channel of a local interest (``kind`` is room, user or namespace)."""
+    return f"{INTEREST_CHANNEL[kind]}:{key}"
+
+
+def node_channel(node_id: str) -> str:
+    return f"node:{node_id}"
+
+
+def control_channel(target: Target | None, node: str | None) -> str:
+    """Where a control message goes: one ``node``, the nodes ``target`` reaches, or all."""
+    if node is not None:
+        return node_channel(node)
+    if target is None:
+        return ALL_CHANNEL
+    name = channel(target)
+    if name is None:
+        raise ValueError(f"control messages cannot go to {target!r}")
+    return name
+
+
+class Receiver(Protocol):
+    """What a broker calls back: the hub of its node."""
+
+    def deliver(
+        self, target: Target, frame: bytes, *, exclude: str | None = None, seq: int | None = None
+    ) -> int:
+        """Write a frame another node published to this node's connections of ``target``."""
+
+    def deliver_many(self, targets: Iterable[Target], frame: bytes) -> int:
+        """Write a frame once to every local connection any of ``targets`` reaches."""
+
+
+class Broker(abc.ABC):
+    """How a node's hub reaches the other nodes (see the module docstring).
+
+    Publishing never blocks and never raises: a broker that cannot reach the
+    other nodes drops the broadcast and reports it (``ok``/``reason``, logs,
+    metrics); the node keeps serving its own connections.
+
+    The control bus is the same for every broker: handlers registered by
+    action (:meth:`on_control`), messages routed by :func:`control_channel`;
+    a broker implements only the transport (:meth:`_send_control`) and
+    hands what arrives to :meth:`_run_control`.
+    """
+
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self._control: dict[str, ControlHandler] = {}
+
+    @abc.abstractmethod
+    def listen(self, receiver: Receiver) -> None:
+        """Deliver what other nodes publish to ``receiver`` (the node's hub)."""
+
+    @abc.abstractmethod
+    def publish(
+        self, target: Target, payload: bytes, *, exclude: str | None, seq: int | None
+    ) -> None:
+        """Send an event payload (JSON text) for ``target`` to the other nodes."""
+
+    @abc.abstractmethod
+    def publish_many(self, targets: Sequence[Target], payload: bytes) -> None:
+        """Send one payload for several targets; each node delivers it once per connection."""
+
+    @abc.abstractmethod
+    def interest(self, kind: str, key: str, interested: bool) -> None:
+        """The first local subscriber of a channel arrived (or the last one left)."""
+
+    @abc.abstractmethod
+    async def wait_subscribed(self, kind: str, key: str) -> bool:
+        """Wait until other nodes' broadcasts for an interest reach this node.
+
+        False when that cannot be confirmed (the link is down, or slow).
+        """
+
+    @abc.abstractmethod
+    async def start(self) -> bool:
+        """Connect; True if the link is up (a node starts degraded otherwise)."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Let queued broadcasts go out (briefly) and disconnect."""
+
+    @property
+    @abc.abstractmethod
+    def ok(self) -> bool:
+        """Whether broadcasts currently reach the other nodes."""
+
+    @property
+    @abc.abstractmethod
+    def reason(self) -> str | None:
+        """Why the broker is not ok (None when it is)."""
+
+    async def check(self) -> tuple[bool, str | None]:
+        """Health probe (``Health(redis_check=broker.check)``): ``(ok, reason)``."""
+        return self.ok, self.reason
+
+    @abc.abstractmethod
+    def subscribed_channels(self) -> frozenset[str]:
+        """The channels this node currently hears (for operators and tests)."""
+
+    # -- the control bus --------------------------------------------------------
+
+    def on_control(self, action: str, handler: ControlHandler) -> None:
+        """Run ``handler(data)`` when another node sends control ``action``.
+
+        Example (how kick and ban reach every node, server/services/moderation.py)::
+
+            hub.broker.on_control("disconnect_user", self._disconnect_from_elsewhere)
+        """
+        self._control[action] = handler
+
+    def send_control(
+        self,
+        action: str,
+        data: dict[str, Any],
+        *,
+        target: Target | None = None,
+        node: str | None = None,
+    ) -> None:
+        """Send a control message to one ``node``, to the nodes ``target`` reaches, or to all.
+
+        The sender does not get it.
+        """
+        self._send_control(control_channel(target, node), action, data)
+
+    @abc.abstractmethod
+    def _send_control(self, channel_name: str, action: str, data: dict[str, Any]) -> None:
+        """Carry a control message to the other nodes hearing ``channel_name``."""
+
+    def _run_control(self, action: object, data: dict[str, Any]) -> None:
+        """A control message from another node: run its handler."""
+        handler = self._control.get(action) if isinstance(action, str) else None
+        if handler is None:
+            log.warning("broker %s: no handler for control action %r", self.node_id, action)
+            return
+        handler(data)
+
+
+class MemoryBus:
+    """What the :class:`MemoryBroker` s of one process share: who is listening."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, MemoryBroker] = {}
+
+
+class MemoryBroker(Broker):
+    """A :class:`Broker` for nodes in one process, delivering synchronously.
+
+    Without a ``bus`` the node is alone (the single-node default). Delivery
+    follows interest exactly like the Redis broker: a node hears a room,
+    user or namespace channel only while it has a local connection there,
+    plus ``all`` and its own node channel.
+    """
+
+    def __init__(self, node_id: str, bus: MemoryBus | None = None) -> None:
+        super().__init__(node_id)
+        self.bus = bus if bus is not None else MemoryBus()
+        self._receiver: Receiver | None = None
+        self._channels: set[str] = {ALL_CHANNEL, node_channel(node_id)}
+
+    def listen(self, receiver: Receiver) -> None:
+        self._receiver = receiver
+        self.bus.nodes[self.node_id] = self
+
+    def _peers(self, channel_name: str) -> list[MemoryBroker]:
+        # A snapshot: a delivery may close connections, which changes interest.
+        return [
+            peer
+            for peer in tuple(self.bus.nodes.values())
+            if peer is not self and channel_name in peer._channels
+        ]
+
+    def publish(
+        self, target: Target, payload: bytes, *, exclude: str | None, seq: int | None
+    ) -> None:
+        name = channel(target)
+        peers = self._peers(name) if name is not None and len(self.bus.nodes) > 1 else ()
+        if not peers:
+            return
+        frame = protocol.frame(payload)
+        for peer in peers:
+            if peer._receiver is not None:
+                peer._receiver.deliver(target, frame, exclude=exclude, seq=seq)
+
+    def publish_many(self, targets: Sequence[Target], payload: bytes) -> None:
+        if len(self.bus.nodes) < 2:
+            return
+        names = {name for name in map(channel, targets) if name is not None}
+        frame: bytes | None = None
+        for peer in tuple(self.bus.nodes.values()):
+            if peer is self or peer._receiver is None or not names & peer._channels:
+                continue
+            frame = frame or protocol.frame(payload)
+            peer._receiver.deliver_many(targets, frame)
+
+    def interest(self, kind: str, key: str, interested: bool) -> None:
+        name = interest_channel(kind, key)
+        if interested:
+            self._channels.add(name)
+        else:
+            self._channels.discard(name)
+
+    async def wait_subscribed(self, kind: str, key: str) -> bool:
+        return True  # interest takes effect at once
+
+    def _send_control(self, channel_name: str, action: str, data: dict[str, Any]) -> None:
+        for peer in self._peers(channel_name):
+            peer._run_control(action, data)
+
+    async def start(self) -> bool:
+        return True
+
+    async def stop(self) -> None:
+        if self.bus.nodes.get(self.node_id) is self:
+            del self.bus.nodes[self.node_id]
+
+    @property
+    def ok(self) -> bool:
+        return True
+
+    @property
+    def reason(self) -> str | None:
+        return None
+
+    def subscribed_channels(self) -> frozenset[str]:
+        return frozenset(self._channels)

@@ -1,0 +1,517 @@
+"""The connection hub: who is connected, where, and delivery to them.
+
+The hub indexes live connections by id, user, room and namespace in plain
+``dict[str, set]`` maps that drop keys as they empty, and delivers events
+to a :class:`Target`. A broadcast is serialised and framed once; the same
+bytes are written to every recipient's stream, which is what makes fan-out
+cheap (no per-recipient JSON, compression or Future wrapping).
+
+With ``coalesce=True`` (what the node uses) broadcasts are not written at
+once: each recipient's frames are queued and written by :meth:`Hub.flush`,
+which runs once per event-loop iteration. A recipient that gets several
+broadcasts in the same iteration (busy rooms, several senders) then gets
+them in one ``send()`` instead of one each -- the system call is most of a
+delivery's cost -- and the delay is one loop iteration, not a timer. A
+direct write to a connection (:meth:`Hub.flush_to`, called by the handlers
+before every ``send_frame``) sends that connection's queued frames first,
+so a connection sees frames in the order they were produced.
+
+The hub knows nothing about chat, nor about how other nodes are reached:
+it has a :class:`~server.realtime.broker.Broker` (given, or a
+:class:`~server.realtime.broker.MemoryBroker` of its own: a cluster of one), tells
+it where local interest begins and ends, hands it every broadcast after
+delivering locally, and is called back with what other nodes publish.
+
+Example::
+
+    hub = Hub(node_id="n1")  # or Hub("n1", broker=RedisBroker(...))
+    hub.add(conn)
+    hub.join(conn, "general")
+    hub.publish(Target.room("general"), "message:new", {"message": m}, seq=m["seq"])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple, Protocol
+
+from server.core import protocol
+from server.realtime.broker import Broker, MemoryBroker
+from server.realtime.outbound import Outbound
+
+log = logging.getLogger("switchboard.hub")
+
+
+class Connection(Protocol):
+    """What the hub needs from a connection (handlers implement it)."""
+
+    conn_id: str
+    user_id: str
+    #: Monotonic time the peer last sent anything (a frame, a pong).
+    last_seen: float
+    #: The connection's writes: what is pending for it, and its budget.
+    outbound: Outbound
+
+    @property
+    def namespace(self) -> str:
+        """The namespace the connection belongs to (``chat``, ``admin``...)."""
+
+    def send_frame(self, frame: bytes) -> bool:
+        """Queue a pre-built frame; False if the connection is gone or too slow."""
+
+    def write_frame(self, frame: bytes) -> bool:
+        """Like :meth:`send_frame` but uncounted: the hub counts whole broadcasts."""
+
+    def close_with(self, code: int, reason: str) -> None:
+        """Start closing the connection with a WebSocket close code."""
+
+    def ping(self) -> None:
+        """Send a WebSocket ping."""
+
+
+class Target(NamedTuple):
+    """Where an event goes: a room, a user, a namespace, everyone or one connection.
+
+    ``namespace`` narrows user and all targets (e.g. a user's chat connections only).
+    """
+
+    kind: str
+    key: str = ""
+    namespace: str | None = None
+
+    @classmethod
+    def room(cls, room_id: str) -> Target:
+        return cls("room", room_id)
+
+    @classmethod
+    def user(cls, user_id: str, namespace: str | None = None) -> Target:
+        return cls("user", user_id, namespace)
+
+    @classmethod
+    def ns(cls, namespace: str) -> Target:
+        return cls("namespace", namespace)
+
+    @classmethod
+    def all(cls) -> Target:
+        return cls("all")
+
+    @classmethod
+    def connection(cls, conn_id: str) -> Target:
+        return cls("connection", conn_id)
+
+
+def _discard(index: dict[str, set[Any]], key: str, item: Any) -> bool:
+    """Remove ``item`` from ``index[key]``; drop the key when empty. True if it emptied."""
+    members = index.get(key)
+    if members is None:
+        return False
+    members.discard(item)
+    if not members:
+        del index[key]
+        return True
+    return False
+
+
+#: The most bytes one coalesced write joins. A write is held to the
+#: connection's outbound budget (MAX_OUTBOUND_BYTES) as a whole, so a burst
+#: of frames that each fit must not be refused for being joined; frames are
+#: joined up to this size (well under any workable budget), a bigger frame
+#: goes alone, exactly as it would without coalescing.
+COALESCE_MAX_BYTES = 64 * 1024
+# How long after a join its connection refuses room frames whose seq its ack
+# already carried: past the broadcast of a commit the join read (one loop
+# step on this node, a Redis hop from another), with margin for a busy node.
+JOIN_FLOOR_SECS = 10.0
+
+
+def _write_batches(conn: Connection, frames: list[bytes]) -> tuple[int, int]:
+    """Write ``frames`` in order, joined up to :data:`COALESCE_MAX_BYTES` a write.
+
+    Returns the frames and bytes written; stops at the first refused write.
+    """
+    data = b"".join(frames)
+    if len(data) <= COALESCE_MAX_BYTES:  # the usual case: one write
+        return (len(frames), len(data)) if conn.write_frame(data) else (0, 0)
+    count = nbytes = 0
+    start, size = 0, 0
+    for end, frame in enumerate(frames):
+        if end > start and size + len(frame) > COALESCE_MAX_BYTES:
+            data = b"".join(frames[start:end])
+            if not conn.write_frame(data):
+                return count, nbytes
+            count, nbytes = count + end - start, nbytes + len(data)
+            start, size = end, 0
+        size += len(frame)
+    data = frames[start] if len(frames) - start == 1 else b"".join(frames[start:])
+    if conn.write_frame(data):
+        count, nbytes = count + len(frames) - start, nbytes + len(data)
+    return count, nbytes
+
+
+class Hub:
+    """The node's connections and delivery to them, local and through the broker."""
+
+    def __init__(
+        self,
+        node_id: str,
+        *,
+        broker: Broker | None = None,
+        on_delivered: Callable[[int, int], None] | None = None,
+        coalesce: bool = False,
+    ) -> None:
+        """``on_delivered(count, nbytes)`` is called once per write pass that reached anyone.
+
+        That is once per broadcast, or with ``coalesce`` once per :meth:`flush`
+        (the frames and bytes of every broadcast it wrote). Without a
+        ``broker`` the hub is a single node (a :class:`MemoryBroker` alone).
+        """
+        self.node_id = node_id
+        self.broker: Broker = broker if broker is not None else MemoryBroker(node_id)
+        self.connections: dict[str, Connection] = {}
+        self._by_user: dict[str, set[Connection]] = {}
+        self._by_room: dict[str, set[Connection]] = {}
+        self._by_namespace: dict[str, set[Connection]] = {}
+        self._rooms_of: dict[str, set[str]] = {}
+        # Joins whose recovery query is in flight: room -> conn -> buffered (seq, frame).
+        self._pending: dict[str, dict[Connection, list[tuple[int | None, bytes]]]] = {}
+        # Joins just finished: room -> conn -> (the last seq its ack carried, until
+        # when). A broadcast of a message the join's query already returned can
+        # still be on its way (published a loop step after its commit, or late
+        # through another node); it must not reach that connection twice.
+        self._floors: dict[str, dict[Connection, tuple[int, float]]] = {}
+        self._on_delivered = on_delivered
+        self.coalesce = coalesce
+        # coalesce: frames waiting for this loop iteration's flush, per connection.
+        self._queued: dict[Connection, list[bytes]] = {}
+        self._flush_scheduled = False
+        # Frames of :meth:`send_soon` in the outbox: written by the flush but
+        # not broadcast deliveries, so not reported to ``on_delivered``.
+        self._direct: dict[Connection, list[int]] = {}  # conn -> [frames, bytes]
+        self.broker.listen(self)
+
+    # -- membership -------------------------------------------------------
+
+    def add(self, conn: Connection) -> bool:
+        """Register a connection. True if it is the user's first on this node."""
+        self.connections[conn.conn_id] = conn
+        first = conn.user_id not in self._by_user
+        self._by_user.setdefault(conn.user_id, set()).add(conn)
+        if first:
+            self.broker.interest("user", conn.user_id, True)
+        if conn.namespace not in self._by_namespace:
+            self.broker.interest("namespace", conn.namespace, True)
+        self._by_namespace.setdefault(conn.namespace, set()).add(conn)
+        return first
+
+    def remove(self, conn: Connection) -> set[str]:
+        """Forget a connection; returns the rooms it was in (already left)."""
+        self._queued.pop(conn, None)
+        self._direct.pop(conn, None)
+        if self.connections.pop(conn.conn_id, None) is None:
+            return set()
+        rooms = self._rooms_of.pop(conn.conn_id, set())
+        for room in rooms:
+            self._drop_from_room(conn, room)
+        if _discard(self._by_user, conn.user_id, conn):
+            self.broker.interest("user", conn.user_id, False)
+        if _discard(self._by_namespace, conn.namespace, conn):
+            self.broker.interest("namespace", conn.namespace, False)
+        return rooms
+
+    def join(self, conn: Connection, room: str, *, buffer: bool = False) -> None:
+        """Subscribe ``conn`` to ``room``.
+
+        With ``buffer=True`` room frames for this connection are held back
+        until :meth:`finish_join`, so a recovery query and live traffic can be
+        stitched together without a gap or a duplicate.
+        """
+        if room not in self._by_room:
+            self.broker.interest("room", room, True)
+        self._by_room.setdefault(room, set()).add(conn)
+        self._rooms_of.setdefault(conn.conn_id, set()).add(room)
+        if buffer:
+            self._pending.setdefault(room, {})[conn] = []
+
+    async def wait_subscribed(self, kind: str, key: str) -> bool:
+        """Wait until other nodes' traffic for a channel reaches this node (see the broker)."""
+        return await self.broker.wait_subscribed(kind, key)
+
+    def finish_join(self, conn: Connection, room: str, after_seq: int | None) -> int:
+        """Release frames buffered since :meth:`join`, skipping ``seq <= after_seq``."""
+        pending = self._pending.get(room)
+        frames = pending.pop(conn, []) if pending is not None else []
+        if pending is not None and not pending:
+            del self._pending[room]
+        sent = 0
+        for seq, frame in frames:
+            if seq is not None and after_seq is not None and seq <= after_seq:
+                continue
+            conn.send_frame(frame)
+            sent += 1
+        if after_seq is not None and self.in_room(conn, room):
+            until = time.monotonic() + JOIN_FLOOR_SECS
+            self._floors.setdefault(room, {})[conn] = (after_seq, until)
+        return sent
+
+    def leave(self, conn: Connection, room: str) -> bool:
+        """Unsubscribe; False if the connection was not in the room."""
+        rooms = self._rooms_of.get(conn.conn_id)
+        if rooms is None or room not in rooms:
+            return False
+        _discard(self._rooms_of, conn.conn_id, room)
+        self._drop_from_room(conn, room)
+        return True
+
+    def _drop_from_room(self, conn: Connection, room: str) -> None:
+        pending = self._pending.get(room)
+        if pending is not None:
+            pending.pop(conn, None)
+            if not pending:
+                del self._pending[room]
+        floors = self._floors.get(room)
+        if floors is not None:
+            floors.pop(conn, None)
+            if not floors:
+                del self._floors[room]
+        if _discard(self._by_room, room, conn):
+            self.broker.interest("room", room, False)
+
+    def clear_room(self, room: str) -> list[Connection]:
+        """Unsubscribe everyone from ``room`` (deleted); returns who was in it."""
+        conns = list(self._by_room.get(room, ()))
+        for conn in conns:
+            self.leave(conn, room)
+        return conns
+
+    # -- queries ----------------------------------------------------------
+
+    def rooms_of(self, conn: Connection) -> frozenset[str]:
+        return frozenset(self._rooms_of.get(conn.conn_id, ()))
+
+    def in_room(self, conn: Connection, room: str) -> bool:
+        return room in self._rooms_of.get(conn.conn_id, ())
+
+    def room_connections(self, room: str) -> set[Connection]:
+        return set(self._by_room.get(room, ()))
+
+    def user_in_room(self, user_id: str, room: str, *, besides: Connection | None = None) -> bool:
+        """Whether ``user_id`` has a connection in ``room`` here other than ``besides``."""
+        return any(c.user_id == user_id and c is not besides for c in self._by_room.get(room, ()))
+
+    def user_connections(self, user_id: str, namespace: str | None = None) -> list[Connection]:
+        conns = self._by_user.get(user_id, ())
+        return [c for c in conns if namespace is None or c.namespace == namespace]
+
+    def online_users(self) -> set[str]:
+        return set(self._by_user)
+
+    def count_by_namespace(self) -> dict[str, int]:
+        return {ns: len(conns) for ns, conns in self._by_namespace.items()}
+
+    def active_rooms(self) -> dict[str, int]:
+        """Room → number of local connections subscribed."""
+        return {room: len(conns) for room, conns in self._by_room.items()}
+
+    # -- delivery ---------------------------------------------------------
+
+    def publish(
+        self,
+        target: Target,
+        event: str,
+        data: dict[str, Any],
+        *,
+        exclude: str | None = None,
+        seq: int | None = None,
+    ) -> int:
+        """Deliver here, then to other nodes. Returns the local delivery count.
+
+        ``exclude`` is a connection id that must not receive it (the sender,
+        who gets an ack instead); ``seq`` lets joins in flight deduplicate.
+        """
+        payload = protocol.event_payload(event, data)
+        delivered = self.deliver(target, protocol.frame(payload), exclude=exclude, seq=seq)
+        self.broker.publish(target, payload, exclude=exclude, seq=seq)
+        return delivered
+
+    def publish_many(self, targets: Iterable[Target], event: str, data: dict[str, Any]) -> int:
+        """Deliver once per connection to everyone any of ``targets`` reaches, on every node."""
+        targets = list(targets)
+        payload = protocol.event_payload(event, data)
+        delivered = self.deliver_many(targets, protocol.frame(payload))
+        remote = [t for t in targets if t.kind != "connection"]
+        if remote:
+            self.broker.publish_many(remote, payload)
+        return delivered
+
+    def publish_rooms(self, rooms: Iterable[str], event: str, data: dict[str, Any]) -> int:
+        """Deliver once per connection to everyone in any of ``rooms``."""
+        return self.publish_many((Target.room(r) for r in rooms), event, data)
+
+    def deliver(
+        self,
+        target: Target,
+        frame: bytes,
+        *,
+        exclude: str | None = None,
+        seq: int | None = None,
+    ) -> int:
+        """Write a pre-built frame to the local connections of ``target``."""
+        conns = self._local(target)
+        if target.kind == "room":
+            pending = self._pending.get(target.key)
+            if pending:
+                for conn, held in pending.items():
+                    if conn.conn_id != exclude:
+                        held.append((seq, frame))
+                conns = [c for c in conns if c not in pending]
+            floors = self._floors.get(target.key)
+            if floors and seq is not None:
+                conns = [c for c in conns if c not in floors or seq > floors[c][0]]
+        return self._write(conns, frame, exclude)
+
+    def deliver_many(self, targets: Iterable[Target], frame: bytes) -> int:
+        """Write a pre-built frame once to every local connection any of ``targets`` reaches."""
+        conns: set[Connection] = set()
+        for target in targets:
+            conns.update(self._local(target))
+        return self._write(conns, frame, None)
+
+    def _local(self, target: Target) -> Iterable[Connection]:
+        kind = target.kind
+        conns: Iterable[Connection]
+        if kind == "room":
+            conns = self._by_room.get(target.key, ())
+        elif kind == "user":
+            conns = self.user_connections(target.key, target.namespace)
+        elif kind == "namespace":
+            conns = self._by_namespace.get(target.key, ())
+        elif kind == "all":
+            if target.namespace is not None:
+                conns = self._by_namespace.get(target.namespace, ())
+            else:
+                conns = self.connections.values()
+        elif kind == "connection":
+            one = self.connections.get(target.key)
+            conns = (one,) if one is not None else ()
+        else:
+            raise ValueError(f"unknown target kind {kind!r}")
+        return conns
+
+    def _write(self, conns: Iterable[Connection], frame: bytes, exclude: str | None) -> int:
+        if self.coalesce:
+            return self._queue(conns, frame, exclude)
+        delivered = 0
+        # Iterate over a snapshot: a write may close a slow consumer, which
+        # removes it from these very sets.
+        for conn in tuple(conns):
+            if conn.conn_id != exclude and conn.write_frame(frame):
+                delivered += 1
+        # Counted once per broadcast rather than per recipient: two metric
+        # increments per delivery were 10-20% of this loop (bench/README.md).
+        if self._on_delivered is not None and delivered:
+            self._on_delivered(delivered, delivered * len(frame))
+        return delivered
+
+    def _queue(self, conns: Iterable[Connection], frame: bytes, exclude: str | None) -> int:
+        """``_write`` with ``coalesce``: queue for this iteration's :meth:`flush`."""
+        outbox = self._queued
+        queued = 0
+        # Nothing is written here, so nothing can close a connection and
+        # change ``conns`` under the loop: no snapshot needed.
+        for conn in conns:
+            if conn.conn_id != exclude:
+                frames = outbox.get(conn)
+                if frames is None:
+                    outbox[conn] = [frame]
+                else:
+                    frames.append(frame)
+                queued += 1
+        if queued and not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+        return queued
+
+    def send_soon(self, conn: Connection, frame: bytes) -> bool:
+        """Queue a frame for ``conn`` alone in this iteration's flush (with ``coalesce``).
+
+        For acks: group commit wakes every sender of a batch in one loop
+        iteration, and each sender's ack then shares a ``send()`` with the
+        broadcasts queued for it, instead of a syscall of its own. Without
+        ``coalesce`` the frame is written now. Frames keep their order: a
+        direct write first flushes what is queued (:meth:`flush_to`).
+        """
+        if not self.coalesce:
+            return conn.write_frame(frame)
+        self._queue((conn,), frame, None)
+        sent = self._direct.setdefault(conn, [0, 0])
+        sent[0] += 1
+        sent[1] += len(frame)
+        return True
+
+    def flush(self) -> None:
+        """Write every connection's queued frames, one write per connection."""
+        self._flush_scheduled = False
+        outbox, self._queued = self._queued, {}
+        direct, self._direct = self._direct, {}
+        count = nbytes = 0
+        for conn, frames in outbox.items():
+            # A write may close a slow consumer; it is already out of the outbox.
+            if len(frames) == 1:
+                written, size = (1, len(frames[0])) if conn.write_frame(frames[0]) else (0, 0)
+            else:
+                written, size = _write_batches(conn, frames)
+            # Acks and other direct frames are not broadcast deliveries. A refused
+            # write (a closed or slow connection) wrote none of them: never
+            # subtract what was not written.
+            own_frames, own_bytes = direct.get(conn, (0, 0))
+            count += max(0, written - own_frames)
+            nbytes += max(0, size - own_bytes)
+        if self._on_delivered is not None and count > 0:
+            self._on_delivered(count, nbytes)
+
+    def flush_to(self, conn: Connection) -> None:
+        """Write ``conn``'s queued frames now, ahead of a direct write to it."""
+        frames = self._queued.pop(conn, None) if self._queued else None
+        if frames is None:
+            return
+        count, nbytes = _write_batches(conn, frames)
+        if (direct := self._direct.pop(conn, None)) is not None:
+            count, nbytes = count - direct[0], nbytes - direct[1]
+        if self._on_delivered is not None and count > 0:
+            self._on_delivered(count, nbytes)
+
+    # -- liveness -----------------------------------------------------------
+
+    def _expire_floors(self, now: float) -> None:
+        for room, floors in tuple(self._floors.items()):
+            for conn, (_, until) in tuple(floors.items()):
+                if until <= now:
+                    del floors[conn]
+            if not floors:
+                del self._floors[room]
+
+    def sweep(self, now: float, timeout: float) -> int:
+        """Ping every connection; close those with no sign of life for ``timeout``.
+
+        Signs of life: a frame or a pong (``last_seen``), or reading a backlog
+        of ours (``outbound.progress_at``) -- a ping queued behind that backlog
+        cannot be answered yet, and a peer that cannot keep up is the outbound
+        budget's to judge (:mod:`server.realtime.outbound`), not the heartbeat's.
+
+        One timer for the whole node instead of one per connection keeps idle
+        connections cheap. Returns the number closed.
+        """
+        self._expire_floors(now)
+        closed = 0
+        for conn in tuple(self.connections.values()):
+            out = conn.outbound
+            out.observe(now)
+            if now - max(conn.last_seen, out.progress_at) > timeout:
+                conn.close_with(4408, "heartbeat timeout")
+                closed += 1
+            else:
+                conn.ping()
+        return closed

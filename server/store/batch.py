@@ -1,0 +1,125 @@
+"""Group commit: requests that wait together go to the database together.
+
+A :class:`Batcher` owns one kind of write (``message:send``, connection
+admission). The first request on an idle batcher goes to the database at
+once, alone; requests that arrive while a batch is in the database wait and
+then go together in the next one, in arrival order, up to ``max_batch``.
+There is no timer: a quiet node pays no added latency, a busy one commits
+hundreds of requests per transaction instead of one.
+
+The batch function runs in a database worker inside one transaction
+(:meth:`server.store.db.Database.run`) and returns one outcome per request, in
+order: a result, or the :class:`~server.core.errors.GatewayError` that request
+alone fails with. When the batch as a whole fails (the database is down),
+every request in it fails with ``SERVICE_UNAVAILABLE`` and none is acked.
+
+Example::
+
+    sends = Batcher(db, "message.send", chat_db.send_messages, max_batch=256)
+    sent = await sends.submit(request)   # raises that request's GatewayError
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
+
+from server.core import errors
+from server.store.db import Database
+
+log = logging.getLogger("switchboard.db")
+
+Req = TypeVar("Req")
+Res = TypeVar("Res")
+
+#: Most requests one transaction commits. Big enough that a burst of a few
+#: thousand sends takes a handful of commits; small enough that one batch's
+#: statements stay well under SQLite's 32,766 bound parameters.
+DEFAULT_MAX_BATCH = 256
+
+
+class Batcher(Generic[Req, Res]):
+    """Runs ``fn(requests) -> outcomes`` for whatever requests are waiting, one batch at a time."""
+
+    def __init__(
+        self,
+        db: Database,
+        op: str,
+        fn: Callable[[list[Req]], Sequence[Res | errors.GatewayError]],
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        observe: Callable[[int], None] | None = None,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self._db = db
+        self._op = op
+        self._fn = fn
+        self._max = max_batch
+        self._observe = observe
+        self._waiting: list[tuple[Req, asyncio.Future[Res]]] = []
+        self._drainer: asyncio.Task[None] | None = None
+        #: Batches sent to the database so far, and the requests they carried
+        #: (for tests and benches of batchers without a metric of their own).
+        self.batches = 0
+        self.carried = 0
+
+    @property
+    def waiting(self) -> int:
+        """Requests not yet in the database (for metrics and tests)."""
+        return len(self._waiting)
+
+    async def submit(self, request: Req) -> Res:
+        """Queue ``request``; its result once its batch committed, or its error."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Res] = loop.create_future()
+        self._waiting.append((request, future))
+        if self._drainer is None:
+            self._drainer = loop.create_task(self._drain(), name=f"batch-{self._op}")
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._waiting:
+                batch = self._waiting[: self._max]
+                del self._waiting[: self._max]
+                await self._run(batch)
+        finally:
+            self._drainer = None
+
+    async def _run(self, batch: list[tuple[Req, asyncio.Future[Res]]]) -> None:
+        self.batches += 1
+        self.carried += len(batch)
+        if self._observe is not None:
+            self._observe(len(batch))
+        try:
+            outcomes = await self._db.run(self._op, self._fn, [req for req, _ in batch])
+        except asyncio.CancelledError:
+            for _, future in batch:
+                future.cancel()
+            raise
+        except Exception as exc:
+            failure = _batch_failure(self._op, exc)
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(failure)
+            return
+        # In request order: the waiting handlers wake in this order, so their
+        # broadcasts leave in seq order per room.
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            if future.done():  # its caller went away; the write stands
+                continue
+            if isinstance(outcome, errors.GatewayError):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+
+def _batch_failure(op: str, exc: Exception) -> errors.GatewayError:
+    """What every request of a failed batch answers: retryable when the database is."""
+    if isinstance(exc, errors.GatewayError):  # DatabaseUnavailable, logged by Database.run
+        return exc
+    log.error("%s batch failed", op, exc_info=exc)
+    return errors.InternalError()
