@@ -3,7 +3,7 @@
 The operations are transport-free so the admin namespace, the HTTP API and
 the cluster layer share them: each checks the actor's role, persists what
 lasts (bans, mutes) and an audit row, tells the people concerned over the
-hub, logs one line, and (when a :class:`~server.services.notify.Notifier` is set)
+hub, logs one line, and (when a :class:`~server.services.notify.NotificationService` is set)
 leaves them a notification.
 
 Who may do what (SPEC §3): moderators and admins kick, mute and delete
@@ -29,7 +29,7 @@ from server.core import errors, protocol
 from server.core.auth import Identity
 from server.core.tasks import BackgroundTasks
 from server.realtime.hub import Hub, Target
-from server.services.notify import Notifier
+from server.services.notify import NotificationService
 from server.store.db import Database
 
 log = logging.getLogger("switchboard.moderation")
@@ -71,7 +71,7 @@ class Moderation:
         hub: Hub,
         db: Database,
         tasks: BackgroundTasks,
-        notifier: Notifier | None = None,
+        notifier: NotificationService | None = None,
     ) -> None:
         self.hub = hub
         self.db = db

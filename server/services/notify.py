@@ -1,7 +1,7 @@
 """Notifications: persisted per user, pushed live to the user's connections.
 
 Other parts of the gateway (chat mentions and missed messages, moderation,
-security alerts, the server API) call :class:`Notifier`; it stores the
+security alerts, the server API) call :class:`NotificationService`; it stores the
 notification (enforcing the per-user cap, oldest read ones evicted first)
 and pushes ``notification:created`` and ``notification:unread_count`` to
 every live connection of the user.
@@ -23,7 +23,7 @@ import itertools
 import logging
 import re
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import Any
 
 from models import notifications as store
 from server.core import errors
@@ -38,39 +38,6 @@ log = logging.getLogger("switchboard.notifications")
 
 #: The namespace live notification events go to.
 NAMESPACE = "notifications"
-
-
-class Notifier(Protocol):
-    """What callers need from the notification service."""
-
-    async def notify(
-        self,
-        user_ids: Iterable[str],
-        *,
-        type: str = "info",
-        category: str = "system",
-        title: str,
-        message: str = "",
-        data: dict[str, Any] | None = None,
-        action_url: str | None = None,
-        priority: str = "normal",
-    ) -> list[dict[str, Any]]:
-        """Persist one notification per user and push it live; returns them."""
-
-    async def notify_admins(
-        self,
-        *,
-        type: str = "warning",
-        category: str = "security",
-        title: str,
-        message: str = "",
-        data: dict[str, Any] | None = None,
-        priority: str = "high",
-    ) -> list[dict[str, Any]]:
-        """The same, to every user whose last token carried the ``admin`` role."""
-
-    async def room_deleted(self, room_id: str, member_ids: list[str], deleted_by: str) -> None:
-        """The room is gone: drop its missed-messages notices, tell the other members."""
 
 
 #: Notifications a fresh ``/ws/notifications`` connection receives.
@@ -105,7 +72,7 @@ class _RoomWork:
 
 
 class NotificationService:
-    """The :class:`Notifier` of one node: stores through ``db``, pushes through ``hub``.
+    """The notifications of one node: stores through ``db``, pushes through ``hub``.
 
     Live pushes go to the user's ``notifications`` connections on every node
     (the hub mirrors user targets). Every change is followed by
@@ -163,7 +130,7 @@ class NotificationService:
             db, "notification.clear_missed", store.clear_missed_many, max_batch=batch_max
         )
 
-    # -- the Notifier interface --------------------------------------------------
+    # -- what callers use -------------------------------------------------------
 
     async def notify(
         self,

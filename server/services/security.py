@@ -39,7 +39,7 @@ import jwt
 from models import moderation as mod_db
 from server.core.tasks import BackgroundTasks
 from server.ops.metrics import SECURITY_ALERT_KINDS, Metrics
-from server.services.notify import Notifier
+from server.services.notify import NotificationService
 from server.store.db import Database
 
 log = logging.getLogger("switchboard.security")
@@ -145,7 +145,7 @@ class SecurityMonitor:
 
     def __init__(
         self,
-        notifier: Notifier | None,
+        notifier: NotificationService | None,
         db: Database,
         tasks: BackgroundTasks,
         metrics: Metrics,
@@ -169,11 +169,8 @@ class SecurityMonitor:
         sub = unverified_subject(token)
         if sub is None:
             return  # no token, or not a JWT at all: nobody to count it against
-        now = self._clock()
-        if not self.auth_failures.hit(sub, now):
-            return
         window = AUTH_FAILURE_WINDOW_SECS
-        if not self._within_budget("auth_failures", now, window):
+        if not self._tripped(self.auth_failures, sub, "auth_failures", window):
             return
         log.warning(
             "security: %d failed authentications for user id %r within %d s (last: %s)",
@@ -202,11 +199,8 @@ class SecurityMonitor:
         """``user_id`` (authenticated) was refused with ``RATE_LIMITED``."""
         if not user_id:
             return
-        now = self._clock()
-        if not self.rate_limits.hit(user_id, now):
-            return
         window = RATE_LIMIT_WINDOW_SECS
-        if not self._within_budget("rate_limit_abuse", now, window):
+        if not self._tripped(self.rate_limits, user_id, "rate_limit_abuse", window):
             return
         log.warning(
             "security: user %s was rate limited %d times within %d s (last bucket: %s)",
@@ -231,6 +225,11 @@ class SecurityMonitor:
         )  # fmt: skip
 
     # -- mechanics --------------------------------------------------------------
+
+    def _tripped(self, counter: SlidingCounter, key: str, kind: str, window_secs: float) -> bool:
+        """``key`` just crossed ``counter``'s threshold and the ``kind`` alert budget allows one."""
+        now = self._clock()
+        return counter.hit(key, now) and self._within_budget(kind, now, window_secs)
 
     def _within_budget(self, kind: str, now: float, window_secs: float) -> bool:
         recent = self._alerts[kind]
@@ -264,7 +263,7 @@ class SecurityMonitor:
 
     async def _send(
         self,
-        notifier: Notifier,
+        notifier: NotificationService,
         user_id: str,
         data: dict[str, Any],
         user_title: str,
