@@ -694,74 +694,6 @@ class Client:
         else:
             self._cancel_repair(room)
 
-    # ------------------------------------------------------------- hole repair
-
-    def _schedule_repair(self, room: str, delay: float) -> None:
-        timer = self._repair_timers.get(room)
-        if timer is not None:
-            if delay > 0:
-                return  # the first message after the gap set the clock
-            timer.cancel()
-        self._repair_timers[room] = asyncio.get_running_loop().call_later(
-            delay, self._start_repair, room
-        )
-
-    def _cancel_repair(self, room: str) -> None:
-        timer = self._repair_timers.pop(room, None)
-        if timer is not None:
-            timer.cancel()
-
-    def _start_repair(self, room: str) -> None:
-        self._repair_timers.pop(room, None)
-        if room in self._repairing:
-            return  # the running repair looks at the room again when it ends
-        task = asyncio.get_running_loop().create_task(
-            self._repair(room), name=f"switchboard-client-repair {room}"
-        )
-        self._repair_tasks.add(task)
-        task.add_done_callback(self._repair_tasks.discard)
-
-    async def _repair(self, room: str) -> None:
-        """Fetch the messages missing below the lowest held one; deliver all in order."""
-        conn = self._conn
-        hole = self._ledger.gap(room)
-        if conn is None or hole is None:
-            return
-        first, since, held = hole
-        found: list[dict[str, Any]] = []
-        before = first
-        self._repairing.add(room)
-        try:
-            while before - 1 > since and len(found) < MAX_RECOVERED:
-                limit = min(HISTORY_PAGE, before - 1 - since)
-                page = await self._request(
-                    conn, "room:get_messages", {"roomId": room, "limit": limit, "beforeSeq": before}
-                )
-                messages = [
-                    m
-                    for m in page.get("messages") or []
-                    if isinstance(m, dict) and since < (as_int(m.get("seq")) or 0) < first
-                ]
-                found += messages
-                if not messages or not page.get("hasMore"):
-                    break
-                before = min(m["seq"] for m in messages)
-        except ConnectionClosed:
-            return  # the re-join recovers from the contiguous seq
-        except (ClientError, TimeoutError) as exc:
-            # Refused (left the room, rate limited) or slow: deliver what is
-            # held rather than stall the room.
-            log.warning("switchboard client %s: repairing room %s: %s", self.url, room, exc)
-        finally:
-            self._repairing.discard(room)
-        if conn is not self._conn:
-            return
-        frames = self._ledger.repaired(room, held, first, found)
-        for frame in frames or ():
-            self._deliver(frame)
-        if self._ledger.held_count(room):
-            self._schedule_repair(room, self.hole_wait)
-
     def _deliver(self, frame: Frame) -> None:
         if self.keep_history:
             self.events.append(frame)
@@ -864,6 +796,79 @@ class Client:
                 future.exception()  # mark retrieved
             else:
                 future.cancel()
+
+    # ------------------------------------------------------------- hole repair
+
+    def _schedule_repair(self, room: str, delay: float) -> None:
+        timer = self._repair_timers.get(room)
+        if timer is not None:
+            if delay > 0:
+                return  # the first message after the gap set the clock
+            timer.cancel()
+        self._repair_timers[room] = asyncio.get_running_loop().call_later(
+            delay, self._start_repair, room
+        )
+
+    def _cancel_repair(self, room: str) -> None:
+        timer = self._repair_timers.pop(room, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _start_repair(self, room: str) -> None:
+        self._repair_timers.pop(room, None)
+        if room in self._repairing:
+            return  # the running repair looks at the room again when it ends
+        task = asyncio.get_running_loop().create_task(
+            self._repair(room), name=f"switchboard-client-repair {room}"
+        )
+        self._repair_tasks.add(task)
+        task.add_done_callback(self._repair_tasks.discard)
+
+    async def _repair(self, room: str) -> None:
+        """Fetch every message missing below the highest held one; deliver all in order."""
+        conn = self._conn
+        hole = self._ledger.gap(room)
+        if conn is None or hole is None:
+            return
+        top, since, held = hole
+        found: list[dict[str, Any]] = []
+        before = top
+        self._repairing.add(room)
+        try:
+            while before - 1 > since and len(found) < MAX_RECOVERED:
+                page = await self._request(
+                    conn,
+                    "room:get_messages",
+                    {
+                        "roomId": room,
+                        "limit": min(HISTORY_PAGE, before - 1 - since),
+                        "beforeSeq": before,
+                        "afterSeq": since,
+                    },
+                )
+                messages = [
+                    m
+                    for m in page.get("messages") or []
+                    if isinstance(m, dict) and since < (as_int(m.get("seq")) or 0) < top
+                ]
+                found += messages
+                if not messages or not page.get("hasMore"):
+                    break
+                before = min(m["seq"] for m in messages)
+        except ConnectionClosed:
+            return  # the re-join recovers from the contiguous seq
+        except (ClientError, TimeoutError) as exc:
+            # Refused (left the room, rate limited) or slow: deliver what is
+            # held rather than stall the room.
+            log.warning("switchboard client %s: repairing room %s: %s", self.url, room, exc)
+        finally:
+            self._repairing.discard(room)
+        if conn is not self._conn:
+            return
+        for frame in self._ledger.repaired(room, held, top, found) or ():
+            self._deliver(frame)
+        if self._ledger.held_count(room):
+            self._schedule_repair(room, self.hole_wait)
 
     # ------------------------------------------------------------- reconnection
 

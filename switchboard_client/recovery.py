@@ -190,36 +190,41 @@ class RoomLedger:
         return out
 
     def gap(self, room: str) -> tuple[int, int, dict[int, Frame]] | None:
-        """``(lowest held seq, contiguous seq, held)`` of the room's hole, or ``None``.
+        """``(highest held seq, contiguous seq, held)`` of the room's holes, or ``None``.
 
-        The missing range is every ``seq`` between the two; ``held`` identifies
-        this hole for :meth:`repaired`.
+        Every ``seq`` between the two that is not held is missing (one hole
+        or several: while one node's broadcasts are lost, every other message
+        of a busy room may be); ``held`` identifies them for :meth:`repaired`.
         """
         held = self._held.get(room)
         contig = self._contig.get(room)
         if not held or contig is None:
             return None
-        return min(held), contig, held
+        return max(held), contig, held
 
     def held_count(self, room: str) -> int:
         return len(self._held.get(room, ()))
 
     def repaired(
-        self, room: str, hole: dict[int, Frame], first: int, found: list[dict[str, Any]]
+        self, room: str, hole: dict[int, Frame], top: int, found: list[dict[str, Any]]
     ) -> list[Frame] | None:
-        """Frames to deliver once the messages below ``first`` were fetched (``found``).
+        """Frames to deliver once the messages below ``top`` were fetched (``found``).
 
-        ``found`` come first, flagged ``recovered``, then the held frames in
-        order. Whatever was not found is given up on (history no longer has
-        it, or the fetch was refused): it must not stall the room. ``None``
-        when ``hole`` is gone meanwhile (connection lost, room left).
+        The ``found`` ones (flagged ``recovered``) and the held ones, in
+        ``seq`` order. What was not found is given up on (history no longer
+        has it, or the fetch was refused): it must not stall the room.
+        ``None`` when ``hole`` is gone meanwhile (connection lost, room left).
         """
         if self._held.get(room) is not hole:
             return None
-        out = self.recovered(found)
-        if first - 1 > self._contig.get(room, first - 1):
-            self._contig[room] = first - 1
-        return [*out, *self.advance(room)]
+        delivered = self._delivered.get(room, set())
+        for frame in self.recovered(found, mark=False):
+            seq = frame["data"]["message"]["seq"]
+            if seq not in delivered:
+                hole.setdefault(seq, frame)
+        if top - 1 > self._contig.get(room, top - 1):
+            self._contig[room] = top - 1
+        return self.advance(room)
 
     def hold(self, room_key: str) -> None:
         """Hold ``room_key``'s live messages while its missed ones are fetched."""
@@ -229,20 +234,21 @@ class RoomLedger:
         """Stop holding ``room_key``; return the live frames that arrived meanwhile."""
         return self._holding.pop(room_key, [])
 
-    def recovered(self, messages: list[dict[str, Any]]) -> list[Frame]:
+    def recovered(self, messages: list[dict[str, Any]], *, mark: bool = True) -> list[Frame]:
         """``message:new`` frames (``recovered``) of the ``messages`` not delivered yet, in order.
 
-        They are marked delivered, and their rooms' contiguous ``seq`` moves on
-        (held frames that then fit are not included: see :meth:`advance`).
+        With ``mark`` they are marked delivered (a room's contiguous ``seq``
+        moves on at its next :meth:`advance`); without, the caller admits them.
         """
         fresh: list[Frame] = []
         for message in sorted(messages, key=lambda m: as_int(m.get("seq")) or 0):
             key = message_key(message)
             if key is not None and key[1] in self._delivered.get(key[0], ()):
                 continue  # already delivered live or in another page
-            self.note(message)
-            if key is not None:
-                _remember(self._delivered, *key)
+            if mark:
+                self.note(message)
+                if key is not None:
+                    _remember(self._delivered, *key)
             fresh.append({"event": "message:new", "data": {"message": message}, "recovered": True})
         return fresh
 

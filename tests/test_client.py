@@ -134,13 +134,13 @@ class LossyClient(Client):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.sent: list[str] = []
-        self._lose: Callable[[Frame], bool] | None = None
+        self._lose: list[Callable[[Frame], bool]] = []
         self._delay: Callable[[Frame], bool] | None = None
         self._delayed: list[str | bytes] = []
 
-    def lose_next(self, which: Callable[[Frame], bool]) -> None:
-        """Lose the next incoming frame for which ``which`` is true."""
-        self._lose = which
+    def lose_next(self, *which: Callable[[Frame], bool]) -> None:
+        """Lose the next incoming frame for which each of ``which`` is true."""
+        self._lose.extend(which)
 
     def delay_next(self, which: Callable[[Frame], bool]) -> None:
         """Hand the next frame ``which`` picks to the client after the frame that follows it."""
@@ -148,9 +148,10 @@ class LossyClient(Client):
 
     def _handle_raw(self, raw: str | bytes) -> None:
         frame = loads(raw)
-        if self._lose is not None and self._lose(frame):
-            self._lose = None
-            return
+        for lose in self._lose:
+            if lose(frame):
+                self._lose.remove(lose)
+                return
         if self._delay is not None and self._delay(frame):
             self._delay = None
             self._delayed.append(raw)
@@ -209,6 +210,17 @@ async def test_a_lost_message_is_fetched_and_delivered_in_order_once(gateway):
     assert await _received(bob, 1) == [(4, False)]
     await assert_no_event(bob, "message:new")
     assert bob.contiguous_seq("general") == bob.last_seq("general") == 4
+
+
+async def test_several_holes_are_fetched_together(gateway):
+    # As while one node's broadcasts are lost: every other message is missing.
+    alice, bob = await _room_with_lossy_member(gateway, hole_wait=0.1)
+    bob.lose_next(seq_is(2), seq_is(4))
+    for i in range(5):
+        await alice.emit("message:send", {"roomId": "general", "content": f"m{i}"})
+    assert await _received(bob, 5) == [(1, False), (2, True), (3, False), (4, True), (5, False)]
+    assert bob.sent.count("room:get_messages") == 1
+    await assert_no_event(bob, "message:new")
 
 
 async def test_a_gap_that_closes_by_itself_costs_no_fetch(gateway):
