@@ -9,7 +9,8 @@ real redis-server, a real PostgreSQL and gateway nodes ``a`` and ``b`` as
 :class:`switchboard_client.Client` with ``reconnect=True``:
 
 * ``--rooms`` public rooms; in each room one sender on each node, together
-  ``--rate`` messages/s offered at a steady pace whatever happens. Every send
+  ``--rate`` messages/s offered at a steady pace whatever happens (queued by
+  the sender, :data:`SEND_WINDOW` in flight each). Every send
   carries a ``clientMsgId`` and is retried with the same id, with backoff
   (0.1 s doubling to 2 s), after ``SERVICE_UNAVAILABLE`` (or any error with
   ``retryable``), a lost connection or an ack timeout, for up to
@@ -69,13 +70,17 @@ if __package__ in (None, ""):  # run as a file: make the project importable
 from bench.cluster import BENCH_NODE_ENV
 from switchboard_client import Client, ClientError, ConnectionClosed, Frame
 from tests.support.cluster import Cluster
+from tests.support.waiting import eventually
 
 SCENARIOS = ("kill9", "redis", "postgres", "sigterm")
 #: A send still unacked this long after the traffic stopped is given up (counted ``unacked``).
 GIVE_UP_SECS = 30.0
 #: Receivers get this long after the last ack to receive everything stored.
 DRAIN_SECS = 15.0
-ACK_TIMEOUT_SECS = 5.0
+ACK_TIMEOUT_SECS = 10.0
+#: Sends in flight per sender; more wait in its queue (unbounded concurrency
+#: turns an outage into a retry storm that outlives it).
+SEND_WINDOW = 16
 RETRY_FIRST_SECS = 0.1
 RETRY_MAX_SECS = 2.0
 #: A reconnecting client's longest pause between attempts.
@@ -121,6 +126,7 @@ class Receiver:
 
 @dataclass
 class SendStats:
+    offered: int = 0
     acked: dict[tuple[str, str], int] = field(default_factory=dict)  # (room, cmid) -> seq
     duplicate_acks: int = 0
     retries: int = 0
@@ -152,10 +158,11 @@ def _retry_reason(exc: BaseException) -> str | None:
     return None
 
 
-async def send_one(client: Client, room: str, stats: SendStats, give_up_at: float) -> None:
-    """One message, retried with its clientMsgId until acked, refused or :data:`GIVE_UP_SECS`."""
+async def send_one(
+    client: Client, room: str, cmid: str, stats: SendStats, give_up_at: float
+) -> None:
+    """One message, retried with its clientMsgId until acked, refused or ``give_up_at``."""
     loop = asyncio.get_running_loop()
-    cmid = uuid.uuid4().hex
     delay = RETRY_FIRST_SECS
     payload = {"roomId": room, "content": f"m {cmid[:8]}", "clientMsgId": cmid}
     while True:
@@ -180,15 +187,36 @@ async def send_one(client: Client, room: str, stats: SendStats, give_up_at: floa
 
 
 async def offer(client: Client, room: str, rate: float, until: float, stats: SendStats) -> None:
-    """Start a send every ``1/rate`` s until ``until`` (a steady offered load); await them all."""
+    """Queue a message every ``1/rate`` s until ``until``; :data:`SEND_WINDOW` of them in flight.
+
+    The offered load stays steady whatever happens; while sends fail,
+    messages wait in the sender's queue, as in a client with a send queue.
+    Returns once every message was acked, refused or given up.
+    """
     loop = asyncio.get_running_loop()
-    tasks: set[asyncio.Task[None]] = set()
+    give_up_at = until + GIVE_UP_SECS
+    queue: asyncio.Queue[str] = asyncio.Queue()
+
+    async def work() -> None:
+        while True:
+            cmid = await queue.get()
+            if loop.time() > give_up_at:
+                stats.unacked += 1
+            else:
+                await send_one(client, room, cmid, stats, give_up_at)
+            queue.task_done()
+
+    workers = [loop.create_task(work()) for _ in range(SEND_WINDOW)]
     due = loop.time()
     while due < until:
-        tasks.add(loop.create_task(send_one(client, room, stats, until + GIVE_UP_SECS)))
+        queue.put_nowait(uuid.uuid4().hex)
+        stats.offered += 1
         due += 1.0 / rate
         await asyncio.sleep(max(0.0, due - loop.time()))
-    await asyncio.gather(*tasks)
+    await queue.join()
+    for worker in workers:
+        worker.cancel()
+    await asyncio.gather(*workers, return_exceptions=True)
 
 
 def _follow_survivor(cluster: Cluster, client: Client) -> None:
@@ -244,8 +272,12 @@ def _ranges(seqs: set[int]) -> str:
 
 
 def _missing(receiver: Receiver, stored: dict[str, dict[int, str | None]]) -> set[int]:
-    window = {seq for seq in stored[receiver.room] if seq > receiver.since}
-    return window - set(receiver.delivered)
+    return _window(receiver, stored) - set(receiver.delivered)
+
+
+def _window(receiver: Receiver, stored: dict[str, dict[int, str | None]]) -> set[int]:
+    """The stored seqs the receiver should get: every one after its join."""
+    return {seq for seq in stored[receiver.room] if seq > receiver.since}
 
 
 async def run_scenario(
@@ -304,27 +336,26 @@ async def run_scenario(
             await asyncio.gather(*traffic)
 
             stored = await _stored(cluster, room_ids)
-            deadline = loop.time() + DRAIN_SECS
-            while loop.time() < deadline and any(_missing(r, stored) for r in receivers):
-                await asyncio.sleep(0.2)
+            with contextlib.suppress(AssertionError):  # what is still missing is counted
+                await eventually(
+                    lambda: not any(_missing(r, stored) for r in receivers),
+                    timeout=DRAIN_SECS, interval=0.2, what="receivers caught up",
+                )  # fmt: skip
             stored = await _stored(cluster, room_ids)
             lost = sum(
-                1
-                for (room, cmid), seq in stats.acked.items()
-                if stored[room].get(seq) != cmid
+                1 for (room, cmid), seq in stats.acked.items() if stored[room].get(seq) != cmid
             )
             report = [
                 {
                     "name": r.name,
                     "connected": r.client.connected,
-                    "window": sum(1 for seq in stored[r.room] if seq > r.since),
-                    "delivered": len(set(r.delivered)),
+                    "window": len(_window(r, stored)),
+                    "delivered": len(_window(r, stored) & set(r.delivered)),
                     "holes": len(_missing(r, stored)),
                     "recovered": r.recovered,
                     "raw_dups": sum(n - 1 for n in r.client.raw.values()),
                     "dups": len(r.delivered) - len(set(r.delivered)),
                     "missing": _ranges(_missing(r, stored)),
-                    "DEBUG": (r.client.contiguous_seq(r.room), r.client._ledger.held_count(r.room), r.client._repairing, r.client._repair_timers, [(t, t.done() and t.exception()) for t in r.client._repair_tasks]),
                 }
                 for r in receivers
             ]
@@ -344,8 +375,8 @@ async def run_scenario(
 
 
 COLUMNS = (
-    ("scenario", 9), ("fault s", 7), ("acked", 6), ("stored", 6), ("lost", 4), ("unacked", 7),
-    ("retries", 7), ("dup acks", 8), ("recv", 4), ("delivered/window", 16),
+    ("scenario", 9), ("fault s", 7), ("offered", 7), ("acked", 6), ("stored", 6), ("lost", 4),
+    ("unacked", 7), ("retries", 7), ("dup acks", 8), ("recv", 4), ("delivered/window", 16),
     ("live-missed", 11), ("holes", 5), ("raw dups", 8), ("dups", 4), ("reconn", 6),
 )  # fmt: skip
 
@@ -358,6 +389,7 @@ def _row(result: Result) -> list[str]:
     return [
         result.scenario,
         f"{result.fault_secs:.1f}",
+        str(result.stats.offered),
         str(len(result.stats.acked)),
         str(result.stored),
         str(result.lost),
@@ -378,7 +410,7 @@ def print_table(results: list[Result], verbose: bool) -> None:
     print("  ".join(name.rjust(width) for name, width in COLUMNS))
     for result in results:
         cells = _row(result)
-        print("  ".join(cell.rjust(width) for cell, (_, width) in zip(cells, COLUMNS)))
+        print("  ".join(cell.rjust(width) for cell, (_, width) in zip(cells, COLUMNS, strict=True)))
     print(
         "\nrecv: receivers connected at the end / all; delivered/window: distinct stored seqs"
         " delivered / stored seqs after each receiver's join, summed; live-missed: of those,"
@@ -396,10 +428,16 @@ def print_table(results: list[Result], verbose: bool) -> None:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.faults", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--scenario", default=",".join(SCENARIOS),
-                        help=f"comma-separated, of {', '.join(SCENARIOS)} (default: all)")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.faults",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--scenario",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated, of {', '.join(SCENARIOS)} (default: all)",
+    )
     parser.add_argument("--seconds", type=float, default=30.0, help="traffic per scenario (s)")
     parser.add_argument("--rate", type=float, default=200.0, help="messages/s offered, in total")
     parser.add_argument("--rooms", type=int, default=4, help="rooms (2 senders, 2 receivers each)")
@@ -413,19 +451,18 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
     if not 1 <= args.rooms <= 10:
         parser.error("--rooms must be 1..10")
-    return args  # fmt: skip
+    return args
 
 
 async def _main(args: argparse.Namespace) -> list[Result]:
     results = []
     for scenario in args.scenarios:
         print(f"running {scenario} ({args.seconds:g} s at {args.rate:g} msg/s)...", flush=True)
-        results.append(
-            await run_scenario(
-                scenario, seconds=args.seconds, rate=args.rate, rooms=args.rooms,
-                fault_at=args.fault_at, outage=args.outage,
-            )  # fmt: skip
-        )
+        result = await run_scenario(
+            scenario, seconds=args.seconds, rate=args.rate, rooms=args.rooms,
+            fault_at=args.fault_at, outage=args.outage,
+        )  # fmt: skip
+        results.append(result)
     return results
 
 
