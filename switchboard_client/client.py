@@ -1004,7 +1004,7 @@ class Client:
                 # Live frames that arrived meanwhile: now, after the recovered ones
                 # (those among them are dropped as already delivered).
                 for frame in self._ledger.release(room_key):
-                    self._on_event(frame)
+                    self._receive(frame, frame["data"]["message"])
         return report
 
     async def _rejoin_room(

@@ -42,4 +42,4 @@ async def test_redis_outage_loses_nothing_and_leaves_no_hole() -> None:
         assert receiver["dups"] == 0, receiver
         assert receiver["delivered"] == receiver["window"], receiver
     # The outage did cost live deliveries: the client's repair is what closed them.
-    assert sum(receiver["recovered"] for receiver in result.receivers) > 0
+    assert sum(receiver["repaired"] for receiver in result.receivers) > 0
