@@ -189,6 +189,15 @@ class Client:
         """
         return self._ledger.last_seq(str(room_id))
 
+    @property
+    def duplicates_dropped(self) -> int:
+        """Live ``message:new`` frames dropped as already delivered (live or recovered).
+
+        The application never sees a message twice; this shows how often the
+        wire carried one again (a test that the server sent nothing twice reads it).
+        """
+        return self._ledger.duplicates
+
     def contiguous_seq(self, room_id: Any) -> int | None:
         """Highest ``seq`` of ``room_id`` up to which no message is missing, or ``None``.
 

@@ -67,6 +67,8 @@ class RoomLedger:
         # Rooms being re-joined: their live message:new frames wait here until
         # the recovered ones are delivered, so the application sees seq order.
         self._holding: dict[str, list[Frame]] = {}
+        self.duplicates = 0
+        """Live ``message:new`` frames dropped because their (roomId, seq) was delivered."""
 
     @property
     def room_ids(self) -> list[Any]:
@@ -157,6 +159,7 @@ class RoomLedger:
             held.append(frame)  # after the room's recovered messages
             return []
         if seq in self._delivered.get(room, ()):
+            self.duplicates += 1
             return []
         contig = self._contig.get(room)
         if contig is not None and seq > contig + 1:

@@ -137,6 +137,7 @@ class LossyClient(Client):
         self._lose: list[Callable[[Frame], bool]] = []
         self._delay: Callable[[Frame], bool] | None = None
         self._delayed: list[str | bytes] = []
+        self._repeat: Callable[[Frame], bool] | None = None
 
     def lose_next(self, *which: Callable[[Frame], bool]) -> None:
         """Lose the next incoming frame for which each of ``which`` is true."""
@@ -146,8 +147,15 @@ class LossyClient(Client):
         """Hand the next frame ``which`` picks to the client after the frame that follows it."""
         self._delay = which
 
+    def repeat_next(self, which: Callable[[Frame], bool]) -> None:
+        """Hand the next frame ``which`` picks to the client twice, as a re-sent broadcast."""
+        self._repeat = which
+
     def _handle_raw(self, raw: str | bytes) -> None:
         frame = loads(raw)
+        if self._repeat is not None and self._repeat(frame):
+            self._repeat = None
+            super()._handle_raw(raw)
         for lose in self._lose:
             if lose(frame):
                 self._lose.remove(lose)
@@ -221,6 +229,16 @@ async def test_several_holes_are_fetched_together(gateway):
     assert await _received(bob, 5) == [(1, False), (2, True), (3, False), (4, True), (5, False)]
     assert bob.sent.count("room:get_messages") == 1
     await assert_no_event(bob, "message:new")
+
+
+async def test_a_message_on_the_wire_twice_is_delivered_once(gateway):
+    alice, bob = await _room_with_lossy_member(gateway)
+    bob.repeat_next(seq_is(1))
+    for text in ("one", "two"):
+        await alice.emit("message:send", {"roomId": "general", "content": text})
+    assert await _received(bob, 2) == [(1, False), (2, False)]
+    await assert_no_event(bob, "message:new")
+    assert bob.duplicates_dropped == 1
 
 
 async def test_a_gap_that_closes_by_itself_costs_no_fetch(gateway):
