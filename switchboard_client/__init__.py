@@ -17,10 +17,13 @@ Every server event frame is appended to an in-memory buffer (consumed by
 With ``reconnect=True`` the client survives dropped connections: it retries
 with capped, jittered exponential backoff, resumes every room it joined
 through :meth:`Client.emit` with one ``room:resume`` (``sinceSeq``: the highest
-``seq`` it has seen; the room's ``epoch`` from its join ack; one
-``room:join {sinceSeq}`` per room on gateways without ``room:resume``), and
-replays the missed messages as ``message:new`` frames flagged
-``"recovered": True``. Local pseudo-events (all prefixed ``client:``):
+contiguous ``seq``, :meth:`Client.contiguous_seq`; the room's ``epoch`` from its
+join ack; one ``room:join {sinceSeq}`` per room on gateways without
+``room:resume``), and replays the missed messages as ``message:new`` frames
+flagged ``"recovered": True``. A live message that arrives after a gap in its
+room's ``seq`` is held for ``hole_wait`` seconds, then the missing ones are
+fetched and delivered the same way, in order and once. Local pseudo-events
+(all prefixed ``client:``):
 
 * ``client:disconnected`` ``{code, reason, willReconnect}`` — connection lost;
 * ``client:reconnected`` ``{attempts, welcome, rooms}`` — back, rooms re-joined;

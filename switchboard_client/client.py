@@ -32,7 +32,14 @@ from tornado.websocket import (
 )
 
 from switchboard_client.errors import ClientError, ConnectionClosed, HandshakeError
-from switchboard_client.recovery import RoomLedger, page_history
+from switchboard_client.recovery import (
+    DEFAULT_HOLE_WAIT_SECS,
+    HISTORY_PAGE,
+    MAX_HELD,
+    MAX_RECOVERED,
+    RoomLedger,
+    page_history,
+)
 from switchboard_client.wire import EventCallback, Frame, Predicate, as_int, dumps, loads, preview
 
 log = logging.getLogger("switchboard.client")
@@ -62,6 +69,12 @@ class Client:
     stops buffering for :meth:`next_event` (callbacks only) — both are for
     long-running consumers such as benchmarks and ``switchboard tail``.
 
+    A live ``message:new`` that follows a gap in its room's ``seq`` is held
+    for ``hole_wait`` seconds (the gap may close by itself), then the missing
+    range is fetched with ``room:get_messages`` and delivered first, flagged
+    ``"recovered": True``; the application sees each room in ``seq`` order,
+    each message once.
+
     Example::
 
         client = Client("ws://127.0.0.1:8080/ws/chat", token, reconnect=True)
@@ -87,6 +100,7 @@ class Client:
         ping_interval: float | None = None,
         keep_history: bool = True,
         buffer_events: bool = True,
+        hole_wait: float = DEFAULT_HOLE_WAIT_SECS,
     ) -> None:
         if token_in not in ("header", "query", "cookie", "frame"):
             raise ValueError(
@@ -107,6 +121,7 @@ class Client:
         self.ping_interval: float | None = ping_interval
         self.keep_history: bool = keep_history
         self.buffer_events: bool = buffer_events
+        self.hole_wait: float = hole_wait
 
         self.welcome: dict[str, Any] | None = None
         """``data`` of the latest ``system:welcome`` (updated on reconnect)."""
@@ -131,6 +146,9 @@ class Client:
         self._close_code: int | None = None
         self._close_reason: str | None = None
         self._ledger = RoomLedger()
+        self._repair_timers: dict[str, asyncio.TimerHandle] = {}
+        self._repairing: set[str] = set()
+        self._repair_tasks: set[asyncio.Task[None]] = set()
         self._rng = random.Random()
 
     def __repr__(self) -> str:
@@ -172,6 +190,27 @@ class Client:
             await client.emit("room:join", {"roomId": rid, "sinceSeq": client.last_seq(rid) or 0})
         """
         return self._ledger.last_seq(str(room_id))
+
+    @property
+    def duplicates_dropped(self) -> int:
+        """Live ``message:new`` frames dropped as already delivered (live or recovered).
+
+        The application never sees a message twice; this shows how often the
+        wire carried one again (a test that the server sent nothing twice reads it).
+        """
+        return self._ledger.duplicates
+
+    def contiguous_seq(self, room_id: Any) -> int | None:
+        """Highest ``seq`` of ``room_id`` up to which no message is missing, or ``None``.
+
+        A reconnection re-joins from here, so a message lost on the way is
+        recovered even when later ones arrived.
+
+        Example::
+
+            assert client.contiguous_seq(rid) == client.last_seq(rid)   # no hole left
+        """
+        return self._ledger.contiguous_seq(str(room_id))
 
     # -------------------------------------------------------------- lifecycle
 
@@ -316,7 +355,10 @@ class Client:
         """
         payload = {} if data is None else data
         result = await self._request(self._require_conn(), event, payload, timeout)
-        self._ledger.track_ack(event, payload, result)
+        for frame in self._ledger.track_ack(event, payload, result):
+            self._deliver(frame)
+        if event == "room:leave" and isinstance(payload, dict):
+            self._cancel_repair(str(payload.get("roomId")))
         return result
 
     async def send(self, event: str, data: Any = None) -> None:
@@ -644,11 +686,24 @@ class Client:
         data = frame.get("data")
         if name == "message:new" and isinstance(data, dict):
             message = data.get("message")
-            if isinstance(message, dict) and not self._ledger.admit_live(frame, message):
+            if isinstance(message, dict):
+                self._receive(frame, message)
                 return
         elif name == "room:deleted" and isinstance(data, dict) and "roomId" in data:
             self._ledger.forget(str(data["roomId"]))
+            self._cancel_repair(str(data["roomId"]))
         self._deliver(frame)
+
+    def _receive(self, frame: Frame, message: dict[str, Any]) -> None:
+        """A live ``message:new``: deliver in ``seq`` order, holding it back behind a gap."""
+        for ready in self._ledger.receive(frame, message):
+            self._deliver(ready)
+        room = str(message.get("roomId"))
+        held = self._ledger.held_count(room)
+        if held:
+            self._schedule_repair(room, 0.0 if held >= MAX_HELD else self.hole_wait)
+        else:
+            self._cancel_repair(room)
 
     def _deliver(self, frame: Frame) -> None:
         if self.keep_history:
@@ -753,6 +808,79 @@ class Client:
             else:
                 future.cancel()
 
+    # ------------------------------------------------------------- hole repair
+
+    def _schedule_repair(self, room: str, delay: float) -> None:
+        timer = self._repair_timers.get(room)
+        if timer is not None:
+            if delay > 0:
+                return  # the first message after the gap set the clock
+            timer.cancel()
+        self._repair_timers[room] = asyncio.get_running_loop().call_later(
+            delay, self._start_repair, room
+        )
+
+    def _cancel_repair(self, room: str) -> None:
+        timer = self._repair_timers.pop(room, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _start_repair(self, room: str) -> None:
+        self._repair_timers.pop(room, None)
+        if room in self._repairing:
+            return  # the running repair looks at the room again when it ends
+        task = asyncio.get_running_loop().create_task(
+            self._repair(room), name=f"switchboard-client-repair {room}"
+        )
+        self._repair_tasks.add(task)
+        task.add_done_callback(self._repair_tasks.discard)
+
+    async def _repair(self, room: str) -> None:
+        """Fetch every message missing below the highest held one; deliver all in order."""
+        conn = self._conn
+        hole = self._ledger.gap(room)
+        if conn is None or hole is None:
+            return
+        top, since, held = hole
+        found: list[dict[str, Any]] = []
+        before = top
+        self._repairing.add(room)
+        try:
+            while before - 1 > since and len(found) < MAX_RECOVERED:
+                page = await self._request(
+                    conn,
+                    "room:get_messages",
+                    {
+                        "roomId": room,
+                        "limit": min(HISTORY_PAGE, before - 1 - since),
+                        "beforeSeq": before,
+                        "afterSeq": since,
+                    },
+                )
+                messages = [
+                    m
+                    for m in page.get("messages") or []
+                    if isinstance(m, dict) and since < (as_int(m.get("seq")) or 0) < top
+                ]
+                found += messages
+                if not messages or not page.get("hasMore"):
+                    break
+                before = min(m["seq"] for m in messages)
+        except ConnectionClosed:
+            return  # the re-join recovers from the contiguous seq
+        except (ClientError, TimeoutError) as exc:
+            # Refused (left the room, rate limited) or slow: deliver what is
+            # held rather than stall the room.
+            log.warning("switchboard client %s: repairing room %s: %s", self.url, room, exc)
+        finally:
+            self._repairing.discard(room)
+        if conn is not self._conn:
+            return
+        for frame in self._ledger.repaired(room, held, top, found) or ():
+            self._deliver(frame)
+        if self._ledger.held_count(room):
+            self._schedule_repair(room, self.hole_wait)
+
     # ------------------------------------------------------------- reconnection
 
     def _connection_lost(self, conn: WebSocketClientConnection) -> None:
@@ -767,6 +895,10 @@ class Client:
             code = sent_code if code is None else code
             reason = sent_reason if reason is None else reason
         self._close_code, self._close_reason = code, reason
+        # Held messages come back with the re-join's recovery from the contiguous seq.
+        self._ledger.drop_held()
+        for room in list(self._repair_timers):
+            self._cancel_repair(room)
         error = ConnectionClosed(code, reason)
         for _event, future in list(self._pending.values()):
             if not future.done():
@@ -798,6 +930,11 @@ class Client:
     def _finish(self, code: int | None, reason: str | None) -> None:
         self._finished = True
         self._conn = None
+        for room in list(self._repair_timers):
+            self._cancel_repair(room)
+        for repair in list(self._repair_tasks):
+            if repair is not asyncio.current_task():
+                repair.cancel()
         if code is not None or reason is not None:
             self._close_code, self._close_reason = code, reason
         task = self._reconnect_task
@@ -892,7 +1029,7 @@ class Client:
             # (those among them are dropped as already delivered).
             for room_key, _ in joins:
                 for frame in self._ledger.release(room_key):
-                    self._on_event(frame)
+                    self._receive(frame, frame["data"]["message"])
         return report
 
     async def _resume(
@@ -902,7 +1039,9 @@ class Client:
         report: dict[str, Any],
     ) -> list[tuple[str, dict[str, Any]]]:
         """One ``room:resume`` for ``joins``; returns the rooms to re-join one by one."""
-        since = {key: self._ledger.last_seq(key) or 0 for key, _ in joins}
+        # From the highest contiguous seq, not the highest seen: a message lost
+        # before the connection dropped is recovered with the rest.
+        since = {key: self._ledger.since(key) for key, _ in joins}
         entries = [
             {"roomId": payload["roomId"], "sinceSeq": since[key], "epoch": self._ledger.epoch(key)}
             for key, payload in joins
@@ -945,8 +1084,8 @@ class Client:
         *,
         fresh: bool = False,
     ) -> dict[str, Any]:
-        """``room:join`` again: from the last seq seen, or ``fresh`` (the room was reset)."""
-        since = self._ledger.last_seq(room_key) or 0
+        """``room:join`` again: from the contiguous seq, or ``fresh`` (the room was reset)."""
+        since = self._ledger.since(room_key)
         request = payload if fresh else {**payload, "sinceSeq": since}
         try:
             result = await self._request(conn, "room:join", request)
@@ -996,8 +1135,8 @@ class Client:
                     exc,
                 )
         fresh = self._ledger.recovered(missed)
-        for message in fresh:
-            self._deliver({"event": "message:new", "data": {"message": message}, "recovered": True})
+        for frame in [*fresh, *self._ledger.advance(room_key)]:
+            self._deliver(frame)
         return {"rejoined": True, "recovered": complete, "missed": len(fresh)}
 
 

@@ -8,6 +8,14 @@ whether it came live, in an ack or from recovery) and the live frames held
 back while a room's missed messages are still being fetched (so the
 application sees each room in ``seq`` order). It does no I/O;
 :func:`page_history` fetches what a re-join could not return.
+
+It also finds holes. A room's ``seq`` is gapless, so a live message more
+than one above the room's *contiguous* ``seq`` (every message up to it was
+delivered or seen in an ack) shows that one was lost on the way: it is held
+back until the gap closes by itself or the client fetches the missing range
+(:meth:`RoomLedger.gap`, :meth:`RoomLedger.repaired`). A reconnection
+recovers from the contiguous ``seq``, so a message lost before the
+connection dropped comes back with the rest.
 """
 
 from __future__ import annotations
@@ -23,6 +31,11 @@ HISTORY_PAGE: Final = 100
 MAX_RECOVERED: Final = 5000
 #: ``seq`` numbers remembered per room for de-duplication (the newest ones).
 SEEN_KEEP: Final = 1024
+#: How long a message after a gap is held before the missing range is fetched:
+#: two nodes' broadcasts can cross on the way and close the gap by themselves.
+DEFAULT_HOLE_WAIT_SECS: Final = 0.5
+#: Messages held behind one gap; beyond this the gap is repaired at once.
+MAX_HELD: Final = 1000
 
 Request = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -44,11 +57,20 @@ class RoomLedger:
         self._last_seq: dict[str, int] = {}
         # Each room's epoch from its join ack: room:resume presents it.
         self._epochs: dict[str, str] = {}
+        # Seen: delivered, or returned in an ack (history, the sender's own
+        # message). Delivered: handed to the application as message:new. The
+        # sender's own message is seen in its ack and still delivered live once.
         self._seen: dict[str, set[int]] = {}
-        self._recovered_keys: set[tuple[str, int]] = set()
+        self._delivered: dict[str, set[int]] = {}
+        # Highest seq up to which every message of the room was seen.
+        self._contig: dict[str, int] = {}
+        # Live frames after a gap, by seq, until the gap closes or is repaired.
+        self._held: dict[str, dict[int, Frame]] = {}
         # Rooms being re-joined: their live message:new frames wait here until
         # the recovered ones are delivered, so the application sees seq order.
         self._holding: dict[str, list[Frame]] = {}
+        self.duplicates = 0
+        """Live ``message:new`` frames dropped because their (roomId, seq) was delivered."""
 
     @property
     def room_ids(self) -> list[Any]:
@@ -71,17 +93,34 @@ class RoomLedger:
         if isinstance(epoch, str):
             self._epochs[room_key] = epoch
 
+    def contiguous_seq(self, room_key: str) -> int | None:
+        """Highest ``seq`` up to which every message of the room was seen, or ``None``."""
+        return self._contig.get(room_key)
+
+    def since(self, room_key: str) -> int:
+        """The ``sinceSeq`` of a re-join: the contiguous ``seq``, not the highest seen."""
+        contig = self._contig.get(room_key)
+        return contig if contig is not None else self._last_seq.get(room_key) or 0
+
     def forget(self, room_key: str) -> None:
-        """Stop re-joining ``room_key`` (it was deleted, or a re-join was refused)."""
+        """Stop re-joining ``room_key`` (left, deleted, or a re-join was refused)."""
         self._rooms.pop(room_key, None)
         self._epochs.pop(room_key, None)
+        self._contig.pop(room_key, None)
+        self._held.pop(room_key, None)
 
     def reset(self, room_key: str) -> None:
         """The room's history is another one (``room:resume`` answered reset): start afresh."""
         self._epochs.pop(room_key, None)
         self._last_seq.pop(room_key, None)
         self._seen.pop(room_key, None)
-        self._recovered_keys = {key for key in self._recovered_keys if key[0] != room_key}
+        self._delivered.pop(room_key, None)
+        self._contig.pop(room_key, None)
+        self._held.pop(room_key, None)
+
+    def drop_held(self) -> None:
+        """Connection lost: forget held frames (the re-join recovers them), keep the line."""
+        self._held.clear()
 
     def note(self, message: Mapping[str, Any]) -> bool:
         """Record a message's (roomId, seq); False if it was already seen."""
@@ -89,57 +128,129 @@ class RoomLedger:
         if key is None:
             return True
         room, seq = key
-        seen = self._seen.setdefault(room, set())
-        if seq in seen:
+        if not _remember(self._seen, room, seq):
             return False
-        seen.add(seq)
-        if len(seen) > 2 * SEEN_KEEP:
-            self._seen[room] = set(sorted(seen)[-SEEN_KEEP:])
         if seq > self._last_seq.get(room, -1):
             self._last_seq[room] = seq
         return True
 
-    def track_ack(self, event: str, request: Any, result: Any) -> None:
-        """Learn from a successful ack: rooms joined or left, ``seq`` numbers returned."""
+    def track_ack(self, event: str, request: Any, result: Any) -> list[Frame]:
+        """Learn from a successful ack: rooms joined or left, ``seq`` numbers returned.
+
+        Returns held frames that the ``seq`` numbers of the ack released, to deliver now.
+        """
         if not isinstance(result, dict):
-            return
+            return []
         if isinstance(request, dict) and request.get("roomId") is not None:
             room_key = str(request["roomId"])
             if event == "room:join":
                 self._rooms[room_key] = {k: v for k, v in request.items() if k != "sinceSeq"}
                 room = result.get("room")
                 hint = as_int(room.get("lastSeq")) if isinstance(room, dict) else None
+                # Messages before the join are history, not a hole.
                 if hint is not None and hint > self._last_seq.get(room_key, -1):
                     self._last_seq[room_key] = hint
                 self.keep_epoch(room_key, room)
+                if hint is not None and hint > self._contig.get(room_key, -1):
+                    self._contig[room_key] = hint
             elif event == "room:leave":
                 self.forget(room_key)
+        rooms: set[str] = set()
+        found = [result.get("message")]
         for field in ("missed", "messages"):
             items = result.get(field)
             if isinstance(items, list):
-                for item in items:
-                    if isinstance(item, dict):
-                        self.note(item)
-        message = result.get("message")
-        if isinstance(message, dict):
-            self.note(message)
+                found.extend(items)
+        for item in found:
+            if isinstance(item, dict) and self.note(item) and item.get("roomId") is not None:
+                rooms.add(str(item["roomId"]))
+        return [frame for room in sorted(rooms) for frame in self.advance(room)]
 
-    def admit_live(self, frame: Frame, message: Mapping[str, Any]) -> bool:
-        """Whether a live ``message:new`` frame is delivered now.
+    def receive(self, frame: Frame, message: Mapping[str, Any]) -> list[Frame]:
+        """The frames to deliver now that the live ``message:new`` ``frame`` arrived.
 
-        False when its room is being re-joined (the frame is held until
-        :meth:`release`) or recovery already delivered it.
+        Empty when its room is being re-joined (held until :meth:`release`),
+        when it was delivered already, or when it follows a gap (held until
+        the gap closes or :meth:`repaired`); more than one when it closes a gap.
         """
-        held = self._holding.get(str(message.get("roomId")))
+        key = message_key(message)
+        if key is None:
+            return [frame]
+        room, seq = key
+        held = self._holding.get(room)
         if held is not None:
             held.append(frame)  # after the room's recovered messages
-            return False
-        key = message_key(message)
-        if key is not None and key in self._recovered_keys:
-            self._recovered_keys.discard(key)
-            return False
-        self.note(message)
-        return True
+            return []
+        if seq in self._delivered.get(room, ()):
+            self.duplicates += 1
+            return []
+        contig = self._contig.get(room)
+        if contig is not None and seq > contig + 1:
+            self._held.setdefault(room, {})[seq] = frame
+            return []
+        if contig is None:  # a room this client never joined: its first message starts it
+            self._contig[room] = seq - 1
+        return [*self._admit(frame, room, seq), *self.advance(room)]
+
+    def advance(self, room: str) -> list[Frame]:
+        """Move the room's contiguous ``seq`` forward; return the held frames that now fit."""
+        contig = self._contig.get(room)
+        if contig is None:
+            return []
+        out: list[Frame] = []
+        seen = self._seen.get(room, set())
+        held = self._held.get(room, {})
+        # Held below the line (a repair gave up on a seq, a re-join hint): late, not lost.
+        for seq in sorted(s for s in held if s <= contig):
+            out += self._admit(held.pop(seq), room, seq)
+        while True:
+            following = contig + 1
+            if following in held:
+                out += self._admit(held.pop(following), room, following)
+            elif following not in seen:
+                break
+            contig = following
+        self._contig[room] = contig
+        if not held:
+            self._held.pop(room, None)
+        return out
+
+    def gap(self, room: str) -> tuple[int, int, dict[int, Frame]] | None:
+        """``(highest held seq, contiguous seq, held)`` of the room's holes, or ``None``.
+
+        Every ``seq`` between the two that is not held is missing (one hole
+        or several: while one node's broadcasts are lost, every other message
+        of a busy room may be); ``held`` identifies them for :meth:`repaired`.
+        """
+        held = self._held.get(room)
+        contig = self._contig.get(room)
+        if not held or contig is None:
+            return None
+        return max(held), contig, held
+
+    def held_count(self, room: str) -> int:
+        return len(self._held.get(room, ()))
+
+    def repaired(
+        self, room: str, hole: dict[int, Frame], top: int, found: list[dict[str, Any]]
+    ) -> list[Frame] | None:
+        """Frames to deliver once the messages below ``top`` were fetched (``found``).
+
+        The ``found`` ones (flagged ``recovered``) and the held ones, in
+        ``seq`` order. What was not found is given up on (history no longer
+        has it, or the fetch was refused): it must not stall the room.
+        ``None`` when ``hole`` is gone meanwhile (connection lost, room left).
+        """
+        if self._held.get(room) is not hole:
+            return None
+        delivered = self._delivered.get(room, set())
+        for frame in self.recovered(found, mark=False):
+            seq = frame["data"]["message"]["seq"]
+            if seq not in delivered:
+                hole.setdefault(seq, frame)
+        if top - 1 > self._contig.get(room, top - 1):
+            self._contig[room] = top - 1
+        return self.advance(room)
 
     def hold(self, room_key: str) -> None:
         """Hold ``room_key``'s live messages while its missed ones are fetched."""
@@ -149,19 +260,41 @@ class RoomLedger:
         """Stop holding ``room_key``; return the live frames that arrived meanwhile."""
         return self._holding.pop(room_key, [])
 
-    def recovered(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The missed ``messages`` not delivered yet, in ``seq`` order (now marked seen)."""
-        fresh = []
+    def recovered(self, messages: list[dict[str, Any]], *, mark: bool = True) -> list[Frame]:
+        """``message:new`` frames (``recovered``) of the ``messages`` not delivered yet, in order.
+
+        With ``mark`` they are marked delivered (a room's contiguous ``seq``
+        moves on at its next :meth:`advance`); without, the caller admits them.
+        """
+        fresh: list[Frame] = []
         for message in sorted(messages, key=lambda m: as_int(m.get("seq")) or 0):
-            if not self.note(message):
-                continue  # already seen live or in another page
             key = message_key(message)
-            if key is not None:
-                if len(self._recovered_keys) > 4 * MAX_RECOVERED:
-                    self._recovered_keys.clear()
-                self._recovered_keys.add(key)
-            fresh.append(message)
+            if key is not None and key[1] in self._delivered.get(key[0], ()):
+                continue  # already delivered live or in another page
+            if mark:
+                self.note(message)
+                if key is not None:
+                    _remember(self._delivered, *key)
+            fresh.append({"event": "message:new", "data": {"message": message}, "recovered": True})
         return fresh
+
+    def _admit(self, frame: Frame, room: str, seq: int) -> list[Frame]:
+        """``[frame]`` marked delivered, or ``[]`` if its seq was delivered already."""
+        if not _remember(self._delivered, room, seq):
+            return []
+        self.note(frame["data"]["message"])
+        return [frame]
+
+
+def _remember(numbers: dict[str, set[int]], room: str, seq: int) -> bool:
+    """Add ``seq`` to ``room``'s set (the newest :data:`SEEN_KEEP` kept); False if there."""
+    known = numbers.setdefault(room, set())
+    if seq in known:
+        return False
+    known.add(seq)
+    if len(known) > 2 * SEEN_KEEP:
+        numbers[room] = set(sorted(known)[-SEEN_KEEP:])
+    return True
 
 
 async def page_history(request: Request, room_id: Any, since: int) -> list[dict[str, Any]]:

@@ -1178,7 +1178,7 @@ async def test_concurrent_senders_reach_every_member_once(gateway):
         await client.emit("system:ping")  # barrier: the broadcasts were written long before
         got = [f["data"]["message"]["seq"] for f in client.drain_events("message:new")]
         assert sorted(got) == [seq for seq in every if seq not in own], client
-        assert len(got) == len(set(got))
+        assert len(got) == len(set(got)) and client.duplicates_dropped == 0
 
 
 async def test_client_msg_id_makes_send_idempotent(gateway):
@@ -1193,6 +1193,7 @@ async def test_client_msg_id_makes_send_idempotent(gateway):
     again = await alice.emit("message:send", data)
     assert again["duplicate"] is True and again["message"] == first["message"]
     await assert_no_event(bob, "message:new")
+    assert bob.duplicates_dropped == 0  # nor a second frame the client dropped
     assert seqs((await history(bob, "general"))["messages"]) == [1]
     # Per sender: bob's clientMsgId "c-1" is a different message.
     theirs = await bob.emit("message:send", {**data, "content": "bob's"})

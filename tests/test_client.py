@@ -4,17 +4,25 @@ The node is stopped (clients get ``system:disconnect`` and 1001), messages
 are stored while the reconnecting client is away, and a new node starts on
 the same port and database; the client must come back by itself, resume
 its rooms (one ``room:resume``) and see every message exactly once.
+
+Holes: a :class:`LossyClient` sits behind a link that loses (or delays) one
+incoming frame, the way a broadcast can go missing between two nodes; the
+server is the real one.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from models import Message, Room, RoomMember
 from server.app import Node
 from server.core.auth import mint_token
-from switchboard_client import Client, ClientError
-from tests.conftest import make_config
+from switchboard_client import Client, ClientError, Frame
+from switchboard_client.wire import loads
+from tests.conftest import Gateway, make_config
 from tests.support.client_checks import assert_no_event
 
 pytestmark = pytest.mark.asyncio
@@ -189,3 +197,155 @@ async def test_buffered_shows_matching_frames_without_consuming_them(gateway):
     assert (await bob.next_event("message:new"))["data"]["message"]["content"] == "one"
     assert (await bob.next_event("message:new"))["data"]["message"]["content"] == "two"
     assert bob.buffered("message:new") == []
+
+
+class LossyClient(Client):
+    """A :class:`Client` behind a lossy link: it loses or delays chosen incoming frames.
+
+    The link sits at the transport boundary (the raw frame, before the client
+    parses it), overriding the client's internal ``_handle_raw`` and
+    ``_write``: the test-only way to lose a frame between a real server and a
+    real client. Outgoing events are recorded in :attr:`sent`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sent: list[str] = []
+        self._lose: list[Callable[[Frame], bool]] = []
+        self._delay: Callable[[Frame], bool] | None = None
+        self._delayed: list[str | bytes] = []
+        self._repeat: Callable[[Frame], bool] | None = None
+
+    def lose_next(self, *which: Callable[[Frame], bool]) -> None:
+        """Lose the next incoming frame for which each of ``which`` is true."""
+        self._lose.extend(which)
+
+    def delay_next(self, which: Callable[[Frame], bool]) -> None:
+        """Hand the next frame ``which`` picks to the client after the frame that follows it."""
+        self._delay = which
+
+    def repeat_next(self, which: Callable[[Frame], bool]) -> None:
+        """Hand the next frame ``which`` picks to the client twice, as a re-sent broadcast."""
+        self._repeat = which
+
+    def _handle_raw(self, raw: str | bytes) -> None:
+        frame = loads(raw)
+        if self._repeat is not None and self._repeat(frame):
+            self._repeat = None
+            super()._handle_raw(raw)
+        for lose in self._lose:
+            if lose(frame):
+                self._lose.remove(lose)
+                return
+        if self._delay is not None and self._delay(frame):
+            self._delay = None
+            self._delayed.append(raw)
+            return
+        super()._handle_raw(raw)
+        while self._delayed:
+            super()._handle_raw(self._delayed.pop(0))
+
+    async def _write(self, conn: Any, frame: Frame) -> None:
+        self.sent.append(str(frame.get("event")))
+        await super()._write(conn, frame)
+
+
+def seq_is(seq: int) -> Callable[[Frame], bool]:
+    def matches(frame: Frame) -> bool:
+        data = frame.get("data")
+        message = data.get("message") if isinstance(data, dict) else None
+        return (
+            frame.get("event") == "message:new"
+            and isinstance(message, dict)
+            and message.get("seq") == seq
+        )
+
+    return matches
+
+
+async def _room_with_lossy_member(gateway: Gateway, **kw: Any) -> tuple[Client, LossyClient]:
+    alice = await gateway.connect("alice")
+    await alice.emit("room:create", {"roomId": "general", "name": "General"})
+    await alice.emit("room:join", {"roomId": "general"})
+    bob = LossyClient(gateway.url(), gateway.token("bob"), **kw)
+    gateway.clients.append(bob)
+    await bob.connect()
+    await bob.emit("room:join", {"roomId": "general"})
+    return alice, bob
+
+
+async def _received(client: Client, count: int) -> list[tuple[int, bool]]:
+    """``(seq, recovered)`` of the next ``count`` message:new frames."""
+    out = []
+    for _ in range(count):
+        frame = await client.next_event("message:new", timeout=5)
+        out.append((frame["data"]["message"]["seq"], bool(frame.get("recovered"))))
+    return out
+
+
+async def test_a_lost_message_is_fetched_and_delivered_in_order_once(gateway):
+    alice, bob = await _room_with_lossy_member(gateway, hole_wait=0.1)
+    bob.lose_next(seq_is(2))
+    for text in ("one", "two", "three"):
+        await alice.emit("message:send", {"roomId": "general", "content": text})
+    # 3 waits behind the hole until 2 is fetched from history.
+    assert await _received(bob, 3) == [(1, False), (2, True), (3, False)]
+    assert bob.sent.count("room:get_messages") == 1
+    await alice.emit("message:send", {"roomId": "general", "content": "four"})
+    assert await _received(bob, 1) == [(4, False)]
+    await assert_no_event(bob, "message:new")
+    assert bob.contiguous_seq("general") == bob.last_seq("general") == 4
+
+
+async def test_several_holes_are_fetched_together(gateway):
+    # As while one node's broadcasts are lost: every other message is missing.
+    alice, bob = await _room_with_lossy_member(gateway, hole_wait=0.1)
+    bob.lose_next(seq_is(2), seq_is(4))
+    for i in range(5):
+        await alice.emit("message:send", {"roomId": "general", "content": f"m{i}"})
+    assert await _received(bob, 5) == [(1, False), (2, True), (3, False), (4, True), (5, False)]
+    assert bob.sent.count("room:get_messages") == 1
+    await assert_no_event(bob, "message:new")
+
+
+async def test_a_message_on_the_wire_twice_is_delivered_once(gateway):
+    alice, bob = await _room_with_lossy_member(gateway)
+    bob.repeat_next(seq_is(1))
+    for text in ("one", "two"):
+        await alice.emit("message:send", {"roomId": "general", "content": text})
+    assert await _received(bob, 2) == [(1, False), (2, False)]
+    await assert_no_event(bob, "message:new")
+    assert bob.duplicates_dropped == 1
+
+
+async def test_a_gap_that_closes_by_itself_costs_no_fetch(gateway):
+    # A fetch would only start after a minute: whatever bob gets, the link gave it.
+    alice, bob = await _room_with_lossy_member(gateway, hole_wait=60.0)
+    bob.delay_next(seq_is(2))  # 2 arrives after 3, as when two nodes' broadcasts cross
+    for text in ("one", "two", "three"):
+        await alice.emit("message:send", {"roomId": "general", "content": text})
+    assert await _received(bob, 3) == [(1, False), (2, False), (3, False)]
+    await assert_no_event(bob, "message:new")
+    assert "room:get_messages" not in bob.sent
+    assert bob.contiguous_seq("general") == 3
+
+
+async def test_a_reconnect_recovers_from_the_contiguous_seq(gateway):
+    alice, bob = await _room_with_lossy_member(
+        gateway, hole_wait=60.0, reconnect=True, max_backoff=0.2
+    )
+    bob.lose_next(seq_is(2))
+    for text in ("one", "two", "three"):
+        await alice.emit("message:send", {"roomId": "general", "content": text})
+    assert await _received(bob, 1) == [(1, False)]
+    await assert_no_event(bob, "message:new")  # 3 is held behind the hole
+    assert bob.contiguous_seq("general") == 1
+
+    # The connection drops with 3 held: the re-join asks from 1, not 3.
+    gateway.node.hub.connections[bob.welcome["connectionId"]].close_with(1012, "restart")
+    await bob.next_event("client:reconnected", timeout=10)
+    assert await _received(bob, 2) == [(2, True), (3, True)]
+    await alice.emit("message:send", {"roomId": "general", "content": "four"})
+    assert await _received(bob, 1) == [(4, False)]
+    await assert_no_event(bob, "message:new")
+    assert "room:get_messages" not in bob.sent
