@@ -10,6 +10,7 @@ transaction (the batch-size histograms count it).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -884,8 +885,9 @@ async def test_every_acked_send_is_stored_after_kill_9_right_after_the_last_ack(
         for client in clients:
             await client.aclose(timeout=1.0)
     acked = [m for messages in results for m in messages]
-    # Sends shared commits (one batch, one createdAt).
-    assert len({m["createdAt"] for m in acked}) < len(acked) / 2
+    # Sends shared commits (one batch, one createdAt): the kill hit batched
+    # writes. How many shared one depends on the box's load; that some did not.
+    assert max(collections.Counter(m["createdAt"] for m in acked).values()) > 1
 
     again = await ServerProcess.start(tmp_path, **settings)
     try:
