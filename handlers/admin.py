@@ -73,6 +73,7 @@ class Broadcast(s.EventSchema):
         load_default=None,
         validate=validate.Length(1, len(NAMESPACES)),
     )
+    role = s.role_name(load_default=None)
 
 
 class Page(s.EventSchema):
@@ -146,9 +147,9 @@ class AdminHandler(GatewayHandler):
         return await self.moderation.delete_message(self.actor, message_id, reason)
 
     async def on_admin_broadcast(
-        self, message: str, type: str, namespaces: list[str] | None
+        self, message: str, type: str, namespaces: list[str] | None, role: str | None
     ) -> dict[str, Any]:
-        return await self.moderation.broadcast(self.actor, message, type, namespaces)
+        return await self.moderation.broadcast(self.actor, message, type, namespaces, role)
 
     async def on_admin_audit(self, limit: int, offset: int, action: str | None) -> dict[str, Any]:
         return await self.moderation.audit_log(self.actor, limit, offset, action)

@@ -34,6 +34,7 @@ from handlers.schemas import (
     Strict,
     Text,
     load,
+    role_name,
     room_id,
 )
 from models import chat as chat_db
@@ -85,18 +86,19 @@ class RoomPatch(RoomChanges):
 class PublishTarget(Schema):
     user_id = Str(128, data_key="userId")
     room_id = room_id()
+    role = role_name()
     namespace = fields.String(validate=validate.OneOf(NAMESPACES))
     all = fields.Boolean()
 
     @validates_schema
     def _one_target(self, data: dict[str, Any], **kwargs: Any) -> None:
-        chosen = [k for k in ("user_id", "room_id") if k in data] + (
+        chosen = [k for k in ("user_id", "room_id", "role") if k in data] + (
             ["all"] if data.get("all") else []
         )
         if len(chosen) > 1 or (not chosen and "namespace" not in data):
             raise ValidationError(
-                "Give exactly one of userId, roomId, namespace or all (namespace may "
-                "narrow userId or all).",
+                "Give exactly one of userId, roomId, role, namespace or all (namespace may "
+                "narrow userId, role or all).",
                 "target",
             )
         if "room_id" in data and "namespace" in data:
@@ -304,6 +306,8 @@ class PublishAPI(APIHandler):
 
     ``delivered`` counts the connections reached on this node; with the Redis
     mirror the event also goes to the other nodes' matching connections.
+    A ``role`` target reaches every connection whose token carries the role
+    (narrowed by ``namespace`` when given); a role no token has reaches nobody.
     """
 
     allowed_roles = frozenset({"service"})
@@ -316,6 +320,8 @@ class PublishAPI(APIHandler):
             target = Target.user(where["user_id"], namespace)
         elif "room_id" in where:
             target = Target.room(where["room_id"])
+        elif "role" in where:
+            target = Target.role(where["role"], namespace)
         elif where.get("all"):
             target = Target("all", "", namespace)
         else:

@@ -342,6 +342,8 @@ class GatewayHandler(WebSocketHandler):
             identity, self.allowed_roles, "The new token lacks the roles this namespace needs"
         )
         self.identity = identity
+        # The new token may carry other roles: role targets follow it from now on.
+        self.hub.update_roles(self)
         self._schedule_expiry(identity.expires_at)
         return {"expiresAt": protocol.iso(_from_epoch(identity.expires_at))}
 
@@ -612,6 +614,11 @@ class GatewayHandler(WebSocketHandler):
     @property
     def is_staff(self) -> bool:
         return self.identity is not None and self.identity.is_staff
+
+    @property
+    def roles(self) -> frozenset[str]:
+        """The token's roles: the hub's role targets reach this connection by them."""
+        return self.identity.roles if self.identity is not None else frozenset()
 
 
 def _from_epoch(ts: float) -> dt.datetime:

@@ -237,6 +237,17 @@ def room_id(**kwargs: Any) -> fields.String:
     )
 
 
+#: The longest role name a target takes. A token's roles claim may hold any
+#: strings (only the known roles count), so an unknown name is no error: it
+#: reaches nobody.
+ROLE_MAX_CHARS = 64
+
+
+def role_name(**kwargs: Any) -> Str:
+    """A role target (``POST /api/v1/publish``, ``admin:broadcast``)."""
+    return Str(ROLE_MAX_CHARS, **kwargs)
+
+
 def content_field() -> Text:
     return Text(required=True, validate=validate.Length(1, MAX_CONTENT_CHARS))
 

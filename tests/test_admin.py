@@ -445,6 +445,39 @@ async def test_broadcast_to_chosen_namespaces_only(gateway):
     await assert_no_event(root, "admin:broadcast")
 
 
+async def test_broadcast_to_a_role_reaches_only_its_connections(gateway):
+    mia_chat = await gateway.connect("mia", roles=("user", "moderator"))
+    mia_notes = await gateway.connect("mia", "notifications", ("moderator",))
+    bob = await gateway.connect("bob")
+    mod = await admin(gateway, "mod", MODERATOR)
+    root = await admin(gateway)
+    ack = await root.emit("admin:broadcast", {"message": "mods: sync", "role": "moderator"})
+    assert ack["delivered"] == 3 and ack["role"] == "moderator"
+    assert ack["namespaces"] == ["chat", "notifications", "admin", "logs"]
+    for client in (mia_chat, mia_notes, mod):
+        frame = await client.next_event("admin:broadcast")
+        assert (frame["data"]["message"], frame["data"]["role"]) == ("mods: sync", "moderator")
+    for client in (bob, root):
+        await assert_no_event(client, "admin:broadcast")
+    rows = await audit_rows(gateway, "broadcast")
+    assert rows[-1]["details"] == {"message": "mods: sync", "type": "info", "role": "moderator"}
+
+    # Narrowed by namespaces; once per connection, whatever the namespaces chosen.
+    ack = await root.emit(
+        "admin:broadcast", {"message": "x", "role": "moderator", "namespaces": ["chat", "admin"]}
+    )
+    assert ack["delivered"] == 2
+    await mia_chat.next_event("admin:broadcast")
+    await mod.next_event("admin:broadcast")
+    for client in (mia_chat, mia_notes, mod):
+        await assert_no_event(client, "admin:broadcast")
+
+    ack = await root.emit("admin:broadcast", {"message": "x", "role": "wizard"})
+    assert ack["delivered"] == 0  # a role no token grants: nobody, not an error
+    exc = await error(root, "admin:broadcast", {"message": "x", "role": ""}, "VALIDATION_ERROR")
+    assert "role" in exc.details
+
+
 # -- figures --------------------------------------------------------------------------
 
 

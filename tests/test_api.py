@@ -528,6 +528,50 @@ async def test_publish_reaches_exactly_the_targeted_connections(gateway):
         assert delivered == len(expected), target
 
 
+async def test_publish_to_a_role_reaches_its_connections_in_every_namespace(gateway):
+    clients = {
+        "mia_chat": await gateway.connect("mia", roles=("user", "moderator")),
+        "mia_admin": await gateway.connect("mia", namespace="admin", roles=("moderator",)),
+        "root_admin": await gateway.connect("root", namespace="admin", roles=("admin",)),
+        "bob_chat": await gateway.connect("bob"),
+        "bob_notes": await gateway.connect("bob", namespace="notifications"),
+    }
+    await who_got(clients, "")  # drain set-up noise
+    cases = [
+        ({"role": "moderator"}, {"mia_chat", "mia_admin"}),
+        ({"role": "moderator", "namespace": "admin"}, {"mia_admin"}),
+        ({"role": "moderator", "namespace": "logs"}, set()),
+        ({"role": "user"}, {"mia_chat", "bob_chat", "bob_notes"}),
+        ({"role": "user", "namespace": "notifications"}, {"bob_notes"}),
+        ({"role": "admin"}, {"root_admin"}),
+        ({"role": "service"}, set()),  # the caller's own role: no connection has it
+        ({"role": "wizard"}, set()),  # no token grants it: nobody, not an error
+    ]
+    for target, expected in cases:
+        delivered = await publish(gateway, target)
+        assert await who_got(clients) == expected, target
+        assert delivered == len(expected), target
+
+
+async def test_publish_to_a_role_follows_a_refreshed_token(gateway):
+    mia, bob = await gateway.connect("mia"), await gateway.connect("bob")
+    clients = {"mia": mia, "bob": bob}
+    await who_got(clients, "")
+    target = {"role": "moderator"}
+    assert await publish(gateway, target) == 0
+    assert await who_got(clients) == set()
+
+    await mia.emit("auth:refresh", {"token": gateway.token("mia", ("user", "moderator"))})
+    assert await publish(gateway, target) == 1
+    assert await who_got(clients) == {"mia"}
+
+    await mia.emit("auth:refresh", {"token": gateway.token("mia", ("user",))})
+    assert await publish(gateway, target) == 0
+    assert await who_got(clients) == set()
+    assert await publish(gateway, {"role": "user"}) == 2
+    assert await who_got(clients) == {"mia", "bob"}
+
+
 async def test_publish_needs_service_and_a_valid_target(gateway):
     body = {"target": {"all": True}, "event": "deploy:done"}
     for who in ({"user": "bob"}, {"user": "root", "roles": ("admin",)}):
@@ -536,6 +580,12 @@ async def test_publish_needs_service_and_a_valid_target(gateway):
         ({"target": {}}, "target"),
         ({"target": {"userId": "a", "roomId": "b"}}, "target"),
         ({"target": {"roomId": "b", "namespace": "chat"}}, "target.namespace"),
+        ({"target": {"role": "moderator", "userId": "a"}}, "target"),
+        ({"target": {"role": "moderator", "all": True}}, "target"),
+        ({"target": {"role": ""}}, "target.role"),
+        ({"target": {"role": "x" * 65}}, "target.role"),
+        ({"target": {"role": "mod\u0000"}}, "target.role"),
+        ({"target": {"role": ["moderator"]}}, "target.role"),
         ({"target": {"namespace": "nowhere"}}, "target.namespace"),
         ({"event": "system:welcome"}, "event"),
         ({"event": "auth:expiring"}, "event"),

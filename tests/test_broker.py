@@ -10,13 +10,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 import pytest
 import pytest_asyncio
+from tornado.httpclient import AsyncHTTPClient
 
 from server.app import Node
 from server.realtime.broker import MemoryBroker, MemoryBus
+from switchboard_client import Client
 from tests.conftest import Gateway, make_config
-from tests.support.client_checks import settle
+from tests.support.client_checks import barrier, settle
 from tests.test_presence import join, make_room
 
 pytestmark = pytest.mark.asyncio
@@ -64,3 +67,62 @@ async def test_a_kick_on_one_node_closes_the_users_connections_on_the_other(pair
     kicked = await mallory.next_event("system:kicked")
     assert kicked["data"]["reason"] == "spam"
     assert await mallory.wait_closed() == (4403, "forbidden")
+
+
+async def publish(gw: Gateway, target: dict[str, Any], event: str) -> int:
+    """``POST /api/v1/publish`` on ``gw`` as a service; the local ``delivered`` count."""
+    response = await AsyncHTTPClient().fetch(
+        gw.http + "/api/v1/publish", method="POST",
+        headers={"Authorization": f"Bearer {gw.token('billing', ('service',))}"},
+        body=orjson.dumps({"target": target, "event": event}),
+    )  # fmt: skip
+    delivered: int = orjson.loads(response.body)["delivered"]
+    return delivered
+
+
+async def got(clients: dict[str, Client], event: str) -> set[str]:
+    """Who received ``event`` (once each): the in-process bus delivers synchronously,
+    so a ping round trip on each client is the barrier."""
+    names = set()
+    for name, client in clients.items():
+        await barrier(client)
+        frames = client.drain_events(event)
+        assert len(frames) <= 1, (name, frames)
+        if frames:
+            names.add(name)
+    return names
+
+
+async def test_a_role_target_reaches_the_roles_connections_on_both_nodes_once(pair):
+    a, b = pair
+    clients = {
+        "mia_a": await a.connect("mia", roles=("user", "moderator")),
+        "max_b": await b.connect("max", namespace="admin", roles=("moderator",)),
+        "bob_b": await b.connect("bob"),
+    }
+    await settle(*clients.values())
+    assert "role:moderator" in b.node.hub.broker.subscribed_channels()
+    assert await publish(a, {"role": "moderator"}, "x:mods") == 1  # local count, as today
+    assert await got(clients, "x:mods") == {"mia_a", "max_b"}
+    assert await publish(a, {"role": "moderator", "namespace": "admin"}, "x:admins") == 0
+    assert await got(clients, "x:admins") == {"max_b"}
+
+    # Token refresh moves bob in and out of the role, on his node's index.
+    bob = clients["bob_b"]
+    await bob.emit("auth:refresh", {"token": b.token("bob", ("user", "moderator"))})
+    assert await publish(a, {"role": "moderator"}, "x:mods") == 1
+    assert await got(clients, "x:mods") == {"mia_a", "max_b", "bob_b"}
+    await bob.emit("auth:refresh", {"token": b.token("bob", ("user",))})
+    assert await publish(a, {"role": "moderator"}, "x:mods") == 1
+    assert await got(clients, "x:mods") == {"mia_a", "max_b"}
+
+
+async def test_a_node_hears_a_role_channel_only_while_it_has_a_connection_with_the_role(pair):
+    _, b = pair
+    bob = await b.connect("bob")
+    assert "role:moderator" not in b.node.hub.broker.subscribed_channels()
+    await bob.emit("auth:refresh", {"token": b.token("bob", ("user", "moderator"))})
+    assert "role:moderator" in b.node.hub.broker.subscribed_channels()
+    await bob.emit("auth:refresh", {"token": b.token("bob", ("user",))})
+    assert "role:moderator" not in b.node.hub.broker.subscribed_channels()
+    assert "role:user" in b.node.hub.broker.subscribed_channels()

@@ -20,9 +20,11 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import orjson
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
+from tornado.httpclient import AsyncHTTPClient
 
 from switchboard_client import Client, ClientError
 from tests.support.client_checks import assert_no_event, sentinel_message
@@ -467,6 +469,59 @@ async def test_kick_broadcast_and_typing_reach_every_node(
     assert kicked["data"]["reason"] == "cool off"
     code, _ = await victim.wait_closed(timeout=5)
     assert code == 4403
+
+
+async def publish(cluster: Cluster, node: str, target: dict[str, Any], event: str) -> int:
+    """``POST /api/v1/publish`` on ``node`` as a service; its local ``delivered`` count."""
+    response = await AsyncHTTPClient().fetch(
+        cluster.node(node).http + "/api/v1/publish", method="POST",
+        headers={"Authorization": f"Bearer {cluster.token(uid('svc'), ('service',))}"},
+        body=orjson.dumps({"target": target, "event": event, "data": {}}),
+    )  # fmt: skip
+    delivered: int = orjson.loads(response.body)["delivered"]
+    return delivered
+
+
+@pytest.mark.asyncio
+async def test_publish_and_broadcast_to_a_role_reach_its_connections_on_every_node_once(
+    cluster: Cluster, clients: Clients
+) -> None:
+    mod_b = await clients.connect("b", uid("mod"), roles=("user", "moderator"))
+    mod_c = await clients.connect("c", uid("mod"), namespace="admin", roles=("moderator",))
+    plain = {node: await clients.connect(node, uid("plain")) for node in ("b", "c")}
+    # Node a has no moderator: it is the publisher and hears nothing of the role.
+    assert await publish(cluster, "a", {"role": "moderator"}, "ops:mods") == 0
+    for mod in (mod_b, mod_c):
+        await mod.next_event("ops:mods", timeout=DELIVERY_TIMEOUT_SECS)
+    assert await publish(cluster, "a", {"role": "moderator", "namespace": "admin"}, "ops:x") == 0
+    await mod_c.next_event("ops:x", timeout=DELIVERY_TIMEOUT_SECS)
+    # Once each: a later publish on the same channel from the same node is the sentinel.
+    assert await publish(cluster, "a", {"role": "moderator"}, "ops:sentinel") == 0
+    for mod in (mod_b, mod_c):
+        await mod.next_event("ops:sentinel", timeout=DELIVERY_TIMEOUT_SECS)
+        await assert_no_event(mod, "ops:mods", ping=False)
+    await assert_no_event(mod_b, "ops:x", ping=False)
+
+    async def nothing_for_plain(*events: str) -> None:
+        # Their nodes heard the role channel (their moderators) and kept it from
+        # them: a later publish from a to each is the barrier (node a publishes
+        # in order on one Redis connection, each node reads one).
+        for client in plain.values():
+            assert client.welcome is not None
+            await publish(cluster, "a", {"userId": client.welcome["userId"]}, "ops:sentinel")
+            await client.next_event("ops:sentinel", timeout=DELIVERY_TIMEOUT_SECS)
+            for event in events:
+                await assert_no_event(client, event, ping=False)
+
+    await nothing_for_plain("ops:mods", "ops:x")
+
+    admin = await clients.connect("a", uid("boss"), namespace="admin", roles=("admin",))
+    ack = await admin.emit("admin:broadcast", {"message": "mods only", "role": "moderator"})
+    assert (ack["delivered"], ack["role"]) == (0, "moderator")
+    for mod in (mod_b, mod_c):
+        frame = await mod.next_event("admin:broadcast", timeout=DELIVERY_TIMEOUT_SECS)
+        assert frame["data"]["message"] == "mods only"
+    await nothing_for_plain("admin:broadcast")
 
 
 # ---------------------------------------------------------------------------

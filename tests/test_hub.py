@@ -24,10 +24,14 @@ from server.realtime.outbound import Outbound
 class FakeConn:
     """Implements the hub's ``Connection`` protocol and records what it gets."""
 
-    def __init__(self, conn_id: str, user_id: str, namespace: str = "chat") -> None:
+    def __init__(
+        self, conn_id: str, user_id: str, namespace: str = "chat", roles: Sequence[str] = ()
+    ) -> None:
         self.conn_id = conn_id
         self.user_id = user_id
         self._namespace = namespace
+        #: The token's roles (none unless given: role interest stays out of the way).
+        self.roles = frozenset(roles)
         self.last_seen = 0.0
         self.frames: list[bytes] = []
         self.closed: list[tuple[int, str]] = []
@@ -130,15 +134,21 @@ class RecordingHub(Hub):
         return self.recorder.remote
 
 
+HUB_INDEXES = (
+    "_by_room", "_by_user", "_by_namespace", "_by_role", "_roles_indexed", "_rooms_of",
+    "_pending", "_floors",
+)  # fmt: skip
+
+
 def assert_indexes_clean(hub: Hub) -> None:
-    for name in ("_by_room", "_by_user", "_by_namespace", "_rooms_of", "_pending", "_floors"):
+    for name in HUB_INDEXES:
         index = getattr(hub, name)
         assert all(index.values()), f"{name} holds an empty entry: {index}"
 
 
 def assert_hub_empty(hub: Hub) -> None:
     assert hub.connections == {}
-    for name in ("_by_room", "_by_user", "_by_namespace", "_rooms_of", "_pending", "_floors"):
+    for name in HUB_INDEXES:
         assert getattr(hub, name) == {}, name
 
 
@@ -285,6 +295,61 @@ def test_queries(hub):
     assert set(hub.user_connections("alice")) == {conns["a1"], conns["a2"], conns["a_admin"]}
     assert hub.user_connections("alice", "admin") == [conns["a_admin"]]
     assert hub.user_connections("nobody") == []
+
+
+def test_roles_are_indexed_until_remove_and_follow_update_roles():
+    hub = RecordingHub()
+    mod = FakeConn("m1", "mia", roles=("user", "moderator"))
+    mod2 = FakeConn("m2", "mia", "admin", roles=("moderator",))
+    hub.add(mod)
+    hub.add(mod2)
+    assert ("role", "moderator", True) in hub.interest and ("role", "user", True) in hub.interest
+    assert hub._by_role == {"user": {mod}, "moderator": {mod, mod2}}
+    hub.interest.clear()
+
+    mod.roles = frozenset({"user", "admin"})  # a refreshed token: moderator -> admin
+    hub.update_roles(mod)
+    assert hub.interest == [("role", "admin", True)]  # m2 still holds moderator
+    assert hub._by_role == {"user": {mod}, "moderator": {mod2}, "admin": {mod}}
+    hub.update_roles(mod)  # nothing changed: no news
+    assert hub.interest == [("role", "admin", True)]
+    hub.interest.clear()
+
+    mod2.roles = frozenset({"admin"})  # remove() unindexes what was indexed, not this
+    hub.remove(mod2)
+    assert [i for i in hub.interest if i[0] == "role"] == [("role", "moderator", False)]
+    assert_indexes_clean(hub)
+    hub.update_roles(mod2)  # gone: ignored
+    assert "m2" not in hub._roles_indexed
+    hub.remove(mod)
+    assert_hub_empty(hub)
+
+
+def test_a_role_target_reaches_the_roles_connections_narrowed_by_namespace(hub):
+    conns = {
+        "mod_chat": FakeConn("mod_chat", "mia", roles=("user", "moderator")),
+        "mod_admin": FakeConn("mod_admin", "mia", "admin", roles=("moderator",)),
+        "root": FakeConn("root", "root", "admin", roles=("admin",)),
+        "bob": FakeConn("bob", "bob", roles=("user",)),
+    }
+    for conn in conns.values():
+        hub.add(conn)
+    cases = [
+        (Target.role("moderator"), {"mod_chat", "mod_admin"}),
+        (Target.role("moderator", "chat"), {"mod_chat"}),
+        (Target.role("moderator", "logs"), set()),
+        (Target.role("user"), {"mod_chat", "bob"}),
+        (Target.role("admin"), {"root"}),
+        (Target.role("wizard"), set()),  # no token grants it: nobody, no error
+    ]
+    for target, expected in cases:
+        clear(conns)
+        assert hub.publish(target, "x", {}) == len(expected), target
+        assert recipients(conns) == expected, target
+    clear(conns)
+    targets = [Target.role("moderator", "chat"), Target.role("moderator", "admin")]
+    assert hub.publish_many(targets, "x", {}) == 2  # once per connection
+    assert [len(c.frames) for c in conns.values()] == [1, 1, 0, 0]
 
 
 # -- delivery -----------------------------------------------------------------------
@@ -721,6 +786,32 @@ def test_publish_many_reaches_each_remote_connection_once():
     targets = [Target.room("general"), Target.room("random"), Target.user("bob")]
     assert a.publish_many(targets, "room:deleted", {}) == 0  # nobody local
     assert bob.names() == ["room:deleted"] and bob2.names() == ["room:deleted"]
+
+
+def test_a_role_target_crosses_to_the_nodes_with_that_role_only():
+    a, b = two_nodes()
+    c = Hub("c", broker=MemoryBroker("c", a.broker.bus))  # type: ignore[attr-defined]
+    mod = FakeConn("b1", "mia", roles=("moderator",))
+    bob = FakeConn("c1", "bob", roles=("user",))
+    b.add(mod)
+    c.add(bob)
+    assert "role:moderator" in b.broker.subscribed_channels()
+    assert "role:moderator" not in c.broker.subscribed_channels()
+    reached: list[Target] = []
+    c.deliver = lambda target, frame, **kw: reached.append(target) or 0  # type: ignore[method-assign]
+    assert a.publish(Target.role("moderator"), "x:mods", {}) == 0  # nobody on a
+    assert mod.names() == ["x:mods"]
+    assert reached == []  # c has no moderator: it never hears the role channel
+    a.publish(Target.role("moderator", "admin"), "x:admin_mods", {})
+    assert mod.names() == ["x:mods"]  # b hears it, and applies the namespace
+
+    mod.roles = frozenset({"user"})  # refreshed without the role
+    b.update_roles(mod)
+    assert "role:moderator" not in b.broker.subscribed_channels()
+    a.publish(Target.role("moderator"), "x:mods", {})
+    a.publish(Target.role("user"), "x:users", {})
+    assert mod.names() == ["x:mods", "x:users"]
+    assert reached == [Target.role("user")]
 
 
 def test_control_messages_reach_the_other_nodes_not_the_sender():

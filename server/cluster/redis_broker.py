@@ -15,10 +15,10 @@ its reconnect loop and self-check, control messages, dedupe).
 
 Channels (``p`` is ``config.redis_prefix``)::
 
-    {p}:room:{roomId}   {p}:user:{userId}   {p}:ns:{namespace}
+    {p}:room:{roomId}   {p}:user:{userId}   {p}:role:{role}   {p}:ns:{namespace}
     {p}:all             {p}:node:{nodeId}   (control messages and the self-check)
 
-Subscriptions follow interest: a node subscribes to a room, user or
+Subscriptions follow interest: a node subscribes to a room, user, role or
 namespace channel when its first local connection arrives there and
 unsubscribes when the last one leaves, so its Redis traffic grows with its
 own audience. ``{p}:all`` and its own node channel are always subscribed.

@@ -3,8 +3,8 @@
 A :class:`~server.realtime.hub.Hub` delivers to its own connections and hands every
 broadcast to its :class:`Broker`, which carries it to the other nodes and
 calls their hubs back (:class:`Receiver`). The broker only publishes,
-follows the hub's interest (the rooms, users and namespaces that have a
-local connection) and listens; it knows nothing about connections, and the
+follows the hub's interest (the rooms, users, namespaces and token roles
+that have a local connection) and listens; it knows nothing about connections, and the
 hub knows nothing about how the other nodes are reached.
 
 Two brokers have this interface:
@@ -17,10 +17,12 @@ Two brokers have this interface:
   Redis pub/sub.
 
 Channels name what a broadcast is for (:func:`channel`): ``room:{id}``,
-``user:{id}``, ``ns:{namespace}``, ``all`` and ``node:{id}`` (control
-messages to one node). A broker delivers a broadcast to the nodes that
-hold interest in its channel, never back to its origin (the origin's hub
-delivered it locally before publishing).
+``user:{id}``, ``role:{name}``, ``ns:{namespace}``, ``all`` and ``node:{id}``
+(control messages to one node). A namespace-narrowed user or role target
+goes on the user's or role's channel; the receiving hub applies the
+namespace. A broker delivers a broadcast to the nodes that hold interest in
+its channel, never back to its origin (the origin's hub delivered it
+locally before publishing).
 
 Example::
 
@@ -45,7 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("switchboard.broker")
 
 #: The channel a target kind is published on (``connection`` targets stay local).
-INTEREST_CHANNEL = {"room": "room", "user": "user", "namespace": "ns"}
+INTEREST_CHANNEL = {"room": "room", "user": "user", "role": "role", "namespace": "ns"}
 #: The channel every node hears.
 ALL_CHANNEL = "all"
 
@@ -65,7 +67,7 @@ def channel(target: Target) -> str | None:
 
 
 def interest_channel(kind: str, key: str) -> str:
-    """The channel of a local interest (``kind`` is room, user or namespace)."""
+    """The channel of a local interest (``kind`` is room, user, role or namespace)."""
     return f"{INTEREST_CHANNEL[kind]}:{key}"
 
 
@@ -215,7 +217,7 @@ class MemoryBroker(Broker):
 
     Without a ``bus`` the node is alone (the single-node default). Delivery
     follows interest exactly like the Redis broker: a node hears a room,
-    user or namespace channel only while it has a local connection there,
+    user, role or namespace channel only while it has a local connection there,
     plus ``all`` and its own node channel.
     """
 

@@ -1,7 +1,7 @@
 """The connection hub: who is connected, where, and delivery to them.
 
-The hub indexes live connections by id, user, room and namespace in plain
-``dict[str, set]`` maps that drop keys as they empty, and delivers events
+The hub indexes live connections by id, user, room, namespace and token
+role in plain ``dict[str, set]`` maps that drop keys as they empty, and delivers events
 to a :class:`Target`. A broadcast is serialised and framed once; the same
 bytes are written to every recipient's stream, which is what makes fan-out
 cheap (no per-recipient JSON, compression or Future wrapping).
@@ -59,6 +59,13 @@ class Connection(Protocol):
     def namespace(self) -> str:
         """The namespace the connection belongs to (``chat``, ``admin``...)."""
 
+    @property
+    def roles(self) -> frozenset[str]:
+        """The roles of the connection's token; role targets reach it by these.
+
+        When they change (a refreshed token), the owner calls :meth:`Hub.update_roles`.
+        """
+
     def send_frame(self, frame: bytes) -> bool:
         """Queue a pre-built frame; False if the connection is gone or too slow."""
 
@@ -73,9 +80,11 @@ class Connection(Protocol):
 
 
 class Target(NamedTuple):
-    """Where an event goes: a room, a user, a namespace, everyone or one connection.
+    """Where an event goes: a room, a user, a role, a namespace, everyone or one connection.
 
-    ``namespace`` narrows user and all targets (e.g. a user's chat connections only).
+    ``namespace`` narrows user, role and all targets (e.g. a user's chat
+    connections only). A role target reaches every connection whose token
+    carries the role.
     """
 
     kind: str
@@ -89,6 +98,10 @@ class Target(NamedTuple):
     @classmethod
     def user(cls, user_id: str, namespace: str | None = None) -> Target:
         return cls("user", user_id, namespace)
+
+    @classmethod
+    def role(cls, name: str, namespace: str | None = None) -> Target:
+        return cls("role", name, namespace)
 
     @classmethod
     def ns(cls, namespace: str) -> Target:
@@ -174,6 +187,10 @@ class Hub:
         self._by_user: dict[str, set[Connection]] = {}
         self._by_room: dict[str, set[Connection]] = {}
         self._by_namespace: dict[str, set[Connection]] = {}
+        self._by_role: dict[str, set[Connection]] = {}
+        # conn id -> the roles it is indexed under: what remove() and
+        # update_roles() take out, whatever the connection says by then.
+        self._roles_indexed: dict[str, frozenset[str]] = {}
         self._rooms_of: dict[str, set[str]] = {}
         # Joins whose recovery query is in flight: room -> conn -> buffered (seq, frame).
         self._pending: dict[str, dict[Connection, list[tuple[int | None, bytes]]]] = {}
@@ -204,6 +221,7 @@ class Hub:
         if conn.namespace not in self._by_namespace:
             self.broker.interest("namespace", conn.namespace, True)
         self._by_namespace.setdefault(conn.namespace, set()).add(conn)
+        self._index_roles(conn, conn.roles)
         return first
 
     def remove(self, conn: Connection) -> set[str]:
@@ -219,7 +237,26 @@ class Hub:
             self.broker.interest("user", conn.user_id, False)
         if _discard(self._by_namespace, conn.namespace, conn):
             self.broker.interest("namespace", conn.namespace, False)
+        self._index_roles(conn, frozenset())
         return rooms
+
+    def update_roles(self, conn: Connection) -> None:
+        """Re-read ``conn.roles`` (its token was refreshed): role targets follow at once."""
+        if self.connections.get(conn.conn_id) is conn:
+            self._index_roles(conn, conn.roles)
+
+    def _index_roles(self, conn: Connection, roles: frozenset[str]) -> None:
+        """Index ``conn`` under exactly ``roles``, telling the broker where interest changed."""
+        before = self._roles_indexed.pop(conn.conn_id, frozenset())
+        if roles:
+            self._roles_indexed[conn.conn_id] = roles
+        for role in before - roles:
+            if _discard(self._by_role, role, conn):
+                self.broker.interest("role", role, False)
+        for role in roles - before:
+            if role not in self._by_role:
+                self.broker.interest("role", role, True)
+            self._by_role.setdefault(role, set()).add(conn)
 
     def join(self, conn: Connection, room: str, *, buffer: bool = False) -> None:
         """Subscribe ``conn`` to ``room``.
@@ -388,6 +425,10 @@ class Hub:
             conns = self.user_connections(target.key, target.namespace)
         elif kind == "namespace":
             conns = self._by_namespace.get(target.key, ())
+        elif kind == "role":
+            conns = self._by_role.get(target.key, ())
+            if target.namespace is not None:
+                conns = [c for c in conns if c.namespace == target.namespace]
         elif kind == "all":
             if target.namespace is not None:
                 conns = self._by_namespace.get(target.namespace, ())

@@ -191,25 +191,42 @@ class Moderation:
         return data
 
     async def broadcast(
-        self, actor: Identity, message: str, type: str, namespaces: Iterable[str] | None
+        self,
+        actor: Identity,
+        message: str,
+        type: str,
+        namespaces: Iterable[str] | None,
+        role: str | None = None,
     ) -> dict[str, Any]:
-        """Send ``admin:broadcast`` to every connection of the chosen namespaces."""
+        """Send ``admin:broadcast`` to every connection of the chosen namespaces.
+
+        With ``role``, only to those whose token carries it (a role no token
+        has reaches nobody), on every node.
+        """
         require_role(actor, "broadcast")
         chosen = sorted(set(namespaces)) if namespaces else list(NAMESPACES)
-        data = {
+        data: dict[str, Any] = {
             "message": message,
             "type": type,
             "from": actor.user_id,
             "sentAt": protocol.iso(protocol.now()),
             "namespaces": chosen,
         }
+        details: dict[str, Any] = {"message": message[:200], "type": type}
+        if role is None:
+            targets = [Target.ns(ns) for ns in chosen]
+        else:
+            # One role channel for every namespace: each node delivers once per connection.
+            targets = [Target.role(role, ns) for ns in chosen]
+            data["role"] = details["role"] = role
         await self.db.run(
             "moderation.audit", mod_db.audit, actor.user_id, "broadcast", ",".join(chosen),
-            "", {"message": message[:200], "type": type},
+            "", details,
         )  # fmt: skip
-        delivered = self.hub.publish_many((Target.ns(ns) for ns in chosen), "admin:broadcast", data)
-        log.info("broadcast: %s to %s (%d local connections): %s", actor.user_id,
-                 ",".join(chosen), delivered, message[:80])  # fmt: skip
+        delivered = self.hub.publish_many(targets, "admin:broadcast", data)
+        log.info("broadcast: %s to %s%s (%d local connections): %s", actor.user_id,
+                 ",".join(chosen), f" role {role}" if role else "", delivered,
+                 message[:80])  # fmt: skip
         return {**data, "delivered": delivered}
 
     # -- records ------------------------------------------------------------------
