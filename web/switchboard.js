@@ -733,20 +733,27 @@ export class Switchboard {
     }, delayMs));
   }
 
-  /** Fetch the messages missing below the lowest held one and deliver in order. */
+  /**
+   * Fetch every message missing below the highest held one, in one round
+   * (`afterSeq` + `beforeSeq`, paged newest first), and deliver in order:
+   * during an outage every other message of a busy room can be missing, and
+   * one fetch per gap would fall behind.
+   */
   async _repair(room) {
     const ws = this._ws;
     const held = this._held.get(room);
     const from = this._contig.get(room);
     if (!ws || !held || !held.size || from === undefined) return;
-    const first = Math.min(...held.keys());
+    const last = Math.max(...held.keys());
     const found = [];
-    let before = first;
+    let before = last;
     try {
       while (before - 1 > from && found.length < MAX_RECOVERED) {
         const limit = Math.min(HISTORY_PAGE, before - 1 - from);
-        const page = await this._request(ws, "room:get_messages", { roomId: room, limit, beforeSeq: before });
-        const messages = (page.messages || []).filter((m) => isInt(m.seq) && m.seq > from && m.seq < first);
+        const page = await this._request(ws, "room:get_messages", {
+          roomId: room, limit, afterSeq: from, beforeSeq: before,
+        });
+        const messages = (page.messages || []).filter((m) => isInt(m.seq) && m.seq > from && m.seq < last);
         found.push(...messages);
         if (!messages.length || !page.hasMore) break;
         before = Math.min(...messages.map((m) => m.seq));
@@ -757,12 +764,16 @@ export class Switchboard {
       if (ws !== this._ws) return;
     }
     if (ws !== this._ws || this._held.get(room) !== held) return;
-    for (const message of found.sort((a, b) => a.seq - b.seq)) {
-      this._deliver({ message, recovered: true });
+    for (const message of found) {
+      if (!held.has(message.seq)) held.set(message.seq, { message, recovered: true });
     }
-    // Everything below the held message is accounted for, found or not (a
-    // seq the history no longer has would otherwise stall the room for ever).
-    if (first - 1 > this._contig.get(room)) this._contig.set(room, first - 1);
+    // Everything up to the highest held message is accounted for, found or not
+    // (a seq the history no longer has would otherwise stall the room for ever).
+    for (const seq of [...held.keys()].filter((s) => s <= last).sort((a, b) => a - b)) {
+      this._deliver(held.get(seq));
+      held.delete(seq);
+    }
+    if (last > this._contig.get(room)) this._contig.set(room, last);
     this._advance(room);
     if (this._held.has(room)) this._scheduleRepair(room, this.holeWaitMs);
   }

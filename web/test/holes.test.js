@@ -80,6 +80,31 @@ test("a message lost on the way is fetched and delivered in order, once", async 
   }
 });
 
+test("several holes are fetched together, in one request", async () => {
+  const alice = await connected(uid("alice"));
+  const lost = new Set(["m2", "m4"]);
+  const { sb: bob, link } = await lossyClient(uid("bob"), (frame, pass) => {
+    if (!lost.delete(content(frame))) pass();
+  }, { holeWaitMs: 300 });
+  try {
+    const roomId = await roomWith(alice, bob);
+    const got = [];
+    bob.on("message:new", (d) => got.push(d));
+    const sent = [];
+    for (const text of ["m1", "m2", "m3", "m4", "m5"]) {
+      sent.push((await alice.emit("message:send", { roomId, content: text })).message);
+    }
+    await until(() => got.length === 5, { what: "five messages" });
+    await bob.emit("system:ping");
+    assert.deepEqual(got.map((d) => [d.message.seq, d.message.content]), sent.map((m) => [m.seq, m.content]));
+    assert.deepEqual(got.map((d) => d.recovered), [undefined, true, undefined, true, undefined]);
+    assert.equal(link.sent.filter((e) => e === "room:get_messages").length, 1);
+    assert.equal(bob.contiguousSeq(roomId), sent[4].seq);
+  } finally {
+    bob.close();
+  }
+});
+
 test("a gap that closes by itself costs no fetch and keeps the order", async () => {
   const alice = await connected(uid("alice"));
   let late = null;
