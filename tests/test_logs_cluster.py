@@ -6,11 +6,14 @@ a per-node breakdown, and name a node that does not answer as missing.
 
 The cluster runs with a long heartbeat so that a killed node stays
 registered (and so is reported missing, not forgotten) for the last test;
-nothing here waits on the heartbeat otherwise.
+nothing here waits on the heartbeat otherwise. The first tests use two
+nodes of this process on a :class:`~server.realtime.broker.MemoryBus`
+(a stalled subscriber needs the node's handler at hand).
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -21,10 +24,16 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 from tornado.httpclient import AsyncHTTPClient
 
+from handlers.logs import LogsHandler
+from server.app import Node
+from server.realtime.broker import MemoryBroker, MemoryBus
 from switchboard_client import Client
+from tests.conftest import Gateway, make_config
 from tests.support.cluster import Clients, Cluster
 from tests.support.services import require_binary
 from tests.support.waiting import eventually
+from tests.test_logs import RawSubscriber
+from tests.test_logs import ingest as ingest_on
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
 
@@ -106,6 +115,78 @@ async def numsub(cluster: Cluster, channel: str) -> int:
     finally:
         await client.aclose()
     return int(reply[0][1])
+
+
+# -- two nodes of this process ----------------------------------------------------------
+
+
+@pytest_asyncio.fixture
+async def pair(tmp_path: Any) -> AsyncIterator[tuple[Gateway, Gateway]]:
+    bus = MemoryBus()
+    gateways = []
+    for node_id in ("a", "b"):
+        home = tmp_path / node_id
+        home.mkdir()
+        config = make_config(
+            home, node_id=node_id, database_url=f"sqlite:///{tmp_path}/shared.db",
+            max_outbound_bytes=64 * 1024,
+        )  # fmt: skip
+        node = Node(config, broker=MemoryBroker(node_id, bus))
+        await node.start()
+        gateways.append(Gateway(node))
+    a, b = gateways
+    yield a, b
+    for gw in (a, b):
+        await gw.close_clients()
+        await gw.node.stop(grace_secs=1.0)
+
+
+async def test_a_stalled_subscriber_on_a_does_not_slow_ingestion_on_b(pair: Any) -> None:
+    a, b = pair
+    raw = await RawSubscriber.open(a.port, a.token("ops", ("logs",)))
+    assert (await raw.frame())["event"] == "system:welcome"
+    raw.send({"event": "logs:subscribe", "data": {"services": ["flood"]}, "ack": 1})
+    assert (await raw.frame())["ack"] == 1
+    handler = next(c for c in a.node.hub.connections.values() if isinstance(c, LogsHandler))
+    # The subscriber reads nothing while b ingests until a has had to drop some
+    # (the kernel's socket buffers take a few MB first).
+    batch = [{"level": "info", "message": f"flood {n} " + "x" * 7000} for n in range(120)]
+    dropped_total = "switchboard_log_entries_dropped_total"
+    produced = 0
+    while not a.node.registry.get_sample_value(dropped_total):
+        assert produced < 40 * len(batch), "a never started dropping"
+        await ingest_on(b, batch, service="flood")  # answered: b does not wait for a
+        produced += len(batch)
+        b.node.logs.flush()  # relay now rather than in RELAY_FLUSH_SECS
+        assert handler.backlog_bytes <= handler.backlog_cap
+    assert handler.backlog_peak <= handler.backlog_cap
+    assert handler.conn_id in a.node.hub.connections  # losing entries is no reason to close
+    # Every entry ingested on b is either delivered to a's subscriber or counted as dropped.
+    delivered, dropped = 0, 0
+    while delivered + dropped < produced:
+        frame = await asyncio.wait_for(raw.frame(), 10)
+        if frame.get("event") == "log:entry":
+            assert frame["data"]["node"] == "b"
+            delivered += 1
+        elif frame.get("event") == "log:dropped":
+            dropped += frame["data"]["count"]
+    assert delivered + dropped == produced and delivered > 0
+    raw.close()
+
+
+async def test_recent_and_stats_on_a_memory_bus_cover_both_nodes(pair: Any) -> None:
+    a, b = pair
+    await ingest_on(a, [at(1, "info", "a1")], service="paired")
+    await ingest_on(b, [at(2, "warn", "b2")], service="paired")
+    reader = await a.connect("ops", roles=("logs",), namespace="logs")
+    ack = await reader.emit("logs:recent", {"service": "paired"})
+    assert [(e["message"], e["node"]) for e in ack["entries"]] == [("a1", "a"), ("b2", "b")]
+    assert ack["missing"] == []
+    stats = await a.node.logs.stats()
+    assert sorted(stats["nodes"]) == ["a", "b"] and stats["byService"]["paired"] == 2
+    await b.node.stop(grace_secs=1.0)  # a clean stop leaves the cluster: not missing
+    ack = await reader.emit("logs:recent", {"service": "paired"})
+    assert [e["message"] for e in ack["entries"]] == ["a1"] and ack["missing"] == []
 
 
 # -- live entries ---------------------------------------------------------------------
