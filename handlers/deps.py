@@ -29,6 +29,7 @@ from server.realtime.hub import Hub
 from server.realtime.presence import Presence
 from server.services.admin_feed import AdminFeed
 from server.services.admission import Admission
+from server.services.logcluster import LogCluster
 from server.services.logstream import LogStream
 from server.services.moderation import Moderation
 from server.services.node_state import NodeState
@@ -69,3 +70,5 @@ class Deps:
     typing: TypingTracker
     feed: AdminFeed
     logstream: LogStream
+    #: The cluster's log streams as one: relay, recent and stats of every node.
+    logs: LogCluster

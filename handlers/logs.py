@@ -2,8 +2,9 @@
 
 ``/ws/logs`` (roles admin or ``logs``) subscribes to the node's
 :class:`~server.services.logstream.LogStream` with a filter and receives entries as
-``log:error`` / ``log:warning`` / ``log:entry``; ``logs:recent`` reads the
-ring buffer. Over HTTP, services (role ``service``) ingest their own
+``log:error`` / ``log:warning`` / ``log:entry``, stored on any node of the
+cluster (:class:`~server.services.logcluster.LogCluster`); ``logs:recent``
+reads every node's ring buffer. Over HTTP, services (role ``service``) ingest their own
 entries with ``POST /api/v1/logs``, and operators read
 ``GET /api/v1/logs/recent`` and ``GET /api/v1/logs/stats``.
 
@@ -157,6 +158,7 @@ class LogsHandler(GatewayHandler):
     def initialize(self, deps: Deps) -> None:
         super().initialize(deps)
         self.logstream = deps.logstream
+        self.logs = deps.logs
         #: Byte bound of this subscriber's pending log frames.
         self.backlog_cap = max(1, self.config.max_outbound_bytes // 2)
         #: Highest ``backlog_bytes`` seen (for tests and diagnostics).
@@ -179,6 +181,9 @@ class LogsHandler(GatewayHandler):
     ) -> dict[str, Any]:
         wanted = LogFilter.of(level, services, contexts, contains)
         self.logstream.subscribe(self.conn_id, wanted, self._on_log)
+        # After the ack, entries stored on any node reach this subscriber (unless
+        # the cluster link is down: then this node's own entries only).
+        await self.logs.wait_heard()
         return {"subscribed": True, "filter": wanted.public()}
 
     async def on_logs_unsubscribe(self) -> dict[str, Any]:
@@ -188,12 +193,12 @@ class LogsHandler(GatewayHandler):
     async def on_logs_recent(
         self, limit: int, level: str | None, service: str | None
     ) -> dict[str, Any]:
-        entries = self.logstream.recent(
+        answer = await self.logs.recent(
             limit, min_level=LEVELS[level] if level else 0, service=service
         )
         # Keep the ack well inside the outbound limit, or it would close us as slow.
-        entries, truncated = fit_entries(entries, self.config.max_outbound_bytes // 2)
-        return {"entries": entries, "truncated": truncated}
+        entries, truncated = fit_entries(answer["entries"], self.config.max_outbound_bytes // 2)
+        return {**answer, "entries": entries, "truncated": truncated or answer["truncated"]}
 
     async def on_disconnected(self, rooms: set[str]) -> None:
         self.logstream.unsubscribe(self.conn_id)
@@ -281,6 +286,7 @@ class _LogsHTTPHandler(JSONHandler):
     def initialize(self, deps: Deps) -> None:
         super().initialize(deps)
         self.logstream = deps.logstream
+        self.logs = deps.logs
         self.node_id = deps.config.node_id
 
     async def authorize(self, roles: frozenset[str]) -> Identity:
@@ -358,7 +364,8 @@ class RecentQuery(Strict):
 
 
 class LogRecentHandler(_LogsHTTPHandler):
-    """``GET /api/v1/logs/recent?level=&service=&limit=`` (admin or ``logs``) → ``{entries}``."""
+    """``GET /api/v1/logs/recent?level=&service=&limit=`` (admin or ``logs``) →
+    ``{entries, missing}``, gathered from every node."""
 
     async def get(self) -> None:
         try:
@@ -367,18 +374,19 @@ class LogRecentHandler(_LogsHTTPHandler):
         except errors.GatewayError as exc:
             self.send_error_for(exc)
             return
-        entries = self.logstream.recent(
+        answer = await self.logs.recent(
             loaded["limit"],
             min_level=LEVELS[loaded["level"]] if loaded["level"] else 0,
             service=loaded["service"],
         )
-        self.write_json({"entries": entries})
+        self.write_json({"entries": answer["entries"], "missing": answer["missing"]})
 
 
 class LogStatsHandler(_LogsHTTPHandler):
     """``GET /api/v1/logs/stats`` (admin or ``logs``).
 
-    Answers ``{total, buffered, byLevel, byService, recentErrors, subscribers}``.
+    Answers the cluster's ``{total, buffered, byLevel, byService, recentErrors,
+    subscribers}`` plus ``nodes`` (per node, without recentErrors) and ``missing``.
     """
 
     async def get(self) -> None:
@@ -388,7 +396,7 @@ class LogStatsHandler(_LogsHTTPHandler):
         except errors.GatewayError as exc:
             self.send_error_for(exc)
             return
-        self.write_json(self.logstream.stats())
+        self.write_json(await self.logs.stats())
 
 
 #: The routes of this module (:func:`server.app.make_app` gives each the node's deps).

@@ -64,6 +64,7 @@ from server.realtime.hub import Hub
 from server.realtime.presence import Presence
 from server.services.admin_feed import AdminFeed
 from server.services.admission import Admission
+from server.services.logcluster import LogCluster
 from server.services.logstream import LogStream
 from server.services.moderation import Moderation
 from server.services.node_loss import announce_node_loss
@@ -206,6 +207,11 @@ class Node:
             self.db, "room.read", chat_db.mark_read_many, max_batch=config.write_batch_max
         )
         self.logstream = LogStream(config.node_id, config.log_buffer_size)
+        # Log entries reach every node's subscribers; recent/stats ask every member.
+        self.logs = LogCluster(
+            self.logstream, self.broker,
+            self.node_registry.members if self.node_registry is not None else self.broker.members,
+        )  # fmt: skip
         # Notifications (server/services/notify.py) plug in as ``self.moderation.notifier``.
         self.moderation = Moderation(self.hub, self.db, self.tasks)
         self.notifications = NotificationService(
@@ -234,7 +240,7 @@ class Node:
             metrics=self.metrics, stats=self.stats, tasks=self.tasks, security=self.security,
             health=self.health, notifications=self.notifications, moderation=self.moderation,
             sends=self.sends, reacts=self.reacts, reads=self.reads, typing=self.typing,
-            feed=self.admin_feed, logstream=self.logstream,
+            feed=self.admin_feed, logstream=self.logstream, logs=self.logs,
             rooms=self.rooms,
         )  # fmt: skip
         self.app = make_app(self.deps)
@@ -335,6 +341,7 @@ class Node:
             await asyncio.sleep(0.05)
         await self.tasks.drain(max(0.1, deadline - time.monotonic()))
         await self.loop_monitor.stop()
+        self.logs.close()
         await self.broker.stop()
         await self.admin_feed.stop()
         if self.node_registry is not None:

@@ -138,6 +138,16 @@ class NodeRegistry:
             return
         await self._report(self.link.node_id, result)
 
+    async def members(self) -> frozenset[str] | None:
+        """The registered nodes (a killed one until it is reaped); None if Redis is down."""
+        try:
+            registered = await self.link.run(
+                "nodes", self.link.redis.zrange(self.link.key("nodes"), 0, -1)
+            )
+        except RedisUnavailable:
+            return None
+        return frozenset(as_text(n) for n in registered) | {self.link.node_id}
+
     async def _run(self) -> None:
         period = self.interval / REGISTRY_TICKS_PER_INTERVAL
         while True:

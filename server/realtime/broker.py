@@ -17,12 +17,13 @@ Two brokers have this interface:
   Redis pub/sub.
 
 Channels name what a broadcast is for (:func:`channel`): ``room:{id}``,
-``user:{id}``, ``role:{name}``, ``ns:{namespace}``, ``all`` and ``node:{id}``
-(control messages to one node). A namespace-narrowed user or role target
-goes on the user's or role's channel; the receiving hub applies the
-namespace. A broker delivers a broadcast to the nodes that hold interest in
-its channel, never back to its origin (the origin's hub delivered it
-locally before publishing).
+``user:{id}``, ``role:{name}``, ``ns:{namespace}``, ``all``, ``node:{id}``
+(control messages to one node) and ``logs:{LEVEL}`` (live log entries of one
+level, control messages only: server/services/logcluster.py). A
+namespace-narrowed user or role target goes on the user's or role's channel;
+the receiving hub applies the namespace. A broker delivers a broadcast to
+the nodes that hold interest in its channel, never back to its origin (the
+origin's hub delivered it locally before publishing).
 
 Example::
 
@@ -47,7 +48,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("switchboard.broker")
 
 #: The channel a target kind is published on (``connection`` targets stay local).
-INTEREST_CHANNEL = {"room": "room", "user": "user", "role": "role", "namespace": "ns"}
+#: ``logs`` is an interest without a hub target: a node hears the log levels
+#: its ``/ws/logs`` subscribers want (server/services/logcluster.py).
+INTEREST_CHANNEL = {
+    "room": "room", "user": "user", "role": "role", "namespace": "ns", "logs": "logs",
+}  # fmt: skip
 #: The channel every node hears.
 ALL_CHANNEL = "all"
 
@@ -67,7 +72,7 @@ def channel(target: Target) -> str | None:
 
 
 def interest_channel(kind: str, key: str) -> str:
-    """The channel of a local interest (``kind`` is room, user, role or namespace)."""
+    """The channel of a local interest (``kind`` is room, user, role, namespace or logs)."""
     return f"{INTEREST_CHANNEL[kind]}:{key}"
 
 
@@ -75,10 +80,15 @@ def node_channel(node_id: str) -> str:
     return f"node:{node_id}"
 
 
-def control_channel(target: Target | None, node: str | None) -> str:
-    """Where a control message goes: one ``node``, the nodes ``target`` reaches, or all."""
+def control_channel(
+    target: Target | None, node: str | None, interest: tuple[str, str] | None = None
+) -> str:
+    """Where a control message goes: one ``node``, the nodes ``target`` reaches, the
+    nodes holding ``interest`` (kind, key), or all."""
     if node is not None:
         return node_channel(node)
+    if interest is not None:
+        return interest_channel(*interest)
     if target is None:
         return ALL_CHANNEL
     name = channel(target)
@@ -185,12 +195,21 @@ class Broker(abc.ABC):
         *,
         target: Target | None = None,
         node: str | None = None,
+        interest: tuple[str, str] | None = None,
     ) -> None:
-        """Send a control message to one ``node``, to the nodes ``target`` reaches, or to all.
+        """Send a control message to one ``node``, to the nodes ``target`` reaches, to
+        the nodes holding ``interest`` (kind, key), or to all.
 
         The sender does not get it.
         """
-        self._send_control(control_channel(target, node), action, data)
+        self._send_control(control_channel(target, node, interest), action, data)
+
+    async def members(self) -> frozenset[str] | None:
+        """The nodes of the cluster, this one included, if the broker knows them.
+
+        None: it does not (Redis pub/sub has no membership; the node registry does).
+        """
+        return None
 
     @abc.abstractmethod
     def _send_control(self, channel_name: str, action: str, data: dict[str, Any]) -> None:
@@ -271,6 +290,9 @@ class MemoryBroker(Broker):
 
     async def wait_subscribed(self, kind: str, key: str) -> bool:
         return True  # interest takes effect at once
+
+    async def members(self) -> frozenset[str] | None:
+        return frozenset(self.bus.nodes) | {self.node_id}
 
     def _send_control(self, channel_name: str, action: str, data: dict[str, Any]) -> None:
         for peer in self._peers(channel_name):

@@ -6,7 +6,9 @@ whose :class:`LogFilter` matches. Entries come from two places: the
 gateway's own loggers, through the :class:`LogCaptureHandler` that
 :meth:`LogStream.install` attaches (``Node.start``) and :meth:`uninstall`
 removes (``Node.stop``), and other services' entries ingested through
-``POST /api/v1/logs`` (:meth:`LogStream.publish`).
+``POST /api/v1/logs`` (:meth:`LogStream.publish`). In a cluster, entries
+stored on the other nodes arrive through :meth:`LogStream.receive` and go
+to the subscribers only (server/services/logcluster.py relays them).
 
 An entry is a plain dict, already in wire shape::
 
@@ -203,6 +205,11 @@ class LogStream:
         self._loop_thread = 0
         self._handler: LogCaptureHandler | None = None
         self._loggers: tuple[str, ...] = ()
+        #: Called with each entry this node stores (its own and ingested ones),
+        #: after it is buffered: the cluster relay (server/services/logcluster.py).
+        self.on_stored: Callable[[LogEntry], None] | None = None
+        #: Called when the set of subscribers (and so the lowest level wanted) changes.
+        self.on_subscribers_changed: Callable[[], None] | None = None
 
     # -- capture --------------------------------------------------------------
 
@@ -265,24 +272,48 @@ class LogStream:
     def subscribe(self, key: str, log_filter: LogFilter, sink: LogSink) -> None:
         """Deliver matching entries to ``sink`` (replaces ``key``'s earlier subscription)."""
         self._subscribers[key] = (log_filter, sink)
+        self._subscribers_changed()
 
     def unsubscribe(self, key: str) -> bool:
-        return self._subscribers.pop(key, None) is not None
+        if self._subscribers.pop(key, None) is None:
+            return False
+        self._subscribers_changed()
+        return True
 
     def subscriber_count(self) -> int:
         return len(self._subscribers)
 
+    def lowest_level_wanted(self) -> int | None:
+        """The lowest minimum level of the subscribers; None without subscribers."""
+        if not self._subscribers:
+            return None
+        return min(log_filter.min_level for log_filter, _ in self._subscribers.values())
+
+    def _subscribers_changed(self) -> None:
+        if self.on_subscribers_changed is not None:
+            self.on_subscribers_changed()
+
     # -- entries --------------------------------------------------------------
 
     def publish(self, entry: LogEntry) -> int:
-        """Store, count and deliver one entry; returns how many sinks got it."""
+        """Store, count and deliver one entry of this node; returns how many sinks got it."""
+        return self._deliver(entry, store=True)
+
+    def receive(self, entry: LogEntry) -> int:
+        """Deliver an entry of another node (buffered and counted there, not here)."""
+        return self._deliver(entry, store=False)
+
+    def _deliver(self, entry: LogEntry, *, store: bool) -> int:
         if self.capturing:
             # A sink published while we deliver: drop it rather than recurse.
             self.suppressed += 1
             return 0
         self._guard.active = True
         try:
-            self._store(entry)
+            if store:
+                self._store(entry)
+                if self.on_stored is not None:
+                    self.on_stored(entry)
             delivered = 0
             frame: bytes | None = None
             # Snapshot: a sink may close its connection, which unsubscribes it.
@@ -297,7 +328,7 @@ class LogStream:
                 except Exception:
                     # Not captured (guard is set): goes to stderr only.
                     log.exception("log subscriber %s failed; unsubscribing it", key)
-                    self._subscribers.pop(key, None)
+                    self.unsubscribe(key)
             return delivered
         finally:
             self._guard.active = False
