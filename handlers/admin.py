@@ -109,6 +109,7 @@ class AdminHandler(GatewayHandler):
         self.moderation = deps.moderation
         self.rooms = deps.rooms
         self.feed = deps.feed
+        self.connection_list = deps.connection_list
 
     @property
     def actor(self) -> Identity:
@@ -163,6 +164,15 @@ class AdminHandler(GatewayHandler):
         statuses = await self.presence.statuses(page)
         by_node = await self.presence.connections_by_node(page)
         local = {u: self.hub.user_connections(u) for u in page}
+        # Admins also see each connection (address, user agent...), from every node
+        # holding one of the page's users; moderators see the counts only.
+        listing = None
+        if "admin" in self.actor.roles:
+            holding = {node for counts in by_node.values() for node in counts}
+            listing = await self.connection_list.of_users(page, holding)
+        details: dict[str, list[dict[str, Any]]] = {}
+        for described in listing.connections if listing is not None else ():
+            details.setdefault(described["userId"], []).append(described)
         # Users connected only to other nodes: their names come from the database.
         remote = [u for u, conns in local.items() if not conns]
         names = await self.db.run("user.names", chat_db.user_names, remote) if remote else {}
@@ -175,16 +185,22 @@ class AdminHandler(GatewayHandler):
             username, display_name = names.get(user_id, (user_id, user_id))
             # byNamespace is this node's; the total and byNode are the cluster's.
             nodes = by_node.get(user_id, {})
+            counts: dict[str, Any] = {
+                "total": sum(nodes.values()), "byNamespace": by_ns, "byNode": nodes,
+            }  # fmt: skip
+            if listing is not None:
+                counts["list"] = details.get(user_id, [])
             users.append({
                 "userId": user_id,
                 "username": getattr(identity, "username", username),
                 "displayName": getattr(identity, "display_name", display_name),
                 "status": statuses[user_id],
-                "connections": {
-                    "total": sum(nodes.values()), "byNamespace": by_ns, "byNode": nodes,
-                },
+                "connections": counts,
             })  # fmt: skip
-        return {"users": users, "total": len(user_ids), "node": self.state.node_id}
+        result = {"users": users, "total": len(user_ids), "node": self.state.node_id}
+        if listing is not None:
+            result["missingNodes"] = listing.missing_nodes
+        return result
 
     async def on_admin_stats(self) -> dict[str, Any]:
         totals = await self.db.run("admin.totals", mod_db.totals)

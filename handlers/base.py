@@ -53,6 +53,7 @@ from server.core.auth import Identity
 from server.realtime.hub import Target
 from server.realtime.outbound import SLOW_CONSUMER_CLOSE_GRACE_SECS, Outbound
 from server.services.admission import Seat, expiry_delays, handshake_token, require_roles
+from server.services.connection_list import clean_user_agent
 
 if TYPE_CHECKING:
     from handlers.deps import Deps
@@ -160,6 +161,9 @@ class GatewayHandler(WebSocketHandler):
         self.member_rooms: list[str] = []
         self.last_seen = time.monotonic()
         self.client_ip = ""
+        #: Frames and bytes received once admitted (what was sent: ``outbound``).
+        self.frames_in = 0
+        self.bytes_in = 0
         self._registered = False
         # This connection's place in the connection limits, once admitted.
         self._seat: Seat | None = None
@@ -357,6 +361,8 @@ class GatewayHandler(WebSocketHandler):
             return
         self.metrics.frames_received.inc()
         self.metrics.bytes_received.inc(len(message))
+        self.frames_in += 1
+        self.bytes_in += len(message)
         if isinstance(message, bytes):
             self._answer_bad_frame(errors.BadRequest("Binary frames are not supported"), None)
             return
@@ -460,9 +466,12 @@ class GatewayHandler(WebSocketHandler):
         self.metrics.bytes_sent.inc(len(frame))
         return True
 
-    def write_frame(self, frame: bytes) -> bool:
-        """:meth:`send_frame` without the metrics: the hub counts broadcasts in bulk."""
-        return self.outbound.write(frame)
+    def write_frame(self, frame: bytes, frames: int = 1) -> bool:
+        """:meth:`send_frame` without the metrics: the hub counts broadcasts in bulk.
+
+        ``frame`` may be ``frames`` frames joined (the hub's coalesced writes).
+        """
+        return self.outbound.write(frame, frames)
 
     def send_soon(self, payload: bytes) -> None:
         """Like :meth:`send_payload`, but written with this iteration's broadcasts.
@@ -610,6 +619,28 @@ class GatewayHandler(WebSocketHandler):
         return self.hub.publish(
             target, event, data, exclude=None if include_self else self.conn_id, seq=seq
         )
+
+    def describe(self) -> dict[str, Any]:
+        """This connection in an admin's listing (:mod:`server.services.connection_list`).
+
+        Read from what the connection holds anyway (the handshake's headers, the
+        client address resolved through the trusted proxies), so listing costs
+        an idle connection nothing. Never the token.
+        """
+        out = self.outbound
+        started = time.time() - (time.monotonic() - self.connected_at)
+        return {
+            "connectionId": self.conn_id,
+            "userId": self.user_id,
+            "namespace": self.namespace,
+            "ip": self.client_ip,
+            "userAgent": clean_user_agent(self.request.headers.get("User-Agent")),
+            "connectedAt": protocol.iso(_from_epoch(started)),
+            "framesIn": self.frames_in,
+            "framesOut": out.frames_out,
+            "bytesIn": self.bytes_in,
+            "bytesOut": out.bytes_out,
+        }
 
     @property
     def is_staff(self) -> bool:

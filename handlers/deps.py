@@ -29,6 +29,7 @@ from server.realtime.hub import Hub
 from server.realtime.presence import Presence
 from server.services.admin_feed import AdminFeed
 from server.services.admission import Admission
+from server.services.connection_list import ConnectionList
 from server.services.logcluster import LogCluster
 from server.services.logstream import LogStream
 from server.services.moderation import Moderation
@@ -72,3 +73,5 @@ class Deps:
     logstream: LogStream
     #: The cluster's log streams as one: relay, recent and stats of every node.
     logs: LogCluster
+    #: Per-connection details of every node, for admins.
+    connection_list: ConnectionList

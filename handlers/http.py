@@ -24,7 +24,7 @@ from prometheus_client.openmetrics.exposition import (
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from tornado.web import RequestHandler
 
-from handlers.schemas import NoQuery, load
+from handlers.schemas import Int, NoQuery, Str, Strict, load
 from server.core import errors, protocol
 from server.core.auth import Identity
 from server.ops.health import rss_bytes
@@ -36,6 +36,9 @@ log = logging.getLogger("switchboard.http")
 
 # /websocket/stats lists this many rooms, by local subscriptions.
 STATS_TOP_ROOMS = 10
+# ... and pages the cluster's connections (by connection id) this many at a time.
+STATS_CONNECTIONS_DEFAULT = 50
+STATS_CONNECTIONS_MAX = 500
 
 
 class JSONHandler(RequestHandler):
@@ -179,6 +182,14 @@ class MetricsHandler(RequestHandler):
             self.finish(generate_latest(self.registry))
 
 
+class StatsQuery(Strict):
+    """``/websocket/stats``' page of the cluster's connections."""
+
+    limit = Int(1, STATS_CONNECTIONS_MAX, load_default=STATS_CONNECTIONS_DEFAULT)
+    #: The last connection id of the previous page (``connections.list.next``).
+    after = Str(64, load_default=None)
+
+
 class WebSocketStatsHandler(JSONHandler):
     """``GET /websocket/stats``: this node's detailed figures, for admins.
 
@@ -186,17 +197,21 @@ class WebSocketStatsHandler(JSONHandler):
     (401 without a valid token, 403 without the role). Figures are this
     node's own, read from the hub, the sliding-window stats and the metric
     counters; the configuration comes from :meth:`Config.public_view`, so
-    secrets are masked.
+    secrets are masked. ``connections.list`` is a page of the cluster's
+    connections (``?limit=&after=``), each with its client address and user
+    agent: admin-only data, listed only for a caller holding ``admin``.
     """
 
     #: Roles of which the caller needs one.
     allowed_roles: ClassVar[frozenset[str]] = frozenset({"admin"})
 
     async def prepare(self) -> None:
-        await self.bearer_identity(self.allowed_roles)
+        self.identity = await self.bearer_identity(self.allowed_roles)
 
     async def get(self) -> None:
         deps = self.deps
+        query = self.query_args(StatsQuery)
+        listed = await self._connection_page(query["limit"], query["after"])
         now = time.time()
         by_ns = deps.hub.count_by_namespace()
         rooms = deps.hub.active_rooms()
@@ -217,6 +232,7 @@ class WebSocketStatsHandler(JSONHandler):
                     "opened": _by_label(m.connections_opened, "namespace"),
                     "closedByReason": _by_label(m.connections_closed, "reason"),
                     "authFailuresByReason": _by_label(m.auth_failures, "reason"),
+                    **listed,
                 },
                 "rooms": {
                     "active": len(rooms),
@@ -253,6 +269,21 @@ class WebSocketStatsHandler(JSONHandler):
                 "timestamp": protocol.iso(protocol.now()),
             }
         )
+
+    async def _connection_page(self, limit: int, after: str | None) -> dict[str, Any]:
+        """``{"list": ...}``, a page of the cluster's connections, for an admin only."""
+        if "admin" not in self.identity.roles:
+            return {}
+        listing = await self.deps.connection_list.page(limit, after)
+        conns = listing.connections
+        return {
+            "list": {
+                "items": conns,
+                "total": listing.total,
+                "next": conns[-1]["connectionId"] if listing.more and conns else None,
+                "missingNodes": listing.missing_nodes,
+            }
+        }
 
 
 def _by_label(counter: Counter, label: str) -> dict[str, int]:

@@ -64,6 +64,7 @@ from server.realtime.hub import Hub
 from server.realtime.presence import Presence
 from server.services.admin_feed import AdminFeed
 from server.services.admission import Admission
+from server.services.connection_list import ConnectionList
 from server.services.logcluster import LogCluster
 from server.services.logstream import LogStream
 from server.services.moderation import Moderation
@@ -241,7 +242,7 @@ class Node:
             health=self.health, notifications=self.notifications, moderation=self.moderation,
             sends=self.sends, reacts=self.reacts, reads=self.reads, typing=self.typing,
             feed=self.admin_feed, logstream=self.logstream, logs=self.logs,
-            rooms=self.rooms,
+            rooms=self.rooms, connection_list=ConnectionList(self.hub, self.presence),
         )  # fmt: skip
         self.app = make_app(self.deps)
         self.server: HTTPServer | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -490,16 +491,86 @@ async def test_online_users_lists_connections_by_namespace(gateway):
     result = await root.emit("admin:online_users", {"limit": 10, "offset": 0})
     assert result["total"] == 3
     users = {u["userId"]: u for u in result["users"]}
-    assert users["alice"]["connections"] == {
+    # The counts; an admin also gets each connection's details ("list", tested below).
+    assert {k: v for k, v in users["alice"]["connections"].items() if k != "list"} == {
         "total": 2, "byNamespace": {"chat": 2}, "byNode": {"test-node": 2},
     }  # fmt: skip
+    assert len(users["alice"]["connections"]["list"]) == 2
     assert users["alice"]["status"] == "online"
     assert users["bob"]["status"] == "busy"
-    assert users["root"]["connections"] == {
+    assert {k: v for k, v in users["root"]["connections"].items() if k != "list"} == {
         "total": 1, "byNamespace": {"admin": 1}, "byNode": {"test-node": 1},
     }  # fmt: skip
     page = await root.emit("admin:online_users", {"limit": 1, "offset": 1})
     assert [u["userId"] for u in page["users"]] == ["bob"] and page["total"] == 3
+
+
+DETAIL_KEYS = {
+    "connectionId", "userId", "node", "namespace", "ip", "userAgent", "connectedAt",
+    "framesIn", "framesOut", "bytesIn", "bytesOut",
+}  # fmt: skip
+
+
+async def listed_connection(root: Client, user_id: str, conn_id: str) -> dict[str, Any]:
+    result = await root.emit("admin:online_users", {"limit": 500})
+    assert result["missingNodes"] == []
+    (user,) = [u for u in result["users"] if u["userId"] == user_id]
+    (conn,) = [c for c in user["connections"]["list"] if c["connectionId"] == conn_id]
+    return conn
+
+
+async def test_online_users_show_admins_each_connection_with_address_and_counters(
+    gateway_factory,
+):
+    gw = await gateway_factory(trusted_proxies="127.0.0.1/32")
+    # Behind a trusted proxy: the forwarded address is the client's. The user
+    # agent comes back printable (tab and NEL removed) and bounded.
+    agent = "Mozilla/5.0\t(X11)\x85 " + "x" * 400
+    headers = {"X-Forwarded-For": "10.9.9.9, 203.0.113.7", "User-Agent": agent}
+    before = time.time()
+    alice = await gw.connect("alice", headers=headers)
+    await gw.connect("bob", "notifications", headers={"User-Agent": "bobs-app/2"})
+    root = await admin(gw)
+
+    conn = await listed_connection(root, "alice", alice.welcome["connectionId"])
+    assert set(conn) == DETAIL_KEYS
+    assert (conn["userId"], conn["namespace"], conn["node"]) == ("alice", "chat", "test-node")
+    assert conn["ip"] == "203.0.113.7"
+    assert conn["userAgent"] == ("Mozilla/5.0(X11) " + "x" * 400)[:256]
+    connected = datetime.fromisoformat(conn["connectedAt"].replace("Z", "+00:00")).timestamp()
+    assert before - 1 <= connected <= time.time() + 1
+    assert conn["framesIn"] == conn["bytesIn"] == 0
+    assert conn["framesOut"] >= 1 and conn["bytesOut"] > 0  # the welcome
+
+    for _ in range(3):
+        await alice.emit("system:ping", {})
+    later = await listed_connection(root, "alice", alice.welcome["connectionId"])
+    assert later["framesIn"] == 3 and later["bytesIn"] > 0
+    assert later["framesOut"] >= conn["framesOut"] + 3
+    assert later["bytesOut"] > conn["bytesOut"]
+    assert later["connectedAt"] == conn["connectedAt"]
+
+    bob = await listed_connection(root, "bob", gw.node.hub.user_connections("bob")[0].conn_id)
+    assert (bob["namespace"], bob["userAgent"], bob["ip"]) == ("notifications", "bobs-app/2",
+                                                               "127.0.0.1")  # fmt: skip
+
+
+async def test_moderators_get_counts_but_no_connection_details(gateway):
+    alice = await gateway.connect("alice", headers={"User-Agent": "secret-agent"})
+    mod = await admin(gateway, "mod", MODERATOR)
+    result = await mod.emit("admin:online_users", {})
+    assert "missingNodes" not in result
+    for user in result["users"]:
+        assert set(user["connections"]) == {"total", "byNamespace", "byNode"}
+    assert "secret-agent" not in str(result) and alice.welcome["connectionId"] not in str(result)
+
+
+@pytest.mark.parametrize(("data", "field"), [({"limit": 501}, "limit"), ({"limit": 0}, "limit"),
+                                             ({"offset": 1_000_001}, "offset")])  # fmt: skip
+async def test_online_users_pages_are_bounded(gateway, data, field):
+    root = await admin(gateway)
+    exc = await error(root, "admin:online_users", data, "VALIDATION_ERROR")
+    assert list(exc.details) == [field]
 
 
 async def test_stats_match_activity(gateway):

@@ -919,6 +919,68 @@ async def test_killed_node_users_go_offline_and_leave_their_rooms_in_time(
 
 
 @pytest.mark.asyncio
+async def test_admins_list_connections_of_every_node_from_any_node(
+    cluster: Cluster, clients: Clients
+) -> None:
+    x, y = uid("listed-x"), uid("listed-y")
+    on_a = await clients.connect("a", x, headers={"User-Agent": "x-agent/1"})
+    on_b = await clients.connect("b", y, "notifications", headers={"User-Agent": "y-agent/2"})
+    admins = {n: await clients.connect(n, uid("ops"), "admin", ("admin",)) for n in ("a", "b")}
+    expected = {
+        x: (on_a.welcome["connectionId"], "a", "chat", "x-agent/1"),
+        y: (on_b.welcome["connectionId"], "b", "notifications", "y-agent/2"),
+    }
+
+    async def listed(admin: Client) -> dict[str, dict[str, Any]]:
+        result = await admin.emit("admin:online_users", {"limit": 500})
+        assert result["missingNodes"] == []
+        found = {}
+        for user in result["users"]:
+            if user["userId"] in expected:
+                (conn,) = user["connections"]["list"]
+                found[user["userId"]] = conn
+        return found
+
+    for node, admin in admins.items():
+        found = await listed(admin)
+        assert {
+            u: (c["connectionId"], c["node"], c["namespace"], c["userAgent"])
+            for u, c in found.items()
+        } == expected, node
+        assert found[x]["ip"] == found[y]["ip"] == "127.0.0.1"
+
+    # The counters are live on the other node too.
+    before = (await listed(admins["b"]))[x]
+    await on_a.emit("system:ping", {})
+    after = (await listed(admins["b"]))[x]
+    assert after["framesIn"] == before["framesIn"] + 1
+    assert after["framesOut"] > before["framesOut"]
+
+    # /websocket/stats on c (where neither is connected) pages the whole cluster.
+    token = cluster.token(uid("root"), ("admin",))
+    items: list[dict[str, Any]] = []
+    query = "?limit=3"
+    while True:
+        resp = await AsyncHTTPClient().fetch(
+            cluster.node("c").http + "/websocket/stats" + query,
+            headers={"Authorization": f"Bearer {token}"}, request_timeout=10,
+        )  # fmt: skip
+        page = orjson.loads(resp.body)["connections"]["list"]
+        assert page["missingNodes"] == [] and len(page["items"]) <= 3
+        items += page["items"]
+        if page["next"] is None:
+            break
+        query = f"?limit=3&after={page['next']}"
+    # Each once, in connection id order (a connection of an earlier test may close meanwhile).
+    ids = [c["connectionId"] for c in items]
+    assert ids == sorted(set(ids))
+    seen = {c["connectionId"]: c for c in items}
+    for conn_id, node, namespace, _ in expected.values():
+        assert (seen[conn_id]["node"], seen[conn_id]["namespace"]) == (node, namespace)
+    assert {admin.welcome["connectionId"] for admin in admins.values()} <= seen.keys()
+
+
+@pytest.mark.asyncio
 async def test_admin_stats_lists_the_live_nodes(cluster: Cluster, clients: Clients) -> None:
     admin = await clients.connect("a", uid("ops"), namespace="admin", roles=("admin",))
     await eventually(

@@ -49,7 +49,8 @@ class FakeConn:
         self.frames.append(frame)
         return True
 
-    write_frame = send_frame
+    def write_frame(self, frame: bytes, frames: int = 1) -> bool:
+        return self.send_frame(frame)
 
     def close_with(self, code: int, reason: str) -> None:
         self.closed.append((code, reason))
@@ -877,7 +878,7 @@ class HandlerConn(FakeConn):
         self.hub.flush_to(self)
         return self.write_frame(frame)
 
-    def write_frame(self, frame: bytes) -> bool:
+    def write_frame(self, frame: bytes, frames: int = 1) -> bool:
         if not self.accept:
             return False
         self.frames.append(frame)
@@ -988,7 +989,7 @@ async def test_coalescing_skips_removed_and_failing_connections():
     hub, conns = coalescing_room(4)
     gone, slow = conns[0], conns[1]
 
-    def drop(frame: bytes) -> bool:  # a slow consumer closes from inside its write
+    def drop(frame: bytes, frames: int = 1) -> bool:  # a slow consumer closes from inside its write
         hub.remove(slow)
         return False
 
@@ -1038,7 +1039,8 @@ async def test_a_refused_coalesced_write_stops_the_connections_writes():
     hub, (conn,) = coalescing_room(1)
     writes: list[bytes] = []
 
-    def first_only(data: bytes) -> bool:  # the second write finds the connection closed
+    # The second write finds the connection closed.
+    def first_only(data: bytes, frames: int = 1) -> bool:
         writes.append(data)
         return len(writes) == 1
 

@@ -112,3 +112,85 @@ async def test_missing_or_bad_token_is_unauthorized(gateway_factory: Any) -> Non
         assert body["error"]["code"] in ("UNAUTHORIZED", "TOKEN_EXPIRED")
         assert headers["WWW-Authenticate"].startswith("Bearer")
         assert SECRET not in text
+
+
+async def get_page(gw: Any, query: str = "") -> tuple[int, dict[str, Any]]:
+    status, body, _, _ = await get_stats_at(gw, gw.token("root", ("admin",)), query)
+    return status, body
+
+
+async def get_stats_at(gw: Any, token: str, query: str) -> tuple[int, dict[str, Any], str, Any]:
+    resp = await AsyncHTTPClient().fetch(
+        f"{gw.http}/websocket/stats{query}",
+        headers={"Authorization": f"Bearer {token}"},
+        raise_error=False,
+        request_timeout=10,
+    )
+    text = resp.body.decode()
+    return resp.code, orjson.loads(text), text, resp.headers
+
+
+async def test_admin_pages_through_every_connection_with_its_details(
+    gateway_factory: Any,
+) -> None:
+    gw = await gateway_factory(jwt_secret=SECRET, trusted_proxies="127.0.0.1/32")
+    alice = await gw.connect(
+        "alice", headers={"X-Forwarded-For": "198.51.100.23", "User-Agent": "alice-phone/1.0"}
+    )
+    await gw.connect("bob")
+    await gw.connect("carol", "notifications")
+    ids = {c.conn_id for c in gw.node.hub.connections.values()}
+
+    seen: list[dict[str, Any]] = []
+    query = "?limit=2"
+    while True:
+        status, body = await get_page(gw, query)
+        assert status == 200, body
+        page = body["connections"]["list"]
+        assert page["total"] == 3 and page["missingNodes"] == []
+        assert len(page["items"]) <= 2
+        seen += page["items"]
+        if page["next"] is None:
+            break
+        query = f"?limit=2&after={page['next']}"
+    assert [c["connectionId"] for c in seen] == sorted(ids)
+    (mine,) = [c for c in seen if c["connectionId"] == alice.welcome["connectionId"]]
+    assert (mine["userId"], mine["namespace"], mine["node"]) == ("alice", "chat", gw.config.node_id)
+    assert (mine["ip"], mine["userAgent"]) == ("198.51.100.23", "alice-phone/1.0")
+    assert {c["namespace"] for c in seen} == {"chat", "notifications"}
+
+    # Counters follow the traffic.
+    await alice.emit("system:ping", {})
+    await alice.emit("system:ping", {})
+    _, body = await get_page(gw)
+    (now,) = [
+        c for c in body["connections"]["list"]["items"] if c["connectionId"] == mine["connectionId"]
+    ]
+    assert now["framesIn"] == mine["framesIn"] + 2
+    assert now["framesOut"] >= mine["framesOut"] + 2
+    assert now["bytesIn"] > mine["bytesIn"] and now["bytesOut"] > mine["bytesOut"]
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [("?limit=0", "limit"), ("?limit=501", "limit"), ("?limit=x", "limit"),
+     ("?after=" + "f" * 65, "after"), ("?offset=3", "offset")],
+)  # fmt: skip
+async def test_connection_page_is_bounded(gateway_factory: Any, query: str, field: str) -> None:
+    gw = await gateway_factory(jwt_secret=SECRET)
+    status, body = await get_page(gw, query)
+    assert status == 400, body
+    assert body["error"]["code"] == "VALIDATION_ERROR"
+    assert list(body["error"]["details"]) == [field]
+
+
+async def test_non_admin_sees_no_connection_details(gateway_factory: Any) -> None:
+    gw = await gateway_factory(jwt_secret=SECRET, trusted_proxies="127.0.0.1/32")
+    victim = await gw.connect(
+        "victim", headers={"X-Forwarded-For": "192.0.2.99", "User-Agent": "victim-agent"}
+    )
+    for roles in (("user",), ("moderator",)):
+        status, body, text, _ = await get_stats_at(gw, gw.token("mallory", roles), "?limit=5")
+        assert (status, body["error"]["code"]) == (403, "FORBIDDEN")
+        for secret in ("192.0.2.99", "victim-agent", victim.welcome["connectionId"]):
+            assert secret not in text

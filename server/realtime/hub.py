@@ -69,8 +69,11 @@ class Connection(Protocol):
     def send_frame(self, frame: bytes) -> bool:
         """Queue a pre-built frame; False if the connection is gone or too slow."""
 
-    def write_frame(self, frame: bytes) -> bool:
-        """Like :meth:`send_frame` but uncounted: the hub counts whole broadcasts."""
+    def write_frame(self, frame: bytes, frames: int = 1) -> bool:
+        """Like :meth:`send_frame` but uncounted: the hub counts whole broadcasts.
+
+        ``frame`` may be ``frames`` frames joined (a coalesced write).
+        """
 
     def close_with(self, code: int, reason: str) -> None:
         """Start closing the connection with a WebSocket close code."""
@@ -147,19 +150,19 @@ def _write_batches(conn: Connection, frames: list[bytes]) -> tuple[int, int]:
     """
     data = b"".join(frames)
     if len(data) <= COALESCE_MAX_BYTES:  # the usual case: one write
-        return (len(frames), len(data)) if conn.write_frame(data) else (0, 0)
+        return (len(frames), len(data)) if conn.write_frame(data, frames=len(frames)) else (0, 0)
     count = nbytes = 0
     start, size = 0, 0
     for end, frame in enumerate(frames):
         if end > start and size + len(frame) > COALESCE_MAX_BYTES:
             data = b"".join(frames[start:end])
-            if not conn.write_frame(data):
+            if not conn.write_frame(data, frames=end - start):
                 return count, nbytes
             count, nbytes = count + end - start, nbytes + len(data)
             start, size = end, 0
         size += len(frame)
     data = frames[start] if len(frames) - start == 1 else b"".join(frames[start:])
-    if conn.write_frame(data):
+    if conn.write_frame(data, frames=len(frames) - start):
         count, nbytes = count + len(frames) - start, nbytes + len(data)
     return count, nbytes
 

@@ -115,6 +115,9 @@ class Outbound:
         self.progress_at = 0.0
         #: Set once the connection is closing: nothing more is written.
         self.closing = False
+        #: Frames and bytes accepted for the peer (for admins' connection listing).
+        self.frames_out = 0
+        self.bytes_out = 0
 
     def attach(self, stream: IOStream) -> None:
         """Write to ``stream`` (the WebSocket's, once it is open)."""
@@ -129,8 +132,18 @@ class Outbound:
         """Whether frames can go straight to the socket (plain TCP, attached)."""
         return self._sock is not None
 
-    def write(self, frame: bytes) -> bool:
-        """Write a frame within the budget; False if gone, closing or a slow consumer."""
+    def write(self, frame: bytes, frames: int = 1) -> bool:
+        """Write a frame within the budget; False if gone, closing or a slow consumer.
+
+        ``frame`` may be ``frames`` frames joined in one write (counted as such).
+        """
+        if not self._write(frame):
+            return False
+        self.frames_out += frames
+        self.bytes_out += len(frame)
+        return True
+
+    def _write(self, frame: bytes) -> bool:
         stream = self._stream
         if stream is None or self.closing:
             return False
@@ -164,6 +177,8 @@ class Outbound:
         stream = self._stream
         if stream is None or self.closing or stream.closed():
             return None
+        self.frames_out += 1
+        self.bytes_out += len(frame)
         return stream.write(frame)
 
     def _queue(self, stream: IOStream, data: bytes) -> bool:

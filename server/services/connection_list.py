@@ -1,0 +1,214 @@
+"""Per-connection details for admins, gathered from every node on request.
+
+``admin:online_users`` and ``/websocket/stats`` list connections with their
+client address, user agent, start time, node, namespace and frame counts.
+Each node knows its own connections; a listing asks every node that may hold
+some over the broker's control bus and gathers the answers, waiting at most
+:data:`ASK_TIMEOUT_SECS` (a node that did not answer in time is named in
+``missingNodes``, and the listing is what the others said).
+
+Why a request over the control bus rather than a hash per node in Redis:
+nothing is written anywhere when a connection opens, closes or sends a
+frame. A connection pays for its counters (plain ints on its handler and its
+outbound writer) and nothing else -- no Redis write at connect, no periodic
+flush of counters, no clean-up of a dead node's records -- and the figures
+are the live ones. The cost is at listing time, which is rare and admin-only:
+each node scans its own connections once (a few ms for 10,000) and answers
+at most :data:`ANSWER_MAX_CONNECTIONS` of them.
+
+A connection describes itself (:class:`Listed`); the gateway handlers do,
+from what they hold anyway (the handshake's headers, the resolved client
+address), so idle connections carry no extra copies.
+
+Example::
+
+    listing = ConnectionList(hub, presence)
+    page = await listing.page(limit=50, after=None)          # every node, by connection id
+    mine = await listing.of_users(["alice"], nodes={"a", "b"})  # alice's, on a and b
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import re
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from server.realtime.hub import Connection, Hub
+from server.realtime.presence import Presence
+
+log = logging.getLogger("switchboard.admin")
+
+#: The control action asking every node for its connections, and the answer's.
+ASK_ACTION = "connections.ask"
+ANSWER_ACTION = "connections.answer"
+#: How long a listing waits for the other nodes: a live node answers in
+#: milliseconds; a node that is dying, or cut off from Redis, is not waited for.
+ASK_TIMEOUT_SECS = 2.0
+#: The most connections one node puts in an answer (a page asks for at most
+#: 500; a page of 500 users holds at most their connection limits' worth).
+ANSWER_MAX_CONNECTIONS = 2000
+#: User agents are listed up to this many characters, control characters removed.
+USER_AGENT_MAX_CHARS = 256
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def clean_user_agent(value: str | None) -> str:
+    """A client's ``User-Agent`` as an admin may see it: printable and bounded."""
+    if not value:
+        return ""
+    return _CONTROL.sub("", value[: USER_AGENT_MAX_CHARS * 2])[:USER_AGENT_MAX_CHARS]
+
+
+class Listed(Protocol):
+    """A connection that describes itself for the listing (the gateway handlers)."""
+
+    def describe(self) -> dict[str, Any]:
+        """``{connectionId, userId, namespace, ip, userAgent, connectedAt, framesIn,
+        framesOut, bytesIn, bytesOut}`` (the node is added by the listing)."""
+
+
+def _describe(conn: Connection, node: str) -> dict[str, Any]:
+    describe = getattr(conn, "describe", None)
+    if describe is not None:
+        details: dict[str, Any] = describe()
+    else:  # not a gateway handler (e.g. a test's connection): what the hub knows
+        details = {"connectionId": conn.conn_id, "userId": conn.user_id,
+                   "namespace": conn.namespace}  # fmt: skip
+    details["node"] = node
+    return details
+
+
+@dataclass
+class _Gather:
+    """One listing in flight: the nodes it waits for and what they answered."""
+
+    expected: set[str]
+    done: asyncio.Future[None]
+    answers: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def add(self, node: str, answer: dict[str, Any]) -> None:
+        self.answers[node] = answer
+        if self.expected.issubset(self.answers) and not self.done.done():
+            self.done.set_result(None)
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """Connections gathered from the nodes, with who answered."""
+
+    connections: list[dict[str, Any]]
+    #: Connections matching the query on the nodes that answered (before the page).
+    total: int
+    #: Connections after the page's last one (a page): there is a next page.
+    more: bool
+    missing_nodes: list[str]
+
+
+class ConnectionList:
+    """Per-connection details of every node, on request (see the module docstring)."""
+
+    def __init__(
+        self, hub: Hub, presence: Presence, *, timeout_secs: float = ASK_TIMEOUT_SECS
+    ) -> None:
+        self.hub = hub
+        self.presence = presence
+        self.node_id = hub.node_id
+        self.timeout_secs = timeout_secs
+        self._gathers: dict[str, _Gather] = {}
+        hub.broker.on_control(ASK_ACTION, self._answer_elsewhere)
+        hub.broker.on_control(ANSWER_ACTION, self._answered)
+
+    async def page(self, limit: int, after: str | None) -> Listing:
+        """Up to ``limit`` connections of the cluster by connection id, after ``after``."""
+        nodes = {n["id"] for n in await self.presence.nodes()}
+        listing = await self._gather({"after": after, "limit": limit}, nodes)
+        listing.connections.sort(key=lambda c: str(c["connectionId"]))
+        more = len(listing.connections) > limit or listing.more
+        del listing.connections[limit:]
+        return Listing(listing.connections, listing.total, more, listing.missing_nodes)
+
+    async def of_users(self, user_ids: Iterable[str], nodes: Iterable[str]) -> Listing:
+        """Every connection of ``user_ids`` on ``nodes`` (where presence says they are)."""
+        users = sorted(set(user_ids))
+        if not users:
+            return Listing([], 0, False, [])
+        listing = await self._gather({"users": users, "limit": ANSWER_MAX_CONNECTIONS}, set(nodes))
+        listing.connections.sort(key=lambda c: (str(c["userId"]), str(c["connectionId"])))
+        return listing
+
+    # -- one node's share -------------------------------------------------------
+
+    def local(self, query: dict[str, Any]) -> dict[str, Any]:
+        """This node's answer to ``query`` (``users``, ``after``, ``limit``)."""
+        users, after = query.get("users"), query.get("after")
+        limit = min(int(query.get("limit") or ANSWER_MAX_CONNECTIONS), ANSWER_MAX_CONNECTIONS)
+        conns: Iterable[Connection]
+        if users is not None:
+            conns = [c for u in users for c in self.hub.user_connections(str(u))]
+        else:
+            conns = self.hub.connections.values()
+        total = 0
+        matching = []
+        for conn in conns:
+            total += 1
+            if after is None or conn.conn_id > after:
+                matching.append(conn)
+        chosen = heapq.nsmallest(limit, matching, key=lambda c: c.conn_id)
+        return {
+            "node": self.node_id,
+            "connections": [_describe(c, self.node_id) for c in chosen],
+            "total": total,
+            "more": len(matching) > len(chosen),
+        }
+
+    # -- over the control bus ---------------------------------------------------
+
+    async def _gather(self, query: dict[str, Any], nodes: set[str]) -> Listing:
+        """This node's answer and those of ``nodes`` (waited for, within the timeout)."""
+        others = nodes - {self.node_id}
+        answers = {self.node_id: self.local(query)}
+        if others and self.hub.broker.ok:
+            request_id = secrets.token_hex(8)
+            gather = _Gather(others, asyncio.get_running_loop().create_future())
+            self._gathers[request_id] = gather
+            try:
+                # The memory broker answers within send_control: register first.
+                self.hub.broker.send_control(
+                    ASK_ACTION, {**query, "id": request_id, "from": self.node_id}
+                )
+                async with asyncio.timeout(self.timeout_secs):
+                    await asyncio.shield(gather.done)
+            except TimeoutError:
+                log.info("connection listing: no answer from %s within %.1f s",
+                         sorted(others - gather.answers.keys()), self.timeout_secs)  # fmt: skip
+            finally:
+                del self._gathers[request_id]
+            answers.update({n: a for n, a in gather.answers.items() if n in others})
+        connections = [c for a in answers.values() for c in a["connections"]]
+        return Listing(
+            connections,
+            total=sum(int(a["total"]) for a in answers.values()),
+            more=any(a["more"] for a in answers.values()),
+            missing_nodes=sorted(others - answers.keys()),
+        )
+
+    def _answer_elsewhere(self, data: dict[str, Any]) -> None:
+        asker, request_id = data.get("from"), data.get("id")
+        if not isinstance(asker, str) or not isinstance(request_id, str):
+            log.warning("connection listing: malformed request %r", data)
+            return
+        answer = {**self.local(data), "id": request_id}
+        self.hub.broker.send_control(ANSWER_ACTION, answer, node=asker)
+
+    def _answered(self, data: dict[str, Any]) -> None:
+        gather = self._gathers.get(str(data.get("id")))
+        node = data.get("node")
+        # Late (the listing timed out) or unasked: nobody is waiting for it.
+        if gather is not None and isinstance(node, str) and node in gather.expected:
+            gather.add(node, data)
