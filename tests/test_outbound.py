@@ -15,8 +15,9 @@ import time
 from typing import Any
 
 import pytest
+from tornado.iostream import IOStream
 
-from server.realtime.outbound import tcp_progress
+from server.realtime.outbound import Outbound, tcp_progress
 from switchboard_client import Client
 from tests.support.client_checks import settle
 from tests.test_presence import RawWebSocket, flood_until, join, make_room, sample
@@ -159,3 +160,26 @@ def test_tcp_progress_reads_the_kernels_counters():
                 assert time.monotonic() < deadline, after
                 time.sleep(0.01)
             assert after is not None and after[0] - before[0] == queued
+
+
+@pytest.mark.asyncio
+async def test_frames_and_bytes_out_are_counted_on_every_path():
+    """What admins' connection listings show as framesOut/bytesOut: each frame once,
+    whether it went straight to the socket, half of it, or was queued behind others."""
+    sender, receiver = socket.socketpair()
+    sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    stream = IOStream(sender)
+    out = Outbound(64 * 1024 * 1024, on_slow=lambda: None)
+    out.attach(stream)
+    try:
+        assert out.write(b"a" * 10)  # straight to the socket
+        assert (out.frames_out, out.bytes_out, out.pending) == (1, 10, 0)
+        big = b"b" * (8 * 1024 * 1024)  # more than the kernel takes at once: the rest queued
+        assert out.write(big) and out.pending > 0
+        assert out.write(b"c" * 30, frames=3)  # behind the queue: three joined frames
+        assert (out.frames_out, out.bytes_out) == (5, 10 + len(big) + 30)
+        assert out.write_unbudgeted(b"d" * 5) is not None
+        assert (out.frames_out, out.bytes_out) == (6, 10 + len(big) + 35)
+    finally:
+        stream.close()
+        receiver.close()

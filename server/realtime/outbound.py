@@ -137,13 +137,6 @@ class Outbound:
 
         ``frame`` may be ``frames`` frames joined in one write (counted as such).
         """
-        if not self._write(frame):
-            return False
-        self.frames_out += frames
-        self.bytes_out += len(frame)
-        return True
-
-    def _write(self, frame: bytes) -> bool:
         stream = self._stream
         if stream is None or self.closing:
             return False
@@ -156,17 +149,19 @@ class Outbound:
             except OSError:
                 sent = 0
             if sent == len(frame):
+                self.frames_out += frames
+                self.bytes_out += sent
                 return True
             if sent:
                 # Half a frame is on the wire: the rest must follow, whatever the
                 # budget says (it fits: nothing else was pending).
-                return self._queue(stream, frame[sent:])
+                return self._queue(stream, frame[sent:], frames, len(frame))
         if stream.closed():
             return False
         if self.pending + len(frame) > self.max_bytes:
             self.slow_consumer()
             return False
-        return self._queue(stream, frame)
+        return self._queue(stream, frame, frames, len(frame))
 
     def write_unbudgeted(self, frame: bytes) -> asyncio.Future[None] | None:
         """Queue a frame outside the budget; the Future resolves once the kernel has it.
@@ -181,12 +176,15 @@ class Outbound:
         self.bytes_out += len(frame)
         return stream.write(frame)
 
-    def _queue(self, stream: IOStream, data: bytes) -> bool:
+    def _queue(self, stream: IOStream, data: bytes, frames: int, size: int) -> bool:
+        """Queue ``data``, the rest of ``frames`` frames of ``size`` bytes in all."""
         try:
             written = stream.write(data)
         except StreamClosedError:
             return False
         self.pending += len(data)
+        self.frames_out += frames
+        self.bytes_out += size
         written.add_done_callback(partial(self._drained, len(data)))
         return True
 
