@@ -14,38 +14,18 @@ import pytest
 
 from server.realtime.broker import MemoryBroker, MemoryBus
 from server.realtime.hub import Hub
-from server.realtime.outbound import Outbound
 from server.realtime.presence import Presence
 from server.services.connection_list import ConnectionList, clean_user_agent
+from tests.test_hub import FakeConn
 
 pytestmark = pytest.mark.asyncio
 
 
-class Conn:
-    """The hub's ``Connection`` protocol and ``describe()``, as the handlers have them."""
-
-    def __init__(self, conn_id: str, user_id: str) -> None:
-        self.conn_id, self.user_id, self.last_seen = conn_id, user_id, 0.0
-        self.outbound = Outbound(1024, on_slow=lambda: None)
-
-    @property
-    def namespace(self) -> str:
-        return "chat"
+class Conn(FakeConn):
+    """A hub connection that describes itself, as the gateway handlers do."""
 
     def describe(self) -> dict[str, Any]:
         return {"connectionId": self.conn_id, "userId": self.user_id, "ip": "192.0.2.1"}
-
-    def send_frame(self, frame: bytes) -> bool:
-        return True
-
-    def write_frame(self, frame: bytes, frames: int = 1) -> bool:
-        return True
-
-    def close_with(self, code: int, reason: str) -> None:
-        pass
-
-    def ping(self) -> None:
-        pass
 
 
 class LiveNodes(Presence):
