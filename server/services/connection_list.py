@@ -13,8 +13,13 @@ frame. A connection pays for its counters (plain ints on its handler and its
 outbound writer) and nothing else -- no Redis write at connect, no periodic
 flush of counters, no clean-up of a dead node's records -- and the figures
 are the live ones. The cost is at listing time, which is rare and admin-only:
-each node scans its own connections once (a few ms for 10,000) and answers
-at most :data:`ANSWER_MAX_CONNECTIONS` of them.
+each node scans its own connections once and answers at most
+:data:`ANSWER_MAX_CONNECTIONS` of them. Measured (2026-11-27, 2 loaded
+cores): the counters add 42 bytes of Python allocations per idle connection
+(``bench.idle --tracemalloc``, 3,000 connections; RSS per connection 19.3-19.8
+KiB before and 19.2-19.9 KiB after, within the run-to-run noise) and two int
+increments per frame; a node picks a page of 500 among 10,000 connections in
+about 5 ms, the connections of 500 users in about 1 ms.
 
 A connection describes itself (:class:`Listed`); the gateway handlers do,
 from what they hold anyway (the handshake's headers, the resolved client
