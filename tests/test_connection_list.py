@@ -76,7 +76,7 @@ async def test_a_node_that_does_not_answer_is_named_after_the_timeout() -> None:
     page = await listing.page(10, None)
     assert page.missing_nodes == ["ghost"]
     assert [c["connectionId"] for c in page.connections] == ["01", "02", "03", "04", "05"]
-    assert listing._gathers == {}  # nothing left waiting
+    assert listing.hub.broker._asking == {}  # nothing left waiting
 
 
 async def test_user_agents_are_printable_and_bounded() -> None:

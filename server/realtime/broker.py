@@ -36,7 +36,10 @@ Example::
 from __future__ import annotations
 
 import abc
+import asyncio
+import contextlib
 import logging
+import secrets
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -109,6 +112,20 @@ class Receiver(Protocol):
         """Write a frame once to every local connection any of ``targets`` reaches."""
 
 
+class _Asking:
+    """One :meth:`Broker.ask` waiting for the other nodes' answers."""
+
+    def __init__(self, expected: frozenset[str] | None) -> None:
+        self.expected = expected
+        self.answers: dict[str, dict[str, Any]] = {}
+        self.done = asyncio.Event()
+
+    def add(self, node: str, answer: dict[str, Any]) -> None:
+        self.answers[node] = answer
+        if self.expected is not None and self.expected <= self.answers.keys():
+            self.done.set()
+
+
 class Broker(abc.ABC):
     """How a node's hub reaches the other nodes (see the module docstring).
 
@@ -125,6 +142,7 @@ class Broker(abc.ABC):
     def __init__(self, node_id: str) -> None:
         self.node_id = node_id
         self._control: dict[str, ControlHandler] = {}
+        self._asking: dict[str, _Asking] = {}
 
     @abc.abstractmethod
     def listen(self, receiver: Receiver) -> None:
@@ -203,6 +221,77 @@ class Broker(abc.ABC):
         The sender does not get it.
         """
         self._send_control(control_channel(target, node, interest), action, data)
+
+    def serve(self, action: str, respond: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+        """Answer other nodes' :meth:`ask` of ``action`` with ``respond(query)``.
+
+        Every node serves and asks the same actions, so this also registers
+        where this node's own asks collect their answers.
+
+        Example (server/services/connection_list.py)::
+
+            broker.serve("connections", self.local)
+            answers, missing = await broker.ask("connections", {"limit": 50}, nodes, 2.0)
+        """
+
+        def question(data: dict[str, Any]) -> None:
+            asker, request_id, query = data.get("from"), data.get("id"), data.get("query")
+            if not isinstance(asker, str) or not isinstance(request_id, str):
+                log.warning("broker %s: malformed %s question %r", self.node_id, action, data)
+                return
+            try:
+                answer = respond(query if isinstance(query, dict) else {})
+            except Exception:  # a bad question must not take the listener down
+                log.exception("broker %s: answering %s failed", self.node_id, action)
+                return
+            self.send_control(f"{action}:answer", {"id": request_id, "node": self.node_id,
+                                                  "answer": answer}, node=asker)  # fmt: skip
+
+        def answered(data: dict[str, Any]) -> None:
+            asking = self._asking.get(str(data.get("id")))
+            node, answer = data.get("node"), data.get("answer")
+            # Late (the ask timed out), unasked or malformed: nobody waits for it.
+            if asking is not None and isinstance(node, str) and isinstance(answer, dict):
+                asking.add(node, answer)
+
+        self.on_control(f"{action}:ask", question)
+        self.on_control(f"{action}:answer", answered)
+
+    async def ask(
+        self,
+        action: str,
+        query: dict[str, Any],
+        nodes: Iterable[str] | None,
+        timeout_secs: float,
+    ) -> tuple[dict[str, dict[str, Any]], list[str]]:
+        """Ask the other nodes ``action`` (see :meth:`serve`): ``(answers by node, missing)``.
+
+        ``nodes`` are the nodes expected to answer (this one is left out); the
+        ask ends when all have, or after ``timeout_secs``, and those still
+        silent are ``missing``. None: whoever answers within the timeout (the
+        whole timeout is waited). With the link down nobody is asked.
+        """
+        others = None if nodes is None else frozenset(nodes) - {self.node_id}
+        if others is not None and not others:
+            return {}, []
+        if not self.ok:
+            return {}, sorted(others or ())
+        request_id = secrets.token_hex(8)
+        asking = self._asking[request_id] = _Asking(others)
+        try:
+            # The memory broker answers within send_control: registered first.
+            self.send_control(f"{action}:ask", {"id": request_id, "from": self.node_id,
+                                               "query": query})  # fmt: skip
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_secs):
+                    await asking.done.wait()
+        finally:
+            del self._asking[request_id]
+        missing = sorted((others or frozenset()) - asking.answers.keys())
+        if missing:
+            log.info("broker %s: no %s answer from %s within %.1f s", self.node_id, action,
+                     missing, timeout_secs)  # fmt: skip
+        return asking.answers, missing
 
     async def members(self) -> frozenset[str] | None:
         """The nodes of the cluster, this one included, if the broker knows them.

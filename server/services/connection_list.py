@@ -34,13 +34,11 @@ Example::
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 import logging
 import re
-import secrets
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from server.realtime.hub import Connection, Hub
@@ -48,9 +46,8 @@ from server.realtime.presence import Presence
 
 log = logging.getLogger("switchboard.admin")
 
-#: The control action asking every node for its connections, and the answer's.
-ASK_ACTION = "connections.ask"
-ANSWER_ACTION = "connections.answer"
+#: What a listing asks every node over the broker (Broker.serve / Broker.ask).
+ASK_ACTION = "connections"
 #: How long a listing waits for the other nodes: a live node answers in
 #: milliseconds; a node that is dying, or cut off from Redis, is not waited for.
 ASK_TIMEOUT_SECS = 2.0
@@ -89,20 +86,6 @@ def _describe(conn: Connection, node: str) -> dict[str, Any]:
     return details
 
 
-@dataclass
-class _Gather:
-    """One listing in flight: the nodes it waits for and what they answered."""
-
-    expected: set[str]
-    done: asyncio.Future[None]
-    answers: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    def add(self, node: str, answer: dict[str, Any]) -> None:
-        self.answers[node] = answer
-        if self.expected.issubset(self.answers) and not self.done.done():
-            self.done.set_result(None)
-
-
 @dataclass(frozen=True, slots=True)
 class Listing:
     """Connections gathered from the nodes, with who answered."""
@@ -125,9 +108,7 @@ class ConnectionList:
         self.presence = presence
         self.node_id = hub.node_id
         self.timeout_secs = timeout_secs
-        self._gathers: dict[str, _Gather] = {}
-        hub.broker.on_control(ASK_ACTION, self._answer_elsewhere)
-        hub.broker.on_control(ANSWER_ACTION, self._answered)
+        hub.broker.serve(ASK_ACTION, self.local)
 
     async def page(self, limit: int, after: str | None) -> Listing:
         """Up to ``limit`` connections of the cluster by connection id, after ``after``."""
@@ -176,44 +157,12 @@ class ConnectionList:
 
     async def _gather(self, query: dict[str, Any], nodes: set[str]) -> Listing:
         """This node's answer and those of ``nodes`` (waited for, within the timeout)."""
-        others = nodes - {self.node_id}
         answers = {self.node_id: self.local(query)}
-        if others and self.hub.broker.ok:
-            request_id = secrets.token_hex(8)
-            gather = _Gather(others, asyncio.get_running_loop().create_future())
-            self._gathers[request_id] = gather
-            try:
-                # The memory broker answers within send_control: register first.
-                self.hub.broker.send_control(
-                    ASK_ACTION, {**query, "id": request_id, "from": self.node_id}
-                )
-                async with asyncio.timeout(self.timeout_secs):
-                    await asyncio.shield(gather.done)
-            except TimeoutError:
-                log.info("connection listing: no answer from %s within %.1f s",
-                         sorted(others - gather.answers.keys()), self.timeout_secs)  # fmt: skip
-            finally:
-                del self._gathers[request_id]
-            answers.update({n: a for n, a in gather.answers.items() if n in others})
-        connections = [c for a in answers.values() for c in a["connections"]]
+        others, missing = await self.hub.broker.ask(ASK_ACTION, query, nodes, self.timeout_secs)
+        answers.update(others)
         return Listing(
-            connections,
+            [c for a in answers.values() for c in a["connections"]],
             total=sum(int(a["total"]) for a in answers.values()),
             more=any(a["more"] for a in answers.values()),
-            missing_nodes=sorted(others - answers.keys()),
+            missing_nodes=missing,
         )
-
-    def _answer_elsewhere(self, data: dict[str, Any]) -> None:
-        asker, request_id = data.get("from"), data.get("id")
-        if not isinstance(asker, str) or not isinstance(request_id, str):
-            log.warning("connection listing: malformed request %r", data)
-            return
-        answer = {**self.local(data), "id": request_id}
-        self.hub.broker.send_control(ANSWER_ACTION, answer, node=asker)
-
-    def _answered(self, data: dict[str, Any]) -> None:
-        gather = self._gathers.get(str(data.get("id")))
-        node = data.get("node")
-        # Late (the listing timed out) or unasked: nobody is waiting for it.
-        if gather is not None and isinstance(node, str) and node in gather.expected:
-            gather.add(node, data)

@@ -22,8 +22,8 @@ it belongs to its origin's ring buffer and stats. The origin's broker does
 not hear its own messages, so each subscriber gets each entry once.
 
 Gathering. :meth:`LogCluster.recent` and :meth:`LogCluster.stats` ask the
-other nodes (control ``logs_gather`` to all, each answers ``logs_gathered``
-on the asker's node channel) and wait until every member has answered, at
+other nodes (``Broker.ask`` of :data:`GATHER_ACTION`: a question to all, each
+answers on the asker's node channel) and wait until every member has answered, at
 most :data:`GATHER_TIMEOUT_SECS`. Members are what the node registry lists
 (a killed node until it is reaped; one that stopped cleanly has left), or
 the nodes of a memory bus. A member that has not answered in time is
@@ -41,9 +41,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -62,8 +60,7 @@ log = logging.getLogger("switchboard.logstream.cluster")
 #: The interest kind of the level channels (``logs:{LEVEL}``).
 LOGS_INTEREST = "logs"
 ENTRIES_ACTION = "logs_entries"
-GATHER_ACTION = "logs_gather"
-ANSWER_ACTION = "logs_gathered"
+GATHER_ACTION = "logs"
 
 #: Entries stored within this window are relayed together (latency vs. publishes).
 RELAY_FLUSH_SECS = 0.02
@@ -87,20 +84,6 @@ def _timestamp(entry: LogEntry) -> str:
     return str(entry["timestamp"])
 
 
-class _Gathering:
-    """One recent/stats request waiting for the other nodes."""
-
-    def __init__(self, expected: frozenset[str] | None) -> None:
-        self.expected = expected
-        self.answers: dict[str, Any] = {}
-        self.done = asyncio.Event()
-
-    def add(self, node: str, answer: Any) -> None:
-        self.answers[node] = answer
-        if self.expected is not None and self.expected <= self.answers.keys():
-            self.done.set()
-
-
 class LogCluster:
     """The log streams of every node as one (see the module docstring).
 
@@ -120,12 +103,10 @@ class LogCluster:
         self._flush: asyncio.TimerHandle | None = None
         #: Entries not relayed because :data:`RELAY_PENDING_MAX` were waiting.
         self.relay_dropped = 0
-        self._gatherings: dict[str, _Gathering] = {}
         stream.on_stored = self._relay
         stream.on_subscribers_changed = self._follow_subscribers
         broker.on_control(ENTRIES_ACTION, self._on_entries)
-        broker.on_control(GATHER_ACTION, self._on_gather)
-        broker.on_control(ANSWER_ACTION, self._on_answer)
+        broker.serve(GATHER_ACTION, self._answer)
 
     # -- live entries ---------------------------------------------------------------
 
@@ -206,7 +187,7 @@ class LogCluster:
         entries of every node, merged by time."""
         args = {"limit": limit, "minLevel": min_level, "service": service}
         answers, missing = await self._gather("recent", args)
-        answers[self.node_id] = self._answer("recent", args)
+        answers[self.node_id] = self._answer({"op": "recent", "args": args})
         entries: list[LogEntry] = []
         truncated = False
         for answer in answers.values():
@@ -241,8 +222,9 @@ class LogCluster:
             "missing": missing,
         }
 
-    def _answer(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
-        """This node's part of a gathering."""
+    def _answer(self, query: dict[str, Any]) -> dict[str, Any]:
+        """This node's part of a gathering: ``{op: "recent" | "stats", args}``."""
+        op, args = query.get("op"), query.get("args") or {}
         if op == "stats":
             return self.stream.stats()
         entries = self.stream.recent(
@@ -253,38 +235,7 @@ class LogCluster:
 
     async def _gather(self, op: str, args: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         """The other nodes' answers, and the members that gave none in time."""
-        members = await self._members()
-        others = None if members is None else members - {self.node_id}
-        if others is not None and not others:
-            return {}, []
-        if not self.broker.ok:
-            return {}, sorted(others or ())
-        request_id = uuid.uuid4().hex
-        gathering = self._gatherings[request_id] = _Gathering(others)
-        try:
-            self.broker.send_control(
-                GATHER_ACTION, {"id": request_id, "from": self.node_id, "op": op, "args": args}
-            )
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.gather_timeout_secs):
-                    await gathering.done.wait()
-        finally:
-            del self._gatherings[request_id]
-        answers = gathering.answers
-        return answers, sorted((others or frozenset()) - answers.keys())
-
-    def _on_gather(self, data: dict[str, Any]) -> None:
-        asker, op = data.get("from"), data.get("op")
-        if not isinstance(asker, str) or op not in ("recent", "stats"):
-            return
-        answer = self._answer(op, data.get("args") or {})
-        self.broker.send_control(
-            ANSWER_ACTION, {"id": data.get("id"), "node": self.node_id, "answer": answer},
-            node=asker,
+        return await self.broker.ask(
+            GATHER_ACTION, {"op": op, "args": args}, await self._members(),
+            self.gather_timeout_secs,
         )  # fmt: skip
-
-    def _on_answer(self, data: dict[str, Any]) -> None:
-        gathering = self._gatherings.get(str(data.get("id")))
-        node = data.get("node")
-        if gathering is not None and isinstance(node, str) and isinstance(data.get("answer"), dict):
-            gathering.add(node, data["answer"])
