@@ -73,6 +73,9 @@ from server.core import protocol
 from server.ops.metrics import Metrics
 from server.realtime.broker import (
     ALL_CHANNEL,
+    LINK_LOST,
+    LINK_RESTORED,
+    LINK_RESUBSCRIBING,
     Broker,
     Receiver,
     channel,
@@ -430,6 +433,8 @@ class RedisBroker(Broker):
         else:
             log.info("redis mirror: connected, subscribed to %d channel(s)", subscribed)
         self._down_since = None
+        if was_down:
+            self._link_changed(LINK_RESTORED)
 
     def _set_down(self, reason: str, attempt: int) -> None:
         if self._up or self._down_since is None:
@@ -440,6 +445,7 @@ class RedisBroker(Broker):
         self._reason = f"{reason} (reconnect attempt {attempt})"
         if self.metrics is not None:
             self.metrics.redis_up.set(0)
+        self._link_changed(LINK_LOST)
 
     # -- lifetime ---------------------------------------------------------------
 
@@ -566,6 +572,8 @@ class RedisBroker(Broker):
 
     async def _listen(self, pubsub: PubSub) -> None:
         """Subscribe to everything needed, then read, re-sync and self-check until one fails."""
+        if self._down_since is not None:
+            self._link_changed(LINK_RESUBSCRIBING)
         await self.subscriptions.subscribe_all(pubsub)
         loop = asyncio.get_running_loop()
         tasks = [
