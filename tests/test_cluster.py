@@ -737,7 +737,15 @@ async def test_retry_answered_duplicate_delivers_a_message_no_node_broadcast(
     await eventually(
         lambda: _equals(room_subscribers(cluster, room), 3), timeout=5, what="subscribed"
     )
-    (stored,) = await asyncio.to_thread(store_unbroadcast, cluster, room, alice_id, "lost-1")
+    # Stored as a node that died right after its commit left it: (id, seq).
+    (stored,) = await cluster.asql(
+        "WITH bumped AS (UPDATE room SET last_seq = last_seq + 1 WHERE id = %s RETURNING last_seq)"
+        " INSERT INTO message (room_id, seq, sender_id, sender_name, content, type,"
+        " attachments, metadata, client_msg_id, created_at)"
+        " SELECT %s, last_seq, %s, %s, 'lost', 'text', '[]', '{}', 'lost-1',"
+        " now() AT TIME ZONE 'utc' FROM bumped RETURNING id, seq",
+        room, room, alice_id, alice_id,
+    )  # fmt: skip
     send = {"roomId": room, "content": "lost", "clientMsgId": "lost-1"}
     first = await alice_b.emit("message:send", send)
     assert first["duplicate"] is True and first["message"]["seq"] == stored[1]
@@ -752,29 +760,6 @@ async def test_retry_answered_duplicate_delivers_a_message_no_node_broadcast(
     # The retrying connection has the message in its ack, not as an event.
     await barrier(alice_b)
     assert stored[1] not in seqs_of(alice_b.drain_events("message:new"))
-
-
-def store_unbroadcast(
-    cluster: Cluster, room: str, sender: str, client_msg_id: str
-) -> list[tuple[Any, ...]]:
-    """Store a message as a node that died right after its commit left it: (id, seq)."""
-    import psycopg2
-
-    conn = psycopg2.connect(cluster.database_url, connect_timeout=10)
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(
-                "WITH bumped AS (UPDATE room SET last_seq = last_seq + 1 WHERE id = %s"
-                " RETURNING last_seq)"
-                " INSERT INTO message (room_id, seq, sender_id, sender_name, content, type,"
-                " attachments, metadata, client_msg_id, created_at)"
-                " SELECT %s, last_seq, %s, %s, 'lost', 'text', '[]', '{}', %s,"
-                " now() AT TIME ZONE 'utc' FROM bumped RETURNING id, seq",
-                (room, room, sender, sender, client_msg_id),
-            )
-            return list(cur.fetchall())
-    finally:
-        conn.close()
 
 
 @pytest.mark.asyncio
@@ -991,8 +976,10 @@ async def test_redis_killed_mid_traffic_and_restarted(cluster: Cluster, clients:
     sender = await clients.connect("a", uid("sender"))
     local = await clients.connect("a", uid("local"))
     remote = await clients.connect("b", uid("remote"))
+    # A member on b whose frames the test only reads at the end.
+    watcher = await clients.connect("b", uid("watcher"))
     room = await make_room(sender)
-    await join(room, sender, local, remote)
+    await join(room, sender, local, remote, watcher)
     await eventually(
         lambda: _equals(room_subscribers(cluster, room), 2), timeout=5, what="subscribed"
     )
@@ -1069,6 +1056,15 @@ async def test_redis_killed_mid_traffic_and_restarted(cluster: Cluster, clients:
     rows = await cluster.asql("SELECT seq, id FROM message WHERE room_id = %s ORDER BY seq", room)
     assert dict(rows) == acked
     assert sorted(acked) == list(range(1, len(acked) + 1))
+    # And reached the member on b live: once, in order, on one connection,
+    # the outage's share through node b's catch-up when its link came back.
+    await sentinel_message(sender, room, watcher)
+    await barrier(watcher)
+    got = seqs_of(watcher.drain_events("message:new"))
+    missed = sorted(set(acked) - set(got))
+    assert not missed, f"{len(missed)} of {len(acked)} acked messages never reached b: {missed}"
+    assert got == sorted(acked)
+    assert watcher.reconnects == 0
 
 
 @pytest.mark.asyncio

@@ -516,7 +516,7 @@ def test_a_finished_join_refuses_a_late_broadcast_its_ack_carried(hub):
 
 
 def test_a_room_seq_reaches_a_node_s_members_once(hub):
-    """A second copy of a seq (a retry's re-broadcast, a catch-up racing live traffic) is dropped."""
+    """A second copy of a seq (a re-broadcast, a catch-up racing live traffic) is dropped."""
     member, other = FakeConn("m1", "u1"), FakeConn("o1", "u2")
     for conn in (member, other):
         hub.add(conn)

@@ -39,6 +39,11 @@ with capped exponential backoff plus jitter, then subscribes to everything
 currently needed. A self-check publishes a ping on the node's own channel
 every few seconds; not hearing it back means the subscription went deaf
 without an error, which is logged, counted and repaired by reconnecting.
+The link's listeners (:meth:`~server.realtime.broker.Broker.on_link`) hear
+``lost`` on each failure, ``resubscribing`` before it subscribes again and
+``restored`` once its own ping made the round trip: what other nodes
+published meanwhile never arrives, and the node's catch-up
+(``server/services/catch_up.py``) delivers it from the database.
 
 Example::
 

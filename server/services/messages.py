@@ -58,28 +58,18 @@ class Author:
         return user_id
 
 
+@dataclass(slots=True)
 class Messages:
     """Sending, editing, deleting and reacting to messages (see the module docstring)."""
 
-    def __init__(
-        self,
-        hub: Hub,
-        sends: Batcher[chat_db.SendRequest, chat_db.Sent],
-        reacts: Batcher[chat_db.ReactRequest, dict[str, Any]],
-        db: Database,
-        metrics: Metrics,
-        stats: Stats,
-        typing: TypingTracker,
-        notifications: NotificationService,
-    ) -> None:
-        self.hub = hub
-        self.sends = sends
-        self.reacts = reacts
-        self.db = db
-        self.metrics = metrics
-        self.stats = stats
-        self.typing = typing
-        self.notifications = notifications
+    hub: Hub
+    sends: Batcher[chat_db.SendRequest, chat_db.Sent]
+    reacts: Batcher[chat_db.ReactRequest, dict[str, Any]]
+    db: Database
+    metrics: Metrics
+    stats: Stats
+    typing: TypingTracker
+    notifications: NotificationService
 
     async def send(
         self, author: Author, request: chat_db.SendRequest, *, started: float
