@@ -58,8 +58,13 @@ class RoomSeqs:
         state = self._rooms.get(room)
         if state is None:
             state = self._rooms[room] = _Room()
-        if state.upto is not None and seq <= state.upto:
-            return
+        upto = state.upto
+        if upto is not None:
+            if seq <= upto:
+                return
+            if seq == upto + 1 and not state.ahead:  # in order: the usual case
+                state.upto = seq
+                return
         state.ahead.add(seq)
         self._absorb(state)
         if len(state.ahead) > AHEAD_MAX:

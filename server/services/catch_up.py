@@ -75,8 +75,7 @@ class CatchUp:
         if state == LINK_RESUBSCRIBING:
             # From now on other nodes' frames may arrive: they wait for the catch-up,
             # which delivers the older messages first.
-            for room in self.hub.active_rooms():
-                self.hub.hold(room)
+            self._hold_all()
         elif state == LINK_LOST:
             # A resubscription that failed: nothing to wait for; the next restore catches up.
             for room in self.hub.held_rooms():
@@ -95,8 +94,7 @@ class CatchUp:
 
     def start(self, why: str) -> None:
         """Hold every room with local members and catch them up (again, if one is running)."""
-        for room in self.hub.active_rooms():
-            self.hub.hold(room)
+        self._hold_all()
         if self._running is not None:
             self._again = True
             return
@@ -112,7 +110,13 @@ class CatchUp:
         finally:
             self._running = None
 
+    def _hold_all(self) -> None:
+        for room in self.hub.active_rooms():
+            self.hub.hold(room)
+
     async def _catch_up(self, why: str) -> None:
+        # Again for a second round: the first released what it held.
+        self._hold_all()
         rooms = self.hub.held_rooms()
         after = {room: seq for room in rooms if (seq := self.hub.seqs.baseline(room)) is not None}
         found: dict[str, list[dict[str, Any]]] = {}
