@@ -22,6 +22,12 @@ it has a :class:`~server.realtime.broker.Broker` (given, or a
 it where local interest begins and ends, hands it every broadcast after
 delivering locally, and is called back with what other nodes publish.
 
+Room frames that carry a ``seq`` are delivered once per node
+(:class:`~server.realtime.seqs.RoomSeqs` remembers which), and a room's message
+frames can be held (:meth:`Hub.hold`) while a catch-up reads what the node
+missed, then released after it (:meth:`Hub.release`): see
+:mod:`server.services.catch_up`.
+
 Example::
 
     hub = Hub(node_id="n1")  # or Hub("n1", broker=RedisBroker(...))
