@@ -70,13 +70,25 @@ async def health(gw: Gateway) -> dict[str, Any]:
 
 
 class Proxy:
-    """A TCP proxy to Redis that can make its subscriber connections deaf."""
+    """A TCP proxy to Redis that can make its subscriber connections deaf, or cut them all."""
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
         self.port = 0
         self._server: asyncio.Server | None = None
         self._links: list[dict[str, Any]] = []
+        self._cut = False
+
+    def cut(self) -> None:
+        """Close every connection and refuse new ones until :meth:`mend`: Redis, as
+        this proxy's users see it, is down while it runs for everyone else."""
+        self._cut = True
+        for link in self._links:
+            for w in link["writers"]:
+                w.close()
+
+    def mend(self) -> None:
+        self._cut = False
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -94,6 +106,9 @@ class Proxy:
         return len(links)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._cut:
+            writer.close()
+            return
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
         link = {"subscriber": False, "deaf": False, "closed": False, "writers": (writer, up_writer)}
         self._links.append(link)
@@ -507,6 +522,27 @@ async def test_a_catch_up_beyond_its_bound_tells_members_to_resync(
     )
     in_order = sorted(page["messages"], key=lambda m: m["seq"])
     assert [m["content"] for m in in_order][:2] == ["during-3", "during-4"]
+
+
+async def test_a_node_back_on_redis_has_the_others_catch_up_what_it_could_not_publish(
+    cluster: Cluster,
+) -> None:
+    """Only node a loses Redis: b's link never drops, yet b's members get a's messages."""
+    proxy = await cluster.proxy()
+    a = await cluster.node("node-a", redis_url=proxy.url)
+    b = await cluster.node("node-b")
+    alice, bob = await a.connect("alice"), await b.connect("bob")
+    await in_room(cluster, "ops", alice, bob, nodes=2)
+    proxy.cut()
+    await eventually(lambda: not mirror(a).ok, timeout=MIRROR_TIMEOUT_SECS, what="a down")
+    for content in ("during-1", "during-2"):
+        await send(alice, "ops", content)
+    assert mirror(b).ok
+    proxy.mend()
+    await eventually(lambda: mirror(a).ok, timeout=MIRROR_TIMEOUT_SECS, what="a back")
+    await sentinel_message(alice, "ops", bob)
+    assert contents(bob.drain_events("message:new")) == ["during-1", "during-2"]
+    assert bob.reconnects == 0
 
 
 async def test_node_starts_without_redis_and_joins_later(tmp_path: Any) -> None:

@@ -8,7 +8,8 @@ remembers which seqs it delivered per room (:class:`~server.realtime.seqs.RoomSe
 So a node repairs what it can see:
 
 * when its Redis link comes back (the broker reports ``resubscribing``,
-  then ``restored``), and
+  then ``restored``), and when another node's does (that node dropped its
+  own publishes while down, and says so over the control bus), and
 * when a node is lost (reaped by the node registry: the reaper catches up
   and tells every other node to, over the control bus),
 
@@ -81,15 +82,18 @@ class CatchUp:
             for room in self.hub.held_rooms():
                 self.hub.release(room)
         elif state == LINK_RESTORED:
+            # This node dropped its own publishes while down: the others catch up too.
+            node = self.hub.node_id
+            self.hub.broker.send_control(CATCH_UP_ACTION, {"why": f"node {node} back on redis"})
             self.start("redis link restored")
 
     def _told(self, data: dict[str, Any]) -> None:
-        """Another node reaped one: catch up here too."""
-        self.start(f"node {data.get('node')} lost")
+        """Another node reaped one, or dropped publishes while its link was down."""
+        self.start(str(data.get("why", "another node asked")))
 
     async def after_node_loss(self, loss: NodeLoss) -> None:
         """A node was reaped: what it committed but never published is in the database."""
-        self.hub.broker.send_control(CATCH_UP_ACTION, {"node": loss.node_id})
+        self.hub.broker.send_control(CATCH_UP_ACTION, {"why": f"node {loss.node_id} lost"})
         self.start(f"node {loss.node_id} lost")
 
     def start(self, why: str) -> None:
