@@ -67,9 +67,7 @@ class CatchUp:
         self.runs = 0
         self.delivered = 0
         hub.broker.on_link(self.link_changed)
-        hub.broker.on_control(
-            CATCH_UP_ACTION, lambda data: self.start(f"node {data.get('node')} lost")
-        )
+        hub.broker.on_control(CATCH_UP_ACTION, self._told)
 
     def link_changed(self, state: str) -> None:
         """The broker's link listener."""
