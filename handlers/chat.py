@@ -5,15 +5,15 @@ validated ``data`` with the event's schema. Rooms (create, join, leave,
 update, delete) are :class:`server.services.rooms.Rooms` calls and typing indicators
 :class:`server.services.typing.TypingTracker` calls, shared with the admin surface;
 what stays here is the connection's own part (its rooms list, releasing a
-join's held frames after the ack). Database work goes through ``self.db.run``
-(worker threads); broadcasts go through the hub, built once. A message is
-committed before its ack and before ``message:new`` leaves.
+join's held frames after the ack). Messages (send, edit, delete, react)
+are :class:`server.services.messages.Messages` calls. Database work goes
+through ``self.db.run`` (worker threads); broadcasts go through the hub,
+built once.
 """
 
 from __future__ import annotations
 
 import secrets
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -23,7 +23,7 @@ from handlers import schemas as s
 from handlers.base import GatewayHandler, Reply
 from models import chat as chat_db
 from server.core import errors
-from server.realtime.hub import Target
+from server.services.messages import Author
 from server.services.rooms import Joined
 
 if TYPE_CHECKING:
@@ -72,8 +72,7 @@ class ChatHandler(GatewayHandler):
         self.typing = deps.typing
         self.health = deps.health
         self.notifications = deps.notifications
-        self.sends = deps.sends
-        self.reacts = deps.reacts
+        self.messages = deps.messages
         self.reads = deps.reads
 
     @property
@@ -175,6 +174,10 @@ class ChatHandler(GatewayHandler):
         if not self.hub.in_room(self, room_id):
             raise errors.NotInRoom("Join the room first", {"roomId": room_id})
 
+    @property
+    def author(self) -> Author:
+        return Author(self.conn_id, self.user_info, self.namespace)
+
     async def on_message_send(
         self,
         room_id: str,
@@ -187,49 +190,20 @@ class ChatHandler(GatewayHandler):
     ) -> dict[str, Any]:
         self._require_joined(room_id)
         assert self.identity is not None
-        sent = await self.sends.submit(chat_db.SendRequest(
+        request = chat_db.SendRequest(
             room_id, self.user_id, self.identity.display_name, content, type,
             parent_message_id, attachments, metadata, client_msg_id,
-        ))  # fmt: skip
-        message = sent.message
-        if not sent.duplicate:
-            self.metrics.messages_persisted.inc()
-            self.stats.messages.add()
-            self.stats.rooms.message(room_id)
-            self.typing.stop(room_id, self.user_info, self.conn_id)
-            self.publish(
-                Target.room(message["roomId"]), "message:new", {"message": message},
-                seq=message["seq"],
-            )  # fmt: skip
-            self.metrics.publish_latency.labels(self.namespace).observe(
-                time.perf_counter() - self.event_started
-            )
-            # Mentions and missed messages: queued for the background, per room.
-            self.notifications.message_sent(message)
-        return {"message": message, "duplicate": sent.duplicate}
+        )  # fmt: skip
+        return await self.messages.send(self.author, request, started=self.event_started)
 
     async def on_message_edit(self, message_id: int, content: str) -> dict[str, Any]:
-        message = await self.db.run(
-            "message.edit", chat_db.edit_message, message_id, self.user_id, content
-        )
-        self.publish(Target.room(message["roomId"]), "message:updated", {"message": message})
-        return {"message": message}
+        return await self.messages.edit(self.author, message_id, content)
 
     async def on_message_delete(self, message_id: int, reason: str | None) -> dict[str, Any]:
-        message = await self.db.run(
-            "message.delete", chat_db.delete_message, message_id, self.user_id, self.is_staff
-        )
-        data = {"messageId": message["id"], "roomId": message["roomId"], "deletedBy": self.user_id}
-        self.publish(Target.room(message["roomId"]), "message:deleted", data)
-        return data
+        return await self.messages.delete(self.author, message_id, is_staff=self.is_staff)
 
     async def on_message_react(self, message_id: int, emoji: str, action: str) -> dict[str, Any]:
-        result = await self.reacts.submit(
-            chat_db.ReactRequest(message_id, self.user_id, emoji, action)
-        )
-        data = {**result, "emoji": emoji, "userId": self.user_id, "action": action}
-        self.publish(Target.room(result["roomId"]), "message:reaction", data)
-        return data
+        return await self.messages.react(self.author, message_id, emoji, action)
 
     # -- typing and presence --------------------------------------------------------
 

@@ -32,6 +32,7 @@ from server.services.admission import Admission
 from server.services.connection_list import ConnectionList
 from server.services.logcluster import LogCluster
 from server.services.logstream import LogStream
+from server.services.messages import Messages
 from server.services.moderation import Moderation
 from server.services.node_state import NodeState
 from server.services.notify import NotificationService
@@ -62,12 +63,11 @@ class Deps:
     health: Health
     notifications: NotificationService
     moderation: Moderation
-    #: Group commit of ``message:send``.
-    sends: Batcher[chat_db.SendRequest, chat_db.Sent]
-    #: Group commit of ``message:react`` and of ``room:read``.
-    reacts: Batcher[chat_db.ReactRequest, dict[str, Any]]
+    #: Group commit of ``room:read``.
     reads: Batcher[chat_db.ReadRequest, dict[str, Any]]
     rooms: Rooms
+    #: message:send, edit, delete and react: store, broadcast, count.
+    messages: Messages
     typing: TypingTracker
     feed: AdminFeed
     logstream: LogStream

@@ -253,14 +253,29 @@ def join_room(room_id: str, user_id: str, since_seq: int | None) -> dict[str, An
 
 def _missed_since(room_id: str, since_seq: int, limit: int) -> list[dict[str, Any]] | None:
     """The room's messages after ``since_seq`` in seq order; None if more than ``limit``."""
+    missed = _after(room_id, since_seq, limit + 1)
+    return _message_dicts(missed) if len(missed) <= limit else None
+
+
+def _after(room_id: str, seq: int, limit: int) -> list[Message]:
+    """Up to ``limit`` of the room's messages after ``seq``, in seq order."""
     query = (
         Message.select()
-        .where((Message.room == room_id) & (Message.seq > since_seq))
+        .where((Message.room == room_id) & (Message.seq > seq))
         .order_by(Message.seq)
-        .limit(limit + 1)
+        .limit(limit)
     )
-    missed = list(query)
-    return _message_dicts(missed) if len(missed) <= limit else None
+    return list(query)
+
+
+def messages_after(after: dict[str, int], limit: int) -> dict[str, list[dict[str, Any]]]:
+    """Per room of ``after``, up to ``limit`` of its messages above the seq given, in order.
+
+    A node's catch-up (``server/services/catch_up.py``): one read for every
+    room it has members in, whatever their membership (the node delivers
+    to the members it has).
+    """
+    return {room_id: _message_dicts(_after(room_id, seq, limit)) for room_id, seq in after.items()}
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,6 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import socket
 import time
@@ -45,7 +44,7 @@ from handlers.notifications import NotificationsHandler
 from handlers.web import web_routes
 from models import chat as chat_db
 from server import __version__
-from server.cluster.node_registry import NodeRegistry
+from server.cluster.node_registry import NodeLoss, NodeRegistry
 from server.cluster.redis_broker import RedisBroker
 from server.cluster.redis_limits import RedisConnectionLimiter, RedisRateLimiter
 from server.cluster.redis_link import ClusterLink
@@ -64,9 +63,11 @@ from server.realtime.hub import Hub
 from server.realtime.presence import Presence
 from server.services.admin_feed import AdminFeed
 from server.services.admission import Admission
+from server.services.catch_up import CatchUp
 from server.services.connection_list import ConnectionList
 from server.services.logcluster import LogCluster
 from server.services.logstream import LogStream
+from server.services.messages import Messages
 from server.services.moderation import Moderation
 from server.services.node_loss import announce_node_loss
 from server.services.node_state import NodeState
@@ -166,6 +167,8 @@ class Node:
         self.connection_limiter: ConnectionLimiter = ConnectionLimiter(
             config.max_connections_per_user, config.max_connections_per_ip
         )
+        # What a lost Redis link or a lost node kept from this node's members.
+        self.catch_up = CatchUp(self.hub, self.db, self.tasks)
         # With Redis: cluster-wide presence and limits, node registry and reaper.
         self.node_registry: NodeRegistry | None = None
         if self.redis is not None:
@@ -179,7 +182,7 @@ class Node:
             self.node_registry = NodeRegistry(
                 link, presence, connection_limiter, config.heartbeat_interval,
                 local_connections=lambda: len(self.hub.connections),
-                on_loss=functools.partial(announce_node_loss, self.hub, self.db),
+                on_loss=self._node_lost,
             )  # fmt: skip
         self.loop_monitor = LoopMonitor(on_lag=self.metrics.event_loop_lag.set)
         # Redis health is the broker's own state (subscribed and hearing itself).
@@ -224,6 +227,10 @@ class Node:
             self.hub, self.db, self.presence, self.stats, self.typing, self.notifications,
             self.tasks,
         )  # fmt: skip
+        self.messages = Messages(
+            self.hub, self.sends, self.reacts, self.db, self.metrics, self.stats, self.typing,
+            self.notifications,
+        )  # fmt: skip
         if self.redis is not None:
             self.moderation.cluster_connections = self.presence.user_connections
         # Security alerts (auth failures, rate-limit abuse) for sockets and REST alike.
@@ -240,9 +247,10 @@ class Node:
             admission=self.admission, rate_limiter=self.rate_limiter, presence=self.presence,
             metrics=self.metrics, stats=self.stats, tasks=self.tasks, security=self.security,
             health=self.health, notifications=self.notifications, moderation=self.moderation,
-            sends=self.sends, reacts=self.reacts, reads=self.reads, typing=self.typing,
+            reads=self.reads, typing=self.typing,
             feed=self.admin_feed, logstream=self.logstream, logs=self.logs,
             rooms=self.rooms, connection_list=ConnectionList(self.hub, self.presence),
+            messages=self.messages,
         )  # fmt: skip
         self.app = make_app(self.deps)
         self.server: HTTPServer | None = None
@@ -251,6 +259,11 @@ class Node:
         self.port = 0
         self._heartbeat: asyncio.Task[None] | None = None
         self._gauges: asyncio.Task[None] | None = None
+
+    async def _node_lost(self, loss: NodeLoss) -> None:
+        """The registry reaped a node: tell its users' rooms, deliver what it never published."""
+        await announce_node_loss(self.hub, self.db, loss)
+        await self.catch_up.after_node_loss(loss)
 
     def _count_deliveries(self, count: int, nbytes: int) -> None:
         """One broadcast reached ``count`` local connections with ``nbytes`` in all."""

@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 from tornado.httpclient import AsyncHTTPClient
 
 from switchboard_client import Client, ClientError
-from tests.support.client_checks import assert_no_event, sentinel_message
+from tests.support.client_checks import assert_no_event, barrier, sentinel_message
 from tests.support.cluster import (
     CLUSTER_MAX_CONNECTIONS_PER_USER,
     Clients,
@@ -44,6 +44,8 @@ REAP_MARGIN_SECS = 1.0
 DELIVERY_TIMEOUT_SECS = 10.0
 # After Redis comes back the mirror retries with backoff capped at 5 s (+ jitter).
 REDIS_RECOVERY_TIMEOUT_SECS = 20.0
+# How long a test holds Redis' write commands (PUBLISH among them).
+REDIS_PAUSE_MS = 2500
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -770,6 +772,52 @@ async def test_retry_on_another_node_while_the_original_is_in_flight_stores_one_
 
 
 @pytest.mark.asyncio
+async def test_retry_answered_duplicate_delivers_a_message_no_node_broadcast(
+    cluster: Cluster, clients: Clients
+) -> None:
+    """A node stored a send and died before acking and broadcasting; the retry lands on b.
+
+    The stored-but-never-broadcast row is written as the dead node left it
+    (the room's seq bumped, the message in); the retry is answered
+    ``duplicate`` and every other member, on every node, gets the message
+    once. A second retry reaches nobody again: each node delivers a seq once.
+    """
+    alice_id = uid("alice")
+    alice_b = await clients.connect("b", alice_id)
+    bob_b = await clients.connect("b", uid("bob"))
+    dave_a = await clients.connect("a", uid("dave"))
+    watch_c = await clients.connect("c", uid("wc"))
+    room = await make_room(alice_b)
+    await join(room, alice_b, bob_b, dave_a, watch_c)
+    await eventually(
+        lambda: _equals(room_subscribers(cluster, room), 3), timeout=5, what="subscribed"
+    )
+    # Stored as a node that died right after its commit left it: (id, seq).
+    (stored,) = await cluster.asql(
+        "WITH bumped AS (UPDATE room SET last_seq = last_seq + 1 WHERE id = %s RETURNING last_seq)"
+        " INSERT INTO message (room_id, seq, sender_id, sender_name, content, type,"
+        " attachments, metadata, client_msg_id, created_at)"
+        " SELECT %s, last_seq, %s, %s, 'lost', 'text', '[]', '{}', 'lost-1',"
+        " now() AT TIME ZONE 'utc' FROM bumped RETURNING id, seq",
+        room, room, alice_id, alice_id,
+    )  # fmt: skip
+    send = {"roomId": room, "content": "lost", "clientMsgId": "lost-1"}
+    first = await alice_b.emit("message:send", send)
+    assert first["duplicate"] is True and first["message"]["seq"] == stored[1]
+    for member in (bob_b, dave_a, watch_c):
+        assert await collect_messages(member, room, 1) == [stored[1]]
+    again = await alice_b.emit("message:send", send)
+    assert again["duplicate"] is True
+    await sentinel_message(bob_b, room, dave_a, watch_c)
+    await sentinel_message(dave_a, room, bob_b, watch_c)
+    for member in (bob_b, dave_a, watch_c):
+        await assert_no_event(member, "message:new", ping=False)
+    # The retrying connection has the message in its ack, not as an event.
+    await barrier(alice_b)
+    assert stored[1] not in seqs_of(alice_b.drain_events("message:new"))
+
+
+@pytest.mark.asyncio
 async def test_client_moving_to_another_node_recovers_without_gap_or_duplicate(
     cluster: Cluster, clients: Clients
 ) -> None:
@@ -980,6 +1028,48 @@ async def test_admins_list_connections_of_every_node_from_any_node(
     assert {admin.welcome["connectionId"] for admin in admins.values()} <= seen.keys()
 
 
+async def test_kill_9_right_after_an_ack_loses_no_broadcast_to_the_other_nodes(
+    cluster: Cluster, clients: Clients
+) -> None:
+    """The ack left, the publish had not reached Redis, the node died: b and c still get it.
+
+    Redis holds node a's PUBLISH (``CLIENT PAUSE ... WRITE``: the command
+    waits in Redis, as a publish waits in a's queue when a is busy), the
+    ack reaches the sender, a is killed -9 and the held PUBLISH dies with
+    its connection. The other nodes deliver the message from the database
+    once a is reaped (or their own links come back), once each.
+    """
+    sender = await clients.connect("a", uid("sender"))
+    watch_b = await clients.connect("b", uid("wb"))
+    watch_c = await clients.connect("c", uid("wc"))
+    room = await make_room(sender)
+    await join(room, sender, watch_b, watch_c)
+    await eventually(
+        lambda: _equals(room_subscribers(cluster, room), 3), timeout=5, what="subscribed"
+    )
+    await sender.emit("message:send", {"roomId": room, "content": "before"})
+    for watcher in (watch_b, watch_c):
+        await collect_messages(watcher, room, 1)
+    redis = aioredis.from_url(cluster.redis.url)
+    try:
+        await redis.execute_command("CLIENT", "PAUSE", REDIS_PAUSE_MS, "WRITE")  # type: ignore[no-untyped-call]
+    finally:
+        await redis.aclose()
+    ack = await sender.emit("message:send", {"roomId": room, "content": "acked"}, timeout=10)
+    cluster.node("a").kill()
+    bound = REDIS_PAUSE_MS / 1000 + 2 * cluster.heartbeat_interval + REAP_MARGIN_SECS + 5
+    for watcher in (watch_b, watch_c):
+        got = await collect_messages(watcher, room, 1, timeout=bound)
+        assert got == [ack["message"]["seq"]]
+    # Once: the sentinels from b and c come after anything else either would deliver.
+    await sentinel_message(watch_b, room, watch_c)
+    await sentinel_message(watch_c, room, watch_b)
+    for watcher in (watch_b, watch_c):
+        await assert_no_event(watcher, "message:new", ping=False)
+    assert watch_b.reconnects == 0 and watch_c.reconnects == 0
+    cluster.node("a").start()
+
+
 @pytest.mark.asyncio
 async def test_admin_stats_lists_the_live_nodes(cluster: Cluster, clients: Clients) -> None:
     admin = await clients.connect("a", uid("ops"), namespace="admin", roles=("admin",))
@@ -1002,8 +1092,10 @@ async def test_redis_killed_mid_traffic_and_restarted(cluster: Cluster, clients:
     sender = await clients.connect("a", uid("sender"))
     local = await clients.connect("a", uid("local"))
     remote = await clients.connect("b", uid("remote"))
+    # A member on b whose frames the test only reads at the end.
+    watcher = await clients.connect("b", uid("watcher"))
     room = await make_room(sender)
-    await join(room, sender, local, remote)
+    await join(room, sender, local, remote, watcher)
     await eventually(
         lambda: _equals(room_subscribers(cluster, room), 2), timeout=5, what="subscribed"
     )
@@ -1080,6 +1172,15 @@ async def test_redis_killed_mid_traffic_and_restarted(cluster: Cluster, clients:
     rows = await cluster.asql("SELECT seq, id FROM message WHERE room_id = %s ORDER BY seq", room)
     assert dict(rows) == acked
     assert sorted(acked) == list(range(1, len(acked) + 1))
+    # And reached the member on b live: once, in order, on one connection,
+    # the outage's share through node b's catch-up when its link came back.
+    await sentinel_message(sender, room, watcher)
+    await barrier(watcher)
+    got = seqs_of(watcher.drain_events("message:new"))
+    missed = sorted(set(acked) - set(got))
+    assert not missed, f"{len(missed)} of {len(acked)} acked messages never reached b: {missed}"
+    assert got == sorted(acked)
+    assert watcher.reconnects == 0
 
 
 @pytest.mark.asyncio

@@ -32,6 +32,7 @@ from switchboard_client import Client
 from tests.conftest import Gateway, make_config
 from tests.support.client_checks import (
     assert_no_event,
+    barrier,
     sentinel_event,
     sentinel_message,
     settle,
@@ -69,13 +70,25 @@ async def health(gw: Gateway) -> dict[str, Any]:
 
 
 class Proxy:
-    """A TCP proxy to Redis that can make its subscriber connections deaf."""
+    """A TCP proxy to Redis that can make its subscriber connections deaf, or cut them all."""
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
         self.port = 0
         self._server: asyncio.Server | None = None
         self._links: list[dict[str, Any]] = []
+        self._cut = False
+
+    def cut(self) -> None:
+        """Close every connection and refuse new ones until :meth:`mend`: Redis, as
+        this proxy's users see it, is down while it runs for everyone else."""
+        self._cut = True
+        for link in self._links:
+            for w in link["writers"]:
+                w.close()
+
+    def mend(self) -> None:
+        self._cut = False
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -93,6 +106,9 @@ class Proxy:
         return len(links)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._cut:
+            writer.close()
+            return
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
         link = {"subscriber": False, "deaf": False, "closed": False, "writers": (writer, up_writer)}
         self._links.append(link)
@@ -404,15 +420,23 @@ async def test_kick_and_ban_on_one_node_close_the_user_on_the_other(cluster: Clu
 # -- failures ------------------------------------------------------------------------
 
 
+def contents(frames: list[dict[str, Any]]) -> list[str]:
+    """The messages' contents, in arrival order, less the sentinels."""
+    texts = [frame["data"]["message"]["content"] for frame in frames]
+    return [text for text in texts if not text.startswith("sentinel ")]
+
+
 async def test_redis_killed_mid_traffic_then_back(
     cluster: Cluster, redis_server: RedisServer
 ) -> None:
     a, b = await cluster.node("node-a"), await cluster.node("node-b")
     alice, dave = await a.connect("alice"), await a.connect("dave")
-    bob = await b.connect("bob")
-    await in_room(cluster, "ops", alice, dave, bob, nodes=2)
+    bob, carol = await b.connect("bob"), await b.connect("carol")
+    await in_room(cluster, "ops", alice, dave, bob, carol, nodes=2)
     await send(alice, "ops", "before")
     await bob.next_event("message:new", predicate=is_message("before"))
+    await carol.next_event("message:new", predicate=is_message("before"))
+    await dave.next_event("message:new", predicate=is_message("before"))
     assert (await health(a))["status"] == "healthy"
 
     await asyncio.to_thread(redis_server.kill)
@@ -421,12 +445,15 @@ async def test_redis_killed_mid_traffic_then_back(
         timeout=MIRROR_TIMEOUT_SECS,
         what="both mirrors down",
     )
-    # Local delivery goes on; the other node cannot hear it.
-    await send(alice, "ops", "during")
-    await dave.next_event("message:new", predicate=is_message("during"))
-    # No sentinel can cross a dead Redis; "during" is dropped, not queued
-    # (the dropped count below, and nothing but "after" reaches bob later).
-    await assert_no_event(bob, "message:new")
+    # Local delivery goes on; the other node cannot hear it. Seqs interleave:
+    # node b's own message falls between node a's.
+    for content in ("during-1", "during-2"):
+        await send(alice, "ops", content)
+    await send(carol, "ops", "b-during")
+    await send(alice, "ops", "during-3")
+    await barrier(dave, bob)
+    assert contents(dave.drain_events("message:new")) == ["during-1", "during-2", "during-3"]
+    assert contents(bob.drain_events("message:new")) == ["b-during"]
     for gw in (a, b):
         doc = await health(gw)
         assert doc["status"] == "degraded", doc
@@ -449,15 +476,63 @@ async def test_redis_killed_mid_traffic_then_back(
     await cluster.wait_numsub(channel("user", "bob"), 1)
     await cluster.wait_numsub(channel("node", "node-b"), 1)
     await send(alice, "ops", "after")
-    # "during" never crossed, but bob's client sees the hole when "after"
-    # arrives and fetches it (issue 15): in order, flagged recovered, once.
-    got = [await bob.next_event("message:new", timeout=10) for _ in range(2)]
-    assert [f["data"]["message"]["content"] for f in got] == ["during", "after"]
-    assert [f.get("recovered", False) for f in got] == [True, False]
-    await sentinel_message(alice, "ops", bob)
-    await assert_no_event(bob, "message:new", ping=False)
+    await sentinel_message(alice, "ops", bob, carol)
+    await sentinel_message(carol, "ops", alice, dave)
+    # Each node caught its members up from the database when its link came
+    # back, before live traffic: every message the outage kept from them,
+    # once, in order, on the same connections.
+    missed_on_b = ["during-1", "during-2", "during-3", "after"]
+    assert contents(bob.drain_events("message:new")) == missed_on_b
+    assert contents(carol.drain_events("message:new")) == missed_on_b
+    assert contents(dave.drain_events("message:new")) == ["b-during", "after"]
+    assert contents(alice.drain_events("message:new")) == ["b-during"]
     assert (await health(a))["status"] == "healthy"
     assert not alice.closed and not bob.closed
+    assert all(client.reconnects == 0 for client in (alice, dave, bob, carol))
+
+
+async def test_a_catch_up_beyond_its_bound_tells_members_to_resync(cluster: Cluster) -> None:
+    proxy = await cluster.proxy()
+    a, b = await cluster.node("node-a"), await cluster.node("node-b", redis_url=proxy.url)
+    b.node.catch_up.max_per_room = 3
+    alice, bob = await a.connect("alice"), await b.connect("bob")
+    await in_room(cluster, "ops", alice, bob, nodes=2)
+    proxy.cut()  # only b loses Redis: a publishes, b does not hear
+    await eventually(lambda: not mirror(b).ok, timeout=MIRROR_TIMEOUT_SECS, what="b down")
+    sent = [await send(alice, "ops", f"during-{i}") for i in range(5)]
+    proxy.mend()
+    await eventually(lambda: mirror(b).ok, timeout=MIRROR_TIMEOUT_SECS, what="b back")
+    await sentinel_message(alice, "ops", bob)
+    assert contents(bob.drain_events("message:new")) == ["during-0", "during-1", "during-2"]
+    (resync,) = bob.drain_events("room:resync")
+    assert resync["data"] == {"roomId": "ops", "afterSeq": sent[2]["seq"]}
+    # What the bound left out is in the history, right after afterSeq.
+    page = await bob.emit(
+        "room:get_messages", {"roomId": "ops", "afterSeq": resync["data"]["afterSeq"]}
+    )
+    in_order = sorted(page["messages"], key=lambda m: m["seq"])
+    assert [m["content"] for m in in_order][:2] == ["during-3", "during-4"]
+
+
+async def test_a_node_back_on_redis_has_the_others_catch_up_what_it_could_not_publish(
+    cluster: Cluster,
+) -> None:
+    """Only node a loses Redis: b's link never drops, yet b's members get a's messages."""
+    proxy = await cluster.proxy()
+    a = await cluster.node("node-a", redis_url=proxy.url)
+    b = await cluster.node("node-b")
+    alice, bob = await a.connect("alice"), await b.connect("bob")
+    await in_room(cluster, "ops", alice, bob, nodes=2)
+    proxy.cut()  # only a loses Redis
+    await eventually(lambda: not mirror(a).ok, timeout=MIRROR_TIMEOUT_SECS, what="a down")
+    for content in ("during-1", "during-2"):
+        await send(alice, "ops", content)
+    assert mirror(b).ok
+    proxy.mend()
+    await eventually(lambda: mirror(a).ok, timeout=MIRROR_TIMEOUT_SECS, what="a back")
+    await sentinel_message(alice, "ops", bob)
+    assert contents(bob.drain_events("message:new")) == ["during-1", "during-2"]
+    assert bob.reconnects == 0
 
 
 async def test_node_starts_without_redis_and_joins_later(tmp_path: Any) -> None:

@@ -19,6 +19,7 @@ from server.core import protocol
 from server.realtime.broker import MemoryBroker, MemoryBus
 from server.realtime.hub import COALESCE_MAX_BYTES, JOIN_FLOOR_SECS, Hub, Target
 from server.realtime.outbound import Outbound
+from server.realtime.seqs import AHEAD_MAX, RoomSeqs
 
 
 class FakeConn:
@@ -578,6 +579,60 @@ def test_a_finished_join_refuses_a_late_broadcast_its_ack_carried(hub):
     hub.leave(joiner, "other")
     assert_indexes_clean(hub)
     assert "other" not in hub._floors
+
+
+def test_a_room_seq_reaches_a_node_s_members_once(hub):
+    """A second copy of a seq (a re-broadcast, a catch-up racing live traffic) is dropped."""
+    member, other = FakeConn("m1", "u1"), FakeConn("o1", "u2")
+    for conn in (member, other):
+        hub.add(conn)
+        hub.join(conn, "general")
+    for seq in (1, 3, 3, 2, 1):  # 3 came first through another node; 2 fills the hole
+        hub.publish(Target.room("general"), "message:new", {"seq": seq}, seq=seq)
+    hub.publish(Target.room("general"), "message:updated", {"edit": 3})  # no seq: not judged
+    assert [e["data"] for e in member.events()] == [{"seq": 1}, {"seq": 3}, {"seq": 2}, {"edit": 3}]
+    assert hub.seqs.baseline("general") == 0  # the lowest seen, less one: nothing known before
+    hub.seqs.known("general", 3)
+    assert hub.seqs.baseline("general") == 3
+    # The room's last member leaves: a new member starts from its own join.
+    for conn in (member, other):
+        hub.leave(conn, "general")
+    assert hub.seqs.baseline("general") is None
+    hub.join(member, "general")
+    member.frames.clear()
+    hub.publish(Target.room("general"), "message:new", {"seq": 3}, seq=3)
+    assert [e["data"] for e in member.events()] == [{"seq": 3}]
+
+
+def test_a_held_room_gets_the_catch_up_first_then_what_was_held_in_order_once(hub):
+    member = FakeConn("m1", "u1")
+    hub.add(member)
+    hub.join(member, "general")
+    hub.seqs.known("general", 4)
+    hub.hold("general")
+    hub.hold("empty")  # no local member: nothing to hold
+    assert hub.held_rooms() == ["general"]
+    for seq in (8, 7):  # live, from two nodes
+        hub.publish(Target.room("general"), "message:new", {"seq": seq}, seq=seq)
+    hub.publish(Target.room("general"), "user:typing", {"u": "x"})  # no seq: not held
+    assert [e["data"] for e in member.events()] == [{"u": "x"}]
+    caught_up = [
+        (seq, protocol.frame(protocol.event_payload("message:new", {"seq": seq})))
+        for seq in (5, 6, 7)
+    ]
+    assert hub.release("general", caught_up) == 3
+    assert [e["data"].get("seq") for e in member.events()] == [None, 5, 6, 7, 8]
+    assert hub.held_rooms() == []
+    assert hub.seqs.baseline("general") == 8
+
+
+def test_a_hole_outliving_many_later_seqs_is_given_up():
+    seqs = RoomSeqs()
+    seqs.known("general", 0)
+    for seq in range(2, AHEAD_MAX + 3):  # 1 never comes
+        seqs.add("general", seq)
+    assert seqs.baseline("general") == AHEAD_MAX + 2
+    assert seqs.seen("general", 1)
 
 
 def test_buffered_frames_keep_shared_identity(hub):

@@ -39,6 +39,11 @@ with capped exponential backoff plus jitter, then subscribes to everything
 currently needed. A self-check publishes a ping on the node's own channel
 every few seconds; not hearing it back means the subscription went deaf
 without an error, which is logged, counted and repaired by reconnecting.
+The link's listeners (:meth:`~server.realtime.broker.Broker.on_link`) hear
+``lost`` on each failure, ``resubscribing`` before it subscribes again and
+``restored`` once its own ping made the round trip: what other nodes
+published meanwhile never arrives, and the node's catch-up
+(``server/services/catch_up.py``) delivers it from the database.
 
 Example::
 
@@ -73,6 +78,9 @@ from server.core import protocol
 from server.ops.metrics import Metrics
 from server.realtime.broker import (
     ALL_CHANNEL,
+    LINK_LOST,
+    LINK_RESTORED,
+    LINK_RESUBSCRIBING,
     Broker,
     Receiver,
     channel,
@@ -430,6 +438,8 @@ class RedisBroker(Broker):
         else:
             log.info("redis mirror: connected, subscribed to %d channel(s)", subscribed)
         self._down_since = None
+        if was_down:
+            self._link_changed(LINK_RESTORED)
 
     def _set_down(self, reason: str, attempt: int) -> None:
         if self._up or self._down_since is None:
@@ -440,6 +450,7 @@ class RedisBroker(Broker):
         self._reason = f"{reason} (reconnect attempt {attempt})"
         if self.metrics is not None:
             self.metrics.redis_up.set(0)
+        self._link_changed(LINK_LOST)
 
     # -- lifetime ---------------------------------------------------------------
 
@@ -566,6 +577,8 @@ class RedisBroker(Broker):
 
     async def _listen(self, pubsub: PubSub) -> None:
         """Subscribe to everything needed, then read, re-sync and self-check until one fails."""
+        if self._down_since is not None:
+            self._link_changed(LINK_RESUBSCRIBING)
         await self.subscriptions.subscribe_all(pubsub)
         loop = asyncio.get_running_loop()
         tasks = [

@@ -60,6 +60,15 @@ INTEREST_CHANNEL = {
 ALL_CHANNEL = "all"
 
 ControlHandler = Callable[[dict[str, Any]], None]
+#: Called with the link's new state: :data:`LINK_LOST`, :data:`LINK_RESUBSCRIBING`
+#: or :data:`LINK_RESTORED`.
+LinkListener = Callable[[str], None]
+#: Broadcasts stopped reaching (or coming from) the other nodes.
+LINK_LOST = "lost"
+#: Subscribing again after a loss: other nodes' traffic may arrive from now on.
+LINK_RESUBSCRIBING = "resubscribing"
+#: The link works again; what was broadcast meanwhile never reached this node.
+LINK_RESTORED = "restored"
 
 
 def channel(target: Target) -> str | None:
@@ -143,6 +152,7 @@ class Broker(abc.ABC):
         self.node_id = node_id
         self._control: dict[str, ControlHandler] = {}
         self._asking: dict[str, _Asking] = {}
+        self._link_listeners: list[LinkListener] = []
 
     @abc.abstractmethod
     def listen(self, receiver: Receiver) -> None:
@@ -194,6 +204,25 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     def subscribed_channels(self) -> frozenset[str]:
         """The channels this node currently hears (for operators and tests)."""
+
+    # -- the link's state --------------------------------------------------------
+
+    def on_link(self, listener: LinkListener) -> None:
+        """Call ``listener(state)`` when the link to the other nodes is lost or comes back.
+
+        A broker that cannot lose its link (:class:`MemoryBroker`) never calls it.
+        Example (server/services/catch_up.py)::
+
+            hub.broker.on_link(catch_up.link_changed)
+        """
+        self._link_listeners.append(listener)
+
+    def _link_changed(self, state: str) -> None:
+        for listener in self._link_listeners:
+            try:
+                listener(state)
+            except Exception:
+                log.exception("broker %s: a link listener failed on %r", self.node_id, state)
 
     # -- the control bus --------------------------------------------------------
 

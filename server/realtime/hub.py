@@ -22,6 +22,12 @@ it has a :class:`~server.realtime.broker.Broker` (given, or a
 it where local interest begins and ends, hands it every broadcast after
 delivering locally, and is called back with what other nodes publish.
 
+Room frames that carry a ``seq`` are delivered once per node
+(:class:`~server.realtime.seqs.RoomSeqs` remembers which), and a room's message
+frames can be held (:meth:`Hub.hold`) while a catch-up reads what the node
+missed, then released after it (:meth:`Hub.release`): see
+:mod:`server.services.catch_up`.
+
 Example::
 
     hub = Hub(node_id="n1")  # or Hub("n1", broker=RedisBroker(...))
@@ -41,6 +47,7 @@ from typing import Any, NamedTuple, Protocol
 from server.core import protocol
 from server.realtime.broker import Broker, MemoryBroker
 from server.realtime.outbound import Outbound
+from server.realtime.seqs import RoomSeqs
 
 log = logging.getLogger("switchboard.hub")
 
@@ -202,6 +209,10 @@ class Hub:
         # still be on its way (published a loop step after its commit, or late
         # through another node); it must not reach that connection twice.
         self._floors: dict[str, dict[Connection, tuple[int, float]]] = {}
+        #: The seqs delivered per room on this node: a seq is delivered once.
+        self.seqs = RoomSeqs()
+        # Rooms whose live frames wait for a catch-up (:meth:`hold`): (seq, frame, exclude).
+        self._held: dict[str, list[tuple[int, bytes, str | None]]] = {}
         self._on_delivered = on_delivered
         self.coalesce = coalesce
         # coalesce: frames waiting for this loop iteration's flush, per connection.
@@ -318,6 +329,8 @@ class Hub:
                 del self._floors[room]
         if _discard(self._by_room, room, conn):
             self.broker.interest("room", room, False)
+            self.seqs.forget(room)
+            self._held.pop(room, None)
 
     def clear_room(self, room: str) -> list[Connection]:
         """Unsubscribe everyone from ``room`` (deleted); returns who was in it."""
@@ -401,6 +414,15 @@ class Hub:
         """Write a pre-built frame to the local connections of ``target``."""
         conns = self._local(target)
         if target.kind == "room":
+            if seq is not None:
+                waiting = self._held.get(target.key)
+                if waiting is not None:
+                    waiting.append((seq, frame, exclude))
+                    return 0
+                if self.seqs.seen(target.key, seq):
+                    return 0  # a second copy: a re-broadcast, or a catch-up's
+                if target.key in self._by_room:
+                    self.seqs.add(target.key, seq)
             pending = self._pending.get(target.key)
             if pending:
                 for conn, held in pending.items():
@@ -411,6 +433,35 @@ class Hub:
             if floors and seq is not None:
                 conns = [c for c in conns if c not in floors or seq > floors[c][0]]
         return self._write(conns, frame, exclude)
+
+    # -- catch-up ----------------------------------------------------------
+
+    def hold(self, room: str) -> None:
+        """Hold the room's seq-carrying frames until :meth:`release` (a catch-up is coming).
+
+        Frames without a seq (edits, typing...) are not ordered against
+        messages by clients and keep flowing.
+        """
+        if room in self._by_room:
+            self._held.setdefault(room, [])
+
+    def held_rooms(self) -> list[str]:
+        return list(self._held)
+
+    def release(self, room: str, caught_up: Iterable[tuple[int, bytes]] = ()) -> int:
+        """Deliver ``caught_up`` (seq, frame) in order, then the frames held since :meth:`hold`.
+
+        A held frame whose seq was delivered by then is dropped. Returns the
+        local deliveries of ``caught_up``.
+        """
+        held = self._held.pop(room, [])
+        target = Target.room(room)
+        delivered = 0
+        for seq, frame in caught_up:
+            delivered += self.deliver(target, frame, seq=seq)
+        for held_seq, frame, exclude in sorted(held, key=lambda h: h[0]):
+            self.deliver(target, frame, exclude=exclude, seq=held_seq)
+        return delivered
 
     def deliver_many(self, targets: Iterable[Target], frame: bytes) -> int:
         """Write a pre-built frame once to every local connection any of ``targets`` reaches."""

@@ -135,6 +135,8 @@ class Rooms:
         result = await self._read_held(
             conn, [room_id], held, "room.join", chat_db.join_room, room_id, conn.user_id, since_seq
         )
+        # The read saw the room at lastSeq: what this node delivers of it starts there.
+        self.hub.seqs.known(room_id, result["room"]["lastSeq"])
         await self._with_statuses(result["members"])
         return Joined(room_id, result, room_id in held, held.get(room_id, False), since_seq)
 
@@ -161,7 +163,10 @@ class Rooms:
             if room_id in held and not resumed:
                 self.hub.leave(conn, room_id)
             mine = resumed and room_id in held
-            out.append(Joined(room_id, answer, mine, mine and held[room_id], request.since_seq))
+            joined = Joined(room_id, answer, mine, mine and held[room_id], request.since_seq)
+            if resumed and joined.last_seq is not None:
+                self.hub.seqs.known(room_id, joined.last_seq)
+            out.append(joined)
         return out
 
     def _hold(self, conn: Connection, room_ids: list[str]) -> dict[str, bool]:

@@ -420,12 +420,12 @@ class Cluster:
         return ":".join((self.prefix, *parts))
 
     def sql(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
-        """Rows of one query on the shared database (psycopg2; call in a thread)."""
+        """Rows of one query on the shared database, committed (psycopg2; call in a thread)."""
         import psycopg2
 
         conn = psycopg2.connect(self.database_url, connect_timeout=10)
         try:
-            with conn.cursor() as cur:
+            with conn, conn.cursor() as cur:
                 cur.execute(query, params)
                 return list(cur.fetchall())
         finally:

@@ -1,0 +1,142 @@
+"""Messages: what ``message:send``, ``edit``, ``delete`` and ``react`` do, whoever asks.
+
+The chat handler translates frames; this service stores (a send through
+the group-commit batcher) and broadcasts, and counts what a message
+counts: metrics, stats, the sender's typing indicator, the notifications
+it queues. A message is committed before its ack and before its
+``message:new`` leaves.
+
+A send answered ``duplicate`` (a retry of a stored message: e.g. its node
+stored it and died before acking, and the client retried here) broadcasts
+the stored message again when it is recent
+(:data:`DUPLICATE_REBROADCAST_SECS`): whether any node broadcast the
+original is unknown here, and a node that did drops the second copy (each
+hub delivers a room's seq once, :class:`~server.realtime.seqs.RoomSeqs`),
+so only the members who missed it get it; clients dedupe by
+``(roomId, seq)`` besides.
+
+Example::
+
+    messages = Messages(hub, sends, reacts, db, metrics, stats, typing, notifications)
+    ack = await messages.send(author, request, started=time.perf_counter())
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from models import chat as chat_db
+from server.ops.metrics import Metrics
+from server.ops.stats import Stats
+from server.realtime.hub import Hub, Target
+from server.services.notify import NotificationService
+from server.services.typing import TypingTracker
+from server.store.batch import Batcher
+from server.store.db import Database
+
+#: A retry answered ``duplicate`` re-broadcasts a message stored this recently
+#: (a retry comes within seconds; an old one would reach a node that forgot
+#: the room's seqs, its members left meanwhile, as a stale live message).
+DUPLICATE_REBROADCAST_SECS = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class Author:
+    """Who acts: the user's public dict (as events carry it) and their connection."""
+
+    conn_id: str
+    #: ``{userId, username, displayName}``.
+    user: dict[str, Any]
+    namespace: str = "chat"
+
+    @property
+    def user_id(self) -> str:
+        user_id: str = self.user["userId"]
+        return user_id
+
+
+@dataclass(slots=True)
+class Messages:
+    """Sending, editing, deleting and reacting to messages (see the module docstring)."""
+
+    hub: Hub
+    sends: Batcher[chat_db.SendRequest, chat_db.Sent]
+    reacts: Batcher[chat_db.ReactRequest, dict[str, Any]]
+    db: Database
+    metrics: Metrics
+    stats: Stats
+    typing: TypingTracker
+    notifications: NotificationService
+
+    async def send(
+        self, author: Author, request: chat_db.SendRequest, *, started: float
+    ) -> dict[str, Any]:
+        """Store ``request`` (group commit), broadcast it; the ack's data.
+
+        ``started`` is when the event arrived (``time.perf_counter()``), for
+        the publish latency metric.
+        """
+        sent = await self.sends.submit(request)
+        message = sent.message
+        room = Target.room(message["roomId"])
+        if sent.duplicate:
+            if _recent(message):
+                self.hub.publish(
+                    room, "message:new", {"message": message}, exclude=author.conn_id,
+                    seq=message["seq"],
+                )  # fmt: skip
+            return {"message": message, "duplicate": True}
+        self.metrics.messages_persisted.inc()
+        self.stats.messages.add()
+        self.stats.rooms.message(request.room_id)
+        self.typing.stop(request.room_id, author.user, author.conn_id)
+        self.hub.publish(
+            room, "message:new", {"message": message}, exclude=author.conn_id, seq=message["seq"]
+        )
+        self.metrics.publish_latency.labels(author.namespace).observe(time.perf_counter() - started)
+        # Mentions and missed messages: queued for the background, per room.
+        self.notifications.message_sent(message)
+        return {"message": message, "duplicate": False}
+
+    async def edit(self, author: Author, message_id: int, content: str) -> dict[str, Any]:
+        message = await self.db.run(
+            "message.edit", chat_db.edit_message, message_id, author.user_id, content
+        )
+        self.hub.publish(
+            Target.room(message["roomId"]), "message:updated", {"message": message},
+            exclude=author.conn_id,
+        )  # fmt: skip
+        return {"message": message}
+
+    async def delete(self, author: Author, message_id: int, *, is_staff: bool) -> dict[str, Any]:
+        message = await self.db.run(
+            "message.delete", chat_db.delete_message, message_id, author.user_id, is_staff
+        )
+        data = {
+            "messageId": message["id"], "roomId": message["roomId"], "deletedBy": author.user_id,
+        }  # fmt: skip
+        self.hub.publish(Target.room(message["roomId"]), "message:deleted", data,
+                         exclude=author.conn_id)  # fmt: skip
+        return data
+
+    async def react(
+        self, author: Author, message_id: int, emoji: str, action: str
+    ) -> dict[str, Any]:
+        result = await self.reacts.submit(
+            chat_db.ReactRequest(message_id, author.user_id, emoji, action)
+        )
+        data = {**result, "emoji": emoji, "userId": author.user_id, "action": action}
+        self.hub.publish(Target.room(result["roomId"]), "message:reaction", data,
+                         exclude=author.conn_id)  # fmt: skip
+        return data
+
+
+def _recent(message: dict[str, Any]) -> bool:
+    created = message.get("createdAt")
+    if not isinstance(created, str):
+        return False
+    age = dt.datetime.now(dt.UTC) - dt.datetime.fromisoformat(created)
+    return age.total_seconds() < DUPLICATE_REBROADCAST_SECS
