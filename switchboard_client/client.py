@@ -73,7 +73,9 @@ class Client:
     for ``hole_wait`` seconds (the gap may close by itself), then the missing
     range is fetched with ``room:get_messages`` and delivered first, flagged
     ``"recovered": True``; the application sees each room in ``seq`` order,
-    each message once.
+    each message once. ``hole_wait=None`` turns the repair off: messages are
+    delivered as they arrive (still once each), as a tool observing what a
+    server sends wants them.
 
     Example::
 
@@ -100,7 +102,7 @@ class Client:
         ping_interval: float | None = None,
         keep_history: bool = True,
         buffer_events: bool = True,
-        hole_wait: float = DEFAULT_HOLE_WAIT_SECS,
+        hole_wait: float | None = DEFAULT_HOLE_WAIT_SECS,
     ) -> None:
         if token_in not in ("header", "query", "cookie", "frame"):
             raise ValueError(
@@ -121,7 +123,7 @@ class Client:
         self.ping_interval: float | None = ping_interval
         self.keep_history: bool = keep_history
         self.buffer_events: bool = buffer_events
-        self.hole_wait: float = hole_wait
+        self.hole_wait: float = hole_wait if hole_wait is not None else 0.0
 
         self.welcome: dict[str, Any] | None = None
         """``data`` of the latest ``system:welcome`` (updated on reconnect)."""
@@ -145,7 +147,7 @@ class Client:
         self._sent_close: tuple[int, str | None] | None = None
         self._close_code: int | None = None
         self._close_reason: str | None = None
-        self._ledger = RoomLedger()
+        self._ledger = RoomLedger(repair=hole_wait is not None)
         self._repair_timers: dict[str, asyncio.TimerHandle] = {}
         self._repairing: set[str] = set()
         self._repair_tasks: set[asyncio.Task[None]] = set()

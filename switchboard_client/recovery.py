@@ -52,7 +52,10 @@ def message_key(message: Mapping[str, Any]) -> tuple[str, int] | None:
 class RoomLedger:
     """Rooms joined and message ``seq`` numbers seen, kept across reconnections."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, repair: bool = True) -> None:
+        #: Hold a message that follows a gap until the gap is repaired (False:
+        #: deliver as it comes, e.g. to observe what a server sends).
+        self.repair = repair
         self._rooms: dict[str, dict[str, Any]] = {}
         self._last_seq: dict[str, int] = {}
         # Each room's epoch from its join ack: room:resume presents it.
@@ -186,6 +189,8 @@ class RoomLedger:
             return []
         contig = self._contig.get(room)
         if contig is not None and seq > contig + 1:
+            if not self.repair:  # as it comes: the gap stays, the contiguous seq with it
+                return self._admit(frame, room, seq)
             self._held.setdefault(room, {})[seq] = frame
             return []
         if contig is None:  # a room this client never joined: its first message starts it

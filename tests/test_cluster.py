@@ -1028,6 +1028,7 @@ async def test_admins_list_connections_of_every_node_from_any_node(
     assert {admin.welcome["connectionId"] for admin in admins.values()} <= seen.keys()
 
 
+@pytest.mark.asyncio
 async def test_kill_9_right_after_an_ack_loses_no_broadcast_to_the_other_nodes(
     cluster: Cluster, clients: Clients
 ) -> None:
