@@ -34,9 +34,7 @@ from tornado.websocket import (
 from switchboard_client.errors import ClientError, ConnectionClosed, HandshakeError
 from switchboard_client.recovery import (
     DEFAULT_HOLE_WAIT_SECS,
-    HISTORY_PAGE,
     MAX_HELD,
-    MAX_RECOVERED,
     RoomLedger,
     page_history,
 )
@@ -845,29 +843,9 @@ class Client:
             return
         top, since, held = hole
         found: list[dict[str, Any]] = []
-        before = top
         self._repairing.add(room)
         try:
-            while before - 1 > since and len(found) < MAX_RECOVERED:
-                page = await self._request(
-                    conn,
-                    "room:get_messages",
-                    {
-                        "roomId": room,
-                        "limit": min(HISTORY_PAGE, before - 1 - since),
-                        "beforeSeq": before,
-                        "afterSeq": since,
-                    },
-                )
-                messages = [
-                    m
-                    for m in page.get("messages") or []
-                    if isinstance(m, dict) and since < (as_int(m.get("seq")) or 0) < top
-                ]
-                found += messages
-                if not messages or not page.get("hasMore"):
-                    break
-                before = min(m["seq"] for m in messages)
+            await page_history(functools.partial(self._request, conn), room, since, top, found)
         except ConnectionClosed:
             return  # the re-join recovers from the contiguous seq
         except (ClientError, TimeoutError) as exc:

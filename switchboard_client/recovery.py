@@ -302,18 +302,30 @@ def _remember(numbers: dict[str, set[int]], room: str, seq: int) -> bool:
     return True
 
 
-async def page_history(request: Request, room_id: Any, since: int) -> list[dict[str, Any]]:
-    """Messages of ``room_id`` after ``since``, newest pages first, through ``request``.
+async def page_history(
+    request: Request,
+    room_id: Any,
+    since: int,
+    before: int | None = None,
+    found: list[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Messages of ``room_id`` with ``since < seq < before``, newest pages first.
 
-    For a re-join whose ack said ``recovered: false`` (more missed messages
-    than the server returns at once).
+    Without ``before``: everything after ``since`` (a re-join whose ack said
+    ``recovered: false``, more missed messages than the server returns at
+    once). With it: the holes below a held message, bounded on both sides
+    (``afterSeq``/``beforeSeq``) so a one-message hole costs a one-message page.
+    Pages are added to ``found`` (returned) as they arrive: what came before
+    an error is kept.
     """
-    found: list[dict[str, Any]] = []
-    before: int | None = None
-    while len(found) < MAX_RECOVERED:
+    found = [] if found is None else found
+    while len(found) < MAX_RECOVERED and (before is None or before - 1 > since):
         query: dict[str, Any] = {"roomId": room_id, "limit": HISTORY_PAGE}
         if before is not None:
-            query["beforeSeq"] = before
+            # afterSeq only with beforeSeq: alone it would page from the oldest.
+            query.update(
+                beforeSeq=before, afterSeq=since, limit=min(HISTORY_PAGE, before - 1 - since)
+            )
         page = await request("room:get_messages", query)
         messages = [
             m
@@ -322,7 +334,9 @@ async def page_history(request: Request, room_id: Any, since: int) -> list[dict[
         ]
         if not messages:
             break
-        found.extend(m for m in messages if m["seq"] > since)
+        found.extend(
+            m for m in messages if since < m["seq"] and (before is None or m["seq"] < before)
+        )
         lowest = min(m["seq"] for m in messages)
         if lowest <= since + 1 or not page.get("hasMore"):
             break

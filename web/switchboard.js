@@ -746,18 +746,8 @@ export class Switchboard {
     if (!ws || !held || !held.size || from === undefined) return;
     const last = Math.max(...held.keys());
     const found = [];
-    let before = last;
     try {
-      while (before - 1 > from && found.length < MAX_RECOVERED) {
-        const limit = Math.min(HISTORY_PAGE, before - 1 - from);
-        const page = await this._request(ws, "room:get_messages", {
-          roomId: room, limit, afterSeq: from, beforeSeq: before,
-        });
-        const messages = (page.messages || []).filter((m) => isInt(m.seq) && m.seq > from && m.seq < last);
-        found.push(...messages);
-        if (!messages.length || !page.hasMore) break;
-        before = Math.min(...messages.map((m) => m.seq));
-      }
+      await this._pageHistory(ws, room, from, last, found);
     } catch (err) {
       // Lost: the reconnect recovers from the contiguous seq. Refused (left the
       // room, rate limited): deliver what is held rather than stall the room.
@@ -1041,22 +1031,31 @@ export class Switchboard {
     report[room] = { rejoined: false, error: error.code };
   }
 
-  async _pageHistory(ws, roomId, since) {
-    const found = [];
-    let before = null;
-    while (found.length < MAX_RECOVERED) {
+  /**
+   * Messages of `roomId` with `since < seq < before`, newest pages first.
+   * Without `before`: everything after `since` (a re-join answered
+   * `recovered: false`). With it: the holes below a held message, bounded on
+   * both sides so a one-message hole costs a one-message page. Pages are
+   * added to `found` as they arrive: what came before an error is kept.
+   */
+  async _pageHistory(ws, roomId, since, before = null, found = []) {
+    while (found.length < MAX_RECOVERED && (before === null || before - 1 > since)) {
       const request = { roomId, limit: HISTORY_PAGE };
-      if (before !== null) request.beforeSeq = before;
+      if (before !== null) {
+        // afterSeq only with beforeSeq: alone it would page from the oldest.
+        Object.assign(request, { beforeSeq: before, afterSeq: since, limit: Math.min(HISTORY_PAGE, before - 1 - since) });
+      }
       const page = await this._request(ws, "room:get_messages", request);
       const messages = (page.messages || []).filter((m) => isInt(m.seq));
       if (!messages.length) break;
-      found.push(...messages.filter((m) => m.seq > since));
+      found.push(...messages.filter((m) => m.seq > since && (before === null || m.seq < before)));
       const lowest = Math.min(...messages.map((m) => m.seq));
       if (lowest <= since + 1 || !page.hasMore) break;
       before = lowest;
     }
     return found;
   }
+
 
   /** Deliver recovered messages oldest first as message:new; returns how many. */
   _feed(messages) {
