@@ -16,7 +16,7 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -61,6 +61,13 @@ async def held_database(gw: Any, lock_table: str | None = None) -> AsyncIterator
     finally:
         release.set()
         await holder
+
+
+async def refused(future: Awaitable[Any]) -> ClientError:
+    """The error ``future`` (an emit) fails with; the test fails if it succeeds."""
+    with pytest.raises(ClientError) as info:
+        await future
+    return info.value
 
 
 async def primed_send(gw: Any, client: Client, room_id: str) -> asyncio.Future[Any]:
@@ -608,11 +615,7 @@ async def test_the_database_dying_mid_batch_fails_every_send_of_it_and_acks_none
         await eventually(lambda: len(gw.node.tasks) == 0, timeout=10, what="no background task")
         caplog.clear()
         await asyncio.to_thread(own_postgres.kill)
-        failures = []
-        for future in futures:
-            with pytest.raises(ClientError) as info:
-                await future
-            failures.append(info.value)
+        failures = [await refused(future) for future in futures]
     finally:
         side_lock.close()
         general_lock.close()
@@ -710,11 +713,7 @@ async def test_the_database_dying_mid_batch_fails_every_reaction_or_read_of_it(
         await eventually(lambda: waiting_for_locks(url, 1), timeout=10,
                          what="that batch waiting for a held row")  # fmt: skip
         await asyncio.to_thread(own_postgres.kill)
-        failures = []
-        for future in futures:
-            with pytest.raises(ClientError) as info:
-                await future
-            failures.append(info.value)
+        failures = [await refused(future) for future in futures]
     finally:
         side_lock.close()
         held_lock.close()
