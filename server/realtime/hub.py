@@ -147,6 +147,8 @@ COALESCE_MAX_BYTES = 64 * 1024
 # How long after a join its connection refuses room frames whose seq its ack
 # already carried: past the broadcast of a commit the join read (one loop
 # step on this node, a Redis hop from another), with margin for a busy node.
+# Per connection, unlike ``self.seqs`` (per node): the room's other members
+# have not had that message yet and must still get it live.
 JOIN_FLOOR_SECS = 10.0
 
 
