@@ -692,6 +692,8 @@ class Client:
         elif name == "room:deleted" and isinstance(data, dict) and "roomId" in data:
             self._ledger.forget(str(data["roomId"]))
             self._cancel_repair(str(data["roomId"]))
+        elif name == "room:resync" and isinstance(data, dict) and "roomId" in data:
+            self._start_resync(data["roomId"])
         self._deliver(frame)
 
     def _receive(self, frame: Frame, message: dict[str, Any]) -> None:
@@ -860,6 +862,31 @@ class Client:
             self._deliver(frame)
         if self._ledger.held_count(room):
             self._schedule_repair(room, self.hole_wait)
+
+    def _start_resync(self, room_id: Any) -> None:
+        room = str(room_id)
+        if not self._ledger.repair or self._conn is None or self._ledger.payload(room) is None:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._resync(self._conn, room, room_id), name=f"switchboard-client-resync {room}"
+        )
+        self._repair_tasks.add(task)
+        task.add_done_callback(self._repair_tasks.discard)
+
+    async def _resync(self, conn: WebSocketClientConnection, room: str, room_id: Any) -> None:
+        """``room:resync``: the server's catch-up stopped at its bound; fetch the rest now.
+
+        Without this the rest would come with the room's next message (hole
+        repair), which in a quiet room may be much later.
+        """
+        try:
+            await self._recover(
+                conn, room, {"roomId": room_id}, self._ledger.since(room), {"recovered": False}
+            )
+        except (ConnectionClosed, TimeoutError) as exc:
+            # Lost: the re-join recovers from the contiguous seq. Slow: the
+            # next message's hole repair will try again.
+            log.info("switchboard client %s: resync of room %s: %r", self.url, room, exc)
 
     # ------------------------------------------------------------- reconnection
 

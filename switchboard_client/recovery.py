@@ -83,6 +83,10 @@ class RoomLedger:
         """``(room key, room:join payload)`` of every room to re-join."""
         return list(self._rooms.items())
 
+    def payload(self, room_key: str) -> dict[str, Any] | None:
+        """The ``room:join`` payload of a joined room, ``None`` for a room not joined."""
+        return self._rooms.get(room_key)
+
     def last_seq(self, room_key: str) -> int | None:
         return self._last_seq.get(room_key)
 

@@ -518,6 +518,30 @@ async def test_a_catch_up_beyond_its_bound_tells_members_to_resync(cluster: Clus
     assert [m["content"] for m in in_order][:2] == ["during-3", "during-4"]
 
 
+async def test_the_client_fetches_what_a_bounded_catch_up_left_out_on_resync(
+    cluster: Cluster,
+) -> None:
+    proxy = await cluster.proxy()
+    a, b = await cluster.node("node-a"), await cluster.node("node-b", redis_url=proxy.url)
+    b.node.catch_up.max_per_room = 3
+    # Hole repair waits an hour: only room:resync can bring the rest in time.
+    alice, bob = await a.connect("alice"), await b.connect("bob", hole_wait=3600)
+    await in_room(cluster, "ops", alice, bob, nodes=2)
+    proxy.cut()
+    await eventually(lambda: not mirror(b).ok, timeout=MIRROR_TIMEOUT_SECS, what="b down")
+    for i in range(5):
+        await send(alice, "ops", f"during-{i}")
+    proxy.mend()
+    await eventually(lambda: mirror(b).ok, timeout=MIRROR_TIMEOUT_SECS, what="b back")
+    # The sentinel follows the gap the bound left: it is delivered only once
+    # the client has fetched during-3 and during-4.
+    await sentinel_message(alice, "ops", bob)
+    received = bob.drain_events("message:new")
+    assert contents(received) == [f"during-{i}" for i in range(5)]
+    assert [frame.get("recovered", False) for frame in received] == [False] * 3 + [True] * 2
+    assert bob.reconnects == 0
+
+
 async def test_a_node_back_on_redis_has_the_others_catch_up_what_it_could_not_publish(
     cluster: Cluster,
 ) -> None:

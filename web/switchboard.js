@@ -625,6 +625,8 @@ export class Switchboard {
     } else if (event === "room:deleted" && data && data.roomId != null) {
       this._rooms.delete(String(data.roomId));
       this._forget(String(data.roomId));
+    } else if (event === "room:resync" && data && data.roomId != null) {
+      this._resync(data.roomId).catch((err) => this._dispatch("error", err));
     } else if (event === "auth:expiring") {
       this._refreshOnExpiring(data);
     } else if (event === "system:error") {
@@ -766,6 +768,27 @@ export class Switchboard {
     if (last > this._contig.get(room)) this._contig.set(room, last);
     this._advance(room);
     if (this._held.has(room)) this._scheduleRepair(room, this.holeWaitMs);
+  }
+
+  /**
+   * room:resync: the server's catch-up stopped at its bound. Fetch the rest
+   * now; the hole repair would only start at the room's next message, which
+   * in a quiet room may be much later.
+   */
+  async _resync(roomId) {
+    const ws = this._ws;
+    const room = String(roomId);
+    if (!ws || !this._rooms.has(room)) return;
+    let found;
+    try {
+      found = await this._pageHistory(ws, roomId, this._since(room));
+    } catch (err) {
+      // Lost: the reconnect recovers from the contiguous seq. Refused or slow:
+      // the next message's hole repair tries again.
+      if (err.code === "CONNECTION_LOST" || err.code === "TIMEOUT") return;
+      throw err;
+    }
+    if (ws === this._ws) this._feed(found);
   }
 
   /** Drop a room's hole bookkeeping (left, deleted, or connection lost). */

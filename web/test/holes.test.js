@@ -19,6 +19,8 @@ function lossyWebSocket(filter) {
       link.sockets.push(this);
     }
     set onmessage(fn) {
+      // What the server could send on this socket, fed past the filter.
+      link.inject = (frame) => fn(new MessageEvent("message", { data: JSON.stringify(frame) }));
       super.onmessage = fn && ((ev) => {
         const frame = JSON.parse(ev.data);
         link.frames.push(frame);
@@ -157,6 +159,34 @@ test("a reconnect recovers from the highest contiguous seq, not the highest seen
     await alice.emit("message:send", { roomId, content: "m4" });
     await until(() => got.length === 4, { what: "live m4" });
     assert.equal(got[3].message.content, "m4");
+  } finally {
+    bob.close();
+  }
+});
+
+test("room:resync fetches what the server's bounded catch-up left out, without waiting for the next message", async () => {
+  const alice = await connected(uid("alice"));
+  // The catch-up stopped after m1: m2 and m3 never reach bob live.
+  const { sb: bob, link } = await lossyClient(uid("bob"), (frame, pass) => {
+    if (content(frame) === "m2" || content(frame) === "m3") return;
+    pass();
+  }, { holeWaitMs: 3_600_000 });
+  try {
+    const roomId = await roomWith(alice, bob);
+    const got = [];
+    bob.on("message:new", (d) => got.push(d));
+    const sent = [];
+    for (const text of ["m1", "m2", "m3"]) sent.push((await alice.emit("message:send", { roomId, content: text })).message);
+    await until(() => got.length === 1, { what: "m1" });
+    await bob.emit("system:ping"); // barrier: m2 and m3 were dropped, not late
+    assert.equal(got.length, 1);
+
+    link.inject({ event: "room:resync", data: { roomId, afterSeq: sent[0].seq } });
+    await until(() => got.length === 3, { what: "m2 and m3 from history" });
+    await bob.emit("system:ping");
+    assert.deepEqual(got.map((d) => [d.message.seq, d.message.content, d.recovered === true]),
+      sent.map((m, i) => [m.seq, m.content, i > 0]));
+    assert.equal(bob.contiguousSeq(roomId), sent[2].seq);
   } finally {
     bob.close();
   }
