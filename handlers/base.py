@@ -294,6 +294,15 @@ class GatewayHandler(WebSocketHandler):
             return
         self.member_rooms = info.room_ids
         self.hub.add(self)
+        # A broadcast another node sends to this user right after the welcome
+        # must reach it: the welcome waits until this node hears the user's,
+        # namespace's and roles' channels (no wait when it does already).
+        await self.hub.wait_reachable(self)
+        if self._gone:
+            # The peer left meanwhile; on_close skipped what it did not register.
+            self.hub.remove(self)
+            await self._release_limit()
+            return
         self._registered = True
         self.metrics.connections.labels(self.namespace).inc()
         self.metrics.connections_opened.labels(self.namespace).inc()

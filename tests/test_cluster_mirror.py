@@ -78,6 +78,7 @@ class Proxy:
         self._server: asyncio.Server | None = None
         self._links: list[dict[str, Any]] = []
         self._cut = False
+        self._subscribe_delay_secs = 0.0
 
     def cut(self) -> None:
         """Close every connection and refuse new ones until :meth:`mend`: Redis, as
@@ -89,6 +90,10 @@ class Proxy:
 
     def mend(self) -> None:
         self._cut = False
+
+    def delay_subscribes(self, secs: float) -> None:
+        """Hold each SUBSCRIBE for ``secs`` before Redis sees it (a slow link)."""
+        self._subscribe_delay_secs = secs
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -117,6 +122,7 @@ class Proxy:
             while data := await reader.read(65536):
                 if b"SUBSCRIBE" in data.upper():
                     link["subscriber"] = True
+                    await asyncio.sleep(self._subscribe_delay_secs)
                 up_writer.write(data)
                 await up_writer.drain()
 
@@ -321,6 +327,22 @@ async def test_unsubscribes_when_the_last_local_member_leaves(cluster: Cluster) 
         what="B received the sentinel",
     )
     assert sample(b, "switchboard_redis_received_total") == received_b + 1
+
+
+async def test_the_welcome_waits_until_the_node_hears_the_connections_channels(
+    cluster: Cluster,
+) -> None:
+    """A broadcast another node sends right after the welcome reaches the new connection."""
+    proxy = await cluster.proxy()
+    a, b = await cluster.node("node-a"), await cluster.node("node-b", redis_url=proxy.url)
+    proxy.delay_subscribes(0.4)  # b hears a new channel 0.4 s after it asks
+    bob = await b.connect("bob", namespace="notifications", roles=("user", "moderator"))
+    hub = a.node.hub
+    hub.publish(Target.user("bob"), "test:user", {})
+    hub.publish(Target.ns("notifications"), "test:ns", {})
+    hub.publish(Target.role("moderator"), "test:role", {})
+    for event in ("test:user", "test:ns", "test:role"):
+        await bob.next_event(event, timeout=5)
 
 
 async def test_user_namespace_and_all_targets_cross_nodes(cluster: Cluster) -> None:

@@ -292,6 +292,20 @@ class Hub:
         """Wait until other nodes' traffic for a channel reaches this node (see the broker)."""
         return await self.broker.wait_subscribed(kind, key)
 
+    async def wait_reachable(self, conn: Connection) -> bool:
+        """Wait until other nodes' broadcasts to ``conn``'s user, namespace and roles reach
+        this node (:meth:`add` asked for them); False if that cannot be confirmed.
+
+        One after the other without a Task each: every subscription was sent by
+        :meth:`add` already, so this waits for the slowest, and costs nothing
+        for channels this node hears already (the usual case).
+        """
+        reachable = await self.broker.wait_subscribed("user", conn.user_id)
+        reachable = await self.broker.wait_subscribed("namespace", conn.namespace) and reachable
+        for role in conn.roles:
+            reachable = await self.broker.wait_subscribed("role", role) and reachable
+        return reachable
+
     def finish_join(self, conn: Connection, room: str, after_seq: int | None) -> int:
         """Release frames buffered since :meth:`join`, skipping ``seq <= after_seq``."""
         pending = self._pending.get(room)
