@@ -40,7 +40,6 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 import orjson
@@ -49,7 +48,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from server.core.auth import mint_token
 from server.core.config import Config
 from switchboard_client import Client
-from tests.support.services import PostgresServer, RedisServer, ServiceError
+from tests.support.services import Managed, PostgresServer, RedisServer, ServiceError
 
 __all__ = ["Cluster", "NodeProcess", "parse_metrics"]
 
@@ -238,7 +237,7 @@ def _stop_all_at_exit() -> None:
 atexit.register(_stop_all_at_exit)
 
 
-class Cluster:
+class Cluster(Managed):
     """redis-server + PostgreSQL + gateway nodes named ``nodes`` (``a``, ``b``, ``c``).
 
     ``node_env`` adds or overrides ``SWITCHBOARD_*`` settings for every node.
@@ -332,22 +331,6 @@ class Cluster:
         with _live_lock:
             _live_clusters.discard(self)
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def __hash__(self) -> int:
-        return id(self)
-
-    def __eq__(self, other: object) -> bool:
-        return self is other
 
     # -- nodes ------------------------------------------------------------------
 

@@ -153,16 +153,12 @@ def _stop_all_at_exit() -> None:
 atexit.register(_stop_all_at_exit)
 
 
-class _Service:
-    """Shared context-manager plumbing and the atexit registration."""
+class Managed:
+    """A context manager over ``start()`` (returning self) and ``stop()``.
 
-    def _register(self) -> None:
-        with _live_lock:
-            _live_services.add(self)
-
-    def _unregister(self) -> None:
-        with _live_lock:
-            _live_services.discard(self)
+    Services, clusters and stacks all start processes a test must not leak;
+    ``with`` stops them whatever the test did.
+    """
 
     def start(self) -> Self:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -181,11 +177,17 @@ class _Service:
     ) -> None:
         self.stop()
 
-    def __hash__(self) -> int:
-        return id(self)
 
-    def __eq__(self, other: object) -> bool:
-        return self is other
+class _Service(Managed):
+    """A service process, registered for the atexit sweep while it runs."""
+
+    def _register(self) -> None:
+        with _live_lock:
+            _live_services.add(self)
+
+    def _unregister(self) -> None:
+        with _live_lock:
+            _live_services.discard(self)
 
 
 def _tail(path: Path, lines: int = 30) -> str:

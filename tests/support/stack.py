@@ -29,12 +29,18 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 import yaml
 
-from tests.support.services import PostgresServer, RedisServer, ServiceError, find_binary, free_port
+from tests.support.services import (
+    Managed,
+    PostgresServer,
+    RedisServer,
+    ServiceError,
+    find_binary,
+    free_port,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = ROOT / "prometheus"
@@ -101,7 +107,7 @@ class Process:
                 self.proc.wait(timeout=timeout)
 
 
-class Stack:
+class Stack(Managed):
     """Starts and stops the whole topology; a context manager."""
 
     def __init__(
@@ -228,16 +234,6 @@ class Stack:
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
