@@ -125,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="report the server's Python allocation sites that grew",
     )
+    parser.add_argument(
+        "--types",
+        action="store_true",
+        help="report the objects the server's collector tracks that grew, by type",
+    )
     parser.add_argument("--top", type=int, default=15, help="tracemalloc rows (default 15)")
     parser.add_argument(
         "--frames",
@@ -208,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(0.5)
         server.command("gc")
         before = _mem(sproc)
+        types_before = server.command("types")["types"] if args.types else {}
         if args.tracemalloc:
             server.command("snapshot")
         ok, secs = open_all([measured[i :: args.procs] for i in range(args.procs)])
@@ -233,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"USS {_kib(uss_per)}  (target <= {TARGET_BYTES // 1024} KiB: {verdict})"
                 + ("  [tracemalloc on: RSS inflated]" if args.tracemalloc else "")
             )
+        if args.types and ok:
+            _print_types(types_before, server.command("types")["types"], ok, args.top)
         if args.tracemalloc and ok:
             _print_diff(server.command(f"diff {args.top}", timeout=600), ok)
     finally:
@@ -269,6 +277,23 @@ def _print_diff(diff: dict[str, Any], n: int) -> None:
         print(f"    {row['size'] / n:8,.0f} B {row['count'] / n:6.1f}")
         for line in row["where"]:
             print(f"        {line.rstrip()}")
+
+
+def _print_types(
+    before: dict[str, list[int]], after: dict[str, list[int]], n: int, top: int
+) -> None:
+    grew = {
+        name: (count - before.get(name, [0, 0])[0], size - before.get(name, [0, 0])[1])
+        for name, (count, size) in after.items()
+    }
+    rows = sorted(grew.items(), key=lambda kv: -kv[1][1])[:top]
+    total = sum(size for _, size in grew.values())
+    print(
+        f"\n  tracked objects grew {total / n:,.0f} bytes per connection (shallow sizes; "
+        f"strings, bytes and numbers are not tracked); by type (bytes/conn, objects/conn):"
+    )
+    for name, (count, size) in rows:
+        print(f"    {size / n:8,.0f} B {count / n:6.2f}  {name}")
 
 
 def _exit_on_sigterm(*_: object) -> None:
