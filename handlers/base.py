@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -43,6 +44,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from marshmallow import Schema
+from tornado.httputil import HTTPHeaders
 from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
@@ -104,26 +106,6 @@ class Reply:
     after_ack: Callable[[], object]
 
 
-class Timers:
-    """A connection's pending timers (the auth-frame deadline, then token expiry).
-
-    Each :meth:`replace` cancels the previous set: a connection waits for
-    one thing at a time.
-    """
-
-    def __init__(self) -> None:
-        self._handles: list[asyncio.TimerHandle] = []
-
-    def replace(self, *handles: asyncio.TimerHandle) -> None:
-        self.cancel()
-        self._handles = list(handles)
-
-    def cancel(self) -> None:
-        for handle in self._handles:
-            handle.cancel()
-        self._handles = []
-
-
 class GatewayHandler(WebSocketHandler):
     """Shared mechanics of the gateway's namespaces (see module docstring)."""
 
@@ -141,6 +123,43 @@ class GatewayHandler(WebSocketHandler):
         "auth:refresh": AuthRefresh,
     }
 
+    # Slots, not the instance dict, for what the gateway keeps per connection:
+    # tornado's own attributes then fit a key-sharing instance dict, where
+    # 60-odd keys needed a 1.6 KB dict of its own (bench.idle). A subclass
+    # lists its own attributes the same way.
+    __slots__ = (
+        "_awaiting_auth",
+        "_bad_frames",
+        "_bad_window_start",
+        "_close_reason",
+        "_closing",
+        "_gone",
+        "_registered",
+        "_seat",
+        "_timer",
+        "bytes_in",
+        "client_ip",
+        "config",
+        "conn_id",
+        "connected_at",
+        "db",
+        "deps",
+        "event_started",
+        "frames_in",
+        "hub",
+        "identity",
+        "last_seen",
+        "member_rooms",
+        "metrics",
+        "outbound",
+        "presence",
+        "state",
+        "stats",
+        "tasks",
+        "user_agent",
+        "user_id",
+    )  # fmt: skip
+
     def initialize(self, deps: Deps) -> None:
         """Take the node's components; a subclass extending it calls ``super()`` first."""
         self.deps = deps
@@ -155,12 +174,13 @@ class GatewayHandler(WebSocketHandler):
         self.tasks = deps.tasks
         self.conn_id = uuid.uuid4().hex
         self.user_id = ""
-        self.log = ConnectionLog(log, self)
         self.connected_at = time.monotonic()
         self.identity: Identity | None = None
         self.member_rooms: list[str] = []
         self.last_seen = time.monotonic()
         self.client_ip = ""
+        #: The handshake's ``User-Agent`` as an admin sees it (the headers are not kept).
+        self.user_agent = ""
         #: Frames and bytes received once admitted (what was sent: ``outbound``).
         self.frames_in = 0
         self.bytes_in = 0
@@ -173,11 +193,23 @@ class GatewayHandler(WebSocketHandler):
         self._gone = False
         self._bad_frames = 0
         self._bad_window_start = 0.0
-        self._timers = Timers()
+        # The one pending timer: the auth-frame deadline, then the token's
+        # expiry warning, then its expiry (each schedules the next).
+        self._timer: asyncio.TimerHandle | None = None
         self._close_reason = "client"
         # True from a token-less handshake until its first frame (auth:connect).
         self._awaiting_auth = False
         self.event_started = time.perf_counter()
+
+    @property
+    def log(self) -> ConnectionLog:
+        """This connection's logger (made per call: logging is rare, connections are many)."""
+        return ConnectionLog(log, self)
+
+    def _set_timer(self, handle: asyncio.TimerHandle | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = handle
 
     # -- handshake ------------------------------------------------------------
 
@@ -201,8 +233,11 @@ class GatewayHandler(WebSocketHandler):
         token = handshake_token(
             headers.get("Authorization", ""),
             self.get_query_argument("token", None),
-            self.get_cookie("access_token"),
+            # Only with a Cookie header: asking parses (and keeps) an empty jar.
+            self.get_cookie("access_token") if "Cookie" in headers else None,
         )
+        self.user_agent = sys.intern(clean_user_agent(headers.get("User-Agent")))
+        self._drop_handshake_headers()
         if token is None:
             # Browsers cannot set headers, and a URL token ends up in access
             # logs: the token comes in the first frame instead (on_message).
@@ -210,9 +245,22 @@ class GatewayHandler(WebSocketHandler):
             self._awaiting_auth = True
             self.state.awaiting_auth.add(self)
             loop = asyncio.get_running_loop()
-            self._timers.replace(loop.call_later(self.config.auth_timeout, self._auth_timed_out))
+            self._set_timer(loop.call_later(self.config.auth_timeout, self._auth_timed_out))
             return
         await self._authenticate(token, None)
+
+    def _drop_handshake_headers(self) -> None:
+        """Let go of the upgrade's request and 101 response headers (~1.5 KB a connection).
+
+        Tornado keeps both for the connection's life, and nothing reads them
+        once the socket is open: the client address and user agent were
+        copied above. The response headers are only reachable as the private
+        ``_headers``; tornado disables ``set_header`` and ``finish`` on a
+        detached WebSocket handler, so nothing writes them again.
+        tests/test_idle_memory.py fails if a tornado upgrade keeps them elsewhere.
+        """
+        self.request.headers = HTTPHeaders()
+        self._headers = HTTPHeaders()
 
     async def _authenticate(self, token: str, ack: int | None) -> None:
         """Admit the connection with ``token``, or refuse it (``system:error``, close)."""
@@ -255,7 +303,7 @@ class GatewayHandler(WebSocketHandler):
         """
         self._awaiting_auth = False
         self.state.awaiting_auth.discard(self)
-        self._timers.cancel()
+        self._set_timer(None)
         if isinstance(message, bytes) or len(message) > MAX_AUTH_FRAME_BYTES:
             what = "binary" if isinstance(message, bytes) else f"over {MAX_AUTH_FRAME_BYTES} bytes"
             self._refuse(errors.Unauthorized(f"Authentication frame is {what}"), None, None)
@@ -321,14 +369,14 @@ class GatewayHandler(WebSocketHandler):
     # -- token expiry ---------------------------------------------------------
 
     def _schedule_expiry(self, expires_at: float) -> None:
-        warn_in, expire_in = expiry_delays(expires_at, time.time())
+        warn_in, _ = expiry_delays(expires_at, time.time())
         loop = asyncio.get_running_loop()
-        self._timers.replace(
-            loop.call_later(warn_in, self._warn_expiry, expires_at),
-            loop.call_later(expire_in, self._expire),
-        )
+        self._set_timer(loop.call_later(warn_in, self._warn_expiry, expires_at))
 
     def _warn_expiry(self, expires_at: float) -> None:
+        # One timer at a time (a connection holds one): the warning schedules the close.
+        _, expire_in = expiry_delays(expires_at, time.time())
+        self._set_timer(asyncio.get_running_loop().call_later(expire_in, self._expire))
         expires_in = max(0.0, round(expires_at - time.time(), 3))
         self.send_event("auth:expiring", {"expiresIn": expires_in})
 
@@ -576,7 +624,7 @@ class GatewayHandler(WebSocketHandler):
             return
         self._gone = True
         self.state.awaiting_auth.discard(self)
-        self._timers.cancel()
+        self._set_timer(None)
         if not self._registered:
             return
         rooms = self.hub.remove(self)
@@ -634,7 +682,7 @@ class GatewayHandler(WebSocketHandler):
             "userId": self.user_id,
             "namespace": self.namespace,
             "ip": self.client_ip,
-            "userAgent": clean_user_agent(self.request.headers.get("User-Agent")),
+            "userAgent": self.user_agent,
             "connectedAt": protocol.iso(_from_epoch(started)),
             "framesIn": self.frames_in,
             "framesOut": out.frames_out,
