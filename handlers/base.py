@@ -46,7 +46,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from marshmallow import Schema
 from tornado.httputil import HTTPHeaders
 from tornado.iostream import StreamClosedError
-from tornado.websocket import WebSocketClosedError, WebSocketHandler
+from tornado.util import ObjectDict
+from tornado.websocket import (
+    WebSocketClosedError,
+    WebSocketHandler,
+    WebSocketProtocol,
+    WebSocketProtocol13,
+)
 
 from handlers.schemas import AuthRefresh, Ping, load
 from models import chat as chat_db
@@ -106,8 +112,60 @@ class Reply:
     after_ack: Callable[[], object]
 
 
+#: An open connection's template namespace: a WebSocket renders no templates.
+_NO_UI = ObjectDict()
+
+
+class _DetachedReceive(WebSocketProtocol13):
+    """Tornado's RFC 6455 protocol, its frame-reading loop run as a task of its own.
+
+    Tornado awaits the loop at the bottom of the handshake's coroutines
+    (``RequestHandler._execute`` -> ``get`` -> ``accept_connection`` ->
+    ``_accept_connection`` -> the loop), so every open connection kept five
+    suspended coroutines, their task and callbacks (~1.9 KB, bench.idle
+    --types). Started apart, the handshake's coroutines finish once the
+    socket is open and only the loop waits for the peer. ``_receive_frame_loop``
+    is the abstract method of tornado's ``WebSocketProtocol`` that a
+    protocol implements; the loop itself is tornado's, unchanged.
+    tests/test_idle_memory.py fails if tornado stops calling it this way.
+    """
+
+    async def _receive_frame_loop(self) -> None:
+        handler = self.handler
+        assert isinstance(handler, GatewayHandler)
+        # A strong reference (the event loop holds tasks weakly), on the
+        # handler: a 30th attribute would cost this object a dict of its own.
+        handler._receiving = asyncio.ensure_future(super()._receive_frame_loop())
+
+
+#: Tornado's per-handler attributes, in the order an open WebSocket handler
+#: gets them (RequestHandler/WebSocketHandler ``__init__``, ``_execute``,
+#: ``get``, and the methods ``_detach_stream`` disables).
+TORNADO_HANDLER_ATTRS = (
+    "application", "request", "_headers_written", "_finished", "_auto_finish",
+    "_prepared_future", "ui", "_headers", "_write_buffer", "_status_code", "_reason",
+    "ws_connection", "close_code", "close_reason", "_on_close_called", "_transforms",
+    "path_args", "path_kwargs", "open_args", "open_kwargs", "write", "redirect",
+    "set_header", "set_cookie", "set_status", "flush", "finish",
+)  # fmt: skip
+
+
 class GatewayHandler(WebSocketHandler):
     """Shared mechanics of the gateway's namespaces (see module docstring)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # CPython (3.11+) stores a class's instance attributes in one key table
+        # shared by its instances (8 bytes a value) only while the table can
+        # still take the names, and every instance created shrinks what it can
+        # take. Under concurrent handshakes it filled before the first
+        # connection was open, and every connection got a dict of its own
+        # (832 bytes, bench.idle --types). Naming tornado's attributes on a
+        # throwaway instance fills the table while it is empty.
+        # tests/test_idle_memory.py fails if tornado adds a name.
+        primer = cls.__new__(cls)
+        for name in TORNADO_HANDLER_ATTRS:
+            object.__setattr__(primer, name, None)
 
     #: Namespace name as it appears in ``system:welcome`` and metrics.
     namespace: ClassVar[str] = ""
@@ -134,6 +192,7 @@ class GatewayHandler(WebSocketHandler):
         "_close_reason",
         "_closing",
         "_gone",
+        "_receiving",
         "_registered",
         "_seat",
         "_timer",
@@ -196,6 +255,8 @@ class GatewayHandler(WebSocketHandler):
         # The one pending timer: the auth-frame deadline, then the token's
         # expiry warning, then its expiry (each schedules the next).
         self._timer: asyncio.TimerHandle | None = None
+        #: Tornado's frame-reading loop (_DetachedReceive).
+        self._receiving: asyncio.Task[None] | None = None
         self._close_reason = "client"
         # True from a token-less handshake until its first frame (auth:connect).
         self._awaiting_auth = False
@@ -217,6 +278,14 @@ class GatewayHandler(WebSocketHandler):
         allowed = self.config.allowed_origins
         return "*" in allowed or origin.rstrip("/") in allowed
 
+    def get_websocket_protocol(self) -> WebSocketProtocol | None:
+        protocol = super().get_websocket_protocol()
+        if type(protocol) is WebSocketProtocol13:
+            # Built again with tornado's parameters rather than re-typed:
+            # assigning __class__ would cost the object a dict of its own.
+            return _DetachedReceive(self, False, protocol.params)
+        return protocol
+
     def get_compression_options(self) -> dict[str, Any] | None:
         # Off: broadcasts write one pre-built, uncompressed frame to everyone.
         return None
@@ -237,7 +306,7 @@ class GatewayHandler(WebSocketHandler):
             self.get_cookie("access_token") if "Cookie" in headers else None,
         )
         self.user_agent = sys.intern(clean_user_agent(headers.get("User-Agent")))
-        self._drop_handshake_headers()
+        self._drop_handshake_state()
         if token is None:
             # Browsers cannot set headers, and a URL token ends up in access
             # logs: the token comes in the first frame instead (on_message).
@@ -249,18 +318,23 @@ class GatewayHandler(WebSocketHandler):
             return
         await self._authenticate(token, None)
 
-    def _drop_handshake_headers(self) -> None:
-        """Let go of the upgrade's request and 101 response headers (~1.5 KB a connection).
+    def _drop_handshake_state(self) -> None:
+        """Let go of what only the upgrade needed (~1.8 KB a connection, bench.idle).
 
-        Tornado keeps both for the connection's life, and nothing reads them
-        once the socket is open: the client address and user agent were
-        copied above. The response headers are only reachable as the private
-        ``_headers``; tornado disables ``set_header`` and ``finish`` on a
-        detached WebSocket handler, so nothing writes them again.
-        tests/test_idle_memory.py fails if a tornado upgrade keeps them elsewhere.
+        Tornado keeps the request's and the 101 response's headers and the
+        template namespace (``ui``) for the connection's life, and nothing
+        reads them once the socket is open: the client address and user
+        agent were copied above. The request's headers are re-initialised in
+        place, empty, because tornado's HTTP/1 connection holds the same
+        object (``clear()`` would keep the emptied tables). The response
+        headers are only reachable as the private ``_headers``; tornado
+        disables ``set_header`` and ``finish`` on a detached WebSocket
+        handler, so nothing writes them again. tests/test_idle_memory.py
+        fails if a tornado upgrade keeps any of them elsewhere.
         """
-        self.request.headers = HTTPHeaders()
+        HTTPHeaders.__init__(self.request.headers)
         self._headers = HTTPHeaders()
+        self.ui = _NO_UI
 
     async def _authenticate(self, token: str, ack: int | None) -> None:
         """Admit the connection with ``token``, or refuse it (``system:error``, close)."""
