@@ -50,6 +50,7 @@ import tempfile
 import threading
 import time
 import tracemalloc
+import types
 from pathlib import Path
 from typing import Any
 
@@ -307,6 +308,8 @@ class Commands:
                 _reply({"ok": True})
             elif cmd == "diff":
                 _reply({"ok": True, **self._diff(int(args[0]) if args else 25)})
+            elif cmd == "types":
+                _reply({"ok": True, "types": _types()})
             elif cmd == "lag":
                 if self.lag is None:
                     raise RuntimeError(f"no lag sampler: start with {LAG_ENV}=<ms>")
@@ -339,6 +342,34 @@ class Commands:
             for s in by_file[:top]
         ]
         return out
+
+
+def _types() -> dict[str, list[int]]:
+    """Objects the collector tracks, by type: ``{name: [count, bytes]}`` (shallow sizes)."""
+    gc.collect()
+    out: dict[str, list[int]] = {}
+    for obj in gc.get_objects():
+        row = out.setdefault(_type_name(obj), [0, 0])
+        row[0] += 1
+        row[1] += sys.getsizeof(obj)
+    return out
+
+
+def _type_name(obj: object) -> str:
+    """The type's name, and what runs for coroutines, tasks, timers and bound methods."""
+    name = type(obj).__qualname__
+    detail: Any = None
+    if isinstance(obj, types.CoroutineType):
+        detail = obj.cr_code.co_qualname
+    elif isinstance(obj, asyncio.Task):
+        detail = obj.get_coro().__qualname__  # type: ignore[union-attr]
+    elif isinstance(obj, asyncio.Handle):
+        detail = getattr(obj._callback, "__qualname__", None)
+    elif isinstance(obj, types.MethodType | types.FunctionType):
+        detail = obj.__qualname__
+    elif isinstance(obj, set | dict | list):
+        detail = len(obj)
+    return name if detail is None else f"{name} {detail}"
 
 
 def _snapshot() -> tracemalloc.Snapshot:

@@ -26,10 +26,16 @@ a snapshot at *before*, and the allocation sites that grew by *after* are
 printed (Python objects only; tracemalloc's own bookkeeping inflates the
 RSS of such a run, so its RSS figures are not the ones to quote).
 
+``--types``: the objects the server's garbage collector tracks, counted by
+type at *before* and *after* (shallow sizes; coroutines, tasks and timers
+named by what they run): what a connection holds, where tracemalloc says
+where it was allocated.
+
 Usage::
 
     .venv/bin/python -m bench.idle                     # 5,000 connections
     .venv/bin/python -m bench.idle --connections 2000 --tracemalloc
+    .venv/bin/python -m bench.idle --connections 2000 --types
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ from bench._server import TRACEMALLOC_ENV, ServerProc, bench_config
 from bench._wsclient import LeanWS, Pipe, Tally, open_many, raise_nofile
 from server.core.auth import mint_token
 
-TARGET_BYTES = 20 * 1024  # per idle connection
+TARGET_BYTES = 12 * 1024  # per idle connection (issue 16: below Node Socket.IO)
 HOST = "127.0.0.1"
 
 
@@ -124,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         "--tracemalloc",
         action="store_true",
         help="report the server's Python allocation sites that grew",
+    )
+    parser.add_argument(
+        "--types",
+        action="store_true",
+        help="report the objects the server's collector tracks that grew, by type",
     )
     parser.add_argument("--top", type=int, default=15, help="tracemalloc rows (default 15)")
     parser.add_argument(
@@ -208,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(0.5)
         server.command("gc")
         before = _mem(sproc)
+        types_before = server.command("types")["types"] if args.types else {}
         if args.tracemalloc:
             server.command("snapshot")
         ok, secs = open_all([measured[i :: args.procs] for i in range(args.procs)])
@@ -233,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"USS {_kib(uss_per)}  (target <= {TARGET_BYTES // 1024} KiB: {verdict})"
                 + ("  [tracemalloc on: RSS inflated]" if args.tracemalloc else "")
             )
+        if args.types and ok:
+            _print_types(types_before, server.command("types")["types"], ok, args.top)
         if args.tracemalloc and ok:
             _print_diff(server.command(f"diff {args.top}", timeout=600), ok)
     finally:
@@ -269,6 +283,23 @@ def _print_diff(diff: dict[str, Any], n: int) -> None:
         print(f"    {row['size'] / n:8,.0f} B {row['count'] / n:6.1f}")
         for line in row["where"]:
             print(f"        {line.rstrip()}")
+
+
+def _print_types(
+    before: dict[str, list[int]], after: dict[str, list[int]], n: int, top: int
+) -> None:
+    grew = {
+        name: (count - before.get(name, [0, 0])[0], size - before.get(name, [0, 0])[1])
+        for name, (count, size) in after.items()
+    }
+    rows = sorted(grew.items(), key=lambda kv: -kv[1][1])[:top]
+    total = sum(size for _, size in grew.values())
+    print(
+        f"\n  tracked objects grew {total / n:,.0f} bytes per connection (shallow sizes; "
+        f"strings, bytes and numbers are not tracked); by type (bytes/conn, objects/conn):"
+    )
+    for name, (count, size) in rows:
+        print(f"    {size / n:8,.0f} B {count / n:6.2f}  {name}")
 
 
 def _exit_on_sigterm(*_: object) -> None:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -43,8 +44,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from marshmallow import Schema
+from tornado.httputil import HTTPHeaders
 from tornado.iostream import StreamClosedError
-from tornado.websocket import WebSocketClosedError, WebSocketHandler
+from tornado.util import ObjectDict
+from tornado.websocket import (
+    WebSocketClosedError,
+    WebSocketHandler,
+    WebSocketProtocol,
+    WebSocketProtocol13,
+)
 
 from handlers.schemas import AuthRefresh, Ping, load
 from models import chat as chat_db
@@ -104,28 +112,60 @@ class Reply:
     after_ack: Callable[[], object]
 
 
-class Timers:
-    """A connection's pending timers (the auth-frame deadline, then token expiry).
+#: An open connection's template namespace: a WebSocket renders no templates.
+_NO_UI = ObjectDict()
 
-    Each :meth:`replace` cancels the previous set: a connection waits for
-    one thing at a time.
+
+class _DetachedReceive(WebSocketProtocol13):
+    """Tornado's RFC 6455 protocol, its frame-reading loop run as a task of its own.
+
+    Tornado awaits the loop at the bottom of the handshake's coroutines
+    (``RequestHandler._execute`` -> ``get`` -> ``accept_connection`` ->
+    ``_accept_connection`` -> the loop), so every open connection kept five
+    suspended coroutines, their task and callbacks (~1.9 KB, bench.idle
+    --types). Started apart, the handshake's coroutines finish once the
+    socket is open and only the loop waits for the peer. ``_receive_frame_loop``
+    is the abstract method of tornado's ``WebSocketProtocol`` that a
+    protocol implements; the loop itself is tornado's, unchanged.
+    tests/test_idle_memory.py fails if tornado stops calling it this way.
     """
 
-    def __init__(self) -> None:
-        self._handles: list[asyncio.TimerHandle] = []
+    async def _receive_frame_loop(self) -> None:
+        handler = self.handler
+        assert isinstance(handler, GatewayHandler)
+        # A strong reference (the event loop holds tasks weakly), on the
+        # handler: a 30th attribute would cost this object a dict of its own.
+        handler._receiving = asyncio.ensure_future(super()._receive_frame_loop())
 
-    def replace(self, *handles: asyncio.TimerHandle) -> None:
-        self.cancel()
-        self._handles = list(handles)
 
-    def cancel(self) -> None:
-        for handle in self._handles:
-            handle.cancel()
-        self._handles = []
+#: Tornado's per-handler attributes, in the order an open WebSocket handler
+#: gets them (RequestHandler/WebSocketHandler ``__init__``, ``_execute``,
+#: ``get``, and the methods ``_detach_stream`` disables).
+TORNADO_HANDLER_ATTRS = (
+    "application", "request", "_headers_written", "_finished", "_auto_finish",
+    "_prepared_future", "ui", "_headers", "_write_buffer", "_status_code", "_reason",
+    "ws_connection", "close_code", "close_reason", "_on_close_called", "_transforms",
+    "path_args", "path_kwargs", "open_args", "open_kwargs", "write", "redirect",
+    "set_header", "set_cookie", "set_status", "flush", "finish",
+)  # fmt: skip
 
 
 class GatewayHandler(WebSocketHandler):
     """Shared mechanics of the gateway's namespaces (see module docstring)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # CPython (3.11+) stores a class's instance attributes in one key table
+        # shared by its instances (8 bytes a value) only while the table can
+        # still take the names, and every instance created shrinks what it can
+        # take. Under concurrent handshakes it filled before the first
+        # connection was open, and every connection got a dict of its own
+        # (832 bytes, bench.idle --types). Naming tornado's attributes on a
+        # throwaway instance fills the table while it is empty.
+        # tests/test_idle_memory.py fails if tornado adds a name.
+        primer = cls.__new__(cls)
+        for name in TORNADO_HANDLER_ATTRS:
+            object.__setattr__(primer, name, None)
 
     #: Namespace name as it appears in ``system:welcome`` and metrics.
     namespace: ClassVar[str] = ""
@@ -141,6 +181,44 @@ class GatewayHandler(WebSocketHandler):
         "auth:refresh": AuthRefresh,
     }
 
+    # Slots, not the instance dict, for what the gateway keeps per connection:
+    # tornado's own attributes then fit a key-sharing instance dict, where
+    # 60-odd keys needed a 1.6 KB dict of its own (bench.idle). A subclass
+    # lists its own attributes the same way.
+    __slots__ = (
+        "_awaiting_auth",
+        "_bad_frames",
+        "_bad_window_start",
+        "_close_reason",
+        "_closing",
+        "_gone",
+        "_receiving",
+        "_registered",
+        "_seat",
+        "_timer",
+        "bytes_in",
+        "client_ip",
+        "config",
+        "conn_id",
+        "connected_at",
+        "db",
+        "deps",
+        "event_started",
+        "frames_in",
+        "hub",
+        "identity",
+        "last_seen",
+        "member_rooms",
+        "metrics",
+        "outbound",
+        "presence",
+        "state",
+        "stats",
+        "tasks",
+        "user_agent",
+        "user_id",
+    )  # fmt: skip
+
     def initialize(self, deps: Deps) -> None:
         """Take the node's components; a subclass extending it calls ``super()`` first."""
         self.deps = deps
@@ -155,12 +233,13 @@ class GatewayHandler(WebSocketHandler):
         self.tasks = deps.tasks
         self.conn_id = uuid.uuid4().hex
         self.user_id = ""
-        self.log = ConnectionLog(log, self)
         self.connected_at = time.monotonic()
         self.identity: Identity | None = None
         self.member_rooms: list[str] = []
         self.last_seen = time.monotonic()
         self.client_ip = ""
+        #: The handshake's ``User-Agent`` as an admin sees it (the headers are not kept).
+        self.user_agent = ""
         #: Frames and bytes received once admitted (what was sent: ``outbound``).
         self.frames_in = 0
         self.bytes_in = 0
@@ -173,17 +252,39 @@ class GatewayHandler(WebSocketHandler):
         self._gone = False
         self._bad_frames = 0
         self._bad_window_start = 0.0
-        self._timers = Timers()
+        # The one pending timer: the auth-frame deadline, then the token's
+        # expiry warning, then its expiry (each schedules the next).
+        self._timer: asyncio.TimerHandle | None = None
+        #: Tornado's frame-reading loop (_DetachedReceive).
+        self._receiving: asyncio.Task[None] | None = None
         self._close_reason = "client"
         # True from a token-less handshake until its first frame (auth:connect).
         self._awaiting_auth = False
         self.event_started = time.perf_counter()
+
+    @property
+    def log(self) -> ConnectionLog:
+        """This connection's logger (made per call: logging is rare, connections are many)."""
+        return ConnectionLog(log, self)
+
+    def _set_timer(self, handle: asyncio.TimerHandle | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = handle
 
     # -- handshake ------------------------------------------------------------
 
     def check_origin(self, origin: str) -> bool:
         allowed = self.config.allowed_origins
         return "*" in allowed or origin.rstrip("/") in allowed
+
+    def get_websocket_protocol(self) -> WebSocketProtocol | None:
+        protocol = super().get_websocket_protocol()
+        if type(protocol) is WebSocketProtocol13:
+            # Built again with tornado's parameters rather than re-typed:
+            # assigning __class__ would cost the object a dict of its own.
+            return _DetachedReceive(self, False, protocol.params)
+        return protocol
 
     def get_compression_options(self) -> dict[str, Any] | None:
         # Off: broadcasts write one pre-built, uncompressed frame to everyone.
@@ -201,8 +302,11 @@ class GatewayHandler(WebSocketHandler):
         token = handshake_token(
             headers.get("Authorization", ""),
             self.get_query_argument("token", None),
-            self.get_cookie("access_token"),
+            # Only with a Cookie header: asking parses (and keeps) an empty jar.
+            self.get_cookie("access_token") if "Cookie" in headers else None,
         )
+        self.user_agent = sys.intern(clean_user_agent(headers.get("User-Agent")))
+        self._drop_handshake_state()
         if token is None:
             # Browsers cannot set headers, and a URL token ends up in access
             # logs: the token comes in the first frame instead (on_message).
@@ -210,9 +314,27 @@ class GatewayHandler(WebSocketHandler):
             self._awaiting_auth = True
             self.state.awaiting_auth.add(self)
             loop = asyncio.get_running_loop()
-            self._timers.replace(loop.call_later(self.config.auth_timeout, self._auth_timed_out))
+            self._set_timer(loop.call_later(self.config.auth_timeout, self._auth_timed_out))
             return
         await self._authenticate(token, None)
+
+    def _drop_handshake_state(self) -> None:
+        """Let go of what only the upgrade needed (~1.8 KB a connection, bench.idle).
+
+        Tornado keeps the request's and the 101 response's headers and the
+        template namespace (``ui``) for the connection's life, and nothing
+        reads them once the socket is open: the client address and user
+        agent were copied above. The request's headers are re-initialised in
+        place, empty, because tornado's HTTP/1 connection holds the same
+        object (``clear()`` would keep the emptied tables). The response
+        headers are only reachable as the private ``_headers``; tornado
+        disables ``set_header`` and ``finish`` on a detached WebSocket
+        handler, so nothing writes them again. tests/test_idle_memory.py
+        fails if a tornado upgrade keeps any of them elsewhere.
+        """
+        HTTPHeaders.__init__(self.request.headers)
+        self._headers = HTTPHeaders()
+        self.ui = _NO_UI
 
     async def _authenticate(self, token: str, ack: int | None) -> None:
         """Admit the connection with ``token``, or refuse it (``system:error``, close)."""
@@ -255,7 +377,7 @@ class GatewayHandler(WebSocketHandler):
         """
         self._awaiting_auth = False
         self.state.awaiting_auth.discard(self)
-        self._timers.cancel()
+        self._set_timer(None)
         if isinstance(message, bytes) or len(message) > MAX_AUTH_FRAME_BYTES:
             what = "binary" if isinstance(message, bytes) else f"over {MAX_AUTH_FRAME_BYTES} bytes"
             self._refuse(errors.Unauthorized(f"Authentication frame is {what}"), None, None)
@@ -330,14 +452,14 @@ class GatewayHandler(WebSocketHandler):
     # -- token expiry ---------------------------------------------------------
 
     def _schedule_expiry(self, expires_at: float) -> None:
-        warn_in, expire_in = expiry_delays(expires_at, time.time())
+        warn_in, _ = expiry_delays(expires_at, time.time())
         loop = asyncio.get_running_loop()
-        self._timers.replace(
-            loop.call_later(warn_in, self._warn_expiry, expires_at),
-            loop.call_later(expire_in, self._expire),
-        )
+        self._set_timer(loop.call_later(warn_in, self._warn_expiry, expires_at))
 
     def _warn_expiry(self, expires_at: float) -> None:
+        # One timer at a time (a connection holds one): the warning schedules the close.
+        _, expire_in = expiry_delays(expires_at, time.time())
+        self._set_timer(asyncio.get_running_loop().call_later(expire_in, self._expire))
         expires_in = max(0.0, round(expires_at - time.time(), 3))
         self.send_event("auth:expiring", {"expiresIn": expires_in})
 
@@ -585,7 +707,7 @@ class GatewayHandler(WebSocketHandler):
             return
         self._gone = True
         self.state.awaiting_auth.discard(self)
-        self._timers.cancel()
+        self._set_timer(None)
         if not self._registered:
             return
         rooms = self.hub.remove(self)
@@ -643,7 +765,7 @@ class GatewayHandler(WebSocketHandler):
             "userId": self.user_id,
             "namespace": self.namespace,
             "ip": self.client_ip,
-            "userAgent": clean_user_agent(self.request.headers.get("User-Agent")),
+            "userAgent": self.user_agent,
             "connectedAt": protocol.iso(_from_epoch(started)),
             "framesIn": self.frames_in,
             "framesOut": out.frames_out,

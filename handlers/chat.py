@@ -66,6 +66,8 @@ class ChatHandler(GatewayHandler):
         "typing:stop": "typing",
     }
 
+    __slots__ = ("health", "messages", "notifications", "reads", "rooms", "typing")
+
     def initialize(self, deps: Deps) -> None:
         super().initialize(deps)
         self.rooms = deps.rooms

@@ -129,6 +129,10 @@ def check_time_claims(claims: dict[str, Any], now: float) -> None:
             raise Unauthorized("Invalid token", {"reason": reason})
 
 
+_USER_ONLY = frozenset({"user"})
+_ROLE_SETS: dict[frozenset[str], frozenset[str]] = {}
+
+
 def parse_roles(raw: Any) -> frozenset[str]:
     """The known roles a ``roles`` claim grants: a list of strings, or one string.
 
@@ -145,7 +149,10 @@ def parse_roles(raw: Any) -> frozenset[str]:
         names = raw
     else:
         raise Unauthorized("Invalid token", {"reason": "InvalidRoles"})
-    return frozenset(r for r in names if r in ROLES) or frozenset({"user"})
+    granted = frozenset(r for r in names if r in ROLES) or _USER_ONLY
+    # One shared set per combination (at most 2**len(ROLES)): every open
+    # connection's identity holds one, and a frozenset is ~200 bytes.
+    return _ROLE_SETS.setdefault(granted, granted)
 
 
 def identity_from_claims(claims: dict[str, Any]) -> Identity:
