@@ -845,7 +845,9 @@ def _insert_batch(
     """Bump each room's seq once and insert every accepted send with one statement.
 
     Plain SQL: peewee's query builder cost ~2 ms a batch building the
-    insert, more than SQLite took to run it (bench/persist.py).
+    insert, more than SQLite took to run it (bench/persist.py). The bump and
+    the insert return what the batch needs (RETURNING): one statement per
+    room and one for the batch, no read-back (a round trip each on PostgreSQL).
     """
     mark = _mark()
     stamp = _db_time(now)
@@ -856,15 +858,16 @@ def _insert_batch(
     for room_id in sorted(accepted):
         indexes = accepted[room_id]
         count = len(indexes)
-        bumped = _execute(
+        bumped = _rows(
             f'UPDATE "room" SET "last_seq" = "last_seq" + {mark}, "last_activity_at" = {mark}'
-            f' WHERE "id" = {mark} AND "deleted_at" IS NULL', [count, stamp, room_id],
-        ).rowcount  # fmt: skip
+            f' WHERE "id" = {mark} AND "deleted_at" IS NULL RETURNING "last_seq"',
+            [count, stamp, room_id],
+        )  # fmt: skip
         if not bumped:  # deleted since the check (another node)
             for i in indexes:
                 out[i] = errors.RoomNotFound(details={"roomId": room_id})
             continue
-        ((last,),) = _rows(f'SELECT "last_seq" FROM "room" WHERE "id" = {mark}', [room_id])
+        ((last,),) = bumped
         for offset, i in enumerate(indexes):
             r, seq = requests[i], last - count + 1 + offset
             placed.append((i, room_id, seq))
@@ -876,18 +879,12 @@ def _insert_batch(
     if not rows:
         return
     values = ", ".join([f"({_marks(rows[0])})"] * len(rows))
-    _execute(
+    # RETURNING's row order is unspecified: (room, seq) names each row's id.
+    ids = {(room_id, seq): message_id for message_id, room_id, seq in _rows(
         'INSERT INTO "message" ("room_id", "seq", "sender_id", "sender_name", "content", "type",'
         ' "parent_id", "attachments", "metadata", "client_msg_id", "created_at")'
-        f" VALUES {values}", [v for row in rows for v in row],
-    )  # fmt: skip
-    ids: dict[tuple[str, int], int] = {}
-    for room_id in sorted({room for _, room, _ in placed}):
-        seqs = [seq for _, room, seq in placed if room == room_id]
-        ids.update(((room_id, seq), message_id) for message_id, seq in _rows(
-            f'SELECT "id", "seq" FROM "message" WHERE "room_id" = {mark}'
-            f' AND "seq" BETWEEN {mark} AND {mark}', [room_id, min(seqs), max(seqs)],
-        ))  # fmt: skip
+        f' VALUES {values} RETURNING "id", "room_id", "seq"', [v for row in rows for v in row],
+    )}  # fmt: skip
     for i, room_id, seq in placed:
         r = requests[i]
         out[i] = Sent(_wire_message(
