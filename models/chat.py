@@ -789,21 +789,35 @@ def send_messages(requests: list[SendRequest]) -> list[Sent | errors.GatewayErro
 def _facts(requests: list[SendRequest], fresh: list[int], now: dt.datetime) -> tuple[
     dict[str, str], set[tuple[str, str]], dict[tuple[str, str], Any], dict[int, str]
 ]:
-    """What the checks of a batch's fresh sends need, one query each.
+    """What the checks of a batch's fresh sends need, in one query (two with parents).
 
     Live rooms' types, (room, sender) memberships, mutes in force (their end
-    as the database returns it) and the rooms of the parents named.
+    as the database returns it) and the rooms of the parents named. Rooms,
+    memberships and mutes come joined: a lone send's checks are one statement
+    (one GIL hand-back on SQLite, one round trip on PostgreSQL), not three.
+    A mute matters only to a member, so it joins on the membership.
     """
     if not fresh:
         return {}, set(), {}, {}
     room_ids = sorted({requests[i].room_id for i in fresh})
     sender_ids = sorted({requests[i].sender_id for i in fresh})
-    rooms = dict(_rows(
-        f'SELECT "id", "type" FROM "room" WHERE "id" IN ({_marks(room_ids)})'
-        ' AND "deleted_at" IS NULL', room_ids,
-    ))  # fmt: skip
-    members = set(_memberships(room_ids, sender_ids))
-    mutes = _mutes_in_force(room_ids, sender_ids, now)
+    rooms: dict[str, str] = {}
+    members: set[tuple[str, str]] = set()
+    mutes: dict[tuple[str, str], Any] = {}
+    for room_id, room_type, member_id, until in _rows(
+        'SELECT r."id", r."type", m."user_id", u."until" FROM "room" r'
+        ' LEFT JOIN "room_member" m ON m."room_id" = r."id"'
+        f' AND m."user_id" IN ({_marks(sender_ids)})'
+        ' LEFT JOIN "room_mute" u ON u."room_id" = r."id" AND u."user_id" = m."user_id"'
+        f' AND u."until" > {_mark()}'
+        f' WHERE r."id" IN ({_marks(room_ids)}) AND r."deleted_at" IS NULL',
+        [*sender_ids, _db_time(now), *room_ids],
+    ):  # fmt: skip
+        rooms[room_id] = room_type
+        if member_id is not None:
+            members.add((room_id, member_id))
+            if until is not None:
+                mutes[(room_id, member_id)] = until
     parent_ids = sorted({p for i in fresh if (p := requests[i].parent_id) is not None})
     parents = dict(_rows(
         f'SELECT "id", "room_id" FROM "message" WHERE "id" IN ({_marks(parent_ids)})', parent_ids,
