@@ -13,13 +13,17 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import sqlite3
+import time
 from typing import Any
 
 import pytest
 
 from server.cli import freeze_startup_heap
+from server.store.db import Checkpointer
 from tests.support.waiting import eventually
 from tests.test_chat import room, send
+
 
 def size_of(path: str) -> int:
     """The database file's size (a stat: not worth a thread in a test)."""
@@ -61,3 +65,26 @@ def test_the_startup_heap_is_frozen_out_of_the_collectors_sight() -> None:
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+def test_a_wal_past_its_bound_is_truncated(tmp_path: Any) -> None:
+    """Writes that never pause would keep the WAL from restarting: past the bound it is cut."""
+    path = str(tmp_path / "wal.db")
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode = wal")
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
+    conn.execute("CREATE TABLE t (x BLOB)")
+    with conn:
+        conn.executemany("INSERT INTO t VALUES (?)", [(b"x" * 4000,)] * 50)
+    wal = path + "-wal"
+    assert size_of(wal) > 50 * 4000
+    checkpointer = Checkpointer(path, interval_secs=0.01, truncate_pages=10)
+    checkpointer.start()
+    try:
+        deadline = time.monotonic() + 5.0
+        while size_of(wal) > 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert size_of(wal) == 0
+    finally:
+        checkpointer.stop()
+        conn.close()

@@ -62,7 +62,13 @@ _SQLITE_PRAGMAS = {
     "wal_autocheckpoint": 0,
 }
 #: How often the checkpointer moves committed WAL pages into the database file.
-CHECKPOINT_INTERVAL_SECS = 0.5
+CHECKPOINT_INTERVAL_SECS = 1.0
+#: WAL pages past which the checkpointer also truncates the WAL, waiting for the
+#: writer's transaction in flight if need be (16 MiB at SQLite's 4 KiB pages).
+#: Under writes that never pause, every passive checkpoint overlaps a commit and
+#: the writer never gets to restart the WAL from its beginning: without this
+#: bound it would grow for as long as the writes go on.
+WAL_TRUNCATE_PAGES = 4096
 
 
 def default_workers() -> int:
@@ -91,13 +97,21 @@ class Checkpointer:
     A ``PASSIVE`` checkpoint every :data:`CHECKPOINT_INTERVAL_SECS`: it copies
     the WAL frames no reader needs into the database file without taking the
     write lock, so it runs alongside the writer's commits (SQLite releases the
-    GIL while it copies and fsyncs). Durability is unchanged: a commit is in
-    the WAL when it returns, whoever checkpoints it later.
+    GIL while it copies and fsyncs). A WAL past ``truncate_pages`` is then
+    truncated (``TRUNCATE``: the writer waits for it, once in a long while).
+    Durability is unchanged: a commit is in the WAL when it returns, whoever
+    checkpoints it later.
     """
 
-    def __init__(self, path: str, interval_secs: float = CHECKPOINT_INTERVAL_SECS) -> None:
+    def __init__(
+        self,
+        path: str,
+        interval_secs: float = CHECKPOINT_INTERVAL_SECS,
+        truncate_pages: int = WAL_TRUNCATE_PAGES,
+    ) -> None:
         self._path = path
         self._interval = interval_secs
+        self._truncate_pages = truncate_pages
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="db-checkpoint", daemon=True)
         #: Checkpoints run so far (for tests).
@@ -120,10 +134,13 @@ class Checkpointer:
 
     def _run(self) -> None:
         conn = sqlite3.connect(self._path, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {_SQLITE_PRAGMAS['busy_timeout']}")
         try:
             while not self._stop.wait(self._interval):
                 try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    _, wal_pages, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    if wal_pages > self._truncate_pages:
+                        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
                     self.runs += 1
                 except sqlite3.Error as exc:  # the next round tries again
                     log.warning("WAL checkpoint failed: %s", exc)
