@@ -63,11 +63,11 @@ _SQLITE_PRAGMAS = {
 }
 #: How often the checkpointer moves committed WAL pages into the database file.
 CHECKPOINT_INTERVAL_SECS = 1.0
-#: WAL pages past which the checkpointer also truncates the WAL, waiting for the
-#: writer's transaction in flight if need be (16 MiB at SQLite's 4 KiB pages).
-#: Under writes that never pause, every passive checkpoint overlaps a commit and
-#: the writer never gets to restart the WAL from its beginning: without this
-#: bound it would grow for as long as the writes go on.
+#: WAL pages past which the writer truncates the WAL between two jobs (16 MiB
+#: at SQLite's 4 KiB pages). Under writes that never pause, every passive
+#: checkpoint overlaps a commit and the writer never gets to restart the WAL
+#: from its beginning: without this bound it would grow for as long as the
+#: writes go on.
 WAL_TRUNCATE_PAGES = 4096
 
 
@@ -97,8 +97,11 @@ class Checkpointer:
     A ``PASSIVE`` checkpoint every :data:`CHECKPOINT_INTERVAL_SECS`: it copies
     the WAL frames no reader needs into the database file without taking the
     write lock, so it runs alongside the writer's commits (SQLite releases the
-    GIL while it copies and fsyncs). A WAL past ``truncate_pages`` is then
-    truncated (``TRUNCATE``: the writer waits for it, once in a long while).
+    GIL while it copies and fsyncs). A WAL past ``truncate_pages`` is handed
+    to ``truncate``, which runs ``TRUNCATE`` on the writer's own thread
+    between two jobs (from this connection it would hold the write lock while
+    waiting for the writer's open transaction to end, and that transaction
+    would wait for the write lock: both stuck until the busy timeout).
     Durability is unchanged: a commit is in the WAL when it returns, whoever
     checkpoints it later.
     """
@@ -106,10 +109,13 @@ class Checkpointer:
     def __init__(
         self,
         path: str,
+        truncate: Callable[[], object],
+        *,
         interval_secs: float = CHECKPOINT_INTERVAL_SECS,
         truncate_pages: int = WAL_TRUNCATE_PAGES,
     ) -> None:
         self._path = path
+        self._truncate = truncate
         self._interval = interval_secs
         self._truncate_pages = truncate_pages
         self._stop = threading.Event()
@@ -134,15 +140,15 @@ class Checkpointer:
 
     def _run(self) -> None:
         conn = sqlite3.connect(self._path, check_same_thread=False)
-        conn.execute(f"PRAGMA busy_timeout = {_SQLITE_PRAGMAS['busy_timeout']}")
         try:
             while not self._stop.wait(self._interval):
                 try:
                     _, wal_pages, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                    if wal_pages > self._truncate_pages:
-                        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
                     self.runs += 1
-                except sqlite3.Error as exc:  # the next round tries again
+                    if wal_pages > self._truncate_pages:
+                        self._truncate()
+                except (sqlite3.Error, RuntimeError) as exc:  # the next round tries again
+                    # RuntimeError: the writer's executor is shutting down.
                     log.warning("WAL checkpoint failed: %s", exc)
         finally:
             conn.close()
@@ -168,7 +174,9 @@ class Database:
         self._closed = False
         path = self.db.database if self.is_sqlite else ""
         in_memory = path in ("", ":memory:") or path.startswith("file::memory:")
-        self.checkpointer = None if in_memory else Checkpointer(path)
+        self.checkpointer = (
+            None if in_memory else Checkpointer(path, lambda: self._executor.submit(self._truncate))
+        )
 
     async def start(self) -> None:
         """Apply pending migrations (creating the tables on first start)."""
@@ -249,6 +257,11 @@ class Database:
             if not self.is_sqlite:
                 # Hand the connection back to the pool between jobs.
                 db.close()
+
+    def _truncate(self) -> None:
+        """Checkpoint the whole WAL and cut it to zero, on the writer's thread (no transaction)."""
+        self.db.connect(reuse_if_open=True)
+        self.db.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()  # type: ignore[no-untyped-call]
 
     async def ping(self) -> bool:
         """Really ask the database (``SELECT 1``); False when it does not answer."""
