@@ -708,8 +708,9 @@ def send_messages(requests: list[SendRequest]) -> list[Sent | errors.GatewayErro
     Group commit (``server.store.batch.Batcher``): the sends that wait while the
     previous batch is in the database arrive here together. Each is checked
     as :func:`send_message` checks one (clientMsgId retry, room, membership,
-    mute, parent) with one query per check for the whole batch; one that
-    fails gets its own error and costs the others nothing. The rest get seqs
+    mute, parent) with the same queries for the whole batch (room, membership
+    and mute joined in one); one that fails gets its own error and costs the
+    others nothing. The rest get seqs
     from one bump of each room's counter, in the order they arrived, and go
     in with one multi-row insert, so seqs stay gapless. A retry of a send
     earlier in the same batch (same sender and clientMsgId) is its
