@@ -708,8 +708,9 @@ def send_messages(requests: list[SendRequest]) -> list[Sent | errors.GatewayErro
     Group commit (``server.store.batch.Batcher``): the sends that wait while the
     previous batch is in the database arrive here together. Each is checked
     as :func:`send_message` checks one (clientMsgId retry, room, membership,
-    mute, parent) with one query per check for the whole batch; one that
-    fails gets its own error and costs the others nothing. The rest get seqs
+    mute, parent) with the same queries for the whole batch (room, membership
+    and mute joined in one); one that fails gets its own error and costs the
+    others nothing. The rest get seqs
     from one bump of each room's counter, in the order they arrived, and go
     in with one multi-row insert, so seqs stay gapless. A retry of a send
     earlier in the same batch (same sender and clientMsgId) is its
@@ -789,21 +790,35 @@ def send_messages(requests: list[SendRequest]) -> list[Sent | errors.GatewayErro
 def _facts(requests: list[SendRequest], fresh: list[int], now: dt.datetime) -> tuple[
     dict[str, str], set[tuple[str, str]], dict[tuple[str, str], Any], dict[int, str]
 ]:
-    """What the checks of a batch's fresh sends need, one query each.
+    """What the checks of a batch's fresh sends need, in one query (two with parents).
 
     Live rooms' types, (room, sender) memberships, mutes in force (their end
-    as the database returns it) and the rooms of the parents named.
+    as the database returns it) and the rooms of the parents named. Rooms,
+    memberships and mutes come joined: a lone send's checks are one statement
+    (one GIL hand-back on SQLite, one round trip on PostgreSQL), not three.
+    A mute matters only to a member, so it joins on the membership.
     """
     if not fresh:
         return {}, set(), {}, {}
     room_ids = sorted({requests[i].room_id for i in fresh})
     sender_ids = sorted({requests[i].sender_id for i in fresh})
-    rooms = dict(_rows(
-        f'SELECT "id", "type" FROM "room" WHERE "id" IN ({_marks(room_ids)})'
-        ' AND "deleted_at" IS NULL', room_ids,
-    ))  # fmt: skip
-    members = set(_memberships(room_ids, sender_ids))
-    mutes = _mutes_in_force(room_ids, sender_ids, now)
+    rooms: dict[str, str] = {}
+    members: set[tuple[str, str]] = set()
+    mutes: dict[tuple[str, str], Any] = {}
+    for room_id, room_type, member_id, until in _rows(
+        'SELECT r."id", r."type", m."user_id", u."until" FROM "room" r'
+        ' LEFT JOIN "room_member" m ON m."room_id" = r."id"'
+        f' AND m."user_id" IN ({_marks(sender_ids)})'
+        ' LEFT JOIN "room_mute" u ON u."room_id" = r."id" AND u."user_id" = m."user_id"'
+        f' AND u."until" > {_mark()}'
+        f' WHERE r."id" IN ({_marks(room_ids)}) AND r."deleted_at" IS NULL',
+        [*sender_ids, _db_time(now), *room_ids],
+    ):  # fmt: skip
+        rooms[room_id] = room_type
+        if member_id is not None:
+            members.add((room_id, member_id))
+            if until is not None:
+                mutes[(room_id, member_id)] = until
     parent_ids = sorted({p for i in fresh if (p := requests[i].parent_id) is not None})
     parents = dict(_rows(
         f'SELECT "id", "room_id" FROM "message" WHERE "id" IN ({_marks(parent_ids)})', parent_ids,
@@ -845,7 +860,9 @@ def _insert_batch(
     """Bump each room's seq once and insert every accepted send with one statement.
 
     Plain SQL: peewee's query builder cost ~2 ms a batch building the
-    insert, more than SQLite took to run it (bench/persist.py).
+    insert, more than SQLite took to run it (bench/persist.py). The bump and
+    the insert return what the batch needs (RETURNING): one statement per
+    room and one for the batch, no read-back (a round trip each on PostgreSQL).
     """
     mark = _mark()
     stamp = _db_time(now)
@@ -856,15 +873,16 @@ def _insert_batch(
     for room_id in sorted(accepted):
         indexes = accepted[room_id]
         count = len(indexes)
-        bumped = _execute(
+        bumped = _rows(
             f'UPDATE "room" SET "last_seq" = "last_seq" + {mark}, "last_activity_at" = {mark}'
-            f' WHERE "id" = {mark} AND "deleted_at" IS NULL', [count, stamp, room_id],
-        ).rowcount  # fmt: skip
+            f' WHERE "id" = {mark} AND "deleted_at" IS NULL RETURNING "last_seq"',
+            [count, stamp, room_id],
+        )  # fmt: skip
         if not bumped:  # deleted since the check (another node)
             for i in indexes:
                 out[i] = errors.RoomNotFound(details={"roomId": room_id})
             continue
-        ((last,),) = _rows(f'SELECT "last_seq" FROM "room" WHERE "id" = {mark}', [room_id])
+        ((last,),) = bumped
         for offset, i in enumerate(indexes):
             r, seq = requests[i], last - count + 1 + offset
             placed.append((i, room_id, seq))
@@ -876,18 +894,12 @@ def _insert_batch(
     if not rows:
         return
     values = ", ".join([f"({_marks(rows[0])})"] * len(rows))
-    _execute(
+    # RETURNING's row order is unspecified: (room, seq) names each row's id.
+    ids = {(room_id, seq): message_id for message_id, room_id, seq in _rows(
         'INSERT INTO "message" ("room_id", "seq", "sender_id", "sender_name", "content", "type",'
         ' "parent_id", "attachments", "metadata", "client_msg_id", "created_at")'
-        f" VALUES {values}", [v for row in rows for v in row],
-    )  # fmt: skip
-    ids: dict[tuple[str, int], int] = {}
-    for room_id in sorted({room for _, room, _ in placed}):
-        seqs = [seq for _, room, seq in placed if room == room_id]
-        ids.update(((room_id, seq), message_id) for message_id, seq in _rows(
-            f'SELECT "id", "seq" FROM "message" WHERE "room_id" = {mark}'
-            f' AND "seq" BETWEEN {mark} AND {mark}', [room_id, min(seqs), max(seqs)],
-        ))  # fmt: skip
+        f' VALUES {values} RETURNING "id", "room_id", "seq"', [v for row in rows for v in row],
+    )}  # fmt: skip
     for i, room_id, seq in placed:
         r = requests[i]
         out[i] = Sent(_wire_message(

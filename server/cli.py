@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -87,6 +88,19 @@ def setup_logging(config: Config, stream: TextIO | None = None) -> None:
     root.setLevel(config.log_level.upper())
     # One access line per WebSocket upgrade is noise at scale.
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
+
+
+def freeze_startup_heap() -> None:
+    """Move what start-up allocated out of the garbage collector's sight.
+
+    Modules, tornado, peewee, marshmallow, the compiled schemas: tens of
+    thousands of objects that live as long as the process, and that every
+    full collection would otherwise traverse again, a pause of milliseconds
+    on the event loop (in the tail of send->ack). Called once the node
+    listens; a process that never gets here (a test's node) is unaffected.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -195,6 +209,7 @@ async def _serve(config: Config) -> int:
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", config.host, config.port, exc)
         return 1
+    freeze_startup_heap()
     urls = node.urls
     print(f"switchboard {__version__} node {config.node_id} ({config.env})", flush=True)
     for name, url in urls.items():

@@ -24,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -53,7 +55,20 @@ _SQLITE_PRAGMAS = {
     "synchronous": "normal",
     "foreign_keys": 1,
     "busy_timeout": 5000,
+    # Never checkpoint on the commit path: past 1,000 WAL pages SQLite would
+    # make the commit that crosses it copy them into the database and fsync
+    # (milliseconds, the tail of send->ack). :class:`Checkpointer` does it on
+    # its own connection and thread instead; commits stay what they were.
+    "wal_autocheckpoint": 0,
 }
+#: How often the checkpointer moves committed WAL pages into the database file.
+CHECKPOINT_INTERVAL_SECS = 1.0
+#: WAL pages past which the writer truncates the WAL between two jobs (16 MiB
+#: at SQLite's 4 KiB pages). Under writes that never pause, every passive
+#: checkpoint overlaps a commit and the writer never gets to restart the WAL
+#: from its beginning: without this bound it would grow for as long as the
+#: writes go on.
+WAL_TRUNCATE_PAGES = 4096
 
 
 def default_workers() -> int:
@@ -76,6 +91,69 @@ def open_database(url: str, workers: int = 0) -> pw.Database:
     raise ValueError(f"unsupported database URL scheme {scheme!r} (sqlite or postgresql)")
 
 
+class Checkpointer:
+    """Checkpoints a WAL-mode SQLite database from its own thread and connection.
+
+    A ``PASSIVE`` checkpoint every :data:`CHECKPOINT_INTERVAL_SECS`: it copies
+    the WAL frames no reader needs into the database file without taking the
+    write lock, so it runs alongside the writer's commits (SQLite releases the
+    GIL while it copies and fsyncs). A WAL past ``truncate_pages`` is handed
+    to ``truncate``, which runs ``TRUNCATE`` on the writer's own thread
+    between two jobs (from this connection it would hold the write lock while
+    waiting for the writer's open transaction to end, and that transaction
+    would wait for the write lock: both stuck until the busy timeout).
+    Durability is unchanged: a commit is in the WAL when it returns, whoever
+    checkpoints it later.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        truncate: Callable[[], object],
+        *,
+        interval_secs: float = CHECKPOINT_INTERVAL_SECS,
+        truncate_pages: int = WAL_TRUNCATE_PAGES,
+    ) -> None:
+        self._path = path
+        self._truncate = truncate
+        self._interval = interval_secs
+        self._truncate_pages = truncate_pages
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="db-checkpoint", daemon=True)
+        #: Checkpoints run so far (for tests).
+        self.runs = 0
+
+    @property
+    def started(self) -> bool:
+        return self._thread.ident is not None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        conn = sqlite3.connect(self._path, check_same_thread=False)
+        try:
+            while not self._stop.wait(self._interval):
+                try:
+                    _, wal_pages, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    self.runs += 1
+                    if wal_pages > self._truncate_pages:
+                        self._truncate()
+                except (sqlite3.Error, RuntimeError) as exc:  # the next round tries again
+                    # RuntimeError: the writer's executor is shutting down.
+                    log.warning("WAL checkpoint failed: %s", exc)
+        finally:
+            conn.close()
+
+
 class Database:
     """The application's database: models bound, a thread pool, migrations."""
 
@@ -94,10 +172,17 @@ class Database:
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="db")
         self._observe = observe
         self._closed = False
+        path = self.db.database if self.is_sqlite else ""
+        in_memory = path in ("", ":memory:") or path.startswith("file::memory:")
+        self.checkpointer = (
+            None if in_memory else Checkpointer(path, lambda: self._executor.submit(self._truncate))
+        )
 
     async def start(self) -> None:
         """Apply pending migrations (creating the tables on first start)."""
         await self.run_bare("migrate", self._migrate)
+        if self.checkpointer is not None:
+            self.checkpointer.start()
 
     def _migrate(self) -> None:
         if self.is_sqlite:
@@ -173,6 +258,11 @@ class Database:
                 # Hand the connection back to the pool between jobs.
                 db.close()
 
+    def _truncate(self) -> None:
+        """Checkpoint the whole WAL and cut it to zero, on the writer's thread (no transaction)."""
+        self.db.connect(reuse_if_open=True)
+        self.db.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()  # type: ignore[no-untyped-call]
+
     async def ping(self) -> bool:
         """Really ask the database (``SELECT 1``); False when it does not answer."""
         try:
@@ -200,6 +290,8 @@ class Database:
         # Queued after every pending job: runs once in-flight writes are done.
         await loop.run_in_executor(self._executor, self._close_connections)
         await loop.run_in_executor(None, self._executor.shutdown, True)
+        if self.checkpointer is not None and self.checkpointer.started:
+            await loop.run_in_executor(None, self.checkpointer.stop)
 
     def _close_connections(self) -> None:
         if not self.db.is_closed():
