@@ -7,11 +7,16 @@ bytes are written to every recipient's stream, which is what makes fan-out
 cheap (no per-recipient JSON, compression or Future wrapping).
 
 With ``coalesce=True`` (what the node uses) broadcasts are not written at
-once: each recipient's frames are queued and written by :meth:`Hub.flush`,
-which runs once per event-loop iteration. A recipient that gets several
-broadcasts in the same iteration (busy rooms, several senders) then gets
-them in one ``send()`` instead of one each -- the system call is most of a
-delivery's cost -- and the delay is one loop iteration, not a timer. A
+once: each is queued whole -- its audience, frame and the few members it
+skips -- and written by :meth:`Hub.flush`, which runs once per event-loop
+iteration. A recipient that gets several broadcasts in the same iteration
+(busy rooms, several senders) then gets them in one ``send()`` instead of
+one each -- the system call is most of a delivery's cost -- and the delay
+is one loop iteration, not a timer. Queueing does no work per recipient,
+and a busy room's broadcasts share one audience (the room's member tuple,
+kept until its membership changes), so the flush joins their frames once
+and writes the same bytes to every member; only the few connections that
+differ (the senders, joins in flight, acks) get a list of their own. A
 direct write to a connection (:meth:`Hub.flush_to`, called by the handlers
 before every ``send_frame``) sends that connection's queued frames first,
 so a connection sees frames in the order they were produced.
@@ -641,18 +646,42 @@ class Hub:
         if special:
             members = set(main)
             for conn in special:
-                start = done.get(conn, 0)
-                wanted = [a for a in main_at if a >= start] if conn in members else []
-                mine = others.get(conn)
-                if mine:
-                    wanted = sorted(wanted + [a for a in mine if a >= start])
-                wanted = [a for a in wanted if not ((skip := outbox[a][2]) and conn in skip)]
+                mine = others.get(conn)  # already without the entries that skip it
+                if conn in members or conn in done:
+                    wanted = self._merge(conn, outbox, main_at if conn in members else [],
+                                         mine or [], done.get(conn, 0))  # fmt: skip
+                elif mine is None:
+                    continue
+                elif len(mine) == 1:  # the usual case: an ack, one small room's broadcast
+                    _, frame, _, counted = outbox[mine[0]]
+                    writes += 1
+                    if conn.write_frame(frame) and counted:
+                        count, nbytes = count + 1, nbytes + len(frame)
+                    continue
+                else:
+                    wanted = mine
                 if wanted:
                     written, size = self._write_entries(conn, outbox, wanted)
                     count, nbytes, writes = count + written, nbytes + size, writes + 1
         if self._on_delivered is not None and count > 0:
             self._on_delivered(count, nbytes)
         return writes
+
+    @staticmethod
+    def _merge(
+        conn: Connection, outbox: list[_Entry], main_at: list[int], mine: list[int], start: int
+    ) -> list[int]:
+        """The outbox positions ``conn`` gets from ``start`` on, in order.
+
+        ``main_at``: the main audience's entries (``conn`` is a member), some
+        of which may skip it; ``mine``: the other entries that reach it.
+        """
+        wanted = [
+            a for a in main_at if a >= start and not ((skip := outbox[a][2]) and conn in skip)
+        ]
+        if mine:
+            wanted = sorted(wanted + [a for a in mine if a >= start])
+        return wanted
 
     @staticmethod
     def _write_common(
