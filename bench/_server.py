@@ -91,22 +91,23 @@ class TimedWrites(Hub):
     flushes = 0
     flush_writes = 0
 
-    def _write(self, conns: Any, frame: bytes, exclude: str | None) -> int:
+    def _write(self, conns: Any, frame: bytes, skip: Any) -> int:
         cpu, wall = time.thread_time(), time.perf_counter()
-        delivered = super()._write(conns, frame, exclude)
+        delivered = super()._write(conns, frame, skip)
         self.write_cpu += time.thread_time() - cpu
         self.write_wall += time.perf_counter() - wall
         self.write_calls += 1
         self.write_deliveries += delivered
         return delivered
 
-    def flush(self) -> None:
+    def flush(self) -> int:
         cpu, wall = time.thread_time(), time.perf_counter()
         self.flushes += 1
-        self.flush_writes += len(self._queued)
-        super().flush()
+        writes = super().flush()
+        self.flush_writes += writes
         self.write_cpu += time.thread_time() - cpu
         self.write_wall += time.perf_counter() - wall
+        return writes
 
     def counters(self) -> dict[str, Any]:
         return {
@@ -157,13 +158,13 @@ class _WriteMessage(Hub):
         finally:
             self._payload = None
 
-    def _write(self, conns: Any, frame: bytes, exclude: str | None) -> int:
+    def _write(self, conns: Any, frame: bytes, skip: Any) -> int:
         payload = self._payload
         if payload is None:  # not from publish*: keep the base behaviour
-            return super()._write(conns, frame, exclude)
+            return super()._write(conns, frame, skip)
         delivered = 0
-        for conn in tuple(conns):
-            if conn.conn_id != exclude and _write_message(conn, payload):
+        for conn in conns:
+            if (skip is None or conn not in skip) and _write_message(conn, payload):
                 delivered += 1
         if self._on_delivered is not None and delivered:
             self._on_delivered(delivered, delivered * len(frame))

@@ -138,7 +138,7 @@ class RecordingHub(Hub):
 
 HUB_INDEXES = (
     "_by_room", "_by_user", "_by_namespace", "_by_role", "_roles_indexed", "_rooms_of",
-    "_pending", "_floors",
+    "_pending", "_floors", "_members",
 )  # fmt: skip
 
 
@@ -150,7 +150,7 @@ def assert_indexes_clean(hub: Hub) -> None:
 
 def assert_hub_empty(hub: Hub) -> None:
     assert hub.connections == {}
-    for name in HUB_INDEXES:
+    for name in (*HUB_INDEXES, "_floor_top"):
         assert getattr(hub, name) == {}, name
 
 
@@ -581,6 +581,31 @@ def test_a_finished_join_refuses_a_late_broadcast_its_ack_carried(hub):
     assert "other" not in hub._floors
 
 
+def test_a_floor_that_expires_stops_refusing_while_a_lower_one_stays(hub):
+    """Each joiner keeps its own floor; a room's floors are judged together, not one each."""
+    live, early, late = FakeConn("l1", "u1"), FakeConn("e1", "u2"), FakeConn("j1", "u3")
+    for conn in (live, early, late):
+        hub.add(conn)
+    hub.join(live, "general")
+    hub.join(early, "general", buffer=True)
+    hub.finish_join(early, "general", 3)
+    expiry = time.monotonic() + JOIN_FLOOR_SECS + 1
+    hub.sweep(expiry - 2, timeout=3600.0)  # nothing expired yet
+    hub.join(late, "general", buffer=True)
+    hub.finish_join(late, "general", 8)
+    hub.publish(Target.room("general"), "message:new", {"seq": 9}, seq=9)  # above both
+    hub.publish(Target.room("general"), "message:new", {"seq": 5}, seq=5)  # late's ack had it
+    assert [e["data"]["seq"] for e in early.events()] == [9, 5]
+    assert [e["data"]["seq"] for e in late.events()] == [9]
+    # early's floor (3) expires first: seq 2 now reaches early but still not late (8).
+    hub._floors["general"][late] = (8, expiry + 60)
+    hub.sweep(expiry, timeout=3600.0)
+    hub.publish(Target.room("general"), "message:new", {"seq": 2}, seq=2)
+    assert [e["data"]["seq"] for e in early.events()] == [9, 5, 2]
+    assert [e["data"]["seq"] for e in late.events()] == [9]
+    assert [e["data"]["seq"] for e in live.events()] == [9, 5, 2]
+
+
 def test_a_room_seq_reaches_a_node_s_members_once(hub):
     """A second copy of a seq (a re-broadcast, a catch-up racing live traffic) is dropped."""
     member, other = FakeConn("m1", "u1"), FakeConn("o1", "u2")
@@ -954,9 +979,9 @@ class CountingHub(Hub):
         self.delivered: list[tuple[int, int]] = []
         self._on_delivered = lambda count, nbytes: self.delivered.append((count, nbytes))
 
-    def flush(self) -> None:
+    def flush(self) -> int:
         self.flushes += 1
-        super().flush()
+        return super().flush()
 
 
 def coalescing_room(size: int = 3) -> tuple[CountingHub, list[HandlerConn]]:
@@ -1055,7 +1080,7 @@ async def test_coalescing_skips_removed_and_failing_connections():
     assert gone.frames == [] and slow.frames == []
     assert conns[2].seqs() == conns[3].seqs() == [[1]]
     assert hub.delivered == [(2, 2 * len(conns[2].frames[0]))]
-    assert hub.active_rooms() == {"general": 2} and hub._queued == {}
+    assert hub.active_rooms() == {"general": 2} and hub.flush() == 0  # nothing left queued
 
 
 @pytest.mark.asyncio
@@ -1073,6 +1098,51 @@ async def test_coalescing_keeps_buffered_joins_in_order():
     await next_iteration()
     assert [seq for write in joiner.seqs() for seq in write] == [50, 2, 3, 4]
     assert live.seqs() == [[1, 2, 3, 4]]
+
+
+@pytest.mark.asyncio
+async def test_coalescing_keeps_publish_order_across_rooms_and_targets():
+    """Broadcasts to two rooms, a user and an ack interleave in one iteration:
+    each connection gets exactly its frames, in publish order, in one write."""
+    hub, conns = coalescing_room(4)  # c0..c3 in general
+    for conn in conns[2:]:
+        hub.join(conn, "other")  # c2, c3 in both rooms
+    ack = protocol.frame(protocol.event_payload("ack", {"seq": 0}))
+    hub.publish(Target.room("general"), "message:new", {"seq": 1}, seq=1, exclude="c0")
+    hub.publish(Target.room("other"), "message:new", {"seq": 2}, seq=2)
+    hub.send_soon(conns[0], ack)
+    hub.publish(Target.user("u3"), "message:new", {"seq": 3})
+    hub.publish(Target.room("general"), "message:new", {"seq": 4}, seq=4, exclude="c2")
+    hub.publish(Target.room("other"), "message:new", {"seq": 5}, seq=5, exclude="c3")
+    await next_iteration()
+    assert hub.flushes == 1
+    assert [c.seqs() for c in conns] == [
+        [[0, 4]],
+        [[1, 4]],
+        [[1, 2, 5]],
+        [[1, 2, 3, 4]],
+    ]
+    frames = sum(len(split_frames(w)) for c in conns for w in c.frames) - 1  # not the ack
+    assert hub.delivered == [(frames, sum(len(w) for c in conns for w in c.frames) - len(ack))]
+
+
+@pytest.mark.asyncio
+async def test_coalescing_follows_membership_changes_within_an_iteration():
+    """A join or leave between two broadcasts of one iteration applies from the next one."""
+    hub, conns = coalescing_room(2)
+    newcomer = HandlerConn(hub, "n1", "un")
+    hub.add(newcomer)
+    hub.publish(Target.room("general"), "message:new", {"seq": 1}, seq=1)
+    hub.join(newcomer, "general")
+    hub.leave(conns[1], "general")
+    hub.publish(Target.room("general"), "message:new", {"seq": 2}, seq=2)
+    direct = protocol.frame(protocol.event_payload("x", {"seq": 3}))
+    assert newcomer.send_frame(direct)  # flushes its queued frame (2) first
+    hub.publish(Target.room("general"), "message:new", {"seq": 4}, seq=4)
+    await next_iteration()
+    assert conns[0].seqs() == [[1, 2, 4]]
+    assert conns[1].seqs() == [[1]]  # queued before it left
+    assert newcomer.seqs() == [[2], [3], [4]]
 
 
 @pytest.mark.asyncio

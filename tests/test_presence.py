@@ -88,7 +88,8 @@ async def flood_until(
 def assert_hub_empty(gw: Any) -> None:
     hub = gw.node.hub
     assert hub.connections == {}
-    for name in ("_by_room", "_by_user", "_by_namespace", "_rooms_of", "_pending", "_floors"):
+    for name in ("_by_room", "_by_user", "_by_namespace", "_rooms_of", "_pending", "_floors",
+                 "_floor_top", "_members"):
         assert getattr(hub, name) == {}, (name, getattr(hub, name))
 
 

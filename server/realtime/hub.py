@@ -7,11 +7,16 @@ bytes are written to every recipient's stream, which is what makes fan-out
 cheap (no per-recipient JSON, compression or Future wrapping).
 
 With ``coalesce=True`` (what the node uses) broadcasts are not written at
-once: each recipient's frames are queued and written by :meth:`Hub.flush`,
-which runs once per event-loop iteration. A recipient that gets several
-broadcasts in the same iteration (busy rooms, several senders) then gets
-them in one ``send()`` instead of one each -- the system call is most of a
-delivery's cost -- and the delay is one loop iteration, not a timer. A
+once: each is queued whole -- its audience, frame and the few members it
+skips -- and written by :meth:`Hub.flush`, which runs once per event-loop
+iteration. A recipient that gets several broadcasts in the same iteration
+(busy rooms, several senders) then gets them in one ``send()`` instead of
+one each -- the system call is most of a delivery's cost -- and the delay
+is one loop iteration, not a timer. Queueing does no work per recipient,
+and a busy room's broadcasts share one audience (the room's member tuple,
+kept until its membership changes), so the flush joins their frames once
+and writes the same bytes to every member; only the few connections that
+differ (the senders, joins in flight, acks) get a list of their own. A
 direct write to a connection (:meth:`Hub.flush_to`, called by the handlers
 before every ``send_frame``) sends that connection's queued frames first,
 so a connection sees frames in the order they were produced.
@@ -151,6 +156,10 @@ COALESCE_MAX_BYTES = 64 * 1024
 # have not had that message yet and must still get it live.
 JOIN_FLOOR_SECS = 10.0
 
+#: A queued write of the coalescing hub: (audience, frame, connections of the
+#: audience to skip, whether it is a broadcast delivery rather than an ack).
+_Entry = tuple[tuple["Connection", ...], bytes, "set[Connection] | None", bool]
+
 
 def _write_batches(conn: Connection, frames: list[bytes]) -> tuple[int, int]:
     """Write ``frames`` in order, joined up to :data:`COALESCE_MAX_BYTES` a write.
@@ -211,18 +220,25 @@ class Hub:
         # still be on its way (published a loop step after its commit, or late
         # through another node); it must not reach that connection twice.
         self._floors: dict[str, dict[Connection, tuple[int, float]]] = {}
+        # Room -> at least its highest floor: a broadcast above it (nearly all
+        # of them) skips the floors without looking at each one.
+        self._floor_top: dict[str, int] = {}
         #: The seqs delivered per room on this node: a seq is delivered once.
         self.seqs = RoomSeqs()
         # Rooms whose live frames wait for a catch-up (:meth:`hold`): (seq, frame, exclude).
         self._held: dict[str, list[tuple[int, bytes, str | None]]] = {}
         self._on_delivered = on_delivered
         self.coalesce = coalesce
-        # coalesce: frames waiting for this loop iteration's flush, per connection.
-        self._queued: dict[Connection, list[bytes]] = {}
+        # Room -> its connections as a tuple, until the membership changes
+        # (:meth:`_room_members`).
+        self._members: dict[str, tuple[Connection, ...]] = {}
+        # coalesce: what waits for this loop iteration's flush, in order.
+        self._outbox: list[_Entry] = []
         self._flush_scheduled = False
-        # Frames of :meth:`send_soon` in the outbox: written by the flush but
-        # not broadcast deliveries, so not reported to ``on_delivered``.
-        self._direct: dict[Connection, list[int]] = {}  # conn -> [frames, bytes]
+        # Connections :meth:`flush_to` wrote -> how many outbox entries it covered.
+        self._flushed: dict[Connection, int] = {}
+        # id(audience) -> the audience as a set, for flush_to's membership tests.
+        self._member_sets: dict[int, set[Connection]] = {}
         self.broker.listen(self)
 
     # -- membership -------------------------------------------------------
@@ -242,8 +258,8 @@ class Hub:
 
     def remove(self, conn: Connection) -> set[str]:
         """Forget a connection; returns the rooms it was in (already left)."""
-        self._queued.pop(conn, None)
-        self._direct.pop(conn, None)
+        if self._outbox:  # what is queued for it is dropped
+            self._flushed[conn] = len(self._outbox)
         if self.connections.pop(conn.conn_id, None) is None:
             return set()
         rooms = self._rooms_of.pop(conn.conn_id, set())
@@ -284,6 +300,7 @@ class Hub:
         if room not in self._by_room:
             self.broker.interest("room", room, True)
         self._by_room.setdefault(room, set()).add(conn)
+        self._members.pop(room, None)
         self._rooms_of.setdefault(conn.conn_id, set()).add(room)
         if buffer:
             self._pending.setdefault(room, {})[conn] = []
@@ -321,6 +338,7 @@ class Hub:
         if after_seq is not None and self.in_room(conn, room):
             until = time.monotonic() + JOIN_FLOOR_SECS
             self._floors.setdefault(room, {})[conn] = (after_seq, until)
+            self._floor_top[room] = max(after_seq, self._floor_top.get(room, after_seq))
         return sent
 
     def leave(self, conn: Connection, room: str) -> bool:
@@ -343,6 +361,8 @@ class Hub:
             floors.pop(conn, None)
             if not floors:
                 del self._floors[room]
+                del self._floor_top[room]
+        self._members.pop(room, None)
         if _discard(self._by_room, room, conn):
             self.broker.interest("room", room, False)
             self.seqs.forget(room)
@@ -428,27 +448,63 @@ class Hub:
         seq: int | None = None,
     ) -> int:
         """Write a pre-built frame to the local connections of ``target``."""
-        conns = self._local(target)
-        if target.kind == "room":
-            if seq is not None:
-                waiting = self._held.get(target.key)
-                if waiting is not None:
-                    waiting.append((seq, frame, exclude))
-                    return 0
-                if self.seqs.seen(target.key, seq):
-                    return 0  # a second copy: a re-broadcast, or a catch-up's
-                if target.key in self._by_room:
-                    self.seqs.add(target.key, seq)
-            pending = self._pending.get(target.key)
-            if pending:
-                for conn, held in pending.items():
-                    if conn.conn_id != exclude:
-                        held.append((seq, frame))
-                conns = [c for c in conns if c not in pending]
-            floors = self._floors.get(target.key)
-            if floors and seq is not None:
-                conns = [c for c in conns if c not in floors or seq > floors[c][0]]
-        return self._write(conns, frame, exclude)
+        if target.kind != "room":
+            conns = tuple(self._local(target))
+            return self._write(conns, frame, self._excluded(conns, exclude))
+        room = target.key
+        if seq is not None:
+            waiting = self._held.get(room)
+            if waiting is not None:
+                waiting.append((seq, frame, exclude))
+                return 0
+            if self.seqs.seen(room, seq):
+                return 0  # a second copy: a re-broadcast, or a catch-up's
+            if room in self._by_room:
+                self.seqs.add(room, seq)
+        members = self._room_members(room)
+        # Who of the room must not get this frame: a handful, whatever the
+        # room's size, so the broadcast loop tests membership in a small set
+        # instead of filtering the room's list per broadcast.
+        skip = None
+        if exclude is not None and (one := self.connections.get(exclude)) is not None:
+            if room in self._rooms_of.get(exclude, ()):
+                skip = {one}
+        pending = self._pending.get(room)
+        if pending:
+            for conn, held in pending.items():
+                if conn.conn_id != exclude:
+                    held.append((seq, frame))
+            skip = skip | pending.keys() if skip else set(pending)
+        floors = self._floors.get(room)
+        if floors and seq is not None and seq <= self._floor_top[room]:
+            below = {c for c, (floor, _) in floors.items() if seq <= floor}
+            if below:
+                skip = skip | below if skip else below
+        return self._write(members, frame, skip)
+
+    def _room_members(self, room: str) -> tuple[Connection, ...]:
+        """The room's local connections as a tuple, kept until its membership changes.
+
+        Every broadcast to a busy room reuses the same tuple (no per-message
+        copy), and :meth:`flush` recognises broadcasts with the same audience
+        by its identity.
+        """
+        members = self._members.get(room)
+        if members is None:
+            conns = self._by_room.get(room)
+            if conns is None:
+                return ()
+            members = self._members[room] = tuple(conns)
+        return members
+
+    def _excluded(
+        self, conns: tuple[Connection, ...], exclude: str | None
+    ) -> set[Connection] | None:
+        """``{the connection with id exclude}`` if it is among ``conns``, else None."""
+        if exclude is None:
+            return None
+        one = self.connections.get(exclude)
+        return {one} if one is not None and one in conns else None
 
     # -- catch-up ----------------------------------------------------------
 
@@ -484,7 +540,7 @@ class Hub:
         conns: set[Connection] = set()
         for target in targets:
             conns.update(self._local(target))
-        return self._write(conns, frame, None)
+        return self._write(tuple(conns), frame, None)
 
     def _local(self, target: Target) -> Iterable[Connection]:
         kind = target.kind
@@ -511,14 +567,17 @@ class Hub:
             raise ValueError(f"unknown target kind {kind!r}")
         return conns
 
-    def _write(self, conns: Iterable[Connection], frame: bytes, exclude: str | None) -> int:
+    def _write(
+        self, conns: tuple[Connection, ...], frame: bytes, skip: set[Connection] | None
+    ) -> int:
+        """Write ``frame`` to ``conns`` (a snapshot) but those in ``skip`` (all among ``conns``)."""
         if self.coalesce:
-            return self._queue(conns, frame, exclude)
+            return self._queue(conns, frame, skip, True)
         delivered = 0
-        # Iterate over a snapshot: a write may close a slow consumer, which
-        # removes it from these very sets.
-        for conn in tuple(conns):
-            if conn.conn_id != exclude and conn.write_frame(frame):
+        # ``conns`` is a snapshot: a write may close a slow consumer, which
+        # removes it from the hub's sets, not from the tuple.
+        for conn in conns:
+            if (skip is None or conn not in skip) and conn.write_frame(frame):
                 delivered += 1
         # Counted once per broadcast rather than per recipient: two metric
         # increments per delivery were 10-20% of this loop (bench/README.md).
@@ -526,21 +585,24 @@ class Hub:
             self._on_delivered(delivered, delivered * len(frame))
         return delivered
 
-    def _queue(self, conns: Iterable[Connection], frame: bytes, exclude: str | None) -> int:
-        """``_write`` with ``coalesce``: queue for this iteration's :meth:`flush`."""
-        outbox = self._queued
-        queued = 0
-        # Nothing is written here, so nothing can close a connection and
-        # change ``conns`` under the loop: no snapshot needed.
-        for conn in conns:
-            if conn.conn_id != exclude:
-                frames = outbox.get(conn)
-                if frames is None:
-                    outbox[conn] = [frame]
-                else:
-                    frames.append(frame)
-                queued += 1
-        if queued and not self._flush_scheduled:
+    def _queue(
+        self,
+        conns: tuple[Connection, ...],
+        frame: bytes,
+        skip: set[Connection] | None,
+        counted: bool,
+    ) -> int:
+        """``_write`` with ``coalesce``: queue for this iteration's :meth:`flush`.
+
+        The broadcast is queued whole, (audience, frame, skip): no work per
+        recipient until the flush writes. ``counted`` is False for frames that
+        are not broadcast deliveries (:meth:`send_soon`).
+        """
+        queued = len(conns) - (len(skip) if skip else 0)
+        if queued <= 0:
+            return 0
+        self._outbox.append((conns, frame, skip, counted))
+        if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
         return queued
@@ -556,43 +618,155 @@ class Hub:
         """
         if not self.coalesce:
             return conn.write_frame(frame)
-        self._queue((conn,), frame, None)
-        sent = self._direct.setdefault(conn, [0, 0])
-        sent[0] += 1
-        sent[1] += len(frame)
+        self._queue((conn,), frame, None, False)
         return True
 
-    def flush(self) -> None:
-        """Write every connection's queued frames, one write per connection."""
+    def flush(self) -> int:
+        """Write every connection's queued frames, one write per connection.
+
+        Returns the number of connections written to. The usual iteration
+        queued broadcasts to one audience (a busy room's cached member
+        tuple): their frames are joined once and the same bytes written to
+        each member, with no per-member list. Only the few connections that
+        differ -- skipped by a broadcast (the sender, a join in flight), in
+        another audience too (an ack, a user target), or already flushed by
+        :meth:`flush_to` -- get their own list of frames, in queued order.
+        """
         self._flush_scheduled = False
-        outbox, self._queued = self._queued, {}
-        direct, self._direct = self._direct, {}
-        count = nbytes = 0
-        for conn, frames in outbox.items():
-            # A write may close a slow consumer; it is already out of the outbox.
-            if len(frames) == 1:
-                written, size = (1, len(frames[0])) if conn.write_frame(frames[0]) else (0, 0)
+        outbox, self._outbox = self._outbox, []
+        done, self._flushed = self._flushed, {}
+        self._member_sets = {}
+        if not outbox:
+            return 0
+        main = max((entry[0] for entry in outbox), key=len)
+        main_at: list[int] = []  # positions of broadcasts to ``main``
+        special: set[Connection] = set(done)
+        others: dict[Connection, list[int]] = {}  # positions of other entries, per connection
+        for at, (conns, _, skip, _) in enumerate(outbox):
+            if conns is main:
+                main_at.append(at)
+                if skip:
+                    special.update(skip)
             else:
-                written, size = _write_batches(conn, frames)
-            # Acks and other direct frames are not broadcast deliveries. A refused
-            # write (a closed or slow connection) wrote none of them: never
-            # subtract what was not written.
-            own_frames, own_bytes = direct.get(conn, (0, 0))
-            count += max(0, written - own_frames)
-            nbytes += max(0, size - own_bytes)
+                for conn in conns:
+                    if skip is None or conn not in skip:
+                        positions = others.get(conn)
+                        if positions is None:
+                            others[conn] = [at]
+                        else:
+                            positions.append(at)
+        special.update(others)
+        count, nbytes, writes = self._write_common(outbox, main, main_at, special)
+        if special:
+            members = set(main)
+            for conn in special:
+                mine = others.get(conn)  # already without the entries that skip it
+                if conn in members or conn in done:
+                    wanted = self._merge(conn, outbox, main_at if conn in members else [],
+                                         mine or [], done.get(conn, 0))  # fmt: skip
+                elif mine is None:
+                    continue
+                elif len(mine) == 1:  # the usual case: an ack, one small room's broadcast
+                    _, frame, _, counted = outbox[mine[0]]
+                    writes += 1
+                    if conn.write_frame(frame) and counted:
+                        count, nbytes = count + 1, nbytes + len(frame)
+                    continue
+                else:
+                    wanted = mine
+                if wanted:
+                    written, size = self._write_entries(conn, outbox, wanted)
+                    count, nbytes, writes = count + written, nbytes + size, writes + 1
         if self._on_delivered is not None and count > 0:
             self._on_delivered(count, nbytes)
+        return writes
+
+    @staticmethod
+    def _merge(
+        conn: Connection, outbox: list[_Entry], main_at: list[int], mine: list[int], start: int
+    ) -> list[int]:
+        """The outbox positions ``conn`` gets from ``start`` on, in order.
+
+        ``main_at``: the main audience's entries (``conn`` is a member), some
+        of which may skip it; ``mine``: the other entries that reach it.
+        """
+        wanted = [
+            a for a in main_at if a >= start and not ((skip := outbox[a][2]) and conn in skip)
+        ]
+        if mine:
+            wanted = sorted(wanted + [a for a in mine if a >= start])
+        return wanted
+
+    @staticmethod
+    def _write_common(
+        outbox: list[_Entry],
+        main: tuple[Connection, ...],
+        main_at: list[int],
+        special: set[Connection],
+    ) -> tuple[int, int, int]:
+        """Write ``main``'s frames to its members but ``special``: (deliveries, bytes, writes)."""
+        frames = [outbox[a][1] for a in main_at]
+        counted = outbox[main_at[0]][3]  # ``main`` is a broadcast's, or a lone send_soon's
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        n, size = len(frames), len(data)
+        writes = ok = 0
+        if size <= COALESCE_MAX_BYTES or n == 1:  # the usual case: one write each
+            for conn in main:
+                if conn not in special:
+                    writes += 1
+                    if conn.write_frame(data, n):
+                        ok += 1
+            return (ok * n, ok * size, writes) if counted else (0, 0, writes)
+        count = nbytes = 0
+        for conn in main:
+            if conn not in special:
+                writes += 1
+                written, wrote = _write_batches(conn, frames)
+                count, nbytes = count + written, nbytes + wrote
+        return (count, nbytes, writes) if counted else (0, 0, writes)
+
+    @staticmethod
+    def _write_entries(conn: Connection, outbox: list[_Entry], at: list[int]) -> tuple[int, int]:
+        """Write the frames of ``outbox[at]`` to ``conn``: the broadcast deliveries and bytes."""
+        frames = [outbox[a][1] for a in at]
+        written, _ = _write_batches(conn, frames)
+        # Writes stop at the first refusal: what was written is a prefix.
+        # Frames of send_soon (acks) are not deliveries.
+        count = nbytes = 0
+        for a, frame in zip(at[:written], frames[:written], strict=True):
+            if outbox[a][3]:
+                count, nbytes = count + 1, nbytes + len(frame)
+        return count, nbytes
 
     def flush_to(self, conn: Connection) -> None:
         """Write ``conn``'s queued frames now, ahead of a direct write to it."""
-        frames = self._queued.pop(conn, None) if self._queued else None
-        if frames is None:
+        outbox = self._outbox
+        if not outbox:
             return
-        count, nbytes = _write_batches(conn, frames)
-        if (direct := self._direct.pop(conn, None)) is not None:
-            count, nbytes = count - direct[0], nbytes - direct[1]
-        if self._on_delivered is not None and count > 0:
-            self._on_delivered(count, nbytes)
+        start = self._flushed.get(conn, 0)
+        at = [
+            a
+            for a in range(start, len(outbox))
+            if conn in self._member_set(outbox[a][0])
+            and not ((skip := outbox[a][2]) and conn in skip)
+        ]
+        # Later frames of this iteration still go with the flush; these did.
+        self._flushed[conn] = len(outbox)
+        if at:
+            count, nbytes = self._write_entries(conn, outbox, at)
+            if self._on_delivered is not None and count > 0:
+                self._on_delivered(count, nbytes)
+
+    def _member_set(
+        self, conns: tuple[Connection, ...]
+    ) -> set[Connection] | tuple[Connection, ...]:
+        """``conns`` to test membership in: a set, built once per iteration, for a big one."""
+        if len(conns) <= 8:
+            return conns
+        members = self._member_sets.get(id(conns))
+        if members is None:
+            members = self._member_sets[id(conns)] = set(conns)
+        return members
 
     # -- liveness -----------------------------------------------------------
 
@@ -601,8 +775,11 @@ class Hub:
             for conn, (_, until) in tuple(floors.items()):
                 if until <= now:
                     del floors[conn]
-            if not floors:
+            if floors:
+                self._floor_top[room] = max(floor for floor, _ in floors.values())
+            else:
                 del self._floors[room]
+                del self._floor_top[room]
 
     def sweep(self, now: float, timeout: float) -> int:
         """Ping every connection; close those with no sign of life for ``timeout``.
