@@ -651,6 +651,21 @@ def test_a_held_room_gets_the_catch_up_first_then_what_was_held_in_order_once(hu
     assert hub.seqs.baseline("general") == 8
 
 
+def test_a_message_sent_here_during_a_catch_up_still_skips_its_sender(hub):
+    """The catch-up read a message a local connection sent while the room was held."""
+    sender, member = FakeConn("s1", "u1"), FakeConn("m1", "u2")
+    for conn in (sender, member):
+        hub.add(conn)
+        hub.join(conn, "general")
+    hub.seqs.known("general", 4)
+    hub.hold("general")
+    hub.publish(Target.room("general"), "message:new", {"seq": 5}, exclude="s1", seq=5)
+    from_db = protocol.frame(protocol.event_payload("message:new", {"seq": 5}))
+    assert hub.release("general", [(5, from_db)]) == 1
+    assert [e["data"] for e in member.events()] == [{"seq": 5}]
+    assert sender.events() == []
+
+
 def test_a_hole_outliving_many_later_seqs_is_given_up():
     seqs = RoomSeqs()
     seqs.known("general", 0)

@@ -525,12 +525,17 @@ class Hub:
 
         A held frame whose seq was delivered by then is dropped. Returns the
         local deliveries of ``caught_up``.
+
+        A message both caught up and held was sent on this node while the
+        catch-up ran: its held frame goes out in its place, so the sending
+        connection is still left out (the database copy does not know it).
         """
         held = self._held.pop(room, [])
+        sent_here = {seq: exclude for seq, _, exclude in held if exclude is not None}
         target = Target.room(room)
         delivered = 0
         for seq, frame in caught_up:
-            delivered += self.deliver(target, frame, seq=seq)
+            delivered += self.deliver(target, frame, exclude=sent_here.get(seq), seq=seq)
         for held_seq, frame, exclude in sorted(held, key=lambda h: h[0]):
             self.deliver(target, frame, exclude=exclude, seq=held_seq)
         return delivered
