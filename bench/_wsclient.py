@@ -310,13 +310,20 @@ class LeanWS(asyncio.Protocol):
 
     def send(self, event: str, data: dict[str, Any], *, ack: bool = False) -> int | None:
         """Send one event; with ``ack=True`` returns the ack id (see :meth:`request`)."""
-        frame: dict[str, Any] = {"event": event, "data": data}
         ack_id = None
         if ack:
             self._next_ack += 1
-            ack_id = frame["ack"] = self._next_ack
-        self._send(orjson.dumps(frame))
+            ack_id = self._next_ack
+        self._send(self.encode(event, data, ack_id))
         return ack_id
+
+    @staticmethod
+    def encode(event: str, data: dict[str, Any], ack_id: int | None) -> bytes:
+        """One event's payload in Switchboard's envelope (another protocol overrides it)."""
+        frame: dict[str, Any] = {"event": event, "data": data}
+        if ack_id is not None:
+            frame["ack"] = ack_id
+        return orjson.dumps(frame)
 
     def request_future(self, event: str, data: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
         """Send with an ack id; the future resolves to the ack frame (ok or not)."""

@@ -85,7 +85,11 @@ def decode(packet: bytes) -> tuple[str, int | None, Any]:
 
 
 class SioWS(LeanWS):
-    """A lean Socket.IO v4 client on :class:`LeanWS`' framing (see the module docstring)."""
+    """A lean Socket.IO v4 client on :class:`LeanWS`' framing (see the module docstring).
+
+    ``request``/``request_future`` are :class:`LeanWS`' own: their futures resolve to
+    the ack's first argument, ``{"ok": true, ...}`` from the peer servers.
+    """
 
     def __init__(self, host: str, port: int, path: str, token: str, tally: Tally) -> None:
         super().__init__(host, port, path, token, tally)
@@ -124,22 +128,9 @@ class SioWS(LeanWS):
             tally.other += 1
         return now
 
-    def send(self, event: str, data: dict[str, Any], *, ack: bool = False) -> int | None:
-        ack_id = None
-        if ack:
-            self._next_ack += 1
-            ack_id = self._next_ack
-        self._send(encode_event(event, data, ack_id))
-        return ack_id
-
-    async def request(
-        self, event: str, data: dict[str, Any], timeout: float = 60.0
-    ) -> dict[str, Any]:
-        """Emit with an ack; returns the ack's first argument (raises unless ``ok``)."""
-        reply = await asyncio.wait_for(self.request_future(event, data), timeout)
-        if not reply.get("ok"):
-            raise RuntimeError(f"{event} failed: {reply}")
-        return reply
+    @staticmethod
+    def encode(event: str, data: dict[str, Any], ack_id: int | None) -> bytes:
+        return encode_event(event, data, ack_id)
 
     def join(self, room: str) -> Any:
         return self.request("join", {"room": room})

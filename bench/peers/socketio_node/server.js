@@ -6,11 +6,12 @@
 //   "send" {room, content, metadata} -> broadcasts "message" to the room's
 //       other members (socket.to(room).emit: Switchboard does not echo a
 //       sender's own message either), then acks {ok: true, id}
-// Nothing is persisted. WebSocket transport only. Listens on PORT (0: any)
-// and prints {"port", "pid"} as one JSON line; stdin commands below.
+// Nothing is persisted. WebSocket transport only. Port and stdin commands:
+// ../control.js.
 "use strict";
 
 const http = require("http");
+const { serve } = require("../control.js");
 const jwt = require("jsonwebtoken");
 const { Server } = require("socket.io");
 
@@ -54,26 +55,4 @@ io.on("connection", (socket) => {
   });
 });
 
-httpServer.listen(Number(process.env.PORT || 0), "127.0.0.1", () => {
-  process.stdout.write(
-    JSON.stringify({ port: httpServer.address().port, pid: process.pid }) + "\n"
-  );
-});
-
-// Commands on stdin, one a line: "gc" (with --expose-gc: collect, so idle
-// memory is measured after it) -> {"ok": true}. End of stdin (the driver stops
-// us, or died) -> exit.
-let pending = "";
-process.stdin.setEncoding("utf8");
-process.stdin.on("data", (chunk) => {
-  pending += chunk;
-  let nl;
-  while ((nl = pending.indexOf("\n")) >= 0) {
-    const line = pending.slice(0, nl).trim();
-    pending = pending.slice(nl + 1);
-    if (line === "gc" && global.gc) global.gc();
-    process.stdout.write(JSON.stringify({ ok: true }) + "\n");
-  }
-});
-process.stdin.on("end", () => process.exit(0));
-process.stdin.on("error", () => process.exit(0));
+serve(httpServer);

@@ -8,10 +8,11 @@
 // then the ack. The broadcast's JSON and WebSocket frame are built once and
 // the same bytes written to every member's socket. Nothing is persisted.
 // Uses the packages of ../socketio_node (its package.json lists `ws`).
-// Prints {"port", "pid"}; stdin "gc" -> {"ok": true}; exits on stdin EOF.
+// Port and stdin commands: ../control.js.
 "use strict";
 
 const http = require("http");
+const { serve } = require("../control.js");
 const path = require("path");
 const modules = path.join(__dirname, "..", "socketio_node", "node_modules");
 const jwt = require(path.join(modules, "jsonwebtoken"));
@@ -75,23 +76,4 @@ function onMessage(ws, raw) {
   }
 }
 
-httpServer.listen(Number(process.env.PORT || 0), "127.0.0.1", () => {
-  process.stdout.write(
-    JSON.stringify({ port: httpServer.address().port, pid: process.pid }) + "\n"
-  );
-});
-
-let pending = "";
-process.stdin.setEncoding("utf8");
-process.stdin.on("data", (chunk) => {
-  pending += chunk;
-  let nl;
-  while ((nl = pending.indexOf("\n")) >= 0) {
-    const line = pending.slice(0, nl).trim();
-    pending = pending.slice(nl + 1);
-    if (line === "gc" && global.gc) global.gc();
-    process.stdout.write(JSON.stringify({ ok: true }) + "\n");
-  }
-});
-process.stdin.on("end", () => process.exit(0));
-process.stdin.on("error", () => process.exit(0));
+serve(httpServer);
