@@ -133,6 +133,21 @@ def encode_frame(payload: bytes, opcode: int = 0x1) -> bytes:
     return header + key + _websocket_mask(key, payload)
 
 
+def count_stamped(tally: Tally, data: bytes, p: int, end: int, now: float) -> float:
+    """Record the delivery whose ``"bt":`` is at ``data[p]``; returns the receive time."""
+    if not now:
+        now = tally.clock()
+    q = data.find(b"}", p, end)
+    tally.latencies.append(now - float(data[p + 5 : q]))
+    tally.count += 1
+    if not tally.first_rx:
+        tally.first_rx = now
+    tally.last_rx = now
+    if tally.count == tally.target and tally.reached is not None and not tally.reached.done():
+        tally.reached.set_result(None)
+    return now
+
+
 class LeanWS(asyncio.Protocol):
     """One client connection; see the module docstring."""
 
@@ -211,7 +226,6 @@ class LeanWS(asyncio.Protocol):
                 return
         i, n = 0, len(data)
         now = 0.0
-        tally = self.tally
         while n - i >= 2:
             b1 = data[i + 1] & 0x7F  # server frames are never masked
             if b1 < 126:
@@ -231,29 +245,7 @@ class LeanWS(asyncio.Protocol):
                 break
             opcode = data[i] & 0x0F
             if opcode == 0x1:
-                if data.find(_MESSAGE_NEW, start + 9, start + 24) >= 0:
-                    p = data.find(_BT, start, end)
-                    if p >= 0:
-                        if not now:
-                            now = tally.clock()
-                        q = data.find(b"}", p, end)
-                        tally.latencies.append(now - float(data[p + 5 : q]))
-                        tally.count += 1
-                        if not tally.first_rx:
-                            tally.first_rx = now
-                        tally.last_rx = now
-                        if tally.count == tally.target and tally.reached is not None:
-                            if not tally.reached.done():
-                                tally.reached.set_result(None)
-                    else:
-                        tally.other += 1
-                elif data.startswith(_ACK, start):
-                    self._ack(data[start:end])
-                elif data.startswith(_WELCOME, start):
-                    if not self.welcome.done():
-                        self.welcome.set_result(orjson.loads(data[start:end])["data"])
-                else:
-                    tally.other += 1
+                now = self._on_text(data, start, end, now)
             elif opcode == 0x9:  # ping -> pong
                 self._send(data[start:end], 0xA)
             elif opcode == 0x8:  # close: echo the code and hang up
@@ -267,6 +259,27 @@ class LeanWS(asyncio.Protocol):
             i = end
         if i < n:
             self._buf = data[i:]
+
+    def _on_text(self, data: bytes, start: int, end: int, now: float) -> float:
+        """One text frame ``data[start:end]``; returns ``now`` (read once per read).
+
+        Subclasses speaking another protocol (``bench/peers``' Socket.IO client)
+        override this; the framing above stays shared.
+        """
+        tally = self.tally
+        if data.find(_MESSAGE_NEW, start + 9, start + 24) >= 0:
+            p = data.find(_BT, start, end)
+            if p >= 0:
+                return count_stamped(tally, data, p, end, now)
+            tally.other += 1
+        elif data.startswith(_ACK, start):
+            self._ack(data[start:end])
+        elif data.startswith(_WELCOME, start):
+            if not self.welcome.done():
+                self.welcome.set_result(orjson.loads(data[start:end])["data"])
+        else:
+            tally.other += 1
+        return now
 
     # -- protocol helpers --------------------------------------------------------
 
@@ -297,13 +310,20 @@ class LeanWS(asyncio.Protocol):
 
     def send(self, event: str, data: dict[str, Any], *, ack: bool = False) -> int | None:
         """Send one event; with ``ack=True`` returns the ack id (see :meth:`request`)."""
-        frame: dict[str, Any] = {"event": event, "data": data}
         ack_id = None
         if ack:
             self._next_ack += 1
-            ack_id = frame["ack"] = self._next_ack
-        self._send(orjson.dumps(frame))
+            ack_id = self._next_ack
+        self._send(self.encode(event, data, ack_id))
         return ack_id
+
+    @staticmethod
+    def encode(event: str, data: dict[str, Any], ack_id: int | None) -> bytes:
+        """One event's payload in Switchboard's envelope (another protocol overrides it)."""
+        frame: dict[str, Any] = {"event": event, "data": data}
+        if ack_id is not None:
+            frame["ack"] = ack_id
+        return orjson.dumps(frame)
 
     def request_future(self, event: str, data: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
         """Send with an ack id; the future resolves to the ack frame (ok or not)."""
@@ -325,6 +345,15 @@ class LeanWS(asyncio.Protocol):
             raise RuntimeError(f"{event} failed: {frame.get('error')}")
         return frame
 
+    def join(self, room: str) -> Any:
+        """Join ``room``; awaitable (raises if refused)."""
+        return self.request("room:join", {"roomId": room})
+
+    def post(self, room: str, content: str, bt: float) -> asyncio.Future[dict[str, Any]]:
+        """Send a chat message stamped ``metadata.bt``; the future is the ack frame."""
+        data = {"roomId": room, "content": content, "metadata": {"bt": bt}}
+        return self.request_future("message:send", data)
+
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
@@ -341,6 +370,7 @@ async def open_many(
     concurrency: int = 64,
     join_room: str | None = None,
     timings: array[float] | None = None,
+    cls: type[LeanWS] = LeanWS,
 ) -> tuple[list[LeanWS], list[str]]:
     """Open one connection per token (each waits for ``system:welcome``).
 
@@ -349,6 +379,7 @@ async def open_many(
     from the start of its TCP connect to the welcome (``time.monotonic``).
     Returns the open connections and the errors of those that failed (a
     connection the server closed with a code is reported as ``close <code>``).
+    ``cls`` is the client class (``bench/peers`` passes its Socket.IO client).
     """
     sem = asyncio.Semaphore(concurrency)
     conns: list[LeanWS] = []
@@ -359,14 +390,14 @@ async def open_many(
             ws: LeanWS | None = None
             try:
                 started = time.monotonic()
-                ws = await LeanWS.connect(
+                ws = await cls.connect(
                     host, port, path, token, tally, source=sources[i % len(sources)]
                 )
                 await asyncio.wait_for(ws.welcome, 60)
                 if timings is not None:
                     timings.append(time.monotonic() - started)
                 if join_room is not None:
-                    await ws.request("room:join", {"roomId": join_room})
+                    await ws.join(join_room)
                 conns.append(ws)
             except Exception as exc:
                 code = ws.closed.result() if ws is not None and ws.closed.done() else None
