@@ -78,7 +78,7 @@ async def main() -> None:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", int(os.environ.get("PORT", "0")), backlog=4096)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # aiohttp has no public getter for an ephemeral port
+    port = runner.addresses[0][1]  # the bound (host, port): port 0 picks one
     print(json.dumps({"port": port, "pid": os.getpid()}), flush=True)
     loop = asyncio.get_running_loop()
     # Commands, one a line: "gc" (collect, so idle memory is measured after it); end of
