@@ -55,6 +55,20 @@ async function roomWith(alice, bob) {
   return roomId;
 }
 
+/** Every message:new the application of `sb` sees, in order. */
+function received(sb) {
+  const got = [];
+  sb.on("message:new", (d) => got.push(d));
+  return got;
+}
+
+/** `sender` posts `texts` to `roomId` one after the other; the stored messages. */
+async function post(sender, roomId, texts) {
+  const sent = [];
+  for (const text of texts) sent.push((await sender.emit("message:send", { roomId, content: text })).message);
+  return sent;
+}
+
 test("a message lost on the way is fetched and delivered in order, once", async () => {
   const alice = await connected(uid("alice"));
   let dropped = 0;
@@ -64,10 +78,8 @@ test("a message lost on the way is fetched and delivered in order, once", async 
   }, { holeWaitMs: 50 });
   try {
     const roomId = await roomWith(alice, bob);
-    const got = [];
-    bob.on("message:new", (d) => got.push(d));
-    const sent = [];
-    for (const text of ["m1", "m2", "m3"]) sent.push((await alice.emit("message:send", { roomId, content: text })).message);
+    const got = received(bob);
+    const sent = await post(alice, roomId, ["m1", "m2", "m3"]);
 
     await until(() => got.length === 3, { what: "three messages" });
     await bob.emit("system:ping"); // barrier: nothing more is on its way
@@ -90,8 +102,7 @@ test("several holes are fetched together, in one request", async () => {
   }, { holeWaitMs: 300 });
   try {
     const roomId = await roomWith(alice, bob);
-    const got = [];
-    bob.on("message:new", (d) => got.push(d));
+    const got = received(bob);
     const sent = [];
     for (const text of ["m1", "m2", "m3", "m4", "m5"]) {
       sent.push((await alice.emit("message:send", { roomId, content: text })).message);
@@ -139,10 +150,8 @@ test("a reconnect recovers from the highest contiguous seq, not the highest seen
   }, { holeWaitMs: 60_000, reconnect: { minDelayMs: 10, maxDelayMs: 50 } });
   try {
     const roomId = await roomWith(alice, bob);
-    const got = [];
-    bob.on("message:new", (d) => got.push(d));
-    const sent = [];
-    for (const text of ["m1", "m2", "m3"]) sent.push((await alice.emit("message:send", { roomId, content: text })).message);
+    const got = received(bob);
+    const sent = await post(alice, roomId, ["m1", "m2", "m3"]);
     await until(() => link.frames.some((f) => content(f) === "m3"), { what: "m3 on the wire" });
     assert.deepEqual(got.map((d) => d.message.content), ["m1"], "m3 is held behind the hole");
     assert.equal(bob.contiguousSeq(roomId), sent[0].seq);
@@ -173,10 +182,8 @@ test("room:resync fetches what the server's bounded catch-up left out, without w
   }, { holeWaitMs: 3_600_000 });
   try {
     const roomId = await roomWith(alice, bob);
-    const got = [];
-    bob.on("message:new", (d) => got.push(d));
-    const sent = [];
-    for (const text of ["m1", "m2", "m3"]) sent.push((await alice.emit("message:send", { roomId, content: text })).message);
+    const got = received(bob);
+    const sent = await post(alice, roomId, ["m1", "m2", "m3"]);
     await until(() => got.length === 1, { what: "m1" });
     await bob.emit("system:ping"); // barrier: m2 and m3 were dropped, not late
     assert.equal(got.length, 1);
