@@ -55,7 +55,7 @@ EN_DASH = "\N{EN DASH}"
 SERVERS = ("switchboard", "socketio-node", "socketio-py")
 #: Also accepted by --servers: the ceiling reference (Node ``ws``, each broadcast framed
 #: once), left out of the default run to keep it near 15 minutes on the 2-core box.
-EXTRA_SERVERS = ("ws-node",)
+EXTRA_SERVERS = ("ws-node", "switchboard-memory")
 
 
 class Sizes:

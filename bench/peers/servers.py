@@ -6,7 +6,11 @@
 * ``socketio-py`` -- ``socketio_py/server.py`` (python-socketio on aiohttp);
 * ``ws-node`` (only when named in ``--servers``) -- ``ws_node/server.js``,
   Node ``ws`` with each broadcast framed once, speaking Switchboard's
-  envelope: the ceiling reference.
+  envelope: the ceiling reference;
+* ``switchboard-memory`` (only when named) -- the same node with its message
+  store in memory (``bench._server --hub unpersisted``: no SQL for a send, no
+  notification rounds): what Switchboard's path costs without the database,
+  i.e. the database's share of the ``switchboard`` figures.
 
 The peers persist nothing. Their dependencies install on first use into
 ignored folders: ``npm ci`` into ``socketio_node/node_modules`` and a
@@ -116,6 +120,8 @@ class Family:
     def start(self) -> Any:
         if self.name == "switchboard":
             return ServerProc("builtonce").start()
+        if self.name == "switchboard-memory":
+            return ServerProc("unpersisted").start()
         if self.name in ("socketio-node", "ws-node"):
             ensure_node()
             node = shutil.which("node") or "node"
@@ -127,7 +133,7 @@ class Family:
     async def make_rooms(self, port: int, token: str, names: list[str]) -> list[str]:
         """Room ids for ``names``: Switchboard's are created (public) by ``token``'s user;
         Socket.IO rooms exist once joined, so their names are their ids."""
-        if self.name != "switchboard":
+        if self.cls is not LeanWS or self.name == "ws-node":
             return names
         from bench._wsclient import Tally
 
@@ -150,5 +156,6 @@ FAMILIES = {
         Family("socketio-node", "Node Socket.IO 4.8", SioWS, SIO_PATH, False),
         Family("socketio-py", "python-socketio (aiohttp)", SioWS, SIO_PATH, False),
         Family("ws-node", "Node `ws`, frame once", LeanWS, "/ws/chat", False),
+        Family("switchboard-memory", "Switchboard, store in memory", LeanWS, "/ws/chat", False),
     )
 }
