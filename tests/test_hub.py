@@ -1070,6 +1070,27 @@ async def test_send_soon_shares_the_iterations_write_and_is_no_delivery():
 
 
 @pytest.mark.asyncio
+async def test_the_senders_ack_is_written_before_the_rooms_broadcast():
+    """The sender waits for its ack; the members' writes are one send() each after it."""
+    hub, conns = coalescing_room(4)
+    order: list[str] = []
+    for conn in conns:
+        write = conn.write_frame
+
+        def logged(frame: bytes, frames: int = 1, conn: HandlerConn = conn, write=write) -> bool:
+            order.append(conn.conn_id)
+            return write(frame, frames)
+
+        conn.write_frame = logged  # type: ignore[method-assign]
+    hub.publish(Target.room("general"), "message:new", {"seq": 1}, seq=1, exclude="c2")
+    hub.send_soon(conns[2], protocol.frame(protocol.event_payload("ack", {"seq": 0})))
+    await next_iteration()
+    assert order[0] == "c2" and sorted(order[1:]) == ["c0", "c1", "c3"]
+    assert conns[2].seqs() == [[0]]
+    assert [c.seqs() for c in (conns[0], conns[1], conns[3])] == [[[1]]] * 3
+
+
+@pytest.mark.asyncio
 async def test_send_soon_without_coalescing_writes_at_once():
     hub = Hub("n1")
     conn = HandlerConn(hub, "c0", "u0")

@@ -661,7 +661,11 @@ class Hub:
                         else:
                             positions.append(at)
         special.update(others)
-        count, nbytes, writes = self._write_common(outbox, main, main_at, special)
+        # The few connections that differ go first: among them are the senders
+        # waiting for their acks, and the common write below is one send() per
+        # member of the room. The two sets are disjoint, so each connection's
+        # frames keep their order either way.
+        count = nbytes = writes = 0
         if special:
             members = set(main)
             for conn in special:
@@ -682,6 +686,8 @@ class Hub:
                 if wanted:
                     written, size = self._write_entries(conn, outbox, wanted)
                     count, nbytes, writes = count + written, nbytes + size, writes + 1
+        common = self._write_common(outbox, main, main_at, special)
+        count, nbytes, writes = count + common[0], nbytes + common[1], writes + common[2]
         if self._on_delivered is not None and count > 0:
             self._on_delivered(count, nbytes)
         return writes
