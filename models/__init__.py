@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -198,3 +199,26 @@ def active_ban(user_id: str) -> Ban | None:
         )
         .first()
     )
+
+
+# -- plain SQL: where peewee's query builder costs more than the query runs ------------
+
+
+def sql_mark() -> str:
+    """The bound-parameter mark of the database in use (``?`` SQLite, ``%s`` PostgreSQL)."""
+    return str(Message._meta.database.param)
+
+
+def sql_marks(values: Sequence[Any]) -> str:
+    """One mark per value, comma-separated (for ``IN (...)`` and ``VALUES (...)``)."""
+    return ", ".join([sql_mark()] * len(values))
+
+
+def sql_execute(sql: str, params: Sequence[Any]) -> Any:
+    """Run ``sql`` on the database the models are bound to; the cursor."""
+    return Message._meta.database.execute_sql(sql, params)
+
+
+def sql_rows(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """Every row of ``sql`` as a tuple."""
+    return [tuple(row) for row in sql_execute(sql, params).fetchall()]

@@ -13,14 +13,26 @@ import hashlib
 import hmac
 import secrets
 from collections import defaultdict
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import peewee as pw
 
-from models import Message, Reaction, Room, RoomMember, RoomMute, User, new_epoch, utcnow
+from models import (
+    Message,
+    Reaction,
+    Room,
+    RoomMember,
+    RoomMute,
+    User,
+    new_epoch,
+    sql_execute,
+    sql_mark,
+    sql_marks,
+    sql_rows,
+    utcnow,
+)
 from models.moderation import bans_in_force, mute_in_force
 from server.core import errors
 from server.core.protocol import iso
@@ -444,8 +456,8 @@ def mark_read_many(requests: list[ReadRequest]) -> list[dict[str, Any] | errors.
     """
     room_ids = sorted({r.room_id for r in requests})
     user_ids = sorted({r.user_id for r in requests})
-    rooms = {room_id: (room_type, last_seq) for room_id, room_type, last_seq in _rows(
-        f'SELECT "id", "type", "last_seq" FROM "room" WHERE "id" IN ({_marks(room_ids)})'
+    rooms = {room_id: (room_type, last_seq) for room_id, room_type, last_seq in sql_rows(
+        f'SELECT "id", "type", "last_seq" FROM "room" WHERE "id" IN ({sql_marks(room_ids)})'
         ' AND "deleted_at" IS NULL', room_ids,
     )}  # fmt: skip
     read = {key: row[0] for key, row in _memberships(room_ids, user_ids, "last_read_seq").items()}
@@ -465,9 +477,9 @@ def mark_read_many(requests: list[ReadRequest]) -> list[dict[str, Any] | errors.
             if new_seq != read[key]:
                 read[key] = moved[key] = new_seq
             out.append({"roomId": r.room_id, "lastReadSeq": new_seq, "unread": last_seq - new_seq})
-    mark = _mark()
+    mark = sql_mark()
     for (room_id, user_id), seq in sorted(moved.items()):  # one order on every node
-        _execute(
+        sql_execute(
             f'UPDATE "room_member" SET "last_read_seq" = {mark} WHERE "room_id" = {mark}'
             f' AND "user_id" = {mark} AND "last_read_seq" < {mark}', [seq, room_id, user_id, seq],
         )  # fmt: skip
@@ -731,9 +743,10 @@ def send_messages(requests: list[SendRequest]) -> list[Sent | errors.GatewayErro
                 first_of[key] = i
     if first_of:
         cmids, senders = sorted({k[1] for k in first_of}), sorted({k[0] for k in first_of})
-        found = _rows(
+        found = sql_rows(
             'SELECT "id", "sender_id", "client_msg_id" FROM "message"'
-            f' WHERE "client_msg_id" IN ({_marks(cmids)}) AND "sender_id" IN ({_marks(senders)})',
+            f' WHERE "client_msg_id" IN ({sql_marks(cmids)})'
+            f' AND "sender_id" IN ({sql_marks(senders)})',
             [*cmids, *senders],
         )
         for message_id, sender_id, client_msg_id in found:
@@ -805,13 +818,13 @@ def _facts(requests: list[SendRequest], fresh: list[int], now: dt.datetime) -> t
     rooms: dict[str, str] = {}
     members: set[tuple[str, str]] = set()
     mutes: dict[tuple[str, str], Any] = {}
-    for room_id, room_type, member_id, until in _rows(
+    for room_id, room_type, member_id, until in sql_rows(
         'SELECT r."id", r."type", m."user_id", u."until" FROM "room" r'
         ' LEFT JOIN "room_member" m ON m."room_id" = r."id"'
-        f' AND m."user_id" IN ({_marks(sender_ids)})'
+        f' AND m."user_id" IN ({sql_marks(sender_ids)})'
         ' LEFT JOIN "room_mute" u ON u."room_id" = r."id" AND u."user_id" = m."user_id"'
-        f' AND u."until" > {_mark()}'
-        f' WHERE r."id" IN ({_marks(room_ids)}) AND r."deleted_at" IS NULL',
+        f' AND u."until" > {sql_mark()}'
+        f' WHERE r."id" IN ({sql_marks(room_ids)}) AND r."deleted_at" IS NULL',
         [*sender_ids, _db_time(now), *room_ids],
     ):  # fmt: skip
         rooms[room_id] = room_type
@@ -820,8 +833,9 @@ def _facts(requests: list[SendRequest], fresh: list[int], now: dt.datetime) -> t
             if until is not None:
                 mutes[(room_id, member_id)] = until
     parent_ids = sorted({p for i in fresh if (p := requests[i].parent_id) is not None})
-    parents = dict(_rows(
-        f'SELECT "id", "room_id" FROM "message" WHERE "id" IN ({_marks(parent_ids)})', parent_ids,
+    parents = dict(sql_rows(
+        f'SELECT "id", "room_id" FROM "message" WHERE "id" IN ({sql_marks(parent_ids)})',
+        parent_ids,
     )) if parent_ids else {}  # fmt: skip
     return rooms, members, mutes, parents
 
@@ -831,9 +845,10 @@ def _memberships(
 ) -> dict[tuple[str, str], tuple[Any, ...]]:
     """``{(room, user): (columns...)}`` of the memberships among those rooms and users."""
     extra = "".join(f', "{c}"' for c in columns)
-    return {(row[0], row[1]): row[2:] for row in _rows(
+    return {(row[0], row[1]): row[2:] for row in sql_rows(
         f'SELECT "room_id", "user_id"{extra} FROM "room_member" WHERE "room_id" IN'
-        f' ({_marks(room_ids)}) AND "user_id" IN ({_marks(user_ids)})', [*room_ids, *user_ids],
+        f' ({sql_marks(room_ids)}) AND "user_id" IN ({sql_marks(user_ids)})',
+        [*room_ids, *user_ids],
     )}  # fmt: skip
 
 
@@ -844,9 +859,10 @@ def _mutes_in_force(
 
     ``until`` as the database returns it (:func:`_py_time` reads it).
     """
-    return {(room_id, user_id): until for room_id, user_id, until in _rows(
+    return {(room_id, user_id): until for room_id, user_id, until in sql_rows(
         f'SELECT "room_id", "user_id", "until" FROM "room_mute" WHERE "room_id" IN'
-        f' ({_marks(room_ids)}) AND "user_id" IN ({_marks(user_ids)}) AND "until" > {_mark()}',
+        f' ({sql_marks(room_ids)}) AND "user_id" IN ({sql_marks(user_ids)})'
+        f' AND "until" > {sql_mark()}',
         [*room_ids, *user_ids, _db_time(now)],
     )}  # fmt: skip
 
@@ -864,7 +880,7 @@ def _insert_batch(
     the insert return what the batch needs (RETURNING): one statement per
     room and one for the batch, no read-back (a round trip each on PostgreSQL).
     """
-    mark = _mark()
+    mark = sql_mark()
     stamp = _db_time(now)
     created = iso(now)
     rows: list[tuple[Any, ...]] = []
@@ -873,7 +889,7 @@ def _insert_batch(
     for room_id in sorted(accepted):
         indexes = accepted[room_id]
         count = len(indexes)
-        bumped = _rows(
+        bumped = sql_rows(
             f'UPDATE "room" SET "last_seq" = "last_seq" + {mark}, "last_activity_at" = {mark}'
             f' WHERE "id" = {mark} AND "deleted_at" IS NULL RETURNING "last_seq"',
             [count, stamp, room_id],
@@ -893,9 +909,9 @@ def _insert_batch(
             ))  # fmt: skip
     if not rows:
         return
-    values = ", ".join([f"({_marks(rows[0])})"] * len(rows))
+    values = ", ".join([f"({sql_marks(rows[0])})"] * len(rows))
     # RETURNING's row order is unspecified: (room, seq) names each row's id.
-    ids = {(room_id, seq): message_id for message_id, room_id, seq in _rows(
+    ids = {(room_id, seq): message_id for message_id, room_id, seq in sql_rows(
         'INSERT INTO "message" ("room_id", "seq", "sender_id", "sender_name", "content", "type",'
         ' "parent_id", "attachments", "metadata", "client_msg_id", "created_at")'
         f' VALUES {values} RETURNING "id", "room_id", "seq"', [v for row in rows for v in row],
@@ -916,23 +932,6 @@ def _db_time(value: dt.datetime) -> Any:
 def _py_time(value: Any) -> dt.datetime:
     """A datetime column read with plain SQL, as peewee would return it."""
     return RoomMute.until.python_value(value)  # type: ignore[no-untyped-call]
-
-
-def _mark() -> str:
-    """The bound-parameter mark of the database in use (``?`` SQLite, ``%s`` PostgreSQL)."""
-    return str(Message._meta.database.param)
-
-
-def _marks(values: Sequence[Any]) -> str:
-    return ", ".join([_mark()] * len(values))
-
-
-def _execute(sql: str, params: Sequence[Any]) -> Any:
-    return Message._meta.database.execute_sql(sql, params)
-
-
-def _rows(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-    return [tuple(row) for row in _execute(sql, params).fetchall()]
 
 
 def _retry_outcome(
@@ -1155,8 +1154,8 @@ def react_many(requests: list[ReactRequest]) -> list[dict[str, Any] | errors.Gat
     out: list[dict[str, Any] | errors.GatewayError | None] = [None] * len(requests)
     message_ids = sorted({r.message_id for r in requests})
     user_ids = sorted({r.user_id for r in requests})
-    rooms_of = dict(_rows(
-        f'SELECT "id", "room_id" FROM "message" WHERE "id" IN ({_marks(message_ids)})'
+    rooms_of = dict(sql_rows(
+        f'SELECT "id", "room_id" FROM "message" WHERE "id" IN ({sql_marks(message_ids)})'
         ' AND "deleted_at" IS NULL', message_ids,
     ))  # fmt: skip
     room_ids = sorted(set(rooms_of.values()))
@@ -1165,9 +1164,9 @@ def react_many(requests: list[ReactRequest]) -> list[dict[str, Any] | errors.Gat
     mutes: dict[tuple[str, str], Any] = {}
     now = utcnow()
     if room_ids:
-        rooms = {row[0]: row[1:] for row in _rows(
+        rooms = {row[0]: row[1:] for row in sql_rows(
             'SELECT "id", "type", "password_hash" IS NOT NULL, "deleted_at" IS NULL FROM "room"'
-            f' WHERE "id" IN ({_marks(room_ids)})', room_ids,
+            f' WHERE "id" IN ({sql_marks(room_ids)})', room_ids,
         )}  # fmt: skip
         members = set(_memberships(room_ids, user_ids))
         mutes = _mutes_in_force(room_ids, user_ids, now)
@@ -1176,9 +1175,9 @@ def react_many(requests: list[ReactRequest]) -> list[dict[str, Any] | errors.Gat
     present: dict[int, dict[tuple[str, str], None]] = defaultdict(dict)
     live = sorted(rooms_of)
     if live:
-        for message_id, user_id, emoji in _rows(
+        for message_id, user_id, emoji in sql_rows(
             'SELECT "message_id", "user_id", "emoji" FROM "reaction"'
-            f' WHERE "message_id" IN ({_marks(live)}) ORDER BY "created_at", "id"', live,
+            f' WHERE "message_id" IN ({sql_marks(live)}) ORDER BY "created_at", "id"', live,
         ):  # fmt: skip
             present[message_id][(emoji, user_id)] = None
     added: set[tuple[int, str, str]] = set()

@@ -16,7 +16,7 @@ from typing import Any, TypeVar, cast
 import orjson
 import peewee as pw
 
-from models import Notification, Room, User, utcnow
+from models import Notification, Room, User, sql_marks, sql_rows, utcnow
 from server.core import errors
 from server.core.protocol import iso
 
@@ -261,21 +261,18 @@ def room_audiences(room_ids: list[str]) -> dict[str, RoomAudience]:
     times what SQLite took to run them, and a round runs after every send
     batch on the database worker the next batch needs (send->ack latency).
     """
-    db = Room._meta.database
-    marks = ", ".join([db.param] * len(room_ids))
-    names: dict[str, str] = dict(db.execute_sql(
-        f'SELECT "id", "name" FROM "room" WHERE "id" IN ({marks}) AND "deleted_at" IS NULL',
-        room_ids,
-    ).fetchall())  # fmt: skip
+    names: dict[str, str] = dict(sql_rows(
+        f'SELECT "id", "name" FROM "room" WHERE "id" IN ({sql_marks(room_ids)})'
+        ' AND "deleted_at" IS NULL', room_ids,
+    ))  # fmt: skip
     members: dict[str, dict[str, str]] = {room_id: {} for room_id in names}
     if names:
         live = list(names)
-        marks = ", ".join([db.param] * len(live))
-        rows = db.execute_sql(
+        rows = sql_rows(
             'SELECT m."room_id", m."user_id", u."username" FROM "room_member" m'
             ' LEFT JOIN "user" u ON u."id" = m."user_id"'
-            f' WHERE m."room_id" IN ({marks}) ORDER BY m."id"', live,
-        ).fetchall()  # fmt: skip
+            f' WHERE m."room_id" IN ({sql_marks(live)}) ORDER BY m."id"', live,
+        )  # fmt: skip
         for room_id, member_id, username in rows:
             members[room_id][member_id] = username if username is not None else member_id
     return {room_id: RoomAudience(name, members[room_id]) for room_id, name in names.items()}
