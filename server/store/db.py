@@ -147,8 +147,7 @@ class Checkpointer:
                     self.runs += 1
                     if wal_pages > self._truncate_pages:
                         self._truncate()
-                except (sqlite3.Error, RuntimeError) as exc:  # the next round tries again
-                    # RuntimeError: the writer's executor is shutting down.
+                except sqlite3.Error as exc:  # the next round tries again
                     log.warning("WAL checkpoint failed: %s", exc)
         finally:
             conn.close()
@@ -287,11 +286,12 @@ class Database:
             return
         self._closed = True
         loop = asyncio.get_running_loop()
+        # First: it hands truncations to the executor shut down below.
+        if self.checkpointer is not None and self.checkpointer.started:
+            await loop.run_in_executor(None, self.checkpointer.stop)
         # Queued after every pending job: runs once in-flight writes are done.
         await loop.run_in_executor(self._executor, self._close_connections)
         await loop.run_in_executor(None, self._executor.shutdown, True)
-        if self.checkpointer is not None and self.checkpointer.started:
-            await loop.run_in_executor(None, self.checkpointer.stop)
 
     def _close_connections(self) -> None:
         if not self.db.is_closed():
