@@ -516,18 +516,27 @@ async def test_redis_killed_mid_traffic_then_back(
     assert all(client.reconnects == 0 for client in (alice, dave, bob, carol))
 
 
-async def test_a_catch_up_beyond_its_bound_tells_members_to_resync(cluster: Cluster) -> None:
+async def outage_past_the_catch_up_bound(
+    cluster: Cluster, *, hole_wait: float | None
+) -> tuple[Client, Client, list[dict[str, Any]]]:
+    """alice on a, bob on b (catch-up bound 3, hole repair after ``hole_wait``) in "ops";
+    b loses Redis while alice sends during-0..4, and is back: (alice, bob, sent)."""
     proxy = await cluster.proxy()
     a, b = await cluster.node("node-a"), await cluster.node("node-b", redis_url=proxy.url)
     b.node.catch_up.max_per_room = 3
-    # bob's client repair is off: it would fetch what the bound left out itself.
-    alice, bob = await a.connect("alice"), await b.connect("bob", hole_wait=None)
+    alice, bob = await a.connect("alice"), await b.connect("bob", hole_wait=hole_wait)
     await in_room(cluster, "ops", alice, bob, nodes=2)
     proxy.cut()  # only b loses Redis: a publishes, b does not hear
     await eventually(lambda: not mirror(b).ok, timeout=MIRROR_TIMEOUT_SECS, what="b down")
     sent = [await send(alice, "ops", f"during-{i}") for i in range(5)]
     proxy.mend()
     await eventually(lambda: mirror(b).ok, timeout=MIRROR_TIMEOUT_SECS, what="b back")
+    return alice, bob, sent
+
+
+async def test_a_catch_up_beyond_its_bound_tells_members_to_resync(cluster: Cluster) -> None:
+    # bob's client repair is off: it would fetch what the bound left out itself.
+    alice, bob, sent = await outage_past_the_catch_up_bound(cluster, hole_wait=None)
     await sentinel_message(alice, "ops", bob)
     assert contents(bob.drain_events("message:new")) == ["during-0", "during-1", "during-2"]
     (resync,) = bob.drain_events("room:resync")
@@ -543,18 +552,8 @@ async def test_a_catch_up_beyond_its_bound_tells_members_to_resync(cluster: Clus
 async def test_the_client_fetches_what_a_bounded_catch_up_left_out_on_resync(
     cluster: Cluster,
 ) -> None:
-    proxy = await cluster.proxy()
-    a, b = await cluster.node("node-a"), await cluster.node("node-b", redis_url=proxy.url)
-    b.node.catch_up.max_per_room = 3
     # Hole repair waits an hour: only room:resync can bring the rest in time.
-    alice, bob = await a.connect("alice"), await b.connect("bob", hole_wait=3600)
-    await in_room(cluster, "ops", alice, bob, nodes=2)
-    proxy.cut()
-    await eventually(lambda: not mirror(b).ok, timeout=MIRROR_TIMEOUT_SECS, what="b down")
-    for i in range(5):
-        await send(alice, "ops", f"during-{i}")
-    proxy.mend()
-    await eventually(lambda: mirror(b).ok, timeout=MIRROR_TIMEOUT_SECS, what="b back")
+    alice, bob, _ = await outage_past_the_catch_up_bound(cluster, hole_wait=3600)
     # The sentinel follows the gap the bound left: it is delivered only once
     # the client has fetched during-3 and during-4.
     await sentinel_message(alice, "ops", bob)
