@@ -23,8 +23,9 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
+
+from tests.support.services import Managed
 
 REPO_ROOT = Path(__file__).absolute().parents[2]
 START_TIMEOUT_SECS = 20.0
@@ -34,7 +35,7 @@ ROOMY_RATE_LIMITS = "messages=1000/1m,joins=1000/1m,typing=1000/1m,other=5000/1m
 _LISTENING = re.compile(r"listening\s+http\s+http://127\.0\.0\.1:(\d+)")
 
 
-class GatewayProcess:
+class GatewayProcess(Managed):
     """``python -m server serve`` on 127.0.0.1; :meth:`restart` keeps the port."""
 
     def __init__(self, home: Path, **env: str) -> None:
@@ -60,7 +61,7 @@ class GatewayProcess:
     def log_path(self) -> Path:
         return self.home / "gateway.log"
 
-    def start(self) -> None:
+    def start(self) -> Self:
         log = open(self.log_path, "a")  # the child keeps its own copy of the fd
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1",
@@ -81,7 +82,7 @@ class GatewayProcess:
                 raise RuntimeError(f"gateway exited at start; log:\n{self.log()}")
             if match := _LISTENING.search(line):
                 self.port = int(match.group(1))
-                return
+                return self
 
     @staticmethod
     def _pump(proc: subprocess.Popen[str], lines: queue.Queue[str | None]) -> None:
@@ -112,20 +113,8 @@ class GatewayProcess:
         except OSError:
             return ""
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-
-class ControlServer:
+class ControlServer(Managed):
     """``POST /restart`` restarts the gateway and answers once it listens again."""
 
     def __init__(self, gateway: GatewayProcess) -> None:
@@ -152,15 +141,10 @@ class ControlServer:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self) -> Self:
+    def start(self) -> Self:
         self._thread.start()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
