@@ -110,6 +110,7 @@ import statistics
 import sys
 import time
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -374,7 +375,8 @@ def _recv(conn: Any, timeout: float, what: str) -> tuple[Any, ...]:
     return msg
 
 
-def _percentile(values: array[float], q: float) -> float:
+def _percentile(values: Sequence[float], q: float) -> float:
+    """The q-quantile (0..1) of seconds, in milliseconds; NaN for no values."""
     if not values:
         return math.nan
     ordered = sorted(values)

@@ -44,6 +44,7 @@ import psutil
 from bench._server import bench_config
 from bench._wsclient import LazySelector, LeanWS, Pipe, Tally, cpu_secs, open_many, raise_nofile
 from bench._wsclient import run_lazy as _run_lazy
+from bench.fanout import _exit_on_sigterm, _percentile
 from bench.peers.servers import FAMILIES, Family
 from server.core.auth import mint_token
 
@@ -289,13 +290,6 @@ def _tokens(prefix: str, n: int) -> list[str]:
     return [mint_token(config, f"{prefix}-{i}", ttl_secs=7200) for i in range(n)]
 
 
-def _pct(values: array[float] | list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return 1000 * s[min(len(s) - 1, int(q * len(s)))]
-
-
 def _cpu(unit: str, units: int, server_secs: float, client_secs: float) -> dict[str, float]:
     """Server and client CPU seconds, and microseconds per ``unit`` (delivery, message...)."""
     return {
@@ -361,8 +355,8 @@ def run_fanout(family: Family, server: Any, n: int, sz: Sizes) -> dict[str, floa
     secs = max(g["last_rx"] for g in got) - sent["t_first"]
     return {
         "deliveries_per_s": deliveries / max(secs, 1e-9),
-        "p50_ms": _pct(lat, 0.5),
-        "p99_ms": _pct(lat, 0.99),
+        "p50_ms": _percentile(lat, 0.5),
+        "p99_ms": _percentile(lat, 0.99),
         **_cpu("delivery", deliveries, s1 - s0, c1 - c0),
     }
 
@@ -428,10 +422,10 @@ def run_latency(family: Family, server: Any, sz: Sizes) -> dict[str, float]:
             print(f"    [!] failed sends: {s['failed']}", file=sys.stderr)
     messages = len(ack)
     return {
-        "ack_p50_ms": _pct(ack, 0.5),
-        "ack_p99_ms": _pct(ack, 0.99),
-        "deliver_p50_ms": _pct(deliver, 0.5),
-        "deliver_p99_ms": _pct(deliver, 0.99),
+        "ack_p50_ms": _percentile(ack, 0.5),
+        "ack_p99_ms": _percentile(ack, 0.99),
+        "deliver_p50_ms": _percentile(deliver, 0.5),
+        "deliver_p99_ms": _percentile(deliver, 0.99),
         **_cpu("message", messages, s1 - s0, c1 - c0),
     }
 
@@ -455,8 +449,8 @@ def run_connect(family: Family, server: Any, sz: Sizes) -> dict[str, float]:
     secs = max(g["done"] for g in got) - min(g["start"] for g in got)
     return {
         "conn_per_s": ok / max(secs, 1e-9),
-        "p50_ms": _pct(lat, 0.5),
-        "p99_ms": _pct(lat, 0.99),
+        "p50_ms": _percentile(lat, 0.5),
+        "p99_ms": _percentile(lat, 0.99),
         **_cpu("conn", ok, s1 - s0, c1 - c0),
     }
 
@@ -618,8 +612,3 @@ def main(argv: list[str] | None = None) -> int:
                 indent=1,
             )
     return 0
-
-
-def _exit_on_sigterm(*_: object) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    sys.exit(143)
