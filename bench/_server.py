@@ -430,6 +430,10 @@ def main(argv: list[str] | None = None) -> int:
     raise_nofile()
     if os.environ.get(TRACEMALLOC_ENV) == "1":
         tracemalloc.start(int(os.environ.get("SWITCHBOARD_BENCH_TRACEMALLOC_FRAMES", "8")))
+    if stages := os.environ.get("BENCH_STAGES_FILE"):
+        from bench.stages import install
+
+        install(stages)  # bench.stages: timestamp probes on the send path
     return asyncio.run(_main(args.hub, args.port))
 
 

@@ -1,0 +1,277 @@
+"""Where a lone ``message:send`` spends its time in the node, stage by stage.
+
+Prints figures; asserts nothing. Runs ``bench.peers``' latency workload (20
+rooms of 10, every member sending, 200 msg/s for 10 s) against one bench
+node whose code is wrapped with timestamp probes (``--stages``: see
+:func:`install`), then prints, for the sends whose stages did not overlap
+another send's, the median time between consecutive probes, and inside the
+database job the time of each statement and of the Python between them::
+
+    .venv/bin/python -m bench.stages [--seconds 10] [--rate 200] [--runs 1]
+
+The stages, in order (each row is the time from the previous probe):
+
+* ``frame`` -- tornado hands over a text frame (``_handle_message``);
+* ``envelope`` -- decoded, at ``handle_envelope``'s start;
+* ``schema`` / ``schema done`` -- the event's schema load;
+* ``service`` -- ``Messages.send`` entered; ``batcher`` -- its ``submit``;
+* ``to db`` -- ``Database._submit`` (the batch leaves the loop);
+* ``db thread`` / ``db done`` -- the job starts and ends on the writer thread;
+* ``back`` -- the loop has the job's result; ``resumed`` -- ``submit`` returns;
+* ``publish`` / ``published``, ``notify`` / ``notified`` -- the broadcast queued,
+  the notification work queued;
+* ``answered`` -- ``handle_envelope`` ends (the ack queued);
+* ``flush`` / ``written`` -- the hub's flush writes the ack, then the room.
+
+Each probe is two clock reads and a list append (~1 µs). The client's
+figures (send→ack p50/p99) are printed too: the server's part is the sum of
+the rows, the rest is the client, the kernel and waking up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+#: Set (to a file path) in the bench node's environment (not SWITCHBOARD_*, which
+#: ``bench_env`` drops): the probes are installed, their marks dumped there at exit.
+STAGES_ENV = "BENCH_STAGES_FILE"
+
+ORDER = [
+    "frame", "envelope", "schema", "schema done", "service", "batcher", "to db", "db thread",
+    "db done", "back", "resumed", "publish", "published", "notify", "notified", "answered",
+    "flush", "written",
+]  # fmt: skip
+
+_marks: list[tuple[str, int]] = []
+
+
+def _mark(tag: str) -> None:
+    _marks.append((tag, time.perf_counter_ns()))
+
+
+def _around(owner: Any, name: str, before: str, after: str | None = None) -> None:
+    orig = getattr(owner, name)
+
+    def probe(*args: Any, **kwargs: Any) -> Any:
+        _mark(before)
+        try:
+            return orig(*args, **kwargs)
+        finally:
+            if after is not None:
+                _mark(after)
+
+    setattr(owner, name, probe)
+
+
+def _around_async(owner: Any, name: str, before: str | None, after: str | None = None) -> None:
+    orig = getattr(owner, name)
+
+    async def probe(*args: Any, **kwargs: Any) -> Any:
+        if before is not None:
+            _mark(before)
+        try:
+            return await orig(*args, **kwargs)
+        finally:
+            if after is not None:
+                _mark(after)
+
+    setattr(owner, name, probe)
+
+
+def install(path: str) -> None:
+    """Wrap the send path's functions with probes; dump the marks to ``path`` at exit."""
+    import peewee as pw
+    import tornado.websocket as tw
+
+    import handlers.base as hb
+    import server.realtime.hub as hub
+    import server.services.messages as sm
+    import server.services.notify as sn
+    import server.store.batch as sb
+    import server.store.db as sdb
+
+    handle_message = tw.WebSocketProtocol13._handle_message
+
+    def on_frame(self: Any, opcode: int, data: bytes) -> Any:
+        if opcode == 0x1:
+            _mark("frame")
+        return handle_message(self, opcode, data)
+
+    tw.WebSocketProtocol13._handle_message = on_frame  # type: ignore[method-assign]
+    _around_async(hb.GatewayHandler, "handle_envelope", "envelope", "answered")
+    _around(hb, "load", "schema", "schema done")
+    _around_async(sm.Messages, "send", "service")
+    _around_async(sb.Batcher, "submit", "batcher", "resumed")
+    _around_async(sdb.Database, "_submit", "to db", "back")
+    _around(sdb.Database, "_call", "db thread", "db done")
+    _around(hub.Hub, "publish", "publish", "published")
+    _around(sn.NotificationService, "message_sent", "notify", "notified")
+    flush = hub.Hub.flush
+
+    def on_flush(self: Any) -> int:
+        if not self._outbox:
+            return flush(self)
+        _mark("flush")
+        written = flush(self)
+        _mark("written")
+        return written
+
+    hub.Hub.flush = on_flush  # type: ignore[method-assign]
+    execute_sql = pw.Database.execute_sql
+
+    def on_sql(self: Any, sql: str, *args: Any, **kwargs: Any) -> Any:
+        _mark("sql")
+        try:
+            return execute_sql(self, sql, *args, **kwargs)
+        finally:
+            _mark("sql " + sql.split(None, 1)[0])
+
+    pw.Database.execute_sql = on_sql  # type: ignore[method-assign]
+    commit = pw.Database.commit
+
+    def on_commit(self: Any) -> Any:
+        _mark("sql")
+        try:
+            return commit(self)
+        finally:
+            _mark("sql COMMIT")
+
+    pw.Database.commit = on_commit  # type: ignore[method-assign]
+
+    def dump() -> None:
+        with open(path, "w") as f:
+            f.writelines(f"{tag}\t{t}\n" for tag, t in _marks)
+
+    atexit.register(dump)
+
+
+# ---------------------------------------------------------------------------
+# Reading the marks
+# ---------------------------------------------------------------------------
+
+
+def read_marks(path: str) -> list[tuple[str, int]]:
+    with open(path) as f:
+        return [(tag, int(t)) for tag, t in (line.rstrip("\n").split("\t") for line in f)]
+
+
+def sends(marks: list[tuple[str, int]]) -> list[list[tuple[str, int]]]:
+    """The sends whose probes came in exactly ``ORDER`` (no other send in between),
+    each with the database job's statement probes kept under their own tags."""
+    out, cur, sql = [], [], []
+    for tag, t in marks:
+        if tag == "frame":
+            cur, sql = [(tag, t)], []
+        elif not cur:
+            continue
+        elif tag.startswith("sql"):
+            if cur[-1][0] == "db thread":
+                sql.append((tag, t))
+        elif tag == ORDER[len(cur)]:
+            cur.append((tag, t))
+            if len(cur) == len(ORDER):
+                out.append(cur + sql)
+                cur = []
+        else:
+            cur = []
+    return out
+
+
+def _median_us(values: list[int]) -> float:
+    return statistics.median(values) / 1000
+
+
+def table(clean: list[list[tuple[str, int]]]) -> list[tuple[str, float]]:
+    """``(stage, median µs since the previous probe)`` in order; then the job's statements."""
+    rows = [
+        (ORDER[i], _median_us([s[i][1] - s[i - 1][1] for s in clean])) for i in range(1, len(ORDER))
+    ]
+    rows.append(("total (frame to written)", _median_us([s[len(ORDER) - 1][1] - s[0][1] for s in clean])))
+    # The database job's statements: the commonest sequence (a send's batch).
+    by_shape: dict[tuple[str, ...], list[list[tuple[str, int]]]] = defaultdict(list)
+    for s in clean:
+        by_shape[tuple(tag for tag, _ in s[len(ORDER) :])].append(s)
+    if by_shape:
+        shape, group = max(by_shape.items(), key=lambda kv: len(kv[1]))
+        start = ORDER.index("db thread")
+        for j, tag in enumerate(shape):
+            label = "  python before" if tag == "sql" else "  " + tag[4:]
+            rows.append((
+                label,
+                _median_us([s[len(ORDER) + j][1] - (s[len(ORDER) + j - 1][1] if j else s[start][1])
+                            for s in group]),
+            ))  # fmt: skip
+        end = ORDER.index("db done")
+        rows.append(("  python after", _median_us([s[end][1] - s[-1][1] for s in group])))
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------
+
+
+def run(seconds: float, rate: float) -> tuple[dict[str, float], list[tuple[str, float]], int]:
+    """One latency run against a probed node: the client's figures, the stage table, sends."""
+    from bench.peers.driver import Sizes, run_latency
+    from bench.peers.servers import FAMILIES
+
+    sz = Sizes(False)
+    sz.rate, sz.rate_secs = rate, seconds
+    family = FAMILIES["switchboard"]
+    fd, path = _temp_path()
+    os.environ[STAGES_ENV] = path
+    try:
+        server = family.start()
+    finally:
+        del os.environ[STAGES_ENV]
+    try:
+        figures = run_latency(family, server, sz)
+    finally:
+        server.stop()
+    clean = sends(read_marks(path))
+    os.close(fd)
+    os.unlink(path)
+    skip = len(clean) // 10  # the first sends warm the node up
+    return figures, table(clean[skip:]), len(clean) - skip
+
+
+def _temp_path() -> tuple[int, str]:
+    import tempfile
+
+    return tempfile.mkstemp(prefix="switchboard-stages-", suffix=".tsv")
+
+
+def _print(figures: dict[str, float], rows: list[tuple[str, float]], n: int) -> None:
+    print(f"client: send→ack p50 {figures['ack_p50_ms']:.2f} ms, p99 {figures['ack_p99_ms']:.1f} ms;"
+          f" send→deliver p50 {figures['deliver_p50_ms']:.2f} ms;"
+          f" server CPU {figures['server_us_per_message']:,.0f} µs/message")  # fmt: skip
+    print(f"server, median of {n} sends that did not overlap (µs since the previous probe):")
+    for label, us in rows:
+        print(f"  {label:28s} {us:8.1f}")
+
+
+def main(argv: list[str] | None = None, out: Callable[..., None] = _print) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rate", type=float, default=200.0, help="messages/s in all")
+    parser.add_argument("--runs", type=int, default=1)
+    args = parser.parse_args(argv)
+    for i in range(args.runs):
+        if args.runs > 1:
+            print(f"run {i + 1} of {args.runs}")
+        out(*run(args.seconds, args.rate))
+    print(f"load average at the end: {'/'.join(f'{x:.2f}' for x in os.getloadavg())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
