@@ -194,7 +194,8 @@ def table(clean: list[list[tuple[str, int]]]) -> list[tuple[str, float]]:
     rows = [
         (ORDER[i], _median_us([s[i][1] - s[i - 1][1] for s in clean])) for i in range(1, len(ORDER))
     ]
-    rows.append(("total (frame to written)", _median_us([s[len(ORDER) - 1][1] - s[0][1] for s in clean])))
+    last = len(ORDER) - 1
+    rows.append(("total (frame to written)", _median_us([s[last][1] - s[0][1] for s in clean])))
     # The database job's statements: the commonest sequence (a send's batch).
     by_shape: dict[tuple[str, ...], list[list[tuple[str, int]]]] = defaultdict(list)
     for s in clean:
@@ -251,8 +252,8 @@ def _temp_path() -> tuple[int, str]:
 
 
 def _print(figures: dict[str, float], rows: list[tuple[str, float]], n: int) -> None:
-    print(f"client: send→ack p50 {figures['ack_p50_ms']:.2f} ms, p99 {figures['ack_p99_ms']:.1f} ms;"
-          f" send→deliver p50 {figures['deliver_p50_ms']:.2f} ms;"
+    print(f"client: send→ack p50 {figures['ack_p50_ms']:.2f} ms,"
+          f" p99 {figures['ack_p99_ms']:.1f} ms; send→deliver p50 {figures['deliver_p50_ms']:.2f} ms;"
           f" server CPU {figures['server_us_per_message']:,.0f} µs/message")  # fmt: skip
     print(f"server, median of {n} sends that did not overlap (µs since the previous probe):")
     for label, us in rows:
