@@ -253,7 +253,8 @@ def _temp_path() -> tuple[int, str]:
 
 def _print(figures: dict[str, float], rows: list[tuple[str, float]], n: int) -> None:
     print(f"client: send→ack p50 {figures['ack_p50_ms']:.2f} ms,"
-          f" p99 {figures['ack_p99_ms']:.1f} ms; send→deliver p50 {figures['deliver_p50_ms']:.2f} ms;"
+          f" p99 {figures['ack_p99_ms']:.1f} ms;"
+          f" send→deliver p50 {figures['deliver_p50_ms']:.2f} ms;"
           f" server CPU {figures['server_us_per_message']:,.0f} µs/message")  # fmt: skip
     print(f"server, median of {n} sends that did not overlap (µs since the previous probe):")
     for label, us in rows:
