@@ -365,7 +365,7 @@ def _type_name(obj: object) -> str:
     elif isinstance(obj, asyncio.Task):
         detail = obj.get_coro().__qualname__  # type: ignore[union-attr]
     elif isinstance(obj, asyncio.Handle):
-        detail = getattr(obj._callback, "__qualname__", None)
+        detail = getattr(getattr(obj, "_callback", None), "__qualname__", None)
     elif isinstance(obj, types.MethodType | types.FunctionType):
         detail = obj.__qualname__
     elif isinstance(obj, set | dict | list):

@@ -344,7 +344,7 @@ def seed(rooms: int, users: int, messages: int) -> None:
     member_ids = [f"u{i}" for i in range(users)]
     for r in range(rooms):
         room_id = f"bench-{r}"
-        chat_db.create_room(room_id, "u0", f"Bench {r}", "public", "", None, member_ids)
+        chat_db.create_room(room_id, "u0", f"Bench {r}", "public", "", "", None, member_ids)
         for n in range(messages):
             chat_db.send_message(
                 room_id, member_ids[n % users], "seed", f"seed message {n}", "text",
@@ -485,6 +485,7 @@ async def bench_backend(backend: Backend, args: argparse.Namespace) -> list[str]
         if isinstance(checker, ThreadPool):
             verdict = await checker.db.run("check", check_rooms, args.rooms)
         else:
+            assert isinstance(checker, PwAsyncio)
             verdict = await checker.db.run(check_rooms, args.rooms)
             await checker.db.aclose()
         print(f"  consistency after all runs: {verdict}", flush=True)

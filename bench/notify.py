@@ -83,7 +83,7 @@ def db_jobs(node: Node) -> Counter[str]:
 
 def worker_time(node: Node) -> Counter[str]:
     """Seconds the database workers spent in each job function (service time, no queueing)."""
-    busy: Counter[str] = Counter()
+    busy: Counter[str] = Counter()  # float seconds per name: Counter adds any number
     call = node.db._call
 
     def timed(fn: Any, *rest: Any) -> Any:
@@ -91,9 +91,9 @@ def worker_time(node: Node) -> Counter[str]:
         try:
             return call(fn, *rest)
         finally:
-            busy[getattr(fn, "__name__", "?")] += time.perf_counter() - started
+            busy[getattr(fn, "__name__", "?")] += time.perf_counter() - started  # type: ignore[assignment]
 
-    node.db._call = timed  # type: ignore[method-assign]
+    node.db._call = timed  # type: ignore[method-assign,assignment]
     return busy
 
 

@@ -1022,7 +1022,9 @@ def _checks(db: str, pg: Any, args: argparse.Namespace) -> list[str]:
             with pdb.atomic():
                 for r, room_id in enumerate(rooms):
                     members = [u for i, u in enumerate(senders) if i % args.rooms == r]
-                    chat_db.create_room(room_id, members[0], room_id, "public", "", None, members)
+                    chat_db.create_room(
+                        room_id, members[0], room_id, "public", "", "", None, members
+                    )
             for size in CHECK_BATCHES:
                 requests = [
                     chat_db.SendRequest(

@@ -130,7 +130,7 @@ def install(path: str) -> None:
     def on_sql(self: Any, sql: str, *args: Any, **kwargs: Any) -> Any:
         _mark("sql")
         try:
-            return execute_sql(self, sql, *args, **kwargs)
+            return execute_sql(self, sql, *args, **kwargs)  # type: ignore[no-untyped-call]
         finally:
             _mark("sql " + sql.split(None, 1)[0])
 
@@ -166,7 +166,9 @@ def read_marks(path: str) -> list[tuple[str, int]]:
 def sends(marks: list[tuple[str, int]]) -> list[list[tuple[str, int]]]:
     """The sends whose probes came in exactly ``ORDER`` (no other send in between),
     each with the database job's statement probes kept under their own tags."""
-    out, cur, sql = [], [], []
+    out: list[list[tuple[str, int]]] = []
+    cur: list[tuple[str, int]] = []
+    sql: list[tuple[str, int]] = []
     for tag, t in marks:
         if tag == "frame":
             cur, sql = [(tag, t)], []
