@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
+import psutil
 from tornado.util import _websocket_mask
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -59,6 +60,15 @@ def cpu_secs() -> float:
     """CPU seconds (user + system) this process has used so far."""
     t = os.times()
     return t.user + t.system
+
+
+def process_cpu_secs(proc: psutil.Process) -> float:
+    """CPU seconds (user + system) another process has used so far; 0 once it is gone."""
+    try:
+        t = proc.cpu_times()
+    except psutil.Error:
+        return 0.0
+    return float(t.user + t.system)
 
 
 class LazySelector(selectors.EpollSelector):

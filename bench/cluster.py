@@ -58,7 +58,7 @@ if __package__ in (None, ""):  # run as a file: make the project importable
 import psutil
 import redis
 
-from bench._wsclient import raise_nofile
+from bench._wsclient import process_cpu_secs, raise_nofile
 from bench.fanout import _recv, collect_phase, start_clients, stop_clients
 from tests.support.cluster import Cluster, parse_metrics
 
@@ -181,14 +181,6 @@ def _delta(before: dict[str, float], after: dict[str, float], series: str) -> fl
     return after.get(series, 0.0) - before.get(series, 0.0)
 
 
-def _cpu_secs(proc: psutil.Process) -> float:
-    try:
-        times = proc.cpu_times()
-    except psutil.Error:
-        return 0.0
-    return float(times.user + times.system)
-
-
 def run_mode(
     cluster: Cluster,
     mode: str,
@@ -237,12 +229,12 @@ def run_mode(
             m_a0, m_b0 = _metrics(cluster.node("a").port), _metrics(cluster.node("b").port)
             calls0 = _publish_calls(rclient)
             kinds0 = tally.snapshot() if tally is not None else Counter()
-            cpu0 = {k: _cpu_secs(p) for k, p in watched.items()}
+            cpu0 = {k: process_cpu_secs(p) for k, p in watched.items()}
             wall0 = time.monotonic()
             pub_pipe.send(("go", messages, rate, args.window))
             collect_phase(ph, pipes, messages, probes, args.timeout)
             wall = time.monotonic() - wall0
-            cpu1 = {k: _cpu_secs(p) for k, p in watched.items()}
+            cpu1 = {k: process_cpu_secs(p) for k, p in watched.items()}
             time.sleep(0.3)  # background work of the last messages (notifications) lands
             m_a1, m_b1 = _metrics(cluster.node("a").port), _metrics(cluster.node("b").port)
             ph.redis_publish_calls = _publish_calls(rclient) - calls0

@@ -42,7 +42,16 @@ from typing import Any
 import psutil
 
 from bench._server import bench_config
-from bench._wsclient import LazySelector, LeanWS, Pipe, Tally, cpu_secs, open_many, raise_nofile
+from bench._wsclient import (
+    LazySelector,
+    LeanWS,
+    Pipe,
+    Tally,
+    cpu_secs,
+    open_many,
+    process_cpu_secs,
+    raise_nofile,
+)
 from bench._wsclient import run_lazy as _run_lazy
 from bench.fanout import _exit_on_sigterm, _percentile
 from bench.peers.servers import FAMILIES, Family
@@ -300,11 +309,6 @@ def _cpu(unit: str, units: int, server_secs: float, client_secs: float) -> dict[
     }
 
 
-def _server_cpu(proc: psutil.Process) -> float:
-    t = proc.cpu_times()
-    return float(t.user + t.system)
-
-
 def _open_all(
     cl: Clients,
     chunks: Sequence[tuple[list[str], list[str] | None]],
@@ -336,14 +340,14 @@ def run_fanout(family: Family, server: Any, n: int, sz: Sizes) -> dict[str, floa
             cl.reply(i)
         sproc = psutil.Process(server.pid)
         cl.all([("arm", 0.0), ("arm", 0.0), ("arm", 20.0), ("arm", 20.0)])
-        s0, c0 = _server_cpu(sproc), cl.cpu()
+        s0, c0 = process_cpu_secs(sproc), cl.cpu()
         per_conn = max(1, round(sz.deliveries / n / sz.publishers))
         cl.ask(0, "send", per_conn, sz.window, 0.0, 0.0, [], 60.0)
         sent = cl.reply(0)
         for i in range(1, 4):
             cl.ask(i, "collect", {"by_room": sent["by_room"], "by_conn": {}}, 120.0)
         got = [cl.reply(i) for i in range(1, 4)]
-        s1, c1 = _server_cpu(sproc), cl.cpu()
+        s1, c1 = process_cpu_secs(sproc), cl.cpu()
     finally:
         cl.close()
     deliveries = sum(g["count"] for g in got)
@@ -372,9 +376,9 @@ def run_idle(family: Family, server: Any, sz: Sizes) -> dict[str, float]:
         time.sleep(0.5)
         server.command("gc")
         before = sproc.memory_info().rss
-        s0, c0 = _server_cpu(sproc), cl.cpu()
+        s0, c0 = process_cpu_secs(sproc), cl.cpu()
         got = _open_all(cl, [(measured[i::2], None) for i in range(2)], 64)
-        s1, c1 = _server_cpu(sproc), cl.cpu()
+        s1, c1 = process_cpu_secs(sproc), cl.cpu()
         time.sleep(1.0)
         server.command("gc")
         after = sproc.memory_info().rss
@@ -401,7 +405,7 @@ def run_latency(family: Family, server: Any, sz: Sizes) -> dict[str, float]:
         interval = n / sz.rate  # every member sends once per interval: sz.rate msg/s in all
         per_conn = max(1, round(sz.rate_secs / interval))
         cl.all([("arm", 0.0)] * 2)
-        s0, c0 = _server_cpu(sproc), cl.cpu()
+        s0, c0 = process_cpu_secs(sproc), cl.cpu()
         start = time.monotonic() + 0.3
         offsets = [[(2 * k + i) / sz.rate for k in range(len(chunks[i][0]))] for i in range(2)]
         sent = cl.all([("send", per_conn, 1, interval, start, offsets[i], 30.0) for i in range(2)])
@@ -411,7 +415,7 @@ def run_latency(family: Family, server: Any, sz: Sizes) -> dict[str, float]:
         got = cl.all(
             [("collect", {"by_room": by_room, "by_conn": s["by_conn"]}, 30.0) for s in sent]
         )
-        s1, c1 = _server_cpu(sproc), cl.cpu()
+        s1, c1 = process_cpu_secs(sproc), cl.cpu()
     finally:
         cl.close()
     ack, deliver = array("d"), array("d")
@@ -436,10 +440,10 @@ def run_connect(family: Family, server: Any, sz: Sizes) -> dict[str, float]:
     sproc = psutil.Process(server.pid)
     try:
         cl.all([("arm", 0.0)] * 2)  # the processes are up and idle before the clock starts
-        s0, c0 = _server_cpu(sproc), cl.cpu()
+        s0, c0 = process_cpu_secs(sproc), cl.cpu()
         start = time.monotonic() + 0.2
         got = _open_all(cl, [(tokens[i::2], None) for i in range(2)], sz.in_flight // 2, start)
-        s1, c1 = _server_cpu(sproc), cl.cpu()
+        s1, c1 = process_cpu_secs(sproc), cl.cpu()
     finally:
         cl.close()
     ok = sum(g["ok"] for g in got)
