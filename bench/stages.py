@@ -18,14 +18,17 @@ The stages, in order (each row is the time from the previous probe):
 * ``to db`` -- ``Database._submit`` (the batch leaves the loop);
 * ``db thread`` / ``db done`` -- the job starts and ends on the writer thread;
 * ``back`` -- the loop has the job's result; ``resumed`` -- ``submit`` returns;
+* ``ack`` / ``acked`` -- the handler writes the ack (at once when nothing else
+  is queued in the iteration, the lone send's case);
 * ``publish`` / ``published``, ``notify`` / ``notified`` -- the broadcast queued,
   the notification work queued;
-* ``answered`` -- ``handle_envelope`` ends (the ack queued);
-* ``flush`` / ``written`` -- the hub's flush writes the ack, then the room.
+* ``answered`` -- ``handle_envelope`` ends;
+* ``flush`` / ``written`` -- the hub's flush writes the room's broadcast.
 
 Each probe is two clock reads and a list append (~1 µs). The client's
-figures (send→ack p50/p99) are printed too: the server's part is the sum of
-the rows, the rest is the client, the kernel and waking up.
+figures (send→ack p50/p99) are printed too: the server's part is the rows
+up to ``acked`` (``total (frame to acked)``), the rest is the client, the
+kernel and waking up.
 """
 
 from __future__ import annotations
@@ -46,8 +49,8 @@ STAGES_ENV = "BENCH_STAGES_FILE"
 
 ORDER = [
     "frame", "envelope", "schema", "schema done", "service", "batcher", "to db", "db thread",
-    "db done", "back", "resumed", "publish", "published", "notify", "notified", "answered",
-    "flush", "written",
+    "db done", "back", "resumed", "ack", "acked", "publish", "published", "notify", "notified",
+    "answered", "flush", "written",
 ]  # fmt: skip
 
 _marks: list[tuple[str, int]] = []
@@ -112,6 +115,7 @@ def install(path: str) -> None:
     _around_async(sb.Batcher, "submit", "batcher", "resumed")
     _around_async(sdb.Database, "_submit", "to db", "back")
     _around(sdb.Database, "_call", "db thread", "db done")
+    _around(hb.GatewayHandler, "send_soon", "ack", "acked")
     _around(hub.Hub, "publish", "publish", "published")
     _around(sn.NotificationService, "message_sent", "notify", "notified")
     flush = hub.Hub.flush
@@ -197,6 +201,8 @@ def table(clean: list[list[tuple[str, int]]]) -> list[tuple[str, float]]:
         (ORDER[i], _median_us([s[i][1] - s[i - 1][1] for s in clean])) for i in range(1, len(ORDER))
     ]
     last = len(ORDER) - 1
+    acked = ORDER.index("acked")
+    rows.append(("total (frame to acked)", _median_us([s[acked][1] - s[0][1] for s in clean])))
     rows.append(("total (frame to written)", _median_us([s[last][1] - s[0][1] for s in clean])))
     # The database job's statements: the commonest sequence (a send's batch).
     by_shape: dict[tuple[str, ...], list[list[tuple[str, int]]]] = defaultdict(list)

@@ -605,13 +605,15 @@ class GatewayHandler(WebSocketHandler):
         return self.outbound.write(frame, frames)
 
     def send_soon(self, payload: bytes) -> None:
-        """Like :meth:`send_payload`, but written with this iteration's broadcasts.
+        """Like :meth:`send_payload`, for acks: now, or with this iteration's broadcasts.
 
-        For acks (see :meth:`server.realtime.hub.Hub.send_soon`): one ``send()`` per
-        connection and loop iteration, not one per ack.
+        Written at once when nothing is queued in this loop iteration (a lone
+        send's ack does not wait for the flush), else with the iteration's
+        flush: one ``send()`` per connection and iteration, not one per ack
+        (see :meth:`server.realtime.hub.Hub.send_ack`).
         """
         frame = protocol.frame(payload)
-        if self.hub.send_soon(self, frame):
+        if self.hub.send_ack(self, frame):
             self.metrics.frames_sent.inc()
             self.metrics.bytes_sent.inc(len(frame))
 

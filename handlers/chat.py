@@ -189,14 +189,16 @@ class ChatHandler(GatewayHandler):
         attachments: list[str],
         metadata: dict[str, Any],
         client_msg_id: str | None,
-    ) -> dict[str, Any]:
+    ) -> Reply:
         self._require_joined(room_id)
         assert self.identity is not None
         request = chat_db.SendRequest(
             room_id, self.user_id, self.identity.display_name, content, type,
             parent_message_id, attachments, metadata, client_msg_id,
         )  # fmt: skip
-        return await self.messages.send(self.author, request, started=self.event_started)
+        stored = await self.messages.send(self.author, request, started=self.event_started)
+        # The sender's ack first: the room's broadcast (not to the sender) follows it.
+        return Reply(stored.ack, stored.announce)
 
     async def on_message_edit(self, message_id: int, content: str) -> dict[str, Any]:
         return await self.messages.edit(self.author, message_id, content)

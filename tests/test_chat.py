@@ -927,6 +927,30 @@ async def test_send_message(gateway):
     assert (await history(bob, "general"))["messages"] == [m]
 
 
+async def test_a_lone_sends_ack_is_written_before_its_broadcast_is_queued(gateway):
+    """The ack leaves once the commit is back; the publish (to the others) follows it."""
+    alice, bob = await users(gateway, "alice", "bob")
+    await room(alice, "general")
+    await join(bob, "general")
+    await settle(alice, bob)
+    hub = gateway.node.hub
+    (sender,) = hub.user_connections("alice")
+    written_at_publish: list[int] = []
+    publish = hub.publish
+
+    def spy(target: Target, event: str, data: dict[str, Any], **kw: Any) -> int:
+        if event == "message:new":
+            written_at_publish.append(sender.outbound.frames_out)
+        return publish(target, event, data, **kw)
+
+    hub.publish = spy
+    before = sender.outbound.frames_out
+    m = await send(alice, "general")
+    assert (await bob.next_event("message:new"))["data"]["message"] == m
+    assert written_at_publish == [before + 1]  # the ack, already handed to the socket
+    await assert_no_event(alice, "message:new")
+
+
 async def test_send_content_length(gateway):
     alice = await gateway.connect("alice")
     await room(alice, "general")

@@ -1091,6 +1091,23 @@ async def test_the_senders_ack_is_written_before_the_rooms_broadcast():
 
 
 @pytest.mark.asyncio
+async def test_an_ack_with_nothing_queued_is_written_at_once():
+    """A lone send's ack skips the flush; once anything is queued, it shares the flush's write."""
+    hub, conns = coalescing_room()
+    assert hub.send_ack(conns[0], protocol.frame(protocol.event_payload("ack", {"seq": 0})))
+    assert conns[0].seqs() == [[0]]  # written now: nothing was queued
+    hub.publish(Target.room("general"), "message:new", {"seq": 1}, seq=1, exclude="c0")
+    assert hub.send_ack(conns[1], protocol.frame(protocol.event_payload("ack", {"seq": 2})))
+    assert conns[1].frames == []  # a broadcast is queued: the ack waits for the flush
+    await next_iteration()
+    assert hub.flushes == 1
+    assert conns[0].seqs() == [[0]]
+    assert conns[1].seqs() == [[1, 2]]  # one write, in the order queued
+    assert conns[2].seqs() == [[1]]
+    assert hub.delivered == [(2, 2 * len(conns[2].frames[0]))]  # acks are no deliveries
+
+
+@pytest.mark.asyncio
 async def test_send_soon_without_coalescing_writes_at_once():
     hub = Hub("n1")
     conn = HandlerConn(hub, "c0", "u0")

@@ -626,6 +626,19 @@ class Hub:
         self._queue((conn,), frame, None, False)
         return True
 
+    def send_ack(self, conn: Connection, frame: bytes) -> bool:
+        """Write an ack now when nothing is queued in this iteration, else as :meth:`send_soon`.
+
+        A lone send's ack then leaves at once instead of one loop iteration
+        (and the flush's bookkeeping) later. Nothing queued means nothing
+        queued for ``conn`` either, so its frames keep their order; once
+        something is queued -- the iteration's batch woke several senders, a
+        broadcast is waiting -- the ack shares the flush's write as before.
+        """
+        if self._outbox:
+            return self.send_soon(conn, frame)
+        return conn.write_frame(frame)
+
     def flush(self) -> int:
         """Write every connection's queued frames, one write per connection.
 

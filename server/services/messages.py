@@ -4,7 +4,9 @@ The chat handler translates frames; this service stores (a send through
 the group-commit batcher) and broadcasts, and counts what a message
 counts: metrics, stats, the sender's typing indicator, the notifications
 it queues. A message is committed before its ack and before its
-``message:new`` leaves.
+``message:new`` leaves; the sender's ack is written first and the rest
+(broadcast, typing stop, notifications, counting) follows it
+(:class:`Stored`).
 
 A send answered ``duplicate`` (a retry of a stored message: e.g. its node
 stored it and died before acking, and the client retried here) broadcasts
@@ -18,14 +20,18 @@ so only the members who missed it get it; clients dedupe by
 Example::
 
     messages = Messages(hub, sends, reacts, db, metrics, stats, typing, notifications)
-    ack = await messages.send(author, request, started=time.perf_counter())
+    stored = await messages.send(author, request, started=time.perf_counter())
+    ...  # write the ack with stored.ack, then:
+    stored.announce()
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from models import chat as chat_db
@@ -58,6 +64,20 @@ class Author:
         return user_id
 
 
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A stored send: the ack's data, and what follows the ack (the room's broadcast).
+
+    The broadcast goes to the room's other connections, never the sender's,
+    so running it once the ack is written keeps every connection's frame
+    order and spares the sender's wait the publish, the typing stop, the
+    notification queueing and the counting.
+    """
+
+    ack: dict[str, Any]
+    announce: Callable[[], None]
+
+
 @dataclass(slots=True)
 class Messages:
     """Sending, editing, deleting and reacting to messages (see the module docstring)."""
@@ -71,35 +91,41 @@ class Messages:
     typing: TypingTracker
     notifications: NotificationService
 
-    async def send(
-        self, author: Author, request: chat_db.SendRequest, *, started: float
-    ) -> dict[str, Any]:
-        """Store ``request`` (group commit), broadcast it; the ack's data.
+    async def send(self, author: Author, request: chat_db.SendRequest, *, started: float) -> Stored:
+        """Store ``request`` (group commit): the ack's data, and the broadcast to run after it.
 
         ``started`` is when the event arrived (``time.perf_counter()``), for
         the publish latency metric.
         """
         sent = await self.sends.submit(request)
         message = sent.message
-        room = Target.room(message["roomId"])
         if sent.duplicate:
-            if _recent(message):
-                self.hub.publish(
-                    room, "message:new", {"message": message}, exclude=author.conn_id,
-                    seq=message["seq"],
-                )  # fmt: skip
-            return {"message": message, "duplicate": True}
+            return Stored({"message": message, "duplicate": True},
+                          partial(self._rebroadcast, author, message))  # fmt: skip
+        return Stored({"message": message, "duplicate": False},
+                      partial(self._announce, author, message, started))  # fmt: skip
+
+    def _announce(self, author: Author, message: dict[str, Any], started: float) -> None:
+        room_id = message["roomId"]
         self.metrics.messages_persisted.inc()
         self.stats.messages.add()
-        self.stats.rooms.message(request.room_id)
-        self.typing.stop(request.room_id, author.user, author.conn_id)
+        self.stats.rooms.message(room_id)
+        # Before message:new, so no member sees the author typing past their message.
+        self.typing.stop(room_id, author.user, author.conn_id)
         self.hub.publish(
-            room, "message:new", {"message": message}, exclude=author.conn_id, seq=message["seq"]
-        )
+            Target.room(room_id), "message:new", {"message": message}, exclude=author.conn_id,
+            seq=message["seq"],
+        )  # fmt: skip
         self.metrics.publish_latency.labels(author.namespace).observe(time.perf_counter() - started)
         # Mentions and missed messages: queued for the background, per room.
         self.notifications.message_sent(message)
-        return {"message": message, "duplicate": False}
+
+    def _rebroadcast(self, author: Author, message: dict[str, Any]) -> None:
+        if _recent(message):
+            self.hub.publish(
+                Target.room(message["roomId"]), "message:new", {"message": message},
+                exclude=author.conn_id, seq=message["seq"],
+            )  # fmt: skip
 
     async def edit(self, author: Author, message_id: int, content: str) -> dict[str, Any]:
         message = await self.db.run(
