@@ -20,10 +20,10 @@ The stages, in order (each row is the time from the previous probe):
 * ``back`` -- the loop has the job's result; ``resumed`` -- ``submit`` returns;
 * ``ack`` / ``acked`` -- the handler writes the ack (at once when nothing else
   is queued in the iteration, the lone send's case);
-* ``publish`` / ``published``, ``notify`` / ``notified`` -- the broadcast queued,
-  the notification work queued;
+* ``publish`` / ``published`` -- the broadcast queued;
 * ``answered`` -- ``handle_envelope`` ends;
-* ``flush`` / ``written`` -- the hub's flush writes the room's broadcast.
+* ``flush`` / ``written`` -- the hub's flush writes the room's broadcast;
+* ``notify`` / ``notified`` -- after the writes, the notification work queued.
 
 Each probe is two clock reads and a list append (~1 µs). The client's
 figures (send→ack p50/p99) are printed too: the server's part is the rows
@@ -49,8 +49,8 @@ STAGES_ENV = "BENCH_STAGES_FILE"
 
 ORDER = [
     "frame", "envelope", "schema", "schema done", "service", "batcher", "to db", "db thread",
-    "db done", "back", "resumed", "ack", "acked", "publish", "published", "notify", "notified",
-    "answered", "flush", "written",
+    "db done", "back", "resumed", "ack", "acked", "publish", "published", "answered", "flush",
+    "written", "notify", "notified",
 ]  # fmt: skip
 
 _marks: list[tuple[str, int]] = []
@@ -200,10 +200,10 @@ def table(clean: list[list[tuple[str, int]]]) -> list[tuple[str, float]]:
     rows = [
         (ORDER[i], _median_us([s[i][1] - s[i - 1][1] for s in clean])) for i in range(1, len(ORDER))
     ]
-    last = len(ORDER) - 1
     acked = ORDER.index("acked")
     rows.append(("total (frame to acked)", _median_us([s[acked][1] - s[0][1] for s in clean])))
-    rows.append(("total (frame to written)", _median_us([s[last][1] - s[0][1] for s in clean])))
+    written = ORDER.index("written")
+    rows.append(("total (frame to written)", _median_us([s[written][1] - s[0][1] for s in clean])))
     # The database job's statements: the commonest sequence (a send's batch).
     by_shape: dict[tuple[str, ...], list[list[tuple[str, int]]]] = defaultdict(list)
     for s in clean:

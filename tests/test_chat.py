@@ -928,7 +928,8 @@ async def test_send_message(gateway):
 
 
 async def test_a_lone_sends_ack_is_written_before_its_broadcast_is_queued(gateway):
-    """The ack leaves once the commit is back; the publish (to the others) follows it."""
+    """The ack leaves once the commit is back; the publish (to the others) follows it,
+    and the counting follows the publish's write."""
     alice, bob = await users(gateway, "alice", "bob")
     await room(alice, "general")
     await join(bob, "general")
@@ -944,10 +945,24 @@ async def test_a_lone_sends_ack_is_written_before_its_broadcast_is_queued(gatewa
         return publish(target, event, data, **kw)
 
     hub.publish = spy
+    registry = gateway.node.registry
+    counted_at_flush: list[float | None] = []
+    flush = hub.flush
+
+    def flush_spy() -> int:
+        written = flush()
+        counted_at_flush.append(registry.get_sample_value("switchboard_messages_persisted_total"))
+        return written
+
+    hub.flush = flush_spy
     before = sender.outbound.frames_out
     m = await send(alice, "general")
     assert (await bob.next_event("message:new"))["data"]["message"] == m
     assert written_at_publish == [before + 1]  # the ack, already handed to the socket
+    # The counting (and the notification work) follow the room's write: once the
+    # ack is back they are done, but the flush that wrote bob's frame came first.
+    assert counted_at_flush == [0.0]
+    assert registry.get_sample_value("switchboard_messages_persisted_total") == 1.0
     await assert_no_event(alice, "message:new")
 
 

@@ -27,6 +27,7 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import time
 from collections.abc import Callable
@@ -107,16 +108,24 @@ class Messages:
 
     def _announce(self, author: Author, message: dict[str, Any], started: float) -> None:
         room_id = message["roomId"]
-        self.metrics.messages_persisted.inc()
-        self.stats.messages.add()
-        self.stats.rooms.message(room_id)
         # Before message:new, so no member sees the author typing past their message.
         self.typing.stop(room_id, author.user, author.conn_id)
         self.hub.publish(
             Target.room(room_id), "message:new", {"message": message}, exclude=author.conn_id,
             seq=message["seq"],
         )  # fmt: skip
-        self.metrics.publish_latency.labels(author.namespace).observe(time.perf_counter() - started)
+        # The publish queued the hub's flush with call_soon; queued behind it,
+        # the counting and the notification work run once the room's frames
+        # are written, not before them, and still before this node reads
+        # anything more (the loop runs what is queued before new I/O's callbacks).
+        asyncio.get_running_loop().call_soon(self._count, author.namespace, message, started)
+
+    def _count(self, namespace: str, message: dict[str, Any], started: float) -> None:
+        self.metrics.messages_persisted.inc()
+        self.stats.messages.add()
+        self.stats.rooms.message(message["roomId"])
+        # Receiving to delivery to the local members: the flush wrote them.
+        self.metrics.publish_latency.labels(namespace).observe(time.perf_counter() - started)
         # Mentions and missed messages: queued for the background, per room.
         self.notifications.message_sent(message)
 
