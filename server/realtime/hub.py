@@ -578,16 +578,24 @@ class Hub:
         """Write ``frame`` to ``conns`` (a snapshot) but those in ``skip`` (all among ``conns``)."""
         if self.coalesce:
             return self._queue(conns, frame, skip, True)
+        delivered = self._write_each(conns, frame, skip)
+        # Counted once per broadcast rather than per recipient: two metric
+        # increments per delivery were 10-20% of this loop (bench/README.md).
+        if self._on_delivered is not None and delivered:
+            self._on_delivered(delivered, delivered * len(frame))
+        return delivered
+
+    @staticmethod
+    def _write_each(
+        conns: tuple[Connection, ...], frame: bytes, skip: set[Connection] | None
+    ) -> int:
+        """Write ``frame`` to each of ``conns`` but ``skip``; how many took it."""
         delivered = 0
         # ``conns`` is a snapshot: a write may close a slow consumer, which
         # removes it from the hub's sets, not from the tuple.
         for conn in conns:
             if (skip is None or conn not in skip) and conn.write_frame(frame):
                 delivered += 1
-        # Counted once per broadcast rather than per recipient: two metric
-        # increments per delivery were 10-20% of this loop (bench/README.md).
-        if self._on_delivered is not None and delivered:
-            self._on_delivered(delivered, delivered * len(frame))
         return delivered
 
     def _queue(
@@ -656,6 +664,12 @@ class Hub:
         self._member_sets = {}
         if not outbox:
             return 0
+        if len(outbox) == 1 and not done:  # a lone broadcast (a lone send's): nothing to merge
+            conns, frame, skip, counted = outbox[0]
+            delivered = self._write_each(conns, frame, skip)
+            if counted and delivered and self._on_delivered is not None:
+                self._on_delivered(delivered, delivered * len(frame))
+            return len(conns) - (len(skip) if skip else 0)
         main = max((entry[0] for entry in outbox), key=len)
         main_at: list[int] = []  # positions of broadcasts to ``main``
         special: set[Connection] = set(done)
