@@ -19,7 +19,9 @@ and writes the same bytes to every member; only the few connections that
 differ (the senders, joins in flight, acks) get a list of their own. A
 direct write to a connection (:meth:`Hub.flush_to`, called by the handlers
 before every ``send_frame``) sends that connection's queued frames first,
-so a connection sees frames in the order they were produced.
+so a connection sees frames in the order they were produced. An ack with
+nothing queued in the iteration is written at once (:meth:`Hub.send_ack`):
+a lone send's sender does not wait for the flush.
 
 The hub knows nothing about chat, nor about how other nodes are reached:
 it has a :class:`~server.realtime.broker.Broker` (given, or a
