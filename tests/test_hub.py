@@ -1108,6 +1108,17 @@ async def test_an_ack_with_nothing_queued_is_written_at_once():
 
 
 @pytest.mark.asyncio
+async def test_a_lone_broadcast_skips_its_sender_and_counts_only_the_writes_taken():
+    hub, conns = coalescing_room(4)
+    conns[3].accept = False  # gone, or over its budget
+    hub.publish(Target.room("general"), "message:new", {"seq": 1}, seq=1, exclude="c0")
+    assert hub.flush() == 3  # the others, one write each; the refused one too
+    assert conns[0].frames == [] and conns[3].frames == []
+    assert conns[1].seqs() == conns[2].seqs() == [[1]]
+    assert hub.delivered == [(2, 2 * len(conns[1].frames[0]))]
+
+
+@pytest.mark.asyncio
 async def test_send_soon_without_coalescing_writes_at_once():
     hub = Hub("n1")
     conn = HandlerConn(hub, "c0", "u0")
