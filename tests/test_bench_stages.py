@@ -51,7 +51,7 @@ def test_a_short_probed_run_reports_every_stage() -> None:
     assert run.returncode == 0, run.stdout + run.stderr
     out = run.stdout
     assert "client: send→ack p50" in out
-    for stage in [*stages.ORDER[1:], "total (frame to written)", "COMMIT"]:
+    for stage in [*stages.ORDER[1:], "total (readable to written)", "COMMIT"]:
         line = next((ln for ln in out.splitlines() if ln.strip().startswith(stage)), None)
         assert line is not None, (stage, out)
         assert math.isfinite(float(line.split()[-1])), line
