@@ -51,7 +51,7 @@ def test_a_short_probed_run_reports_every_stage() -> None:
     assert run.returncode == 0, run.stdout + run.stderr
     out = run.stdout
     assert "client: send→ack p50" in out
-    totals = ["total (frame to acked)", "total (frame to written)"]
+    totals = ["total (readable to acked)", "total (readable to written)"]
     for stage in [*stages.ORDER[1:], *totals, "COMMIT"]:
         line = next((ln for ln in out.splitlines() if ln.strip().startswith(stage)), None)
         assert line is not None, (stage, out)
