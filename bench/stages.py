@@ -12,7 +12,7 @@ database job the time of each statement and of the Python between them::
 The stages, in order (each row is the time from the previous probe):
 
 * ``readable`` -- the sender's socket polled readable (tornado's ``_handle_events``);
-* ``frame`` -- tornado hands over the text frame (``_handle_message``);
+* ``frame`` -- the handler has the text frame (``GatewayHandler.on_message``);
 * ``envelope`` -- decoded, at ``handle_envelope``'s start;
 * ``schema`` / ``schema done`` -- the event's schema load;
 * ``service`` -- ``Messages.send`` entered; ``batcher`` -- its ``submit``;
@@ -94,7 +94,6 @@ def install(path: str) -> None:
     """Wrap the send path's functions with probes; dump the marks to ``path`` at exit."""
     import peewee as pw
     import tornado.iostream as ti
-    import tornado.websocket as tw
 
     import handlers.base as hb
     import server.realtime.hub as hub
@@ -103,14 +102,7 @@ def install(path: str) -> None:
     import server.store.batch as sb
     import server.store.db as sdb
 
-    handle_message = tw.WebSocketProtocol13._handle_message
-
-    def on_frame(self: Any, opcode: int, data: bytes) -> Any:
-        if opcode == 0x1:
-            _mark("frame")
-        return handle_message(self, opcode, data)
-
-    tw.WebSocketProtocol13._handle_message = on_frame  # type: ignore[method-assign]
+    _around_async(hb.GatewayHandler, "on_message", "frame")
     handle_events = ti.BaseIOStream._handle_events
 
     def on_events(self: Any, fd: Any, events: int) -> None:

@@ -41,12 +41,15 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from marshmallow import Schema
 from tornado.httputil import HTTPHeaders
 from tornado.iostream import StreamClosedError
-from tornado.util import ObjectDict
+from tornado.util import (
+    ObjectDict,
+    _websocket_mask,  # the C helper tornado's own reader uses
+)
 from tornado.websocket import (
     WebSocketClosedError,
     WebSocketHandler,
@@ -112,30 +115,165 @@ class Reply:
     after_ack: Callable[[], object]
 
 
+#: Most bytes one read of a connection's socket takes (tornado's read chunk size).
+READ_CHUNK_BYTES = 64 * 1024
+#: Tornado's fairness rule for a peer that keeps its socket full (tornado.websocket):
+#: yield to the loop after this many bytes, each frame counting as this many more.
+_YIELD_THRESHOLD = 256 * 1024
+_FRAME_YIELD_COST = 1024
+
 #: An open connection's template namespace: a WebSocket renders no templates.
 _NO_UI = ObjectDict()
 
 
 class _DetachedReceive(WebSocketProtocol13):
-    """Tornado's RFC 6455 protocol, its frame-reading loop run as a task of its own.
+    """Tornado's RFC 6455 protocol, with a frame reader of its own run as a task of its own.
 
-    Tornado awaits the loop at the bottom of the handshake's coroutines
-    (``RequestHandler._execute`` -> ``get`` -> ``accept_connection`` ->
-    ``_accept_connection`` -> the loop), so every open connection kept five
-    suspended coroutines, their task and callbacks (~1.9 KB, bench.idle
-    --types). Started apart, the handshake's coroutines finish once the
-    socket is open and only the loop waits for the peer. ``_receive_frame_loop``
-    is the abstract method of tornado's ``WebSocketProtocol`` that a
-    protocol implements; the loop itself is tornado's, unchanged.
-    tests/test_idle_memory.py fails if tornado stops calling it this way.
+    *A task of its own.* Tornado awaits the frame loop at the bottom of the
+    handshake's coroutines (``RequestHandler._execute`` -> ``get`` ->
+    ``accept_connection`` -> ``_accept_connection`` -> the loop), so every
+    open connection kept five suspended coroutines, their task and callbacks
+    (~1.9 KB, bench.idle --types). Started apart, the handshake's coroutines
+    finish once the socket is open and only the reader waits for the peer.
+    ``_receive_frame_loop`` is the abstract method of tornado's
+    ``WebSocketProtocol`` that a protocol implements.
+
+    *A reader of its own.* Tornado reads a frame with three or four
+    ``read_bytes`` (header, length, mask, payload), each a future and a pass
+    through the stream's buffer: ~120 µs of a lone ``message:send`` on a cold
+    core (bench.stages, ``readable`` -> ``frame``). :meth:`_read_frames` takes
+    what the socket has in one read and cuts every complete frame out of it,
+    with tornado's rules (below); each message still goes through tornado's
+    ``_handle_message`` (UTF-8, close, ping, pong, ``on_message``), awaited
+    before the next, so a connection's frames are handled one at a time, in
+    order, as before. With compression negotiated (the gateway never offers
+    it) tornado's own loop runs instead. tests/test_frames.py holds the
+    rules; tests/test_idle_memory.py fails if tornado stops calling the loop
+    this way.
     """
 
     async def _receive_frame_loop(self) -> None:
         handler = self.handler
         assert isinstance(handler, GatewayHandler)
+        reader = super()._receive_frame_loop() if self._decompressor else self._read_frames()
         # A strong reference (the event loop holds tasks weakly), on the
         # handler: a 30th attribute would cost this object a dict of its own.
-        handler._receiving = asyncio.ensure_future(super()._receive_frame_loop())
+        handler._receiving = asyncio.ensure_future(reader)
+
+    async def _read_frames(self) -> None:
+        """Frames as they come, each complete message handed to tornado's ``_handle_message``.
+
+        Tornado's rules, kept: reserved bits set (no extension is
+        negotiated), a control frame that is fragmented or over 125 bytes, a
+        continuation with nothing to continue, a new message inside a
+        fragmented one: the connection is dropped. A message over
+        ``max_message_size`` (counting its fragments) is closed with 1009 as
+        soon as its header says so. A peer that keeps the socket full is made
+        to yield to the loop every ``_YIELD_THRESHOLD`` bytes, frames counted
+        ``_FRAME_YIELD_COST`` each, as tornado does.
+        """
+        stream = self.stream
+        limit = self.params.max_message_size
+        data = b""
+        work = 0
+        try:
+            while not self.client_terminated:
+                chunk = await stream.read_bytes(READ_CHUNK_BYTES, partial=True)
+                self._wire_bytes_in += len(chunk)
+                data = data + chunk if data else chunk
+                pos, n = 0, len(data)
+                while n - pos >= 2 and not self.client_terminated:
+                    head, second = data[pos], data[pos + 1]
+                    opcode, length, start = head & 0x0F, second & 0x7F, pos + 2
+                    if head & 0x70 or (opcode & 0x8 and (length > 125 or not head & 0x80)):
+                        self._abort()  # reserved bits; a long or fragmented control frame
+                        return
+                    if length == 126:
+                        if n - pos < 4:
+                            break
+                        length, start = int.from_bytes(data[pos + 2 : pos + 4]), pos + 4
+                    elif length == 127:
+                        if n - pos < 10:
+                            break
+                        length, start = int.from_bytes(data[pos + 2 : pos + 10]), pos + 10
+                    pending = self._fragmented_message_buffer
+                    if length + (len(pending) if pending is not None else 0) > limit:
+                        self.close(1009, "message too big")
+                        self._abort()
+                        return
+                    masked = second & 0x80
+                    if masked and start + 4 > n:
+                        break  # the mask has not all come yet
+                    end = start + (4 if masked else 0) + length
+                    if end > n:
+                        # The header is here, the payload is not: read the rest at once.
+                        rest = await stream.read_bytes(end - n)
+                        self._wire_bytes_in += len(rest)
+                        data, n = data + rest, end
+                    if masked:
+                        payload = _websocket_mask(data[start : start + 4], data[start + 4 : end])
+                    else:
+                        payload = data[start:end]
+                    pos = end
+                    work += _FRAME_YIELD_COST + length
+                    if opcode == 0:  # a continuation
+                        if pending is None:
+                            self._abort()
+                            return
+                        pending.extend(payload)
+                        if not head & 0x80:
+                            continue
+                        opcode, payload = cast(int, self._fragmented_message_opcode), bytes(pending)
+                        self._fragmented_message_buffer = None
+                    elif not opcode & 0x8 and not head & 0x80:  # the first of a fragmented message
+                        if pending is not None:
+                            self._abort()
+                            return
+                        # Typed None by tornado, which sets it to the opcode too.
+                        self._fragmented_message_opcode = opcode  # type: ignore[assignment]
+                        self._fragmented_message_buffer = bytearray(payload)
+                        continue
+                    elif not opcode & 0x8 and pending is not None:
+                        self._abort()  # a new message inside a fragmented one
+                        return
+                    if opcode != 0x1 or self.client_terminated:
+                        # Binary, close, ping, pong: tornado's handling, as it was.
+                        handled = self._handle_message(opcode, payload)
+                        if handled is not None:
+                            await handled
+                    elif not await self._on_text(payload):
+                        return
+                data = data[pos:]
+                if work >= _YIELD_THRESHOLD:
+                    work = 0
+                    await asyncio.sleep(0)
+        except StreamClosedError:
+            self._abort()
+        finally:
+            self.handler.on_ws_connection_close(self.close_code, self.close_reason)
+
+    async def _on_text(self, payload: bytes) -> bool:
+        """A text message to the handler, awaited here; False when the connection is dropped.
+
+        Tornado's ``_handle_message`` would wrap ``on_message`` in a task of
+        its own and this reader would wait for that task: a task and a loop
+        iteration per message for the same order. What it does around the
+        call is kept: invalid UTF-8 drops the connection, and so does an
+        exception out of ``on_message``, logged by the handler.
+        """
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            self._abort()
+            return False
+        self._message_bytes_in += len(payload)
+        try:
+            await self.handler.on_message(text)  # type: ignore[misc]  # typed "-> Awaitable | None"
+        except Exception:
+            self.handler.log_exception(*sys.exc_info())
+            self._abort()
+            return False
+        return True
 
 
 #: Tornado's per-handler attributes, in the order an open WebSocket handler

@@ -77,12 +77,12 @@ def _coroutines(qualname: str) -> int:
 
 @pytest.mark.asyncio
 async def test_handshake_coroutines_finish_once_the_socket_is_open(gateway):
-    # _DetachedReceive runs tornado's frame loop as a task of its own: with
+    # _DetachedReceive runs its frame reader as a task of its own: with
     # it awaited inside the handshake, each open connection kept
     # WebSocketHandler.get and four more coroutines suspended.
     client = await gateway.connect("alice")
     assert _coroutines("WebSocketHandler.get") == 0
-    assert _coroutines("WebSocketProtocol13._receive_frame_loop") == 1
+    assert _coroutines("_DetachedReceive._read_frames") == 1
     # Frames still arrive, in order, with their acks.
     assert "serverTime" in await client.emit("system:ping", {})
     assert "serverTime" in await client.emit("system:ping", {})
