@@ -49,7 +49,7 @@ VALUES: dict[str, list[Any]] = {
     "clientMsgId": [
         ABSENT, None, "c-1", "c" * 64, "c" * 65, "", "id\x00", "id\n", 12, ["c"], True,
     ],
-}
+}  # fmt: skip
 
 
 def _deep(levels: int) -> dict[str, Any]:
