@@ -537,8 +537,8 @@ def load(schema: type[Schema], data: Any) -> dict[str, Any]:
     The one way every surface (socket events, REST, log ingest) loads input.
     """
     common = _COMMON_SHAPE.get(schema)
-    if common is not None and (loaded := common(data)) is not None:
-        return loaded
+    if common is not None and (plain := common(data)) is not None:
+        return plain
     try:
         loaded: dict[str, Any] = _instance(schema).load(data)
     except ValidationError as exc:
