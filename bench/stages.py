@@ -11,7 +11,7 @@ database job the time of each statement and of the Python between them::
 
 The stages, in order (each row is the time from the previous probe):
 
-* ``frame`` -- tornado hands over a text frame (``_handle_message``);
+* ``frame`` -- a text frame is read (``_DetachedReceive._handle_message``);
 * ``envelope`` -- decoded, at ``handle_envelope``'s start;
 * ``schema`` / ``schema done`` -- the event's schema load;
 * ``service`` -- ``Messages.send`` entered; ``batcher`` -- its ``submit``;
@@ -89,7 +89,6 @@ def _around_async(owner: Any, name: str, before: str | None, after: str | None =
 def install(path: str) -> None:
     """Wrap the send path's functions with probes; dump the marks to ``path`` at exit."""
     import peewee as pw
-    import tornado.websocket as tw
 
     import handlers.base as hb
     import server.realtime.hub as hub
@@ -98,14 +97,15 @@ def install(path: str) -> None:
     import server.store.batch as sb
     import server.store.db as sdb
 
-    handle_message = tw.WebSocketProtocol13._handle_message
+    # The gateway's own protocol class handles text frames (handlers/base.py).
+    handle_message = hb._DetachedReceive._handle_message
 
     def on_frame(self: Any, opcode: int, data: bytes) -> Any:
         if opcode == 0x1:
             _mark("frame")
         return handle_message(self, opcode, data)
 
-    tw.WebSocketProtocol13._handle_message = on_frame  # type: ignore[method-assign]
+    hb._DetachedReceive._handle_message = on_frame  # type: ignore[method-assign]
     _around_async(hb.GatewayHandler, "handle_envelope", "envelope", "answered")
     _around(hb, "load", "schema", "schema done")
     _around_async(sm.Messages, "send", "service")

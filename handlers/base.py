@@ -39,7 +39,7 @@ import logging
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -136,6 +136,39 @@ class _DetachedReceive(WebSocketProtocol13):
         # A strong reference (the event loop holds tasks weakly), on the
         # handler: a 30th attribute would cost this object a dict of its own.
         handler._receiving = asyncio.ensure_future(super()._receive_frame_loop())
+
+    # Not tornado's Future: _receive_frame only awaits what this returns.
+    def _handle_message(self, opcode: int, data: bytes) -> Awaitable[None] | None:  # type: ignore[override]
+        """A text frame handled in this frame loop's task rather than a task of its own.
+
+        Tornado runs a coroutine ``on_message`` as a new task and awaits it
+        before reading the next frame, so every frame waited a loop iteration
+        for that task to start (bench.stages' ``envelope`` row). Awaited here,
+        in the loop's own task, the handler starts at once; frames are still
+        handled one at a time and in order. Other frames take tornado's way,
+        and a failing ``on_message`` is logged and aborts the connection as
+        tornado's ``_run_callback`` does. ``_handle_message`` is tornado's
+        private per-frame step whose result ``_receive_frame`` awaits;
+        tests/test_frame_loop.py fails if tornado stops calling it that way.
+        """
+        if opcode != 0x1 or self._frame_compressed or self.client_terminated:
+            return super()._handle_message(opcode, data)
+        self._message_bytes_in += len(data)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            self._abort()
+            return None
+        return self._on_text(text)
+
+    async def _on_text(self, text: str) -> None:
+        handler = self.handler
+        assert isinstance(handler, GatewayHandler)
+        try:
+            await handler.on_message(text)
+        except Exception:
+            handler.log_exception(*sys.exc_info())
+            self._abort()
 
 
 #: Tornado's per-handler attributes, in the order an open WebSocket handler
