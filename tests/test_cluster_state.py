@@ -232,6 +232,8 @@ async def test_redis_token_bucket_decides_like_the_local_one(
     limits = {"messages": RateLimit(4, 2.0)}
     link = ClusterLink(redis, f"t{os.urandom(4).hex()}", "node-a")
     shared, local = RedisRateLimiter(link, limits), RateLimiter(limits)
+    # Never answered from this node's buckets while Redis is there: handlers await hit().
+    assert shared.hit_now("u", "messages") is None
     for _ in range(4):
         assert (await shared.hit("u", "messages")).allowed
         assert (await local.hit("u", "messages")).allowed

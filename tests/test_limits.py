@@ -221,6 +221,23 @@ async def test_rate_limiter_token_bucket():
 
 
 @pytest.mark.asyncio
+async def test_rate_limiter_answers_at_once_from_the_same_buckets():
+    # What a frame's handler asks first (no coroutine per frame): the same
+    # bucket as hit(), so mixing both never grants more than the limit.
+    clock = FakeClock()
+    limiter = RateLimiter({"messages": RateLimit(3, 60.0)}, clock=clock)
+    first = limiter.hit_now("alice", "messages")
+    assert first is not None and first.allowed
+    assert (await limiter.hit("alice", "messages")).allowed
+    third = limiter.hit_now("alice", "messages")
+    assert third is not None and third.allowed
+    denied = limiter.hit_now("alice", "messages")
+    assert denied is not None and not denied.allowed
+    assert denied.details() == {"retryAfter": 20_000, "limit": 3, "window": 60_000}
+    assert not (await limiter.hit("alice", "messages")).allowed
+
+
+@pytest.mark.asyncio
 async def test_rate_limiter_never_exceeds_capacity_after_idling():
     clock = FakeClock()
     limiter = RateLimiter({"typing": RateLimit(2, 1.0)}, clock=clock)

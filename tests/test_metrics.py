@@ -82,6 +82,20 @@ async def test_events_frames_bytes_and_duration(gateway: Any) -> None:
     assert value(gateway, "switchboard_sent_bytes_total") > bytes_before + 10
 
 
+async def test_each_event_counts_on_its_series_looked_up_once(gateway: Any) -> None:
+    client = await gateway.connect("alice")
+    for _ in range(3):
+        await client.emit("system:ping", {"t": 1})
+    labels = {"namespace": "chat", "event": "system:ping"}
+    assert value(gateway, "switchboard_events_received_total", **labels) == 3
+    assert value(gateway, "switchboard_event_duration_seconds_count", **labels) == 3
+    metrics = gateway.node.metrics
+    series = metrics.event_series("chat", "system:ping")
+    assert metrics.event_series("chat", "system:ping") is series
+    assert series == (metrics.events.labels(*labels.values()),
+                      metrics.event_duration.labels(*labels.values()))  # fmt: skip
+
+
 async def test_unknown_events_share_one_label_and_count_errors(gateway: Any) -> None:
     client = await gateway.connect("alice")
     for name in ("nope:one", "nope:two"):

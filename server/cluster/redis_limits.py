@@ -53,8 +53,11 @@ class RedisRateLimiter(RateLimiter):
                 ),
             )
         except RedisUnavailable:
-            return await super().hit(user_id, bucket, cost)
+            return self.decide(user_id, bucket, cost)
         return Decision(bool(allowed), int(retry_ms), limit.count, limit.window_secs)
+
+    def hit_now(self, user_id: str, bucket: str, cost: float = 1.0) -> Decision | None:
+        return None  # the cluster's bucket is in Redis: await hit()
 
     async def reset(self, user_id: str) -> None:
         await super().reset(user_id)

@@ -123,6 +123,7 @@ class Metrics:
             f"{p}_event_duration_seconds", "Time to handle an inbound event",
             ["namespace", "event"], buckets=_LATENCY_BUCKETS_SECS, registry=registry,
         )  # fmt: skip
+        self._event_series: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self.errors = Counter(
             f"{p}_errors_total", "Errors answered to clients by code",
             ["code"], registry=registry,
@@ -261,6 +262,22 @@ class Metrics:
             f"{p}_redis_pubsub_lag_seconds", "From publish on one node to receipt on another",
             buckets=_LATENCY_BUCKETS_SECS, registry=registry,
         )  # fmt: skip
+
+    def event_series(self, namespace: str, event: str) -> tuple[Counter, Histogram]:
+        """The ``events`` counter and ``event_duration`` histogram of one (namespace, event).
+
+        Looked up once per pair: ``labels()`` checks and joins its values and
+        takes a lock at every call, twice for every inbound frame. The pairs
+        are bounded (known events; others count as ``unknown``).
+        """
+        key = (namespace, event)
+        series = self._event_series.get(key)
+        if series is None:
+            series = self._event_series[key] = (
+                self.events.labels(namespace, event),
+                self.event_duration.labels(namespace, event),
+            )
+        return series
 
     def set_room_gauges(self, rooms: Mapping[str, int], top_n: int = 0) -> None:
         """Refresh the room gauges from ``room id -> local subscribers``.
