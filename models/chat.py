@@ -776,7 +776,16 @@ def send_messages(requests: list[SendRequest]) -> list[Sent | errors.GatewayErro
             )
         else:
             accepted[r.room_id].append(i)
-    if accepted:
+    if accepted and isinstance(Message._meta.database, pw.SqliteDatabase):
+        # No savepoint: on SQLite the insert cannot meet a racing retry. Its
+        # transactions are serializable (WAL: a write from a stale read
+        # snapshot fails with SQLITE_BUSY_SNAPSHOT, an OperationalError), so
+        # the (sender, clientMsgId) pairs the lookup above found free in this
+        # transaction are still free, and retries within the batch were taken
+        # out (``retry_of``). Should an IntegrityError come anyway (a damaged
+        # database), the job's transaction rolls back whole: no seq is lost.
+        _insert_batch(requests, accepted, now, out)
+    elif accepted:
         try:
             with Message._meta.database.atomic():  # a savepoint, undone on a racing retry
                 _insert_batch(requests, accepted, now, out)

@@ -232,6 +232,46 @@ async def test_one_transaction_per_message_when_group_commit_is_off(gateway_fact
     assert batch_sizes(gw) == (2.0, 2.0)
 
 
+async def test_sqlite_inserts_a_batch_without_a_savepoint_and_keeps_its_retries(gateway):
+    """SQLite: no SAVEPOINT around a batch's insert (``send_messages`` says why it
+    cannot meet a racing retry there); a retry of a stored message and one
+    within the batch are still duplicates, the fresh sends gapless."""
+    gw = gateway
+    owner = await gw.connect("owner")
+    await room(owner, "general")
+    # One connection per send: a connection's sends are handled one after the other.
+    alices = [await gw.connect("alice") for _ in range(3)]
+    bob = await gw.connect("bob")
+    for client in (*alices, bob):
+        await join(client, "general")
+    first = await alices[0].emit("message:send", {"roomId": "general", "content": "one",
+                                                  "clientMsgId": "k-1"})  # fmt: skip
+    statements: list[str] = []
+
+    def trace(on: bool) -> None:  # the writer's connection, on its thread
+        gw.node.db.db.connection().set_trace_callback(statements.append if on else None)
+
+    await gw.node.db.run_bare("test.trace", trace, True)
+    async with held_database(gw):
+        primer = await primed_send(gw, owner, "general")
+        futures = [asyncio.ensure_future(c.emit("message:send", {"roomId": "general", **d}))
+                   for c, d in ((alices[0], {"content": "one", "clientMsgId": "k-1"}),
+                                (alices[1], {"content": "two", "clientMsgId": "k-2"}),
+                                (alices[2], {"content": "two", "clientMsgId": "k-2"}),
+                                (bob, {"content": "three"}))]  # fmt: skip
+        await queued(gw, len(futures))
+    primed = (await primer)["message"]
+    got = [await f for f in futures]
+    await gw.node.db.run_bare("test.trace", trace, False)
+    assert got[0] == {"message": first["message"], "duplicate": True}
+    assert [a["duplicate"] for a in got[1:]] == [False, True, False]
+    assert got[1]["message"] == got[2]["message"]
+    assert [got[1]["message"]["seq"], got[3]["message"]["seq"]] == [primed["seq"] + 1,
+                                                                    primed["seq"] + 2]
+    assert any(s.startswith('INSERT INTO "message"') for s in statements)
+    assert not [s for s in statements if "SAVEPOINT" in s.upper()]
+
+
 # -- message:react (op message.react) ------------------------------------------------
 
 
