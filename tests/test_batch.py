@@ -266,8 +266,8 @@ async def test_sqlite_inserts_a_batch_without_a_savepoint_and_keeps_its_retries(
     assert got[0] == {"message": first["message"], "duplicate": True}
     assert [a["duplicate"] for a in got[1:]] == [False, True, False]
     assert got[1]["message"] == got[2]["message"]
-    assert [got[1]["message"]["seq"], got[3]["message"]["seq"]] == [primed["seq"] + 1,
-                                                                    primed["seq"] + 2]
+    fresh = [got[1]["message"]["seq"], got[3]["message"]["seq"]]
+    assert fresh == [primed["seq"] + 1, primed["seq"] + 2]
     assert any(s.startswith('INSERT INTO "message"') for s in statements)
     assert not [s for s in statements if "SAVEPOINT" in s.upper()]
 
