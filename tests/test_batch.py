@@ -29,6 +29,7 @@ from switchboard_client import Client, ClientError
 from tests.conftest import ROOMY_RATE_LIMITS
 from tests.support.client_checks import nothing_arrived, settle
 from tests.support.cluster import lock_rows, waiting_for_locks
+from tests.support.sql_trace import writer_statements
 from tests.support.waiting import eventually
 from tests.test_chat import join, member, room, send, went_offline
 from tests.test_presence import statuses as statuses_of
@@ -246,23 +247,17 @@ async def test_sqlite_inserts_a_batch_without_a_savepoint_and_keeps_its_retries(
         await join(client, "general")
     first = await alices[0].emit("message:send", {"roomId": "general", "content": "one",
                                                   "clientMsgId": "k-1"})  # fmt: skip
-    statements: list[str] = []
-
-    def trace(on: bool) -> None:  # the writer's connection, on its thread
-        gw.node.db.db.connection().set_trace_callback(statements.append if on else None)
-
-    await gw.node.db.run_bare("test.trace", trace, True)
-    async with held_database(gw):
-        primer = await primed_send(gw, owner, "general")
-        futures = [asyncio.ensure_future(c.emit("message:send", {"roomId": "general", **d}))
-                   for c, d in ((alices[0], {"content": "one", "clientMsgId": "k-1"}),
-                                (alices[1], {"content": "two", "clientMsgId": "k-2"}),
-                                (alices[2], {"content": "two", "clientMsgId": "k-2"}),
-                                (bob, {"content": "three"}))]  # fmt: skip
-        await queued(gw, len(futures))
-    primed = (await primer)["message"]
-    got = [await f for f in futures]
-    await gw.node.db.run_bare("test.trace", trace, False)
+    async with writer_statements(gw) as statements:
+        async with held_database(gw):
+            primer = await primed_send(gw, owner, "general")
+            futures = [asyncio.ensure_future(c.emit("message:send", {"roomId": "general", **d}))
+                       for c, d in ((alices[0], {"content": "one", "clientMsgId": "k-1"}),
+                                    (alices[1], {"content": "two", "clientMsgId": "k-2"}),
+                                    (alices[2], {"content": "two", "clientMsgId": "k-2"}),
+                                    (bob, {"content": "three"}))]  # fmt: skip
+            await queued(gw, len(futures))
+        primed = (await primer)["message"]
+        got = [await f for f in futures]
     assert got[0] == {"message": first["message"], "duplicate": True}
     assert [a["duplicate"] for a in got[1:]] == [False, True, False]
     assert got[1]["message"] == got[2]["message"]
@@ -951,6 +946,23 @@ async def backlog_metric(gw: Any) -> float:
     text = (await AsyncHTTPClient().fetch(f"{gw.http}/metrics")).body.decode()
     [line] = [x for x in text.splitlines() if x.startswith("switchboard_notification_backlog ")]
     return float(line.split()[1])
+
+
+async def test_a_message_with_nothing_to_notify_costs_the_round_one_statement(gateway):
+    """Every member online, no mention: the round reads the room's audience with one
+    SELECT, no transaction around it, and writes nothing."""
+    gw = gateway
+    alice, bob = await gw.connect("alice"), await gw.connect("bob")
+    await room(alice, "general")
+    await join(bob, "general")
+    await gw.node.tasks.drain(5.0)
+    async with writer_statements(gw) as statements:
+        await send(alice, "general", "nobody to tell")
+        await gw.node.tasks.drain(5.0)  # the round's task
+    inserted = next(i for i, s in enumerate(statements) if s.startswith('INSERT INTO "message"'))
+    committed = statements.index("COMMIT", inserted)
+    assert len(statements[committed + 1 :]) == 1, statements
+    assert statements[-1].startswith("SELECT"), statements
 
 
 async def test_the_notification_backlog_gauge_counts_sent_messages_not_yet_notified(gateway):
