@@ -117,7 +117,8 @@ class RoomMute(BaseModel):
 
 class Message(BaseModel):
     id = pw.BigAutoField()
-    room = pw.ForeignKeyField(Room, backref="messages", on_delete="CASCADE")
+    # No index of its own (dropped by migration 0006): (room, seq) below serves it.
+    room = pw.ForeignKeyField(Room, backref="messages", on_delete="CASCADE", index=False)
     seq = pw.BigIntegerField()
     sender_id = pw.CharField(max_length=128)
     sender_name = pw.CharField(max_length=128)

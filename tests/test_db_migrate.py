@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 import peewee as pw
@@ -27,7 +29,7 @@ pytestmark = pytest.mark.asyncio
 
 ALL_MIGRATIONS = [
     "0001_initial", "0002_room_mute", "0003_room_topic", "0004_message_created_at_index",
-    "0005_room_epoch",
+    "0005_room_epoch", "0006_message_drop_room_index",
 ]
 
 
@@ -159,3 +161,29 @@ async def test_upgrading_from_0001_keeps_the_mutes_in_force(
                for r in (general, joined["room"])]  # fmt: skip
     resumed = await dave.emit("room:resume", {"rooms": entries})
     assert [r["status"] for r in resumed["rooms"]] == ["resumed", "resumed"]
+
+
+# -- 0006: the message table's indexes ----------------------------------------------------
+
+
+async def test_messages_are_found_by_room_through_the_room_seq_index_alone(
+    tmp_path: Path,
+) -> None:
+    """No index on message.room_id alone (a send writes one index page fewer); a
+    room's messages, and the foreign key's cascade, seek (room_id, seq)."""
+    path = tmp_path / "x.db"
+    db = Database(f"sqlite:///{path}")
+    await db.start()
+    await db.close()
+    conn = sqlite3.connect(path)
+    try:
+        indexes = {name for (name,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'message'")}
+        plan = conn.execute(
+            'EXPLAIN QUERY PLAN SELECT "id" FROM "message" WHERE "room_id" = ?', ["r"]
+        ).fetchall()
+    finally:
+        conn.close()
+    assert "message_room_id" not in indexes and "message_room_id_seq" in indexes
+    [(*_, detail)] = plan
+    assert detail.startswith("SEARCH message USING") and "(room_id=?)" in detail, detail
