@@ -30,6 +30,7 @@ pytestmark = pytest.mark.asyncio
 ALL_MIGRATIONS = [
     "0001_initial", "0002_room_mute", "0003_room_topic", "0004_message_created_at_index",
     "0005_room_epoch", "0006_message_drop_room_index",
+    "0007_message_partial_client_msg_id_index",
 ]
 
 
@@ -163,27 +164,41 @@ async def test_upgrading_from_0001_keeps_the_mutes_in_force(
     assert [r["status"] for r in resumed["rooms"]] == ["resumed", "resumed"]
 
 
-# -- 0006: the message table's indexes ----------------------------------------------------
+# -- 0006 and 0007: the message indexes a send writes ---------------------------------------
 
 
-async def test_messages_are_found_by_room_through_the_room_seq_index_alone(
+async def test_a_send_without_client_msg_id_writes_two_message_indexes_that_serve_every_lookup(
     tmp_path: Path,
 ) -> None:
-    """No index on message.room_id alone (a send writes one index page fewer); a
-    room's messages, and the foreign key's cascade, seek (room_id, seq)."""
+    """No index on message.room_id alone, and (sender_id, client_msg_id) holds only rows
+    with a clientMsgId: a send without one writes (room_id, seq) and (room_id,
+    created_at, seq) alone. Lookups by room seek (room_id, seq) or its twin; the
+    retry lookups (one send, a batch) seek the partial index."""
     path = tmp_path / "x.db"
     db = Database(f"sqlite:///{path}")
     await db.start()
     await db.close()
     conn = sqlite3.connect(path)
+
+    def plan(sql: str, *params: str) -> str:
+        [(*_, detail)] = conn.execute(f"EXPLAIN QUERY PLAN {sql}", params).fetchall()
+        return str(detail)
+
     try:
-        indexes = {name for (name,) in conn.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'message'")}
-        plan = conn.execute(
-            'EXPLAIN QUERY PLAN SELECT "id" FROM "message" WHERE "room_id" = ?', ["r"]
-        ).fetchall()
+        indexes = dict(conn.execute(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'message'"))
+        by_room = plan('SELECT "id" FROM "message" WHERE "room_id" = ?', "r")
+        retry = plan('SELECT "id" FROM "message" WHERE "sender_id" = ? AND "client_msg_id" = ?',
+                     "alice", "c-1")  # fmt: skip
+        batch = plan('SELECT "id" FROM "message" WHERE "client_msg_id" IN (?, ?)'
+                     ' AND "sender_id" IN (?)', "c-1", "c-2", "alice")  # fmt: skip
     finally:
         conn.close()
-    assert "message_room_id" not in indexes and "message_room_id_seq" in indexes
-    [(*_, detail)] = plan
-    assert detail.startswith("SEARCH message USING") and "(room_id=?)" in detail, detail
+    assert sorted(indexes) == [
+        "message_room_id_created_at_seq", "message_room_id_seq", "message_sender_id_client_msg_id"
+    ]  # fmt: skip
+    assert indexes["message_sender_id_client_msg_id"].endswith('WHERE "client_msg_id" IS NOT NULL')
+    assert by_room.startswith("SEARCH message USING") and "(room_id=?)" in by_room, by_room
+    for detail in (retry, batch):
+        assert detail.startswith("SEARCH message USING COVERING INDEX message_sender_id_client"
+                                 "_msg_id (sender_id=? AND client_msg_id=?)"), detail  # fmt: skip
