@@ -233,6 +233,27 @@ async def test_one_transaction_per_message_when_group_commit_is_off(gateway_fact
     assert batch_sizes(gw) == (2.0, 2.0)
 
 
+async def test_a_lone_plain_send_is_checked_by_its_seq_bump(gateway):
+    """A lone send without clientMsgId or parent costs BEGIN, the bump (with its checks
+    as conditions), the insert and COMMIT; one the checks refuse still gets its
+    error and takes no seq."""
+    gw = gateway
+    alice, muted, stranger = [await gw.connect(n) for n in ("alice", "muted", "stranger")]
+    await room(alice, "general")
+    await join(muted, "general")
+    admin = await gw.connect("mod", "admin", roles=("admin",))
+    await admin.emit("admin:mute", {"userId": "muted", "roomId": "general",
+                                    "durationSeconds": 600})  # fmt: skip
+    async with writer_statements(gw) as statements:
+        first = await send(alice, "general", "hello")
+    assert [s.split()[0] for s in statements[:4]] == ["BEGIN", "UPDATE", "INSERT", "COMMIT"]
+    assert "room_member" in statements[1] and "room_mute" in statements[1]
+    for client, code in ((muted, "MUTED"), (stranger, "NOT_IN_ROOM")):
+        error = await refused(client.emit("message:send", {"roomId": "general", "content": "x"}))
+        assert error.code == code and error.details["roomId"] == "general"
+    assert (await send(alice, "general", "again"))["seq"] == first["seq"] + 1
+
+
 async def test_sqlite_inserts_a_batch_without_a_savepoint_and_keeps_its_retries(gateway):
     """SQLite: no SAVEPOINT around a batch's insert (``send_messages`` says why it
     cannot meet a racing retry there); a retry of a stored message and one
