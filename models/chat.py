@@ -729,6 +729,8 @@ def send_messages(requests: list[SendRequest]) -> list[Sent | errors.GatewayErro
     duplicate. Should the insert still meet the (sender, clientMsgId) index
     (PostgreSQL: the original is committing on another node right now), the
     batch's inserts are undone and every send is stored on its own instead.
+    A batch of one send without clientMsgId or parent skips the checks' read:
+    they are conditions of its seq bump (see :func:`_insert_batch`).
     """
     out: list[Sent | errors.GatewayError | None] = [None] * len(requests)
     now = utcnow()
