@@ -96,6 +96,7 @@ def install(path: str) -> None:
     import tornado.iostream as ti
 
     import handlers.base as hb
+    import models
     import server.realtime.hub as hub
     import server.services.messages as sm
     import server.services.notify as sn
@@ -141,6 +142,18 @@ def install(path: str) -> None:
             _mark("sql " + sql.split(None, 1)[0])
 
     pw.Database.execute_sql = on_sql  # type: ignore[method-assign]
+    # The plain-SQL helper runs on the driver's cursor, past execute_sql: probed on its own
+    # (models.sql_rows looks it up in its module at every call).
+    sql_execute = models.sql_execute
+
+    def on_plain_sql(sql: str, params: Any) -> Any:
+        _mark("sql")
+        try:
+            return sql_execute(sql, params)
+        finally:
+            _mark("sql " + sql.split(None, 1)[0])
+
+    models.sql_execute = on_plain_sql
     commit = pw.Database.commit
 
     def on_commit(self: Any) -> Any:

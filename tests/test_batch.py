@@ -29,6 +29,7 @@ from switchboard_client import Client, ClientError
 from tests.conftest import ROOMY_RATE_LIMITS
 from tests.support.client_checks import nothing_arrived, settle
 from tests.support.cluster import lock_rows, waiting_for_locks
+from tests.support.sql_trace import writer_statements
 from tests.support.waiting import eventually
 from tests.test_chat import join, member, room, send, went_offline
 from tests.test_presence import statuses as statuses_of
@@ -230,6 +231,61 @@ async def test_one_transaction_per_message_when_group_commit_is_off(gateway_fact
     acks = [await f for f in futures]
     assert sorted(a["message"]["seq"] for a in acks) == [1, 2]
     assert batch_sizes(gw) == (2.0, 2.0)
+
+
+async def test_a_lone_plain_send_is_checked_by_its_seq_bump(gateway):
+    """A lone send without clientMsgId or parent costs BEGIN, the bump (with its checks
+    as conditions), the insert and COMMIT; one the checks refuse still gets its
+    error and takes no seq."""
+    gw = gateway
+    alice, muted, stranger = [await gw.connect(n) for n in ("alice", "muted", "stranger")]
+    await room(alice, "general")
+    await join(muted, "general")
+    admin = await gw.connect("mod", "admin", roles=("admin",))
+    await admin.emit("admin:mute", {"userId": "muted", "roomId": "general",
+                                    "durationSeconds": 600})  # fmt: skip
+    async with writer_statements(gw) as statements:
+        first = await send(alice, "general", "hello")
+    assert [s.split()[0] for s in statements[:4]] == ["BEGIN", "UPDATE", "INSERT", "COMMIT"]
+    assert "room_member" in statements[1] and "room_mute" in statements[1]
+    for client, code in ((muted, "MUTED"), (stranger, "NOT_IN_ROOM")):
+        error = await refused(client.emit("message:send", {"roomId": "general", "content": "x"}))
+        assert error.code == code and error.details["roomId"] == "general"
+    assert (await send(alice, "general", "again"))["seq"] == first["seq"] + 1
+
+
+async def test_sqlite_inserts_a_batch_without_a_savepoint_and_keeps_its_retries(gateway):
+    """SQLite: no SAVEPOINT around a batch's insert (``send_messages`` says why it
+    cannot meet a racing retry there); a retry of a stored message and one
+    within the batch are still duplicates, the fresh sends gapless."""
+    gw = gateway
+    owner = await gw.connect("owner")
+    await room(owner, "general")
+    # One connection per send: a connection's sends are handled one after the other.
+    alices = [await gw.connect("alice") for _ in range(3)]
+    bob = await gw.connect("bob")
+    for client in (*alices, bob):
+        await join(client, "general")
+    first = await alices[0].emit("message:send", {"roomId": "general", "content": "one",
+                                                  "clientMsgId": "k-1"})  # fmt: skip
+    async with writer_statements(gw) as statements:
+        async with held_database(gw):
+            primer = await primed_send(gw, owner, "general")
+            futures = [asyncio.ensure_future(c.emit("message:send", {"roomId": "general", **d}))
+                       for c, d in ((alices[0], {"content": "one", "clientMsgId": "k-1"}),
+                                    (alices[1], {"content": "two", "clientMsgId": "k-2"}),
+                                    (alices[2], {"content": "two", "clientMsgId": "k-2"}),
+                                    (bob, {"content": "three"}))]  # fmt: skip
+            await queued(gw, len(futures))
+        primed = (await primer)["message"]
+        got = [await f for f in futures]
+    assert got[0] == {"message": first["message"], "duplicate": True}
+    assert [a["duplicate"] for a in got[1:]] == [False, True, False]
+    assert got[1]["message"] == got[2]["message"]
+    fresh = [got[1]["message"]["seq"], got[3]["message"]["seq"]]
+    assert fresh == [primed["seq"] + 1, primed["seq"] + 2]
+    assert any(s.startswith('INSERT INTO "message"') for s in statements)
+    assert not [s for s in statements if "SAVEPOINT" in s.upper()]
 
 
 # -- message:react (op message.react) ------------------------------------------------
@@ -911,6 +967,23 @@ async def backlog_metric(gw: Any) -> float:
     text = (await AsyncHTTPClient().fetch(f"{gw.http}/metrics")).body.decode()
     [line] = [x for x in text.splitlines() if x.startswith("switchboard_notification_backlog ")]
     return float(line.split()[1])
+
+
+async def test_a_message_with_nothing_to_notify_costs_the_round_one_statement(gateway):
+    """Every member online, no mention: the round reads the room's audience with one
+    SELECT, no transaction around it, and writes nothing."""
+    gw = gateway
+    alice, bob = await gw.connect("alice"), await gw.connect("bob")
+    await room(alice, "general")
+    await join(bob, "general")
+    await gw.node.tasks.drain(5.0)
+    async with writer_statements(gw) as statements:
+        await send(alice, "general", "nobody to tell")
+        await gw.node.tasks.drain(5.0)  # the round's task
+    inserted = next(i for i, s in enumerate(statements) if s.startswith('INSERT INTO "message"'))
+    committed = statements.index("COMMIT", inserted)
+    assert len(statements[committed + 1 :]) == 1, statements
+    assert statements[-1].startswith("SELECT"), statements
 
 
 async def test_the_notification_backlog_gauge_counts_sent_messages_not_yet_notified(gateway):

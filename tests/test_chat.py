@@ -18,11 +18,12 @@ import re
 from typing import Any
 
 import orjson
+import peewee as pw
 import pytest
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
-from models import RoomMute, utcnow
+from models import RoomMute, sql_execute, utcnow
 from server.realtime.hub import Target
 from switchboard_client import Client, ClientError
 from tests.conftest import ROOMY_RATE_LIMITS
@@ -173,6 +174,20 @@ def assert_message(message: dict[str, Any]) -> None:
     assert MESSAGE_KEYS <= set(message), message
     assert isinstance(message["id"], str) and message["id"].isdigit()
     assert ISO_RE.match(message["createdAt"])
+
+
+async def test_plain_sql_raises_peewees_exceptions(gateway):
+    """``models.sql_execute`` runs on the driver's cursor; its errors are still peewee's
+    (``send_messages`` catches ``pw.IntegrityError``, the database layer peewee's
+    connection errors). Here: a second (room, user) membership row."""
+    alice = await gateway.connect("alice")
+    await room(alice, "general")
+    columns = '"room_id", "user_id", "role", "joined_at", "last_read_seq"'
+    twice = f'INSERT INTO "room_member" ({columns}) SELECT {columns} FROM "room_member"'
+    with pytest.raises(pw.IntegrityError):
+        await gateway.node.db.run("test.twice", sql_execute, twice, [])
+    members = await alice.emit("room:members", {"roomId": "general"})
+    assert [m["userId"] for m in members["members"]] == ["alice"]
 
 
 # -- room:create ----------------------------------------------------------------

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 import peewee as pw
@@ -27,7 +29,8 @@ pytestmark = pytest.mark.asyncio
 
 ALL_MIGRATIONS = [
     "0001_initial", "0002_room_mute", "0003_room_topic", "0004_message_created_at_index",
-    "0005_room_epoch",
+    "0005_room_epoch", "0006_message_drop_room_index",
+    "0007_message_partial_client_msg_id_index",
 ]
 
 
@@ -159,3 +162,43 @@ async def test_upgrading_from_0001_keeps_the_mutes_in_force(
                for r in (general, joined["room"])]  # fmt: skip
     resumed = await dave.emit("room:resume", {"rooms": entries})
     assert [r["status"] for r in resumed["rooms"]] == ["resumed", "resumed"]
+
+
+# -- 0006 and 0007: the message indexes a send writes ---------------------------------------
+
+
+async def test_a_send_without_client_msg_id_writes_two_message_indexes_that_serve_every_lookup(
+    tmp_path: Path,
+) -> None:
+    """No index on message.room_id alone, and (sender_id, client_msg_id) holds only rows
+    with a clientMsgId: a send without one writes (room_id, seq) and (room_id,
+    created_at, seq) alone. Lookups by room seek (room_id, seq) or its twin; the
+    retry lookups (one send, a batch) seek the partial index."""
+    path = tmp_path / "x.db"
+    db = Database(f"sqlite:///{path}")
+    await db.start()
+    await db.close()
+    conn = sqlite3.connect(path)
+
+    def plan(sql: str, *params: str) -> str:
+        [(*_, detail)] = conn.execute(f"EXPLAIN QUERY PLAN {sql}", params).fetchall()
+        return str(detail)
+
+    try:
+        indexes = dict(conn.execute(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'message'"))
+        by_room = plan('SELECT "id" FROM "message" WHERE "room_id" = ?', "r")
+        retry = plan('SELECT "id" FROM "message" WHERE "sender_id" = ? AND "client_msg_id" = ?',
+                     "alice", "c-1")  # fmt: skip
+        batch = plan('SELECT "id" FROM "message" WHERE "client_msg_id" IN (?, ?)'
+                     ' AND "sender_id" IN (?)', "c-1", "c-2", "alice")  # fmt: skip
+    finally:
+        conn.close()
+    assert sorted(indexes) == [
+        "message_room_id_created_at_seq", "message_room_id_seq", "message_sender_id_client_msg_id"
+    ]  # fmt: skip
+    assert indexes["message_sender_id_client_msg_id"].endswith('WHERE "client_msg_id" IS NOT NULL')
+    assert by_room.startswith("SEARCH message USING") and "(room_id=?)" in by_room, by_room
+    for detail in (retry, batch):
+        assert detail.startswith("SEARCH message USING COVERING INDEX message_sender_id_client"
+                                 "_msg_id (sender_id=? AND client_msg_id=?)"), detail  # fmt: skip

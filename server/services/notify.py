@@ -267,7 +267,10 @@ class NotificationService:
 
     async def _apply(self, taken: dict[str, _RoomWork]) -> None:
         """One round: the rooms' audiences, who is away, then every notice in one job."""
-        audiences = await self.db.run("notification.audience", store.room_audiences, list(taken))
+        # One statement, no transaction around it (see room_audiences).
+        audiences = await self.db.run_bare(
+            "notification.audience", store.room_audiences, list(taken)
+        )
         members = {u for audience in audiences.values() for u in audience.members}
         present = await self.connections.connected("chat", members)
         rooms = []
