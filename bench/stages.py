@@ -16,9 +16,10 @@ The stages, in order (each row is the time from the previous probe):
 * ``envelope`` -- decoded, at ``handle_envelope``'s start;
 * ``schema`` / ``schema done`` -- the event's schema load;
 * ``service`` -- ``Messages.send`` entered; ``batcher`` -- its ``submit``;
-* ``to db`` -- ``Database._submit`` (the batch leaves the loop);
+* ``to db`` -- ``Database.post`` (the batch leaves the loop);
 * ``db thread`` / ``db done`` -- the job starts and ends on the writer thread;
-* ``back`` -- the loop has the job's result; ``resumed`` -- ``submit`` returns;
+* ``back`` -- the loop has the job's result (``Database._finish``);
+  ``resumed`` -- ``submit`` returns;
 * ``ack`` / ``acked`` -- the handler writes the ack (at once when nothing else
   is queued in the iteration, the lone send's case);
 * ``publish`` / ``published`` -- the broadcast queued;
@@ -116,7 +117,8 @@ def install(path: str) -> None:
     _around(hb, "load", "schema", "schema done")
     _around_async(sm.Messages, "send", "service")
     _around_async(sb.Batcher, "submit", "batcher", "resumed")
-    _around_async(sdb.Database, "_submit", "to db", "back")
+    _around(sdb.Database, "post", "to db")
+    _around(sdb.Database, "_finish", "back")
     _around(sdb.Database, "_call", "db thread", "db done")
     _around(hb.GatewayHandler, "send_soon", "ack", "acked")
     _around(hub.Hub, "publish", "publish", "published")

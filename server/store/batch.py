@@ -5,7 +5,12 @@ admission). The first request on an idle batcher goes to the database at
 once, alone; requests that arrive while a batch is in the database wait and
 then go together in the next one, in arrival order, up to ``max_batch``.
 There is no timer: a quiet node pays no added latency, a busy one commits
-hundreds of requests per transaction instead of one.
+hundreds of requests per transaction instead of one. Nor is there a task:
+an idle batcher's first request leaves from a plain loop callback on the
+loop's next turn (so requests that arrive in the same turn go together), and
+the callback that gets the batch's outcomes back on the loop
+(:meth:`~server.store.db.Database.post`) settles each request's future
+directly and sends the next batch.
 
 The batch function runs in a database worker inside one transaction
 (:meth:`server.store.db.Database.run`) and returns one outcome per request, in
@@ -24,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Generic, TypeVar
 
 from server.core import errors
@@ -60,7 +66,8 @@ class Batcher(Generic[Req, Res]):
         self._max = max_batch
         self._observe = observe
         self._waiting: list[tuple[Req, asyncio.Future[Res]]] = []
-        self._drainer: asyncio.Task[None] | None = None
+        #: A batch is about to leave or in the database: new requests wait for it.
+        self._busy = False
         #: Batches sent to the database so far, and the requests they carried
         #: (for tests and benches of batchers without a metric of their own).
         self.batches = 0
@@ -72,40 +79,51 @@ class Batcher(Generic[Req, Res]):
         return len(self._waiting)
 
     async def submit(self, request: Req) -> Res:
-        """Queue ``request``; its result once its batch committed, or its error."""
+        """Queue ``request``; its result once its batch committed, or its error.
+
+        A caller cancelled while it waits leaves its request in the batch:
+        the write stands, only the answer is dropped.
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Res] = loop.create_future()
         self._waiting.append((request, future))
-        if self._drainer is None:
-            self._drainer = loop.create_task(self._drain(), name=f"batch-{self._op}")
+        if not self._busy:
+            # Sent on the loop's next turn, not at once: requests that arrive in
+            # this turn (the connections one admission batch admitted, frames
+            # read in one go) go in the same batch.
+            self._busy = True
+            loop.call_soon(self._send)
         return await future
 
-    async def _drain(self) -> None:
-        try:
-            while self._waiting:
-                batch = self._waiting[: self._max]
-                del self._waiting[: self._max]
-                await self._run(batch)
-        finally:
-            self._drainer = None
-
-    async def _run(self, batch: list[tuple[Req, asyncio.Future[Res]]]) -> None:
+    def _send(self) -> None:
+        """The oldest waiting requests, up to ``max_batch``, to the database as one job."""
+        batch = self._waiting[: self._max]
+        del self._waiting[: self._max]
+        self._busy = True
         self.batches += 1
         self.carried += len(batch)
         if self._observe is not None:
             self._observe(len(batch))
-        try:
-            outcomes = await self._db.run(self._op, self._fn, [req for req, _ in batch])
-        except asyncio.CancelledError:
-            for _, future in batch:
-                future.cancel()
-            raise
-        except Exception as exc:
-            failure = _batch_failure(self._op, exc)
+        requests = [req for req, _ in batch]
+        self._db.post(self._op, self._fn, (requests,), partial(self._settle, batch))
+
+    def _settle(
+        self,
+        batch: list[tuple[Req, asyncio.Future[Res]]],
+        outcomes: Sequence[Res | errors.GatewayError] | None,
+        error: BaseException | None,
+    ) -> None:
+        """On the loop, the batch done: the next one sent, each request's outcome to its caller."""
+        self._busy = False
+        if self._waiting:  # the database gets going while the callers wake
+            self._send()
+        if error is not None:
+            failure = _batch_failure(self._op, error)
             for _, future in batch:
                 if not future.done():
                     future.set_exception(failure)
             return
+        assert outcomes is not None  # the batch function returns one per request
         # In request order: the waiting handlers wake in this order, so their
         # broadcasts leave in seq order per room.
         for (_, future), outcome in zip(batch, outcomes, strict=True):
@@ -117,9 +135,9 @@ class Batcher(Generic[Req, Res]):
                 future.set_result(outcome)
 
 
-def _batch_failure(op: str, exc: Exception) -> errors.GatewayError:
+def _batch_failure(op: str, exc: BaseException) -> errors.GatewayError:
     """What every request of a failed batch answers: retryable when the database is."""
-    if isinstance(exc, errors.GatewayError):  # DatabaseUnavailable, logged by Database.run
+    if isinstance(exc, errors.GatewayError):  # DatabaseUnavailable, logged by Database
         return exc
     log.error("%s batch failed", op, exc_info=exc)
     return errors.InternalError()

@@ -1,12 +1,20 @@
 """Database set-up and the one way the event loop talks to it.
 
-Sync peewee runs in a small thread pool; every :meth:`Database.run` call is
-one executor job that wraps the given function in one transaction, so the
-loop never waits on a database call and a transaction never spans two
-loop turns. Why not ``playhouse.pwasyncio``: measured in bench/db.py (see
-README): the thread pool is as fast for our short transactions, supports
-the same code on SQLite and PostgreSQL, and keeps peewee's well-trodden
-sync API; the async driver bought nothing we needed.
+Sync peewee runs in a few database threads; every :meth:`Database.run` call is
+one job that wraps the given function in one transaction, so the loop never
+waits on a database call and a transaction never spans two loop turns. Why
+not ``playhouse.pwasyncio``: measured in bench/db.py (see README): threads
+are as fast for our short transactions, support the same code on SQLite and
+PostgreSQL, and keep peewee's well-trodden sync API; the async driver bought
+nothing we needed.
+
+Why not a ``ThreadPoolExecutor``: a lone write crosses the thread boundary
+twice, and on a quiet node (every message alone) the crossings cost as much
+as the SQL. The threads here take jobs from one ``queue.SimpleQueue`` (a
+put wakes a waiting thread, nothing else) and hand each outcome back with
+one ``loop.call_soon_threadsafe`` to a callback that settles the waiting
+callers directly (:meth:`Database.post`), instead of a concurrent future
+chained to an asyncio future that wakes a task that wakes the callers.
 
 SQLite gets one worker (it has one writer anyway, and one thread means
 no ``database is locked`` retries); PostgreSQL gets ``SWITCHBOARD_DB_WORKERS``
@@ -24,12 +32,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import queue
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, ParamSpec, TypeVar
+from functools import partial
+from typing import Any, ParamSpec, TypeVar, cast
 
 import peewee as pw
 from playhouse.db_url import parse
@@ -89,6 +98,36 @@ def open_database(url: str, workers: int = 0) -> pw.Database:
         )
         return pool
     raise ValueError(f"unsupported database URL scheme {scheme!r} (sqlite or postgresql)")
+
+
+#: Called on the loop once a job ran: its result, or the exception it raised.
+Done = Callable[[T | None, BaseException | None], None]
+
+
+class _Job:
+    """One piece of work for a database thread and the way its outcome gets back.
+
+    ``loop`` is None for the thread's own housekeeping (the checkpointer's
+    truncations), which nobody waits for. ``dropped`` says the caller gave up
+    before the job started (it then never runs, as a cancelled executor job).
+    """
+
+    __slots__ = ("done", "dropped", "loop", "op", "posted", "work")
+
+    def __init__(
+        self,
+        op: str,
+        work: Callable[[], Any],
+        loop: asyncio.AbstractEventLoop | None = None,
+        done: Done[Any] | None = None,
+        dropped: Callable[[], bool] | None = None,
+    ) -> None:
+        self.op = op
+        self.work = work
+        self.loop = loop
+        self.done = done
+        self.dropped = dropped
+        self.posted = time.perf_counter()
 
 
 class Checkpointer:
@@ -167,15 +206,15 @@ class Database:
         self.db = open_database(url, workers)
         self.is_sqlite = isinstance(self.db, pw.SqliteDatabase)
         self.db.bind(MODELS)
-        workers = 1 if self.is_sqlite else (workers or default_workers())
-        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="db")
+        self._workers = 1 if self.is_sqlite else (workers or default_workers())
+        #: Jobs in the order they were posted; None tells a thread to stop.
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
         self._observe = observe
         self._closed = False
         path = self.db.database if self.is_sqlite else ""
         in_memory = path in ("", ":memory:") or path.startswith("file::memory:")
-        self.checkpointer = (
-            None if in_memory else Checkpointer(path, lambda: self._executor.submit(self._truncate))
-        )
+        self.checkpointer = None if in_memory else Checkpointer(path, self._truncate_soon)
 
     async def start(self) -> None:
         """Apply pending migrations (creating the tables on first start)."""
@@ -221,22 +260,81 @@ class Database:
         *,
         transaction: bool,
     ) -> T:
-        if self._closed:
-            raise RuntimeError("database is closed")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        settle: Done[T] = partial(_settle, future)
+        self.post(op, fn, args, settle, kwargs=kwargs, transaction=transaction, caller=future)
+        return await future
+
+    def post(
+        self,
+        op: str,
+        fn: Callable[..., T],
+        args: tuple[Any, ...],
+        done: Done[T],
+        *,
+        kwargs: dict[str, Any] | None = None,
+        transaction: bool = True,
+        caller: asyncio.Future[Any] | None = None,
+    ) -> None:
+        """Queue ``fn(*args, **kwargs)`` for a database thread; ``done`` gets its outcome.
+
+        The callback form of :meth:`run` for callers that settle many waiters
+        at once (:class:`server.store.batch.Batcher`): ``done(result, error)``
+        runs on this loop once the job ran, ``error`` mapped as :meth:`run`
+        raises it (``DatabaseUnavailable`` when the database is down; a
+        ``RuntimeError`` once closed). A ``caller`` future cancelled before
+        the job starts drops the job; once started, it runs to its commit.
+        """
         loop = asyncio.get_running_loop()
-        started = time.perf_counter()
-        try:
-            return await loop.run_in_executor(
-                self._executor, self._call, fn, args, kwargs, transaction
-            )
-        except (pw.OperationalError, pw.InterfaceError) as exc:
+        if self._closed:
+            loop.call_soon(done, None, RuntimeError("database is closed"))
+            return
+        work = partial(self._call, fn, args, kwargs or {}, transaction)
+        dropped = None if caller is None else caller.cancelled
+        self._put(_Job(op, work, loop, done, dropped))
+
+    def _put(self, job: _Job) -> None:
+        if not self._threads:  # started by the first job: a Database never used has none
+            for n in range(self._workers):
+                # Daemon: close() is what finishes the queued work; a process that
+                # exits without it has acked none of the jobs it drops.
+                thread = threading.Thread(target=self._work, name=f"db_{n}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+        self._jobs.put(job)
+
+    def _work(self) -> None:
+        """A database thread: one job at a time, in the order they were posted."""
+        while (job := self._jobs.get()) is not None:
+            if job.dropped is not None and job.dropped():
+                continue
+            result, error = None, None
+            try:
+                result = job.work()
+            except BaseException as exc:  # handed to the caller, as an executor would
+                error = exc
+            if job.loop is None:
+                if error is not None:
+                    log.warning("%s failed: %s", job.op, error)
+                continue
+            try:
+                job.loop.call_soon_threadsafe(self._finish, job, result, error)
+            except RuntimeError:  # the loop is closed: nobody is left to tell
+                pass
+
+    def _finish(self, job: _Job, result: Any, error: BaseException | None) -> None:
+        """On the loop: the job's metric, its error mapped, its outcome to ``done``."""
+        if self._observe is not None:
+            self._observe(job.op, time.perf_counter() - job.posted)
+        if isinstance(error, (pw.OperationalError, pw.InterfaceError)):
             # Connection-level failures: the database is down or unreachable (or
             # SQLite stayed locked past busy_timeout). Retryable, not a bug.
-            log.warning("%s: the database is unavailable: %s", op, exc)
-            raise errors.DatabaseUnavailable() from exc
-        finally:
-            if self._observe is not None:
-                self._observe(op, time.perf_counter() - started)
+            log.warning("%s: the database is unavailable: %s", job.op, error)
+            unavailable = errors.DatabaseUnavailable()
+            unavailable.__cause__ = error
+            error = unavailable
+        assert job.done is not None  # a job with a loop has a callback
+        job.done(result, error)
 
     def _call(
         self,
@@ -256,6 +354,10 @@ class Database:
             if not self.is_sqlite:
                 # Hand the connection back to the pool between jobs.
                 db.close()
+
+    def _truncate_soon(self) -> None:
+        """Queue a truncation for the writer thread, between two jobs (from the checkpointer)."""
+        self._put(_Job("wal.truncate", self._truncate))
 
     def _truncate(self) -> None:
         """Checkpoint the whole WAL and cut it to zero, on the writer's thread (no transaction)."""
@@ -286,15 +388,32 @@ class Database:
             return
         self._closed = True
         loop = asyncio.get_running_loop()
-        # First: it hands truncations to the executor shut down below.
+        # First: it hands truncations to the threads stopped below.
         if self.checkpointer is not None and self.checkpointer.started:
             await loop.run_in_executor(None, self.checkpointer.stop)
         # Queued after every pending job: runs once in-flight writes are done.
-        await loop.run_in_executor(self._executor, self._close_connections)
-        await loop.run_in_executor(None, self._executor.shutdown, True)
+        closed: asyncio.Future[None] = loop.create_future()
+        self._put(_Job("close", self._close_connections, loop, partial(_settle, closed)))
+        for _ in self._threads:
+            self._jobs.put(None)
+        await closed
+        await loop.run_in_executor(None, self._join)
+
+    def _join(self) -> None:
+        for thread in self._threads:
+            thread.join()
 
     def _close_connections(self) -> None:
         if not self.db.is_closed():
             self.db.close()
         if isinstance(self.db, PooledPostgresqlDatabase):
             self.db.close_all()
+
+
+def _settle(future: asyncio.Future[T], result: T | None, error: BaseException | None) -> None:
+    if future.done():  # its caller went away; the job ran all the same
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(cast(T, result))
