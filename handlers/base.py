@@ -243,10 +243,10 @@ class _DetachedReceive(WebSocketProtocol13):
                             await handled
                     elif not await self._on_text(payload):
                         return
+                    if work >= _YIELD_THRESHOLD:  # checked per frame: one read holds thousands
+                        work = 0
+                        await asyncio.sleep(0)
                 data = data[pos:]
-                if work >= _YIELD_THRESHOLD:
-                    work = 0
-                    await asyncio.sleep(0)
         except StreamClosedError:
             self._abort()
         finally:
