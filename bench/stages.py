@@ -19,13 +19,14 @@ The stages, in order (each row is the time from the previous probe):
 * ``to db`` -- ``Database.post`` (the batch leaves the loop);
 * ``db thread`` / ``db done`` -- the job starts and ends on the writer thread;
 * ``back`` -- the loop has the job's result (``Database._finish``);
-  ``resumed`` -- ``submit`` returns;
-* ``ack`` / ``acked`` -- the handler writes the ack (at once when nothing else
-  is queued in the iteration, the lone send's case);
-* ``publish`` / ``published`` -- the broadcast queued;
-* ``answered`` -- ``handle_envelope`` ends;
+* ``ack`` / ``acked`` -- the batcher's ``on_result``, in that same callback,
+  writes the ack (at once when nothing else is queued in the iteration, the
+  lone send's case);
+* ``publish`` / ``published`` -- then queues the broadcast;
 * ``flush`` / ``written`` -- the hub's flush writes the room's broadcast;
-* ``notify`` / ``notified`` -- after the writes, the notification work queued.
+* ``notify`` / ``notified`` -- after the writes, the notification work queued;
+* ``resumed`` -- the handler's task wakes (``submit`` returns);
+  ``answered`` -- ``handle_envelope`` ends.
 
 Each probe is two clock reads and a list append (~1 µs). The client's
 figures (send→ack p50/p99) are printed too: the server's part is the rows
@@ -51,8 +52,8 @@ STAGES_ENV = "BENCH_STAGES_FILE"
 
 ORDER = [
     "readable", "frame", "envelope", "schema", "schema done", "service", "batcher", "to db",
-    "db thread", "db done", "back", "resumed", "ack", "acked", "publish", "published",
-    "answered", "flush", "written", "notify", "notified",
+    "db thread", "db done", "back", "ack", "acked", "publish", "published", "flush", "written",
+    "notify", "notified", "resumed", "answered",
 ]  # fmt: skip
 
 _marks: list[tuple[str, int]] = []

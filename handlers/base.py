@@ -29,6 +29,16 @@ way, since they carry later sequence numbers than the history in the ack::
             self.hub.join(self, room_id, buffer=True)
             result = ...  # history up to seq `last`
             return Reply(result, lambda: self.hub.finish_join(self, room_id, last))
+
+An event listed in ``early_acks`` hands its method an :class:`EarlyAck` as
+``answer``: the method may write the frame's ack from a callback that runs
+before its task resumes (``message:send`` acks from the group-commit
+batcher's callback, in the iteration that learns of the commit)::
+
+        early_acks = frozenset({"message:send"})
+
+        async def on_message_send(self, ..., answer: EarlyAck) -> dict:
+            return await self.messages.send(..., answer=answer)
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from marshmallow import Schema
+from prometheus_client import Histogram
 from tornado.httputil import HTTPHeaders
 from tornado.iostream import StreamClosedError
 from tornado.util import (
@@ -113,6 +124,40 @@ class Reply:
 
     data: dict[str, Any]
     after_ack: Callable[[], object]
+
+
+class EarlyAck:
+    """The ack of the frame being handled, for its method to write before it returns.
+
+    Called with the ack's data, it writes the ack (when the frame asked for
+    one) at once, from wherever it is called -- a callback on the loop, ahead
+    of the method's task -- and counts the event's duration and latency
+    there, as :meth:`GatewayHandler.handle_envelope` counts them at the ack.
+    ``handle_envelope`` then neither acks nor counts the frame again, and
+    answers an error raised afterwards only in the log. Never called, the
+    frame is answered from the method's result as any other. A second call
+    is ignored: a frame has one answer.
+    """
+
+    __slots__ = ("_ack", "_duration", "_handler", "_started", "given")
+
+    def __init__(
+        self, handler: GatewayHandler, ack: int | None, started: float, duration: Histogram
+    ) -> None:
+        self._handler = handler
+        self._ack = ack
+        self._started = started
+        self._duration = duration
+        #: The ack went out (or, with no ack asked for, the frame was answered).
+        self.given = False
+
+    def __call__(self, data: dict[str, Any]) -> None:
+        if self.given:
+            return
+        self.given = True
+        if self._ack is not None:
+            self._handler.send_soon(protocol.ack_payload(self._ack, data))
+        self._handler.count_answer(self._duration, self._started)
 
 
 #: Most bytes one read of a connection's socket takes (tornado's read chunk size).
@@ -318,6 +363,8 @@ class GatewayHandler(WebSocketHandler):
     schemas: ClassVar[dict[str, type[Schema]]] = {}
     #: Rate-limit class per event; unlisted events count as "other".
     rate_classes: ClassVar[dict[str, str]] = {}
+    #: Events whose method takes ``answer``, an :class:`EarlyAck`, to ack before it returns.
+    early_acks: ClassVar[frozenset[str]] = frozenset()
 
     _base_schemas: ClassVar[dict[str, type[Schema]]] = {
         "system:ping": Ping,
@@ -652,7 +699,8 @@ class GatewayHandler(WebSocketHandler):
         """Dispatch one decoded frame and answer it (ack or ``system:error``).
 
         An ``on_<event>`` returning a :class:`Reply` has its ``after_ack``
-        run here, once the ack is queued.
+        run here, once the ack is queued. An event in ``early_acks`` may
+        have been answered by its method already (:class:`EarlyAck`).
         """
         event = envelope.event
         schema = self.schemas.get(event) or self._base_schemas.get(event)
@@ -672,6 +720,7 @@ class GatewayHandler(WebSocketHandler):
         # Handlers measure publish-to-deliver latency from here.
         self.event_started = started
         after_ack: Callable[[], object] | None = None
+        answer: EarlyAck | None = None
         try:
             bucket = self.rate_classes.get(event, "other")
             limiter = self.deps.rate_limiter
@@ -683,28 +732,40 @@ class GatewayHandler(WebSocketHandler):
                 self.deps.security.rate_limited(self.user_id, bucket)
                 raise errors.RateLimited(details=decision.details())
             kwargs = load(schema, envelope.data)
+            if event in self.early_acks:
+                answer = kwargs["answer"] = EarlyAck(self, envelope.ack, started, duration)
             method = getattr(self, "on_" + event.replace(":", "_"))
             result = await method(**kwargs)
             if isinstance(result, Reply):
                 after_ack = result.after_ack
                 result = result.data
-            if envelope.ack is not None:
+            if envelope.ack is not None and not (answer and answer.given):
                 self.send_soon(protocol.ack_payload(envelope.ack, result or {}))
         except errors.GatewayError as exc:
-            self._answer_error(exc, envelope.ack, event)
+            if answer and answer.given:  # a frame has one answer: it went out
+                self.log.warning("%s %s failed after its ack: %s", self.namespace, event, exc,
+                                 extra={"event": event})  # fmt: skip
+            else:
+                self._answer_error(exc, envelope.ack, event)
         except (WebSocketClosedError, StreamClosedError):
             pass
         except Exception:
             self.log.exception("%s %s failed for user %s", self.namespace, event, self.user_id,
                                extra={"event": event})  # fmt: skip
-            self._answer_error(errors.InternalError(), envelope.ack, event)
+            if not (answer and answer.given):
+                self._answer_error(errors.InternalError(), envelope.ack, event)
         finally:
-            elapsed = time.perf_counter() - started
-            duration.observe(elapsed)
-            # For p50/p95 in the admin namespace's metrics:update.
-            self.stats.latency.add(elapsed)
+            if not (answer and answer.given):  # else counted at the ack
+                self.count_answer(duration, started)
         if after_ack is not None:
             after_ack()
+
+    def count_answer(self, duration: Histogram, started: float) -> None:
+        """An event answered: its time since ``started`` in its histogram and the stats."""
+        elapsed = time.perf_counter() - started
+        duration.observe(elapsed)
+        # For p50/p95 in the admin namespace's metrics:update.
+        self.stats.latency.add(elapsed)
 
     def _answer_error(self, exc: errors.GatewayError, ack: int | None, event: str | None) -> None:
         self.metrics.errors.labels(exc.code).inc()

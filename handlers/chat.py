@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from marshmallow import Schema
 
 from handlers import schemas as s
-from handlers.base import GatewayHandler, Reply
+from handlers.base import EarlyAck, GatewayHandler, Reply
 from models import chat as chat_db
 from server.core import errors
 from server.services.messages import Author
@@ -54,6 +54,7 @@ class ChatHandler(GatewayHandler):
         "user:status_update": s.StatusUpdate,
         "system:get_health": s.Empty,
     }
+    early_acks: ClassVar[frozenset[str]] = frozenset({"message:send"})
     rate_classes: ClassVar[dict[str, str]] = {
         "message:send": "messages",
         "message:edit": "messages",
@@ -189,16 +190,19 @@ class ChatHandler(GatewayHandler):
         attachments: list[str],
         metadata: dict[str, Any],
         client_msg_id: str | None,
-    ) -> Reply:
+        answer: EarlyAck,
+    ) -> dict[str, Any]:
         self._require_joined(room_id)
         assert self.identity is not None
         request = chat_db.SendRequest(
             room_id, self.user_id, self.identity.display_name, content, type,
             parent_message_id, attachments, metadata, client_msg_id,
         )  # fmt: skip
-        stored = await self.messages.send(self.author, request, started=self.event_started)
-        # The sender's ack first: the room's broadcast (not to the sender) follows it.
-        return Reply(stored.ack, stored.announce)
+        # The ack goes out (``answer``) once the message is committed, before this
+        # task resumes; the room's broadcast (not to the sender) follows it there.
+        return await self.messages.send(
+            self.author, request, started=self.event_started, answer=answer
+        )
 
     async def on_message_edit(self, message_id: int, content: str) -> dict[str, Any]:
         return await self.messages.edit(self.author, message_id, content)

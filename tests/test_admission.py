@@ -9,6 +9,7 @@ node's one :class:`handlers.deps.Deps`, and the base handler's after-ack hook
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
 import orjson
@@ -16,10 +17,10 @@ import pytest
 from marshmallow import Schema
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.web import RequestHandler, StaticFileHandler
-from tornado.websocket import websocket_connect
+from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from handlers import schemas as s
-from handlers.base import GatewayHandler, Reply
+from handlers.base import EarlyAck, GatewayHandler, Reply
 from server.core import errors
 from server.core.auth import Identity
 from server.services.admission import (
@@ -132,24 +133,30 @@ class AfterAckHandler(GatewayHandler):
         raise errors.BadRequest("no")
 
 
-@pytest.mark.asyncio
-async def test_after_ack_runs_once_the_ack_is_queued(gateway: Any) -> None:
-    gateway.node.app.add_handlers(
-        r".*", [(r"/ws/echo", AfterAckHandler, {"deps": gateway.node.deps})]
-    )
+async def tiny_namespace(
+    gateway: Any, path: str, handler: type[GatewayHandler]
+) -> tuple[WebSocketClientConnection, Callable[[], Awaitable[dict[str, Any]]]]:
+    """``handler`` served at ``path``; alice connected to it, and her next frame, decoded."""
+    gateway.node.app.add_handlers(r".*", [(path, handler, {"deps": gateway.node.deps})])
     request = HTTPRequest(
-        f"ws://127.0.0.1:{gateway.port}/ws/echo",
+        f"ws://127.0.0.1:{gateway.port}{path}",
         headers={"Authorization": f"Bearer {gateway.token('alice')}"},
     )
     ws = await websocket_connect(request)
+
+    async def frame() -> dict[str, Any]:
+        raw = await ws.read_message()
+        assert raw is not None
+        decoded: dict[str, Any] = orjson.loads(raw)
+        return decoded
+
+    return ws, frame
+
+
+@pytest.mark.asyncio
+async def test_after_ack_runs_once_the_ack_is_queued(gateway: Any) -> None:
+    ws, frame = await tiny_namespace(gateway, "/ws/echo", AfterAckHandler)
     try:
-
-        async def frame() -> dict[str, Any]:
-            raw = await ws.read_message()
-            assert raw is not None
-            decoded: dict[str, Any] = orjson.loads(raw)
-            return decoded
-
         assert (await frame())["event"] == "system:welcome"
         # A handler that raises has no after-ack: only the error comes back.
         await ws.write_message(
@@ -164,5 +171,57 @@ async def test_after_ack_runs_once_the_ack_is_queued(gateway: Any) -> None:
         # Without an ack id the hook still runs.
         await ws.write_message(orjson.dumps({"event": "echo:say", "data": {"text": "yo"}}))
         assert await frame() == {"event": "echo:after", "data": {"text": "yo"}}
+    finally:
+        ws.close()
+
+
+class EarlyAckHandler(GatewayHandler):
+    """A namespace whose events ack early (``EarlyAck``), then return or raise."""
+
+    namespace = "chat"
+    schemas: ClassVar[dict[str, type[Schema]]] = {"early:say": Say, "early:fail": Say,
+                                                  "early:late": Say}  # fmt: skip
+    early_acks: ClassVar[frozenset[str]] = frozenset({"early:say", "early:fail", "early:late"})
+
+    async def on_early_say(self, text: str, answer: EarlyAck) -> dict[str, Any]:
+        answer({"text": text})
+        answer({"text": "a second answer"})
+        return {"text": "the result, not sent"}
+
+    async def on_early_fail(self, text: str, answer: EarlyAck) -> dict[str, Any]:
+        answer({"text": text})
+        raise errors.BadRequest("after the ack")
+
+    async def on_early_late(self, text: str, answer: EarlyAck) -> dict[str, Any]:
+        return {"text": text}  # never answered early: acked from the result
+
+
+@pytest.mark.asyncio
+async def test_an_early_ack_is_the_frames_one_answer(gateway: Any) -> None:
+    ws, frame = await tiny_namespace(gateway, "/ws/early", EarlyAckHandler)
+    registry = gateway.node.registry
+
+    def counted(event: str) -> float | None:
+        return registry.get_sample_value("switchboard_event_duration_seconds_count",
+                                         {"namespace": "chat", "event": event})  # fmt: skip
+
+    try:
+
+        async def emit(event: str, text: str, ack: int | None) -> None:
+            envelope: dict[str, Any] = {"event": event, "data": {"text": text}}
+            if ack is not None:
+                envelope["ack"] = ack
+            await ws.write_message(orjson.dumps(envelope))
+
+        assert (await frame())["event"] == "system:welcome"
+        await emit("early:say", "hi", 1)
+        await emit("early:fail", "x", 2)
+        await emit("early:fail", "y", None)  # no ack asked: no error frame either
+        await emit("early:late", "late", 3)
+        # One answer per frame, in order; the error after an early ack is only logged.
+        assert await frame() == {"ack": 1, "ok": True, "data": {"text": "hi"}}
+        assert await frame() == {"ack": 2, "ok": True, "data": {"text": "x"}}
+        assert await frame() == {"ack": 3, "ok": True, "data": {"text": "late"}}
+        assert (counted("early:say"), counted("early:fail"), counted("early:late")) == (1, 2, 1)
     finally:
         ws.close()

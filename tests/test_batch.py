@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import orjson
 import pytest
 import pytest_asyncio
 from tornado.httpclient import AsyncHTTPClient
@@ -27,11 +28,12 @@ from tornado.httpclient import AsyncHTTPClient
 from models import Room, utcnow
 from switchboard_client import Client, ClientError
 from tests.conftest import ROOMY_RATE_LIMITS
-from tests.support.client_checks import nothing_arrived, settle
+from tests.support.client_checks import barrier, nothing_arrived, settle
 from tests.support.cluster import lock_rows, waiting_for_locks
 from tests.support.sql_trace import writer_statements
 from tests.support.waiting import eventually
 from tests.test_chat import join, member, room, send, went_offline
+from tests.test_hub import decode_frame, split_frames
 from tests.test_presence import statuses as statuses_of
 from tests.test_shutdown import ServerProcess
 
@@ -178,6 +180,53 @@ async def test_a_batch_fails_its_bad_sends_alone_and_commits_the_rest(gateway):
     page = await watcher.emit("room:get_messages", {"roomId": "general", "limit": 10})
     assert [m["seq"] for m in page["messages"]] == list(range(primed["seq"] + 5, 0, -1))
     assert [m["content"] for m in page["messages"]].count("twice") == 1
+
+
+async def test_a_batchs_senders_get_their_ack_between_the_rooms_broadcasts_in_seq_order(gateway):
+    """Acks leave from the batcher's callback, before the handlers wake; each send's ack
+    still follows the broadcasts of the sends committed before it in the batch, so every
+    sender reads the room's seqs in order: the others' message:new and its own ack."""
+    gw = gateway
+    owner = await gw.connect("owner")
+    await room(owner, "general")
+    senders = [await gw.connect(f"s{n}") for n in range(4)]
+    for client in senders:
+        await join(client, "general")
+    await settle(owner, *senders)
+    seen: dict[str, list[tuple[str, int]]] = {}
+    for n in range(4):
+        (conn,) = gw.node.hub.user_connections(f"s{n}")
+        seen[f"s{n}"] = got = []
+        write = conn.write_frame
+
+        def spy(frame: bytes, frames: int = 1, got: list[Any] = got, write: Any = write) -> bool:
+            for one in split_frames(frame):
+                body = orjson.loads(decode_frame(one))
+                if body.get("event") == "message:new":
+                    got.append(("new", body["data"]["message"]["seq"]))
+                elif "message" in body.get("data", {}):
+                    got.append(("ack", body["data"]["message"]["seq"]))
+            return write(frame, frames)
+
+        conn.write_frame = spy
+
+    async with held_database(gw):
+        primer = await primed_send(gw, owner, "general")
+        futures = [
+            asyncio.ensure_future(c.emit("message:send", {"roomId": "general", "content": "x"}))
+            for c in senders
+        ]  # fmt: skip
+        await queued(gw, len(futures))
+    first = (await primer)["message"]["seq"]
+    acks = [(await f)["message"]["seq"] for f in futures]
+    assert sorted(acks) == list(range(first + 1, first + 5))
+    for client in senders:
+        for _ in range(len(senders)):  # the primer's and the three others'
+            await client.next_event("message:new")
+    await barrier(*senders)
+    for n, seq in enumerate(acks):
+        others = [("new", s) for s in range(first, first + 5) if s != seq]
+        assert seen[f"s{n}"] == sorted([*others, ("ack", seq)], key=lambda kind_seq: kind_seq[1])
 
 
 async def test_a_retry_in_another_room_is_a_conflict_not_a_duplicate(gateway):

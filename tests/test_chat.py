@@ -981,6 +981,68 @@ async def test_a_lone_sends_ack_is_written_before_its_broadcast_is_queued(gatewa
     await assert_no_event(alice, "message:new")
 
 
+async def test_a_sends_ack_and_broadcast_leave_before_the_senders_task_resumes(gateway):
+    """The ack is written in the loop iteration that learns of the commit (the batcher's
+    on_result), not an iteration later when the handler's task wakes; the room's
+    broadcast follows it there. The handler, once awake, does not ack again."""
+    alice, bob = await users(gateway, "alice", "bob")
+    await room(alice, "general")
+    await join(bob, "general")
+    await settle(alice, bob)
+    hub = gateway.node.hub
+    (sender,) = hub.user_connections("alice")
+    (member,) = hub.user_connections("bob")
+    sends = gateway.node.sends
+    submit = sends.submit
+    at_resume: list[tuple[int, int]] = []
+
+    async def spy(*args: Any) -> Any:
+        sent = await submit(*args)
+        at_resume.append((sender.outbound.frames_out, member.outbound.frames_out))
+        return sent
+
+    sends.submit = spy
+    registry = gateway.node.registry
+    labels = {"namespace": "chat", "event": "message:send"}
+    latencies = len(gateway.node.stats.latency)
+    before = (sender.outbound.frames_out, member.outbound.frames_out)
+    m = await send(alice, "general")
+    assert (await bob.next_event("message:new"))["data"]["message"] == m
+    # The ack and bob's message:new were both handed to the sockets already.
+    assert at_resume == [(before[0] + 1, before[1] + 1)]
+    await barrier(alice)
+    assert sender.outbound.frames_out == before[0] + 2  # the ack once, and the ping's
+    # Counted once, at the ack (the stats' latencies: the send's and the ping's).
+    assert registry.get_sample_value("switchboard_event_duration_seconds_count", labels) == 1
+    assert len(gateway.node.stats.latency) == latencies + 2
+    assert registry.get_sample_value("switchboard_messages_persisted_total") == 1
+
+
+async def test_a_send_without_an_ack_id_is_stored_and_broadcast_unacked(gateway):
+    alice, bob, muted = await users(gateway, "alice", "bob", "muted")
+    await room(alice, "general")
+    await join(bob, "general")
+    await join(muted, "general")
+    admin = await gateway.connect("mod", "admin", roles=("admin",))
+    await admin.emit("admin:mute", {"userId": "muted", "roomId": "general",
+                                    "durationSeconds": 600})  # fmt: skip
+    await settle(alice, bob, muted)
+    hub = gateway.node.hub
+    (sender,) = hub.user_connections("alice")
+    before = sender.outbound.frames_out
+    await alice.send("message:send", {"roomId": "general", "content": "no ack"})
+    ev = await bob.next_event("message:new")
+    assert ev["data"]["message"]["content"] == "no ack"
+    await barrier(alice)
+    assert sender.outbound.frames_out == before + 1  # the ping's ack only
+    await assert_no_event(alice, ping=False)
+    # A send refused in its batch (MUTED) answers system:error naming the event.
+    await muted.send("message:send", {"roomId": "general", "content": "shh"})
+    err = await muted.next_event("system:error")
+    assert err["data"]["code"] == "MUTED" and err["data"]["event"] == "message:send"
+    assert [x["content"] for x in (await history(bob, "general"))["messages"]] == ["no ack"]
+
+
 async def test_send_content_length(gateway):
     alice = await gateway.connect("alice")
     await room(alice, "general")

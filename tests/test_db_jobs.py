@@ -160,3 +160,37 @@ async def test_a_batcher_sends_what_arrived_in_one_turn_together_without_a_task_
     assert await first == [2, 4, 6]
     assert [await f for f in later] == [8, 10]
     assert seen == [[1, 2, 3], [4, 5]]
+
+
+async def test_on_result_runs_in_request_order_before_any_caller_of_the_batch_wakes(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not for an error outcome; one that raises is logged and its caller still gets its result."""
+
+    def outcomes(requests: list[int]) -> list[int | errors.GatewayError]:
+        return [errors.RoomNotFound() if n == 2 else 10 * n for n in requests]
+
+    batcher: Batcher[int, int] = Batcher(db, "test.results", outcomes)
+    order: list[str] = []
+
+    def on_result(result: int) -> None:
+        order.append(f"on_result {result}")
+        if result == 40:
+            raise RuntimeError("a broken callback")
+
+    async def caller(n: int) -> int | str:
+        try:
+            result: int | str = await batcher.submit(n, on_result)
+        except errors.GatewayError as exc:
+            result = exc.code
+        order.append(f"resumed {n}")
+        return result
+
+    got = await asyncio.gather(*(caller(n) for n in (1, 2, 3, 4)))
+    assert got == [10, "ROOM_NOT_FOUND", 30, 40]
+    assert batcher.batches == 1
+    assert order == [
+        "on_result 10", "on_result 30", "on_result 40",
+        "resumed 1", "resumed 2", "resumed 3", "resumed 4",
+    ]  # fmt: skip
+    assert "test.results: a request's on_result failed" in caplog.text

@@ -4,9 +4,13 @@ The chat handler translates frames; this service stores (a send through
 the group-commit batcher) and broadcasts, and counts what a message
 counts: metrics, stats, the sender's typing indicator, the notifications
 it queues. A message is committed before its ack and before its
-``message:new`` leaves; the sender's ack is written first and the rest
-(broadcast, typing stop, notifications, counting) follows it
-(:class:`Stored`).
+``message:new`` leaves. The sender's ack is written first and the rest
+(typing stop, broadcast, counting, notifications) follows it, both from the
+group-commit batcher's ``on_result``: in the loop iteration that learns of
+the commit, in request order, before the sending handler's task resumes (a
+loop iteration and a wake-up later). A batch's sends thus reach the hub in
+the order a handler per send would have written them -- ack, then broadcast,
+send after send -- and every connection keeps its frames in seq order.
 
 A send answered ``duplicate`` (a retry of a stored message: e.g. its node
 stored it and died before acking, and the client retried here) broadcasts
@@ -20,9 +24,8 @@ so only the members who missed it get it; clients dedupe by
 Example::
 
     messages = Messages(hub, sends, reacts, db, metrics, stats, typing, notifications)
-    stored = await messages.send(author, request, started=time.perf_counter())
-    ...  # write the ack with stored.ack, then:
-    stored.announce()
+    # write_ack(data) runs once the message is committed, before send returns.
+    data = await messages.send(author, request, started=time.perf_counter(), answer=write_ack)
 """
 
 from __future__ import annotations
@@ -65,20 +68,6 @@ class Author:
         return user_id
 
 
-@dataclass(frozen=True, slots=True)
-class Stored:
-    """A stored send: the ack's data, and what follows the ack (the room's broadcast).
-
-    The broadcast goes to the room's other connections, never the sender's,
-    so running it once the ack is written keeps every connection's frame
-    order and spares the sender's wait the publish, the typing stop, the
-    notification queueing and the counting.
-    """
-
-    ack: dict[str, Any]
-    announce: Callable[[], None]
-
-
 @dataclass(slots=True)
 class Messages:
     """Sending, editing, deleting and reacting to messages (see the module docstring)."""
@@ -92,19 +81,43 @@ class Messages:
     typing: TypingTracker
     notifications: NotificationService
 
-    async def send(self, author: Author, request: chat_db.SendRequest, *, started: float) -> Stored:
-        """Store ``request`` (group commit): the ack's data, and the broadcast to run after it.
+    async def send(
+        self,
+        author: Author,
+        request: chat_db.SendRequest,
+        *,
+        started: float,
+        answer: Callable[[dict[str, Any]], object] | None = None,
+    ) -> dict[str, Any]:
+        """Store ``request`` (group commit); returns the ack's data.
 
-        ``started`` is when the event arrived (``time.perf_counter()``), for
-        the publish latency metric.
+        Once the message is committed, before this returns: ``answer`` is
+        called with the ack's data (the caller writes the sender's ack there),
+        then the room's broadcast and the rest follow. ``started`` is when the
+        event arrived (``time.perf_counter()``), for the publish latency metric.
         """
-        sent = await self.sends.submit(request)
-        message = sent.message
+        sent = await self.sends.submit(request, partial(self._stored, author, started, answer))
+        return _ack_data(sent)
+
+    def _stored(
+        self,
+        author: Author,
+        started: float,
+        answer: Callable[[dict[str, Any]], object] | None,
+        sent: chat_db.Sent,
+    ) -> None:
+        """Committed (the batcher's ``on_result``): the sender's ack, then what follows it.
+
+        The broadcast goes to the room's other connections, never the
+        sender's: after the ack, it spares the sender's wait the typing stop,
+        the publish, the counting and the notification queueing.
+        """
+        if answer is not None:
+            answer(_ack_data(sent))
         if sent.duplicate:
-            return Stored({"message": message, "duplicate": True},
-                          partial(self._rebroadcast, author, message))  # fmt: skip
-        return Stored({"message": message, "duplicate": False},
-                      partial(self._announce, author, message, started))  # fmt: skip
+            self._rebroadcast(author, sent.message)
+        else:
+            self._announce(author, sent.message, started)
 
     def _announce(self, author: Author, message: dict[str, Any], started: float) -> None:
         room_id = message["roomId"]
@@ -167,6 +180,10 @@ class Messages:
         self.hub.publish(Target.room(result["roomId"]), "message:reaction", data,
                          exclude=author.conn_id)  # fmt: skip
         return data
+
+
+def _ack_data(sent: chat_db.Sent) -> dict[str, Any]:
+    return {"message": sent.message, "duplicate": sent.duplicate}
 
 
 def _recent(message: dict[str, Any]) -> bool:
