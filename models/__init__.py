@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,8 +19,18 @@ import peewee as pw
 
 
 def utcnow() -> dt.datetime:
-    """Naive UTC (what both SQLite and PostgreSQL store without surprises)."""
-    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    """Naive UTC (what both SQLite and PostgreSQL store without surprises).
+
+    The epoch plus the system clock's microseconds: the same value as
+    ``datetime.now(UTC).replace(tzinfo=None)`` at a third of its cost (that
+    makes an aware datetime, converts it, then parses ``replace``'s keyword
+    to copy it; a send's job pays it on the writer thread). Not
+    ``datetime.utcnow()``, deprecated since Python 3.12.
+    """
+    return _UNIX_EPOCH + dt.timedelta(0, 0, time.time_ns() // 1000)
+
+
+_UNIX_EPOCH = dt.datetime(1970, 1, 1)
 
 
 class JSONField(pw.TextField):
