@@ -906,7 +906,7 @@ def _insert_batch(
     ``out`` untouched; True otherwise.
     """
     stamp = _db_time(now)
-    created = iso(now)
+    created = _iso_of_text(stamp) if isinstance(stamp, str) else iso(now)
     rows: list[tuple[Any, ...]] = []
     placed: list[tuple[int, str, int]] = []  # (request index, room, seq)
     checks_params: tuple[Any, ...] = () if checks_of is None else (checks_of, checks_of, stamp)
@@ -996,6 +996,17 @@ def _db_time(value: dt.datetime) -> Any:
     if isinstance(Message._meta.database, pw.SqliteDatabase):
         return value.isoformat(" ")
     return value
+
+
+def _iso_of_text(text: str) -> str:
+    """``iso()`` of the datetime whose SQLite text (:func:`_db_time`) is ``text``.
+
+    Cut from the text, not formatted again: the send path has both.
+    ``isoformat`` leaves out a zero fraction, ``iso`` shows milliseconds.
+    """
+    if len(text) > len("YYYY-MM-DD HH:MM:SS"):
+        return f"{text[:10]}T{text[11:23]}Z"
+    return f"{text[:10]}T{text[11:]}.000Z"
 
 
 def _py_time(value: Any) -> dt.datetime:

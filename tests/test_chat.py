@@ -25,6 +25,7 @@ from tornado.websocket import websocket_connect
 
 from models import RoomMute, sql_execute, sql_mark, sql_rows, utcnow
 from models import chat as chat_db
+from server.core.protocol import iso
 from server.realtime.hub import Target
 from switchboard_client import Client, ClientError
 from tests.conftest import ROOMY_RATE_LIMITS
@@ -192,6 +193,13 @@ async def test_plain_sql_raises_peewees_exceptions(gateway):
 
 
 
+async def test_utcnow_is_the_naive_utc_now() -> None:
+    """``models.utcnow`` (built from the clock's microseconds since the epoch): naive, UTC."""
+    before = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    now = utcnow()
+    after = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    assert now.tzinfo is None and before <= now <= after
+
 async def test_db_time_is_what_the_driver_stores(gateway):
     """``models.chat._db_time`` formats the send path's timestamps itself on SQLite:
     the text must be the driver's own for that datetime (with and without
@@ -201,6 +209,8 @@ async def test_db_time_is_what_the_driver_stores(gateway):
             "test.time", sql_rows, f"SELECT {sql_mark()}", [value]
         )
         assert chat_db._db_time(value) == stored
+        if isinstance(stored, str):  # SQLite: the wire's createdAt is cut from the text
+            assert chat_db._iso_of_text(stored) == iso(value)
 
 # -- room:create ----------------------------------------------------------------
 
