@@ -926,9 +926,11 @@ def _insert_batch(
         for offset, i in enumerate(indexes):
             r, seq = requests[i], last - count + 1 + offset
             placed.append((i, room_id, seq))
+            # Most sends carry neither: their JSON is known without serialising.
             rows.append((
                 room_id, seq, r.sender_id, r.sender_name, r.content, r.msg_type, r.parent_id,
-                orjson.dumps(r.attachments).decode(), orjson.dumps(r.metadata).decode(),
+                orjson.dumps(r.attachments).decode() if r.attachments else "[]",
+                orjson.dumps(r.metadata).decode() if r.metadata else "{}",
                 r.client_msg_id, stamp,
             ))  # fmt: skip
     if not rows:
