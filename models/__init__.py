@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,8 +19,18 @@ import peewee as pw
 
 
 def utcnow() -> dt.datetime:
-    """Naive UTC (what both SQLite and PostgreSQL store without surprises)."""
-    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    """Naive UTC (what both SQLite and PostgreSQL store without surprises).
+
+    The epoch plus the system clock's microseconds: the same value as
+    ``datetime.now(UTC).replace(tzinfo=None)`` at a third of its cost (that
+    makes an aware datetime, converts it, then parses ``replace``'s keyword
+    to copy it; a send's job pays it on the writer thread). Not
+    ``datetime.utcnow()``, deprecated since Python 3.12.
+    """
+    return _UNIX_EPOCH + dt.timedelta(0, 0, time.time_ns() // 1000)
+
+
+_UNIX_EPOCH = dt.datetime(1970, 1, 1)
 
 
 class JSONField(pw.TextField):
@@ -238,14 +249,20 @@ def sql_execute(sql: str, params: Sequence[Any]) -> Any:
     Straight on the DB-API cursor of ``connection()``, not through
     ``execute_sql``, whose layers (query log, hooks, the closed check of
     ``cursor()``) cost a few µs per statement of a lone send's job, on the
-    writer thread the next send waits for. Errors are peewee's all the same.
+    writer thread the next send waits for. Errors are peewee's all the same,
+    translated only once one was raised: entering and leaving the wrapper on
+    every statement cost two Python calls each, a cold µs or more apiece.
     """
-    with _PEEWEE_ERRORS:
+    try:
         cursor = Message._meta.database.connection().cursor()
         cursor.execute(sql, params)
+    except Exception:
+        with _PEEWEE_ERRORS:
+            raise
     return cursor
 
 
 def sql_rows(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-    """Every row of ``sql`` as a tuple."""
-    return [tuple(row) for row in sql_execute(sql, params).fetchall()]
+    """Every row of ``sql`` as a tuple (both drivers' own rows are: no copy)."""
+    rows: list[tuple[Any, ...]] = sql_execute(sql, params).fetchall()
+    return rows

@@ -9,6 +9,7 @@ from the event loop.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import secrets
@@ -904,28 +905,17 @@ def _insert_batch(
     :func:`_facts` reads them. False when they refuse it: nothing written,
     ``out`` untouched; True otherwise.
     """
-    mark = sql_mark()
     stamp = _db_time(now)
-    created = iso(now)
+    created = _iso_of_text(stamp) if isinstance(stamp, str) else iso(now)
     rows: list[tuple[Any, ...]] = []
     placed: list[tuple[int, str, int]] = []  # (request index, room, seq)
-    checks, checks_params = "", list[Any]()
-    if checks_of is not None:
-        checks = (
-            ' AND EXISTS (SELECT 1 FROM "room_member" m WHERE m."room_id" = "room"."id"'
-            f' AND m."user_id" = {mark}) AND NOT EXISTS (SELECT 1 FROM "room_mute" u'
-            f' WHERE u."room_id" = "room"."id" AND u."user_id" = {mark} AND u."until" > {mark})'
-        )  # fmt: skip
-        checks_params = [checks_of, checks_of, stamp]
+    checks_params: tuple[Any, ...] = () if checks_of is None else (checks_of, checks_of, stamp)
+    bump = _bump_sql(sql_mark(), checks_of is not None)
     # Rooms in one order on every node: two batches never wait on each other's row locks.
     for room_id in sorted(accepted):
         indexes = accepted[room_id]
         count = len(indexes)
-        bumped = sql_rows(
-            f'UPDATE "room" SET "last_seq" = "last_seq" + {mark}, "last_activity_at" = {mark}'
-            f' WHERE "id" = {mark} AND "deleted_at" IS NULL{checks} RETURNING "last_seq"',
-            [count, stamp, room_id, *checks_params],
-        )  # fmt: skip
+        bumped = sql_rows(bump, (count, stamp, room_id, *checks_params))
         if not bumped and checks_of is not None:
             return False
         if not bumped:  # deleted since the check (another node)
@@ -936,19 +926,18 @@ def _insert_batch(
         for offset, i in enumerate(indexes):
             r, seq = requests[i], last - count + 1 + offset
             placed.append((i, room_id, seq))
+            # Most sends carry neither: their JSON is known without serialising.
             rows.append((
                 room_id, seq, r.sender_id, r.sender_name, r.content, r.msg_type, r.parent_id,
-                orjson.dumps(r.attachments).decode(), orjson.dumps(r.metadata).decode(),
+                orjson.dumps(r.attachments).decode() if r.attachments else "[]",
+                orjson.dumps(r.metadata).decode() if r.metadata else "{}",
                 r.client_msg_id, stamp,
             ))  # fmt: skip
     if not rows:
         return True
-    values = ", ".join([f"({sql_marks(rows[0])})"] * len(rows))
     # RETURNING's row order is unspecified: (room, seq) names each row's id.
     ids = {(room_id, seq): message_id for message_id, room_id, seq in sql_rows(
-        'INSERT INTO "message" ("room_id", "seq", "sender_id", "sender_name", "content", "type",'
-        ' "parent_id", "attachments", "metadata", "client_msg_id", "created_at")'
-        f' VALUES {values} RETURNING "id", "room_id", "seq"', [v for row in rows for v in row],
+        _insert_sql(sql_mark(), len(rows)), [v for row in rows for v in row],
     )}  # fmt: skip
     for i, room_id, seq in placed:
         r = requests[i]
@@ -959,9 +948,67 @@ def _insert_batch(
     return True
 
 
+# The send path's statements, built once per shape (a lone send's job ran ~10 µs of
+# string building per call before). Keyed by the bound-parameter mark, so that one
+# process may bind the models to SQLite and then PostgreSQL (the tests do).
+
+
+@functools.cache
+def _bump_sql(mark: str, checked: bool) -> str:
+    """A room's seq bump by a count, RETURNING the new last seq.
+
+    ``checked``: with a lone send's checks as conditions (its sender a member
+    and not muted; params sender, sender, now), see :func:`_insert_batch`.
+    """
+    checks = (
+        ' AND EXISTS (SELECT 1 FROM "room_member" m WHERE m."room_id" = "room"."id"'
+        f' AND m."user_id" = {mark}) AND NOT EXISTS (SELECT 1 FROM "room_mute" u'
+        f' WHERE u."room_id" = "room"."id" AND u."user_id" = {mark} AND u."until" > {mark})'
+    ) if checked else ""  # fmt: skip
+    return (
+        f'UPDATE "room" SET "last_seq" = "last_seq" + {mark}, "last_activity_at" = {mark}'
+        f' WHERE "id" = {mark} AND "deleted_at" IS NULL{checks} RETURNING "last_seq"'
+    )
+
+
+#: Insert statements kept (one per batch size met; a steady rate meets a few).
+_INSERT_SQL_CACHED = 32
+
+
+@functools.lru_cache(maxsize=_INSERT_SQL_CACHED)
+def _insert_sql(mark: str, rows: int) -> str:
+    """The insert of ``rows`` messages (11 params each), RETURNING id, room, seq."""
+    values = ", ".join([f"({', '.join([mark] * 11)})"] * rows)
+    return (
+        'INSERT INTO "message" ("room_id", "seq", "sender_id", "sender_name", "content", "type",'
+        ' "parent_id", "attachments", "metadata", "client_msg_id", "created_at")'
+        f' VALUES {values} RETURNING "id", "room_id", "seq"'
+    )
+
+
 def _db_time(value: dt.datetime) -> Any:
-    """A datetime as peewee stores it (SQLite: text; PostgreSQL: the datetime)."""
-    return Message.created_at.db_value(value)  # type: ignore[no-untyped-call]
+    """A datetime as peewee stores it (SQLite: text; PostgreSQL: the datetime).
+
+    On SQLite the text is made here, once, as the driver's default adapter
+    (``sqlite3.dbapi2.adapt_datetime``, the one peewee leaves in place) makes
+    it: a parameter used three times in a lone send's job would otherwise
+    call that Python adapter three times. tests/test_chat.py::
+    test_db_time_is_what_the_driver_stores guards the sameness.
+    """
+    if isinstance(Message._meta.database, pw.SqliteDatabase):
+        return value.isoformat(" ")
+    return value
+
+
+def _iso_of_text(text: str) -> str:
+    """``iso()`` of the datetime whose SQLite text (:func:`_db_time`) is ``text``.
+
+    Cut from the text, not formatted again: the send path has both.
+    ``isoformat`` leaves out a zero fraction, ``iso`` shows milliseconds.
+    """
+    if len(text) > len("YYYY-MM-DD HH:MM:SS"):
+        return f"{text[:10]}T{text[11:23]}Z"
+    return f"{text[:10]}T{text[11:]}.000Z"
 
 
 def _py_time(value: Any) -> dt.datetime:

@@ -23,7 +23,9 @@ import pytest
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
-from models import RoomMute, sql_execute, utcnow
+from models import RoomMute, sql_execute, sql_mark, sql_rows, utcnow
+from models import chat as chat_db
+from server.core.protocol import iso
 from server.realtime.hub import Target
 from switchboard_client import Client, ClientError
 from tests.conftest import ROOMY_RATE_LIMITS
@@ -189,6 +191,26 @@ async def test_plain_sql_raises_peewees_exceptions(gateway):
     members = await alice.emit("room:members", {"roomId": "general"})
     assert [m["userId"] for m in members["members"]] == ["alice"]
 
+
+
+async def test_utcnow_is_the_naive_utc_now() -> None:
+    """``models.utcnow`` (built from the clock's microseconds since the epoch): naive, UTC."""
+    before = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    now = utcnow()
+    after = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    assert now.tzinfo is None and before <= now <= after
+
+async def test_db_time_is_what_the_driver_stores(gateway):
+    """``models.chat._db_time`` formats the send path's timestamps itself on SQLite:
+    the text must be the driver's own for that datetime (with and without
+    microseconds), or the send path's rows would sort apart from peewee's."""
+    for value in (dt.datetime(2026, 11, 27, 18, 40, 41, 123456), dt.datetime(2026, 1, 2, 3, 4, 5)):
+        ((stored,),) = await gateway.node.db.run(
+            "test.time", sql_rows, f"SELECT {sql_mark()}", [value]
+        )
+        assert chat_db._db_time(value) == stored
+        if isinstance(stored, str):  # SQLite: the wire's createdAt is cut from the text
+            assert chat_db._iso_of_text(stored) == iso(value)
 
 # -- room:create ----------------------------------------------------------------
 

@@ -9,6 +9,8 @@ directory; the writer is held with a job that waits on an event.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,6 +20,7 @@ import peewee as pw
 import pytest
 import pytest_asyncio
 
+from models import Ban
 from server.core import errors
 from server.store.batch import Batcher
 from server.store.db import Database
@@ -194,3 +197,42 @@ async def test_on_result_runs_in_request_order_before_any_caller_of_the_batch_wa
         "resumed 1", "resumed 2", "resumed 3", "resumed 4",
     ]  # fmt: skip
     assert "test.results: a request's on_result failed" in caplog.text
+
+
+@pytest_asyncio.fixture(params=["sqlite", "postgres"])
+async def either_db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'nested.db'}"
+    else:
+        url = request.getfixturevalue("postgres").create_database(f"t{os.urandom(6).hex()}")
+    database = Database(url)
+    await database.start()
+    yield database
+    await database.close()
+
+
+async def test_a_job_commits_whole_or_not_at_all_and_an_atomic_inside_it_is_undone_alone(
+    either_db: Database,
+) -> None:
+    """A job's transaction and an ``atomic()`` nested in it (a savepoint), as the send
+    path uses them (``send_messages``' retry on PostgreSQL, ``_send_alone``)."""
+
+    def ban(user_id: str) -> None:
+        Ban.create(user_id=user_id, banned_by="test")
+
+    def nested() -> None:
+        ban("before")
+        with contextlib.suppress(pw.IntegrityError), either_db.db.atomic():
+            ban("inner")
+            ban("before")  # unique: undoes the savepoint, not the job
+        ban("after")
+
+    def failing() -> None:
+        ban("lost")
+        raise ValueError("the job fails")
+
+    await either_db.run("test.nested", nested)
+    with pytest.raises(ValueError):
+        await either_db.run("test.failing", failing)
+    banned = await either_db.run("test.read", lambda: sorted(b.user_id for b in Ban.select()))
+    assert banned == ["after", "before"]
