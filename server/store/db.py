@@ -193,7 +193,7 @@ class Checkpointer:
 
 
 class Database:
-    """The application's database: models bound, a thread pool, migrations."""
+    """The application's database: models bound, its database threads, migrations."""
 
     def __init__(
         self,
@@ -362,11 +362,10 @@ class Database:
 
     def _truncate_soon(self) -> None:
         """Queue a truncation for the writer thread, between two jobs (from the checkpointer)."""
-        self._put(_Job("wal.truncate", self._truncate))
+        self._put(_Job("wal.truncate", partial(self._call, self._truncate, (), {}, False)))
 
     def _truncate(self) -> None:
-        """Checkpoint the whole WAL and cut it to zero, on the writer's thread (no transaction)."""
-        self.db.connect(reuse_if_open=True)
+        """Checkpoint the whole WAL and cut it to zero (a job of its own, no transaction)."""
         self.db.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()  # type: ignore[no-untyped-call]
 
     async def ping(self) -> bool:
