@@ -580,24 +580,29 @@ class Hub:
         """Write ``frame`` to ``conns`` (a snapshot) but those in ``skip`` (all among ``conns``)."""
         if self.coalesce:
             return self._queue(conns, frame, skip, True)
-        delivered = self._write_each(conns, frame, skip)
-        # Counted once per broadcast rather than per recipient: two metric
-        # increments per delivery were 10-20% of this loop (bench/README.md).
-        if self._on_delivered is not None and delivered:
-            self._on_delivered(delivered, delivered * len(frame))
-        return delivered
+        return self._write_each(conns, frame, skip, True)
 
-    @staticmethod
     def _write_each(
-        conns: tuple[Connection, ...], frame: bytes, skip: set[Connection] | None
+        self,
+        conns: tuple[Connection, ...],
+        frame: bytes,
+        skip: set[Connection] | None,
+        counted: bool,
     ) -> int:
-        """Write ``frame`` to each of ``conns`` but ``skip``; how many took it."""
+        """Write ``frame`` to each of ``conns`` but ``skip`` now; how many took it.
+
+        ``counted``: the writes are broadcast deliveries (not acks), reported to
+        ``on_delivered`` -- once per broadcast rather than per recipient: two
+        metric increments per delivery were 10-20% of this loop (bench/README.md).
+        """
         delivered = 0
         # ``conns`` is a snapshot: a write may close a slow consumer, which
         # removes it from the hub's sets, not from the tuple.
         for conn in conns:
             if (skip is None or conn not in skip) and conn.write_frame(frame):
                 delivered += 1
+        if counted and delivered and self._on_delivered is not None:
+            self._on_delivered(delivered, delivered * len(frame))
         return delivered
 
     def _queue(
@@ -668,9 +673,7 @@ class Hub:
             return 0
         if len(outbox) == 1 and not done:  # a lone broadcast (a lone send's): nothing to merge
             conns, frame, skip, counted = outbox[0]
-            delivered = self._write_each(conns, frame, skip)
-            if counted and delivered and self._on_delivered is not None:
-                self._on_delivered(delivered, delivered * len(frame))
+            self._write_each(conns, frame, skip, counted)
             return len(conns) - (len(skip) if skip else 0)
         main = max((entry[0] for entry in outbox), key=len)
         main_at: list[int] = []  # positions of broadcasts to ``main``
