@@ -123,10 +123,7 @@ class Messages:
         room_id = message["roomId"]
         # Before message:new, so no member sees the author typing past their message.
         self.typing.stop(room_id, author.user, author.conn_id)
-        self.hub.publish(
-            Target.room(room_id), "message:new", {"message": message}, exclude=author.conn_id,
-            seq=message["seq"],
-        )  # fmt: skip
+        self._publish_new(author, message)
         # The publish queued the hub's flush with call_soon; queued behind it,
         # the counting and the notification work run once the room's frames
         # are written, not before them, and still before this node reads
@@ -144,10 +141,14 @@ class Messages:
 
     def _rebroadcast(self, author: Author, message: dict[str, Any]) -> None:
         if _recent(message):
-            self.hub.publish(
-                Target.room(message["roomId"]), "message:new", {"message": message},
-                exclude=author.conn_id, seq=message["seq"],
-            )  # fmt: skip
+            self._publish_new(author, message)
+
+    def _publish_new(self, author: Author, message: dict[str, Any]) -> None:
+        """``message:new`` to the room, but the author's connection (it gets the ack)."""
+        self.hub.publish(
+            Target.room(message["roomId"]), "message:new", {"message": message},
+            exclude=author.conn_id, seq=message["seq"],
+        )  # fmt: skip
 
     async def edit(self, author: Author, message_id: int, content: str) -> dict[str, Any]:
         message = await self.db.run(
