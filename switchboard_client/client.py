@@ -15,7 +15,7 @@ import functools
 import inspect
 import logging
 import random
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from types import TracebackType
 from typing import Any, Final, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -831,11 +831,7 @@ class Client:
         self._repair_timers.pop(room, None)
         if room in self._repairing:
             return  # the running repair looks at the room again when it ends
-        task = asyncio.get_running_loop().create_task(
-            self._repair(room), name=f"switchboard-client-repair {room}"
-        )
-        self._repair_tasks.add(task)
-        task.add_done_callback(self._repair_tasks.discard)
+        self._spawn_repair(self._repair(room), f"switchboard-client-repair {room}")
 
     async def _repair(self, room: str) -> None:
         """Fetch every message missing below the highest held one; deliver all in order."""
@@ -867,9 +863,13 @@ class Client:
         room = str(room_id)
         if not self._ledger.repair or self._conn is None or self._ledger.payload(room) is None:
             return
-        task = asyncio.get_running_loop().create_task(
-            self._resync(self._conn, room, room_id), name=f"switchboard-client-resync {room}"
+        self._spawn_repair(
+            self._resync(self._conn, room, room_id), f"switchboard-client-resync {room}"
         )
+
+    def _spawn_repair(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        """Run ``work`` (a repair or resync) as a task the client holds until it ends."""
+        task = asyncio.get_running_loop().create_task(work, name=name)
         self._repair_tasks.add(task)
         task.add_done_callback(self._repair_tasks.discard)
 
