@@ -188,10 +188,11 @@ class _DetachedReceive(WebSocketProtocol13):
     through the stream's buffer: ~120 µs of a lone ``message:send`` on a cold
     core (bench.stages, ``readable`` -> ``frame``). :meth:`_read_frames` takes
     what the socket has in one read and cuts every complete frame out of it,
-    with tornado's rules (below); each message still goes through tornado's
-    ``_handle_message`` (UTF-8, close, ping, pong, ``on_message``), awaited
-    before the next, so a connection's frames are handled one at a time, in
-    order, as before. With compression negotiated (the gateway never offers
+    with tornado's rules (below). A text message goes to ``on_message``
+    awaited in this task (:meth:`_on_text`, no task per message); binary,
+    close, ping and pong frames to tornado's ``_handle_message``. Each is
+    done before the next, so a connection's frames are handled one at a
+    time, in order, as before. With compression negotiated (the gateway never offers
     it) tornado's own loop runs instead. tests/test_frames.py holds the
     rules; tests/test_idle_memory.py fails if tornado stops calling the loop
     this way.
@@ -206,7 +207,7 @@ class _DetachedReceive(WebSocketProtocol13):
         handler._receiving = asyncio.ensure_future(reader)
 
     async def _read_frames(self) -> None:
-        """Frames as they come, each complete message handed to tornado's ``_handle_message``.
+        """Frames as they come, each complete message handled before the next is cut.
 
         Tornado's rules, kept: reserved bits set (no extension is
         negotiated), a control frame that is fragmented or over 125 bytes, a

@@ -236,7 +236,7 @@ def sql_marks(values: Sequence[Any]) -> str:
 
 
 #: Turns a DB-API driver's exception into peewee's (``pw.IntegrityError``, ...), as
-#: ``execute_sql`` does: callers catch those (``send_messages``, ``Database._submit``).
+#: ``execute_sql`` does: callers catch those (``send_messages``, ``Database._finish``).
 #: Not in peewee's ``__all__`` but the module's own wrapper class and table, the
 #: only way to get the same exceptions without copying the table;
 #: tests/test_chat.py::test_plain_sql_raises_peewees_exceptions guards it.
