@@ -9,6 +9,8 @@ It builds the real :class:`server.app.Node` from ``SWITCHBOARD_*`` variables
 (nothing is mocked: the chat handler, SQLite in a worker thread, the hub),
 with ``--hub``:
 
+* ``node`` -- the node as it ships (its :class:`server.realtime.hub.Hub`, no
+  counters: what ``bench/peers`` compares with the peers);
 * ``builtonce`` -- the project's :class:`server.realtime.hub.Hub`: a broadcast is
   serialised and framed once and the same bytes go to every recipient.
 * ``write_message`` -- :class:`WriteMessageHub`, the baseline: the same
@@ -191,12 +193,14 @@ class WriteMessageHub(TimedWrites, _WriteMessage):
 
 
 HUBS: dict[str, type[Hub]] = {
+    # The node exactly as it ships: its own hub class, no counters around it.
+    "node": Hub,
     "builtonce": BuiltOnceHub,
     "direct": DirectHub,
     "write_message": WriteMessageHub,
 }
 #: ``--hub`` names of a node that keeps no messages (:class:`MemoryStore`) -> its hub.
-UNPERSISTED = {"unpersisted": "builtonce"}
+UNPERSISTED = {"unpersisted": "builtonce", "memory": "node"}
 
 
 class MemoryStore:

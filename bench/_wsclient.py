@@ -178,6 +178,14 @@ class LeanWS(asyncio.Protocol):
         self.closed: asyncio.Future[int | None] = loop.create_future()
         self._acks: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._next_ack = 0
+        #: ``time.monotonic()`` just before the last frame went to the transport
+        #: (after its encoding and masking: the client's own cost stays out).
+        self.wrote_at = 0.0
+        #: With ``stamp_acks`` set, each ack future resolved maps here to the
+        #: ``time.monotonic()`` of the read that brought its ack, taken before the
+        #: future's callbacks run a loop iteration later (the reader pops it).
+        self.stamp_acks = False
+        self.ack_read_at: dict[asyncio.Future[dict[str, Any]], float] = {}
 
     @classmethod
     async def connect(
@@ -307,14 +315,21 @@ class LeanWS(asyncio.Protocol):
 
     def _ack(self, raw: bytes) -> None:
         frame = orjson.loads(raw)
-        ack = frame.get("ack")
-        fut = self._acks.pop(ack, None)
+        self._answer(frame.get("ack"), frame)
+
+    def _answer(self, ack_id: Any, result: dict[str, Any]) -> None:
+        """The ack ``ack_id`` came: its future gets ``result`` (and its read time)."""
+        fut = self._acks.pop(ack_id, None)
         if fut is not None and not fut.done():
-            fut.set_result(frame)
+            if self.stamp_acks:
+                self.ack_read_at[fut] = time.monotonic()
+            fut.set_result(result)
 
     def _send(self, payload: bytes, opcode: int = 0x1) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(encode_frame(payload, opcode))
+            frame = encode_frame(payload, opcode)
+            self.wrote_at = time.monotonic()
+            self.transport.write(frame)
 
     # -- API ------------------------------------------------------------------------
 

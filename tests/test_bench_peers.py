@@ -11,10 +11,12 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from bench._wsclient import LeanWS
 from bench.peers import sio
 from bench.peers.driver import WORKLOADS
 
@@ -125,3 +127,30 @@ async def test_the_client_connects_with_its_token_answers_pings_and_counts_deliv
     assert fut.result() == {"ok": True, "id": 3}
     ws.data_received(_server_frame(b'42["message",{"id":3,"metadata":{"bt":9.5}}]'))
     assert tally.count == 1 and list(tally.latencies) == [0.5]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("cls", "ack"),
+    [(sio.SioWS, b'431[{"ok":true}]'), (LeanWS, b'{"ack":1,"ok":true,"data":{}}')],
+)
+async def test_an_ack_is_timed_from_the_frame_written_to_the_read_that_brought_it(
+    cls: type[LeanWS], ack: bytes
+) -> None:
+    ws = cls("127.0.0.1", 1, "/", "tok", sio.Tally())
+    ws.transport = _Transport()  # type: ignore[assignment]
+    ws._upgraded = True
+    ws.stamp_acks = True
+    before = time.monotonic()
+    fut = ws.post("r", "hi", before)
+    wrote_at = ws.wrote_at
+    assert before <= wrote_at <= time.monotonic()
+    ws.data_received(_server_frame(ack))
+    read_at = ws.ack_read_at[fut]
+    assert fut.result()["ok"] is True
+    assert wrote_at <= read_at <= time.monotonic()
+    # Unset (every other bench), no read time is kept.
+    ws.stamp_acks = False
+    fut = ws.post("r", "hi", time.monotonic())
+    ws.data_received(_server_frame(ack.replace(b"1", b"2", 1)))
+    assert fut.done() and fut not in ws.ack_read_at

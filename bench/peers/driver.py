@@ -13,7 +13,11 @@ server process is started, driven by client processes on
 * ``idle`` -- 5,000 authenticated connections after 100 warm-up ones: server
   RSS delta (after a collection in the server) per connection, KiB;
 * ``latency`` -- 20 rooms of 10, every member sending on a fixed schedule,
-  200 msg/s in all for 10 s: send->ack and send->deliver p50/p99 (ms);
+  200 msg/s in all for 10 s: send->ack and send->deliver p50/p99 (ms). An ack
+  is timed from the sender's frame handed to the kernel (after the client
+  encoded and masked it) to the client's read that brought the ack (before
+  its future's callbacks run, a loop turn later); a delivery from the stamp
+  the sender put in the message to the read that brought it;
 * ``connect`` -- 2,000 new connections, 200 handshakes in flight: accepted
   (authenticated) connections/s, connect->authenticated p50/p99.
 
@@ -198,6 +202,7 @@ async def _send(
     async def one(k: int, ws: LeanWS, room: str) -> None:
         nonlocal last_ack
         sem = asyncio.Semaphore(window)
+        ws.stamp_acks = True
         futs = []
         for n in range(per_conn):
             if interval:
@@ -205,17 +210,20 @@ async def _send(
                     await asyncio.sleep(wait)
             else:
                 await sem.acquire()
-            sent_at = time.monotonic()
-            fut = ws.post(room, CONTENT, sent_at)
+            fut = ws.post(room, CONTENT, time.monotonic())
+            # From the frame handed to the kernel to the read that brought its ack:
+            # the client's encoding before and its loop's turn after stay out.
+            sent_at = ws.wrote_at
 
-            def done(f: asyncio.Future[Any], sent_at: float = sent_at) -> None:
+            def done(f: asyncio.Future[Any], sent_at: float = sent_at, ws: LeanWS = ws) -> None:
                 nonlocal last_ack
                 sem.release()
+                read_at = ws.ack_read_at.pop(f, None)
                 if f.cancelled() or f.exception() is not None:
                     failed["NO_ACK" if f.cancelled() else "closed"] += 1
                 elif f.result().get("ok"):
                     now = time.monotonic()
-                    lat.append(now - sent_at)
+                    lat.append((read_at or now) - sent_at)
                     acked[room] += 1
                     own[k] += 1
                     last_ack = max(last_ack, now)

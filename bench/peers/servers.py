@@ -1,14 +1,15 @@
 """The servers under test, each in its own process, started and stopped the same way.
 
-* ``switchboard`` -- the real node as it ships (``bench._server.ServerProc``:
-  SQLite in a temp dir, every message persisted before its broadcast);
+* ``switchboard`` -- the real node as it ships (``bench._server.ServerProc("node")``:
+  its own hub with no bench counters around it, SQLite in a temp dir, every
+  message persisted before its broadcast);
 * ``socketio-node`` -- ``socketio_node/server.js`` (npm ``socket.io`` 4.8);
 * ``socketio-py`` -- ``socketio_py/server.py`` (python-socketio on aiohttp);
 * ``ws-node`` (only when named in ``--servers``) -- ``ws_node/server.js``,
   Node ``ws`` with each broadcast framed once, speaking Switchboard's
   envelope: the ceiling reference;
 * ``switchboard-memory`` (only when named) -- the same node with its message
-  store in memory (``bench._server --hub unpersisted``: no SQL for a send, no
+  store in memory (``bench._server --hub memory``: no SQL for a send, no
   notification rounds): what Switchboard's path costs without the database,
   i.e. the database's share of the ``switchboard`` figures.
 
@@ -119,9 +120,9 @@ class Family:
 
     def start(self) -> Any:
         if self.name == "switchboard":
-            return ServerProc("builtonce").start()
+            return ServerProc("node").start()
         if self.name == "switchboard-memory":
-            return ServerProc("unpersisted").start()
+            return ServerProc("memory").start()
         if self.name in ("socketio-node", "ws-node"):
             ensure_node()
             node = shutil.which("node") or "node"

@@ -108,9 +108,7 @@ class SioWS(LeanWS):
         head = data[start : start + 2]
         if head == ACK:
             _, ack_id, args = decode(data[start:end])
-            fut = self._acks.pop(ack_id or 0, None)
-            if fut is not None and not fut.done():
-                fut.set_result(args[0] if args else {})
+            self._answer(ack_id or 0, args[0] if args else {})
         elif head[:1] == PING:
             self._send(PONG)
         elif head[:1] == OPEN:
