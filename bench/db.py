@@ -28,7 +28,9 @@ of a 1 ms ticker coroutine running alongside (p99/max: how long the loop
 could not run anything else), this process's CPU (all threads: % of one core
 and ms per op) and, for PostgreSQL, the server's CPU per op. Each cell runs
 ``--repeat`` times with the approaches interleaved; the table shows the
-median of the repeats (the machine is noisy).
+median of the repeats (the machine is noisy). pwasyncio's drivers
+(``aiosqlite``, ``asyncpg``) are not the product's: the first run that needs
+them installs them into the running interpreter's environment.
 
 Usage::
 
@@ -43,10 +45,12 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import importlib.util
 import itertools
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -665,8 +669,35 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
+#: What ``playhouse.pwasyncio`` needs per backend and is not the product's to ship:
+#: installed into this interpreter's environment on first use (``ensure_drivers``).
+ASYNC_DRIVERS = {
+    "sqlite": ("aiosqlite", "aiosqlite>=0.20"),
+    "postgres": ("asyncpg", "asyncpg>=0.29"),
+}
+
+
+def missing_drivers(
+    approaches: list[str], backends: list[str], find: Callable[[str], object] | None = None
+) -> list[str]:
+    """The pip specs of the drivers the pwasyncio approaches need and ``find`` cannot import."""
+    if not any(a.startswith("pwasyncio") for a in approaches):
+        return []
+    find = find or importlib.util.find_spec
+    return [spec for b in backends for module, spec in [ASYNC_DRIVERS[b]] if find(module) is None]
+
+
+def ensure_drivers(approaches: list[str], backends: list[str]) -> None:
+    """``pip install`` the asyncio drivers the pwasyncio approaches need, when missing."""
+    if wanted := missing_drivers(approaches, backends):
+        print(f"  installing {', '.join(wanted)} for pwasyncio (first use)...", flush=True)
+        pip = [sys.executable, "-m", "pip", "install", "-q", *wanted]
+        subprocess.run(pip, check=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    ensure_drivers(args.approaches, args.backends)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     PG_WORKERS[0] = args.pg_workers
     if args.switch_interval is not None:
