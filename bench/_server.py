@@ -204,12 +204,13 @@ UNPERSISTED = {"unpersisted": "builtonce", "memory": "node"}
 
 
 class MemoryStore:
-    """The non-persisted baseline: ``models.chat.send_messages``' interface, no SQL.
+    """The non-persisted baseline: ``models.chat.store_sends``' interface, no SQL.
 
     Seqs come from a counter per room and ids from one counter; nothing is
     checked (the handler still requires a joined room) and nothing stored.
-    The node's batcher still runs it in the database worker (an empty
-    transaction), so the path differs from the real one by the SQL alone;
+    The node's batcher still runs it in the database worker (its job opens
+    no transaction: ``store_sends`` opens its own), so the path differs from
+    the real one by the SQL alone;
     the node's notification follow-up of each message is off as well (it
     reads the room's members from the database), as a plain room broadcast
     (Socket.IO's) has none.
@@ -397,7 +398,7 @@ async def _main(hub_name: str, port: int) -> int:
     if hub_name in UNPERSISTED:
         from models import chat as chat_db
 
-        chat_db.send_messages = MemoryStore()  # the node's sends batcher takes it at build
+        chat_db.store_sends = MemoryStore()  # the node's sends batcher takes it at build
     node = Node(config, hub_class=HUBS[UNPERSISTED.get(hub_name, hub_name)])
     if hub_name in UNPERSISTED:
         node.notifications.message_sent = lambda message: None  # type: ignore[method-assign]

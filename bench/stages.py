@@ -99,6 +99,7 @@ def install(path: str) -> None:
 
     import handlers.base as hb
     import models
+    import models.chat
     import server.realtime.hub as hub
     import server.services.messages as sm
     import server.services.notify as sn
@@ -157,6 +158,8 @@ def install(path: str) -> None:
             _mark("sql " + sql.split(None, 1)[0])
 
     models.sql_execute = on_plain_sql
+    # A lone send's hand-run BEGIN / COMMIT (models.chat._send_lone_sqlite) call it by name.
+    models.chat.sql_execute = on_plain_sql  # type: ignore[attr-defined]
     commit = pw.Database.commit
 
     def on_commit(self: Any) -> Any:

@@ -191,9 +191,10 @@ class Node:
             self.db, self.hub, self.stats, self.loop_monitor, redis_check=redis_check
         )
         self.typing = TypingTracker(self.hub)
-        # Group commit for message:send: one transaction for every send waiting.
+        # Group commit for message:send: one transaction for every send waiting
+        # (store_sends opens it: a lone send on SQLite runs its own by hand).
         self.sends: Batcher[chat_db.SendRequest, chat_db.Sent] = Batcher(
-            self.db, "message.send", chat_db.send_messages,
+            self.db, "message.send", chat_db.store_sends, transaction=False,
             max_batch=config.write_batch_max, observe=self.metrics.write_batch_size.observe,
         )  # fmt: skip
         # The same for connection admission: user upserts, bans, member rooms.

@@ -26,6 +26,7 @@ import pytest_asyncio
 from tornado.httpclient import AsyncHTTPClient
 
 from models import Room, utcnow
+from models import chat as chat_db
 from switchboard_client import Client, ClientError
 from tests.conftest import ROOMY_RATE_LIMITS
 from tests.support.client_checks import barrier, nothing_arrived, settle
@@ -301,6 +302,52 @@ async def test_a_lone_plain_send_is_checked_by_its_seq_bump(gateway):
         error = await refused(client.emit("message:send", {"roomId": "general", "content": "x"}))
         assert error.code == code and error.details["roomId"] == "general"
     assert (await send(alice, "general", "again"))["seq"] == first["seq"] + 1
+
+
+async def test_a_lone_send_run_by_hand_rolls_back_whatever_stops_it(gateway, caplog):
+    """SQLite's lone plain send runs its transaction by hand (``store_sends``): refused by
+    its checks it rolls back before the checks name the error; failing inside (a
+    trigger refusing the insert here) it rolls back and takes no seq; inside a
+    transaction already open it goes through ``atomic()``, which nests."""
+    gw = gateway
+    alice, muted = await gw.connect("alice"), await gw.connect("muted")
+    await room(alice, "general")
+    await join(muted, "general")
+    admin = await gw.connect("mod", "admin", roles=("admin",))
+    await admin.emit("admin:mute", {"userId": "muted", "roomId": "general",
+                                    "durationSeconds": 600})  # fmt: skip
+    first = await send(alice, "general", "hello")
+
+    async with writer_statements(gw) as statements:
+        error = await refused(muted.emit("message:send", {"roomId": "general", "content": "x"}))
+    assert error.code == "MUTED"
+    assert [s.split()[0] for s in statements[:4]] == ["BEGIN", "UPDATE", "ROLLBACK", "BEGIN"]
+
+    trigger = (
+        "CREATE TEMP TRIGGER boom BEFORE INSERT ON main.message"
+        " WHEN NEW.content = 'boom' BEGIN SELECT RAISE(ABORT, 'boom refused'); END"
+    )
+
+    def refuse_boom(on: bool) -> None:  # on the writer's own connection, its thread
+        gw.node.db.db.connection().execute(trigger if on else "DROP TRIGGER boom")
+
+    await gw.node.db.run_bare("test.trigger", refuse_boom, True)
+    with caplog.at_level(logging.ERROR, logger="switchboard.db"):
+        async with writer_statements(gw) as statements:
+            boom = alice.emit("message:send", {"roomId": "general", "content": "boom"})
+            error = await refused(boom)
+    await gw.node.db.run_bare("test.trigger", refuse_boom, False)
+    assert error.code == "INTERNAL_ERROR"
+    words = [s.split()[0] for s in statements]
+    # The INSERT shows more than once: the new trigger makes SQLite prepare it again.
+    assert words[:3] == ["BEGIN", "UPDATE", "INSERT"] and words[-1] == "ROLLBACK"
+    assert "COMMIT" not in words
+    assert "message.send batch failed" in caplog.text
+    assert (await send(alice, "general", "after"))["seq"] == first["seq"] + 1
+
+    request = chat_db.SendRequest("general", "alice", "Alice", "inside", "text", None, [], {}, None)
+    (inside,) = await gw.node.db.run("test.inside", chat_db.store_sends, [request])
+    assert isinstance(inside, chat_db.Sent) and inside.message["seq"] == first["seq"] + 2
 
 
 async def test_sqlite_inserts_a_batch_without_a_savepoint_and_keeps_its_retries(gateway):

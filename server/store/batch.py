@@ -19,7 +19,8 @@ and broadcast) then leaves in the iteration that learns of the commit, a loop
 iteration and a task wake-up (~90 µs on a cold core) before the caller resumes.
 
 The batch function runs in a database worker inside one transaction
-(:meth:`server.store.db.Database.run`) and returns one outcome per request, in
+(:meth:`server.store.db.Database.run`; with ``transaction=False`` it opens its
+own, as ``message:send``'s does) and returns one outcome per request, in
 order: a result, or the :class:`~server.core.errors.GatewayError` that request
 alone fails with. When the batch as a whole fails (the database is down),
 every request in it fails with ``SERVICE_UNAVAILABLE`` and none is acked.
@@ -67,6 +68,7 @@ class Batcher(Generic[Req, Res]):
         *,
         max_batch: int = DEFAULT_MAX_BATCH,
         observe: Callable[[int], None] | None = None,
+        transaction: bool = True,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -75,6 +77,8 @@ class Batcher(Generic[Req, Res]):
         self._fn = fn
         self._max = max_batch
         self._observe = observe
+        #: False: ``fn`` opens its own transaction (:meth:`Database.run_bare`'s terms).
+        self._transaction = transaction
         self._waiting: list[_Waiting[Req, Res]] = []
         #: A batch is about to leave or in the database: new requests wait for it.
         self._busy = False
@@ -121,7 +125,10 @@ class Batcher(Generic[Req, Res]):
         if self._observe is not None:
             self._observe(len(batch))
         requests = [req for req, _, _ in batch]
-        self._db.post(self._op, self._fn, (requests,), partial(self._settle, batch))
+        self._db.post(
+            self._op, self._fn, (requests,), partial(self._settle, batch),
+            transaction=self._transaction,
+        )  # fmt: skip
 
     def _settle(
         self,
