@@ -33,7 +33,7 @@ from tests.support.client_checks import barrier, nothing_arrived, settle
 from tests.support.cluster import lock_rows, waiting_for_locks
 from tests.support.sql_trace import writer_statements
 from tests.support.waiting import eventually
-from tests.test_chat import join, member, room, send, went_offline
+from tests.test_chat import join, member, room, room_with, send, went_offline
 from tests.test_hub import decode_frame, split_frames
 from tests.test_presence import statuses as statuses_of
 from tests.test_shutdown import ServerProcess
@@ -188,12 +188,9 @@ async def test_a_batchs_senders_get_their_ack_between_the_rooms_broadcasts_in_se
     still follows the broadcasts of the sends committed before it in the batch, so every
     sender reads the room's seqs in order: the others' message:new and its own ack."""
     gw = gateway
-    owner = await gw.connect("owner")
-    await room(owner, "general")
-    senders = [await gw.connect(f"s{n}") for n in range(4)]
-    for client in senders:
-        await join(client, "general")
-    await settle(owner, *senders)
+    owner, *senders = await room_with(
+        gw, "general", "owner", *(f"s{n}" for n in range(4)), settled=True
+    )
     seen: dict[str, list[tuple[str, int]]] = {}
     for n in range(4):
         (conn,) = gw.node.hub.user_connections(f"s{n}")
@@ -270,9 +267,7 @@ async def test_batches_keep_each_rooms_seqs_gapless_under_concurrent_senders(gat
 
 async def test_one_transaction_per_message_when_group_commit_is_off(gateway_factory):
     gw = await gateway_factory(write_batch_max=1)
-    alice, bob = await gw.connect("alice"), await gw.connect("bob")
-    await room(alice, "general")
-    await join(bob, "general")
+    alice, bob = await room_with(gw, "general", "alice", "bob")
     async with held_database(gw):
         futures = [asyncio.ensure_future(c.emit("message:send", {"roomId": "general",
                                                                   "content": "x"}))
@@ -288,9 +283,9 @@ async def test_a_lone_plain_send_is_checked_by_its_seq_bump(gateway):
     as conditions), the insert and COMMIT; one the checks refuse still gets its
     error and takes no seq."""
     gw = gateway
-    alice, muted, stranger = [await gw.connect(n) for n in ("alice", "muted", "stranger")]
-    await room(alice, "general")
-    await join(muted, "general")
+    alice, muted, stranger = await room_with(
+        gw, "general", "alice", "muted", outsiders=("stranger",)
+    )
     admin = await gw.connect("mod", "admin", roles=("admin",))
     await admin.emit("admin:mute", {"userId": "muted", "roomId": "general",
                                     "durationSeconds": 600})  # fmt: skip
@@ -355,13 +350,8 @@ async def test_sqlite_inserts_a_batch_without_a_savepoint_and_keeps_its_retries(
     cannot meet a racing retry there); a retry of a stored message and one
     within the batch are still duplicates, the fresh sends gapless."""
     gw = gateway
-    owner = await gw.connect("owner")
-    await room(owner, "general")
     # One connection per send: a connection's sends are handled one after the other.
-    alices = [await gw.connect("alice") for _ in range(3)]
-    bob = await gw.connect("bob")
-    for client in (*alices, bob):
-        await join(client, "general")
+    owner, *alices, bob = await room_with(gw, "general", "owner", "alice", "alice", "alice", "bob")
     first = await alices[0].emit("message:send", {"roomId": "general", "content": "one",
                                                   "clientMsgId": "k-1"})  # fmt: skip
     async with writer_statements(gw) as statements:
@@ -474,11 +464,7 @@ async def test_a_batch_fails_its_bad_reactions_alone_and_applies_the_rest(gatewa
 async def test_a_reaction_removed_and_added_back_in_one_batch_goes_last(gateway):
     """What the acks said is what is stored: the re-added reaction comes after the others."""
     gw = gateway
-    owner = await gw.connect("owner")
-    await room(owner, "general")
-    alice1, alice2, bob = [await gw.connect(n) for n in ("alice", "alice", "bob")]
-    for client in (alice1, alice2, bob):
-        await join(client, "general")
+    owner, alice1, alice2, bob = await room_with(gw, "general", "owner", "alice", "alice", "bob")
     message = (await send(owner, "general", "react to me"))["id"]
     await alice1.emit("message:react", {"messageId": message, "emoji": "👍"})
     await bob.emit("message:react", {"messageId": message, "emoji": "👍"})
@@ -1069,9 +1055,7 @@ async def test_a_message_with_nothing_to_notify_costs_the_round_one_statement(ga
     """Every member online, no mention: the round reads the room's audience with one
     SELECT, no transaction around it, and writes nothing."""
     gw = gateway
-    alice, bob = await gw.connect("alice"), await gw.connect("bob")
-    await room(alice, "general")
-    await join(bob, "general")
+    alice, _bob = await room_with(gw, "general", "alice", "bob")
     await gw.node.tasks.drain(5.0)
     async with writer_statements(gw) as statements:
         await send(alice, "general", "nobody to tell")

@@ -108,6 +108,32 @@ async def join(client: Client, room_id: str, **fields: Any) -> dict[str, Any]:
     return await client.emit("room:join", {"roomId": room_id, **fields})
 
 
+async def room_with(
+    gw: Any,
+    room_id: str,
+    owner: str,
+    *members: str,
+    outsiders: tuple[str, ...] = (),
+    settled: bool = False,
+    **fields: Any,
+) -> list[Client]:
+    """Connect ``owner``, ``members`` and ``outsiders`` (one client each, in that order);
+    ``owner`` creates and joins ``room_id`` (``fields`` go to :func:`room`), then each
+    member joins it. Returns the clients in the order named.
+
+    With ``settled`` the owner and the members are settled, so the join noise does
+    not reach the assertions; the outsiders never are (settle them yourself).
+    """
+    clients = await users(gw, owner, *members, *outsiders)
+    in_the_room = clients[: 1 + len(members)]
+    await room(in_the_room[0], room_id, **fields)
+    for client in in_the_room[1:]:
+        await join(client, room_id)
+    if settled:
+        await settle(*in_the_room)
+    return clients
+
+
 async def send(client: Client, room_id: str, content: str = "hi", **fields: Any) -> dict[str, Any]:
     """Send a message; return the stored message from the ack."""
     ack = await client.emit("message:send", {"roomId": room_id, "content": content, **fields})
@@ -438,10 +464,7 @@ async def test_members_carry_presence_status(gateway):
 
 
 async def test_leave_room(gateway):
-    alice, bob = await users(gateway, "alice", "bob")
-    await room(alice, "general")
-    await join(bob, "general")
-    await settle(alice, bob)
+    alice, bob = await room_with(gateway, "general", "alice", "bob", settled=True)
     assert await bob.emit("room:leave", {"roomId": "general"}) == {"roomId": "general"}
     ev = await alice.next_event("room:user_left")
     assert ev["data"]["roomId"] == "general" and ev["data"]["user"]["userId"] == "bob"
@@ -466,9 +489,7 @@ async def test_leave_requires_having_joined(gateway):
 
 
 async def test_owner_leaving_stays_a_member(gateway):
-    alice, bob = await users(gateway, "alice", "bob")
-    await room(alice, "general")
-    await join(bob, "general")
+    alice, bob = await room_with(gateway, "general", "alice", "bob")
     await settle(bob)
     await alice.emit("room:leave", {"roomId": "general"})
     assert (await bob.next_event("room:user_left"))["data"]["user"]["userId"] == "alice"
@@ -501,9 +522,7 @@ async def test_disconnect_announces_user_left(gateway):
 
 
 async def test_room_members(gateway):
-    alice, bob, carol = await users(gateway, "alice", "bob", "carol")
-    await room(alice, "general")
-    await join(bob, "general")
+    alice, _bob, carol = await room_with(gateway, "general", "alice", "bob", outsiders=("carol",))
     got = await carol.emit("room:members", {"roomId": "general"})
     assert got["roomId"] == "general"
     assert [(m["userId"], m["role"], m["status"]) for m in got["members"]] == [
@@ -521,9 +540,7 @@ async def test_room_members(gateway):
 
 
 async def test_history_pages_newest_first_with_before_seq(gateway):
-    alice, bob = await users(gateway, "alice", "bob")
-    await room(alice, "general")
-    await join(bob, "general")
+    alice, bob = await room_with(gateway, "general", "alice", "bob")
     for i in range(1, 8):
         await send(alice if i % 2 else bob, "general", f"m{i}")
     page = await history(bob, "general", limit=3)
@@ -687,9 +704,7 @@ async def test_history_refuses_bad_and_unknown_fields(gateway):
 
 
 async def test_read_marker(gateway):
-    alice, bob, carol = await users(gateway, "alice", "bob", "carol")
-    await room(alice, "general")
-    await join(bob, "general")
+    alice, bob, carol = await room_with(gateway, "general", "alice", "bob", outsiders=("carol",))
     for i in range(3):
         await send(alice, "general", f"m{i}")
     assert await bob.emit("room:read", {"roomId": "general", "seq": 2}) == {
@@ -720,9 +735,7 @@ async def test_read_marker(gateway):
 
 
 async def test_owner_deletes_room(gateway):
-    alice, bob, carol = await users(gateway, "alice", "bob", "carol")
-    await room(alice, "general")
-    await join(bob, "general")
+    alice, bob, carol = await room_with(gateway, "general", "alice", "bob", outsiders=("carol",))
     await send(bob, "general", "soon gone")
     await settle(alice, bob)
     assert await alice.emit("room:delete", {"roomId": "general"}) == {"roomId": "general"}
@@ -740,9 +753,7 @@ async def test_owner_deletes_room(gateway):
 
 
 async def test_room_deleted_reaches_members_without_the_room_open(gateway):
-    alice, bob = await users(gateway, "alice", "bob")
-    await room(alice, "general")
-    await join(bob, "general")
+    alice, bob = await room_with(gateway, "general", "alice", "bob")
     bob_phone = await gateway.connect("bob")  # a second device that never joined
     await alice.emit("room:delete", {"roomId": "general"})
     ev = await bob_phone.next_event("room:deleted")
@@ -788,9 +799,9 @@ def no_secret(value: Any, password: str) -> None:
 
 
 async def test_owner_updates_room_and_every_member_hears_it_once(gateway):
-    alice, bob, carol = await users(gateway, "alice", "bob", "carol")
-    await room(alice, "general", description="Talk")
-    await join(bob, "general")
+    alice, bob, carol = await room_with(
+        gateway, "general", "alice", "bob", outsiders=("carol",), description="Talk"
+    )
     bob_phone = await gateway.connect("bob")  # a member's device that never joined
     await settle(alice, bob, carol)
     ack = await alice.emit(
@@ -823,20 +834,16 @@ async def test_room_create_takes_a_topic(gateway):
 
 
 async def test_update_that_changes_nothing_tells_nobody(gateway):
-    alice, bob = await users(gateway, "alice", "bob")
-    await room(alice, "general", name="General")
-    await join(bob, "general")
-    await settle(alice, bob)
+    alice, bob = await room_with(gateway, "general", "alice", "bob", settled=True, name="General")
     ack = await alice.emit("room:update", {"roomId": "general", "name": "General", "topic": ""})
     assert ack["room"]["name"] == "General"
     await nothing_arrived((alice, bob), "room:updated")
 
 
 async def test_password_set_and_removed_by_update(gateway):
-    alice, bob, dave, erin = await users(gateway, "alice", "bob", "dave", "erin")
-    await room(alice, "general")
-    await join(bob, "general")
-    await settle(alice, bob)
+    alice, bob, dave, erin = await room_with(
+        gateway, "general", "alice", "bob", outsiders=("dave", "erin"), settled=True
+    )
     ack = await alice.emit("room:update", {"roomId": "general", "password": "s3cret!"})
     assert ack["room"]["hasPassword"] is True
     ev = await bob.next_event("room:updated")
@@ -866,10 +873,9 @@ async def test_password_set_and_removed_by_update(gateway):
 
 
 async def test_making_a_room_private_keeps_its_members(gateway):
-    alice, bob, carol = await users(gateway, "alice", "bob", "carol")
-    await room(alice, "general")
-    await join(bob, "general")
-    await settle(alice, bob)
+    alice, bob, carol = await room_with(
+        gateway, "general", "alice", "bob", outsiders=("carol",), settled=True
+    )
     ack = await alice.emit("room:update", {"roomId": "general", "type": "private"})
     assert ack["room"]["type"] == "private"
     assert (await bob.next_event("room:updated"))["data"]["changes"] == ["type"]
@@ -916,10 +922,7 @@ async def test_only_owner_or_admin_update_rooms(gateway_factory):
 
 
 async def test_update_validation(gateway):
-    alice, bob = await users(gateway, "alice", "bob")
-    await room(alice, "general")
-    await join(bob, "general")
-    await settle(alice, bob)
+    alice, bob = await room_with(gateway, "general", "alice", "bob", settled=True)
     ref = {"roomId": "general"}
     await invalid(alice, "room:update", ref, "_schema")
     await invalid(alice, "room:update", {**ref, "unknown": 1}, "_schema")
@@ -967,10 +970,7 @@ async def test_send_message(gateway):
 async def test_a_lone_sends_ack_is_written_before_its_broadcast_is_queued(gateway):
     """The ack leaves once the commit is back; the publish (to the others) follows it,
     and the counting follows the publish's write."""
-    alice, bob = await users(gateway, "alice", "bob")
-    await room(alice, "general")
-    await join(bob, "general")
-    await settle(alice, bob)
+    alice, bob = await room_with(gateway, "general", "alice", "bob", settled=True)
     hub = gateway.node.hub
     (sender,) = hub.user_connections("alice")
     written_at_publish: list[int] = []
@@ -1007,10 +1007,7 @@ async def test_a_sends_ack_and_broadcast_leave_before_the_senders_task_resumes(g
     """The ack is written in the loop iteration that learns of the commit (the batcher's
     on_result), not an iteration later when the handler's task wakes; the room's
     broadcast follows it there. The handler, once awake, does not ack again."""
-    alice, bob = await users(gateway, "alice", "bob")
-    await room(alice, "general")
-    await join(bob, "general")
-    await settle(alice, bob)
+    alice, bob = await room_with(gateway, "general", "alice", "bob", settled=True)
     hub = gateway.node.hub
     (sender,) = hub.user_connections("alice")
     (member,) = hub.user_connections("bob")
@@ -1041,10 +1038,7 @@ async def test_a_sends_ack_and_broadcast_leave_before_the_senders_task_resumes(g
 
 
 async def test_a_send_without_an_ack_id_is_stored_and_broadcast_unacked(gateway):
-    alice, bob, muted = await users(gateway, "alice", "bob", "muted")
-    await room(alice, "general")
-    await join(bob, "general")
-    await join(muted, "general")
+    alice, bob, muted = await room_with(gateway, "general", "alice", "bob", "muted")
     admin = await gateway.connect("mod", "admin", roles=("admin",))
     await admin.emit("admin:mute", {"userId": "muted", "roomId": "general",
                                     "durationSeconds": 600})  # fmt: skip
@@ -1080,9 +1074,7 @@ async def test_send_content_length(gateway):
 
 
 async def test_send_strips_control_characters_but_keeps_html(gateway):
-    alice, bob = await users(gateway, "alice", "bob")
-    await room(alice, "general")
-    await join(bob, "general")
+    alice, bob = await room_with(gateway, "general", "alice", "bob")
     await settle(bob)
     m = await send(alice, "general", "a\x00b\x07c\td\ne\x1bf\x7fg\r")
     assert m["content"] == "abc\td\nefg"
@@ -1097,9 +1089,7 @@ async def test_send_strips_control_characters_but_keeps_html(gateway):
 
 
 async def test_send_types_attachments_and_metadata(gateway):
-    alice, bob = await users(gateway, "alice", "bob")
-    await room(alice, "general")
-    await join(bob, "general")
+    alice, bob = await room_with(gateway, "general", "alice", "bob")
     await settle(bob)
     urls = [f"https://cdn.example.com/f/{i}.png" for i in range(10)]
     meta = {"width": 640, "tags": ["a", "b"], "nested": {"ok": True}}
@@ -1281,9 +1271,7 @@ async def test_threads(gateway):
 
 
 async def test_seq_has_no_gaps_across_senders(gateway):
-    alice, bob = await users(gateway, "alice", "bob")
-    await room(alice, "general")
-    await join(bob, "general")
+    alice, bob = await room_with(gateway, "general", "alice", "bob")
     sends = [send(c, "general", f"{c is alice}-{i}") for i in range(15) for c in (alice, bob)]
     messages = await asyncio.gather(*sends)
     assert sorted(m["seq"] for m in messages) == list(range(1, 31))
@@ -1301,12 +1289,10 @@ async def test_concurrent_senders_reach_every_member_once(gateway):
     loop iteration together: every member still gets every message once
     (senders all but their own). The frame order of coalesced writes is
     covered in tests/test_hub.py."""
-    clients = await users(gateway, "alice", "bob", "carol", "dave", "erin")
+    clients = await room_with(
+        gateway, "general", "alice", "bob", "carol", "dave", "erin", settled=True
+    )
     senders = clients[:3]
-    await room(clients[0], "general")
-    for client in clients[1:]:
-        await join(client, "general")
-    await settle(*clients)
     sends = [send(c, "general", f"{n}-{i}") for i in range(20) for n, c in enumerate(senders)]
     messages = await asyncio.gather(*sends)
     every = sorted(m["seq"] for m in messages)
@@ -1320,10 +1306,7 @@ async def test_concurrent_senders_reach_every_member_once(gateway):
 
 
 async def test_client_msg_id_makes_send_idempotent(gateway):
-    alice, bob = await users(gateway, "alice", "bob")
-    await room(alice, "general")
-    await join(bob, "general")
-    await settle(alice, bob)
+    alice, bob = await room_with(gateway, "general", "alice", "bob", settled=True)
     data = {"roomId": "general", "content": "once", "clientMsgId": "c-1"}
     first = await alice.emit("message:send", data)
     assert first["duplicate"] is False
@@ -1348,10 +1331,7 @@ async def test_client_msg_id_makes_send_idempotent(gateway):
 
 async def test_client_msg_id_retry_racing_the_original(gateway):
     """A retry sent on a second connection while the first send is in flight."""
-    alice1, alice2, bob = await users(gateway, "alice", "alice", "bob")
-    await room(alice1, "general")
-    await join(alice2, "general")
-    await join(bob, "general")
+    alice1, alice2, bob = await room_with(gateway, "general", "alice", "alice", "bob")
     await settle(bob)
     for n in range(5):
         data = {"roomId": "general", "content": f"m{n}", "clientMsgId": f"race-{n}"}
@@ -1381,9 +1361,7 @@ async def test_send_rate_limited(gateway_factory):
 
 
 async def test_edit_message(gateway):
-    alice, bob = await users(gateway, "alice", "bob")
-    await room(alice, "general")
-    await join(bob, "general")
+    alice, bob = await room_with(gateway, "general", "alice", "bob")
     await settle(bob)
     m = await send(alice, "general", "frist")
     await bob.next_event("message:new")
@@ -1399,9 +1377,7 @@ async def test_edit_message(gateway):
 
 
 async def test_edit_errors(gateway):
-    alice, bob = await users(gateway, "alice", "bob")
-    await room(alice, "general")
-    await join(bob, "general")
+    alice, bob = await room_with(gateway, "general", "alice", "bob")
     m = await send(alice, "general", "mine")
     await settle(alice, bob)
     await error(bob, "message:edit", {"messageId": m["id"], "content": "yours"}, "FORBIDDEN")
@@ -1423,9 +1399,7 @@ async def test_edit_errors(gateway):
 
 
 async def test_author_deletes_message(gateway):
-    alice, bob = await users(gateway, "alice", "bob")
-    await room(alice, "general")
-    await join(bob, "general")
+    alice, bob = await room_with(gateway, "general", "alice", "bob")
     m = await send(bob, "general", "oops", attachments=["https://x.example.com/a"],
                    metadata={"k": 1})  # fmt: skip
     await alice.emit("message:react", {"messageId": m["id"], "emoji": "👍"})
@@ -1477,9 +1451,7 @@ async def test_delete_message_permissions(gateway):
 
 
 async def test_reactions(gateway):
-    alice, bob = await users(gateway, "alice", "bob")
-    await room(alice, "general")
-    await join(bob, "general")
+    alice, bob = await room_with(gateway, "general", "alice", "bob")
     m = await send(alice, "general", "react to me")
     await settle(alice, bob)
 
@@ -1541,10 +1513,7 @@ async def test_reaction_errors(gateway):
 
 
 async def test_typing_indicators(gateway):
-    alice, bob = await users(gateway, "alice", "bob")
-    await room(alice, "general")
-    await join(bob, "general")
-    await settle(alice, bob)
+    alice, bob = await room_with(gateway, "general", "alice", "bob", settled=True)
     assert await bob.emit("typing:start", {"roomId": "general"}) == {"roomId": "general"}
     ev = await alice.next_event("user:typing")
     assert ev["data"] == {"roomId": "general", "userId": "bob", "username": "bob",
@@ -1565,9 +1534,7 @@ async def test_typing_indicators(gateway):
 
 
 async def test_typing_stops_by_itself(gateway):
-    alice, bob = await users(gateway, "alice", "bob")
-    await room(alice, "general")
-    await join(bob, "general")
+    alice, bob = await room_with(gateway, "general", "alice", "bob")
     await settle(alice)
     loop = asyncio.get_running_loop()
     await bob.emit("typing:start", {"roomId": "general"})
@@ -1579,9 +1546,7 @@ async def test_typing_stops_by_itself(gateway):
 
 
 async def test_status_update(gateway):
-    alice, bob, carol = await users(gateway, "alice", "bob", "carol")
-    await room(alice, "general")
-    await join(bob, "general")
+    alice, bob, carol = await room_with(gateway, "general", "alice", "bob", outsiders=("carol",))
     await settle(alice, bob, carol)
     assert await bob.emit("user:status_update", {"status": "away"}) == {"status": "away"}
     ev = await alice.next_event("user:status_changed")
@@ -1680,9 +1645,7 @@ async def test_a_muted_member_reads_but_does_not_speak(gateway_factory):
 
 async def test_an_expired_mute_no_longer_silences(gateway_factory):
     gw = await production(gateway_factory)
-    alice, bob = await users(gw, "alice", "bob")
-    await room(alice, "general")
-    await join(bob, "general")
+    alice, bob = await room_with(gw, "general", "alice", "bob")
     mine = await send(bob, "general", "first")
     await mute(gw, "bob", "general")
     await error(bob, "typing:start", {"roomId": "general"}, "MUTED")
@@ -1697,9 +1660,7 @@ async def test_an_expired_mute_no_longer_silences(gateway_factory):
 
 async def test_leaving_and_rejoining_does_not_lift_a_mute(gateway_factory):
     gw = await production(gateway_factory)
-    alice, bob = await users(gw, "alice", "bob")
-    await room(alice, "general")
-    await join(bob, "general")
+    alice, bob = await room_with(gw, "general", "alice", "bob")
     muted = await mute(gw, "bob", "general")
     await bob.emit("room:leave", {"roomId": "general"})
     members = (await alice.emit("room:members", {"roomId": "general"}))["members"]
@@ -1813,10 +1774,7 @@ async def test_open_rooms_tell_non_members_to_join_without_naming_the_room(gatew
 
 
 async def test_recovery_after_reconnect(gateway):
-    alice, bob = await users(gateway, "alice", "bob")
-    await room(alice, "general")
-    await join(bob, "general")
-    await settle(alice, bob)
+    alice, bob = await room_with(gateway, "general", "alice", "bob", settled=True)
     for i in (1, 2):
         await send(bob, "general", f"seen {i}")
         await alice.next_event("message:new")
