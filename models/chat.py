@@ -726,18 +726,23 @@ def store_sends(requests: list[SendRequest]) -> list[Sent | errors.GatewayError]
     checks refuse, goes through :func:`send_messages` in ``atomic()``.
     """
     db = Message._meta.database
-    lone = requests[0] if len(requests) == 1 else None
-    if (
-        lone is not None and lone.client_msg_id is None and lone.parent_id is None
-        and isinstance(db, pw.SqliteDatabase) and not db.in_transaction()
-    ):  # fmt: skip
-        sent = _send_lone_sqlite(lone)
-        if sent is not None:
+    lone = _plain_lone(requests)
+    tried = False
+    if lone is not None and isinstance(db, pw.SqliteDatabase) and not db.in_transaction():
+        if (sent := _send_lone_sqlite(lone)) is not None:
             return [sent]
-        with db.atomic():
-            return send_messages(requests, lone_tried=True)
+        tried = True  # refused by its checks: send_messages names the error
     with db.atomic():
-        return send_messages(requests)
+        return send_messages(requests, lone_tried=tried)
+
+
+def _plain_lone(requests: list[SendRequest]) -> SendRequest | None:
+    """The batch's one send when it is alone and plain (no clientMsgId, no parent): the
+    send whose checks can ride on its room's seq bump (see :func:`_insert_batch`)."""
+    if len(requests) != 1:
+        return None
+    r = requests[0]
+    return r if r.client_msg_id is None and r.parent_id is None else None
 
 
 def _send_lone_sqlite(r: SendRequest) -> Sent | None:
@@ -819,8 +824,8 @@ def send_messages(
     # A lone plain send (the usual batch at a steady rate): its checks ride on its
     # room's seq bump as conditions, one statement fewer than checking first.
     # One they refuse wrote nothing and takes the checks below, which name the error.
-    lone = requests[0] if len(requests) == 1 and not lone_tried else None
-    if lone is not None and lone.client_msg_id is None and lone.parent_id is None:
+    lone = None if lone_tried else _plain_lone(requests)
+    if lone is not None:
         if _insert_batch(requests, {lone.room_id: [0]}, now, out, checks_of=lone.sender_id):
             return [outcome for outcome in out if outcome is not None]
     # -- retries: of a stored message, or of a send earlier in this batch
