@@ -678,12 +678,13 @@ ASYNC_DRIVERS = {
 
 
 def missing_drivers(
-    approaches: list[str], backends: list[str], find: Callable[[str], object] | None = None
+    approaches: list[str],
+    backends: list[str],
+    find: Callable[[str], object] = importlib.util.find_spec,
 ) -> list[str]:
     """The pip specs of the drivers the pwasyncio approaches need and ``find`` cannot import."""
     if not any(a.startswith("pwasyncio") for a in approaches):
         return []
-    find = find or importlib.util.find_spec
     return [spec for b in backends for module, spec in [ASYNC_DRIVERS[b]] if find(module) is None]
 
 
