@@ -18,11 +18,10 @@ The stages, in order (each row is the time from the previous probe):
 * ``service`` -- ``Messages.send`` entered; ``batcher`` -- its ``submit``;
 * ``to db`` -- ``Database.post`` (the batch leaves the loop);
 * ``db thread`` / ``db done`` -- the job starts and ends on the writer thread;
+* ``ack`` / ``acked`` -- still there, the batcher's ``on_commit`` writes the
+  ack (``Outbound.write_from_thread``: a lone send, the connection lent);
 * ``back`` -- the loop has the job's result (``Database._finish``);
-* ``ack`` / ``acked`` -- the batcher's ``on_result``, in that same callback,
-  writes the ack (at once when nothing else is queued in the iteration, the
-  lone send's case);
-* ``publish`` / ``published`` -- then queues the broadcast;
+* ``publish`` / ``published`` -- the batcher's ``on_result`` queues the broadcast;
 * ``flush`` / ``written`` -- the hub's flush writes the room's broadcast;
 * ``notify`` / ``notified`` -- after the writes, the notification work queued;
 * ``resumed`` -- the handler's task wakes (``submit`` returns);
@@ -52,7 +51,7 @@ STAGES_ENV = "BENCH_STAGES_FILE"
 
 ORDER = [
     "readable", "frame", "envelope", "schema", "schema done", "service", "batcher", "to db",
-    "db thread", "db done", "back", "ack", "acked", "publish", "published", "flush", "written",
+    "db thread", "db done", "ack", "acked", "back", "publish", "published", "flush", "written",
     "notify", "notified", "resumed", "answered",
 ]  # fmt: skip
 
@@ -101,6 +100,7 @@ def install(path: str) -> None:
     import models
     import models.chat
     import server.realtime.hub as hub
+    import server.realtime.outbound as so
     import server.services.messages as sm
     import server.services.notify as sn
     import server.store.batch as sb
@@ -122,7 +122,7 @@ def install(path: str) -> None:
     _around(sdb.Database, "post", "to db")
     _around(sdb.Database, "_finish", "back")
     _around(sdb.Database, "_call", "db thread", "db done")
-    _around(hb.GatewayHandler, "send_soon", "ack", "acked")
+    _around(so.Outbound, "write_from_thread", "ack", "acked")
     _around(hub.Hub, "publish", "publish", "published")
     _around(sn.NotificationService, "message_sent", "notify", "notified")
     flush = hub.Hub.flush

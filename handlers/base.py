@@ -39,6 +39,13 @@ batcher's callback, in the iteration that learns of the commit)::
 
         async def on_message_send(self, ..., answer: EarlyAck) -> dict:
             return await self.messages.send(..., answer=answer)
+
+It may even let the ack leave from the database thread, right after the
+commit (:meth:`EarlyAck.lend`, then :meth:`EarlyAck.from_writer` there; see
+:class:`~server.realtime.outbound.Outbound`)::
+
+            answer.lend()
+            return await self.messages.send(..., answer=answer, answer_now=answer.from_writer)
 """
 
 from __future__ import annotations
@@ -137,9 +144,15 @@ class EarlyAck:
     answers an error raised afterwards only in the log. Never called, the
     frame is answered from the method's result as any other. A second call
     is ignored: a frame has one answer.
+
+    The ack may leave from the database thread instead, right after the
+    commit: lent the connection on the loop first (:meth:`lend`), the
+    database thread writes it (:meth:`from_writer`), and the call on the
+    loop then only counts it. Whatever ends the frame's handling ends the
+    loan (:meth:`release`).
     """
 
-    __slots__ = ("_ack", "_duration", "_handler", "_started", "given")
+    __slots__ = ("_ack", "_duration", "_handler", "_started", "given", "written")
 
     def __init__(
         self, handler: GatewayHandler, ack: int | None, started: float, duration: Histogram
@@ -150,14 +163,41 @@ class EarlyAck:
         self._duration = duration
         #: The ack went out (or, with no ack asked for, the frame was answered).
         self.given = False
+        #: Bytes of the ack the database thread wrote (0: none).
+        self.written = 0
 
     def __call__(self, data: dict[str, Any]) -> None:
         if self.given:
             return
         self.given = True
+        handler = self._handler
+        if self.written:
+            handler.metrics.frames_sent.inc()
+            handler.metrics.bytes_sent.inc(self.written)
+        elif self._ack is not None:
+            handler.outbound.release()
+            handler.send_soon(protocol.ack_payload(self._ack, data))
+        handler.count_answer(self._duration, self._started)
+
+    def lend(self) -> None:
+        """On the loop, before the request leaves: let :meth:`from_writer` write the ack."""
         if self._ack is not None:
-            self._handler.send_soon(protocol.ack_payload(self._ack, data))
-        self._handler.count_answer(self._duration, self._started)
+            self._handler.outbound.lend()
+
+    def from_writer(self, data: dict[str, Any]) -> None:
+        """On the database thread, once committed: write the ack now if the loan allows.
+
+        Counted and marked given on the loop, when this is called there.
+        """
+        if self._ack is None:
+            return
+        frame = protocol.frame(protocol.ack_payload(self._ack, data))
+        if self._handler.outbound.write_from_thread(frame):
+            self.written = len(frame)
+
+    def release(self) -> None:
+        """On the loop, the frame handled: end a loan the database thread did not use."""
+        self._handler.outbound.release()
 
 
 #: Most bytes one read of a connection's socket takes (tornado's read chunk size).
@@ -197,6 +237,22 @@ class _DetachedReceive(WebSocketProtocol13):
     rules; tests/test_idle_memory.py fails if tornado stops calling the loop
     this way.
     """
+
+    def _write_frame(
+        self, fin: bool, opcode: int, data: bytes, flags: int = 0
+    ) -> asyncio.Future[None]:
+        """Tornado's frame writer (pings, pongs, close frames), in turn with the database thread.
+
+        While the connection is lent (:meth:`server.realtime.outbound.Outbound.lend`),
+        a control frame must not go out in the middle of the ack that thread
+        writes; tornado writes them here, its one frame writer (a private
+        method: tests/test_direct_ack.py fails if tornado stops using it).
+        """
+        write = super()._write_frame
+        handler = self.handler
+        if not isinstance(handler, GatewayHandler):
+            return write(fin, opcode, data, flags)
+        return handler.outbound.in_turn(lambda: write(fin, opcode, data, flags))
 
     async def _receive_frame_loop(self) -> None:
         handler = self.handler
@@ -756,6 +812,8 @@ class GatewayHandler(WebSocketHandler):
             if not (answer and answer.given):
                 self._answer_error(errors.InternalError(), envelope.ack, event)
         finally:
+            if answer is not None:
+                answer.release()
             if not (answer and answer.given):  # else counted at the ack
                 self.count_answer(duration, started)
         if after_ack is not None:

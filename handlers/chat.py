@@ -198,11 +198,15 @@ class ChatHandler(GatewayHandler):
             room_id, self.user_id, self.identity.display_name, content, type,
             parent_message_id, attachments, metadata, client_msg_id,
         )  # fmt: skip
-        # The ack goes out (``answer``) once the message is committed, before this
-        # task resumes; the room's broadcast (not to the sender) follows it there.
+        # The ack goes out once the message is committed, before this task
+        # resumes: from the database thread when it can (``answer.from_writer``,
+        # on the connection lent here), else from the loop (``answer``); the
+        # room's broadcast (not to the sender) follows it from the loop.
+        answer.lend()
         return await self.messages.send(
-            self.author, request, started=self.event_started, answer=answer
-        )
+            self.author, request, started=self.event_started, answer=answer,
+            answer_now=answer.from_writer,
+        )  # fmt: skip
 
     async def on_message_edit(self, message_id: int, content: str) -> dict[str, Any]:
         return await self.messages.edit(self.author, message_id, content)

@@ -24,6 +24,22 @@ Tornado API only:
   to read up to it and answer, then the socket is dropped. A peer that
   reads again within the grace sees the 4408 close frame, not a bare EOF.
 
+* **A write from the database thread.** A lone ``message:send``'s ack can
+  leave from the database thread right after its commit, one loop wake-up
+  sooner (:meth:`Outbound.write_from_thread`; the batcher's ``on_commit``
+  says when that keeps the connection's frames in order). The loop first
+  lends the connection (:meth:`Outbound.lend`, before the send is queued);
+  while it is lent, every write to it -- the loop's here, tornado's control
+  frames through :meth:`Outbound.in_turn` -- holds one lock that the
+  database thread holds around its own write, so the two never interleave
+  bytes. The database thread writes only when nothing is queued in the
+  stream, and only once: its attempt ends the loan, and :meth:`release`
+  ends a loan it never used. What its ``send()`` leaves unwritten (the
+  kernel's buffer was nearly full) is handed back: the loop queues it
+  before anything else it writes to that connection. Connections that are
+  not lent -- all but the senders whose send is in the database -- pay one
+  attribute test per write for this.
+
 The heartbeat is a separate rule (``Hub.sweep``) about the peer's silence,
 and reading is a sign of life too: a ping queued behind a backlog -- ours,
 or the kernel's send queue -- cannot be answered before the backlog is
@@ -49,9 +65,11 @@ import fcntl
 import socket
 import struct
 import termios
+import threading
 import time
 from collections.abc import Callable
 from functools import partial
+from typing import TypeVar
 
 from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
 
@@ -71,6 +89,22 @@ READ_PROGRESS_MIN_BYTES = 1024
 _TCPI_BYTES_ACKED_OFFSET = 120
 _TCP_INFO = getattr(socket, "TCP_INFO", None)
 _TIOCOUTQ = getattr(termios, "TIOCOUTQ", None)  # SIOCOUTQ: bytes sent but not yet acked
+
+T = TypeVar("T")
+
+#: Held around every write to a lent connection, by the loop and by the
+#: database thread (see the module docstring). Reentrant: a write that trips
+#: the slow-consumer rule closes the connection, whose close frame is a write.
+_LENT_WRITES = threading.RLock()
+
+
+class _Lent:
+    """The mark of a connection lent to the database thread (see :meth:`Outbound.lend`)."""
+
+    __slots__ = ()
+
+
+LENT = _Lent()
 
 
 def tcp_progress(sock: socket.socket) -> tuple[int, int] | None:
@@ -118,6 +152,9 @@ class Outbound:
         #: Frames and bytes accepted for the peer (for admins' connection listing).
         self.frames_out = 0
         self.bytes_out = 0
+        #: None; :data:`LENT` while the database thread may write; or the bytes
+        #: its write left over, which go before anything else.
+        self._handoff: _Lent | bytes | None = None
 
     def attach(self, stream: IOStream) -> None:
         """Write to ``stream`` (the WebSocket's, once it is open)."""
@@ -137,6 +174,11 @@ class Outbound:
 
         ``frame`` may be ``frames`` frames joined in one write (counted as such).
         """
+        if self._handoff is not None:
+            return self.in_turn(partial(self._write, frame, frames))
+        return self._write(frame, frames)
+
+    def _write(self, frame: bytes, frames: int) -> bool:
         stream = self._stream
         if stream is None or self.closing:
             return False
@@ -169,12 +211,88 @@ class Outbound:
         For a writer that bounds itself by waiting for each frame (the logs
         pump). None if the stream is gone or the connection closing.
         """
+        if self._handoff is not None:
+            return self.in_turn(partial(self._write_unbudgeted, frame))
+        return self._write_unbudgeted(frame)
+
+    def _write_unbudgeted(self, frame: bytes) -> asyncio.Future[None] | None:
         stream = self._stream
         if stream is None or self.closing or stream.closed():
             return None
         self.frames_out += 1
         self.bytes_out += len(frame)
         return stream.write(frame)
+
+    def in_turn(self, write: Callable[[], T]) -> T:
+        """Run a write of the loop's in turn with the database thread's (on the loop).
+
+        For writes that bypass :meth:`write`: tornado's control frames (ping,
+        pong, close). What the database thread's write left over goes first.
+        """
+        if self._handoff is None:
+            return write()
+        with _LENT_WRITES:
+            self._put_back()
+            return write()
+
+    def lend(self) -> bool:
+        """On the loop: let :meth:`write_from_thread` write one frame, until :meth:`release`.
+
+        False (nothing lent) when frames cannot go straight to the socket
+        (TLS, not attached), the connection is closing, or a loan is running.
+        """
+        if self._sock is None or self.closing or self._handoff is not None:
+            return False
+        self._handoff = LENT
+        return True
+
+    def release(self) -> None:
+        """On the loop: end a loan :meth:`write_from_thread` did not use (a no-op otherwise)."""
+        if self._handoff is LENT:
+            with _LENT_WRITES:
+                if self._handoff is LENT:
+                    self._handoff = None
+
+    def write_from_thread(self, frame: bytes) -> bool:
+        """From the database thread, on a lent connection: write ``frame`` now, once.
+
+        True when the frame is written: wholly, or partly with the rest
+        handed back to the loop, queued before anything else. False --
+        not lent, closing, frames queued in the stream, over the budget, or
+        the kernel took none of it -- and the caller writes it on the loop
+        as usual. Either way the loan is over.
+        """
+        with _LENT_WRITES:
+            if self._handoff is not LENT:
+                return False
+            self._handoff = None
+            stream, sock = self._stream, self._sock
+            if (
+                stream is None or sock is None or self.closing or stream.closed()
+                or stream.writing() or len(frame) > self.max_bytes
+            ):  # fmt: skip
+                return False
+            try:
+                sent = sock.send(frame)
+            except OSError:  # nothing taken (EAGAIN), or the peer is gone
+                return False
+            if not sent:
+                return False
+            self.frames_out += 1
+            self.bytes_out += len(frame)
+            if sent < len(frame):
+                self._handoff = frame[sent:]
+                stream.io_loop.add_callback(self.in_turn, _nothing)
+            return True
+
+    def _put_back(self) -> None:
+        """Under the lock, on the loop: queue what the database thread's write left over."""
+        rest = self._handoff
+        if isinstance(rest, bytes):
+            self._handoff = None
+            stream = self._stream
+            if stream is not None:  # counted when the thread wrote it: 0 frames, 0 bytes
+                self._queue(stream, rest, 0, 0)
 
     def _queue(self, stream: IOStream, data: bytes, frames: int, size: int) -> bool:
         """Queue ``data``, the rest of ``frames`` frames of ``size`` bytes in all."""
@@ -234,3 +352,7 @@ class Outbound:
     def _abort(stream: IOStream) -> None:
         if not stream.closed():
             stream.close()
+
+
+def _nothing() -> None:
+    """A write of nothing: :meth:`Outbound.in_turn` with it puts back a leftover alone."""

@@ -26,6 +26,8 @@ Example::
     messages = Messages(hub, sends, reacts, db, metrics, stats, typing, notifications)
     # write_ack(data) runs once the message is committed, before send returns.
     data = await messages.send(author, request, started=time.perf_counter(), answer=write_ack)
+    # try_ack(data) may run on the database thread first, right after the commit.
+    data = await messages.send(author, request, started=..., answer=write_ack, answer_now=try_ack)
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ class Messages:
         *,
         started: float,
         answer: Callable[[dict[str, Any]], object] | None = None,
+        answer_now: Callable[[dict[str, Any]], object] | None = None,
     ) -> dict[str, Any]:
         """Store ``request`` (group commit); returns the ack's data.
 
@@ -95,8 +98,14 @@ class Messages:
         called with the ack's data (the caller writes the sender's ack there),
         then the room's broadcast and the rest follow. ``started`` is when the
         event arrived (``time.perf_counter()``), for the publish latency metric.
+        ``answer_now``, when given, may be called with the ack's data before
+        that, on the database thread right after the commit (the batcher's
+        ``on_commit``: a lone send, nothing earlier still to write); it must
+        be safe off the loop, and ``answer`` then still runs.
         """
-        sent = await self.sends.submit(request, partial(self._stored, author, started, answer))
+        on_commit = None if answer_now is None else partial(_answer_now, answer_now)
+        stored = partial(self._stored, author, started, answer)
+        sent = await self.sends.submit(request, stored, on_commit)
         return _ack_data(sent)
 
     def _stored(
@@ -185,6 +194,11 @@ class Messages:
 
 def _ack_data(sent: chat_db.Sent) -> dict[str, Any]:
     return {"message": sent.message, "duplicate": sent.duplicate}
+
+
+def _answer_now(answer_now: Callable[[dict[str, Any]], object], sent: chat_db.Sent) -> None:
+    """On the database thread, committed: the ack's data to ``answer_now``."""
+    answer_now(_ack_data(sent))
 
 
 def _recent(message: dict[str, Any]) -> bool:

@@ -18,6 +18,16 @@ the batch wakes. What must follow the commit at once (``message:send``'s ack
 and broadcast) then leaves in the iteration that learns of the commit, a loop
 iteration and a task wake-up (~90 µs on a cold core) before the caller resumes.
 
+A request may also come with ``on_commit``: run with its result on the
+database thread, right after the commit, before the outcomes cross to the
+loop -- but only for the first request of a batch that left an idle batcher.
+Every earlier batch's ``on_result`` callbacks have then run on the loop
+(they ran before this batch was sent), and no other request of this batch
+precedes it, so what ``on_commit`` writes (``message:send``'s ack, from the
+database thread: one loop wake-up fewer before it leaves) cannot overtake
+anything an earlier commit queued. ``on_result`` still runs for that
+request; it learns from its own state what ``on_commit`` already did.
+
 The batch function runs in a database worker inside one transaction
 (:meth:`server.store.db.Database.run`; with ``transaction=False`` it opens its
 own, as ``message:send``'s does) and returns one outcome per request, in
@@ -30,6 +40,8 @@ Example::
     sends = Batcher(db, "message.send", chat_db.send_messages, max_batch=256)
     sent = await sends.submit(request)   # raises that request's GatewayError
     sent = await sends.submit(request, on_result=ack)   # ack(sent) ran before it returns
+    # try_ack(sent) may run on the database thread first (see above)
+    sent = await sends.submit(request, on_result=ack, on_commit=try_ack)
 """
 
 from __future__ import annotations
@@ -53,8 +65,10 @@ Res = TypeVar("Res")
 #: statements stay well under SQLite's 32,766 bound parameters.
 DEFAULT_MAX_BATCH = 256
 
-#: A waiting request: the request, its caller's future, its ``on_result``.
-_Waiting = tuple[Req, asyncio.Future[Res], Callable[[Res], object] | None]
+#: A waiting request: the request, its caller's future, its ``on_result``, its ``on_commit``.
+_Waiting = tuple[
+    Req, asyncio.Future[Res], Callable[[Res], object] | None, Callable[[Res], object] | None
+]
 
 
 class Batcher(Generic[Req, Res]):
@@ -92,7 +106,12 @@ class Batcher(Generic[Req, Res]):
         """Requests not yet in the database (for metrics and tests)."""
         return len(self._waiting)
 
-    async def submit(self, request: Req, on_result: Callable[[Res], object] | None = None) -> Res:
+    async def submit(
+        self,
+        request: Req,
+        on_result: Callable[[Res], object] | None = None,
+        on_commit: Callable[[Res], object] | None = None,
+    ) -> Res:
         """Queue ``request``; its result once its batch committed, or its error.
 
         ``on_result``, when given, is called with the result on the loop as
@@ -101,22 +120,31 @@ class Batcher(Generic[Req, Res]):
         not block; should it raise, the error is logged and the caller still
         gets its result (the write stands).
 
+        ``on_commit``, when given, may be called with the result on the
+        database thread first (see the module docstring for when); not for
+        an error. It must not block and must be safe off the loop; should it
+        raise, the error is logged and nothing else changes.
+
         A caller cancelled while it waits leaves its request in the batch:
         the write stands, only the answer (and ``on_result``) is dropped.
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Res] = loop.create_future()
-        self._waiting.append((request, future, on_result))
+        self._waiting.append((request, future, on_result, on_commit))
         if not self._busy:
             # Sent on the loop's next turn, not at once: requests that arrive in
             # this turn (the connections one admission batch admitted, frames
             # read in one go) go in the same batch.
             self._busy = True
-            loop.call_soon(self._send)
+            loop.call_soon(self._send, True)
         return await future
 
-    def _send(self) -> None:
-        """The oldest waiting requests, up to ``max_batch``, to the database as one job."""
+    def _send(self, idle: bool = False) -> None:
+        """The oldest waiting requests, up to ``max_batch``, to the database as one job.
+
+        ``idle``: the batcher had nothing in the database (every earlier
+        batch settled), so the first request's ``on_commit`` may run.
+        """
         batch = self._waiting[: self._max]
         del self._waiting[: self._max]
         self._busy = True
@@ -124,10 +152,12 @@ class Batcher(Generic[Req, Res]):
         self.carried += len(batch)
         if self._observe is not None:
             self._observe(len(batch))
-        requests = [req for req, _, _ in batch]
+        requests = [req for req, _, _, _ in batch]
+        first_commit = batch[0][3] if idle else None
         self._db.post(
             self._op, self._fn, (requests,), partial(self._settle, batch),
             transaction=self._transaction,
+            on_commit=None if first_commit is None else partial(_first_committed, first_commit),
         )  # fmt: skip
 
     def _settle(
@@ -142,14 +172,14 @@ class Batcher(Generic[Req, Res]):
             self._send()
         if error is not None:
             failure = _batch_failure(self._op, error)
-            for _, future, _ in batch:
+            for _, future, _, _ in batch:
                 if not future.done():
                     future.set_exception(failure)
             return
         assert outcomes is not None  # the batch function returns one per request
         # In request order: the callbacks run and the waiting handlers wake in
         # this order, so what they broadcast leaves in seq order per room.
-        for (_, future, on_result), outcome in zip(batch, outcomes, strict=True):
+        for (_, future, on_result, _), outcome in zip(batch, outcomes, strict=True):
             if future.done():  # its caller went away; the write stands
                 continue
             if isinstance(outcome, errors.GatewayError):
@@ -163,6 +193,15 @@ class Batcher(Generic[Req, Res]):
                     # request's caller gets its result and answers as it can.
                     log.exception("%s: a request's on_result failed", self._op)
             future.set_result(outcome)
+
+
+def _first_committed(
+    on_commit: Callable[[Res], object], outcomes: Sequence[Res | errors.GatewayError]
+) -> None:
+    """On the database thread, the batch committed: its first request's ``on_commit``."""
+    first = outcomes[0]
+    if not isinstance(first, errors.GatewayError):
+        on_commit(first)
 
 
 def _batch_failure(op: str, exc: BaseException) -> errors.GatewayError:

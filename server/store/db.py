@@ -110,9 +110,11 @@ class _Job:
     ``loop`` is None for the thread's own housekeeping (the checkpointer's
     truncations), which nobody waits for. ``dropped`` says the caller gave up
     before the job started (it then never runs, as a cancelled executor job).
+    ``committed`` runs on the database thread with the result of a job that
+    succeeded, before the outcome leaves for the loop (:meth:`Database.post`).
     """
 
-    __slots__ = ("done", "dropped", "loop", "op", "posted", "work")
+    __slots__ = ("committed", "done", "dropped", "loop", "op", "posted", "work")
 
     def __init__(
         self,
@@ -121,12 +123,14 @@ class _Job:
         loop: asyncio.AbstractEventLoop | None = None,
         done: Done[Any] | None = None,
         dropped: Callable[[], bool] | None = None,
+        committed: Callable[[Any], object] | None = None,
     ) -> None:
         self.op = op
         self.work = work
         self.loop = loop
         self.done = done
         self.dropped = dropped
+        self.committed = committed
         self.posted = time.perf_counter()
 
 
@@ -275,6 +279,7 @@ class Database:
         kwargs: dict[str, Any] | None = None,
         transaction: bool = True,
         caller: asyncio.Future[Any] | None = None,
+        on_commit: Callable[[T], object] | None = None,
     ) -> None:
         """Queue ``fn(*args, **kwargs)`` for a database thread; ``done`` gets its outcome.
 
@@ -284,6 +289,15 @@ class Database:
         raises it (``DatabaseUnavailable`` when the database is down; a
         ``RuntimeError`` once closed). A ``caller`` future cancelled before
         the job starts drops the job; once started, it runs to its commit.
+
+        ``on_commit(result)``, when given, runs on the database thread once
+        the job succeeded -- its transaction committed (``transaction=False``:
+        ``fn`` returned, having committed its own) -- before the outcome
+        crosses to the loop: what must follow the commit at once can leave
+        without waiting for the loop to wake (``message:send``'s ack,
+        :meth:`server.realtime.outbound.Outbound.write_from_thread`). It must
+        not block and must be safe off the loop; what it raises is logged and
+        changes nothing else (the commit stands, ``done`` still runs).
         """
         loop = asyncio.get_running_loop()
         if self._closed:
@@ -291,7 +305,7 @@ class Database:
             return
         work = partial(self._call, fn, args, kwargs or {}, transaction)
         dropped = None if caller is None else caller.cancelled
-        self._put(_Job(op, work, loop, done, dropped))
+        self._put(_Job(op, work, loop, done, dropped, on_commit))
 
     def _put(self, job: _Job) -> None:
         if not self._threads:  # started by the first job: a Database never used has none
@@ -313,6 +327,12 @@ class Database:
                 result = job.work()
             except BaseException as exc:  # handed to the caller, as an executor would
                 error = exc
+            else:
+                if job.committed is not None:
+                    try:
+                        job.committed(result)
+                    except Exception:
+                        log.exception("%s: its on_commit failed", job.op)
             if job.loop is None:
                 if error is not None:
                     log.warning("%s failed: %s", job.op, error)

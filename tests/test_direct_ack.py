@@ -1,0 +1,326 @@
+"""A lone send's ack from the database thread, right after its commit.
+
+The parts, each against real ones: the database's ``on_commit`` and the
+batcher's rule for it (a real SQLite database), the outbound loan on a real
+socket pair with a real tornado stream (what a thread's write leaves over
+goes before anything the loop writes next), and the whole path through a
+real node, read by a raw WebSocket that sees frames in the order they came.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import pytest_asyncio
+from tornado.iostream import IOStream
+
+from server.core import errors, protocol
+from server.realtime.outbound import Outbound
+from server.store.batch import Batcher
+from server.store.db import Database
+from tests.test_chat import room_with
+from tests.test_presence import RawWebSocket, sample
+
+pytestmark = pytest.mark.asyncio
+
+
+# ---------------------------------------------------------------------------
+# The database's on_commit and the batcher's rule
+# ---------------------------------------------------------------------------
+
+
+@pytest_asyncio.fixture
+async def db(tmp_path: Path) -> AsyncIterator[Database]:
+    database = Database(f"sqlite:///{tmp_path / 'direct.db'}")
+    await database.start()
+    await database.run("notes", database.db.execute_sql, "CREATE TABLE note (n INTEGER)")
+    yield database
+    await database.close()
+
+
+def rows_seen_elsewhere(db: Database) -> int:
+    """What another connection to the file sees: committed rows only."""
+    with sqlite3.connect(db.db.database) as other:
+        (count,) = other.execute("SELECT count(*) FROM note").fetchone()
+    return int(count)
+
+
+def insert_notes(db: Database) -> Callable[[list[int]], list[int | errors.GatewayError]]:
+    """A batch function: each request a row; a negative one fails alone."""
+
+    def store(requests: list[int]) -> list[int | errors.GatewayError]:
+        out: list[int | errors.GatewayError] = []
+        for n in requests:
+            if n < 0:
+                out.append(errors.Conflict("negative"))
+            else:
+                db.db.execute_sql("INSERT INTO note (n) VALUES (?)", (n,))
+                out.append(n)
+        return out
+
+    return store
+
+
+async def test_on_commit_runs_on_the_database_thread_after_the_commit_before_on_result(db):
+    events: list[tuple[str, str, int]] = []
+    sends: Batcher[int, int] = Batcher(db, "notes", insert_notes(db))
+
+    def committed(n: int) -> None:
+        events.append(("commit", threading.current_thread().name, rows_seen_elsewhere(db)))
+
+    def result(n: int) -> None:
+        events.append(("result", threading.current_thread().name, n))
+
+    assert await sends.submit(7, on_result=result, on_commit=committed) == 7
+    assert events == [("commit", "db_0", 1), ("result", threading.current_thread().name, 7)]
+
+
+async def test_on_commit_runs_for_the_first_request_of_a_batch_that_left_an_idle_batcher(db):
+    store = insert_notes(db)
+    entered, go = threading.Event(), threading.Event()
+
+    def held(requests: list[int]) -> list[int | errors.GatewayError]:
+        if requests == [0]:  # the first batch waits in the database
+            entered.set()
+            go.wait(10)
+        return store(requests)
+
+    sends: Batcher[int, int] = Batcher(db, "notes", held)
+    committed: list[int] = []
+    first = asyncio.ensure_future(sends.submit(0, on_commit=committed.append))
+    await asyncio.to_thread(entered.wait, 10)
+    # Queued behind it: they leave together, chained from the first batch's
+    # settling, while its on_result callbacks have yet to run.
+    chained = [asyncio.ensure_future(sends.submit(n, on_commit=committed.append)) for n in (1, 2)]
+    await asyncio.sleep(0)  # the tasks' first steps, queued before this one's
+    assert sends.waiting == 2
+    go.set()
+    assert await first == 0 and [await f for f in chained] == [1, 2]
+    assert committed == [0]
+    # Idle again; three in one loop turn make one batch: only its first.
+    same_turn = [sends.submit(n, on_commit=committed.append) for n in (3, 4, 5)]
+    assert await asyncio.gather(*same_turn) == [3, 4, 5]
+    assert (sends.batches, committed) == (3, [0, 3])
+
+
+async def test_an_on_commit_that_fails_or_meets_a_refused_request_changes_nothing(db, caplog):
+    sends: Batcher[int, int] = Batcher(db, "notes", insert_notes(db))
+    called: list[int] = []
+    with pytest.raises(errors.Conflict):
+        await sends.submit(-1, on_commit=called.append)
+    assert called == []
+
+    def fails(n: int) -> None:
+        raise RuntimeError("boom")
+
+    results: list[int] = []
+    with caplog.at_level(logging.ERROR, logger="switchboard.db"):
+        assert await sends.submit(8, on_result=results.append, on_commit=fails) == 8
+    assert results == [8] and rows_seen_elsewhere(db) == 1
+    assert any("on_commit failed" in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------------------
+# The outbound loan, on a real socket pair and tornado stream
+# ---------------------------------------------------------------------------
+
+
+class Pair:
+    """An attached :class:`Outbound` on one end of a socket pair; the test reads the other."""
+
+    def __init__(self, *, buffers: int | None = None, max_bytes: int = 1 << 20) -> None:
+        ours, self.peer = socket.socketpair()
+        if buffers is not None:
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffers)
+            self.peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffers)
+        ours.setblocking(False)
+        self.stream = IOStream(ours)
+        self.slow: list[bool] = []
+        self.out = Outbound(max_bytes, on_slow=lambda: self.slow.append(True))
+        self.out.attach(self.stream)
+
+    def from_thread(self, frame: bytes) -> bool:
+        """``write_from_thread`` on another thread, waited for (the loop does not run)."""
+        done: list[bool] = []
+        thread = threading.Thread(target=lambda: done.append(self.out.write_from_thread(frame)))
+        thread.start()
+        thread.join(10)
+        return done[0]
+
+    async def read(self, size: int) -> bytes:
+        loop = asyncio.get_running_loop()
+        self.peer.setblocking(False)
+        data = b""
+        while len(data) < size:
+            data += await loop.sock_recv(self.peer, size - len(data))
+        return data
+
+    def close(self) -> None:
+        self.stream.close()
+        self.peer.close()
+
+
+@pytest.fixture
+def pairs() -> Any:
+    made: list[Pair] = []
+
+    def make(**kwargs: Any) -> Pair:
+        made.append(Pair(**kwargs))
+        return made[-1]
+
+    yield make
+    for pair in made:
+        pair.close()
+
+
+def text_frame(size: int, fill: bytes = b"a") -> bytes:
+    return protocol.frame(orjson.dumps({"event": "t", "data": {"x": (fill * size).decode()}}))
+
+
+async def test_a_lent_connection_takes_one_write_from_another_thread(pairs):
+    pair = pairs()
+    frame = text_frame(40)
+    assert not pair.from_thread(frame)  # not lent: the loop writes
+    assert pair.out.lend()
+    assert not pair.out.lend()  # one loan at a time
+    assert pair.from_thread(frame)
+    assert not pair.from_thread(frame)  # the loan ended with the write
+    assert pair.out.write(b"next")
+    assert await pair.read(len(frame) + 4) == frame + b"next"
+    assert (pair.out.frames_out, pair.out.bytes_out) == (2, len(frame) + 4)
+
+
+async def test_a_released_loan_or_a_queued_stream_leaves_the_write_to_the_loop(pairs):
+    pair = pairs(buffers=4096)
+    frame = text_frame(40)
+    assert pair.out.lend()
+    pair.out.release()
+    assert not pair.from_thread(frame)
+    # Frames queued in the stream (the peer is not reading): the thread's frame
+    # would overtake them.
+    queued = text_frame(1000)
+    while not pair.stream.writing():
+        assert pair.out.write(queued)
+    assert pair.out.lend()
+    assert not pair.from_thread(frame)
+    sent = pair.out.bytes_out
+    assert await pair.read(sent) == queued * (sent // len(queued))
+    assert pair.out.frames_out == sent // len(queued)
+
+
+async def test_what_a_threads_write_leaves_over_goes_before_the_loops_next_frame(pairs):
+    pair = pairs(buffers=4096)
+    big = text_frame(200_000, b"b")
+    assert pair.out.lend()
+    assert pair.from_thread(big)  # far over the socket's buffers: the kernel took part of it
+    assert not pair.stream.writing()  # the rest is not in the stream yet ...
+    assert pair.out.write(b"tail")  # ... and goes there before this frame
+    assert await pair.read(len(big) + 4) == big + b"tail"
+    assert pair.slow == []
+
+
+async def test_what_a_threads_write_leaves_over_goes_out_on_its_own_too(pairs):
+    pair = pairs(buffers=4096)
+    big = text_frame(200_000, b"c")
+    assert pair.out.lend()
+    assert pair.from_thread(big)
+    assert not pair.out.lend()  # not before the leftover is out of the way
+    assert await pair.read(len(big)) == big  # put back by the loop on its own
+    assert pair.out.lend()
+
+
+# ---------------------------------------------------------------------------
+# Through a node
+# ---------------------------------------------------------------------------
+
+
+def conn_of(gw: Any, user: str) -> Any:
+    (conn,) = gw.node.hub.user_connections(user)
+    return conn
+
+
+async def test_a_lone_sends_ack_leaves_from_the_database_thread(gateway):
+    gw = gateway
+    alice, bob = await room_with(gw, "general", "alice", "bob", settled=True)
+    out = conn_of(gw, "alice").outbound
+    writes: list[tuple[str, bool]] = []
+    write = out.write_from_thread
+
+    def spy(frame: bytes) -> bool:
+        written = write(frame)
+        writes.append((threading.current_thread().name, written))
+        return written
+
+    out.write_from_thread = spy
+    ack = await alice.emit("message:send", {"roomId": "general", "content": "hi"})
+    assert writes == [("db_0", True)]
+    new = await bob.next_event("message:new")
+    assert new["data"]["message"] == ack["message"]
+    # An ack the thread wrote is counted like any other.
+    sent = sample(gw, "switchboard_frames_sent_total")
+    await alice.emit("message:send", {"roomId": "general", "content": "again"})
+    await bob.next_event("message:new")
+    assert writes[-1] == ("db_0", True)
+    assert sample(gw, "switchboard_frames_sent_total") == sent + 2  # the ack, bob's message:new
+
+
+async def test_senders_read_every_seq_of_their_room_in_order_with_acks_from_the_thread(gateway):
+    """Three raw senders, lone and pipelined sends mixed: each reads the room's
+    seqs -- the others' message:new, its own acks -- in increasing order."""
+    gw = gateway
+    (owner,) = await room_with(gw, "general", "owner", settled=True)
+    raws = [await RawWebSocket.open(gw, f"r{n}") for n in range(3)]
+    for raw in raws:
+        raw.send_json("room:join", {"roomId": "general"})
+        assert (await raw.recv_json())["ok"]
+    per_sender = 12
+    for burst in (1, 3, 1, 2, 1, 4):  # sends written back to back, then the rest
+        for raw in raws:
+            for _ in range(burst):
+                raw.send_json("message:send", {"roomId": "general", "content": "x"})
+    total = 3 * per_sender
+    for raw in raws:
+        seqs: list[int] = []
+        acks = 0
+        while acks < per_sender or len(seqs) < total:
+            frame = await raw.recv_json()
+            if "ack" in frame:
+                assert frame["ok"], frame
+                acks += 1
+                seqs.append(frame["data"]["message"]["seq"])
+            elif frame["event"] == "message:new":
+                seqs.append(frame["data"]["message"]["seq"])
+        assert seqs == sorted(seqs) and len(set(seqs)) == total
+    history = await owner.emit("room:get_messages", {"roomId": "general", "limit": 100})
+    assert len(history["messages"]) == total
+
+
+async def test_a_control_frame_waits_for_the_rest_of_a_frame_the_thread_began(gateway):
+    """tornado's ping goes through its frame writer, which waits its turn: the
+    peer reads the thread's frame whole, then the ping."""
+    gw = gateway
+    raw = await RawWebSocket.open(gw, "sam", rcvbuf=4096)
+    conn = conn_of(gw, "sam")
+    conn.ws_connection.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    payload = orjson.dumps({"event": "test:big", "data": {"x": "d" * 300_000}})
+    assert conn.outbound.lend()
+    done: list[bool] = []
+    thread = threading.Thread(
+        target=lambda: done.append(conn.outbound.write_from_thread(protocol.frame(payload)))
+    )
+    thread.start()
+    thread.join(10)
+    assert done == [True]
+    assert not conn.ws_connection.stream.writing()  # the rest waits to be put back
+    conn.ping(b"probe")  # in this same loop turn: before the put-back's callback
+    assert await raw.recv_frame() == (0x1, payload)
+    assert await raw.recv_frame() == (0x9, b"probe")
