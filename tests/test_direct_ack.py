@@ -250,6 +250,7 @@ def conn_of(gw: Any, user: str) -> Any:
 
 async def test_a_lone_sends_ack_leaves_from_the_database_thread(gateway):
     gw = gateway
+    gw.node.messages.quiet_secs = 0  # the second send follows a broadcast closely
     alice, bob = await room_with(gw, "general", "alice", "bob", settled=True)
     out = conn_of(gw, "alice").outbound
     writes: list[tuple[str, bool]] = []
@@ -273,10 +274,33 @@ async def test_a_lone_sends_ack_leaves_from_the_database_thread(gateway):
     assert sample(gw, "switchboard_frames_sent_total") == sent + 2  # the ack, bob's message:new
 
 
+async def test_a_send_right_after_a_broadcast_keeps_its_ack_on_the_loop(gateway):
+    """A busy node (it flushed a broadcast within quiet_secs) writes acks on the loop."""
+    gw = gateway
+    alice, bob = await room_with(gw, "general", "alice", "bob", settled=True)
+    out = conn_of(gw, "alice").outbound
+    writes: list[bool] = []
+    write = out.write_from_thread
+
+    def spy(frame: bytes) -> bool:
+        writes.append(write(frame))
+        return writes[-1]
+
+    out.write_from_thread = spy
+    gw.node.messages.quiet_secs = 3600.0  # whatever the hub flushed counts as recent
+    assert gw.node.hub.flushed_at > float("-inf")  # the joins' room:user_joined
+    ack = await alice.emit("message:send", {"roomId": "general", "content": "busy"})
+    assert (await bob.next_event("message:new"))["data"]["message"] == ack["message"]
+    gw.node.messages.quiet_secs = 0.0
+    await alice.emit("message:send", {"roomId": "general", "content": "quiet"})
+    assert writes == [True]  # only the second went through the thread
+
+
 async def test_senders_read_every_seq_of_their_room_in_order_with_acks_from_the_thread(gateway):
     """Three raw senders, lone and pipelined sends mixed: each reads the room's
     seqs -- the others' message:new, its own acks -- in increasing order."""
     gw = gateway
+    gw.node.messages.quiet_secs = 0  # every idle batch's first ack from the thread
     (owner,) = await room_with(gw, "general", "owner", settled=True)
     raws = [await RawWebSocket.open(gw, f"r{n}") for n in range(3)]
     for raw in raws:

@@ -237,6 +237,8 @@ class Hub:
         # coalesce: what waits for this loop iteration's flush, in order.
         self._outbox: list[_Entry] = []
         self._flush_scheduled = False
+        #: When the last flush that had frames to write ended (``time.monotonic()``).
+        self.flushed_at = float("-inf")
         # Connections :meth:`flush_to` wrote -> how many outbox entries it covered.
         self._flushed: dict[Connection, int] = {}
         # id(audience) -> the audience as a set, for flush_to's membership tests.
@@ -674,6 +676,7 @@ class Hub:
         if len(outbox) == 1 and not done:  # a lone broadcast (a lone send's): nothing to merge
             conns, frame, skip, counted = outbox[0]
             self._write_each(conns, frame, skip, counted)
+            self.flushed_at = time.monotonic()
             return len(conns) - (len(skip) if skip else 0)
         main = max((entry[0] for entry in outbox), key=len)
         main_at: list[int] = []  # positions of broadcasts to ``main``
@@ -722,7 +725,12 @@ class Hub:
         count, nbytes, writes = count + common[0], nbytes + common[1], writes + common[2]
         if self._on_delivered is not None and count > 0:
             self._on_delivered(count, nbytes)
+        self.flushed_at = time.monotonic()
         return writes
+
+    def quiet_for(self, secs: float) -> bool:
+        """Whether no flush wrote anything for ``secs`` (the loop is likely idle)."""
+        return time.monotonic() - self.flushed_at >= secs
 
     @staticmethod
     def _merge(

@@ -8,7 +8,9 @@ it queues. A message is committed before its ack and before its
 (typing stop, broadcast, counting, notifications) follows it, both from the
 group-commit batcher's ``on_result``: in the loop iteration that learns of
 the commit, in request order, before the sending handler's task resumes (a
-loop iteration and a wake-up later). A batch's sends thus reach the hub in
+loop iteration and a wake-up later). A lone send's ack leaves sooner still,
+from the database thread right after the commit (``answer_now``, the
+batcher's ``on_commit``), when the caller can write it there. A batch's sends thus reach the hub in
 the order a handler per send would have written them -- ack, then broadcast,
 send after send -- and every connection keeps its frames in seq order.
 
@@ -53,6 +55,14 @@ from server.store.db import Database
 #: (a retry comes within seconds; an old one would reach a node that forgot
 #: the room's seqs, its members left meanwhile, as a stale live message).
 DUPLICATE_REBROADCAST_SECS = 120.0
+#: A send's ack may leave from the database thread (``answer_now``) when the
+#: hub flushed nothing for this long before it: a quiet node, whose loop
+#: sleeps while the commit runs and would have to wake to write the ack. On
+#: a busy node the loop is awake anyway, and acks written off it only made
+#: its sends arrive one by one instead of in batches: rooms of 1,000 fell from
+#: ~210-250k to ~165-180k deliveries/s (bench/README.md). 5 ms pass between
+#: a quiet node's sends at 200 msg/s; a busy one flushes without pause.
+DIRECT_ACK_QUIET_SECS = 0.001
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +92,8 @@ class Messages:
     stats: Stats
     typing: TypingTracker
     notifications: NotificationService
+    #: See :data:`DIRECT_ACK_QUIET_SECS` (0: whenever the batcher allows).
+    quiet_secs: float = DIRECT_ACK_QUIET_SECS
 
     async def send(
         self,
@@ -99,11 +111,14 @@ class Messages:
         then the room's broadcast and the rest follow. ``started`` is when the
         event arrived (``time.perf_counter()``), for the publish latency metric.
         ``answer_now``, when given, may be called with the ack's data before
-        that, on the database thread right after the commit (the batcher's
-        ``on_commit``: a lone send, nothing earlier still to write); it must
-        be safe off the loop, and ``answer`` then still runs.
+        that, on the database thread right after the commit (on a quiet node,
+        :data:`DIRECT_ACK_QUIET_SECS`; and the batcher's ``on_commit`` rule: a
+        lone send, nothing earlier still to write); it must be safe off the
+        loop, and ``answer`` then still runs.
         """
-        on_commit = None if answer_now is None else partial(_answer_now, answer_now)
+        on_commit = None
+        if answer_now is not None and self.hub.quiet_for(self.quiet_secs):
+            on_commit = partial(_answer_now, answer_now)
         stored = partial(self._stored, author, started, answer)
         sent = await self.sends.submit(request, stored, on_commit)
         return _ack_data(sent)
