@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
-import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 import pytest
 import pytest_asyncio
+from playhouse import db_url
 from tornado.iostream import IOStream
 
 from server.core import errors, protocol
@@ -38,9 +39,13 @@ pytestmark = pytest.mark.asyncio
 # ---------------------------------------------------------------------------
 
 
-@pytest_asyncio.fixture
-async def db(tmp_path: Path) -> AsyncIterator[Database]:
-    database = Database(f"sqlite:///{tmp_path / 'direct.db'}")
+@pytest_asyncio.fixture(params=["sqlite", "postgres"])
+async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'direct.db'}"
+    else:
+        url = request.getfixturevalue("postgres").create_database(f"t{os.urandom(6).hex()}")
+    database = Database(url)
     await database.start()
     await database.run("notes", database.db.execute_sql, "CREATE TABLE note (n INTEGER)")
     yield database
@@ -48,9 +53,12 @@ async def db(tmp_path: Path) -> AsyncIterator[Database]:
 
 
 def rows_seen_elsewhere(db: Database) -> int:
-    """What another connection to the file sees: committed rows only."""
-    with sqlite3.connect(db.db.database) as other:
-        (count,) = other.execute("SELECT count(*) FROM note").fetchone()
+    """What another connection to the database sees: committed rows only."""
+    other = db_url.connect(db.url)
+    try:
+        (count,) = other.execute_sql("SELECT count(*) FROM note").fetchone()
+    finally:
+        other.close()
     return int(count)
 
 
@@ -63,7 +71,7 @@ def insert_notes(db: Database) -> Callable[[list[int]], list[int | errors.Gatewa
             if n < 0:
                 out.append(errors.Conflict("negative"))
             else:
-                db.db.execute_sql("INSERT INTO note (n) VALUES (?)", (n,))
+                db.db.execute_sql(f"INSERT INTO note (n) VALUES ({db.db.param})", (n,))
                 out.append(n)
         return out
 
@@ -81,7 +89,8 @@ async def test_on_commit_runs_on_the_database_thread_after_the_commit_before_on_
         events.append(("result", threading.current_thread().name, n))
 
     assert await sends.submit(7, on_result=result, on_commit=committed) == 7
-    assert events == [("commit", "db_0", 1), ("result", threading.current_thread().name, 7)]
+    assert events == [("commit", events[0][1], 1), ("result", threading.current_thread().name, 7)]
+    assert events[0][1].startswith("db_")  # a database thread (PostgreSQL has several)
 
 
 async def test_on_commit_runs_for_the_first_request_of_a_batch_that_left_an_idle_batcher(db):
