@@ -8,11 +8,12 @@ it queues. A message is committed before its ack and before its
 (typing stop, broadcast, counting, notifications) follows it, both from the
 group-commit batcher's ``on_result``: in the loop iteration that learns of
 the commit, in request order, before the sending handler's task resumes (a
-loop iteration and a wake-up later). A lone send's ack leaves sooner still,
-from the database thread right after the commit (``answer_now``, the
-batcher's ``on_commit``), when the caller can write it there. A batch's sends thus reach the hub in
-the order a handler per send would have written them -- ack, then broadcast,
-send after send -- and every connection keeps its frames in seq order.
+loop iteration and a wake-up later). On a quiet node a lone send's ack
+leaves sooner still, from the database thread right after the commit
+(``answer_now``, the batcher's ``on_commit``). A batch's sends thus reach
+the hub in the order a handler per send would have written them -- ack,
+then broadcast, send after send -- and every connection keeps its frames in
+seq order.
 
 A send answered ``duplicate`` (a retry of a stored message: e.g. its node
 stored it and died before acking, and the client retried here) broadcasts
@@ -60,8 +61,8 @@ DUPLICATE_REBROADCAST_SECS = 120.0
 #: sleeps while the commit runs and would have to wake to write the ack. On
 #: a busy node the loop is awake anyway, and acks written off it only made
 #: its sends arrive one by one instead of in batches: rooms of 1,000 fell from
-#: ~210-250k to ~165-180k deliveries/s (bench/README.md). 5 ms pass between
-#: a quiet node's sends at 200 msg/s; a busy one flushes without pause.
+#: ~165k to ~100k deliveries/s (bench/README.md). 5 ms pass between a quiet
+#: node's sends at 200 msg/s; a busy one flushes without pause.
 DIRECT_ACK_QUIET_SECS = 0.001
 
 
