@@ -18,6 +18,7 @@ import pytest_asyncio
 from server.app import Node
 from server.core.auth import mint_token
 from server.core.config import Config
+from server.store.db import Database
 from switchboard_client import Client
 from tests.support.services import PostgresServer, require_binary
 
@@ -140,3 +141,16 @@ async def gateway_factory(
 async def gateway(gateway_factory: Callable[..., Any]) -> Gateway:
     gw: Gateway = await gateway_factory()
     return gw
+
+
+@pytest_asyncio.fixture(params=["sqlite", "postgres"])
+async def either_db(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[Database]:
+    """A started :class:`Database` on SQLite, then on a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'either.db'}"
+    else:
+        url = request.getfixturevalue("postgres").create_database(f"t{os.urandom(6).hex()}")
+    database = Database(url)
+    await database.start()
+    yield database
+    await database.close()

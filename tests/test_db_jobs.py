@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -197,18 +196,6 @@ async def test_on_result_runs_in_request_order_before_any_caller_of_the_batch_wa
         "resumed 1", "resumed 2", "resumed 3", "resumed 4",
     ]  # fmt: skip
     assert "test.results: a request's on_result failed" in caplog.text
-
-
-@pytest_asyncio.fixture(params=["sqlite", "postgres"])
-async def either_db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'nested.db'}"
-    else:
-        url = request.getfixturevalue("postgres").create_database(f"t{os.urandom(6).hex()}")
-    database = Database(url)
-    await database.start()
-    yield database
-    await database.close()
 
 
 async def test_a_job_commits_whole_or_not_at_all_and_an_atomic_inside_it_is_undone_alone(

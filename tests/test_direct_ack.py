@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 import threading
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -39,17 +37,11 @@ pytestmark = pytest.mark.asyncio
 # ---------------------------------------------------------------------------
 
 
-@pytest_asyncio.fixture(params=["sqlite", "postgres"])
-async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'direct.db'}"
-    else:
-        url = request.getfixturevalue("postgres").create_database(f"t{os.urandom(6).hex()}")
-    database = Database(url)
-    await database.start()
-    await database.run("notes", database.db.execute_sql, "CREATE TABLE note (n INTEGER)")
-    yield database
-    await database.close()
+@pytest_asyncio.fixture
+async def db(either_db: Database) -> Database:
+    """SQLite, then PostgreSQL, with a table of notes."""
+    await either_db.run("notes", either_db.db.execute_sql, "CREATE TABLE note (n INTEGER)")
+    return either_db
 
 
 def rows_seen_elsewhere(db: Database) -> int:
