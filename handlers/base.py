@@ -44,8 +44,7 @@ It may even let the ack leave from the database thread, right after the
 commit (:meth:`EarlyAck.lend`, then :meth:`EarlyAck.from_writer` there; see
 :class:`~server.realtime.outbound.Outbound`)::
 
-            answer.lend()
-            return await self.messages.send(..., answer=answer, answer_now=answer.from_writer)
+            return await self.messages.send(..., answer=answer, answer_now=answer)
 """
 
 from __future__ import annotations

@@ -199,14 +199,12 @@ class ChatHandler(GatewayHandler):
             parent_message_id, attachments, metadata, client_msg_id,
         )  # fmt: skip
         # The ack goes out once the message is committed, before this task
-        # resumes: from the database thread when it can (``answer.from_writer``,
-        # on the connection lent here), else from the loop (``answer``); the
-        # room's broadcast (not to the sender) follows it from the loop.
-        answer.lend()
+        # resumes: from the database thread when it can (``answer.from_writer``),
+        # else from the loop (``answer``); the room's broadcast (not to the
+        # sender) follows it from the loop.
         return await self.messages.send(
-            self.author, request, started=self.event_started, answer=answer,
-            answer_now=answer.from_writer,
-        )  # fmt: skip
+            self.author, request, started=self.event_started, answer=answer, answer_now=answer
+        )
 
     async def on_message_edit(self, message_id: int, content: str) -> dict[str, Any]:
         return await self.messages.edit(self.author, message_id, content)

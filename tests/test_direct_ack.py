@@ -276,7 +276,8 @@ async def test_a_lone_sends_ack_leaves_from_the_database_thread(gateway):
 
 
 async def test_a_send_right_after_a_broadcast_keeps_its_ack_on_the_loop(gateway):
-    """A busy node (it flushed a broadcast within quiet_secs) writes acks on the loop."""
+    """A busy node (it flushed a broadcast within quiet_secs) writes acks on the loop,
+    and does not lend the sender's connection (its writes stay lock-free)."""
     gw = gateway
     alice, bob = await room_with(gw, "general", "alice", "bob", settled=True)
     out = conn_of(gw, "alice").outbound
@@ -288,13 +289,16 @@ async def test_a_send_right_after_a_broadcast_keeps_its_ack_on_the_loop(gateway)
         return writes[-1]
 
     out.write_from_thread = spy
+    lent: list[bool] = []
+    lend = out.lend
+    out.lend = lambda: lent.append(lend()) or lent[-1]
     gw.node.messages.quiet_secs = 3600.0  # whatever the hub flushed counts as recent
     assert gw.node.hub.flushed_at > float("-inf")  # the joins' room:user_joined
     ack = await alice.emit("message:send", {"roomId": "general", "content": "busy"})
     assert (await bob.next_event("message:new"))["data"]["message"] == ack["message"]
     gw.node.messages.quiet_secs = 0.0
     await alice.emit("message:send", {"roomId": "general", "content": "quiet"})
-    assert writes == [True]  # only the second went through the thread
+    assert writes == [True] and lent == [True]  # only the second was lent and written there
 
 
 async def test_senders_read_every_seq_of_their_room_in_order_with_acks_from_the_thread(gateway):

@@ -28,7 +28,8 @@ Tornado API only:
   leave from the database thread right after its commit, one loop wake-up
   sooner (:meth:`Outbound.write_from_thread`; the batcher's ``on_commit``
   says when that keeps the connection's frames in order). The loop first
-  lends the connection (:meth:`Outbound.lend`, before the send is queued);
+  lends the connection (:meth:`Outbound.lend`, before the send is queued,
+  on a quiet node only);
   while it is lent, every write to it -- the loop's here, tornado's control
   frames through :meth:`Outbound.in_turn` -- holds one lock that the
   database thread holds around its own write, so the two never interleave
@@ -37,8 +38,8 @@ Tornado API only:
   ends a loan it never used. What its ``send()`` leaves unwritten (the
   kernel's buffer was nearly full) is handed back: the loop queues it
   before anything else it writes to that connection. Connections that are
-  not lent -- all but the senders whose send is in the database -- pay one
-  attribute test per write for this.
+  not lent -- all but a quiet node's senders whose send is in the database
+  -- pay one attribute test per write for this.
 
 The heartbeat is a separate rule (``Hub.sweep``) about the peer's silence,
 and reading is a sign of life too: a ping queued behind a backlog -- ours,

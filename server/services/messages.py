@@ -29,8 +29,8 @@ Example::
     messages = Messages(hub, sends, reacts, db, metrics, stats, typing, notifications)
     # write_ack(data) runs once the message is committed, before send returns.
     data = await messages.send(author, request, started=time.perf_counter(), answer=write_ack)
-    # try_ack(data) may run on the database thread first, right after the commit.
-    data = await messages.send(author, request, started=..., answer=write_ack, answer_now=try_ack)
+    # direct.from_writer(data) may run on the database thread first, right after the commit.
+    data = await messages.send(author, request, started=..., answer=write_ack, answer_now=direct)
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 from models import chat as chat_db
 from server.ops.metrics import Metrics
@@ -64,6 +64,16 @@ DUPLICATE_REBROADCAST_SECS = 120.0
 #: ~165k to ~100k deliveries/s (bench/README.md). 5 ms pass between a quiet
 #: node's sends at 200 msg/s; a busy one flushes without pause.
 DIRECT_ACK_QUIET_SECS = 0.001
+
+
+class AnswerNow(Protocol):
+    """What can write a send's ack from the database thread (the chat handler's ``EarlyAck``)."""
+
+    def lend(self) -> None:
+        """On the loop, before the send is queued: let :meth:`from_writer` write."""
+
+    def from_writer(self, data: dict[str, Any]) -> None:
+        """On the database thread, right after the commit: write the ack if it can."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +113,7 @@ class Messages:
         *,
         started: float,
         answer: Callable[[dict[str, Any]], object] | None = None,
-        answer_now: Callable[[dict[str, Any]], object] | None = None,
+        answer_now: AnswerNow | None = None,
     ) -> dict[str, Any]:
         """Store ``request`` (group commit); returns the ack's data.
 
@@ -111,15 +121,16 @@ class Messages:
         called with the ack's data (the caller writes the sender's ack there),
         then the room's broadcast and the rest follow. ``started`` is when the
         event arrived (``time.perf_counter()``), for the publish latency metric.
-        ``answer_now``, when given, may be called with the ack's data before
-        that, on the database thread right after the commit (on a quiet node,
-        :data:`DIRECT_ACK_QUIET_SECS`; and the batcher's ``on_commit`` rule: a
-        lone send, nothing earlier still to write); it must be safe off the
-        loop, and ``answer`` then still runs.
+        ``answer_now``, when given, may get the ack's data before that, on the
+        database thread right after the commit (``from_writer``), on a quiet
+        node (:data:`DIRECT_ACK_QUIET_SECS`; it is then lent first) and as the
+        batcher's ``on_commit`` rule allows (a lone send, nothing earlier
+        still to write); ``answer`` still runs.
         """
         on_commit = None
         if answer_now is not None and self.hub.quiet_for(self.quiet_secs):
-            on_commit = partial(_answer_now, answer_now)
+            answer_now.lend()
+            on_commit = partial(_answer_now, answer_now.from_writer)
         stored = partial(self._stored, author, started, answer)
         sent = await self.sends.submit(request, stored, on_commit)
         return _ack_data(sent)
