@@ -353,3 +353,22 @@ async def test_a_control_frame_waits_for_the_rest_of_a_frame_the_thread_began(ga
     conn.ping(b"probe")  # in this same loop turn: before the put-back's callback
     assert await raw.recv_frame() == (0x1, payload)
     assert await raw.recv_frame() == (0x9, b"probe")
+
+
+async def test_a_sender_gone_before_its_ack_leaves_the_node_and_the_room_unharmed(gateway, caplog):
+    """The thread's write meets a reset socket (or the loop already closed it): the
+    message stands, the room gets it, nothing is logged as an error."""
+    gw = gateway
+    gw.node.messages.quiet_secs = 0
+    owner, bob = await room_with(gw, "general", "owner", "bob", settled=True)
+    for n in range(5):
+        raw = await RawWebSocket.open(gw, "ghost")
+        raw.send_json("room:join", {"roomId": "general"})
+        assert (await raw.recv_json())["ok"]
+        raw.send_json("message:send", {"roomId": "general", "content": f"gone {n}"})
+        raw.abort()  # RST: the ack finds no peer
+        new = await bob.next_event("message:new")
+        assert new["data"]["message"]["content"] == f"gone {n}"
+    ack = await owner.emit("message:send", {"roomId": "general", "content": "still here"})
+    assert (await bob.next_event("message:new"))["data"]["message"] == ack["message"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
