@@ -147,11 +147,13 @@ class EarlyAck:
     The ack may leave from the database thread instead, right after the
     commit: lent the connection on the loop first (:meth:`lend`), the
     database thread writes it (:meth:`from_writer`), and the call on the
-    loop then only counts it. Whatever ends the frame's handling ends the
+    loop then only counts it (the thread holds the loan's lock from before
+    the commit's outcome crosses to the loop until its write is done, and
+    the call waits for it). Whatever ends the frame's handling ends the
     loan (:meth:`release`).
     """
 
-    __slots__ = ("_ack", "_duration", "_handler", "_started", "given", "written")
+    __slots__ = ("_ack", "_duration", "_handler", "_started", "given", "lent", "written")
 
     def __init__(
         self, handler: GatewayHandler, ack: int | None, started: float, duration: Histogram
@@ -162,7 +164,9 @@ class EarlyAck:
         self._duration = duration
         #: The ack went out (or, with no ack asked for, the frame was answered).
         self.given = False
-        #: Bytes of the ack the database thread wrote (0: none).
+        #: The connection is lent to the database thread (:meth:`lend`).
+        self.lent = False
+        #: Bytes of the ack the database thread wrote (0: none), set under the loan's lock.
         self.written = 0
 
     def __call__(self, data: dict[str, Any]) -> None:
@@ -170,33 +174,39 @@ class EarlyAck:
             return
         self.given = True
         handler = self._handler
+        self.release()  # the thread wrote the ack by now, or never will
         if self.written:
             handler.metrics.frames_sent.inc()
             handler.metrics.bytes_sent.inc(self.written)
         elif self._ack is not None:
-            handler.outbound.release()
             handler.send_soon(protocol.ack_payload(self._ack, data))
         handler.count_answer(self._duration, self._started)
 
     def lend(self) -> None:
         """On the loop, before the request leaves: let :meth:`from_writer` write the ack."""
-        if self._ack is not None:
-            self._handler.outbound.lend()
+        if self._ack is not None and not self.lent:
+            self.lent = self._handler.outbound.lend(self)
 
-    def from_writer(self, data: dict[str, Any]) -> None:
-        """On the database thread, once committed: write the ack now if the loan allows.
+    def from_writer(self, data: dict[str, Any]) -> Callable[[], object] | None:
+        """On the database thread, once committed: hold the loan to write the ack.
 
-        Counted and marked given on the loop, when this is called there.
+        Returns the write, to run once the outcome crossed to the loop (see
+        :meth:`Outbound.write_from_thread`), or None. Counted and marked
+        given on the loop, when this is called there.
         """
         if self._ack is None:
-            return
+            return None
         frame = protocol.frame(protocol.ack_payload(self._ack, data))
-        if self._handler.outbound.write_from_thread(frame):
-            self.written = len(frame)
+        return self._handler.outbound.write_from_thread(frame, self, self._wrote)
+
+    def _wrote(self, size: int) -> None:
+        self.written = size
 
     def release(self) -> None:
-        """On the loop, the frame handled: end a loan the database thread did not use."""
-        self._handler.outbound.release()
+        """On the loop: end the loan, if any (see :meth:`Outbound.release`)."""
+        if self.lent:
+            self.lent = False
+            self._handler.outbound.release(self)
 
 
 #: Most bytes one read of a connection's socket takes (tornado's read chunk size).

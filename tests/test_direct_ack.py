@@ -70,19 +70,53 @@ def insert_notes(db: Database) -> Callable[[list[int]], list[int | errors.Gatewa
     return store
 
 
-async def test_on_commit_runs_on_the_database_thread_after_the_commit_before_on_result(db):
-    events: list[tuple[str, str, int]] = []
+class Commits:
+    """What ``on_commit`` callbacks saw, on whatever thread, and a way to wait for them."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+        self._changed = threading.Condition()
+
+    def __call__(self, n: int) -> None:
+        with self._changed:
+            self.seen.append(n)
+            self._changed.notify_all()
+
+    async def reach(self, done: Callable[[list[int]], bool]) -> list[int]:
+        def wait() -> bool:
+            with self._changed:
+                return self._changed.wait_for(lambda: done(self.seen), 10)
+
+        assert await asyncio.to_thread(wait), self.seen
+        return list(self.seen)
+
+
+#: The request :func:`barrier` sends.
+MARK = 1000
+
+
+async def barrier(sends: Batcher[int, int], commits: Commits) -> list[int]:
+    """Everything ``on_commit`` saw of the batches before: one more batch from idle
+    (:data:`MARK`), its own ``on_commit`` seen -- each runs right after its batch."""
+    marks = commits.seen.count(MARK)
+    await sends.submit(MARK, on_commit=commits)
+    return await commits.reach(lambda seen: seen.count(MARK) > marks)
+
+
+async def test_on_commit_runs_on_a_database_thread_once_the_row_is_committed(db):
+    ran: list[tuple[str, int]] = []
     sends: Batcher[int, int] = Batcher(db, "notes", insert_notes(db))
+    commits = Commits()
 
     def committed(n: int) -> None:
-        events.append(("commit", threading.current_thread().name, rows_seen_elsewhere(db)))
+        ran.append((threading.current_thread().name, rows_seen_elsewhere(db)))
+        commits(n)
 
-    def result(n: int) -> None:
-        events.append(("result", threading.current_thread().name, n))
-
-    assert await sends.submit(7, on_result=result, on_commit=committed) == 7
-    assert events == [("commit", events[0][1], 1), ("result", threading.current_thread().name, 7)]
-    assert events[0][1].startswith("db_")  # a database thread (PostgreSQL has several)
+    results: list[str] = []
+    assert await sends.submit(7, on_result=lambda n: results.append("loop"), on_commit=committed)
+    assert await commits.reach(lambda seen: len(seen) == 1) == [7] and results == ["loop"]
+    ((thread, rows),) = ran
+    assert thread.startswith("db_") and rows == 1  # a database thread, the row committed
 
 
 async def test_on_commit_runs_for_the_first_request_of_a_batch_that_left_an_idle_batcher(db):
@@ -96,37 +130,42 @@ async def test_on_commit_runs_for_the_first_request_of_a_batch_that_left_an_idle
         return store(requests)
 
     sends: Batcher[int, int] = Batcher(db, "notes", held)
-    committed: list[int] = []
-    first = asyncio.ensure_future(sends.submit(0, on_commit=committed.append))
+    commits = Commits()
+    first = asyncio.ensure_future(sends.submit(0, on_commit=commits))
     await asyncio.to_thread(entered.wait, 10)
     # Queued behind it: they leave together, chained from the first batch's
     # settling, while its on_result callbacks have yet to run.
-    chained = [asyncio.ensure_future(sends.submit(n, on_commit=committed.append)) for n in (1, 2)]
+    chained = [asyncio.ensure_future(sends.submit(n, on_commit=commits)) for n in (1, 2)]
     await asyncio.sleep(0)  # the tasks' first steps, queued before this one's
     assert sends.waiting == 2
     go.set()
     assert await first == 0 and [await f for f in chained] == [1, 2]
-    assert committed == [0]
+    assert await barrier(sends, commits) == [0, MARK]
     # Idle again; three in one loop turn make one batch: only its first.
-    same_turn = [sends.submit(n, on_commit=committed.append) for n in (3, 4, 5)]
+    same_turn = [sends.submit(n, on_commit=commits) for n in (3, 4, 5)]
     assert await asyncio.gather(*same_turn) == [3, 4, 5]
-    assert (sends.batches, committed) == (3, [0, 3])
+    assert await barrier(sends, commits) == [0, MARK, 3, MARK]
+    assert sends.batches == 5
 
 
 async def test_an_on_commit_that_fails_or_meets_a_refused_request_changes_nothing(db, caplog):
     sends: Batcher[int, int] = Batcher(db, "notes", insert_notes(db))
-    called: list[int] = []
+    commits = Commits()
     with pytest.raises(errors.Conflict):
-        await sends.submit(-1, on_commit=called.append)
-    assert called == []
+        await sends.submit(-1, on_commit=commits)
+    assert await barrier(sends, commits) == [MARK]
+    failed = threading.Event()
 
     def fails(n: int) -> None:
+        failed.set()
         raise RuntimeError("boom")
 
     results: list[int] = []
     with caplog.at_level(logging.ERROR, logger="switchboard.db"):
         assert await sends.submit(8, on_result=results.append, on_commit=fails) == 8
-    assert results == [8] and rows_seen_elsewhere(db) == 1
+        assert await asyncio.to_thread(failed.wait, 10)
+        await barrier(sends, commits)  # the failure was logged before this batch ran
+    assert results == [8] and rows_seen_elsewhere(db) == 3  # 8 and the two marks
     assert any("on_commit failed" in r.getMessage() for r in caplog.records)
 
 
@@ -149,10 +188,12 @@ class Pair:
         self.out = Outbound(max_bytes, on_slow=lambda: self.slow.append(True))
         self.out.attach(self.stream)
 
-    def from_thread(self, frame: bytes) -> bool:
+    def from_thread(self, frame: bytes, token: object = "loan") -> bool:
         """``write_from_thread`` on another thread, waited for (the loop does not run)."""
         done: list[bool] = []
-        thread = threading.Thread(target=lambda: done.append(self.out.write_from_thread(frame)))
+        thread = threading.Thread(
+            target=lambda: done.append(hold_and_write(self.out, frame, token))
+        )
         thread.start()
         thread.join(10)
         return done[0]
@@ -168,6 +209,12 @@ class Pair:
     def close(self) -> None:
         self.stream.close()
         self.peer.close()
+
+
+def hold_and_write(out: Outbound, frame: bytes, token: object) -> bool:
+    """What the database thread does: hold the loan (the outcome would cross now), write."""
+    held = out.write_from_thread(frame, token)
+    return held() if held is not None else False
 
 
 @pytest.fixture
@@ -191,8 +238,8 @@ async def test_a_lent_connection_takes_one_write_from_another_thread(pairs):
     pair = pairs()
     frame = text_frame(40)
     assert not pair.from_thread(frame)  # not lent: the loop writes
-    assert pair.out.lend()
-    assert not pair.out.lend()  # one loan at a time
+    assert pair.out.lend("loan")
+    assert not pair.out.lend("loan")  # one loan at a time
     assert pair.from_thread(frame)
     assert not pair.from_thread(frame)  # the loan ended with the write
     assert pair.out.write(b"next")
@@ -200,18 +247,31 @@ async def test_a_lent_connection_takes_one_write_from_another_thread(pairs):
     assert (pair.out.frames_out, pair.out.bytes_out) == (2, len(frame) + 4)
 
 
+async def test_a_late_attempt_of_an_ended_loan_writes_nothing_on_the_next_one(pairs):
+    """The loop may end a loan and lend again before the thread's attempt comes:
+    that attempt finds another loan and leaves it to its own holder."""
+    pair = pairs()
+    first, second = text_frame(10, b"1"), text_frame(10, b"2")
+    assert pair.out.lend("send 1")
+    pair.out.release("send 1")  # the loop answered send 1 itself
+    assert pair.out.lend("send 2")
+    assert not pair.from_thread(first, "send 1")  # send 1's late attempt
+    assert pair.from_thread(second, "send 2")
+    assert await pair.read(len(second)) == second
+
+
 async def test_a_released_loan_or_a_queued_stream_leaves_the_write_to_the_loop(pairs):
     pair = pairs(buffers=4096)
     frame = text_frame(40)
-    assert pair.out.lend()
-    pair.out.release()
+    assert pair.out.lend("loan")
+    pair.out.release("loan")
     assert not pair.from_thread(frame)
     # Frames queued in the stream (the peer is not reading): the thread's frame
     # would overtake them.
     queued = text_frame(1000)
     while not pair.stream.writing():
         assert pair.out.write(queued)
-    assert pair.out.lend()
+    assert pair.out.lend("loan")
     assert not pair.from_thread(frame)
     sent = pair.out.bytes_out
     assert await pair.read(sent) == queued * (sent // len(queued))
@@ -221,7 +281,7 @@ async def test_a_released_loan_or_a_queued_stream_leaves_the_write_to_the_loop(p
 async def test_what_a_threads_write_leaves_over_goes_before_the_loops_next_frame(pairs):
     pair = pairs(buffers=4096)
     big = text_frame(200_000, b"b")
-    assert pair.out.lend()
+    assert pair.out.lend("loan")
     assert pair.from_thread(big)  # far over the socket's buffers: the kernel took part of it
     assert not pair.stream.writing()  # the rest is not in the stream yet ...
     assert pair.out.write(b"tail")  # ... and goes there before this frame
@@ -232,11 +292,11 @@ async def test_what_a_threads_write_leaves_over_goes_before_the_loops_next_frame
 async def test_what_a_threads_write_leaves_over_goes_out_on_its_own_too(pairs):
     pair = pairs(buffers=4096)
     big = text_frame(200_000, b"c")
-    assert pair.out.lend()
+    assert pair.out.lend("loan")
     assert pair.from_thread(big)
-    assert not pair.out.lend()  # not before the leftover is out of the way
+    assert not pair.out.lend("loan")  # not before the leftover is out of the way
     assert await pair.read(len(big)) == big  # put back by the loop on its own
-    assert pair.out.lend()
+    assert pair.out.lend("loan")
 
 
 # ---------------------------------------------------------------------------
@@ -257,15 +317,20 @@ async def test_a_lone_sends_ack_leaves_from_the_database_thread(gateway):
     writes: list[tuple[str, bool]] = []
     write = out.write_from_thread
 
-    def spy(frame: bytes) -> bool:
-        written = write(frame)
-        writes.append((threading.current_thread().name, written))
-        return written
+    def spy(frame: bytes, token: object, written: Any = None) -> Any:
+        name = threading.current_thread().name
+
+        def wrote(size: int) -> None:  # under the loan's lock: before the loop goes on
+            writes.append((name, True))
+            written(size)
+
+        held = write(frame, token, wrote)
+        if held is None:
+            writes.append((name, False))
+        return held
 
     out.write_from_thread = spy
     ack = await alice.emit("message:send", {"roomId": "general", "content": "hi"})
-    # The ack can be read before the spy's append runs: the room's broadcast,
-    # which the loop writes once the thread handed the outcome over, cannot.
     new = await bob.next_event("message:new")
     assert writes == [("db_0", True)]
     assert new["data"]["message"] == ack["message"]
@@ -286,21 +351,27 @@ async def test_a_send_right_after_a_broadcast_keeps_its_ack_on_the_loop(gateway)
     writes: list[bool] = []
     write = out.write_from_thread
 
-    def spy(frame: bytes) -> bool:
-        writes.append(write(frame))
-        return writes[-1]
+    def spy(frame: bytes, token: object, written: Any = None) -> Any:
+        def wrote(size: int) -> None:  # under the loan's lock: before the loop goes on
+            writes.append(True)
+            written(size)
+
+        held = write(frame, token, wrote)
+        if held is None:
+            writes.append(False)
+        return held
 
     out.write_from_thread = spy
     lent: list[bool] = []
     lend = out.lend
-    out.lend = lambda: lent.append(lend()) or lent[-1]
+    out.lend = lambda token: lent.append(lend(token)) or lent[-1]
     gw.node.messages.quiet_secs = 3600.0  # whatever the hub flushed counts as recent
     assert gw.node.hub.flushed_at > float("-inf")  # the joins' room:user_joined
     ack = await alice.emit("message:send", {"roomId": "general", "content": "busy"})
     assert (await bob.next_event("message:new"))["data"]["message"] == ack["message"]
     gw.node.messages.quiet_secs = 0.0
     await alice.emit("message:send", {"roomId": "general", "content": "quiet"})
-    await bob.next_event("message:new")  # after the thread's write (see above)
+    await bob.next_event("message:new")
     assert writes == [True] and lent == [True]  # only the second was lent and written there
 
 
@@ -322,6 +393,7 @@ async def test_senders_read_every_seq_of_their_room_in_order_with_acks_from_the_
     total = 3 * per_sender
     for raw in raws:
         seqs: list[int] = []
+        kinds: list[str] = []
         acks = 0
         while acks < per_sender or len(seqs) < total:
             frame = await raw.recv_json()
@@ -329,9 +401,11 @@ async def test_senders_read_every_seq_of_their_room_in_order_with_acks_from_the_
                 assert frame["ok"], frame
                 acks += 1
                 seqs.append(frame["data"]["message"]["seq"])
+                kinds.append(f"ack{frame['data']['message']['seq']}")
             elif frame["event"] == "message:new":
                 seqs.append(frame["data"]["message"]["seq"])
-        assert seqs == sorted(seqs) and len(set(seqs)) == total
+                kinds.append(f"new{frame['data']['message']['seq']}")
+        assert seqs == sorted(seqs) and len(set(seqs)) == total, (raws.index(raw), kinds)
     history = await owner.emit("room:get_messages", {"roomId": "general", "limit": 100})
     assert len(history["messages"]) == total
 
@@ -344,10 +418,11 @@ async def test_a_control_frame_waits_for_the_rest_of_a_frame_the_thread_began(ga
     conn = conn_of(gw, "sam")
     conn.ws_connection.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     payload = orjson.dumps({"event": "test:big", "data": {"x": "d" * 300_000}})
-    assert conn.outbound.lend()
+    assert conn.outbound.lend("big")
     done: list[bool] = []
+    frame = protocol.frame(payload)
     thread = threading.Thread(
-        target=lambda: done.append(conn.outbound.write_from_thread(protocol.frame(payload)))
+        target=lambda: done.append(hold_and_write(conn.outbound, frame, "big"))
     )
     thread.start()
     thread.join(10)

@@ -33,9 +33,12 @@ Tornado API only:
   while it is lent, every write to it -- the loop's here, tornado's control
   frames through :meth:`Outbound.in_turn` -- holds one lock that the
   database thread holds around its own write, so the two never interleave
-  bytes. The database thread writes only when nothing is queued in the
-  stream, and only once: its attempt ends the loan, and :meth:`release`
-  ends a loan it never used. What its ``send()`` leaves unwritten (the
+  bytes. The database thread takes that lock before the commit's outcome
+  crosses to the loop and writes right after, so the loop, which ends the
+  loan under the lock when it learns of the commit (:meth:`release`),
+  always finds the thread's attempt over. The thread writes only when
+  nothing is queued in the stream, and only once: its attempt ends the
+  loan. What its ``send()`` leaves unwritten (the
   kernel's buffer was nearly full) is handed back: the loop queues it
   before anything else it writes to that connection. Connections that are
   not lent -- all but a quiet node's senders whose send is in the database
@@ -99,13 +102,6 @@ T = TypeVar("T")
 _LENT_WRITES = threading.RLock()
 
 
-class _Lent:
-    """The mark of a connection lent to the database thread (see :meth:`Outbound.lend`)."""
-
-    __slots__ = ()
-
-
-LENT = _Lent()
 
 
 def tcp_progress(sock: socket.socket) -> tuple[int, int] | None:
@@ -153,9 +149,9 @@ class Outbound:
         #: Frames and bytes accepted for the peer (for admins' connection listing).
         self.frames_out = 0
         self.bytes_out = 0
-        #: None; :data:`LENT` while the database thread may write; or the bytes
-        #: its write left over, which go before anything else.
-        self._handoff: _Lent | bytes | None = None
+        #: None; the loan (its holder's token) while the database thread may
+        #: write; or the bytes its write left over, which go before anything else.
+        self._handoff: object | None = None
 
     def attach(self, stream: IOStream) -> None:
         """Write to ``stream`` (the WebSocket's, once it is open)."""
@@ -236,36 +232,56 @@ class Outbound:
             self._put_back()
             return write()
 
-    def lend(self) -> bool:
-        """On the loop: let :meth:`write_from_thread` write one frame, until :meth:`release`.
+    def lend(self, token: object) -> bool:
+        """On the loop: let :meth:`write_from_thread` with ``token`` write one frame.
 
-        False (nothing lent) when frames cannot go straight to the socket
-        (TLS, not attached), the connection is closing, or a loan is running.
+        Until that write or :meth:`release`. ``token`` names the loan (any
+        object but bytes, unique to it): a late attempt of an earlier loan
+        finds another token and writes nothing. False (nothing lent) when
+        frames cannot go straight to the socket (TLS, not attached), the
+        connection is closing, or a loan or its leftover is pending.
         """
         if self._sock is None or self.closing or self._handoff is not None:
             return False
-        self._handoff = LENT
+        self._handoff = token
         return True
 
-    def release(self) -> None:
-        """On the loop: end a loan :meth:`write_from_thread` did not use (a no-op otherwise)."""
-        if self._handoff is LENT:
-            with _LENT_WRITES:
-                if self._handoff is LENT:
-                    self._handoff = None
+    def release(self, token: object) -> None:
+        """On the loop: end ``token``'s loan, if :meth:`write_from_thread` has not yet.
 
-    def write_from_thread(self, frame: bytes) -> bool:
-        """From the database thread, on a lent connection: write ``frame`` now, once.
-
-        True when the frame is written: wholly, or partly with the rest
-        handed back to the loop, queued before anything else. False --
-        not lent, closing, frames queued in the stream, over the budget, or
-        the kernel took none of it -- and the caller writes it on the loop
-        as usual. Either way the loan is over.
+        Once this returns, the thread's attempt is over -- done, under the
+        lock, with whatever its ``written`` callback recorded -- or will find
+        nothing lent to it.
         """
         with _LENT_WRITES:
-            if self._handoff is not LENT:
-                return False
+            if self._handoff is token:
+                self._handoff = None
+
+    def write_from_thread(
+        self, frame: bytes, token: object, written: Callable[[int], object] | None = None
+    ) -> Callable[[], bool] | None:
+        """From the database thread, on a connection lent to ``token``: hold it to write ``frame``.
+
+        None when it is not (or no longer) lent to ``token``. Else the lock
+        is taken and held: the returned callable writes ``frame``, once, and
+        lets go of it -- to be called right after the commit's outcome was
+        handed to the loop, always (:meth:`server.store.db.Database.post`'s
+        ``on_commit``). It returns True when the frame is written: wholly,
+        or partly with the rest handed back to the loop, queued before
+        anything else; ``written`` is then called with its size, still
+        under the lock (see :meth:`release`). False -- closing, frames
+        queued in the stream, over the budget, or the kernel took none of
+        it -- and the loop writes it as usual. Either way the loan is over.
+        """
+        _LENT_WRITES.acquire()
+        if self._handoff is not token:
+            _LENT_WRITES.release()
+            return None
+        return partial(self._write_held, frame, written)
+
+    def _write_held(self, frame: bytes, written: Callable[[int], object] | None) -> bool:
+        """:meth:`write_from_thread`'s write, under the lock it took; then the lock let go."""
+        try:
             self._handoff = None
             stream, sock = self._stream, self._sock
             if (
@@ -284,7 +300,11 @@ class Outbound:
             if sent < len(frame):
                 self._handoff = frame[sent:]
                 stream.io_loop.add_callback(self.in_turn, _nothing)
+            if written is not None:
+                written(len(frame))
             return True
+        finally:
+            _LENT_WRITES.release()
 
     def _put_back(self) -> None:
         """Under the lock, on the loop: queue what the database thread's write left over."""

@@ -72,8 +72,11 @@ class AnswerNow(Protocol):
     def lend(self) -> None:
         """On the loop, before the send is queued: let :meth:`from_writer` write."""
 
-    def from_writer(self, data: dict[str, Any]) -> None:
-        """On the database thread, right after the commit: write the ack if it can."""
+    def from_writer(self, data: dict[str, Any]) -> Callable[[], object] | None:
+        """On the database thread, right after the commit: what writes the ack, if it can.
+
+        Called before the outcome crosses to the loop; what it returns, right after.
+        """
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,9 +226,11 @@ def _ack_data(sent: chat_db.Sent) -> dict[str, Any]:
     return {"message": sent.message, "duplicate": sent.duplicate}
 
 
-def _answer_now(answer_now: Callable[[dict[str, Any]], object], sent: chat_db.Sent) -> None:
+def _answer_now(
+    answer_now: Callable[[dict[str, Any]], Callable[[], object] | None], sent: chat_db.Sent
+) -> Callable[[], object] | None:
     """On the database thread, committed: the ack's data to ``answer_now``."""
-    answer_now(_ack_data(sent))
+    return answer_now(_ack_data(sent))
 
 
 def _recent(message: dict[str, Any]) -> bool:

@@ -20,13 +20,16 @@ iteration and a task wake-up (~90 µs on a cold core) before the caller resumes.
 
 A request may also come with ``on_commit``: run with its result on the
 database thread, right after the commit, before the outcomes cross to the
-loop -- but only for the first request of a batch that left an idle batcher.
-Every earlier batch's ``on_result`` callbacks have then run on the loop
-(they ran before this batch was sent), and no other request of this batch
-precedes it, so what ``on_commit`` writes (``message:send``'s ack, from the
-database thread: one loop wake-up fewer before it leaves) cannot overtake
-anything an earlier commit queued. ``on_result`` still runs for that
-request; it learns from its own state what ``on_commit`` already did.
+loop (what it returns, right after they did: see
+:meth:`~server.store.db.Database.post`) -- but only for the first request
+of a batch that left an idle batcher. Every earlier
+batch's ``on_result`` callbacks have then run on the loop (they ran before
+this batch was sent), and no other request of this batch precedes it, so
+what ``on_commit`` writes (``message:send``'s ack, from the database thread:
+one loop wake-up fewer before it leaves) cannot overtake anything an
+earlier commit queued. ``on_result`` still runs for that request, and
+learns from its own state what ``on_commit`` did (``message:send``: under
+the connection's loan, :class:`~server.realtime.outbound.Outbound`).
 
 The batch function runs in a database worker inside one transaction
 (:meth:`server.store.db.Database.run`; with ``transaction=False`` it opens its
@@ -65,10 +68,10 @@ Res = TypeVar("Res")
 #: statements stay well under SQLite's 32,766 bound parameters.
 DEFAULT_MAX_BATCH = 256
 
+#: What runs on the database thread once committed (see :meth:`Batcher.submit`).
+OnCommit = Callable[[Res], Callable[[], object] | None]
 #: A waiting request: the request, its caller's future, its ``on_result``, its ``on_commit``.
-_Waiting = tuple[
-    Req, asyncio.Future[Res], Callable[[Res], object] | None, Callable[[Res], object] | None
-]
+_Waiting = tuple[Req, asyncio.Future[Res], Callable[[Res], object] | None, OnCommit[Res] | None]
 
 
 class Batcher(Generic[Req, Res]):
@@ -110,7 +113,7 @@ class Batcher(Generic[Req, Res]):
         self,
         request: Req,
         on_result: Callable[[Res], object] | None = None,
-        on_commit: Callable[[Res], object] | None = None,
+        on_commit: OnCommit[Res] | None = None,
     ) -> Res:
         """Queue ``request``; its result once its batch committed, or its error.
 
@@ -121,8 +124,9 @@ class Batcher(Generic[Req, Res]):
         gets its result (the write stands).
 
         ``on_commit``, when given, may be called with the result on the
-        database thread first (see the module docstring for when); not for
-        an error. It must not block and must be safe off the loop; should it
+        database thread first (see the module docstring for when), and what
+        it returns right after the outcomes crossed to the loop; not for an
+        error. Neither may block, both must be safe off the loop; should one
         raise, the error is logged and nothing else changes.
 
         A caller cancelled while it waits leaves its request in the batch:
@@ -196,12 +200,13 @@ class Batcher(Generic[Req, Res]):
 
 
 def _first_committed(
-    on_commit: Callable[[Res], object], outcomes: Sequence[Res | errors.GatewayError]
-) -> None:
+    on_commit: OnCommit[Res], outcomes: Sequence[Res | errors.GatewayError]
+) -> Callable[[], object] | None:
     """On the database thread, the batch committed: its first request's ``on_commit``."""
     first = outcomes[0]
-    if not isinstance(first, errors.GatewayError):
-        on_commit(first)
+    if isinstance(first, errors.GatewayError):
+        return None
+    return on_commit(first)
 
 
 def _batch_failure(op: str, exc: BaseException) -> errors.GatewayError:

@@ -111,7 +111,8 @@ class _Job:
     truncations), which nobody waits for. ``dropped`` says the caller gave up
     before the job started (it then never runs, as a cancelled executor job).
     ``committed`` runs on the database thread with the result of a job that
-    succeeded, before the outcome leaves for the loop (:meth:`Database.post`).
+    succeeded, before the outcome leaves for the loop; what it returns, right
+    after (:meth:`Database.post`).
     """
 
     __slots__ = ("committed", "done", "dropped", "loop", "op", "posted", "work")
@@ -123,7 +124,7 @@ class _Job:
         loop: asyncio.AbstractEventLoop | None = None,
         done: Done[Any] | None = None,
         dropped: Callable[[], bool] | None = None,
-        committed: Callable[[Any], object] | None = None,
+        committed: Callable[[Any], Callable[[], object] | None] | None = None,
     ) -> None:
         self.op = op
         self.work = work
@@ -279,7 +280,7 @@ class Database:
         kwargs: dict[str, Any] | None = None,
         transaction: bool = True,
         caller: asyncio.Future[Any] | None = None,
-        on_commit: Callable[[T], object] | None = None,
+        on_commit: Callable[[T], Callable[[], object] | None] | None = None,
     ) -> None:
         """Queue ``fn(*args, **kwargs)`` for a database thread; ``done`` gets its outcome.
 
@@ -293,11 +294,16 @@ class Database:
         ``on_commit(result)``, when given, runs on the database thread once
         the job succeeded -- its transaction committed (``transaction=False``:
         ``fn`` returned, having committed its own) -- before the outcome
-        crosses to the loop: what must follow the commit at once can leave
-        without waiting for the loop to wake (``message:send``'s ack,
-        :meth:`server.realtime.outbound.Outbound.write_from_thread`). It must
-        not block and must be safe off the loop; what it raises is logged and
-        changes nothing else (the commit stands, ``done`` still runs).
+        crosses to the loop; what it returns, a callable or None, runs right
+        after the outcome was handed over. What must follow the commit at
+        once can thus leave without waiting for the loop to wake
+        (``message:send``'s ack,
+        :meth:`server.realtime.outbound.Outbound.write_from_thread`: it takes
+        the connection's loan before the hand-over and writes after it), and
+        whatever the loop reads after that write finds ``done`` ahead of it.
+        Neither may block, and both must be safe off the loop; what they
+        raise is logged and changes nothing else (the commit stands). The
+        returned callable runs even when the loop is gone.
         """
         loop = asyncio.get_running_loop()
         if self._closed:
@@ -327,20 +333,25 @@ class Database:
                 result = job.work()
             except BaseException as exc:  # handed to the caller, as an executor would
                 error = exc
-            else:
-                if job.committed is not None:
-                    try:
-                        job.committed(result)
-                    except Exception:
-                        log.exception("%s: its on_commit failed", job.op)
             if job.loop is None:
                 if error is not None:
                     log.warning("%s failed: %s", job.op, error)
                 continue
+            after = None
+            if error is None and job.committed is not None:
+                try:
+                    after = job.committed(result)
+                except Exception:
+                    log.exception("%s: its on_commit failed", job.op)
             try:
                 job.loop.call_soon_threadsafe(self._finish, job, result, error)
             except RuntimeError:  # the loop is closed: nobody is left to tell
                 pass
+            if after is not None:
+                try:
+                    after()
+                except Exception:
+                    log.exception("%s: its on_commit failed", job.op)
 
     def _finish(self, job: _Job, result: Any, error: BaseException | None) -> None:
         """On the loop: the job's metric, its error mapped, its outcome to ``done``."""
