@@ -18,14 +18,18 @@ The stages, in order (each row is the time from the previous probe):
 * ``service`` -- ``Messages.send`` entered; ``batcher`` -- its ``submit``;
 * ``to db`` -- ``Database.post`` (the batch leaves the loop);
 * ``db thread`` / ``db done`` -- the job starts and ends on the writer thread;
-* ``ack`` / ``acked`` -- still there, the batcher's ``on_commit`` writes the
-  ack (``Outbound.write_from_thread``: a lone send, the connection lent);
 * ``back`` -- the loop has the job's result (``Database._finish``);
 * ``publish`` / ``published`` -- the batcher's ``on_result`` queues the broadcast;
 * ``flush`` / ``written`` -- the hub's flush writes the room's broadcast;
 * ``notify`` / ``notified`` -- after the writes, the notification work queued;
 * ``resumed`` -- the handler's task wakes (``submit`` returns);
-  ``answered`` -- ``handle_envelope`` ends.
+  ``answered`` -- ``handle_envelope`` ends;
+
+and on the database thread, alongside ``back`` and what follows it (the
+outcome crosses to the loop first, so the two threads' probes interleave):
+
+* ``ack`` / ``acked`` -- the thread's write of the ack (``Outbound._write_held``:
+  a lone send on a quiet node, the connection lent), from ``db done``.
 
 Each probe is two clock reads and a list append (~1 µs). The client's
 figures (send→ack p50/p99) are printed too: the server's part is the rows
@@ -51,9 +55,11 @@ STAGES_ENV = "BENCH_STAGES_FILE"
 
 ORDER = [
     "readable", "frame", "envelope", "schema", "schema done", "service", "batcher", "to db",
-    "db thread", "db done", "ack", "acked", "back", "publish", "published", "flush", "written",
+    "db thread", "db done", "back", "publish", "published", "flush", "written",
     "notify", "notified", "resumed", "answered",
 ]  # fmt: skip
+#: The database thread's write of the ack, after ``db done``, beside the loop's stages.
+THREAD = ["ack", "acked"]
 
 _marks: list[tuple[str, int]] = []
 
@@ -122,7 +128,7 @@ def install(path: str) -> None:
     _around(sdb.Database, "post", "to db")
     _around(sdb.Database, "_finish", "back")
     _around(sdb.Database, "_call", "db thread", "db done")
-    _around(so.Outbound, "write_from_thread", "ack", "acked")
+    _around(so.Outbound, "_write_held", "ack", "acked")
     _around(hub.Hub, "publish", "publish", "published")
     _around(sn.NotificationService, "message_sent", "notify", "notified")
     flush = hub.Hub.flush
@@ -189,24 +195,34 @@ def read_marks(path: str) -> list[tuple[str, int]]:
 
 
 def sends(marks: list[tuple[str, int]]) -> list[list[tuple[str, int]]]:
-    """The sends whose probes came in exactly ``ORDER`` (no other send in between),
-    each with the database job's statement probes kept under their own tags."""
+    """The sends whose probes came in exactly ``ORDER`` (no other send in between) with
+    the thread's ``THREAD`` probes after ``db done``: ``ORDER``'s marks, then
+    ``THREAD``'s, then the database job's statement probes under their own tags."""
     out: list[list[tuple[str, int]]] = []
     cur: list[tuple[str, int]] = []
     sql: list[tuple[str, int]] = []
+    thread: list[tuple[str, int]] = []
+    after_job = ORDER.index("db done")
     for tag, t in marks:
         if tag == ORDER[0]:
-            cur, sql = [(tag, t)], []
+            cur, sql, thread = [(tag, t)], [], []
         elif not cur:
             continue
         elif tag.startswith("sql"):
             if cur[-1][0] == "db thread":
                 sql.append((tag, t))
+        elif tag in THREAD:
+            if len(cur) > after_job and tag == THREAD[len(thread)]:
+                thread.append((tag, t))
+            else:
+                cur = []
         elif tag == ORDER[len(cur)]:
             cur.append((tag, t))
-            if len(cur) == len(ORDER):
-                out.append(cur + sql)
+            if len(cur) == len(ORDER) and len(thread) == len(THREAD):
+                out.append(cur + thread + sql)
                 cur = []
+            elif len(cur) == len(ORDER):
+                cur = []  # the loop wrote the ack: another path
         else:
             cur = []
     return out
@@ -221,14 +237,18 @@ def table(clean: list[list[tuple[str, int]]]) -> list[tuple[str, float]]:
     rows = [
         (ORDER[i], _median_us([s[i][1] - s[i - 1][1] for s in clean])) for i in range(1, len(ORDER))
     ]
-    acked, written = ORDER.index("acked"), ORDER.index("written")
+    done, ack, acked = ORDER.index("db done"), len(ORDER), len(ORDER) + 1
+    rows.append(("ack (thread)", _median_us([s[ack][1] - s[done][1] for s in clean])))
+    rows.append(("acked (thread)", _median_us([s[acked][1] - s[ack][1] for s in clean])))
     rows.append(("total (readable to acked)", _median_us([s[acked][1] - s[0][1] for s in clean])))
+    written = ORDER.index("written")
     total = _median_us([s[written][1] - s[0][1] for s in clean])
     rows.append(("total (readable to written)", total))
     # The database job's statements: the commonest sequence (a send's batch).
+    first = len(ORDER) + len(THREAD)
     by_shape: dict[tuple[str, ...], list[list[tuple[str, int]]]] = defaultdict(list)
     for s in clean:
-        by_shape[tuple(tag for tag, _ in s[len(ORDER) :])].append(s)
+        by_shape[tuple(tag for tag, _ in s[first:])].append(s)
     if by_shape:
         shape, group = max(by_shape.items(), key=lambda kv: len(kv[1]))
         start = ORDER.index("db thread")
@@ -236,7 +256,7 @@ def table(clean: list[list[tuple[str, int]]]) -> list[tuple[str, float]]:
             label = "  python before" if tag == "sql" else "  " + tag[4:]
             rows.append((
                 label,
-                _median_us([s[len(ORDER) + j][1] - (s[len(ORDER) + j - 1][1] if j else s[start][1])
+                _median_us([s[first + j][1] - (s[first + j - 1][1] if j else s[start][1])
                             for s in group]),
             ))  # fmt: skip
         end = ORDER.index("db done")

@@ -28,6 +28,8 @@ def _send(start: int, statements: tuple[str, ...] = ("SELECT", "COMMIT")) -> lis
             for statement in statements:
                 marks += [("sql", t + 1), ("sql " + statement, t + 3)]
                 t += 3
+        if tag == "back":  # the database thread writes the ack while the loop goes on
+            marks += [("ack", t + 1), ("acked", t + 4)]
     return marks
 
 
@@ -40,6 +42,14 @@ def test_only_sends_whose_probes_did_not_interleave_are_kept() -> None:
     assert rows["envelope"] == pytest.approx(0.010)  # 10 ns, in µs
     assert rows["db done"] == pytest.approx(0.010 + 0.006)  # after the job's statements
     assert rows["  SELECT"] == pytest.approx(0.002)
+    assert rows["ack (thread)"] == pytest.approx(0.011)  # from db done, across back
+    assert rows["acked (thread)"] == pytest.approx(0.003)
+
+
+def test_a_send_whose_ack_the_loop_wrote_is_left_out() -> None:
+    loop_acked = [mark for mark in _send(0) if mark[0] not in stages.THREAD]
+    assert stages.sends(loop_acked + _send(1000)) == stages.sends(_send(1000))
+    assert len(stages.sends(_send(1000))) == 1
 
 
 @pytest.mark.timeout(120)
@@ -52,7 +62,7 @@ def test_a_short_probed_run_reports_every_stage() -> None:
     out = run.stdout
     assert "client: send→ack p50" in out
     totals = ["total (readable to acked)", "total (readable to written)"]
-    for stage in [*stages.ORDER[1:], *totals, "COMMIT"]:
+    for stage in [*stages.ORDER[1:], "ack (thread)", "acked (thread)", *totals, "COMMIT"]:
         line = next((ln for ln in out.splitlines() if ln.strip().startswith(stage)), None)
         assert line is not None, (stage, out)
         assert math.isfinite(float(line.split()[-1])), line

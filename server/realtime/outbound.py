@@ -29,20 +29,19 @@ Tornado API only:
   sooner (:meth:`Outbound.write_from_thread`; the batcher's ``on_commit``
   says when that keeps the connection's frames in order). The loop first
   lends the connection (:meth:`Outbound.lend`, before the send is queued,
-  on a quiet node only);
-  while it is lent, every write to it -- the loop's here, tornado's control
-  frames through :meth:`Outbound.in_turn` -- holds one lock that the
-  database thread holds around its own write, so the two never interleave
-  bytes. The database thread takes that lock before the commit's outcome
-  crosses to the loop and writes right after, so the loop, which ends the
-  loan under the lock when it learns of the commit (:meth:`release`),
-  always finds the thread's attempt over. The thread writes only when
-  nothing is queued in the stream, and only once: its attempt ends the
-  loan. What its ``send()`` leaves unwritten (the
-  kernel's buffer was nearly full) is handed back: the loop queues it
-  before anything else it writes to that connection. Connections that are
-  not lent -- all but a quiet node's senders whose send is in the database
-  -- pay one attribute test per write for this.
+  on a quiet node only). While it is lent, every write to it -- the loop's
+  here, tornado's control frames through :meth:`Outbound.in_turn` -- holds
+  one lock that the database thread holds around its own write, so the two
+  never interleave bytes. The database thread takes that lock before the
+  commit's outcome crosses to the loop and writes right after, so the loop,
+  which ends the loan under the lock when it learns of the commit
+  (:meth:`release`), always finds the thread's attempt over. The thread
+  writes only when nothing is queued in the stream, and only once: its
+  attempt ends the loan. What its ``send()`` leaves unwritten (the kernel's
+  buffer was nearly full) is handed back: the loop queues it before
+  anything else it writes to that connection. Connections that are not
+  lent -- all but a quiet node's senders whose send is in the database --
+  pay one attribute test per write for this.
 
 The heartbeat is a separate rule (``Hub.sweep``) about the peer's silence,
 and reading is a sign of life too: a ping queued behind a backlog -- ours,
@@ -100,8 +99,6 @@ T = TypeVar("T")
 #: database thread (see the module docstring). Reentrant: a write that trips
 #: the slow-consumer rule closes the connection, whose close frame is a write.
 _LENT_WRITES = threading.RLock()
-
-
 
 
 def tcp_progress(sock: socket.socket) -> tuple[int, int] | None:
@@ -299,12 +296,17 @@ class Outbound:
             self.bytes_out += len(frame)
             if sent < len(frame):
                 self._handoff = frame[sent:]
-                stream.io_loop.add_callback(self.in_turn, _nothing)
+                stream.io_loop.add_callback(self._put_back_alone)
             if written is not None:
                 written(len(frame))
             return True
         finally:
             _LENT_WRITES.release()
+
+    def _put_back_alone(self) -> None:
+        """On the loop: queue the thread's leftover now, whether or not a write follows."""
+        with _LENT_WRITES:
+            self._put_back()
 
     def _put_back(self) -> None:
         """Under the lock, on the loop: queue what the database thread's write left over."""
@@ -373,7 +375,3 @@ class Outbound:
     def _abort(stream: IOStream) -> None:
         if not stream.closed():
             stream.close()
-
-
-def _nothing() -> None:
-    """A write of nothing: :meth:`Outbound.in_turn` with it puts back a leftover alone."""
